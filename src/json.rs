@@ -267,6 +267,8 @@ impl Parser<'_> {
             Some(b'{') => {
                 self.i += 1;
                 let mut m: Vec<(String, Json)> = Vec::new();
+                // Key -> position, so duplicate detection stays linear for 100k-entry vocabularies.
+                let mut seen: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
                 self.ws();
                 if self.peek() == Some(b'}') {
                     self.i += 1;
@@ -286,9 +288,12 @@ impl Parser<'_> {
                     self.ws();
                     let v = self.value(depth + 1)?;
                     // Duplicate keys: the last one wins, as in Python's json module.
-                    match m.iter_mut().find(|(key, _)| *key == k) {
-                        Some(slot) => slot.1 = v,
-                        None => m.push((k, v)),
+                    match seen.get(&k) {
+                        Some(&i) => m[i].1 = v,
+                        None => {
+                            seen.insert(k.clone(), m.len());
+                            m.push((k, v));
+                        }
                     }
                     self.ws();
                     match self.peek() {

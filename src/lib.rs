@@ -8,3 +8,5 @@ pub mod safetensors;
 pub mod tokenizer;
 
 pub use error::{Error, Result};
+#[cfg(feature = "cuda")]
+pub mod cuda;

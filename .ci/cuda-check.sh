@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# CUDA compile + link check, no GPU needed: installs the toolchain (tools/cuda-toolchain.sh),
+# builds with --features cuda (real kernels for sm_89, sm_90a, sm_100a + compute_90 PTX),
+# builds the tests, checks that no binary links a CUDA library dynamically (the static CUDA
+# runtime loads the driver at run time, so it starts on machines without one) and runs the
+# CUDA tests, which on a machine without a GPU check that this is reported, not a crash.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+nvcc="$(bash tools/cuda-toolchain.sh | tail -n 1)"
+echo "== nvcc: $nvcc"
+
+echo "== cargo build --release --features cuda"
+cargo build --release --features cuda
+
+echo "== cargo test --release --features cuda --no-run"
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+cargo test --release --features cuda --no-run 2>&1 | tee "$log"
+cuda_tests="$(sed -n 's/^ *Executable tests\/cuda.rs (\(.*\))$/\1/p' "$log")"
+[[ -n "$cuda_tests" ]] || { echo "FAIL: no tests/cuda.rs executable in the cargo output" >&2; exit 1; }
+
+# The test executable holds the kernels; the binary too once main uses them.
+for exe in "${CARGO_TARGET_DIR:-target}/release/rq-min" "$cuda_tests"; do
+    echo "== ldd $exe"
+    ldd "$exe"
+    if ldd "$exe" | grep -Ei 'libcuda|libnvidia'; then
+        echo "FAIL: $exe links a CUDA library dynamically" >&2
+        exit 1
+    fi
+done
+if ! nm "$cuda_tests" | grep -q ' rq_quantize_fp8_bf16$'; then
+    echo "FAIL: $cuda_tests does not contain the CUDA launchers" >&2
+    exit 1
+fi
+
+echo "== tests/cuda.rs (skips with the reason where there is no GPU)"
+"$cuda_tests" --nocapture
+
+echo "== CUDA check passed"
