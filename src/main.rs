@@ -1,1 +1,140 @@
-fn main() {}
+//! The `rq-min` command: quantize, eval, inspect.
+
+use argh::FromArgs;
+use rq_min::cli;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// rq-min: post-training quantization of Hugging Face LLM checkpoints, ModelOpt-compatible.
+#[derive(FromArgs)]
+struct Args {
+    #[argh(subcommand)]
+    cmd: Command,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum Command {
+    Quantize(Quantize),
+    Eval(Eval),
+    Inspect(Inspect),
+}
+
+/// Quantize a checkpoint and export it in ModelOpt's unified HF layout.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "quantize")]
+struct Quantize {
+    /// input Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.json)
+    #[argh(option)]
+    model: PathBuf,
+    /// output folder (written via a temporary folder beside it, renamed at the end)
+    #[argh(option)]
+    out: PathBuf,
+    /// format: fp8 = FP8 E4M3 per-tensor weights and activations (ModelOpt FP8_DEFAULT_CFG)
+    #[argh(option, default = "String::from(\"fp8\")")]
+    qformat: String,
+    /// calibration text: plain text (encoded whole, cut into rows) or .jsonl with a "text" field
+    #[argh(option)]
+    calib_text: Option<PathBuf>,
+    /// calibration token ids: a JSON array of arrays (exact reproduction of another run)
+    #[argh(option)]
+    calib_ids: Option<PathBuf>,
+    /// number of calibration rows (default 128)
+    #[argh(option, default = "128")]
+    calib_size: usize,
+    /// tokens per calibration row (default 512)
+    #[argh(option, default = "512")]
+    calib_seq: usize,
+    /// extra modules to leave unquantized: comma-separated fnmatch patterns (repeatable)
+    #[argh(option)]
+    exclude: Vec<String>,
+    /// evaluation text for the before/after perplexity (default: the built-in Rust docs text)
+    #[argh(option)]
+    eval_text: Option<PathBuf>,
+    /// tokens per perplexity window (default 256)
+    #[argh(option, default = "256")]
+    eval_seq: usize,
+    /// skip the before/after perplexity
+    #[argh(switch)]
+    no_eval: bool,
+    /// replace --out if it exists
+    #[argh(switch)]
+    force: bool,
+    /// compute device: cpu (default) or cuda
+    #[argh(option, default = "String::from(\"cpu\")")]
+    device: String,
+    /// no progress output on stderr
+    #[argh(switch)]
+    quiet: bool,
+}
+
+/// Perplexity of a checkpoint (original, rq-min or ModelOpt FP8 export) on a text.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "eval")]
+struct Eval {
+    /// checkpoint folder
+    #[argh(option)]
+    model: PathBuf,
+    /// text file to score (default: the built-in Rust docs evaluation text)
+    #[argh(option)]
+    text: Option<PathBuf>,
+    /// tokens per window (default 256)
+    #[argh(option, default = "256")]
+    seq: usize,
+    /// folder to take tensors missing from --model from (e.g. embed_tokens of a trimmed export)
+    #[argh(option)]
+    base: Option<PathBuf>,
+    /// compute device: cpu (default) or cuda
+    #[argh(option, default = "String::from(\"cpu\")")]
+    device: String,
+    /// no progress output on stderr
+    #[argh(switch)]
+    quiet: bool,
+}
+
+/// Show the tensors (name, dtype, shape, bytes) and config summary of a file or folder.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "inspect")]
+struct Inspect {
+    /// a .safetensors file or a checkpoint folder
+    #[argh(positional)]
+    path: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let args: Args = argh::from_env();
+    let result = match args.cmd {
+        Command::Quantize(q) => cli::quantize(&cli::QuantizeArgs {
+            model: q.model,
+            out: q.out,
+            qformat: q.qformat,
+            calib_text: q.calib_text,
+            calib_ids: q.calib_ids,
+            calib_size: q.calib_size,
+            calib_seq: q.calib_seq,
+            exclude: q.exclude,
+            eval_text: q.eval_text,
+            eval_seq: q.eval_seq,
+            no_eval: q.no_eval,
+            force: q.force,
+            device: q.device,
+            quiet: q.quiet,
+        }),
+        Command::Eval(e) => cli::eval(&cli::EvalArgs {
+            model: e.model,
+            text: e.text,
+            seq: e.seq,
+            base: e.base,
+            device: e.device,
+            quiet: e.quiet,
+        }),
+        Command::Inspect(i) => cli::inspect(&i.path),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("rq-min: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -11,13 +11,19 @@
 //!    tokenizer_config.json says `add_bos_token` / `add_eos_token` (see `special_ids`).
 //!
 //! Supported: model `BPE` (SentencePiece style with byte fallback as Llama-2 uses it, and GPT-2
-//! byte-level as GPT-2 / Llama-3 / Qwen2 use it); normalizers `Sequence`, `Prepend`, `Replace`;
-//! pre-tokenizers `Metaspace`, `ByteLevel`, `Split` (the GPT-2 / Llama-3 / Qwen2 regexes, see
-//! `pattern`), `Sequence`; post-processors `TemplateProcessing`, `ByteLevel`, `Sequence`;
-//! decoders `Replace`, `ByteFallback`, `Fuse`, `Strip`, `ByteLevel`, `Metaspace`, `Sequence`.
+//! byte-level as GPT-2 / Llama-3 / Qwen2 use it); normalizers `Sequence`, `NFC` (`nfc`),
+//! `Prepend`, `Replace`; pre-tokenizers `Metaspace`, `ByteLevel`, `Split` (the GPT-2 / Llama-3 /
+//! Qwen2 regexes, see `pattern`), `Sequence`; post-processors `TemplateProcessing`, `ByteLevel`,
+//! `Sequence`; decoders `Replace`, `ByteFallback`, `Fuse`, `Strip`, `ByteLevel`, `Metaspace`,
+//! `Sequence`.
 //! Anything else is refused when the file is read, with an error that names it.
+//!
+//! When tokenizer_config.json names `LlamaTokenizer`, transformers 5 keeps only the vocab and
+//! merges of the tokenizer.json and sets the rest itself; so does rq-min (`LlamaRebuild`).
 
 mod bpe;
+mod nfc;
+mod nfc_tables;
 mod pattern;
 
 use crate::error::{Error, Result};
@@ -65,19 +71,30 @@ impl Tokenizer {
         let file = File {
             path: tokenizer_json,
         };
-        let model = file.model(field(&json, "model"))?;
+        let llama = match &config {
+            Some((path, c)) => LlamaRebuild::read(path, c)?,
+            None => None,
+        };
+        let model = file.model(field(&json, "model"), llama.is_some())?;
 
-        let normalizers = match field(&json, "normalizer") {
-            Json::Null => Vec::new(),
-            n => file.normalizers(n)?,
-        };
-        let pre_tokenizers = match field(&json, "pre_tokenizer") {
-            Json::Null => Vec::new(),
-            p => file.pre_tokenizers(p)?,
-        };
-        let decoders = match field(&json, "decoder") {
-            Json::Null => None,
-            d => Some(file.decoders(d)?),
+        // transformers 5 ignores the file's normalizer, pre-tokenizer and decoder for the
+        // Llama classes (see `LlamaRebuild`), so they are not even read then.
+        let (normalizers, pre_tokenizers, decoders) = match &llama {
+            Some(llama) => (Vec::new(), llama.pre_tokenizers(), Some(llama.decoders())),
+            None => (
+                match field(&json, "normalizer") {
+                    Json::Null => Vec::new(),
+                    n => file.normalizers(n)?,
+                },
+                match field(&json, "pre_tokenizer") {
+                    Json::Null => Vec::new(),
+                    p => file.pre_tokenizers(p)?,
+                },
+                match field(&json, "decoder") {
+                    Json::Null => None,
+                    d => Some(file.decoders(d)?),
+                },
+            ),
         };
 
         let mut added = file.added_tokens(field(&json, "added_tokens"), &model.vocab)?;
@@ -270,17 +287,23 @@ struct ConfigTokens {
     pad: Option<String>,
 }
 
+/// A flag of tokenizer_config.json: `Some` when the key is present, `null` reading as false (as
+/// Python's truth value of None).
+fn config_flag(path: &Path, c: &Json, key: &str) -> Result<Option<bool>> {
+    match c.get(key) {
+        None => Ok(None),
+        Some(Json::Null) => Ok(Some(false)),
+        Some(Json::Bool(b)) => Ok(Some(*b)),
+        Some(_) => Err(Error::config(
+            path,
+            format!("`{key}` is not true, false or null"),
+        )),
+    }
+}
+
 impl ConfigTokens {
     fn read(path: &Path, c: &Json) -> Result<ConfigTokens> {
-        let flag = |key: &str| match c.get(key) {
-            None => Ok(None),
-            Some(Json::Null) => Ok(Some(false)),
-            Some(Json::Bool(b)) => Ok(Some(*b)),
-            Some(_) => Err(Error::config(
-                path,
-                format!("`{key}` is not true, false or null"),
-            )),
-        };
+        let flag = |key: &str| config_flag(path, c, key);
         // A token is written as a string or as an AddedToken object with a "content".
         let token = |key: &str| match c.get(key) {
             None | Some(Json::Null) => Ok(None),
@@ -307,6 +330,84 @@ impl ConfigTokens {
         [&self.bos, &self.eos, &self.unk, &self.pad]
             .into_iter()
             .flatten()
+    }
+}
+
+/// The tokenizer transformers 5 builds when tokenizer_config.json's `tokenizer_class` is
+/// `LlamaTokenizer` or `LlamaTokenizerFast` (an alias of it): transformers 5.x,
+/// src/transformers/models/llama/tokenization_llama.py, `class LlamaTokenizer(TokenizersBackend)`,
+/// `__init__`. `TokenizersBackend.convert_to_native_format` hands it only the vocab and merges of
+/// tokenizer.json (and its post-processor, kept as usual, see `special_ids`), and it builds
+/// - the model `BPE(vocab, merges, fuse_unk=True, byte_fallback=True, dropout=None)`, without an
+///   unknown token (see `File::model`);
+/// - no normalizer;
+/// - the pre-tokenizer `Metaspace(replacement="▁", prepend_scheme, split=False)`, where
+///   `_get_prepend_scheme(add_prefix_space, self)` gives "never" when `add_prefix_space` is false
+///   (None counts as true), else "always" when `legacy` is true and "first" otherwise (its
+///   default is False);
+/// - the decoder `Replace("▁", " "), ByteFallback, Fuse`, then `Strip(" ", left=1)` when
+///   `add_prefix_space`.
+///
+/// So a Llama-2 tokenizer.json with the older normalizer (Prepend "▁" + Replace " " → "▁") and one
+/// with a Metaspace pre-tokenizer give the same ids.
+struct LlamaRebuild {
+    prepend: Prepend,
+    add_prefix_space: bool,
+}
+
+impl LlamaRebuild {
+    /// None when the config names another tokenizer class (or none): the tokenizer.json is then
+    /// followed as written.
+    fn read(path: &Path, c: &Json) -> Result<Option<LlamaRebuild>> {
+        match c.get("tokenizer_class").and_then(Json::as_str) {
+            Some("LlamaTokenizer" | "LlamaTokenizerFast") => {}
+            _ => return Ok(None),
+        }
+        let add_prefix_space = match c.get("add_prefix_space") {
+            None | Some(Json::Null) => true,
+            Some(Json::Bool(b)) => *b,
+            Some(_) => {
+                return Err(Error::config(
+                    path,
+                    "`add_prefix_space` is not true, false or null",
+                ))
+            }
+        };
+        let prepend = if !add_prefix_space {
+            Prepend::Never
+        } else if config_flag(path, c, "legacy")? == Some(true) {
+            Prepend::Always
+        } else {
+            Prepend::First
+        };
+        Ok(Some(LlamaRebuild {
+            prepend,
+            add_prefix_space,
+        }))
+    }
+
+    fn pre_tokenizers(&self) -> Vec<PreTokenizer> {
+        vec![PreTokenizer::Metaspace {
+            replacement: '▁',
+            prepend: self.prepend,
+            split: false,
+        }]
+    }
+
+    fn decoders(&self) -> Vec<Decoder> {
+        let mut decoders = vec![
+            Decoder::Replace("▁".to_string(), " ".to_string()),
+            Decoder::ByteFallback,
+            Decoder::Fuse,
+        ];
+        if self.add_prefix_space {
+            decoders.push(Decoder::Strip {
+                content: ' ',
+                start: 1,
+                stop: 0,
+            });
+        }
+        decoders
     }
 }
 
@@ -422,6 +523,8 @@ fn is_word_char(c: char) -> bool {
 // Normalizers (tokenizers/src/normalizers)
 
 enum Normalizer {
+    /// `NFC`: Unicode canonical composition (`nfc`).
+    Nfc,
     /// `Prepend`: puts the string in front of a non-empty text.
     Prepend(String),
     /// `Replace`: every match of the pattern becomes `content`.
@@ -444,6 +547,7 @@ fn normalize(normalizers: &[Normalizer], text: &str) -> String {
     let mut s = text.to_string();
     for n in normalizers {
         s = match n {
+            Normalizer::Nfc => nfc::nfc(&s),
             Normalizer::Prepend(p) if !s.is_empty() => format!("{p}{s}"),
             Normalizer::Prepend(_) => s,
             Normalizer::Replace(ReplacePattern::Literal(from), to) => s.replace(from.as_str(), to),
@@ -763,17 +867,19 @@ impl File<'_> {
         }
     }
 
-    fn model(&self, m: &Json) -> Result<Bpe> {
+    /// The BPE model. With `llama` only its vocab and merges are read, and the settings are
+    /// those `LlamaRebuild` describes.
+    fn model(&self, m: &Json, llama: bool) -> Result<Bpe> {
         match type_of(m) {
             "BPE" => {}
             "" => return Err(self.err("model has no `type` (only BPE is supported)")),
             t => return Err(self.err(format!("model type {t} is not supported (only BPE)"))),
         }
-        if field(m, "dropout").as_f64().is_some_and(|d| d != 0.0) {
+        if !llama && field(m, "dropout").as_f64().is_some_and(|d| d != 0.0) {
             return Err(self.err("BPE `dropout` is not supported (encoding would be random)"));
         }
         for key in ["continuing_subword_prefix", "end_of_word_suffix"] {
-            if field(m, key).as_str().is_some_and(|s| !s.is_empty()) {
+            if !llama && field(m, key).as_str().is_some_and(|s| !s.is_empty()) {
                 return Err(self.err(format!("BPE `{key}` is not supported")));
             }
         }
@@ -818,6 +924,7 @@ impl File<'_> {
         }
 
         let unk = match field(m, "unk_token") {
+            _ if llama => None,
             Json::Null => None,
             Json::Str(t) => Some(
                 vocab
@@ -827,16 +934,20 @@ impl File<'_> {
             ),
             _ => return Err(self.err("model `unk_token` is not a string")),
         };
-        let byte_tokens = self.bool(m, "byte_fallback", false, "BPE")?.then(|| {
+        let flag = |key: &str, rebuilt: bool| match llama {
+            true => Ok(rebuilt),
+            false => self.bool(m, key, false, "BPE"),
+        };
+        let byte_tokens = flag("byte_fallback", true)?.then(|| {
             (0..=255u8)
                 .map(|b| vocab.get(&format!("<0x{b:02X}>")).copied())
                 .collect()
         });
         Ok(Bpe {
             unk,
-            fuse_unk: self.bool(m, "fuse_unk", false, "BPE")?,
+            fuse_unk: flag("fuse_unk", true)?,
             byte_tokens,
-            ignore_merges: self.bool(m, "ignore_merges", false, "BPE")?,
+            ignore_merges: flag("ignore_merges", false)?,
             vocab,
             merges,
         })
@@ -880,6 +991,7 @@ impl File<'_> {
         let mut out = Vec::new();
         for n in self.sequence(json, "normalizers", "normalizer")? {
             out.push(match type_of(n) {
+                "NFC" => Normalizer::Nfc,
                 "Prepend" => {
                     Normalizer::Prepend(self.str(n, "prepend", "Prepend normalizer")?.to_string())
                 }

@@ -1,0 +1,228 @@
+//! What the `rq-min` subcommands do, callable from tests without spawning the binary.
+
+use crate::backend::Device;
+use crate::calib::{self, Source};
+use crate::error::{Error, Result};
+use crate::export::{self, Plan};
+use crate::json::Json;
+use crate::model::{Compute, Model};
+use crate::pipeline::{self, module_name};
+use crate::progress::Progress;
+use crate::quant::{Exclusions, QFormat};
+use crate::safetensors::{Checkpoint, Dtype, SafeTensors, TensorInfo};
+use crate::tokenizer::Tokenizer;
+use std::path::{Path, PathBuf};
+
+/// The built-in evaluation text (Rust documentation, MIT / Apache-2.0), the text of the
+/// reference perplexities in reference/README.md.
+pub const DEFAULT_EVAL_TEXT: &str = include_str!("calib/default_eval_rustdocs.txt");
+
+pub struct QuantizeArgs {
+    pub model: PathBuf,
+    pub out: PathBuf,
+    pub qformat: String,
+    pub calib_text: Option<PathBuf>,
+    pub calib_ids: Option<PathBuf>,
+    pub calib_size: usize,
+    pub calib_seq: usize,
+    pub exclude: Vec<String>,
+    pub eval_text: Option<PathBuf>,
+    pub eval_seq: usize,
+    pub no_eval: bool,
+    pub force: bool,
+    pub device: String,
+    pub quiet: bool,
+}
+
+pub struct EvalArgs {
+    pub model: PathBuf,
+    pub text: Option<PathBuf>,
+    pub seq: usize,
+    pub base: Option<PathBuf>,
+    pub device: String,
+    pub quiet: bool,
+}
+
+/// `rq-min quantize`: calibrate, quantize, export, and report perplexity before and after.
+pub fn quantize(a: &QuantizeArgs) -> Result<()> {
+    Device::parse(&a.device)?.require_cpu()?;
+    let format = QFormat::parse(&a.qformat)?;
+    if a.calib_text.is_some() && a.calib_ids.is_some() {
+        return Err(Error::Usage("give --calib-text or --calib-ids, not both".into()));
+    }
+    let progress = Progress::new("quantize", a.quiet);
+    let model = Model::open(&a.model, None)?;
+    let needs_tok = a.calib_ids.is_none() || !a.no_eval;
+    let tok = if needs_tok { Some(Tokenizer::from_dir(&a.model)?) } else { None };
+    let source = match (&a.calib_text, &a.calib_ids) {
+        (Some(t), _) => Source::Text(t),
+        (_, Some(i)) => Source::Ids(i),
+        _ => Source::Builtin,
+    };
+    let samples = calib::load(source, tok.as_ref(), a.calib_size, a.calib_seq)?;
+    let vocab = model.config.vocab_size;
+    if let Some(bad) = samples.iter().flatten().find(|&&t| t as usize >= vocab) {
+        return Err(Error::Usage(format!("calibration token id {bad} is outside the vocabulary ({vocab})")));
+    }
+    progress.note(&format!(
+        "{} calibration rows, {} tokens",
+        samples.len(),
+        samples.iter().map(Vec::len).sum::<usize>()
+    ));
+
+    // ModelOpt calibrates the model in its own dtype; rounding like bf16 PyTorch does
+    // reproduces its activation amax (other dtypes calibrate in f32).
+    let mut model = model;
+    model.compute = if model.dtype()? == Dtype::BF16 { Compute::Bf16 } else { Compute::F32 };
+    let calibration = pipeline::calibrate(&model, &samples, &progress)?;
+    model.compute = Compute::F32;
+    let plan = plan(&model, format, &a.exclude, &calibration)?;
+    export::write(&model, &plan, &a.out, a.force, &progress)?;
+    println!(
+        "quantized {} linears to {} ({} left unquantized) in {:.1}s -> {}",
+        plan.quantized.len(),
+        format.cli_name(),
+        plan.unquantized.len(),
+        progress.elapsed(),
+        a.out.display()
+    );
+
+    if !a.no_eval {
+        let text = read_text(a.eval_text.as_deref())?;
+        let tok = tok.as_ref().ok_or_else(|| Error::Usage("evaluation needs tokenizer.json".into()))?;
+        let windows = pipeline::eval_windows(&tok.encode(&text), a.eval_seq);
+        let eval_progress = Progress::new("eval", a.quiet);
+        let before = pipeline::perplexity(&model, &windows, &eval_progress)?;
+        let quantized = Model::open(&a.out, None)?;
+        let after = pipeline::perplexity(&quantized, &windows, &eval_progress)?;
+        println!(
+            "perplexity ({} windows x {} tokens): {:.3} -> {:.3} ({:+.2}%)",
+            before.windows,
+            a.eval_seq,
+            before.ppl,
+            after.ppl,
+            (after.ppl / before.ppl - 1.0) * 100.0
+        );
+    }
+    Ok(())
+}
+
+/// Which decoder linears get quantized, with their calibrated input amax.
+fn plan(model: &Model, format: QFormat, user_excludes: &[String], calib: &pipeline::Calibration) -> Result<Plan> {
+    let patterns: Vec<String> = user_excludes
+        .iter()
+        .flat_map(|s| s.split(','))
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect();
+    let exclusions = Exclusions::new(&patterns);
+    // Modules that carry quantizers but are not decoder linears: lm_head (a Linear, listed
+    // even when tied) and, since ModelOpt 0.45, the nn.Embedding (spec/export-formats.md §2.4).
+    let mut unquantized = vec!["lm_head".to_string(), "model.embed_tokens".to_string()];
+    let mut quantized = std::collections::HashMap::new();
+    for l in 0..model.config.num_hidden_layers {
+        for kind in crate::model::LinearKind::ALL {
+            let name = module_name(l, kind);
+            if exclusions.is_excluded(&name) {
+                unquantized.push(name);
+            } else {
+                let amax = calib.input_amax.get(&name).copied().ok_or_else(|| {
+                    Error::tensor(name.as_str(), "was not calibrated")
+                })?;
+                quantized.insert(name, amax);
+            }
+        }
+    }
+    Ok(Plan {
+        format,
+        quantized,
+        unquantized,
+        producer: ("rq-min".into(), env!("CARGO_PKG_VERSION").into()),
+        shard_bytes: export::DEFAULT_SHARD_BYTES,
+    })
+}
+
+fn read_text(path: Option<&Path>) -> Result<String> {
+    match path {
+        Some(p) => std::fs::read_to_string(p).map_err(|e| Error::io(p, e)),
+        None => Ok(DEFAULT_EVAL_TEXT.to_string()),
+    }
+}
+
+/// `rq-min eval`: perplexity with the protocol of reference/README.md.
+pub fn eval(a: &EvalArgs) -> Result<()> {
+    Device::parse(&a.device)?.require_cpu()?;
+    if a.seq < 2 {
+        return Err(Error::Usage("--seq must be at least 2".into()));
+    }
+    let model = Model::open(&a.model, a.base.as_deref())?;
+    let tok_dir = match &a.base {
+        Some(b) if !a.model.join("tokenizer.json").exists() => b.as_path(),
+        _ => a.model.as_path(),
+    };
+    let tok = Tokenizer::from_dir(tok_dir)?;
+    let text = read_text(a.text.as_deref())?;
+    let windows = pipeline::eval_windows(&tok.encode(&text), a.seq);
+    let p = pipeline::perplexity(&model, &windows, &Progress::new("eval", a.quiet))?;
+    println!("perplexity {:.4} ({} windows x {} tokens, {} scored)", p.ppl, p.windows, a.seq, p.count);
+    Ok(())
+}
+
+/// `rq-min inspect`: tensor table and config summary.
+pub fn inspect(path: &Path) -> Result<()> {
+    if path.is_dir() {
+        for file in ["config.json", "hf_quant_config.json"] {
+            let p = path.join(file);
+            if p.exists() {
+                summarize_config(&p, &Json::parse_file(&p)?);
+            }
+        }
+        let ckpt = Checkpoint::open(path)?;
+        let rows: Vec<TensorInfo> = ckpt
+            .names()
+            .iter()
+            .filter_map(|n| ckpt.get(n))
+            .map(|v| TensorInfo { name: v.name.to_string(), dtype: v.dtype, shape: v.shape.to_vec(), start: 0, end: v.data.len() })
+            .collect();
+        print_tensors(&rows);
+    } else {
+        let st = SafeTensors::open(path)?;
+        print_tensors(st.tensors());
+    }
+    Ok(())
+}
+
+fn summarize_config(path: &Path, j: &Json) {
+    println!("{}:", path.display());
+    let keys = ["architectures", "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "intermediate_size", "vocab_size", "dtype", "torch_dtype", "tie_word_embeddings"];
+    for k in keys {
+        if let Some(v) = j.get(k) {
+            println!("  {k}: {}", v.to_compact());
+        }
+    }
+    for k in ["quantization_config", "quantization"] {
+        if let Some(q) = j.get(k) {
+            for sub in ["quant_algo", "kv_cache_quant_algo", "exclude_modules", "ignore"] {
+                if let Some(v) = q.get(sub) {
+                    println!("  {k}.{sub}: {}", v.to_compact());
+                }
+            }
+        }
+    }
+}
+
+fn print_tensors(rows: &[TensorInfo]) {
+    let mut rows: Vec<&TensorInfo> = rows.iter().collect();
+    rows.sort_by(|a, b| a.name.cmp(&b.name));
+    let width = rows.iter().map(|r| r.name.len()).max().unwrap_or(4).max(4);
+    println!("{:width$}  {:8}  {:16}  {:>12}", "name", "dtype", "shape", "bytes");
+    let mut total = 0usize;
+    for r in &rows {
+        let shape = format!("{:?}", r.shape);
+        println!("{:width$}  {:8}  {:16}  {:>12}", r.name, r.dtype.name(), shape, r.end - r.start);
+        total += r.end - r.start;
+    }
+    println!("{} tensors, {} bytes", rows.len(), total);
+}

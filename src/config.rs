@@ -1,0 +1,307 @@
+//! A model's `config.json`, read into the numbers the runtime needs and checked once, so the
+//! layer code can trust them. Defaults are those of HF transformers' `LlamaConfig` /
+//! `MistralConfig` (configuration_llama.py, configuration_mistral.py) for keys that may be
+//! left out; the dimensions have no sensible default and are required.
+
+use crate::error::{Error, Result};
+use crate::json::Json;
+use std::path::{Path, PathBuf};
+
+/// `architectures[0]` values this runtime implements.
+pub const SUPPORTED_ARCHITECTURES: [&str; 2] = ["LlamaForCausalLM", "MistralForCausalLM"];
+
+#[derive(Clone, Debug)]
+pub struct ModelConfig {
+    /// The config.json this came from.
+    pub path: PathBuf,
+    /// The whole parsed file: the exporter copies it, adding `quantization_config`.
+    pub raw: Json,
+    /// `architectures[0]`, one of `SUPPORTED_ARCHITECTURES`.
+    pub architecture: String,
+    pub model_type: String,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    /// Grouped-query attention: `num_attention_heads / num_key_value_heads` query heads share
+    /// one key/value head. Defaults to `num_attention_heads`.
+    pub num_key_value_heads: usize,
+    /// Defaults to `hidden_size / num_attention_heads`.
+    pub head_dim: usize,
+    /// Used in f32, as torch adds it to an f32 tensor.
+    pub rms_norm_eps: f32,
+    pub rope: RopeConfig,
+    pub vocab_size: usize,
+    /// When true the checkpoint has no `lm_head.weight`: the head is `embed_tokens`.
+    pub tie_word_embeddings: bool,
+    pub max_position_embeddings: usize,
+    /// Mistral's attention window (None = full causal attention; always None for Llama).
+    pub sliding_window: Option<usize>,
+    /// `dtype` (transformers 5) or `torch_dtype` (4.x), e.g. "bfloat16", when given.
+    pub dtype: Option<String>,
+}
+
+/// Rotary embedding parameters: `rope_theta` and the `rope_type` with its keys.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RopeConfig {
+    pub theta: f64,
+    pub scaling: RopeScaling,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum RopeScaling {
+    /// `rope_type: "default"`: plain RoPE.
+    Default,
+    /// `rope_type: "llama3"` (Llama 3.1+): long wavelengths stretched by `factor`.
+    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: usize },
+}
+
+impl ModelConfig {
+    /// Reads `dir/config.json`.
+    pub fn from_dir(dir: &Path) -> Result<ModelConfig> {
+        ModelConfig::from_file(&dir.join("config.json"))
+    }
+
+    pub fn from_file(path: &Path) -> Result<ModelConfig> {
+        let raw = Json::parse_file(path)?;
+        ModelConfig::from_json(raw, path)
+    }
+
+    /// Checks and extracts `raw`; `path` is only used in error messages.
+    pub fn from_json(raw: Json, path: &Path) -> Result<ModelConfig> {
+        let r = Reader { json: &raw, path };
+        let architecture = r.architecture()?;
+        let model_type = r.req_str("model_type")?.to_string();
+        let hidden_size = r.req_dim("hidden_size")?;
+        let intermediate_size = r.req_dim("intermediate_size")?;
+        let num_hidden_layers = r.req_dim("num_hidden_layers")?;
+        let num_attention_heads = r.req_dim("num_attention_heads")?;
+        let num_key_value_heads = r.opt_dim("num_key_value_heads")?.unwrap_or(num_attention_heads);
+        let vocab_size = r.req_dim("vocab_size")?;
+        if !num_attention_heads.is_multiple_of(num_key_value_heads) {
+            return Err(r.err(format!(
+                "num_key_value_heads = {num_key_value_heads} does not divide num_attention_heads = {num_attention_heads}"
+            )));
+        }
+        // HF: `head_dim = getattr(config, "head_dim", None) or hidden_size // num_attention_heads`.
+        // Only the derived value needs the division to be exact: with an explicit head_dim,
+        // q_proj is [heads * head_dim, hidden] whatever hidden is.
+        let head_dim = match r.opt_dim("head_dim")? {
+            Some(d) => d,
+            None if !hidden_size.is_multiple_of(num_attention_heads) => {
+                return Err(r.err(format!(
+                    "num_attention_heads = {num_attention_heads} does not divide hidden_size = {hidden_size} \
+                     (and there is no head_dim)"
+                )));
+            }
+            None => hidden_size / num_attention_heads,
+        };
+        if !head_dim.is_multiple_of(2) {
+            return Err(r.err(format!("head_dim = {head_dim} is odd; rotary embeddings need it even")));
+        }
+        let is_mistral = architecture == "MistralForCausalLM";
+        let rms_norm_eps = r.opt_f64("rms_norm_eps")?.unwrap_or(1e-6);
+        if !(rms_norm_eps > 0.0 && rms_norm_eps.is_finite()) {
+            return Err(r.err(format!("rms_norm_eps = {rms_norm_eps} must be positive")));
+        }
+        let max_position_embeddings = match r.opt_dim("max_position_embeddings")? {
+            Some(n) => n,
+            None if is_mistral => 4096 * 32,
+            None => 2048,
+        };
+        // MistralConfig defaults sliding_window to 4096; an explicit null switches it off.
+        let sliding_window = match raw.get("sliding_window") {
+            _ if !is_mistral => None,
+            None => Some(4096),
+            Some(v) if v.is_null() => None,
+            Some(_) => Some(r.req_dim("sliding_window")?),
+        };
+        let hidden_act = r.opt_str("hidden_act")?.unwrap_or("silu");
+        if hidden_act != "silu" {
+            return Err(Error::Unsupported(format!("{}: hidden_act = {hidden_act:?} (only \"silu\")", path.display())));
+        }
+        for key in ["attention_bias", "mlp_bias"] {
+            if r.opt_bool(key)? == Some(true) {
+                return Err(Error::Unsupported(format!(
+                    "{}: {key} = true (biases are not implemented)",
+                    path.display()
+                )));
+            }
+        }
+        let dtype = match r.opt_str("dtype")? {
+            Some(d) => Some(d.to_string()),
+            None => r.opt_str("torch_dtype")?.map(str::to_string),
+        };
+        Ok(ModelConfig {
+            path: path.to_path_buf(),
+            architecture,
+            model_type,
+            hidden_size,
+            intermediate_size,
+            num_hidden_layers,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            rms_norm_eps: rms_norm_eps as f32,
+            rope: r.rope()?,
+            vocab_size,
+            tie_word_embeddings: r.opt_bool("tie_word_embeddings")?.unwrap_or(false),
+            max_position_embeddings,
+            sliding_window,
+            dtype,
+            raw,
+        })
+    }
+}
+
+/// Typed access to config keys with errors that name the file, the key and the value.
+struct Reader<'a> {
+    json: &'a Json,
+    path: &'a Path,
+}
+
+impl Reader<'_> {
+    fn err(&self, msg: String) -> Error {
+        Error::config(self.path, msg)
+    }
+
+    fn missing(&self, key: &str) -> Error {
+        self.err(format!("missing required key \"{key}\""))
+    }
+
+    fn wrong_type(&self, key: &str, want: &str, v: &Json) -> Error {
+        self.err(format!("\"{key}\" = {} is not {want}", v.to_compact()))
+    }
+
+    fn architecture(&self) -> Result<String> {
+        let list = self.json.get("architectures").ok_or_else(|| self.missing("architectures"))?;
+        let first = list.as_array().and_then(|a| a.first()).and_then(Json::as_str);
+        let Some(arch) = first else {
+            return Err(self.wrong_type("architectures", "a list of class names", list));
+        };
+        if !SUPPORTED_ARCHITECTURES.contains(&arch) {
+            return Err(Error::Unsupported(format!(
+                "{}: architecture {arch} (supported: {})",
+                self.path.display(),
+                SUPPORTED_ARCHITECTURES.join(", ")
+            )));
+        }
+        Ok(arch.to_string())
+    }
+
+    /// A non-null value for `key` in `obj`, or None.
+    fn value<'j>(obj: &'j Json, key: &str) -> Option<&'j Json> {
+        obj.get(key).filter(|v| !v.is_null())
+    }
+
+    fn opt_dim(&self, key: &str) -> Result<Option<usize>> {
+        self.opt_dim_in(self.json, key)
+    }
+
+    /// A positive integer.
+    fn opt_dim_in(&self, obj: &Json, key: &str) -> Result<Option<usize>> {
+        match Self::value(obj, key) {
+            None => Ok(None),
+            Some(v) => match v.as_usize() {
+                Some(n) if n > 0 => Ok(Some(n)),
+                _ => Err(self.wrong_type(key, "a positive integer", v)),
+            },
+        }
+    }
+
+    fn req_dim(&self, key: &str) -> Result<usize> {
+        self.opt_dim(key)?.ok_or_else(|| self.missing(key))
+    }
+
+    fn opt_f64(&self, key: &str) -> Result<Option<f64>> {
+        self.opt_f64_in(self.json, key)
+    }
+
+    fn opt_f64_in(&self, obj: &Json, key: &str) -> Result<Option<f64>> {
+        match Self::value(obj, key) {
+            None => Ok(None),
+            Some(v) => v.as_f64().map(Some).ok_or_else(|| self.wrong_type(key, "a number", v)),
+        }
+    }
+
+    fn opt_str(&self, key: &str) -> Result<Option<&str>> {
+        self.opt_str_in(self.json, key)
+    }
+
+    fn opt_str_in<'j>(&self, obj: &'j Json, key: &str) -> Result<Option<&'j str>> {
+        match Self::value(obj, key) {
+            None => Ok(None),
+            Some(v) => v.as_str().map(Some).ok_or_else(|| self.wrong_type(key, "a string", v)),
+        }
+    }
+
+    fn req_str(&self, key: &str) -> Result<&str> {
+        self.opt_str(key)?.ok_or_else(|| self.missing(key))
+    }
+
+    fn opt_bool(&self, key: &str) -> Result<Option<bool>> {
+        match Self::value(self.json, key) {
+            None => Ok(None),
+            Some(v) => v.as_bool().map(Some).ok_or_else(|| self.wrong_type(key, "true or false", v)),
+        }
+    }
+
+    /// RoPE parameters in either spelling: transformers 5 puts everything in
+    /// `rope_parameters {rope_theta, rope_type, ...}`; 4.x has a top-level `rope_theta` and an
+    /// optional `rope_scaling {rope_type | type, ...}`. `rope_theta` defaults to 10000.
+    fn rope(&self) -> Result<RopeConfig> {
+        let params = ["rope_parameters", "rope_scaling"]
+            .into_iter()
+            .find_map(|key| Self::value(self.json, key).map(|p| (key, p)));
+        if let Some((key, p)) = params {
+            if p.as_object().is_none() {
+                return Err(self.wrong_type(key, "an object", p));
+            }
+        }
+        let params = params.map(|(_, p)| p);
+        let theta = match params.map(|p| self.opt_f64_in(p, "rope_theta")).transpose()?.flatten() {
+            Some(t) => t,
+            None => self.opt_f64("rope_theta")?.unwrap_or(10000.0),
+        };
+        if !(theta > 0.0 && theta.is_finite()) {
+            return Err(self.err(format!("rope_theta = {theta} must be positive")));
+        }
+        let Some(p) = params else {
+            return Ok(RopeConfig { theta, scaling: RopeScaling::Default });
+        };
+        if let Some(f) = self.opt_f64_in(p, "partial_rotary_factor")? {
+            if f != 1.0 {
+                return Err(Error::Unsupported(format!("{}: partial_rotary_factor = {f}", self.path.display())));
+            }
+        }
+        let rope_type = match self.opt_str_in(p, "rope_type")? {
+            Some(t) => t,
+            None => self.opt_str_in(p, "type")?.unwrap_or("default"),
+        };
+        let scaling = match rope_type {
+            "default" => RopeScaling::Default,
+            "llama3" => {
+                let num = |key: &str| self.opt_f64_in(p, key)?.ok_or_else(|| self.missing(key));
+                let (factor, low_freq_factor, high_freq_factor) =
+                    (num("factor")?, num("low_freq_factor")?, num("high_freq_factor")?);
+                if !(factor > 0.0 && low_freq_factor > 0.0 && high_freq_factor > low_freq_factor) {
+                    return Err(self.err(format!(
+                        "llama3 rope: need factor > 0 and high_freq_factor > low_freq_factor > 0, got \
+                         factor = {factor}, low_freq_factor = {low_freq_factor}, high_freq_factor = {high_freq_factor}"
+                    )));
+                }
+                let original_max_position_embeddings = self
+                    .opt_dim_in(p, "original_max_position_embeddings")?
+                    .ok_or_else(|| self.missing("original_max_position_embeddings"))?;
+                RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings }
+            }
+            other => {
+                return Err(Error::Unsupported(format!(
+                    "{}: rope_type {other:?} (supported: \"default\", \"llama3\")",
+                    self.path.display()
+                )))
+            }
+        };
+        Ok(RopeConfig { theta, scaling })
+    }
+}

@@ -1,0 +1,412 @@
+//! Layer-at-a-time runtime for Llama-family decoders (HF `LlamaForCausalLM`,
+//! `MistralForCausalLM`).
+//!
+//! The checkpoint stays memory-mapped; only the layer being run is converted to f32, so a
+//! 70B model never needs to be in memory at once. A caller walks the model like this:
+//! ```text
+//! hidden = model.embed(ids)                    // [seq, hidden_size]
+//! for i in 0..num_hidden_layers: model.load_layer(i)?.forward(cfg, rope, &mut hidden, seq, hooks)
+//! head = model.load_head()?; head.nll(&hidden, ids)
+//! ```
+//! Calibration and fake-quant evaluation plug into the forward pass through [`Hooks`].
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::ops::{self, Attention, Rope};
+use crate::numerics::E4M3_MAX;
+use crate::safetensors::{Checkpoint, Dtype, TensorView};
+use std::path::Path;
+
+const EMBED_TOKENS: &str = "model.embed_tokens.weight";
+const FINAL_NORM: &str = "model.norm.weight";
+const LM_HEAD: &str = "lm_head.weight";
+
+/// Arithmetic of the forward pass. `F32` computes everything in f32. `Bf16` also rounds every
+/// intermediate tensor to bf16 where PyTorch materializes one when it runs a bf16 model
+/// (linear outputs, norm outputs, RoPE products, activations, residual sums): calibrating
+/// this way reproduces ModelOpt's activation amax, which it observes on bf16 tensors.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Compute {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl Compute {
+    fn round(self, x: &mut [f32]) {
+        if self == Compute::Bf16 {
+            ops::round_slice_bf16(x);
+        }
+    }
+    fn rms_norm(self, x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+        match self {
+            Compute::F32 => ops::rms_norm(x, weight, eps, out),
+            Compute::Bf16 => ops::rms_norm_bf16(x, weight, eps, out),
+        }
+    }
+}
+
+/// A model's config and the checkpoint folders its tensors are read from.
+pub struct Model {
+    pub config: ModelConfig,
+    /// Arithmetic of the layers and head loaded from now on.
+    pub compute: Compute,
+    /// Searched in order: the model folder, then the fallback.
+    sources: Vec<Checkpoint>,
+}
+
+impl Model {
+    /// `dir` holds config.json and the weights; `fallback` is another checkpoint folder for
+    /// tensors missing from `dir` (reference exports leave out embed_tokens / lm_head).
+    pub fn open(dir: &Path, fallback: Option<&Path>) -> Result<Model> {
+        let config = ModelConfig::from_dir(dir)?;
+        let mut sources = vec![Checkpoint::open(dir)?];
+        if let Some(f) = fallback {
+            sources.push(Checkpoint::open(f)?);
+        }
+        Ok(Model { config, compute: Compute::F32, sources })
+    }
+
+    /// The model folder (the first source).
+    pub fn dir(&self) -> &Path {
+        self.sources[0].dir()
+    }
+
+    /// The tensor names of the model folder, sorted.
+    pub fn weight_names(&self) -> Vec<String> {
+        self.sources[0].names().into_iter().map(String::from).collect()
+    }
+
+    /// The model dtype: that of the embedding table (ModelOpt does its arithmetic in it).
+    pub fn dtype(&self) -> Result<Dtype> {
+        Ok(self.tensor(EMBED_TOKENS)?.dtype)
+    }
+
+    /// A per-tensor scalar such as `<module>.input_scale` (F32, shape [] or [1]), if present.
+    pub fn scalar(&self, name: &str) -> Result<Option<f32>> {
+        let Some(t) = self.sources.iter().find_map(|c| c.get(name)) else { return Ok(None) };
+        let v = t.to_f32()?;
+        match v.as_slice() {
+            [x] if x.is_finite() && *x > 0.0 => Ok(Some(*x)),
+            [x] => Err(Error::tensor(name, format!("scale must be finite and positive, got {x}"))),
+            _ => Err(Error::tensor(name, format!("expected one value, got shape {:?}", t.shape))),
+        }
+    }
+
+    /// Calibrated input amax of a quantized linear, from its FP8 `input_scale` (amax/448).
+    pub fn input_amax(&self, module: &str) -> Result<Option<f32>> {
+        Ok(self.scalar(&format!("{module}.input_scale"))?.map(|s| s * E4M3_MAX))
+    }
+
+    /// The first source's tensor `name`.
+    pub fn tensor(&self, name: &str) -> Result<TensorView<'_>> {
+        if let Some(t) = self.sources.iter().find_map(|c| c.get(name)) {
+            return Ok(t);
+        }
+        let dirs: Vec<String> = self.sources.iter().map(|c| c.dir().display().to_string()).collect();
+        Err(Error::tensor(name, format!("not found in {}", dirs.join(" or "))))
+    }
+
+    /// Embedding rows of `ids`: `[ids.len(), hidden_size]` (HF `embed_tokens(input_ids)`).
+    /// Only those rows are read and converted.
+    pub fn embed(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        let (vocab, hidden) = (self.config.vocab_size, self.config.hidden_size);
+        let table = self.tensor(EMBED_TOKENS)?;
+        table.expect_shape(&[vocab, hidden])?;
+        let row_bytes = hidden * table.dtype.size();
+        let row_shape = [hidden];
+        let mut out = Vec::with_capacity(ids.len() * hidden);
+        for &id in ids {
+            let id = id as usize;
+            if id >= vocab {
+                return Err(Error::tensor(EMBED_TOKENS, format!("token id {id} is outside the vocabulary ({vocab})")));
+            }
+            let row = TensorView { shape: &row_shape, data: &table.data[id * row_bytes..][..row_bytes], ..table };
+            let values = row.to_f32()?;
+            check_finite(EMBED_TOKENS, &values, id * hidden)?;
+            out.extend_from_slice(&values);
+        }
+        Ok(out)
+    }
+
+    /// Decoder layer `i`'s weights, as f32.
+    pub fn load_layer(&self, i: usize) -> Result<Layer> {
+        let cfg = &self.config;
+        if i >= cfg.num_hidden_layers {
+            return Err(Error::tensor(
+                format!("model.layers.{i}"),
+                format!("the model has {} layers", cfg.num_hidden_layers),
+            ));
+        }
+        let prefix = format!("model.layers.{i}");
+        let norm = |which: &str| self.load(&format!("{prefix}.{which}.weight"), &[cfg.hidden_size]);
+        let input_norm = norm("input_layernorm")?;
+        let post_norm = norm("post_attention_layernorm")?;
+        let mut linears: [Vec<f32>; 7] = Default::default();
+        for (kind, w) in LinearKind::ALL.into_iter().zip(&mut linears) {
+            *w = self.load_linear(&format!("{prefix}.{}", kind.module()), &kind.shape(cfg))?;
+        }
+        Ok(Layer { index: i, input_norm, post_norm, linears, compute: self.compute })
+    }
+
+    /// The final norm and the output projection (`embed_tokens` when the embeddings are tied).
+    pub fn load_head(&self) -> Result<Head> {
+        let cfg = &self.config;
+        let norm = self.load(FINAL_NORM, &[cfg.hidden_size])?;
+        let lm_head_name = if cfg.tie_word_embeddings { EMBED_TOKENS } else { LM_HEAD };
+        let lm_head = self.load(lm_head_name, &[cfg.vocab_size, cfg.hidden_size])?;
+        Ok(Head { norm, lm_head, eps: cfg.rms_norm_eps, compute: self.compute })
+    }
+
+    /// A linear's weight as f32. FP8 (E4M3) weights of a quantized checkpoint are dequantized
+    /// with their per-tensor `weight_scale`: w = code · scale (spec/export-formats.md §2.5).
+    fn load_linear(&self, module: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let name = format!("{module}.weight");
+        let mut w = self.load(&name, shape)?;
+        if self.tensor(&name)?.dtype == Dtype::F8E4M3 {
+            let scale_name = format!("{module}.weight_scale");
+            let scale = self.scalar(&scale_name)?.ok_or_else(|| {
+                Error::tensor(&name, format!("is F8_E4M3 but {scale_name} is missing"))
+            })?;
+            w.iter_mut().for_each(|x| *x *= scale);
+        }
+        Ok(w)
+    }
+
+    /// Tensor `name` as f32, after checking its shape and that every value is finite.
+    fn load(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let t = self.tensor(name)?;
+        t.expect_shape(shape)?;
+        let values = t.to_f32()?;
+        check_finite(name, &values, 0)?;
+        Ok(values)
+    }
+}
+
+/// Rejects NaN and ±Inf; `values` start at flat index `offset` of tensor `name`.
+fn check_finite(name: &str, values: &[f32], offset: usize) -> Result<()> {
+    match values.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(Error::tensor(name, format!("contains NaN/Inf at index {} ({})", offset + i, values[i]))),
+    }
+}
+
+/// The seven Linear layers of a decoder layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinearKind {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl LinearKind {
+    /// In the order the forward pass runs them.
+    pub const ALL: [LinearKind; 7] = [
+        LinearKind::Q,
+        LinearKind::K,
+        LinearKind::V,
+        LinearKind::O,
+        LinearKind::Gate,
+        LinearKind::Up,
+        LinearKind::Down,
+    ];
+
+    /// The module path inside a layer, as in the tensor names (`model.layers.{i}.<module>.weight`).
+    pub fn module(self) -> &'static str {
+        match self {
+            LinearKind::Q => "self_attn.q_proj",
+            LinearKind::K => "self_attn.k_proj",
+            LinearKind::V => "self_attn.v_proj",
+            LinearKind::O => "self_attn.o_proj",
+            LinearKind::Gate => "mlp.gate_proj",
+            LinearKind::Up => "mlp.up_proj",
+            LinearKind::Down => "mlp.down_proj",
+        }
+    }
+
+    /// Weight shape `[out_features, in_features]`.
+    pub fn shape(self, cfg: &ModelConfig) -> [usize; 2] {
+        let q = cfg.num_attention_heads * cfg.head_dim;
+        let kv = cfg.num_key_value_heads * cfg.head_dim;
+        match self {
+            LinearKind::Q => [q, cfg.hidden_size],
+            LinearKind::K | LinearKind::V => [kv, cfg.hidden_size],
+            LinearKind::O => [cfg.hidden_size, q],
+            LinearKind::Gate | LinearKind::Up => [cfg.intermediate_size, cfg.hidden_size],
+            LinearKind::Down => [cfg.hidden_size, cfg.intermediate_size],
+        }
+    }
+}
+
+/// What calibration and fake-quant evaluation plug into the forward pass.
+pub trait Hooks {
+    /// Input activations of linear `kind` of layer `layer` (`[rows, cols]`, rows = tokens)
+    /// just before its matmul. May modify them in place (activation fake-quant): q, k and v
+    /// each get their own copy of the normed input, likewise gate and up.
+    fn linear_input(&mut self, layer: usize, kind: LinearKind, x: &mut [f32], cols: usize) {
+        let _ = (layer, kind, x, cols);
+    }
+    /// Keys and values after RoPE (`[seq, n_kv_heads * head_dim]` each), for KV-cache amax.
+    fn kv(&mut self, layer: usize, k: &[f32], v: &[f32]) {
+        let _ = (layer, k, v);
+    }
+}
+
+/// The plain forward pass.
+pub struct NoHooks;
+impl Hooks for NoHooks {}
+
+/// One decoder layer's weights, f32.
+pub struct Layer {
+    pub index: usize,
+    pub input_norm: Vec<f32>, // [hidden]
+    pub post_norm: Vec<f32>,  // [hidden]
+    /// Indexed by `LinearKind as usize`, each `[out_features, in_features]`.
+    linears: [Vec<f32>; 7],
+    compute: Compute,
+}
+
+impl Layer {
+    /// Runs this decoder layer over one sequence in place: `hidden` is `[seq, hidden_size]`.
+    /// HF `LlamaDecoderLayer.forward`:
+    /// ```text
+    /// h = h + o_proj(attention(rope(q_proj(x)), rope(k_proj(x)), v_proj(x)))   x = input_layernorm(h)
+    /// h = h + down_proj(silu(gate_proj(x)) * up_proj(x))                       x = post_attention_layernorm(h)
+    /// ```
+    pub fn forward(&self, cfg: &ModelConfig, rope: &Rope, hidden: &mut [f32], seq: usize, hooks: &mut dyn Hooks) {
+        let h = cfg.hidden_size;
+        assert_eq!(hidden.len(), seq * h, "Layer::forward: hidden is not [seq, hidden_size]");
+        let c = self.compute;
+        let mut x = vec![0f32; seq * h];
+
+        c.rms_norm(hidden, &self.input_norm, cfg.rms_norm_eps, &mut x);
+        let mut q = self.linear(cfg, LinearKind::Q, x.clone(), seq, hooks); // [seq, heads * hd]
+        let mut k = self.linear(cfg, LinearKind::K, x.clone(), seq, hooks); // [seq, kv_heads * hd]
+        let v = self.linear(cfg, LinearKind::V, x, seq, hooks); // [seq, kv_heads * hd]
+        for (t, heads) in [(&mut q, cfg.num_attention_heads), (&mut k, cfg.num_key_value_heads)] {
+            match c {
+                Compute::F32 => rope.apply(t, seq, heads),
+                Compute::Bf16 => rope.apply_bf16(t, seq, heads),
+            }
+        }
+        hooks.kv(self.index, &k, &v);
+        let attention = Attention {
+            n_heads: cfg.num_attention_heads,
+            n_kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim,
+            sliding_window: cfg.sliding_window,
+            flash_bf16: c == Compute::Bf16,
+        };
+        let mut attn = vec![0f32; q.len()]; // [seq, heads * hd]
+        attention.forward(&q, &k, &v, seq, &mut attn);
+        c.round(&mut attn);
+        let o = self.linear(cfg, LinearKind::O, attn, seq, hooks);
+        ops::add_in_place(hidden, &o);
+        c.round(hidden);
+
+        let mut x = vec![0f32; seq * h];
+        c.rms_norm(hidden, &self.post_norm, cfg.rms_norm_eps, &mut x);
+        let mut gate = self.linear(cfg, LinearKind::Gate, x.clone(), seq, hooks); // [seq, intermediate]
+        let up = self.linear(cfg, LinearKind::Up, x, seq, hooks); // [seq, intermediate]
+        match c {
+            Compute::F32 => ops::silu_mul(&mut gate, &up),
+            Compute::Bf16 => ops::silu_mul_bf16(&mut gate, &up),
+        }
+        let down = self.linear(cfg, LinearKind::Down, gate, seq, hooks);
+        ops::add_in_place(hidden, &down);
+        c.round(hidden);
+    }
+
+    /// `kind`'s output for input `x` (`[seq, in_features]`), after the input hook.
+    fn linear(
+        &self,
+        cfg: &ModelConfig,
+        kind: LinearKind,
+        mut x: Vec<f32>,
+        seq: usize,
+        hooks: &mut dyn Hooks,
+    ) -> Vec<f32> {
+        let [n, k] = kind.shape(cfg);
+        hooks.linear_input(self.index, kind, &mut x, k);
+        let mut out = vec![0f32; seq * n];
+        ops::matmul_bt(&x, self.weight(kind), seq, k, n, &mut out);
+        self.compute.round(&mut out);
+        out
+    }
+
+    /// Replaces one linear's weight (the quantizer swaps in dequantized weights).
+    /// Panics if `w` does not have the current weight's length.
+    pub fn set_weight(&mut self, kind: LinearKind, w: Vec<f32>) {
+        let slot = &mut self.linears[kind as usize];
+        assert_eq!(w.len(), slot.len(), "set_weight({kind:?}): wrong number of values");
+        *slot = w;
+    }
+
+    pub fn weight(&self, kind: LinearKind) -> &[f32] {
+        &self.linears[kind as usize]
+    }
+}
+
+/// Memory for one block of logits in [`Head::nll`]. Blocks are as tall as this allows (up to
+/// `NLL_MAX_ROWS`): every block packs all of lm_head again, so tall blocks amortize that.
+const NLL_BLOCK_BYTES: usize = 64 << 20;
+const NLL_MAX_ROWS: usize = 512;
+
+/// The final norm and the language-model head.
+pub struct Head {
+    norm: Vec<f32>,    // [hidden]
+    lm_head: Vec<f32>, // [vocab, hidden]
+    eps: f32,
+    compute: Compute,
+}
+
+impl Head {
+    fn hidden_size(&self) -> usize {
+        self.norm.len()
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.lm_head.len() / self.norm.len()
+    }
+
+    /// The final-norm output (HF `hidden_states[num_layers]`): `[seq, hidden]`.
+    pub fn normed(&self, hidden: &[f32], seq: usize) -> Vec<f32> {
+        assert_eq!(hidden.len(), seq * self.hidden_size(), "Head: hidden is not [seq, hidden_size]");
+        let mut out = vec![0f32; hidden.len()];
+        self.compute.rms_norm(hidden, &self.norm, self.eps, &mut out);
+        out
+    }
+
+    /// `lm_head(norm(hidden))`: `[seq, vocab]`.
+    pub fn logits(&self, hidden: &[f32], seq: usize) -> Vec<f32> {
+        let normed = self.normed(hidden, seq);
+        let mut logits = vec![0f32; seq * self.vocab_size()];
+        ops::matmul_bt(&normed, &self.lm_head, seq, self.hidden_size(), self.vocab_size(), &mut logits);
+        self.compute.round(&mut logits);
+        logits
+    }
+
+    /// Sum of `-log p(ids[t+1] | ids[..=t])` over t in `0..seq-1`, and the number of terms.
+    /// Logits are computed a block of positions at a time (64 MiB at most). Panics if an id is
+    /// outside the vocabulary (`Model::embed` has rejected those already).
+    pub fn nll(&self, hidden: &[f32], ids: &[u32]) -> (f64, usize) {
+        let (h, vocab) = (self.hidden_size(), self.vocab_size());
+        let seq = ids.len();
+        assert_eq!(hidden.len(), seq * h, "Head::nll: hidden is not [ids.len(), hidden_size]");
+        let scored = seq.saturating_sub(1);
+        let mut sum = 0f64;
+        let block = (NLL_BLOCK_BYTES / (4 * vocab)).clamp(1, NLL_MAX_ROWS);
+        for t0 in (0..scored).step_by(block) {
+            let rows = block.min(scored - t0);
+            let logits = self.logits(&hidden[t0 * h..(t0 + rows) * h], rows);
+            for (r, row) in logits.chunks_exact(vocab).enumerate() {
+                sum += ops::log_softmax_nll(row, ids[t0 + r + 1] as usize);
+            }
+        }
+        (sum, scored)
+    }
+}

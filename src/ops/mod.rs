@@ -1,0 +1,19 @@
+//! CPU kernels on row-major f32 slices: the oracle every other backend is checked against,
+//! and fast enough to calibrate and evaluate small and medium models on its own.
+//!
+//! Layouts follow PyTorch: activations are `[rows, cols]` with rows = tokens, a Linear weight
+//! is `[out_features, in_features]`. Each kernel names the Hugging Face transformers code it
+//! reproduces, so a mismatch can be traced to one formula.
+
+mod attention;
+mod matmul;
+mod norm;
+mod rope;
+mod simd;
+mod threads;
+
+pub use attention::Attention;
+pub use matmul::{matmul_bt, matmul_bt_naive};
+pub use norm::{add_in_place, log_softmax_nll, rms_norm, rms_norm_bf16, round_slice_bf16, silu, silu_mul, silu_mul_bf16};
+pub use rope::Rope;
+pub use threads::num_threads;

@@ -1,0 +1,132 @@
+//! Rotary position embedding, as HF transformers computes it for Llama and Mistral
+//! (`modeling_rope_utils.py` for the frequencies, `LlamaRotaryEmbedding.forward` and
+//! `apply_rotary_pos_emb` in models/llama/modeling_llama.py for the rotation).
+
+use crate::config::{ModelConfig, RopeConfig, RopeScaling};
+use crate::numerics::round_bf16;
+
+/// cos/sin of every (position, frequency) pair for positions `0..max_positions`.
+pub struct Rope {
+    head_dim: usize,
+    max_positions: usize,
+    cos: Vec<f32>, // [max_positions, head_dim / 2]
+    sin: Vec<f32>, // [max_positions, head_dim / 2]
+}
+
+impl Rope {
+    /// The table for `cfg`'s attention heads, for sequences of up to `max_positions` tokens.
+    pub fn from_config(cfg: &ModelConfig, max_positions: usize) -> Rope {
+        Rope::new(&cfg.rope, cfg.head_dim, max_positions)
+    }
+
+    /// `head_dim` must be even (ModelConfig checks it).
+    pub fn new(rope: &RopeConfig, head_dim: usize, max_positions: usize) -> Rope {
+        assert!(head_dim.is_multiple_of(2), "RoPE needs an even head_dim, got {head_dim}");
+        let inv_freq = Rope::inv_freq(rope, head_dim);
+        let half = head_dim / 2;
+        let mut cos = Vec::with_capacity(max_positions * half);
+        let mut sin = Vec::with_capacity(max_positions * half);
+        for pos in 0..max_positions {
+            for &f in &inv_freq {
+                // `freqs = inv_freq @ position_ids` in f32 (one product per entry), then
+                // `emb.cos()`, `emb.sin()` in f32 (attention_scaling is 1 for default and llama3).
+                let angle = f64::from(pos as f32 * f);
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        Rope { head_dim, max_positions, cos, sin }
+    }
+
+    pub fn max_positions(&self) -> usize {
+        self.max_positions
+    }
+
+    /// Rotates `x` = `[seq, n_heads * head_dim]` in place for positions `0..seq`, HF's
+    /// `q * cos + rotate_half(q) * sin` with `rotate_half(x) = cat(-x2, x1)` (the two halves
+    /// of each head, not interleaved pairs).
+    pub fn apply(&self, x: &mut [f32], seq: usize, n_heads: usize) {
+        let (hd, half) = (self.head_dim, self.head_dim / 2);
+        assert!(seq <= self.max_positions, "RoPE table holds {} positions, asked for {seq}", self.max_positions);
+        assert_eq!(x.len(), seq * n_heads * hd, "RoPE: x is not [seq, n_heads * head_dim]");
+        for (pos, row) in x.chunks_exact_mut(n_heads * hd).enumerate() {
+            let cos = &self.cos[pos * half..][..half];
+            let sin = &self.sin[pos * half..][..half];
+            for head in row.chunks_exact_mut(hd) {
+                let (x1, x2) = head.split_at_mut(half);
+                for i in 0..half {
+                    let (a, b) = (x1[i], x2[i]);
+                    x1[i] = a * cos[i] + -b * sin[i];
+                    x2[i] = b * cos[i] + a * sin[i];
+                }
+            }
+        }
+    }
+
+    /// `apply` as torch runs it on bf16 tensors: cos/sin are cast to bf16 (`.to(x.dtype)`) and
+    /// each product and the sum are bf16.
+    pub fn apply_bf16(&self, x: &mut [f32], seq: usize, n_heads: usize) {
+        let (hd, half) = (self.head_dim, self.head_dim / 2);
+        assert!(seq <= self.max_positions, "RoPE table holds {} positions, asked for {seq}", self.max_positions);
+        assert_eq!(x.len(), seq * n_heads * hd, "RoPE: x is not [seq, n_heads * head_dim]");
+        let r = round_bf16;
+        for (pos, row) in x.chunks_exact_mut(n_heads * hd).enumerate() {
+            let cos = &self.cos[pos * half..][..half];
+            let sin = &self.sin[pos * half..][..half];
+            for head in row.chunks_exact_mut(hd) {
+                let (x1, x2) = head.split_at_mut(half);
+                for i in 0..half {
+                    let (a, b, c, s) = (x1[i], x2[i], r(cos[i]), r(sin[i]));
+                    x1[i] = r(r(a * c) + r(-b * s));
+                    x2[i] = r(r(b * c) + r(a * s));
+                }
+            }
+        }
+    }
+
+    /// The `head_dim / 2` inverse frequencies, in f32 like HF.
+    ///
+    /// `_compute_default_rope_parameters`: `1.0 / (base ** (arange(0, dim, 2).float() / dim))`.
+    /// `_compute_llama3_parameters` then keeps high frequencies, divides low ones by `factor` and
+    /// blends in between:
+    /// ```text
+    /// wavelen = 2 * pi / inv_freq
+    /// inv_freq_llama = where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    /// smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    /// smoothed = (1 - smooth) * inv_freq_llama / factor + smooth * inv_freq_llama
+    /// is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    /// inv_freq_llama = where(is_medium, smoothed, inv_freq_llama)
+    /// ```
+    /// with `low_freq_wavelen = old_context_len / low_freq_factor` and likewise for high.
+    pub fn inv_freq(rope: &RopeConfig, head_dim: usize) -> Vec<f32> {
+        let base = rope.theta as f32;
+        let default = (0..head_dim).step_by(2).map(|i| {
+            let exponent = i as f32 / head_dim as f32;
+            1.0 / (f64::from(base).powf(f64::from(exponent)) as f32)
+        });
+        match rope.scaling {
+            RopeScaling::Default => default.collect(),
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+                let old_context_len = original_max_position_embeddings as f64;
+                let low_freq_wavelen = (old_context_len / low_freq_factor) as f32;
+                let high_freq_wavelen = (old_context_len / high_freq_factor) as f32;
+                let (factor, low) = (factor as f32, low_freq_factor as f32);
+                let two_pi = (2.0 * std::f64::consts::PI) as f32;
+                default
+                    .map(|f| {
+                        let wavelen = two_pi / f;
+                        let f = if wavelen > low_freq_wavelen { f / factor } else { f };
+                        let is_medium = wavelen >= high_freq_wavelen && wavelen <= low_freq_wavelen;
+                        if is_medium {
+                            let smooth =
+                                (old_context_len as f32 / wavelen - low) / (high_freq_factor - low_freq_factor) as f32;
+                            (1.0 - smooth) * f / factor + smooth * f
+                        } else {
+                            f
+                        }
+                    })
+                    .collect()
+            }
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! The runtime against HF transformers: tiny random Llama-family models whose hidden states
+//! and logits transformers 5.17 computed in f32 (shared/reference/README.md, "families").
+//! Every tensor must match within a max relative error `max|a-b| / max|b|` of 1e-4.
+
+mod common;
+
+use rq_min::config::ModelConfig;
+use rq_min::json::Json;
+use rq_min::model::{Model, NoHooks};
+use rq_min::ops::{self, Rope};
+use rq_min::safetensors::SafeTensors;
+use rq_min::Error;
+use std::path::{Path, PathBuf};
+
+const TOLERANCE: f64 = 1e-4;
+
+fn max_rel_err(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let diff = got.iter().zip(want).map(|(a, b)| (f64::from(*a) - f64::from(*b)).abs()).fold(0.0, f64::max);
+    let scale = want.iter().map(|b| f64::from(*b).abs()).fold(0.0, f64::max);
+    diff / scale
+}
+
+/// Runs `input_ids` of `dir/reference_io.safetensors` through the model and compares every
+/// hidden state and the logits. Returns the worst relative error.
+fn check_family(dir: &Path) -> f64 {
+    let model = Model::open(dir, None).unwrap();
+    let cfg = &model.config;
+    let reference = SafeTensors::open(&dir.join("reference_io.safetensors")).unwrap();
+    let ids = reference.tensor("input_ids").unwrap();
+    let [batch, seq] = ids.shape.try_into().unwrap();
+    let ids: Vec<u32> = ids.to_i64().unwrap().into_iter().map(|i| u32::try_from(i).unwrap()).collect();
+    let layers: Vec<_> = (0..cfg.num_hidden_layers).map(|i| model.load_layer(i).unwrap()).collect();
+    let head = model.load_head().unwrap();
+    let rope = Rope::from_config(cfg, seq);
+    let (h, vocab, n_layers) = (cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers);
+
+    // got[name] = both sequences' values, concatenated like the reference's [batch, seq, ..].
+    let mut got: Vec<(String, Vec<f32>)> = (0..=n_layers).map(|l| (format!("hidden_states.{l}"), Vec::new())).collect();
+    got.push(("logits".to_string(), Vec::new()));
+    for b in 0..batch {
+        let ids = &ids[b * seq..(b + 1) * seq];
+        let mut hidden = model.embed(ids).unwrap();
+        got[0].1.extend_from_slice(&hidden);
+        for (l, layer) in layers.iter().enumerate() {
+            layer.forward(cfg, &rope, &mut hidden, seq, &mut NoHooks);
+            // HF's last hidden state is the final-norm output, not the last layer's.
+            if l + 1 < n_layers {
+                got[l + 1].1.extend_from_slice(&hidden);
+            }
+        }
+        got[n_layers].1.extend(head.normed(&hidden, seq));
+        let logits = head.logits(&hidden, seq);
+        assert_eq!(logits.len(), seq * vocab);
+
+        // The chunked NLL agrees with the logits it is made of.
+        let (nll, count) = head.nll(&hidden, ids);
+        let direct: f64 =
+            (0..seq - 1).map(|t| ops::log_softmax_nll(&logits[t * vocab..][..vocab], ids[t + 1] as usize)).sum();
+        assert_eq!(count, seq - 1);
+        assert!((nll - direct).abs() <= 1e-9 * direct.abs(), "nll {nll} vs {direct}");
+        got[n_layers + 1].1.extend(logits);
+    }
+
+    let mut worst = 0f64;
+    for (name, values) in &got {
+        let want = reference.tensor(name).unwrap();
+        assert_eq!(want.numel(), values.len(), "{name}");
+        let err = max_rel_err(values, &want.to_f32().unwrap());
+        println!("{:<40} {name:<18} max rel err {err:.2e}", dir.display());
+        assert!(err <= TOLERANCE, "{}: {name} max relative error {err:.3e} > {TOLERANCE:e}", dir.display());
+        worst = worst.max(err);
+    }
+    assert_eq!(h * seq * batch, got[0].1.len());
+    worst
+}
+
+fn shared_family(name: &str) -> Option<PathBuf> {
+    Some(common::shared_dir()?.join("reference/families").join(name))
+}
+
+#[test]
+fn llama_matches_transformers() {
+    check_family(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/families-llama"));
+}
+
+#[test]
+fn llama3_rope_scaling_matches_transformers() {
+    if let Some(dir) = shared_family("llama3-rope-scaling") {
+        check_family(&dir);
+    }
+}
+
+#[test]
+fn mistral_matches_transformers() {
+    if let Some(dir) = shared_family("mistral") {
+        check_family(&dir);
+    }
+}
+
+fn fixture_config() -> Json {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/families-llama/config.json");
+    Json::parse_file(&path).unwrap()
+}
+
+#[test]
+fn unsupported_architecture_lists_the_supported_ones() {
+    let mut raw = fixture_config();
+    raw.set("architectures", Json::Arr(vec![Json::Str("GemmaForCausalLM".into())]));
+    let err = ModelConfig::from_json(raw, Path::new("gemma/config.json")).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, Error::Unsupported(_)), "{err:?}");
+    assert!(
+        msg.contains("GemmaForCausalLM") && msg.contains("LlamaForCausalLM") && msg.contains("MistralForCausalLM"),
+        "{msg}"
+    );
+
+    // The real gemma folder, when the shared data is there.
+    if let Some(dir) = shared_family("gemma") {
+        let err = ModelConfig::from_dir(&dir).unwrap_err();
+        assert!(matches!(err, Error::Unsupported(_)), "{err:?}");
+    }
+}
+
+#[test]
+fn bad_dimensions_are_config_errors_naming_the_key() {
+    let path = Path::new("bad/config.json");
+    let with = |edit: &dyn Fn(&mut Json)| {
+        let mut raw = fixture_config();
+        edit(&mut raw);
+        match ModelConfig::from_json(raw, path) {
+            Err(Error::Config { file, msg }) => {
+                assert_eq!(file, path);
+                msg
+            }
+            other => panic!("expected a config error, got {other:?}"),
+        }
+    };
+    // hidden_size 128 with 3 heads and no head_dim to say otherwise.
+    let msg = with(&|c| {
+        c.set("num_attention_heads", Json::Int(3));
+        c.set("num_key_value_heads", Json::Int(1));
+        c.set("head_dim", Json::Null);
+    });
+    assert!(msg.contains("num_attention_heads = 3") && msg.contains("hidden_size = 128"), "{msg}");
+    let msg = with(&|c| c.set("num_key_value_heads", Json::Int(3)));
+    assert!(msg.contains("num_key_value_heads = 3"), "{msg}");
+    let msg = with(&|c| c.set("hidden_size", Json::Int(0)));
+    assert!(msg.contains("hidden_size"), "{msg}");
+    let msg = with(&|c| c.set("vocab_size", Json::Str("512".into())));
+    assert!(msg.contains("vocab_size"), "{msg}");
+    let msg = with(&|c| {
+        if let Json::Obj(m) = c {
+            m.retain(|(k, _)| k != "intermediate_size");
+        }
+    });
+    assert!(msg.contains("missing") && msg.contains("intermediate_size"), "{msg}");
+}
+
+#[test]
+fn both_rope_spellings_parse() {
+    // transformers 5: rope_parameters; 4.x: rope_theta + rope_scaling {type | rope_type}.
+    let llama3 = r#"{"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192}"#;
+    let mut new = fixture_config();
+    let mut params = Json::parse(llama3.as_bytes(), "params").unwrap();
+    params.set("rope_theta", Json::Float(500000.0));
+    new.set("rope_parameters", params);
+    let mut old = fixture_config();
+    if let Json::Obj(m) = &mut old {
+        m.retain(|(k, _)| k != "rope_parameters");
+    }
+    old.set("rope_theta", Json::Float(500000.0));
+    old.set("rope_scaling", Json::parse(llama3.replace("rope_type", "type").as_bytes(), "scaling").unwrap());
+    let a = ModelConfig::from_json(new, Path::new("new")).unwrap();
+    let b = ModelConfig::from_json(old, Path::new("old")).unwrap();
+    assert_eq!(a.rope, b.rope);
+    assert_eq!(a.rope.theta, 500000.0);
+
+    let mut yarn = fixture_config();
+    yarn.set(
+        "rope_parameters",
+        Json::parse(br#"{"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}"#, "y").unwrap(),
+    );
+    assert!(matches!(ModelConfig::from_json(yarn, Path::new("yarn")), Err(Error::Unsupported(_))));
+}

@@ -1,0 +1,267 @@
+//! CPU kernels against plain references: the fast matmul against the naive loop (and, on
+//! x86-64, bit for bit against one sequential multiply-add chain), RoPE, attention and
+//! RMSNorm against f64 recomputations of the HF formulas.
+
+use rq_min::config::{RopeConfig, RopeScaling};
+use rq_min::ops::{self, matmul_bt, matmul_bt_naive, Attention, Rope};
+
+/// Deterministic values in [-1, 1) (xorshift64; no RNG dependency).
+fn values(len: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+/// `max|a-b| / max|b|`.
+fn max_rel_err(got: &[f32], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let diff = got.iter().zip(want).map(|(a, b)| (f64::from(*a) - b).abs()).fold(0.0, f64::max);
+    let scale = want.iter().map(|b| b.abs()).fold(0.0, f64::max);
+    if scale == 0.0 {
+        diff
+    } else {
+        diff / scale
+    }
+}
+
+const SHAPES: [(usize, usize, usize); 9] = [
+    (1, 1, 1),
+    (7, 13, 5),
+    (6, 16, 16),
+    (1, 300, 70),
+    (33, 257, 129),
+    (300, 768, 256),
+    (97, 513, 33),
+    (64, 64, 1000),
+    (1000, 300, 40),
+];
+
+#[test]
+fn matmul_matches_naive() {
+    for (i, &(m, k, n)) in SHAPES.iter().enumerate() {
+        let x = values(m * k, 2 * i as u64 + 1);
+        let w = values(n * k, 2 * i as u64 + 2);
+        let (mut fast, mut naive) = (vec![f32::NAN; m * n], vec![0f32; m * n]);
+        matmul_bt(&x, &w, m, k, n, &mut fast);
+        matmul_bt_naive(&x, &w, m, k, n, &mut naive);
+        let exact: Vec<f64> = (0..m * n)
+            .map(|e| (0..k).map(|p| f64::from(x[e / n * k + p]) * f64::from(w[e % n * k + p])).sum())
+            .collect();
+        let (err_fast, err_naive) = (max_rel_err(&fast, &exact), max_rel_err(&naive, &exact));
+        let naive_f64: Vec<f64> = naive.iter().map(|&v| f64::from(v)).collect();
+        let err_vs_naive = max_rel_err(&fast, &naive_f64);
+        println!("{m:>4} × {k:>4} × {n:>4}: fast vs naive {err_vs_naive:.1e}; vs f64: fast {err_fast:.1e}, naive {err_naive:.1e}");
+        assert!(err_vs_naive <= 2e-6, "{m}×{k}×{n}: fast vs naive {err_vs_naive:e}");
+        // f32 accumulation over k terms: a few ulps times sqrt(k) in practice.
+        assert!(err_fast <= 2e-6, "{m}×{k}×{n}: fast matmul error {err_fast:e}");
+        assert!(err_naive <= 2e-6, "{m}×{k}×{n}: naive matmul error {err_naive:e}");
+    }
+}
+
+/// Every output element is one sequential multiply-add chain over k, whatever the tiling and
+/// the thread count: here the bits must equal such a chain computed plainly.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn matmul_is_one_multiply_add_chain_per_element() {
+    let fma = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+    for (i, &(m, k, n)) in SHAPES.iter().enumerate() {
+        let x = values(m * k, 100 + i as u64);
+        let w = values(n * k, 200 + i as u64);
+        let mut fast = vec![0f32; m * n];
+        matmul_bt(&x, &w, m, k, n, &mut fast);
+        for e in 0..m * n {
+            let (xi, wj) = (&x[e / n * k..][..k], &w[e % n * k..][..k]);
+            let chain = xi.iter().zip(wj).fold(0f32, |s, (a, b)| if fma { a.mul_add(*b, s) } else { a * b + s });
+            assert_eq!(fast[e].to_bits(), chain.to_bits(), "{m}×{k}×{n} element {e}");
+        }
+    }
+}
+
+#[test]
+fn matmul_with_empty_dimensions() {
+    let mut out = vec![1f32; 6];
+    matmul_bt(&[], &[], 2, 0, 3, &mut out);
+    assert_eq!(out, vec![0.0; 6]);
+    matmul_bt(&[], &[1.0, 2.0], 0, 2, 1, &mut []);
+}
+
+/// HF's inverse frequencies, recomputed in f64 (`_compute_default_rope_parameters`,
+/// `_compute_llama3_parameters` in modeling_rope_utils.py).
+fn inv_freq_f64(rope: &RopeConfig, head_dim: usize) -> Vec<f64> {
+    let default = (0..head_dim).step_by(2).map(|i| 1.0 / rope.theta.powf(i as f64 / head_dim as f64));
+    match rope.scaling {
+        RopeScaling::Default => default.collect(),
+        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+            let old = original_max_position_embeddings as f64;
+            let (low_wavelen, high_wavelen) = (old / low_freq_factor, old / high_freq_factor);
+            default
+                .map(|f| {
+                    let wavelen = 2.0 * std::f64::consts::PI / f;
+                    if wavelen < high_wavelen {
+                        f
+                    } else if wavelen > low_wavelen {
+                        f / factor
+                    } else {
+                        let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        (1.0 - smooth) * f / factor + smooth * f
+                    }
+                })
+                .collect()
+        }
+    }
+}
+
+fn rope_configs() -> Vec<(RopeConfig, usize)> {
+    let llama3 = |old| RopeScaling::Llama3 {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: old,
+    };
+    vec![
+        (RopeConfig { theta: 10000.0, scaling: RopeScaling::Default }, 64),
+        (RopeConfig { theta: 500000.0, scaling: llama3(64) }, 32), // families/llama3-rope-scaling
+        (RopeConfig { theta: 500000.0, scaling: llama3(8192) }, 128), // Llama 3.1
+    ]
+}
+
+#[test]
+fn rope_matches_hf_formula_in_f64() {
+    let (seq, n_heads) = (300, 3);
+    for (rope_cfg, hd) in rope_configs() {
+        let want_freq = inv_freq_f64(&rope_cfg, hd);
+        let got_freq = Rope::inv_freq(&rope_cfg, hd);
+        let freq_err = got_freq.iter().zip(&want_freq).map(|(g, w)| (f64::from(*g) - w).abs() / w).fold(0.0, f64::max);
+        assert!(freq_err < 1e-6, "{rope_cfg:?}: inv_freq relative error {freq_err:e}");
+        if matches!(rope_cfg.scaling, RopeScaling::Llama3 { .. }) {
+            let plain = Rope::inv_freq(&RopeConfig { scaling: RopeScaling::Default, ..rope_cfg.clone() }, hd);
+            assert_ne!(plain, got_freq, "llama3 scaling changed nothing: a useless test case");
+        }
+
+        let x = values(seq * n_heads * hd, 7);
+        let mut got = x.clone();
+        Rope::new(&rope_cfg, hd, seq).apply(&mut got, seq, n_heads);
+        let half = hd / 2;
+        let mut want = vec![0f64; x.len()];
+        for pos in 0..seq {
+            for h in 0..n_heads {
+                let base = (pos * n_heads + h) * hd;
+                for i in 0..half {
+                    let (a, b) = (f64::from(x[base + i]), f64::from(x[base + half + i]));
+                    let (s, c) = (pos as f64 * want_freq[i]).sin_cos();
+                    want[base + i] = a * c - b * s; // q * cos + rotate_half(q) * sin, first half
+                    want[base + half + i] = b * c + a * s;
+                }
+            }
+        }
+        // HF itself forms the angle pos * inv_freq in f32: ~1e-7 relative, so ~3e-5 at
+        // position 300.
+        let err = max_rel_err(&got, &want);
+        println!("rope theta {} hd {hd}: max rel err {err:.1e}", rope_cfg.theta);
+        assert!(err < 1e-4, "{rope_cfg:?}: rope error {err:e}");
+    }
+}
+
+/// Straightforward causal GQA attention in f64.
+fn attention_f64(a: &Attention, q: &[f32], k: &[f32], v: &[f32], seq: usize) -> Vec<f64> {
+    let hd = a.head_dim;
+    let (qw, kvw, group) = (a.n_heads * hd, a.n_kv_heads * hd, a.n_heads / a.n_kv_heads);
+    let mut out = vec![0f64; seq * qw];
+    for t in 0..seq {
+        for h in 0..a.n_heads {
+            let g = h / group;
+            let visible: Vec<usize> = (0..=t).filter(|&s| a.sliding_window.is_none_or(|w| t - s < w)).collect();
+            let scores: Vec<f64> = visible
+                .iter()
+                .map(|&s| {
+                    let dot: f64 =
+                        (0..hd).map(|d| f64::from(q[t * qw + h * hd + d]) * f64::from(k[s * kvw + g * hd + d])).sum();
+                    dot / (hd as f64).sqrt()
+                })
+                .collect();
+            let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let sum: f64 = scores.iter().map(|s| (s - max).exp()).sum();
+            for (&s, score) in visible.iter().zip(&scores) {
+                let p = (score - max).exp() / sum;
+                for d in 0..hd {
+                    out[t * qw + h * hd + d] += p * f64::from(v[s * kvw + g * hd + d]);
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn attention_matches_f64() {
+    let cases = [
+        (Attention { n_heads: 4, n_kv_heads: 2, head_dim: 16, sliding_window: None, flash_bf16: false }, 37),
+        (Attention { n_heads: 4, n_kv_heads: 4, head_dim: 12, sliding_window: Some(5), flash_bf16: false }, 40),
+        (Attention { n_heads: 1, n_kv_heads: 1, head_dim: 8, sliding_window: None, flash_bf16: false }, 1),
+        // Several blocks of query rows (96 each), on several threads; windows shorter and
+        // longer than a block.
+        (Attention { n_heads: 8, n_kv_heads: 2, head_dim: 64, sliding_window: None, flash_bf16: false }, 200),
+        (Attention { n_heads: 8, n_kv_heads: 1, head_dim: 64, sliding_window: Some(64), flash_bf16: false }, 200),
+        (Attention { n_heads: 6, n_kv_heads: 2, head_dim: 32, sliding_window: Some(7), flash_bf16: false }, 300),
+        (Attention { n_heads: 2, n_kv_heads: 2, head_dim: 20, sliding_window: Some(150), flash_bf16: false }, 333),
+    ];
+    for (i, (a, seq)) in cases.into_iter().enumerate() {
+        let (qw, kvw) = (a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim);
+        // Scaled up so that the softmax is far from uniform.
+        let scaled = |len, seed| values(len, seed).into_iter().map(|v| 3.0 * v).collect::<Vec<f32>>();
+        let (q, k, v) =
+            (scaled(seq * qw, 3 * i as u64), scaled(seq * kvw, 3 * i as u64 + 1), values(seq * kvw, 3 * i as u64 + 2));
+        let mut got = vec![f32::NAN; seq * qw];
+        a.forward(&q, &k, &v, seq, &mut got);
+        let err = max_rel_err(&got, &attention_f64(&a, &q, &k, &v, seq));
+        println!("attention {a:?} seq {seq}: max rel err {err:.1e}");
+        assert!(err < 1e-5, "{a:?}: attention error {err:e}");
+    }
+}
+
+#[test]
+fn rms_norm_matches_f64() {
+    let (rows, cols, eps) = (5, 300, 1e-5f32);
+    let x: Vec<f32> = values(rows * cols, 11).into_iter().map(|v| 40.0 * v).collect();
+    let weight = values(cols, 12);
+    let mut got = vec![0f32; x.len()];
+    ops::rms_norm(&x, &weight, eps, &mut got);
+    let mut want = vec![0f64; x.len()];
+    for r in 0..rows {
+        let row = &x[r * cols..][..cols];
+        let mean_sq = row.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>() / cols as f64;
+        let inv = 1.0 / (mean_sq + f64::from(eps)).sqrt();
+        for c in 0..cols {
+            want[r * cols + c] = f64::from(row[c]) * inv * f64::from(weight[c]);
+        }
+    }
+    let err = max_rel_err(&got, &want);
+    assert!(err < 1e-6, "rms_norm error {err:e}");
+}
+
+#[test]
+fn silu_mul_and_nll_match_f64() {
+    let gate = values(1000, 21).into_iter().map(|v| 10.0 * v).collect::<Vec<f32>>();
+    let up = values(1000, 22);
+    let mut got = gate.clone();
+    ops::silu_mul(&mut got, &up);
+    let want: Vec<f64> =
+        gate.iter().zip(&up).map(|(&g, &u)| f64::from(g) / (1.0 + (-f64::from(g)).exp()) * f64::from(u)).collect();
+    assert!(max_rel_err(&got, &want) < 1e-6);
+
+    // Large logits: a naive exp would overflow.
+    let logits: Vec<f32> = values(32000, 23).into_iter().map(|v| 100.0 * v).collect();
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = f64::from(max) + logits.iter().map(|&l| (f64::from(l) - f64::from(max)).exp()).sum::<f64>().ln();
+    for target in [0, 17, 31999] {
+        let want = lse - f64::from(logits[target]);
+        let got = ops::log_softmax_nll(&logits, target);
+        assert!((got - want).abs() < 1e-9 * want.abs().max(1.0), "{got} vs {want}");
+    }
+}
