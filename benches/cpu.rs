@@ -4,7 +4,9 @@
 //! against the naive triple loop, at Linear shapes of a small model (m = tokens), then the
 //! causal attention of a Llama-3-8B layer. Threads: `RQ_THREADS`, else all available.
 
+use rq_min::model::{Compute, Model};
 use rq_min::ops::{matmul_bt, matmul_bt_naive, num_threads, Attention};
+use rq_min::progress::Progress;
 use std::time::{Duration, Instant};
 
 /// Shapes (m, k, n): square, the MLP up and down projections of a 4096-token batch of a
@@ -58,7 +60,7 @@ fn main() {
     }
 
     // Attention: 32 query heads, 8 kv heads of 128; 2·2·(seq²/2)·4096 flops (causal half).
-    let a = Attention { n_heads: 32, n_kv_heads: 8, head_dim: 128, sliding_window: None };
+    let a = Attention { n_heads: 32, n_kv_heads: 8, head_dim: 128, sliding_window: None, flash_bf16: false };
     println!("\ncausal attention, 32 heads / 8 kv heads × 128");
     println!("{:>20} {:>12} {:>12}", "seq", "GFLOP/s", "ms");
     for seq in [256, 2048] {
@@ -68,4 +70,58 @@ fn main() {
         let flops = 2.0 * 2.0 * (seq * seq / 2) as f64 * 4096.0;
         println!("{:>20} {:>12.1} {:>12.1}", seq, flops / t.as_secs_f64() / 1e9, t.as_secs_f64() * 1e3);
     }
+    pipeline();
+}
+
+/// End to end on rq-tiny (../shared/models/rq-tiny) with the reference 64 x 256 calibration ids.
+fn pipeline() {
+    let shared = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared");
+    let model_dir = shared.join("models/rq-tiny");
+    let ids = shared.join("reference/modelopt-0.47/rq-tiny/calib_ids.json");
+    if !model_dir.exists() {
+        println!("\nrq-tiny pipeline: skipped ({} not found)", model_dir.display());
+        return;
+    }
+    let quiet = Progress::new("bench", true);
+    let samples = rq_min::calib::ids_file(&ids).expect("calib ids");
+    let tokens: usize = samples.iter().map(Vec::len).sum();
+    println!("\nrq-tiny (14.5 M params), {} x {} calibration tokens", samples.len(), samples[0].len());
+    println!("{:>34} {:>10} {:>12}", "step", "seconds", "tokens/s");
+    for (label, compute) in [("calibration, f32 compute", Compute::F32), ("calibration, bf16-faithful", Compute::Bf16)] {
+        let mut model = Model::open(&model_dir, None).expect("open rq-tiny");
+        model.compute = compute;
+        let t = Instant::now();
+        rq_min::pipeline::calibrate(&model, &samples, &quiet).expect("calibrate");
+        let s = t.elapsed().as_secs_f64();
+        println!("{:>34} {:>10.2} {:>12.0}", label, s, tokens as f64 / s);
+    }
+    let out = std::env::temp_dir().join(format!("rq-min-bench-{}", std::process::id()));
+    let t = Instant::now();
+    rq_min::cli::quantize(&rq_min::cli::QuantizeArgs {
+        model: model_dir.clone(),
+        out: out.clone(),
+        qformat: "fp8".into(),
+        calib_text: None,
+        calib_ids: Some(ids),
+        calib_size: 64,
+        calib_seq: 256,
+        exclude: vec![],
+        eval_text: None,
+        eval_seq: 256,
+        no_eval: true,
+        force: true,
+        device: "cpu".into(),
+        quiet: true,
+    })
+    .expect("quantize");
+    let s = t.elapsed().as_secs_f64();
+    println!("{:>34} {:>10.2} {:>12.0}", "fp8 quantize end to end", s, tokens as f64 / s);
+    let model = Model::open(&model_dir, None).expect("open rq-tiny");
+    let tok = rq_min::tokenizer::Tokenizer::from_dir(&model_dir).expect("tokenizer");
+    let windows = rq_min::pipeline::eval_windows(&tok.encode(rq_min::cli::DEFAULT_EVAL_TEXT), 256);
+    let t = Instant::now();
+    let p = rq_min::pipeline::perplexity(&model, &windows, &quiet).expect("eval");
+    let s = t.elapsed().as_secs_f64();
+    println!("{:>34} {:>10.2} {:>12.0}", format!("perplexity eval (ppl {:.2})", p.ppl), s, (windows.len() * 256) as f64 / s);
+    let _ = std::fs::remove_dir_all(out);
 }

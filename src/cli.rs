@@ -39,6 +39,7 @@ pub struct EvalArgs {
     pub text: Option<PathBuf>,
     pub seq: usize,
     pub base: Option<PathBuf>,
+    pub dtype: String,
     pub device: String,
     pub quiet: bool,
 }
@@ -156,7 +157,12 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     if a.seq < 2 {
         return Err(Error::Usage("--seq must be at least 2".into()));
     }
-    let model = Model::open(&a.model, a.base.as_deref())?;
+    let mut model = Model::open(&a.model, a.base.as_deref())?;
+    model.compute = match a.dtype.as_str() {
+        "f32" => Compute::F32,
+        "bf16" => Compute::Bf16,
+        other => return Err(Error::Usage(format!("unknown --dtype '{other}'; supported: f32, bf16"))),
+    };
     let tok_dir = match &a.base {
         Some(b) if !a.model.join("tokenizer.json").exists() => b.as_path(),
         _ => a.model.as_path(),
@@ -165,7 +171,7 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     let text = read_text(a.text.as_deref())?;
     let windows = pipeline::eval_windows(&tok.encode(&text), a.seq);
     let p = pipeline::perplexity(&model, &windows, &Progress::new("eval", a.quiet))?;
-    println!("perplexity {:.4} ({} windows x {} tokens, {} scored)", p.ppl, p.windows, a.seq, p.count);
+    println!("perplexity {:.4} ({} windows x {} tokens, {} scored, {} compute)", p.ppl, p.windows, a.seq, p.count, a.dtype);
     Ok(())
 }
 

@@ -84,6 +84,9 @@ struct Eval {
     /// folder to take tensors missing from --model from (e.g. embed_tokens of a trimmed export)
     #[argh(option)]
     base: Option<PathBuf>,
+    /// compute precision: f32 (default) or bf16 (rounds like PyTorch running the model in bf16)
+    #[argh(option, default = "String::from(\"f32\")")]
+    dtype: String,
     /// compute device: cpu (default) or cuda
     #[argh(option, default = "String::from(\"cpu\")")]
     device: String,
@@ -125,6 +128,7 @@ fn main() -> ExitCode {
             text: e.text,
             seq: e.seq,
             base: e.base,
+            dtype: e.dtype,
             device: e.device,
             quiet: e.quiet,
         }),

@@ -403,9 +403,18 @@ impl Head {
         for t0 in (0..scored).step_by(block) {
             let rows = block.min(scored - t0);
             let logits = self.logits(&hidden[t0 * h..(t0 + rows) * h], rows);
-            for (r, row) in logits.chunks_exact(vocab).enumerate() {
-                sum += ops::log_softmax_nll(row, ids[t0 + r + 1] as usize);
-            }
+            // Rows split over threads; partial sums added in a fixed order (deterministic).
+            let per = rows.div_ceil(ops::num_threads());
+            let part = |r0: usize| -> f64 {
+                let end = (r0 + per).min(rows);
+                (r0..end).map(|r| ops::log_softmax_nll(&logits[r * vocab..][..vocab], ids[t0 + r + 1] as usize)).sum()
+            };
+            let parts: Vec<f64> = std::thread::scope(|s| {
+                let handles: Vec<_> = (per..rows).step_by(per).map(|r0| s.spawn(move || part(r0))).collect();
+                let first = part(0);
+                std::iter::once(first).chain(handles.into_iter().map(|h| h.join().expect("nll worker"))).collect()
+            });
+            sum += parts.iter().sum::<f64>();
         }
         (sum, scored)
     }

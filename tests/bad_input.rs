@@ -1,0 +1,255 @@
+//! Bad input gives one clear error naming the file / tensor, a non-zero exit, no panic, and
+//! no output folder (not even a half-written one).
+
+use rq_min::cli::{quantize, QuantizeArgs};
+use rq_min::config::ModelConfig;
+use rq_min::json::Json;
+use rq_min::safetensors::{Checkpoint, Dtype};
+use rq_min::Error;
+use std::path::{Path, PathBuf};
+
+const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/families-llama");
+
+/// A fresh scratch folder for one test.
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("rq-min-bad-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A copy of the tiny f32 Llama fixture plus a calibration ids file, in `dir/model`.
+fn model_copy(dir: &Path) -> PathBuf {
+    let model = dir.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(Path::new(FIXTURE).join(f), model.join(f)).unwrap();
+    }
+    std::fs::write(dir.join("ids.json"), "[[1, 5, 9, 200, 17, 3, 44, 100], [1, 7, 7, 8]]").unwrap();
+    model
+}
+
+fn args(model: &Path, out: &Path, ids: &Path) -> QuantizeArgs {
+    QuantizeArgs {
+        model: model.to_path_buf(),
+        out: out.to_path_buf(),
+        qformat: "fp8".into(),
+        calib_text: None,
+        calib_ids: Some(ids.to_path_buf()),
+        calib_size: 8,
+        calib_seq: 8,
+        exclude: vec![],
+        eval_text: None,
+        eval_seq: 8,
+        no_eval: true,
+        force: false,
+        device: "cpu".into(),
+        quiet: true,
+    }
+}
+
+/// Nothing was left beside `out`: neither it nor a temporary folder.
+fn assert_no_output(out: &Path) {
+    assert!(!out.exists(), "{} was created", out.display());
+    let parent = out.parent().unwrap();
+    let leftovers: Vec<_> = std::fs::read_dir(parent)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains("rq-min-tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary folders left: {leftovers:?}");
+}
+
+#[test]
+fn a_good_copy_quantizes() {
+    let dir = scratch("good");
+    let model = model_copy(&dir);
+    let out = dir.join("out");
+    quantize(&args(&model, &out, &dir.join("ids.json"))).unwrap();
+    let ck = Checkpoint::open(&out).unwrap();
+    assert_eq!(ck.tensor("model.layers.1.mlp.down_proj.weight").unwrap().dtype, Dtype::F8E4M3);
+    // Running again without --force is refused and leaves the first output alone.
+    let err = quantize(&args(&model, &out, &dir.join("ids.json"))).unwrap_err();
+    assert!(matches!(err, Error::Usage(_)) && err.to_string().contains("--force"), "{err}");
+    assert!(out.join("model.safetensors").exists());
+    // The input folder is never a valid --out.
+    let mut a = args(&model, &model, &dir.join("ids.json"));
+    a.force = true;
+    let err = quantize(&a).unwrap_err().to_string();
+    assert!(err.contains("input model folder"), "{err}");
+    assert!(model.join("model.safetensors").exists());
+}
+
+#[test]
+fn nan_weight_is_named_and_nothing_is_written() {
+    let dir = scratch("nan");
+    let model = model_copy(&dir);
+    let name = "model.layers.1.self_attn.v_proj.weight";
+    // Poison one value of one weight in place.
+    let file = model.join("model.safetensors");
+    let (start, data_start) = {
+        let bytes = std::fs::read(&file).unwrap();
+        let header = rq_min::safetensors::parse_header(&bytes, &file).unwrap();
+        let info = header.tensors.iter().find(|i| i.name == name).unwrap().clone();
+        (info.start, header.data_start)
+    };
+    let mut bytes = std::fs::read(&file).unwrap();
+    let at = data_start + start + 4 * 37;
+    bytes[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(&file, &bytes).unwrap();
+
+    let out = dir.join("out");
+    let err = quantize(&args(&model, &out, &dir.join("ids.json"))).unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains(name) && msg.contains("NaN"), "{msg}");
+    assert!(msg.contains("index 37"), "{msg}");
+    assert_no_output(&out);
+}
+
+#[test]
+fn broken_files_give_one_clear_error() {
+    let dir = scratch("broken");
+    let ids = |m: &Path| m.parent().unwrap().join("ids.json");
+    let cases: Vec<(&str, Box<dyn Fn(&Path)>, &str)> = vec![
+        ("missing config", Box::new(|m: &Path| std::fs::remove_file(m.join("config.json")).unwrap()), "config.json"),
+        (
+            "malformed config",
+            Box::new(|m: &Path| std::fs::write(m.join("config.json"), "{\"hidden_size\": 12,").unwrap()),
+            "invalid JSON at byte",
+        ),
+        (
+            "truncated weights",
+            Box::new(|m: &Path| {
+                let f = m.join("model.safetensors");
+                let b = std::fs::read(&f).unwrap();
+                std::fs::write(&f, &b[..b.len() / 2]).unwrap();
+            }),
+            "model.safetensors",
+        ),
+        (
+            "unsupported architecture",
+            Box::new(|m: &Path| edit_config(m, |j| j.set("architectures", Json::Arr(vec![rq_min::json::str("GPT2LMHeadModel")])))),
+            "LlamaForCausalLM",
+        ),
+        (
+            "shape mismatch vs config",
+            Box::new(|m: &Path| edit_config(m, |j| j.set("intermediate_size", Json::Int(512)))),
+            "mlp.gate_proj.weight",
+        ),
+        (
+            "token id outside the vocabulary",
+            Box::new(|m: &Path| std::fs::write(m.parent().unwrap().join("ids.json"), "[[1, 99999]]").unwrap()),
+            "99999",
+        ),
+    ];
+    for (what, break_it, expect) in cases {
+        let case = dir.join(what.replace(' ', "_"));
+        std::fs::create_dir_all(&case).unwrap();
+        let model = model_copy(&case);
+        break_it(&model);
+        let out = case.join("out");
+        let err = quantize(&args(&model, &out, &ids(&model))).expect_err(what);
+        assert!(err.to_string().contains(expect), "{what}: {err}");
+        assert_no_output(&out);
+    }
+}
+
+fn edit_config(model: &Path, f: impl Fn(&mut Json)) {
+    let p = model.join("config.json");
+    let mut j = Json::parse_file(&p).unwrap();
+    f(&mut j);
+    std::fs::write(&p, j.to_pretty(2)).unwrap();
+}
+
+/// Every truncation of config.json, every key removed and every value replaced by values of
+/// other kinds: an error or a config, never a panic.
+#[test]
+fn config_mutations_never_panic() {
+    let text = std::fs::read(Path::new(FIXTURE).join("config.json")).unwrap();
+    let path = Path::new("config.json");
+    let parse = |bytes: &[u8]| match Json::parse(bytes, "config.json") {
+        Ok(j) => ModelConfig::from_json(j, path).map(|_| ()),
+        Err(e) => Err(e),
+    };
+    let mut outcomes = (0, 0);
+    let mut run = |bytes: &[u8], what: &str| {
+        let r = std::panic::catch_unwind(|| parse(bytes)).unwrap_or_else(|_| panic!("panic on {what}"));
+        match r {
+            Ok(()) => outcomes.0 += 1,
+            Err(_) => outcomes.1 += 1,
+        }
+    };
+    for n in 0..text.len() {
+        run(&text[..n], &format!("truncation to {n} bytes"));
+    }
+    let base = Json::parse(&text, "config.json").unwrap();
+    let keys: Vec<String> = base.as_object().unwrap().iter().map(|(k, _)| k.clone()).collect();
+    let replacements = [
+        Json::Null,
+        Json::Bool(true),
+        Json::Int(0),
+        Json::Int(-1),
+        Json::Int(i64::MAX),
+        Json::Float(1e300),
+        Json::Float(0.5),
+        rq_min::json::str("x"),
+        Json::Arr(vec![]),
+        Json::Obj(vec![]),
+    ];
+    for k in &keys {
+        let mut j = base.clone();
+        if let Json::Obj(m) = &mut j {
+            m.retain(|(key, _)| key != k);
+        }
+        run(j.to_compact().as_bytes(), &format!("without {k}"));
+        for r in &replacements {
+            let mut j = base.clone();
+            j.set(k, r.clone());
+            run(j.to_compact().as_bytes(), &format!("{k} = {}", r.to_compact()));
+        }
+    }
+    // Byte flips over the whole file.
+    for i in 0..text.len() {
+        let mut t = text.clone();
+        t[i] ^= 0x5A;
+        run(&t, &format!("byte {i} flipped"));
+    }
+    println!("config mutations: {} accepted, {} refused", outcomes.0, outcomes.1);
+    assert!(outcomes.1 > text.len(), "most mutations must be refused");
+}
+
+#[test]
+fn config_errors_name_the_key() {
+    let base = Json::parse_file(&Path::new(FIXTURE).join("config.json")).unwrap();
+    let check = |edit: &dyn Fn(&mut Json), expect: &str| {
+        let mut j = base.clone();
+        edit(&mut j);
+        let err = ModelConfig::from_json(j, Path::new("x/config.json")).unwrap_err().to_string();
+        assert!(err.contains(expect), "{err} (wanted {expect})");
+        assert!(err.contains("x/config.json") || err.contains("unsupported"), "{err}");
+    };
+    check(&|j| j.set("num_key_value_heads", Json::Int(3)), "num_key_value_heads");
+    check(&|j| j.set("hidden_size", rq_min::json::str("128")), "hidden_size");
+    check(&|j| j.set("num_hidden_layers", Json::Int(0)), "num_hidden_layers");
+    check(&|j| j.set("architectures", Json::Arr(vec![rq_min::json::str("BertModel")])), "MistralForCausalLM");
+}
+
+/// The binary: non-zero exit, one line starting with "rq-min: error:", no panic.
+#[test]
+fn binary_reports_errors_without_panicking() {
+    let dir = scratch("bin");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_rq-min")).args(args).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let missing = dir.join("nope");
+    let (code, err) = run(&["quantize", "--model", missing.to_str().unwrap(), "--out", dir.join("o").to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.starts_with("rq-min: error:") && err.contains("nope") && !err.contains("panicked"), "{err}");
+    let (code, err) = run(&["quantize", "--model", FIXTURE, "--out", "/tmp/x", "--qformat", "int3"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("unknown --qformat 'int3'") && err.contains("fp8"), "{err}");
+    let (code, err) = run(&["inspect", dir.join("missing.safetensors").to_str().unwrap()]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("missing.safetensors"), "{err}");
+}
