@@ -5,6 +5,8 @@
 //! (`<module>.weight_quantizer`, `<module>.input_quantizer`), spec/algorithms.md §2.1.
 
 pub mod fp8;
+pub mod int;
+pub mod nvfp4;
 
 use crate::error::{Error, Result};
 
