@@ -4,7 +4,7 @@
 //! against the naive triple loop, at Linear shapes of a small model (m = tokens), then the
 //! causal attention of a Llama-3-8B layer. Threads: `RQ_THREADS`, else all available.
 
-use rq_min::model::{Compute, Model};
+use rq_min::model::Model;
 use rq_min::ops::{matmul_bt, matmul_bt_naive, num_threads, Attention};
 use rq_min::progress::Progress;
 use std::time::{Duration, Instant};
@@ -85,37 +85,35 @@ fn pipeline() {
     let quiet = Progress::new("bench", true);
     let samples = rq_min::calib::ids_file(&ids).expect("calib ids");
     let tokens: usize = samples.iter().map(Vec::len).sum();
-    println!("\nrq-tiny (14.5 M params), {} x {} calibration tokens", samples.len(), samples[0].len());
-    println!("{:>34} {:>10} {:>12}", "step", "seconds", "tokens/s");
-    for (label, compute) in [("calibration, f32 compute", Compute::F32), ("calibration, bf16-faithful", Compute::Bf16)] {
-        let mut model = Model::open(&model_dir, None).expect("open rq-tiny");
-        model.compute = compute;
-        let t = Instant::now();
-        rq_min::pipeline::calibrate(&model, &samples, &quiet).expect("calibrate");
-        let s = t.elapsed().as_secs_f64();
-        println!("{:>34} {:>10.2} {:>12.0}", label, s, tokens as f64 / s);
-    }
+    println!("\nrq-tiny (14.5 M params), {} x {} calibration tokens, end to end (load, calibrate, quantize, export)", samples.len(), samples[0].len());
+    println!("{:>34} {:>10} {:>12} {:>10}", "format", "seconds", "tokens/s", "target s");
     let out = std::env::temp_dir().join(format!("rq-min-bench-{}", std::process::id()));
-    let t = Instant::now();
-    rq_min::cli::quantize(&rq_min::cli::QuantizeArgs {
-        model: model_dir.clone(),
-        out: out.clone(),
-        qformat: "fp8".into(),
-        calib_text: None,
-        calib_ids: Some(ids),
-        calib_size: 64,
-        calib_seq: 256,
-        exclude: vec![],
-        eval_text: None,
-        eval_seq: 256,
-        no_eval: true,
-        force: true,
-        device: "cpu".into(),
-        quiet: true,
-    })
-    .expect("quantize");
-    let s = t.elapsed().as_secs_f64();
-    println!("{:>34} {:>10.2} {:>12.0}", "fp8 quantize end to end", s, tokens as f64 / s);
+    for (qformat, kv, target) in [
+        ("fp8", "none", 10),
+        ("int8_sq", "none", 10),
+        ("nvfp4", "none", 10),
+        ("fp8", "fp8", 10),
+        ("int4_awq", "none", 60),
+        ("w4a8_awq", "none", 60),
+        ("nvfp4_awq", "none", 60),
+    ] {
+        let t = Instant::now();
+        rq_min::cli::quantize(&rq_min::cli::QuantizeArgs {
+            qformat: qformat.into(),
+            calib_ids: Some(ids.clone()),
+            calib_size: 64,
+            calib_seq: 256,
+            kv_cache: kv.into(),
+            no_eval: true,
+            force: true,
+            quiet: true,
+            ..rq_min::cli::QuantizeArgs::new(&model_dir, &out)
+        })
+        .expect("quantize");
+        let s = t.elapsed().as_secs_f64();
+        let label = if kv == "fp8" { format!("{qformat} + fp8 kv") } else { qformat.to_string() };
+        println!("{:>34} {:>10.2} {:>12.0} {:>10}", label, s, tokens as f64 / s, target);
+    }
     let model = Model::open(&model_dir, None).expect("open rq-tiny");
     let tok = rq_min::tokenizer::Tokenizer::from_dir(&model_dir).expect("tokenizer");
     let windows = rq_min::pipeline::eval_windows(&tok.encode(rq_min::cli::DEFAULT_EVAL_TEXT), 256);

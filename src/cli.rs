@@ -3,10 +3,11 @@
 use crate::backend::Device;
 use crate::calib::{self, Source};
 use crate::error::{Error, Result};
-use crate::export::{self, Plan};
+use crate::export::{self, Output, QuantSpec};
 use crate::json::Json;
 use crate::model::{Compute, Model};
-use crate::pipeline::{self, module_name};
+use crate::pipeline;
+use crate::quantize;
 use crate::progress::Progress;
 use crate::quant::{Exclusions, QFormat};
 use crate::safetensors::{Checkpoint, Dtype, SafeTensors, TensorInfo};
@@ -26,12 +27,38 @@ pub struct QuantizeArgs {
     pub calib_size: usize,
     pub calib_seq: usize,
     pub exclude: Vec<String>,
+    pub kv_cache: String,
+    pub sq_alpha: f32,
     pub eval_text: Option<PathBuf>,
     pub eval_seq: usize,
     pub no_eval: bool,
     pub force: bool,
     pub device: String,
     pub quiet: bool,
+}
+
+impl QuantizeArgs {
+    /// The command's defaults (those of `rq-min quantize --help`) for `model` -> `out`.
+    pub fn new(model: &Path, out: &Path) -> QuantizeArgs {
+        QuantizeArgs {
+            model: model.to_path_buf(),
+            out: out.to_path_buf(),
+            qformat: "fp8".into(),
+            calib_text: None,
+            calib_ids: None,
+            calib_size: 128,
+            calib_seq: 512,
+            exclude: vec![],
+            kv_cache: "none".into(),
+            sq_alpha: 1.0,
+            eval_text: None,
+            eval_seq: 256,
+            no_eval: false,
+            force: false,
+            device: "cpu".into(),
+            quiet: false,
+        }
+    }
 }
 
 pub struct EvalArgs {
@@ -72,18 +99,39 @@ pub fn quantize(a: &QuantizeArgs) -> Result<()> {
     ));
 
     // ModelOpt calibrates the model in its own dtype; rounding like bf16 PyTorch does
-    // reproduces its activation amax (other dtypes calibrate in f32).
+    // reproduces its activation statistics (other dtypes calibrate in f32).
     let mut model = model;
     model.compute = if model.dtype()? == Dtype::BF16 { Compute::Bf16 } else { Compute::F32 };
-    let calibration = pipeline::calibrate(&model, &samples, &progress)?;
+    let opts = quantize::Options {
+        format,
+        kv_fp8: match a.kv_cache.as_str() {
+            "none" => false,
+            "fp8" => true,
+            other => return Err(Error::Usage(format!("unknown --kv-cache '{other}'; supported: none, fp8"))),
+        },
+        sq_alpha: a.sq_alpha,
+        exclusions: Exclusions::new(&split_patterns(&a.exclude)),
+    };
+    if !(0.0..=1.0).contains(&a.sq_alpha) {
+        return Err(Error::Usage(format!("--sq-alpha must be in [0, 1], got {}", a.sq_alpha)));
+    }
+    let mut out = Output::create(&a.model, &a.out, a.force, export::DEFAULT_SHARD_BYTES)?;
+    let summary = quantize::run(&model, &samples, &opts, &mut out, &progress)?;
+    let spec = QuantSpec {
+        format,
+        kv_fp8: opts.kv_fp8,
+        quantized: summary.quantized,
+        unquantized: summary.unquantized,
+        producer: ("rq-min".into(), env!("CARGO_PKG_VERSION").into()),
+    };
+    out.finish(&model, &spec)?;
     model.compute = Compute::F32;
-    let plan = plan(&model, format, &a.exclude, &calibration)?;
-    export::write(&model, &plan, &a.out, a.force, &progress)?;
     println!(
-        "quantized {} linears to {} ({} left unquantized) in {:.1}s -> {}",
-        plan.quantized.len(),
+        "quantized {} linears to {}{} ({} left unquantized) in {:.1}s -> {}",
+        spec.quantized.len(),
         format.cli_name(),
-        plan.unquantized.len(),
+        if opts.kv_fp8 { " + fp8 kv cache" } else { "" },
+        spec.unquantized.len(),
         progress.elapsed(),
         a.out.display()
     );
@@ -108,40 +156,9 @@ pub fn quantize(a: &QuantizeArgs) -> Result<()> {
     Ok(())
 }
 
-/// Which decoder linears get quantized, with their calibrated input amax.
-fn plan(model: &Model, format: QFormat, user_excludes: &[String], calib: &pipeline::Calibration) -> Result<Plan> {
-    let patterns: Vec<String> = user_excludes
-        .iter()
-        .flat_map(|s| s.split(','))
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(String::from)
-        .collect();
-    let exclusions = Exclusions::new(&patterns);
-    // Modules that carry quantizers but are not decoder linears: lm_head (a Linear, listed
-    // even when tied) and, since ModelOpt 0.45, the nn.Embedding (spec/export-formats.md §2.4).
-    let mut unquantized = vec!["lm_head".to_string(), "model.embed_tokens".to_string()];
-    let mut quantized = std::collections::HashMap::new();
-    for l in 0..model.config.num_hidden_layers {
-        for kind in crate::model::LinearKind::ALL {
-            let name = module_name(l, kind);
-            if exclusions.is_excluded(&name) {
-                unquantized.push(name);
-            } else {
-                let amax = calib.input_amax.get(&name).copied().ok_or_else(|| {
-                    Error::tensor(name.as_str(), "was not calibrated")
-                })?;
-                quantized.insert(name, amax);
-            }
-        }
-    }
-    Ok(Plan {
-        format,
-        quantized,
-        unquantized,
-        producer: ("rq-min".into(), env!("CARGO_PKG_VERSION").into()),
-        shard_bytes: export::DEFAULT_SHARD_BYTES,
-    })
+/// `--exclude` values: comma-separated patterns, repeatable.
+fn split_patterns(values: &[String]) -> Vec<String> {
+    values.iter().flat_map(|s| s.split(',')).map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect()
 }
 
 fn read_text(path: Option<&Path>) -> Result<String> {
@@ -175,28 +192,42 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     Ok(())
 }
 
-/// `rq-min inspect`: tensor table and config summary.
+/// `rq-min inspect`: tensor table, config summary, bits per parameter by format, and the
+/// config/tensor disagreements (non-zero exit when there are any).
 pub fn inspect(path: &Path) -> Result<()> {
-    if path.is_dir() {
-        for file in ["config.json", "hf_quant_config.json"] {
-            let p = path.join(file);
-            if p.exists() {
-                summarize_config(&p, &Json::parse_file(&p)?);
-            }
-        }
-        let ckpt = Checkpoint::open(path)?;
-        let rows: Vec<TensorInfo> = ckpt
-            .names()
-            .iter()
-            .filter_map(|n| ckpt.get(n))
-            .map(|v| TensorInfo { name: v.name.to_string(), dtype: v.dtype, shape: v.shape.to_vec(), start: 0, end: v.data.len() })
-            .collect();
-        print_tensors(&rows);
-    } else {
+    if !path.is_dir() {
         let st = SafeTensors::open(path)?;
         print_tensors(st.tensors());
+        return Ok(());
     }
-    Ok(())
+    for file in ["config.json", "hf_quant_config.json"] {
+        let p = path.join(file);
+        if p.exists() {
+            summarize_config(&p, &Json::parse_file(&p)?);
+        }
+    }
+    let ckpt = Checkpoint::open(path)?;
+    let rows: Vec<TensorInfo> = ckpt
+        .names()
+        .iter()
+        .filter_map(|n| ckpt.get(n))
+        .map(|v| TensorInfo { name: v.name.to_string(), dtype: v.dtype, shape: v.shape.to_vec(), start: 0, end: v.data.len() })
+        .collect();
+    print_tensors(&rows);
+    let report = crate::inspect::check(path)?;
+    println!("\n{:<14} {:>8} {:>14} {:>10}", "format", "linears", "parameters", "bits/param");
+    for (name, g) in &report.groups {
+        println!("{:<14} {:>8} {:>14} {:>10.3}", name, g.linears, g.params, g.bits());
+    }
+    println!("{:<14} {:>8} {:>14} {:>10.3}", "overall", "", report.groups.values().map(|g| g.params).sum::<usize>(), report.overall_bits());
+    if report.findings.is_empty() {
+        println!("no findings: config and tensors agree");
+        return Ok(());
+    }
+    for f in &report.findings {
+        println!("finding: {f}");
+    }
+    Err(Error::Usage(format!("{}: {} finding(s)", path.display(), report.findings.len())))
 }
 
 fn summarize_config(path: &Path, j: &Json) {

@@ -8,10 +8,8 @@
 use crate::error::{Error, Result};
 use crate::json::{obj, str, Json};
 use crate::model::Model;
-use crate::progress::Progress;
-use crate::quant::{fp8, summarize_excludes, QFormat};
+use crate::quant::{summarize_excludes, QFormat};
 use crate::safetensors::{Dtype, Writer};
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// ModelOpt's `save_pretrained(max_shard_size="10GB")`.
@@ -31,101 +29,119 @@ const COPIED_FILES: &[&str] = &[
     "chat_template.jinja",
 ];
 
-/// What to write: the format, and per quantized module its calibrated input amax.
-pub struct Plan {
+/// The checkpoint being written: tensors stream into a sharding writer inside a staging
+/// folder; `finish` adds the configs and copied files and renames the folder into place.
+pub struct Output {
+    staging: Staging,
+    writer: Writer,
+}
+
+impl Output {
+    /// Refuses an existing `out` unless `force`, and never accepts the input folder.
+    pub fn create(input: &Path, out: &Path, force: bool, shard_bytes: usize) -> Result<Output> {
+        let staging = Staging::new(input, out, force)?;
+        let writer = Writer::new(&staging.tmp, shard_bytes, vec![("format".into(), "pt".into())]);
+        Ok(Output { staging, writer })
+    }
+
+    pub fn add(&mut self, name: &str, dtype: Dtype, shape: &[usize], data: Vec<u8>) -> Result<()> {
+        self.writer.add(name, dtype, shape, data)
+    }
+
+    /// Writes config.json (the model's, with `quantization_config`), hf_quant_config.json and
+    /// the copied files, then moves the folder into place.
+    pub fn finish(self, model: &Model, spec: &QuantSpec) -> Result<()> {
+        let Output { staging, writer } = self;
+        writer.finish()?;
+        let hf_quant = hf_quant_config(spec);
+        let mut config = model.config.raw.clone();
+        config.set("quantization_config", quantization_config(spec));
+        write_text(&staging.tmp.join("config.json"), &config.to_pretty(4))?;
+        write_text(&staging.tmp.join("hf_quant_config.json"), &hf_quant.to_pretty(4))?;
+        for f in COPIED_FILES {
+            let src = model.dir().join(f);
+            if src.exists() {
+                std::fs::copy(&src, staging.tmp.join(f)).map_err(|e| Error::io(&src, e))?;
+            }
+        }
+        staging.commit()
+    }
+}
+
+/// What the configs describe.
+pub struct QuantSpec {
     pub format: QFormat,
-    /// Quantized linear modules (full HF names) -> calibrated input amax.
-    pub quantized: HashMap<String, f32>,
+    pub kv_fp8: bool,
+    pub quantized: Vec<String>,
     /// Modules that carry quantizers but stay unquantized (lm_head, embeddings, exclusions).
     pub unquantized: Vec<String>,
     pub producer: (String, String),
-    pub shard_bytes: usize,
 }
 
-/// Writes the quantized checkpoint of `model` to `out`.
-pub fn write(model: &Model, plan: &Plan, out: &Path, force: bool, progress: &Progress) -> Result<()> {
-    let staging = Staging::new(model.dir(), out, force)?;
-    let dtype = model.dtype()?;
-    let mut writer = Writer::new(&staging.tmp, plan.shard_bytes, vec![("format".into(), "pt".into())]);
-    let names = model.weight_names();
-    for (i, name) in names.iter().enumerate() {
-        let view = model.tensor(name)?;
-        let module = name.strip_suffix(".weight").filter(|m| plan.quantized.contains_key(*m));
-        match module {
-            Some(m) => {
-                let w = view.to_f32()?;
-                if let Some(i) = w.iter().position(|x| !x.is_finite()) {
-                    return Err(Error::tensor(name.as_str(), format!("holds {} at index {i}", w[i])));
-                }
-                let scale = fp8::scale_from_amax(fp8::absmax(&w));
-                writer.add(name, Dtype::F8E4M3, view.shape, fp8::quantize(&w, scale, dtype))?;
-                writer.add(&format!("{m}.weight_scale"), Dtype::F32, &[], scale.to_le_bytes().to_vec())?;
-                let s_in = fp8::input_scale(plan.quantized[m], dtype);
-                writer.add(&format!("{m}.input_scale"), Dtype::F32, &[], s_in.to_le_bytes().to_vec())?;
-            }
-            None => writer.add(name, view.dtype, view.shape, view.data.to_vec())?,
-        }
-        if (i + 1) % 64 == 0 || i + 1 == names.len() {
-            progress.step("tensors written", i + 1, names.len());
-        }
+impl QuantSpec {
+    fn excludes(&self) -> Vec<String> {
+        summarize_excludes(&self.unquantized, &self.quantized)
     }
-    writer.finish()?;
-
-    let hf_quant = hf_quant_config(plan);
-    let mut config = model.config.raw.clone();
-    config.set("quantization_config", quantization_config(plan, &hf_quant));
-    write_text(&staging.tmp.join("config.json"), &config.to_pretty(4))?;
-    write_text(&staging.tmp.join("hf_quant_config.json"), &hf_quant.to_pretty(4))?;
-    for f in COPIED_FILES {
-        let src = model.dir().join(f);
-        if src.exists() {
-            std::fs::copy(&src, staging.tmp.join(f)).map_err(|e| Error::io(&src, e))?;
-        }
+    fn producer(&self) -> Json {
+        obj([("name", str(&self.producer.0)), ("version", str(&self.producer.1))])
     }
-    staging.commit()
 }
 
 fn write_text(path: &Path, text: &str) -> Result<()> {
     std::fs::write(path, text).map_err(|e| Error::io(path, e))
 }
 
-fn excludes(plan: &Plan) -> Vec<String> {
-    let quantized: Vec<String> = plan.quantized.keys().cloned().collect();
-    summarize_excludes(&plan.unquantized, &quantized)
+fn str_list(v: &[String]) -> Json {
+    Json::Arr(v.iter().map(|s| str(s)).collect())
 }
 
-/// hf_quant_config.json (spec/export-formats.md §2.2).
-pub fn hf_quant_config(plan: &Plan) -> Json {
-    let (name, version) = &plan.producer;
-    obj([
-        ("producer", obj([("name", str(name)), ("version", str(version))])),
-        (
-            "quantization",
-            obj([
-                ("quant_algo", str(plan.format.quant_algo())),
-                ("kv_cache_quant_algo", Json::Null),
-                ("exclude_modules", Json::Arr(excludes(plan).iter().map(|s| str(s)).collect())),
-            ]),
-        ),
-    ])
+/// hf_quant_config.json (spec/export-formats.md §2.2): quant_algo, kv_cache_quant_algo, the
+/// format's extra keys, exclude_modules.
+pub fn hf_quant_config(spec: &QuantSpec) -> Json {
+    let f = spec.format;
+    let mut q = obj([
+        ("quant_algo", str(f.quant_algo())),
+        ("kv_cache_quant_algo", if spec.kv_fp8 { str("FP8") } else { Json::Null }),
+    ]);
+    if let Some(g) = f.group_size() {
+        q.set("group_size", Json::Int(g as i64));
+    }
+    if f.awq() {
+        q.set("has_zero_point", Json::Bool(false));
+        q.set("pre_quant_scale", Json::Bool(true));
+    }
+    q.set("exclude_modules", str_list(&spec.excludes()));
+    obj([("producer", spec.producer()), ("quantization", q)])
 }
 
 /// config.json's `quantization_config`, ModelOpt's `convert_hf_quant_config_format`
-/// (spec/export-formats.md §2.3).
-fn quantization_config(plan: &Plan, hf_quant: &Json) -> Json {
-    let fp8 = || obj([("dynamic", Json::Bool(false)), ("num_bits", Json::Int(8)), ("type", str("float"))]);
-    let group = obj([
-        ("input_activations", fp8()),
-        ("weights", fp8()),
-        ("targets", Json::Arr(vec![str("Linear")])),
-    ]);
-    obj([
-        ("config_groups", obj([("group_0", group)])),
-        ("ignore", Json::Arr(excludes(plan).iter().map(|s| str(s)).collect())),
-        ("quant_algo", str(plan.format.quant_algo())),
-        ("producer", hf_quant.get("producer").cloned().unwrap_or(Json::Null)),
-        ("quant_method", str("modelopt")),
-    ])
+/// (spec/export-formats.md §2.3): `config_groups` only for FP8 and NVFP4.
+fn quantization_config(spec: &QuantSpec) -> Json {
+    let numbers = |bits: i64, group: Option<usize>| {
+        let mut j = obj([("dynamic", Json::Bool(false)), ("num_bits", Json::Int(bits)), ("type", str("float"))]);
+        if let Some(g) = group {
+            j.set("group_size", Json::Int(g as i64));
+        }
+        j
+    };
+    let mut q = Json::Obj(vec![]);
+    let group = match spec.format {
+        QFormat::Fp8 => Some((numbers(8, None), numbers(8, None))),
+        QFormat::Nvfp4 => Some((numbers(4, Some(16)), numbers(4, Some(16)))),
+        _ => None,
+    };
+    if let Some((act, w)) = group {
+        let g = obj([("input_activations", act), ("weights", w), ("targets", Json::Arr(vec![str("Linear")]))]);
+        q.set("config_groups", obj([("group_0", g)]));
+    }
+    q.set("ignore", str_list(&spec.excludes()));
+    q.set("quant_algo", str(spec.format.quant_algo()));
+    if spec.kv_fp8 {
+        q.set("kv_cache_scheme", numbers(8, None));
+    }
+    q.set("producer", spec.producer());
+    q.set("quant_method", str("modelopt"));
+    q
 }
 
 /// A temporary output folder beside the target, removed on drop unless committed.

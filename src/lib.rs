@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod export;
+pub mod inspect;
 pub mod json;
 pub mod model;
 pub mod numerics;
@@ -19,6 +20,7 @@ pub mod ops;
 pub mod pipeline;
 pub mod progress;
 pub mod quant;
+pub mod quantize;
 pub mod safetensors;
 pub mod tokenizer;
 

@@ -30,9 +30,19 @@ struct Quantize {
     /// output folder (written via a temporary folder beside it, renamed at the end)
     #[argh(option)]
     out: PathBuf,
-    /// format: fp8 = FP8 E4M3 per-tensor weights and activations (ModelOpt FP8_DEFAULT_CFG)
+    /// format (ModelOpt config): fp8 = FP8 E4M3 per-tensor weights and activations (FP8_DEFAULT_CFG);
+    /// int8_sq = INT8 SmoothQuant W8A8 (INT8_SMOOTHQUANT_CFG); int4_awq = INT4 weights, group 128,
+    /// AWQ-lite (INT4_AWQ_CFG); w4a8_awq = INT4 AWQ weights + FP8 activations (W4A8_AWQ_BETA_CFG);
+    /// nvfp4 = NVFP4 weights and activations, blocks of 16 (NVFP4_DEFAULT_CFG); nvfp4_awq = NVFP4
+    /// with AWQ-lite scales (NVFP4_AWQ_LITE_CFG)
     #[argh(option, default = "String::from(\"fp8\")")]
     qformat: String,
+    /// KV-cache quantization: none (default) or fp8 (k_scale / v_scale from K, V after RoPE)
+    #[argh(option, default = "String::from(\"none\")")]
+    kv_cache: String,
+    /// smoothQuant migration strength alpha for int8_sq (default 1.0, ModelOpt's default)
+    #[argh(option, default = "1.0")]
+    sq_alpha: f32,
     /// calibration text: plain text (encoded whole, cut into rows) or .jsonl with a "text" field
     #[argh(option)]
     calib_text: Option<PathBuf>,
@@ -116,6 +126,8 @@ fn main() -> ExitCode {
             calib_size: q.calib_size,
             calib_seq: q.calib_seq,
             exclude: q.exclude,
+            kv_cache: q.kv_cache,
+            sq_alpha: q.sq_alpha,
             eval_text: q.eval_text,
             eval_seq: q.eval_seq,
             no_eval: q.no_eval,

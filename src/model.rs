@@ -13,7 +13,6 @@
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::ops::{self, Attention, Rope};
-use crate::numerics::E4M3_MAX;
 use crate::safetensors::{Checkpoint, Dtype, TensorView};
 use std::path::Path;
 
@@ -33,7 +32,8 @@ pub enum Compute {
 }
 
 impl Compute {
-    fn round(self, x: &mut [f32]) {
+    /// Rounds a tensor the way this arithmetic stores it (bf16 or unchanged).
+    pub fn round(self, x: &mut [f32]) {
         if self == Compute::Bf16 {
             ops::round_slice_bf16(x);
         }
@@ -82,20 +82,9 @@ impl Model {
         Ok(self.tensor(EMBED_TOKENS)?.dtype)
     }
 
-    /// A per-tensor scalar such as `<module>.input_scale` (F32, shape [] or [1]), if present.
-    pub fn scalar(&self, name: &str) -> Result<Option<f32>> {
-        let Some(t) = self.sources.iter().find_map(|c| c.get(name)) else { return Ok(None) };
-        let v = t.to_f32()?;
-        match v.as_slice() {
-            [x] if x.is_finite() && *x > 0.0 => Ok(Some(*x)),
-            [x] => Err(Error::tensor(name, format!("scale must be finite and positive, got {x}"))),
-            _ => Err(Error::tensor(name, format!("expected one value, got shape {:?}", t.shape))),
-        }
-    }
-
-    /// Calibrated input amax of a quantized linear, from its FP8 `input_scale` (amax/448).
-    pub fn input_amax(&self, module: &str) -> Result<Option<f32>> {
-        Ok(self.scalar(&format!("{module}.input_scale"))?.map(|s| s * E4M3_MAX))
+    /// Tensor `name` from the first source that has it, if any.
+    pub fn get(&self, name: &str) -> Option<TensorView<'_>> {
+        self.sources.iter().find_map(|c| c.get(name))
     }
 
     /// The first source's tensor `name`.
@@ -144,7 +133,7 @@ impl Model {
         let post_norm = norm("post_attention_layernorm")?;
         let mut linears: [Vec<f32>; 7] = Default::default();
         for (kind, w) in LinearKind::ALL.into_iter().zip(&mut linears) {
-            *w = self.load_linear(&format!("{prefix}.{}", kind.module()), &kind.shape(cfg))?;
+            *w = crate::quant::read::linear_weight(self, &format!("{prefix}.{}", kind.module()), kind.shape(cfg))?;
         }
         Ok(Layer { index: i, input_norm, post_norm, linears, compute: self.compute })
     }
@@ -156,21 +145,6 @@ impl Model {
         let lm_head_name = if cfg.tie_word_embeddings { EMBED_TOKENS } else { LM_HEAD };
         let lm_head = self.load(lm_head_name, &[cfg.vocab_size, cfg.hidden_size])?;
         Ok(Head { norm, lm_head, eps: cfg.rms_norm_eps, compute: self.compute })
-    }
-
-    /// A linear's weight as f32. FP8 (E4M3) weights of a quantized checkpoint are dequantized
-    /// with their per-tensor `weight_scale`: w = code · scale (spec/export-formats.md §2.5).
-    fn load_linear(&self, module: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        let name = format!("{module}.weight");
-        let mut w = self.load(&name, shape)?;
-        if self.tensor(&name)?.dtype == Dtype::F8E4M3 {
-            let scale_name = format!("{module}.weight_scale");
-            let scale = self.scalar(&scale_name)?.ok_or_else(|| {
-                Error::tensor(&name, format!("is F8_E4M3 but {scale_name} is missing"))
-            })?;
-            w.iter_mut().for_each(|x| *x *= scale);
-        }
-        Ok(w)
     }
 
     /// Tensor `name` as f32, after checking its shape and that every value is finite.
@@ -250,8 +224,9 @@ pub trait Hooks {
     fn linear_input(&mut self, layer: usize, kind: LinearKind, x: &mut [f32], cols: usize) {
         let _ = (layer, kind, x, cols);
     }
-    /// Keys and values after RoPE (`[seq, n_kv_heads * head_dim]` each), for KV-cache amax.
-    fn kv(&mut self, layer: usize, k: &[f32], v: &[f32]) {
+    /// Keys and values after RoPE (`[seq, n_kv_heads * head_dim]` each), for KV-cache amax;
+    /// may modify them (KV-cache fake quantization).
+    fn kv(&mut self, layer: usize, k: &mut [f32], v: &mut [f32]) {
         let _ = (layer, k, v);
     }
 }
@@ -286,14 +261,14 @@ impl Layer {
         c.rms_norm(hidden, &self.input_norm, cfg.rms_norm_eps, &mut x);
         let mut q = self.linear(cfg, LinearKind::Q, x.clone(), seq, hooks); // [seq, heads * hd]
         let mut k = self.linear(cfg, LinearKind::K, x.clone(), seq, hooks); // [seq, kv_heads * hd]
-        let v = self.linear(cfg, LinearKind::V, x, seq, hooks); // [seq, kv_heads * hd]
+        let mut v = self.linear(cfg, LinearKind::V, x, seq, hooks); // [seq, kv_heads * hd]
         for (t, heads) in [(&mut q, cfg.num_attention_heads), (&mut k, cfg.num_key_value_heads)] {
             match c {
                 Compute::F32 => rope.apply(t, seq, heads),
                 Compute::Bf16 => rope.apply_bf16(t, seq, heads),
             }
         }
-        hooks.kv(self.index, &k, &v);
+        hooks.kv(self.index, &mut k, &mut v);
         let attention = Attention {
             n_heads: cfg.num_attention_heads,
             n_kv_heads: cfg.num_key_value_heads,
@@ -344,6 +319,11 @@ impl Layer {
         let slot = &mut self.linears[kind as usize];
         assert_eq!(w.len(), slot.len(), "set_weight({kind:?}): wrong number of values");
         *slot = w;
+    }
+
+    /// The arithmetic this layer was loaded with.
+    pub fn compute(&self) -> Compute {
+        self.compute
     }
 
     pub fn weight(&self, kind: LinearKind) -> &[f32] {

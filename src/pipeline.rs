@@ -1,5 +1,4 @@
-//! Layer-at-a-time passes over many sequences: calibration (max of every linear's input) and
-//! perplexity. Activations of all sequences are held between layers; only the current
+//! Layer-at-a-time perplexity over many sequences. Activations of all sequences are held between layers; only the current
 //! layer's weights are resident, so the model never has to fit in memory at once.
 
 use crate::error::{Error, Result};
@@ -7,56 +6,7 @@ use crate::model::{Hooks, Layer, LinearKind, Model};
 use crate::ops::Rope;
 use crate::progress::Progress;
 use crate::quant::fp8;
-use std::collections::HashMap;
-
-/// Calibrated per-tensor amax of every decoder linear's input, keyed by module name
-/// (`model.layers.3.mlp.down_proj`). Max calibration, spec/algorithms.md §3.1: the
-/// quantizers only observe, so the network runs unquantized.
-pub struct Calibration {
-    pub input_amax: HashMap<String, f32>,
-    pub tokens: usize,
-}
-
-#[derive(Default)]
-struct AmaxHooks {
-    amax: [f32; LinearKind::ALL.len()],
-    non_finite: Option<LinearKind>,
-}
-
-impl Hooks for AmaxHooks {
-    fn linear_input(&mut self, _layer: usize, kind: LinearKind, x: &mut [f32], _cols: usize) {
-        let slot = &mut self.amax[kind as usize];
-        for &v in x.iter() {
-            if !v.is_finite() {
-                self.non_finite.get_or_insert(kind);
-                return;
-            }
-            *slot = slot.max(v.abs());
-        }
-    }
-}
-
-/// Runs `samples` through the model, collecting input amax per linear.
-pub fn calibrate(model: &Model, samples: &[Vec<u32>], progress: &Progress) -> Result<Calibration> {
-    let mut input_amax = HashMap::new();
-    run_layers(model, samples, progress, "calibrate", |layer_idx, layer, rope, hidden| {
-        let mut hooks = AmaxHooks::default();
-        for (s, (h, ids)) in hidden.iter_mut().zip(samples).enumerate() {
-            layer.forward(&model.config, rope, h, ids.len(), &mut hooks);
-            if let Some(kind) = hooks.non_finite {
-                return Err(Error::tensor(
-                    module_name(layer_idx, kind),
-                    format!("input activations hold NaN/Inf (calibration sample {s})"),
-                ));
-            }
-        }
-        for kind in LinearKind::ALL {
-            input_amax.insert(module_name(layer_idx, kind), hooks.amax[kind as usize]);
-        }
-        Ok(())
-    })?;
-    Ok(Calibration { input_amax, tokens: samples.iter().map(Vec::len).sum() })
-}
+use crate::quant::read::{self, InputQuant};
 
 /// `model.layers.{i}.{self_attn.q_proj|...}`.
 pub fn module_name(layer: usize, kind: LinearKind) -> String {
@@ -84,16 +34,23 @@ fn run_layers(
     Ok(hidden)
 }
 
-/// Activation fake quantization from a checkpoint's `input_scale` tensors (evaluation of an
-/// FP8 export): each linear's input goes through E4M3 with amax = input_scale·448.
-struct FakeQuantHooks {
-    amax: [Option<f32>; LinearKind::ALL.len()],
+/// Evaluation of a quantized checkpoint: each linear's input goes through its
+/// `pre_quant_scale` and activation fake quantization, K and V through FP8 fake quantization
+/// when the checkpoint has KV-cache scales (spec/algorithms.md §8).
+struct EvalHooks {
+    inputs: Vec<InputQuant>,
+    kv_amax: (Option<f32>, Option<f32>),
 }
 
-impl Hooks for FakeQuantHooks {
-    fn linear_input(&mut self, _layer: usize, kind: LinearKind, x: &mut [f32], _cols: usize) {
-        if let Some(amax) = self.amax[kind as usize] {
-            fp8::fake_quant(x, amax);
+impl Hooks for EvalHooks {
+    fn linear_input(&mut self, _layer: usize, kind: LinearKind, x: &mut [f32], cols: usize) {
+        self.inputs[kind as usize].apply(x, cols);
+    }
+    fn kv(&mut self, _layer: usize, k: &mut [f32], v: &mut [f32]) {
+        for (t, amax) in [(k, self.kv_amax.0), (v, self.kv_amax.1)] {
+            if let Some(a) = amax {
+                fp8::fake_quant(t, a);
+            }
         }
     }
 }
@@ -119,11 +76,11 @@ pub fn eval_windows(ids: &[u32], seq: usize) -> Vec<Vec<u32>> {
 /// Perplexity of `model` (original or quantized checkpoint) over `windows`.
 pub fn perplexity(model: &Model, windows: &[Vec<u32>], progress: &Progress) -> Result<Perplexity> {
     let hidden = run_layers(model, windows, progress, "eval", |l, layer, rope, hidden| {
-        let mut amax = [None; LinearKind::ALL.len()];
-        for kind in LinearKind::ALL {
-            amax[kind as usize] = model.input_amax(&module_name(l, kind))?;
-        }
-        let mut hooks = FakeQuantHooks { amax };
+        let inputs = LinearKind::ALL
+            .iter()
+            .map(|&k| read::input_quant(model, &module_name(l, k), k.shape(&model.config)))
+            .collect::<Result<_>>()?;
+        let mut hooks = EvalHooks { inputs, kv_amax: read::kv_amax(model, l)? };
         for (h, ids) in hidden.iter_mut().zip(windows) {
             layer.forward(&model.config, rope, h, ids.len(), &mut hooks);
         }

@@ -31,20 +31,12 @@ fn model_copy(dir: &Path) -> PathBuf {
 
 fn args(model: &Path, out: &Path, ids: &Path) -> QuantizeArgs {
     QuantizeArgs {
-        model: model.to_path_buf(),
-        out: out.to_path_buf(),
-        qformat: "fp8".into(),
-        calib_text: None,
         calib_ids: Some(ids.to_path_buf()),
         calib_size: 8,
         calib_seq: 8,
-        exclude: vec![],
-        eval_text: None,
-        eval_seq: 8,
         no_eval: true,
-        force: false,
-        device: "cpu".into(),
         quiet: true,
+        ..QuantizeArgs::new(model, out)
     }
 }
 

@@ -200,7 +200,7 @@ impl Hooks for Recorder {
             x.fill(0.0);
         }
     }
-    fn kv(&mut self, layer: usize, k: &[f32], v: &[f32]) {
+    fn kv(&mut self, layer: usize, k: &mut [f32], v: &mut [f32]) {
         self.kv.push((layer, k.len(), v.len()));
     }
 }

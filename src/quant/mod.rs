@@ -4,21 +4,56 @@
 //! decides whether to quantize it by fnmatch-ing patterns against its quantizer names
 //! (`<module>.weight_quantizer`, `<module>.input_quantizer`), spec/algorithms.md §2.1.
 
+pub mod awq;
 pub mod fp8;
 pub mod int;
 pub mod nvfp4;
+pub mod read;
+pub mod smoothquant;
 
 use crate::error::{Error, Result};
 
-/// The formats `--qformat` accepts. One line of help per format (shown by `quantize --help`).
+/// The formats `--qformat` accepts (ModelOpt hf_ptq `--qformat` spelling), spec/algorithms.md
+/// §2.2 and spec/export-formats.md §2.2.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum QFormat {
-    /// FP8 E4M3 per-tensor weights and activations (ModelOpt FP8_DEFAULT_CFG).
+    /// FP8 E4M3 per-tensor weights and activations (FP8_DEFAULT_CFG).
     Fp8,
+    /// INT8 SmoothQuant: per-channel INT8 weights, per-tensor INT8 activations (INT8_SMOOTHQUANT_CFG).
+    Int8Sq,
+    /// INT4 weights in groups of 128 with AWQ-lite scales, 16-bit activations (INT4_AWQ_CFG).
+    Int4Awq,
+    /// INT4 AWQ weights and FP8 activations (W4A8_AWQ_BETA_CFG).
+    W4a8Awq,
+    /// NVFP4: E2M1 values in blocks of 16 with E4M3 block scales, weights and activations (NVFP4_DEFAULT_CFG).
+    Nvfp4,
+    /// NVFP4 with AWQ-lite scales (NVFP4_AWQ_LITE_CFG).
+    Nvfp4Awq,
 }
 
+/// How a format stores weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightKind {
+    Fp8,
+    Int8Rows,
+    Int4Groups,
+    Nvfp4,
+}
+
+/// How a format quantizes activations (the input of each linear).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ActKind {
+    Fp8,
+    Int8,
+    Nvfp4,
+}
+
+/// INT4 group size of the AWQ formats.
+pub const INT4_GROUP: usize = 128;
+
 impl QFormat {
-    pub const ALL: [QFormat; 1] = [QFormat::Fp8];
+    pub const ALL: [QFormat; 6] =
+        [QFormat::Fp8, QFormat::Int8Sq, QFormat::Int4Awq, QFormat::W4a8Awq, QFormat::Nvfp4, QFormat::Nvfp4Awq];
 
     pub fn parse(s: &str) -> Result<QFormat> {
         QFormat::ALL.into_iter().find(|f| f.cli_name() == s).ok_or_else(|| {
@@ -26,16 +61,53 @@ impl QFormat {
             Error::Usage(format!("unknown --qformat '{s}'; supported: {}", known.join(", ")))
         })
     }
-    /// The name on the command line (ModelOpt's hf_ptq `--qformat` spelling).
     pub fn cli_name(self) -> &'static str {
         match self {
             QFormat::Fp8 => "fp8",
+            QFormat::Int8Sq => "int8_sq",
+            QFormat::Int4Awq => "int4_awq",
+            QFormat::W4a8Awq => "w4a8_awq",
+            QFormat::Nvfp4 => "nvfp4",
+            QFormat::Nvfp4Awq => "nvfp4_awq",
         }
     }
     /// `quant_algo` in hf_quant_config.json (spec/export-formats.md §2.2).
     pub fn quant_algo(self) -> &'static str {
         match self {
             QFormat::Fp8 => "FP8",
+            QFormat::Int8Sq => "W8A8_SQ_PER_CHANNEL",
+            QFormat::Int4Awq => "W4A16_AWQ",
+            QFormat::W4a8Awq => "W4A8_AWQ",
+            QFormat::Nvfp4 => "NVFP4",
+            QFormat::Nvfp4Awq => "NVFP4_AWQ",
+        }
+    }
+    pub fn weight(self) -> WeightKind {
+        match self {
+            QFormat::Fp8 => WeightKind::Fp8,
+            QFormat::Int8Sq => WeightKind::Int8Rows,
+            QFormat::Int4Awq | QFormat::W4a8Awq => WeightKind::Int4Groups,
+            QFormat::Nvfp4 | QFormat::Nvfp4Awq => WeightKind::Nvfp4,
+        }
+    }
+    pub fn act(self) -> Option<ActKind> {
+        match self {
+            QFormat::Fp8 | QFormat::W4a8Awq => Some(ActKind::Fp8),
+            QFormat::Int8Sq => Some(ActKind::Int8),
+            QFormat::Int4Awq => None,
+            QFormat::Nvfp4 | QFormat::Nvfp4Awq => Some(ActKind::Nvfp4),
+        }
+    }
+    /// awq_lite scale search (spec/algorithms.md §6.1).
+    pub fn awq(self) -> bool {
+        matches!(self, QFormat::Int4Awq | QFormat::W4a8Awq | QFormat::Nvfp4Awq)
+    }
+    /// Block/group size written as `group_size` in hf_quant_config.json.
+    pub fn group_size(self) -> Option<usize> {
+        match self.weight() {
+            WeightKind::Int4Groups => Some(INT4_GROUP),
+            WeightKind::Nvfp4 => Some(nvfp4::BLOCK),
+            _ => None,
         }
     }
 }

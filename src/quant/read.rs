@@ -1,0 +1,173 @@
+//! Reading quantized linears back from a unified-HF checkpoint (rq-min's or ModelOpt's):
+//! dequantized weights, and what the runtime does to the linear's input (pre_quant_scale,
+//! activation fake quantization) and to the KV cache. The format of each linear is read from
+//! its tensors (spec/export-formats.md §2.5), so mixed-format checkpoints work too.
+
+use crate::error::{Error, Result};
+use crate::model::Model;
+use crate::numerics::{e4m3_to_f32, E4M3_MAX};
+use crate::quant::{int, nvfp4, ActKind};
+use crate::safetensors::{Dtype, TensorView};
+
+/// How a linear's input is transformed before its matmul at evaluation.
+#[derive(Clone, Debug, Default)]
+pub struct InputQuant {
+    /// Multiplies the input (`x ⊙ pre_quant_scale`).
+    pub pre_quant_scale: Option<Vec<f32>>,
+    /// Activation fake quantization and its calibrated amax.
+    pub act: Option<(ActKind, f32)>,
+}
+
+impl InputQuant {
+    pub fn apply(&self, x: &mut [f32], cols: usize) {
+        if let Some(p) = &self.pre_quant_scale {
+            for row in x.chunks_exact_mut(cols) {
+                row.iter_mut().zip(p).for_each(|(v, s)| *v *= s);
+            }
+        }
+        match self.act {
+            Some((ActKind::Fp8, amax)) => crate::quant::fp8::fake_quant(x, amax),
+            Some((ActKind::Int8, amax)) => int::int8_fake_quant(x, amax),
+            Some((ActKind::Nvfp4, amax)) => nvfp4::fake_quant(x, cols, amax),
+            None => {}
+        }
+    }
+}
+
+/// The format a stored linear weight is in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stored {
+    Plain,
+    Fp8,
+    Int8,
+    Int4 { group: usize },
+    Nvfp4,
+}
+
+impl Stored {
+    pub fn name(self) -> String {
+        match self {
+            Stored::Plain => "unquantized".into(),
+            Stored::Fp8 => "FP8".into(),
+            Stored::Int8 => "INT8".into(),
+            Stored::Int4 { group } => format!("INT4 g{group}"),
+            Stored::Nvfp4 => "NVFP4".into(),
+        }
+    }
+}
+
+/// The format of a linear from its `weight` and `weight_scale` tensors, and its logical
+/// `[out, in]` shape (packed 4-bit weights hold two values per byte: INT4 along the output
+/// dim, NVFP4 along the input dim; spec/export-formats.md §1.5, §2.5). None for a combination
+/// that is no known format.
+pub fn detect(weight: &TensorView, scale: Option<&TensorView>) -> Option<(Stored, [usize; 2])> {
+    let [r, c] = <[usize; 2]>::try_from(weight.shape).ok()?;
+    let s = scale.map(|s| (s.dtype, s.shape));
+    Some(match (weight.dtype, s) {
+        (Dtype::BF16 | Dtype::F16 | Dtype::F32, None) => (Stored::Plain, [r, c]),
+        (Dtype::F8E4M3, Some((Dtype::F32, sh))) if sh.iter().product::<usize>() == 1 => (Stored::Fp8, [r, c]),
+        (Dtype::I8, Some((Dtype::F32, sh))) if sh == [r] => (Stored::Int8, [r, c]),
+        (Dtype::U8, Some((Dtype::F8E4M3, sh))) if sh.len() == 2 && sh[0] == r && sh[1] * nvfp4::BLOCK == 2 * c => {
+            (Stored::Nvfp4, [r, 2 * c])
+        }
+        (Dtype::U8, Some((Dtype::F32, sh))) if sh.len() == 2 && sh[0] == 2 * r && sh[1] > 0 && c % sh[1] == 0 => {
+            (Stored::Int4 { group: c / sh[1] }, [2 * r, c])
+        }
+        _ => return None,
+    })
+}
+
+fn stored(model: &Model, module: &str, shape: [usize; 2]) -> Result<Stored> {
+    let name = format!("{module}.weight");
+    let w = model.tensor(&name)?;
+    let scale = model.get(&format!("{module}.weight_scale"));
+    match detect(&w, scale.as_ref()) {
+        Some((kind, logical)) if logical == shape => Ok(kind),
+        Some((kind, logical)) => Err(Error::tensor(
+            &name,
+            format!("stored as {} of logical shape {logical:?}, but expected {shape:?} from config.json", kind.name()),
+        )),
+        None => Err(Error::tensor(
+            &name,
+            format!(
+                "{} {:?} with weight_scale {} is not a known format",
+                w.dtype.name(),
+                w.shape,
+                scale.map_or("missing".to_string(), |s| format!("{} {:?}", s.dtype.name(), s.shape))
+            ),
+        )),
+    }
+}
+
+/// A linear's weight as f32 `[out, in]`, dequantized if the checkpoint stores it quantized.
+pub fn linear_weight(model: &Model, module: &str, shape: [usize; 2]) -> Result<Vec<f32>> {
+    let name = format!("{module}.weight");
+    let [out, inp] = shape;
+    let w = model.tensor(&name)?;
+    let scale_name = format!("{module}.weight_scale");
+    let values = match stored(model, module, shape)? {
+        Stored::Plain => w.to_f32()?,
+        Stored::Fp8 => {
+            let s = scalar(model, &scale_name)?.unwrap_or(1.0);
+            w.data.iter().map(|&c| e4m3_to_f32(c) * s).collect()
+        }
+        Stored::Int8 => {
+            let s = model.tensor(&scale_name)?.to_f32()?;
+            w.data.chunks_exact(inp).zip(&s).flat_map(|(row, &s)| row.iter().map(move |&c| c as i8 as f32 * s)).collect()
+        }
+        Stored::Int4 { group } => {
+            let s = model.tensor(&scale_name)?.to_f32()?;
+            int::int4_dequantize(w.data, &s, out, inp, group)
+        }
+        Stored::Nvfp4 => {
+            let s = model.tensor(&scale_name)?;
+            let ws2 = scalar(model, &format!("{module}.weight_scale_2"))?
+                .ok_or_else(|| Error::tensor(&name, format!("is NVFP4 but {module}.weight_scale_2 is missing")))?;
+            nvfp4::dequantize_weight(w.data, s.data, ws2, out, inp)
+        }
+    };
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        return Err(Error::tensor(&name, format!("contains NaN/Inf at index {i} ({})", values[i])));
+    }
+    Ok(values)
+}
+
+/// The input transformation of a linear: its `pre_quant_scale` and, from `input_scale`, the
+/// activation quantizer of its format (FP8: amax = s·448, INT8: s·127, NVFP4: s·2688).
+pub fn input_quant(model: &Model, module: &str, shape: [usize; 2]) -> Result<InputQuant> {
+    let pre_quant_scale = match model.get(&format!("{module}.pre_quant_scale")) {
+        Some(t) => {
+            t.expect_shape(&[shape[1]])?;
+            Some(t.to_f32()?)
+        }
+        None => None,
+    };
+    let act = match scalar(model, &format!("{module}.input_scale"))? {
+        None => None,
+        Some(s) => Some(match stored(model, module, shape)? {
+            Stored::Int8 => (ActKind::Int8, s * int::INT8_MAX),
+            Stored::Nvfp4 => (ActKind::Nvfp4, s * nvfp4::E2M1_MAX * E4M3_MAX),
+            _ => (ActKind::Fp8, s * E4M3_MAX),
+        }),
+    };
+    Ok(InputQuant { pre_quant_scale, act })
+}
+
+/// KV-cache amax of layer `l` from `k_proj.k_scale` / `v_proj.v_scale` (amax/448, §2.8).
+pub fn kv_amax(model: &Model, l: usize) -> Result<(Option<f32>, Option<f32>)> {
+    let p = format!("model.layers.{l}.self_attn");
+    let k = scalar(model, &format!("{p}.k_proj.k_scale"))?.map(|s| s * E4M3_MAX);
+    let v = scalar(model, &format!("{p}.v_proj.v_scale"))?.map(|s| s * E4M3_MAX);
+    Ok((k, v))
+}
+
+/// A per-tensor scale (F32, shape [] or [1]), finite and positive, if present.
+pub fn scalar(model: &Model, name: &str) -> Result<Option<f32>> {
+    let Some(t) = model.get(name) else { return Ok(None) };
+    let v = t.to_f32()?;
+    match v.as_slice() {
+        [x] if x.is_finite() && *x > 0.0 => Ok(Some(*x)),
+        [x] => Err(Error::tensor(name, format!("scale must be finite and positive, got {x}"))),
+        _ => Err(Error::tensor(name, format!("expected one value, got shape {:?}", t.shape))),
+    }
+}

@@ -1,0 +1,459 @@
+//! The PTQ driver: one decoder layer at a time, calibrate every linear of the layer over all
+//! calibration samples, run the format's algorithm (SmoothQuant, AWQ-lite), apply ModelOpt's
+//! export-time fusion, and write the layer's tensors. Only the current layer's weights are in
+//! memory; the hidden states of all samples are held between layers.
+//!
+//! As in ModelOpt, the quantizers only observe during calibration and AWQ's search returns the
+//! exact output (spec/algorithms.md §3.1, §6.1), so every layer sees the unquantized network's
+//! activations: running the layers one after the other gives the same statistics.
+
+use crate::error::{Error, Result};
+use crate::export::Output;
+use crate::model::{Hooks, Layer, LinearKind, Model};
+use crate::ops::{self, Rope};
+use crate::pipeline::module_name;
+use crate::progress::Progress;
+use crate::quant::awq::{self, ActMean, LiteSearch};
+use crate::quant::{fp8, int, nvfp4, smoothquant, ActKind, Exclusions, QFormat, WeightKind, INT4_GROUP};
+use crate::safetensors::Dtype;
+
+const N: usize = LinearKind::ALL.len();
+
+pub struct Options {
+    pub format: QFormat,
+    /// FP8 KV cache: `k_scale` / `v_scale` from K and V after RoPE (spec/algorithms.md §8).
+    pub kv_fp8: bool,
+    /// SmoothQuant migration strength (ModelOpt's default 1.0, spec/algorithms.md §5).
+    pub sq_alpha: f32,
+    pub exclusions: Exclusions,
+}
+
+/// What was quantized, for the configs and the report.
+pub struct Summary {
+    pub quantized: Vec<String>,
+    pub unquantized: Vec<String>,
+}
+
+/// Per-linear statistics of one layer's calibration pass.
+struct StatsHooks {
+    want_channels: bool,
+    want_mean: bool,
+    dtype: Dtype,
+    amax: [f32; N],
+    channel_amax: [Vec<f32>; N],
+    mean: [Option<ActMean>; N],
+    kv_amax: (f32, f32),
+    non_finite: Option<LinearKind>,
+}
+
+impl Hooks for StatsHooks {
+    fn linear_input(&mut self, _layer: usize, kind: LinearKind, x: &mut [f32], cols: usize) {
+        let k = kind as usize;
+        if x.iter().any(|v| !v.is_finite()) {
+            self.non_finite.get_or_insert(kind);
+            return;
+        }
+        self.amax[k] = x.iter().fold(self.amax[k], |m, v| m.max(v.abs()));
+        if self.want_channels {
+            let ch = &mut self.channel_amax[k];
+            ch.resize(cols, 0.0);
+            for row in x.chunks_exact(cols) {
+                for (m, v) in ch.iter_mut().zip(row) {
+                    *m = m.max(v.abs());
+                }
+            }
+        }
+        if self.want_mean {
+            self.mean[k].get_or_insert_with(|| ActMean::new(cols, self.dtype)).observe(x);
+        }
+    }
+    fn kv(&mut self, _layer: usize, k: &mut [f32], v: &mut [f32]) {
+        self.kv_amax.0 = k.iter().fold(self.kv_amax.0, |m, x| m.max(x.abs()));
+        self.kv_amax.1 = v.iter().fold(self.kv_amax.1, |m, x| m.max(x.abs()));
+    }
+}
+
+/// awq_lite's search pass: every quantized linear's loss per alpha (spec/algorithms.md §6.1).
+struct SearchHooks<'a> {
+    layer: &'a Layer,
+    cfg: &'a crate::config::ModelConfig,
+    searches: [Option<LiteSearch>; N],
+}
+
+impl Hooks for SearchHooks<'_> {
+    fn linear_input(&mut self, _layer: usize, kind: LinearKind, x: &mut [f32], cols: usize) {
+        if let Some(search) = &mut self.searches[kind as usize] {
+            let [out, _] = kind.shape(self.cfg);
+            let tokens = x.len() / cols;
+            let mut y = vec![0f32; tokens * out];
+            ops::matmul_bt(x, self.layer.weight(kind), tokens, cols, out, &mut y);
+            self.layer.compute().round(&mut y);
+            search.observe(x, &y);
+        }
+    }
+}
+
+/// One linear after its algorithm, before export-time fusion.
+struct Linear {
+    kind: LinearKind,
+    module: String,
+    /// `[out, in]`, with smoothing / AWQ scales folded in (model-dtype values).
+    weight: Vec<f32>,
+    /// The runtime multiplies the input by this (`pre_quant_scale`), if any.
+    pqs: Option<Vec<f32>>,
+    /// Per-tensor amax of the (scaled) input, for activation-quantized formats.
+    input_amax: f32,
+}
+
+/// Runs calibration, the algorithm and the export of every decoder layer into `out`, plus a
+/// copy of every tensor outside the decoder layers.
+pub fn run(model: &Model, samples: &[Vec<u32>], opts: &Options, out: &mut Output, progress: &Progress) -> Result<Summary> {
+    let cfg = &model.config;
+    let dtype = model.dtype()?;
+    check_shapes(cfg, opts)?;
+    for name in model.weight_names() {
+        if !name.starts_with("model.layers.") {
+            let t = model.tensor(&name)?;
+            out.add(&name, t.dtype, t.shape, t.data.to_vec())?;
+        }
+    }
+    let max_len = samples.iter().map(Vec::len).max().unwrap_or(0);
+    let rope = Rope::from_config(cfg, max_len);
+    let mut hidden: Vec<Vec<f32>> = samples.iter().map(|s| model.embed(s)).collect::<Result<_>>()?;
+    // lm_head (a Linear, listed even when tied) and the nn.Embedding carry quantizers but stay
+    // unquantized (spec/export-formats.md §2.4).
+    let mut summary = Summary { quantized: vec![], unquantized: vec!["lm_head".into(), "model.embed_tokens".into()] };
+    let n_layers = cfg.num_hidden_layers;
+    for l in 0..n_layers {
+        let layer = model.load_layer(l)?;
+        let quantized: [bool; N] = LinearKind::ALL.map(|k| !opts.exclusions.is_excluded(&module_name(l, k)));
+        for k in LinearKind::ALL {
+            let list = if quantized[k as usize] { &mut summary.quantized } else { &mut summary.unquantized };
+            list.push(module_name(l, k));
+        }
+
+        // Pass 1: statistics (on a copy of the inputs when a search pass follows).
+        let mut stats = StatsHooks {
+            want_channels: opts.format == QFormat::Int8Sq || (opts.format.awq() && opts.format.act().is_some()),
+            want_mean: opts.format.awq(),
+            dtype,
+            amax: [0.0; N],
+            channel_amax: Default::default(),
+            mean: Default::default(),
+            kv_amax: (0.0, 0.0),
+            non_finite: None,
+        };
+        let mut scratch: Vec<Vec<f32>>;
+        let states: &mut [Vec<f32>] = if opts.format.awq() {
+            scratch = hidden.clone();
+            &mut scratch
+        } else {
+            &mut hidden
+        };
+        for (s, (h, ids)) in states.iter_mut().zip(samples).enumerate() {
+            layer.forward(cfg, &rope, h, ids.len(), &mut stats);
+            if let Some(kind) = stats.non_finite {
+                return Err(Error::tensor(
+                    module_name(l, kind),
+                    format!("input activations hold NaN/Inf (calibration sample {s})"),
+                ));
+            }
+        }
+
+        // Pass 2 (AWQ): the alpha search, advancing the hidden states.
+        let mut best: [Option<Vec<f32>>; N] = Default::default();
+        if opts.format.awq() {
+            let mut search = SearchHooks { layer: &layer, cfg, searches: Default::default() };
+            for k in LinearKind::ALL.into_iter().filter(|k| quantized[*k as usize]) {
+                let [o, i] = k.shape(cfg);
+                let xbar = stats.mean[k as usize].as_ref().and_then(ActMean::finish);
+                if let Some(xbar) = xbar {
+                    let w = layer.weight(k);
+                    let block = (opts.format.weight() == WeightKind::Int4Groups).then_some(INT4_GROUP);
+                    let wbar = awq::weight_mean(w, o, i, Some(block.unwrap_or(nvfp4::BLOCK)), dtype);
+                    let fq = search_quantizer(opts.format, o, i, dtype);
+                    search.searches[k as usize] = Some(LiteSearch::new(w, o, i, &xbar, &wbar, dtype, &*fq));
+                }
+            }
+            for (h, ids) in hidden.iter_mut().zip(samples) {
+                layer.forward(cfg, &rope, h, ids.len(), &mut search);
+            }
+            for k in LinearKind::ALL {
+                best[k as usize] = search.searches[k as usize].as_ref().and_then(|s| s.best()).map(|(_, s)| s);
+            }
+        }
+
+        let linears = finalize(&layer, l, cfg, opts, dtype, &stats, &quantized, &mut best)?;
+        emit_layer(model, l, linears, &layer, opts, dtype, &stats, out)?;
+        progress.step("layer", l + 1, n_layers);
+    }
+    Ok(summary)
+}
+
+/// Refuses, before any work, a quantized linear whose shape the format cannot store:
+/// NVFP4 needs the input dim to be a multiple of 16 and INT4 a multiple of 128 with an even
+/// output dim (ModelOpt's export asserts the same; spec/export-formats.md §2.5).
+fn check_shapes(cfg: &crate::config::ModelConfig, opts: &Options) -> Result<()> {
+    let need = match opts.format.weight() {
+        WeightKind::Nvfp4 => Some((nvfp4::BLOCK, 1)),
+        WeightKind::Int4Groups => Some((INT4_GROUP, 2)),
+        _ => None,
+    };
+    let Some((block, out_multiple)) = need else { return Ok(()) };
+    for l in 0..cfg.num_hidden_layers {
+        for k in LinearKind::ALL {
+            let m = module_name(l, k);
+            let [o, i] = k.shape(cfg);
+            if !opts.exclusions.is_excluded(&m) && (i % block != 0 || o % out_multiple != 0) {
+                return Err(Error::tensor(
+                    format!("{m}.weight"),
+                    format!(
+                        "shape [{o}, {i}] cannot be stored as {}: the input dim must be a multiple of {block}{}; \
+                         leave such layers unquantized with --exclude",
+                        opts.format.cli_name(),
+                        if out_multiple > 1 { " and the output dim even" } else { "" }
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The weight fake-quantizer used in the AWQ search: the format's weight quantizer with its
+/// amax recomputed from the weight it is given, result in the model dtype (§6.1). For W4A8
+/// only the INT4 stage: ModelOpt's W4A8 and INT4 exports of rq-tiny have identical AWQ
+/// weights and scales, so its FP8 stage does not take part in the search.
+fn search_quantizer(format: QFormat, out: usize, inp: usize, dtype: Dtype) -> Box<dyn Fn(&mut [f32])> {
+    let round = move |w: &mut [f32]| w.iter_mut().for_each(|v| *v = fp8::round_to_dtype(*v, dtype));
+    match format.weight() {
+        WeightKind::Nvfp4 => Box::new(move |w: &mut [f32]| {
+            nvfp4::fake_quant(w, inp, fp8::absmax(w));
+            round(w);
+        }),
+        _ => Box::new(move |w: &mut [f32]| {
+            int::int4_fake_quant(w, out, inp, INT4_GROUP, None);
+            round(w);
+        }),
+    }
+}
+
+/// Applies each linear's algorithm result: SmoothQuant factors, AWQ scales, input amax.
+#[allow(clippy::too_many_arguments)]
+fn finalize(
+    layer: &Layer,
+    l: usize,
+    cfg: &crate::config::ModelConfig,
+    opts: &Options,
+    dtype: Dtype,
+    stats: &StatsHooks,
+    quantized: &[bool; N],
+    best: &mut [Option<Vec<f32>>; N],
+) -> Result<Vec<Linear>> {
+    let mut out = Vec::new();
+    for k in LinearKind::ALL.into_iter().filter(|k| quantized[*k as usize]) {
+        let i = k as usize;
+        let [o, inp] = k.shape(cfg);
+        let mut weight = layer.weight(k).to_vec();
+        let (pqs, input_amax) = if opts.format == QFormat::Int8Sq {
+            // §5: p_j = w_j^(1-α) / a_j^α, W' = W / p, input amax = max_j a_j·p_j.
+            let p = smoothquant::pre_quant_scale(&stats.channel_amax[i], &weight, o, inp, opts.sq_alpha, dtype);
+            smoothquant::smooth_weight(&mut weight, inp, &p, dtype);
+            let amax = smoothquant::smoothed_input_amax(&stats.channel_amax[i], &p, dtype);
+            (Some(p), amax)
+        } else if let Some(s) = best[i].take() {
+            // §6.1 finalize: pre_quant_scale p = 1/s, W ← W·s (as W / p).
+            let p: Vec<f32> = s.iter().map(|&v| 1.0 / v).collect();
+            smoothquant::smooth_weight(&mut weight, inp, &p, dtype);
+            let amax = if stats.channel_amax[i].is_empty() {
+                stats.amax[i]
+            } else {
+                smoothquant::smoothed_input_amax(&stats.channel_amax[i], &p, dtype)
+            };
+            (Some(p), amax)
+        } else {
+            // Plain max calibration (also AWQ's fallback for a linear that saw no data).
+            (None, stats.amax[i])
+        };
+        out.push(Linear { kind: k, module: module_name(l, k), weight, pqs, input_amax });
+    }
+    Ok(out)
+}
+
+/// Export-time fusion (spec/algorithms.md §7, spec/export-formats.md §2.7) and the layer's
+/// tensors: norms (folded for AWQ formats), every linear in its format, KV scales, and a raw
+/// copy of anything else under `model.layers.{l}.`.
+#[allow(clippy::too_many_arguments)]
+fn emit_layer(
+    model: &Model,
+    l: usize,
+    mut linears: Vec<Linear>,
+    layer: &Layer,
+    opts: &Options,
+    dtype: Dtype,
+    stats: &StatsHooks,
+    out: &mut Output,
+) -> Result<()> {
+    let cfg = &model.config;
+    let format = opts.format;
+    let mut input_norm = layer.input_norm.clone();
+    let mut post_norm = layer.post_norm.clone();
+    let find = |ls: &[Linear], k: LinearKind| ls.iter().position(|x| x.kind == k);
+
+    // 1. NVFP4_AWQ only: fold down_proj's (and, without GQA, o_proj's) scale into the output
+    //    rows of up_proj (v_proj), which feed it.
+    if format == QFormat::Nvfp4Awq {
+        for (consumer, producer) in [(LinearKind::Down, LinearKind::Up), (LinearKind::O, LinearKind::V)] {
+            let (Some(c), Some(p)) = (find(&linears, consumer), find(&linears, producer)) else { continue };
+            let [p_out, p_in] = producer.shape(cfg);
+            let (Some(s), true) = (linears[c].pqs.clone(), p_out == consumer.shape(cfg)[1]) else { continue };
+            for (row, &f) in linears[p].weight.chunks_exact_mut(p_in).zip(&s) {
+                row.iter_mut().for_each(|w| *w = fp8::round_to_dtype(*w * f, dtype));
+            }
+            linears[c].pqs = None;
+        }
+    }
+
+    // 2. Linears reading the same input share one pre_quant_scale (mean), input amax (max)
+    //    and per-tensor weight amax (max); AWQ formats fold the shared scale into the norm.
+    let mut group_weight_amax = [None; N];
+    for (members, norm) in [
+        (&[LinearKind::Q, LinearKind::K, LinearKind::V][..], &mut input_norm),
+        (&[LinearKind::Gate, LinearKind::Up][..], &mut post_norm),
+    ] {
+        let idx: Vec<usize> = members.iter().filter_map(|&k| find(&linears, k)).collect();
+        if idx.is_empty() || format == QFormat::Fp8 {
+            continue;
+        }
+        let [_, inp] = members[0].shape(cfg);
+        if idx.iter().all(|&i| linears[i].pqs.is_some()) && idx.len() == members.len() {
+            let mut parts: Vec<Linear> = Vec::new();
+            for &i in idx.iter().rev() {
+                parts.push(linears.remove(i));
+            }
+            let p_avg = {
+                let mut refs: Vec<(&mut Vec<f32>, Vec<f32>)> =
+                    parts.iter_mut().map(|x| { let p = x.pqs.take().unwrap_or_default(); (&mut x.weight, p) }).collect();
+                smoothquant::resmooth_group(&mut refs, inp, dtype)
+            };
+            if format.awq() {
+                awq::fold_into_norm(norm, &p_avg, dtype);
+            } else {
+                parts.iter_mut().for_each(|x| x.pqs = Some(p_avg.clone()));
+            }
+            linears.extend(parts);
+        }
+        let idx: Vec<usize> = members.iter().filter_map(|&k| find(&linears, k)).collect();
+        let amax = idx.iter().map(|&i| linears[i].input_amax).fold(0f32, f32::max);
+        let wamax = idx.iter().map(|&i| fp8::absmax(&linears[i].weight)).fold(0f32, f32::max);
+        for &i in &idx {
+            linears[i].input_amax = amax;
+            group_weight_amax[linears[i].kind as usize] = Some(wamax);
+        }
+    }
+
+    let prefix = format!("model.layers.{l}");
+    let mut written: Vec<String> = Vec::new();
+    let mut add = |out: &mut Output, name: String, dt: Dtype, shape: &[usize], data: Vec<u8>| -> Result<()> {
+        out.add(&name, dt, shape, data)?;
+        written.push(name);
+        Ok(())
+    };
+    for (name, norm) in [("input_layernorm", &input_norm), ("post_attention_layernorm", &post_norm)] {
+        let full = format!("{prefix}.{name}.weight");
+        let t = model.tensor(&full)?;
+        let data = if norm == &if name == "input_layernorm" { &layer.input_norm } else { &layer.post_norm }[..] {
+            t.data.to_vec() // unchanged: the original bytes
+        } else {
+            encode(norm, t.dtype)
+        };
+        add(out, full, t.dtype, t.shape, data)?;
+    }
+    for lin in &linears {
+        let wamax = group_weight_amax[lin.kind as usize].unwrap_or_else(|| fp8::absmax(&lin.weight));
+        for (name, dt, shape, data) in export_linear(lin, format, cfg, dtype, wamax)? {
+            add(out, name, dt, &shape, data)?;
+        }
+    }
+    if opts.kv_fp8 {
+        for (proj, suffix, amax) in [("k_proj", "k_scale", stats.kv_amax.0), ("v_proj", "v_scale", stats.kv_amax.1)] {
+            let s = fp8::input_scale(amax, dtype);
+            add(out, format!("{prefix}.self_attn.{proj}.{suffix}"), Dtype::F32, &[], s.to_le_bytes().to_vec())?;
+        }
+    }
+    // Everything else of the layer (excluded linears' weights, biases, buffers): copied.
+    let layer_prefix = format!("{prefix}.");
+    let quantized_weights: Vec<String> = linears.iter().map(|x| format!("{}.weight", x.module)).collect();
+    for name in model.weight_names() {
+        if name.starts_with(&layer_prefix) && !written.contains(&name) && !quantized_weights.contains(&name) {
+            let t = model.tensor(&name)?;
+            out.add(&name, t.dtype, t.shape, t.data.to_vec())?;
+        }
+    }
+    Ok(())
+}
+
+/// Values in the model dtype's bytes (bf16 / f16 / f32).
+pub fn encode(values: &[f32], dtype: Dtype) -> Vec<u8> {
+    use crate::numerics::{f32_to_bf16, f32_to_f16};
+    match dtype {
+        Dtype::BF16 => values.iter().flat_map(|&v| f32_to_bf16(v).to_le_bytes()).collect(),
+        Dtype::F16 => values.iter().flat_map(|&v| f32_to_f16(v).to_le_bytes()).collect(),
+        _ => values.iter().flat_map(|&v| v.to_le_bytes()).collect(),
+    }
+}
+
+type OutTensor = (String, Dtype, Vec<usize>, Vec<u8>);
+
+/// One linear's tensors in `format`'s unified-HF layout (spec/export-formats.md §2.5).
+/// `weight_amax`: the per-tensor weight amax (max over an export-fused group where ModelOpt
+/// shares it: NVFP4 `weight_scale_2`, W4A8's FP8 stage).
+fn export_linear(lin: &Linear, format: QFormat, cfg: &crate::config::ModelConfig, dtype: Dtype, weight_amax: f32) -> Result<Vec<OutTensor>> {
+    let m = &lin.module;
+    let [o, i] = lin.kind.shape(cfg);
+    let w = &lin.weight;
+    let name = format!("{m}.weight");
+    let scalar = |suffix: &str, v: f32| (format!("{m}.{suffix}"), Dtype::F32, vec![], v.to_le_bytes().to_vec());
+    let mut t: Vec<OutTensor> = Vec::new();
+    match format.weight() {
+        WeightKind::Fp8 => {
+            let scale = fp8::scale_from_amax(fp8::absmax(w));
+            t.push((name, Dtype::F8E4M3, vec![o, i], fp8::quantize(w, scale, dtype)));
+            t.push(scalar("weight_scale", scale));
+        }
+        WeightKind::Int8Rows => {
+            let (codes, scales) = int::int8_quantize_rows(&name, w, o, i, dtype)?;
+            t.push((name, Dtype::I8, vec![o, i], bytemuck::cast_slice(&codes).to_vec()));
+            t.push((format!("{m}.weight_scale"), Dtype::F32, vec![o], f32_bytes(&scales)));
+        }
+        WeightKind::Int4Groups => {
+            let (packed, scales) = int::int4_quantize(&name, w, o, i, INT4_GROUP, None, dtype)?;
+            t.push((name, Dtype::U8, vec![o / 2, i], packed));
+            t.push((format!("{m}.weight_scale"), Dtype::F32, vec![o, i / INT4_GROUP], f32_bytes(&scales)));
+            if format == QFormat::W4a8Awq {
+                // The FP8 stage of the SequentialQuantizer: amax of the (group's) weights / 448.
+                t.push(scalar("weight_scale_2", fp8::scale_from_amax(weight_amax)));
+            }
+        }
+        WeightKind::Nvfp4 => {
+            let q = nvfp4::quantize_weight(&name, w, o, i, weight_amax)?;
+            t.push((name, Dtype::U8, vec![o, i / 2], q.packed));
+            t.push((format!("{m}.weight_scale"), Dtype::F8E4M3, vec![o, i / nvfp4::BLOCK], q.block_scales));
+            t.push(scalar("weight_scale_2", q.weight_scale_2));
+        }
+    }
+    match format.act() {
+        Some(ActKind::Fp8) => t.push(scalar("input_scale", fp8::input_scale(lin.input_amax, dtype))),
+        Some(ActKind::Int8) => t.push(scalar("input_scale", int::int8_input_scale(lin.input_amax, dtype))),
+        Some(ActKind::Nvfp4) => t.push(scalar("input_scale", nvfp4::input_scale(lin.input_amax, dtype))),
+        None => {}
+    }
+    if let Some(p) = &lin.pqs {
+        t.push((format!("{m}.pre_quant_scale"), dtype, vec![i], encode(p, dtype)));
+    }
+    Ok(t)
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
