@@ -29,6 +29,7 @@ pub struct QuantizeArgs {
     pub exclude: Vec<String>,
     pub kv_cache: String,
     pub sq_alpha: f32,
+    pub layer_formats: Option<PathBuf>,
     pub eval_text: Option<PathBuf>,
     pub eval_seq: usize,
     pub no_eval: bool,
@@ -51,6 +52,7 @@ impl QuantizeArgs {
             exclude: vec![],
             kv_cache: "none".into(),
             sq_alpha: 1.0,
+            layer_formats: None,
             eval_text: None,
             eval_seq: 256,
             no_eval: false,
@@ -103,14 +105,16 @@ pub fn quantize(a: &QuantizeArgs) -> Result<()> {
     let mut model = model;
     model.compute = if model.dtype()? == Dtype::BF16 { Compute::Bf16 } else { Compute::F32 };
     let opts = quantize::Options {
-        format,
+        formats: match &a.layer_formats {
+            Some(path) => quantize::Formats::PerModule(layer_formats_file(path)?),
+            None => quantize::Formats::Uniform(format, Exclusions::new(&split_patterns(&a.exclude))),
+        },
         kv_fp8: match a.kv_cache.as_str() {
             "none" => false,
             "fp8" => true,
             other => return Err(Error::Usage(format!("unknown --kv-cache '{other}'; supported: none, fp8"))),
         },
         sq_alpha: a.sq_alpha,
-        exclusions: Exclusions::new(&split_patterns(&a.exclude)),
     };
     if !(0.0..=1.0).contains(&a.sq_alpha) {
         return Err(Error::Usage(format!("--sq-alpha must be in [0, 1], got {}", a.sq_alpha)));
@@ -118,7 +122,6 @@ pub fn quantize(a: &QuantizeArgs) -> Result<()> {
     let mut out = Output::create(&a.model, &a.out, a.force, export::DEFAULT_SHARD_BYTES)?;
     let summary = quantize::run(&model, &samples, &opts, &mut out, &progress)?;
     let spec = QuantSpec {
-        format,
         kv_fp8: opts.kv_fp8,
         quantized: summary.quantized,
         unquantized: summary.unquantized,
@@ -126,10 +129,11 @@ pub fn quantize(a: &QuantizeArgs) -> Result<()> {
     };
     out.finish(&model, &spec)?;
     model.compute = Compute::F32;
+    let what = if a.layer_formats.is_some() { "per --layer-formats".to_string() } else { format.cli_name().to_string() };
     println!(
         "quantized {} linears to {}{} ({} left unquantized) in {:.1}s -> {}",
         spec.quantized.len(),
-        format.cli_name(),
+        what,
         if opts.kv_fp8 { " + fp8 kv cache" } else { "" },
         spec.unquantized.len(),
         progress.elapsed(),
@@ -154,6 +158,21 @@ pub fn quantize(a: &QuantizeArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `--layer-formats FILE`: a JSON object module -> format (`fp8`, `nvfp4`, ... or `none`).
+pub fn layer_formats_file(path: &Path) -> Result<std::collections::HashMap<String, QFormat>> {
+    let j = Json::parse_file(path)?;
+    let obj = j.as_object().ok_or_else(|| Error::config(path, "expected a JSON object: module name -> format"))?;
+    let mut map = std::collections::HashMap::new();
+    for (module, v) in obj {
+        let name = v.as_str().ok_or_else(|| Error::config(path, format!("{module}: the format must be a string")))?;
+        if name != "none" {
+            let f = QFormat::parse(name).map_err(|e| Error::config(path, format!("{module}: {e}")))?;
+            map.insert(module.clone(), f);
+        }
+    }
+    Ok(map)
 }
 
 /// `--exclude` values: comma-separated patterns, repeatable.

@@ -70,17 +70,24 @@ impl Output {
 
 /// What the configs describe.
 pub struct QuantSpec {
-    pub format: QFormat,
-    pub kv_fp8: bool,
-    pub quantized: Vec<String>,
+    /// Quantized modules and their formats, in model order.
+    pub quantized: Vec<(String, QFormat)>,
     /// Modules that carry quantizers but stay unquantized (lm_head, embeddings, exclusions).
     pub unquantized: Vec<String>,
+    pub kv_fp8: bool,
     pub producer: (String, String),
 }
 
 impl QuantSpec {
+    /// The single format, or None when the modules use several (ModelOpt's MIXED_PRECISION:
+    /// "more than one distinct per-layer config", spec/export-formats.md §2.2).
+    fn uniform(&self) -> Option<QFormat> {
+        let first = self.quantized.first()?.1;
+        self.quantized.iter().all(|(_, f)| *f == first).then_some(first)
+    }
     fn excludes(&self) -> Vec<String> {
-        summarize_excludes(&self.unquantized, &self.quantized)
+        let names: Vec<String> = self.quantized.iter().map(|(m, _)| m.clone()).collect();
+        summarize_excludes(&self.unquantized, &names)
     }
     fn producer(&self) -> Json {
         obj([("name", str(&self.producer.0)), ("version", str(&self.producer.1))])
@@ -95,14 +102,8 @@ fn str_list(v: &[String]) -> Json {
     Json::Arr(v.iter().map(|s| str(s)).collect())
 }
 
-/// hf_quant_config.json (spec/export-formats.md §2.2): quant_algo, kv_cache_quant_algo, the
-/// format's extra keys, exclude_modules.
-pub fn hf_quant_config(spec: &QuantSpec) -> Json {
-    let f = spec.format;
-    let mut q = obj([
-        ("quant_algo", str(f.quant_algo())),
-        ("kv_cache_quant_algo", if spec.kv_fp8 { str("FP8") } else { Json::Null }),
-    ]);
+/// A format's keys in hf_quant_config.json besides `quant_algo` (spec/export-formats.md §2.2).
+fn format_keys(f: QFormat, q: &mut Json) {
     if let Some(g) = f.group_size() {
         q.set("group_size", Json::Int(g as i64));
     }
@@ -110,13 +111,45 @@ pub fn hf_quant_config(spec: &QuantSpec) -> Json {
         q.set("has_zero_point", Json::Bool(false));
         q.set("pre_quant_scale", Json::Bool(true));
     }
-    q.set("exclude_modules", str_list(&spec.excludes()));
+}
+
+/// `quantized_layers` of a MIXED_PRECISION config: module -> {quant_algo, format keys}.
+fn quantized_layers(spec: &QuantSpec) -> Json {
+    Json::Obj(
+        spec.quantized
+            .iter()
+            .map(|(m, f)| {
+                let mut q = obj([("quant_algo", str(f.quant_algo()))]);
+                format_keys(*f, &mut q);
+                (m.clone(), q)
+            })
+            .collect(),
+    )
+}
+
+/// hf_quant_config.json (spec/export-formats.md §2.2): quant_algo, kv_cache_quant_algo, the
+/// format's extra keys and exclude_modules; or MIXED_PRECISION with `quantized_layers`.
+pub fn hf_quant_config(spec: &QuantSpec) -> Json {
+    let kv = if spec.kv_fp8 { str("FP8") } else { Json::Null };
+    let q = match spec.uniform() {
+        Some(f) => {
+            let mut q = obj([("quant_algo", str(f.quant_algo())), ("kv_cache_quant_algo", kv)]);
+            format_keys(f, &mut q);
+            q.set("exclude_modules", str_list(&spec.excludes()));
+            q
+        }
+        None => obj([
+            ("quant_algo", str("MIXED_PRECISION")),
+            ("kv_cache_quant_algo", kv),
+            ("quantized_layers", quantized_layers(spec)),
+        ]),
+    };
     obj([("producer", spec.producer()), ("quantization", q)])
 }
 
-/// config.json's `quantization_config`, ModelOpt's `convert_hf_quant_config_format`
-/// (spec/export-formats.md §2.3): `config_groups` only for FP8 and NVFP4.
-fn quantization_config(spec: &QuantSpec) -> Json {
+/// A config group's activation and weight descriptions, for the formats that have one
+/// (`convert_hf_quant_config_format` emits groups for FP8 and NVFP4, spec/export-formats.md §2.3).
+fn config_group(f: QFormat) -> Option<Json> {
     let numbers = |bits: i64, group: Option<usize>| {
         let mut j = obj([("dynamic", Json::Bool(false)), ("num_bits", Json::Int(bits)), ("type", str("float"))]);
         if let Some(g) = group {
@@ -124,20 +157,52 @@ fn quantization_config(spec: &QuantSpec) -> Json {
         }
         j
     };
-    let mut q = Json::Obj(vec![]);
-    let group = match spec.format {
-        QFormat::Fp8 => Some((numbers(8, None), numbers(8, None))),
-        QFormat::Nvfp4 => Some((numbers(4, Some(16)), numbers(4, Some(16)))),
-        _ => None,
+    let (act, w) = match f {
+        QFormat::Fp8 => (numbers(8, None), numbers(8, None)),
+        QFormat::Nvfp4 => (numbers(4, Some(16)), numbers(4, Some(16))),
+        _ => return None,
     };
-    if let Some((act, w)) = group {
-        let g = obj([("input_activations", act), ("weights", w), ("targets", Json::Arr(vec![str("Linear")]))]);
-        q.set("config_groups", obj([("group_0", g)]));
+    Some(obj([("input_activations", act), ("weights", w)]))
+}
+
+/// config.json's `quantization_config`, ModelOpt's `convert_hf_quant_config_format`
+/// (spec/export-formats.md §2.3): `config_groups` only for FP8 and NVFP4 (targets `Linear`), or
+/// for MIXED_PRECISION one group per distinct format (targets: its sorted module names) and a
+/// copy of `quantized_layers`.
+fn quantization_config(spec: &QuantSpec) -> Json {
+    let mut q = Json::Obj(vec![]);
+    match spec.uniform() {
+        Some(f) => {
+            if let Some(mut g) = config_group(f) {
+                g.set("targets", Json::Arr(vec![str("Linear")]));
+                q.set("config_groups", obj([("group_0", g)]));
+            }
+            q.set("ignore", str_list(&spec.excludes()));
+            q.set("quant_algo", str(f.quant_algo()));
+        }
+        None => {
+            let mut formats: Vec<QFormat> = Vec::new();
+            for (_, f) in &spec.quantized {
+                if !formats.contains(f) {
+                    formats.push(*f);
+                }
+            }
+            let mut groups = Vec::new();
+            for f in formats {
+                let Some(mut g) = config_group(f) else { continue };
+                let mut targets: Vec<String> = spec.quantized.iter().filter(|(_, x)| *x == f).map(|(m, _)| m.clone()).collect();
+                targets.sort();
+                g.set("targets", str_list(&targets));
+                groups.push((format!("group_{}", groups.len()), g));
+            }
+            q.set("config_groups", Json::Obj(groups));
+            q.set("quantized_layers", quantized_layers(spec));
+            q.set("ignore", Json::Arr(vec![]));
+            q.set("quant_algo", str("MIXED_PRECISION"));
+        }
     }
-    q.set("ignore", str_list(&spec.excludes()));
-    q.set("quant_algo", str(spec.format.quant_algo()));
     if spec.kv_fp8 {
-        q.set("kv_cache_scheme", numbers(8, None));
+        q.set("kv_cache_scheme", obj([("dynamic", Json::Bool(false)), ("num_bits", Json::Int(8)), ("type", str("float"))]));
     }
     q.set("producer", spec.producer());
     q.set("quant_method", str("modelopt"));

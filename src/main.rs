@@ -40,6 +40,10 @@ struct Quantize {
     /// KV-cache quantization: none (default) or fp8 (k_scale / v_scale from K, V after RoPE)
     #[argh(option, default = "String::from(\"none\")")]
     kv_cache: String,
+    /// JSON object module -> format (fp8, nvfp4, ..., none) pinning each layer's format by hand;
+    /// replaces --qformat / --exclude (modules not listed stay unquantized)
+    #[argh(option)]
+    layer_formats: Option<PathBuf>,
     /// smoothQuant migration strength alpha for int8_sq (default 1.0, ModelOpt's default)
     #[argh(option, default = "1.0")]
     sq_alpha: f32,
@@ -128,6 +132,7 @@ fn main() -> ExitCode {
             exclude: q.exclude,
             kv_cache: q.kv_cache,
             sq_alpha: q.sq_alpha,
+            layer_formats: q.layer_formats,
             eval_text: q.eval_text,
             eval_seq: q.eval_seq,
             no_eval: q.no_eval,

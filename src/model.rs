@@ -13,6 +13,7 @@
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::ops::{self, Attention, Rope};
+use crate::quant::read::{self, InputQuant};
 use crate::safetensors::{Checkpoint, Dtype, TensorView};
 use std::path::Path;
 
@@ -133,18 +134,24 @@ impl Model {
         let post_norm = norm("post_attention_layernorm")?;
         let mut linears: [Vec<f32>; 7] = Default::default();
         for (kind, w) in LinearKind::ALL.into_iter().zip(&mut linears) {
-            *w = crate::quant::read::linear_weight(self, &format!("{prefix}.{}", kind.module()), kind.shape(cfg))?;
+            *w = read::linear_weight(self, &format!("{prefix}.{}", kind.module()), kind.shape(cfg))?;
         }
         Ok(Layer { index: i, input_norm, post_norm, linears, compute: self.compute })
     }
 
-    /// The final norm and the output projection (`embed_tokens` when the embeddings are tied).
+    /// The final norm and the output projection: `lm_head.weight` when the checkpoint has one
+    /// (dequantized, with its input quantization, if auto-quantize quantized it), else
+    /// `embed_tokens` when the embeddings are tied.
     pub fn load_head(&self) -> Result<Head> {
         let cfg = &self.config;
         let norm = self.load(FINAL_NORM, &[cfg.hidden_size])?;
-        let lm_head_name = if cfg.tie_word_embeddings { EMBED_TOKENS } else { LM_HEAD };
-        let lm_head = self.load(lm_head_name, &[cfg.vocab_size, cfg.hidden_size])?;
-        Ok(Head { norm, lm_head, eps: cfg.rms_norm_eps, compute: self.compute })
+        let shape = [cfg.vocab_size, cfg.hidden_size];
+        let (lm_head, input) = if self.get(LM_HEAD).is_some() || !cfg.tie_word_embeddings {
+            (read::linear_weight(self, "lm_head", shape)?, read::input_quant(self, "lm_head", shape)?)
+        } else {
+            (self.load(EMBED_TOKENS, &shape)?, InputQuant::default())
+        };
+        Ok(Head { norm, lm_head, eps: cfg.rms_norm_eps, compute: self.compute, input })
     }
 
     /// Tensor `name` as f32, after checking its shape and that every value is finite.
@@ -342,11 +349,18 @@ pub struct Head {
     lm_head: Vec<f32>, // [vocab, hidden]
     eps: f32,
     compute: Compute,
+    /// What happens to lm_head's input (quantized lm_head of a mixed-precision checkpoint).
+    input: InputQuant,
 }
 
 impl Head {
     fn hidden_size(&self) -> usize {
         self.norm.len()
+    }
+
+    /// The output projection `[vocab, hidden]` (dequantized when stored quantized).
+    pub fn lm_head(&self) -> &[f32] {
+        &self.lm_head
     }
 
     fn vocab_size(&self) -> usize {
@@ -363,7 +377,8 @@ impl Head {
 
     /// `lm_head(norm(hidden))`: `[seq, vocab]`.
     pub fn logits(&self, hidden: &[f32], seq: usize) -> Vec<f32> {
-        let normed = self.normed(hidden, seq);
+        let mut normed = self.normed(hidden, seq);
+        self.input.apply(&mut normed, self.hidden_size());
         let mut logits = vec![0f32; seq * self.vocab_size()];
         ops::matmul_bt(&normed, &self.lm_head, seq, self.hidden_size(), self.vocab_size(), &mut logits);
         self.compute.round(&mut logits);

@@ -16,21 +16,40 @@ use crate::progress::Progress;
 use crate::quant::awq::{self, ActMean, LiteSearch};
 use crate::quant::{fp8, int, nvfp4, smoothquant, ActKind, Exclusions, QFormat, WeightKind, INT4_GROUP};
 use crate::safetensors::Dtype;
+use std::collections::HashMap;
 
 const N: usize = LinearKind::ALL.len();
 
+/// Which format each module gets.
+pub enum Formats {
+    /// One format for every decoder linear not matched by the exclusions (lm_head and the
+    /// other default-excluded modules stay unquantized).
+    Uniform(QFormat, Exclusions),
+    /// A format per module (full HF names, `lm_head` included); modules not listed stay
+    /// unquantized. Auto-quantize and `--layer-formats`.
+    PerModule(HashMap<String, QFormat>),
+}
+
+impl Formats {
+    pub fn of(&self, module: &str) -> Option<QFormat> {
+        match self {
+            Formats::Uniform(f, ex) => (module != "lm_head" && !ex.is_excluded(module)).then_some(*f),
+            Formats::PerModule(m) => m.get(module).copied(),
+        }
+    }
+}
+
 pub struct Options {
-    pub format: QFormat,
+    pub formats: Formats,
     /// FP8 KV cache: `k_scale` / `v_scale` from K and V after RoPE (spec/algorithms.md §8).
     pub kv_fp8: bool,
     /// SmoothQuant migration strength (ModelOpt's default 1.0, spec/algorithms.md §5).
     pub sq_alpha: f32,
-    pub exclusions: Exclusions,
 }
 
 /// What was quantized, for the configs and the report.
 pub struct Summary {
-    pub quantized: Vec<String>,
+    pub quantized: Vec<(String, QFormat)>,
     pub unquantized: Vec<String>,
 }
 
@@ -95,8 +114,12 @@ impl Hooks for SearchHooks<'_> {
 
 /// One linear after its algorithm, before export-time fusion.
 struct Linear {
-    kind: LinearKind,
+    /// None for lm_head.
+    kind: Option<LinearKind>,
+    /// `[out, in]`.
+    shape: [usize; 2],
     module: String,
+    format: QFormat,
     /// `[out, in]`, with smoothing / AWQ scales folded in (model-dtype values).
     weight: Vec<f32>,
     /// The runtime multiplies the input by this (`pre_quant_scale`), if any.
@@ -111,8 +134,9 @@ pub fn run(model: &Model, samples: &[Vec<u32>], opts: &Options, out: &mut Output
     let cfg = &model.config;
     let dtype = model.dtype()?;
     check_shapes(cfg, opts)?;
+    let lm_head_format = opts.formats.of("lm_head");
     for name in model.weight_names() {
-        if !name.starts_with("model.layers.") {
+        if !name.starts_with("model.layers.") && !(lm_head_format.is_some() && name == "lm_head.weight") {
             let t = model.tensor(&name)?;
             out.add(&name, t.dtype, t.shape, t.data.to_vec())?;
         }
@@ -126,16 +150,20 @@ pub fn run(model: &Model, samples: &[Vec<u32>], opts: &Options, out: &mut Output
     let n_layers = cfg.num_hidden_layers;
     for l in 0..n_layers {
         let layer = model.load_layer(l)?;
-        let quantized: [bool; N] = LinearKind::ALL.map(|k| !opts.exclusions.is_excluded(&module_name(l, k)));
+        let formats: [Option<QFormat>; N] = LinearKind::ALL.map(|k| opts.formats.of(&module_name(l, k)));
         for k in LinearKind::ALL {
-            let list = if quantized[k as usize] { &mut summary.quantized } else { &mut summary.unquantized };
-            list.push(module_name(l, k));
+            match formats[k as usize] {
+                Some(f) => summary.quantized.push((module_name(l, k), f)),
+                None => summary.unquantized.push(module_name(l, k)),
+            }
         }
+        let any = |pred: fn(QFormat) -> bool| formats.iter().flatten().any(|&f| pred(f));
+        let awq = any(QFormat::awq);
 
         // Pass 1: statistics (on a copy of the inputs when a search pass follows).
         let mut stats = StatsHooks {
-            want_channels: opts.format == QFormat::Int8Sq || (opts.format.awq() && opts.format.act().is_some()),
-            want_mean: opts.format.awq(),
+            want_channels: any(|f| f == QFormat::Int8Sq || (f.awq() && f.act().is_some())),
+            want_mean: awq,
             dtype,
             amax: [0.0; N],
             channel_amax: Default::default(),
@@ -144,7 +172,7 @@ pub fn run(model: &Model, samples: &[Vec<u32>], opts: &Options, out: &mut Output
             non_finite: None,
         };
         let mut scratch: Vec<Vec<f32>>;
-        let states: &mut [Vec<f32>] = if opts.format.awq() {
+        let states: &mut [Vec<f32>] = if awq {
             scratch = hidden.clone();
             &mut scratch
         } else {
@@ -162,16 +190,17 @@ pub fn run(model: &Model, samples: &[Vec<u32>], opts: &Options, out: &mut Output
 
         // Pass 2 (AWQ): the alpha search, advancing the hidden states.
         let mut best: [Option<Vec<f32>>; N] = Default::default();
-        if opts.format.awq() {
+        if awq {
             let mut search = SearchHooks { layer: &layer, cfg, searches: Default::default() };
-            for k in LinearKind::ALL.into_iter().filter(|k| quantized[*k as usize]) {
+            for k in LinearKind::ALL {
+                let Some(format) = formats[k as usize].filter(|f| f.awq()) else { continue };
                 let [o, i] = k.shape(cfg);
                 let xbar = stats.mean[k as usize].as_ref().and_then(ActMean::finish);
                 if let Some(xbar) = xbar {
                     let w = layer.weight(k);
-                    let block = (opts.format.weight() == WeightKind::Int4Groups).then_some(INT4_GROUP);
-                    let wbar = awq::weight_mean(w, o, i, Some(block.unwrap_or(nvfp4::BLOCK)), dtype);
-                    let fq = search_quantizer(opts.format, o, i, dtype);
+                    let block = if format.weight() == WeightKind::Int4Groups { INT4_GROUP } else { nvfp4::BLOCK };
+                    let wbar = awq::weight_mean(w, o, i, Some(block), dtype);
+                    let fq = search_quantizer(format, o, i, dtype);
                     search.searches[k as usize] = Some(LiteSearch::new(w, o, i, &xbar, &wbar, dtype, &*fq));
                 }
             }
@@ -183,38 +212,75 @@ pub fn run(model: &Model, samples: &[Vec<u32>], opts: &Options, out: &mut Output
             }
         }
 
-        let linears = finalize(&layer, l, cfg, opts, dtype, &stats, &quantized, &mut best)?;
+        let linears = finalize(&layer, l, cfg, opts, dtype, &stats, &formats, &mut best)?;
         emit_layer(model, l, linears, &layer, opts, dtype, &stats, out)?;
         progress.step("layer", l + 1, n_layers);
     }
+    if let Some(format) = lm_head_format {
+        quantize_lm_head(model, &hidden, format, dtype, out)?;
+        summary.unquantized.retain(|m| m != "lm_head");
+        summary.quantized.push(("lm_head".into(), format));
+    }
     Ok(summary)
+}
+
+/// lm_head in a max-calibrated format (FP8 or NVFP4; auto-quantize may pick it when nothing
+/// is excluded): its input is the final-norm output of every calibration sample. With tied
+/// embeddings the quantized copy is written as `lm_head.weight` beside the bf16 embedding.
+fn quantize_lm_head(model: &Model, hidden: &[Vec<f32>], format: QFormat, dtype: Dtype, out: &mut Output) -> Result<()> {
+    if format.awq() || format == QFormat::Int8Sq {
+        return Err(Error::Unsupported(format!(
+            "lm_head in {}: only max-calibrated formats (fp8, nvfp4) are supported for lm_head",
+            format.cli_name()
+        )));
+    }
+    let head = model.load_head()?;
+    let cfg = &model.config;
+    let mut amax = 0f32;
+    for h in hidden {
+        let x = head.normed(h, h.len() / cfg.hidden_size);
+        amax = x.iter().fold(amax, |m, v| m.max(v.abs()));
+    }
+    let lin = Linear {
+        kind: None,
+        shape: [cfg.vocab_size, cfg.hidden_size],
+        module: "lm_head".into(),
+        format,
+        weight: head.lm_head().to_vec(),
+        pqs: None,
+        input_amax: amax,
+    };
+    for (name, dt, shape, data) in export_linear(&lin, dtype, fp8::absmax(&lin.weight))? {
+        out.add(&name, dt, &shape, data)?;
+    }
+    Ok(())
 }
 
 /// Refuses, before any work, a quantized linear whose shape the format cannot store:
 /// NVFP4 needs the input dim to be a multiple of 16 and INT4 a multiple of 128 with an even
 /// output dim (ModelOpt's export asserts the same; spec/export-formats.md §2.5).
 fn check_shapes(cfg: &crate::config::ModelConfig, opts: &Options) -> Result<()> {
-    let need = match opts.format.weight() {
-        WeightKind::Nvfp4 => Some((nvfp4::BLOCK, 1)),
-        WeightKind::Int4Groups => Some((INT4_GROUP, 2)),
-        _ => None,
-    };
-    let Some((block, out_multiple)) = need else { return Ok(()) };
-    for l in 0..cfg.num_hidden_layers {
-        for k in LinearKind::ALL {
-            let m = module_name(l, k);
-            let [o, i] = k.shape(cfg);
-            if !opts.exclusions.is_excluded(&m) && (i % block != 0 || o % out_multiple != 0) {
-                return Err(Error::tensor(
-                    format!("{m}.weight"),
-                    format!(
-                        "shape [{o}, {i}] cannot be stored as {}: the input dim must be a multiple of {block}{}; \
-                         leave such layers unquantized with --exclude",
-                        opts.format.cli_name(),
-                        if out_multiple > 1 { " and the output dim even" } else { "" }
-                    ),
-                ));
-            }
+    let mut linears: Vec<(String, [usize; 2])> = (0..cfg.num_hidden_layers)
+        .flat_map(|l| LinearKind::ALL.map(|k| (module_name(l, k), k.shape(cfg))))
+        .collect();
+    linears.push(("lm_head".into(), [cfg.vocab_size, cfg.hidden_size]));
+    for (m, [o, i]) in linears {
+        let Some(format) = opts.formats.of(&m) else { continue };
+        let (block, out_multiple) = match format.weight() {
+            WeightKind::Nvfp4 => (nvfp4::BLOCK, 1),
+            WeightKind::Int4Groups => (INT4_GROUP, 2),
+            _ => continue,
+        };
+        if i % block != 0 || o % out_multiple != 0 {
+            return Err(Error::tensor(
+                format!("{m}.weight"),
+                format!(
+                    "shape [{o}, {i}] cannot be stored as {}: the input dim must be a multiple of {block}{}; \
+                     leave such layers unquantized with --exclude",
+                    format.cli_name(),
+                    if out_multiple > 1 { " and the output dim even" } else { "" }
+                ),
+            ));
         }
     }
     Ok(())
@@ -247,15 +313,16 @@ fn finalize(
     opts: &Options,
     dtype: Dtype,
     stats: &StatsHooks,
-    quantized: &[bool; N],
+    formats: &[Option<QFormat>; N],
     best: &mut [Option<Vec<f32>>; N],
 ) -> Result<Vec<Linear>> {
     let mut out = Vec::new();
-    for k in LinearKind::ALL.into_iter().filter(|k| quantized[*k as usize]) {
+    for k in LinearKind::ALL {
         let i = k as usize;
+        let Some(format) = formats[i] else { continue };
         let [o, inp] = k.shape(cfg);
         let mut weight = layer.weight(k).to_vec();
-        let (pqs, input_amax) = if opts.format == QFormat::Int8Sq {
+        let (pqs, input_amax) = if format == QFormat::Int8Sq {
             // §5: p_j = w_j^(1-α) / a_j^α, W' = W / p, input amax = max_j a_j·p_j.
             let p = smoothquant::pre_quant_scale(&stats.channel_amax[i], &weight, o, inp, opts.sq_alpha, dtype);
             smoothquant::smooth_weight(&mut weight, inp, &p, dtype);
@@ -275,7 +342,7 @@ fn finalize(
             // Plain max calibration (also AWQ's fallback for a linear that saw no data).
             (None, stats.amax[i])
         };
-        out.push(Linear { kind: k, module: module_name(l, k), weight, pqs, input_amax });
+        out.push(Linear { kind: Some(k), shape: k.shape(cfg), module: module_name(l, k), format, weight, pqs, input_amax });
     }
     Ok(out)
 }
@@ -295,16 +362,18 @@ fn emit_layer(
     out: &mut Output,
 ) -> Result<()> {
     let cfg = &model.config;
-    let format = opts.format;
     let mut input_norm = layer.input_norm.clone();
     let mut post_norm = layer.post_norm.clone();
-    let find = |ls: &[Linear], k: LinearKind| ls.iter().position(|x| x.kind == k);
+    let find = |ls: &[Linear], k: LinearKind| ls.iter().position(|x| x.kind == Some(k));
 
     // 1. NVFP4_AWQ only: fold down_proj's (and, without GQA, o_proj's) scale into the output
     //    rows of up_proj (v_proj), which feed it.
-    if format == QFormat::Nvfp4Awq {
-        for (consumer, producer) in [(LinearKind::Down, LinearKind::Up), (LinearKind::O, LinearKind::V)] {
+    for (consumer, producer) in [(LinearKind::Down, LinearKind::Up), (LinearKind::O, LinearKind::V)] {
+        {
             let (Some(c), Some(p)) = (find(&linears, consumer), find(&linears, producer)) else { continue };
+            if linears[c].format != QFormat::Nvfp4Awq || linears[p].format != QFormat::Nvfp4Awq {
+                continue;
+            }
             let [p_out, p_in] = producer.shape(cfg);
             let (Some(s), true) = (linears[c].pqs.clone(), p_out == consumer.shape(cfg)[1]) else { continue };
             for (row, &f) in linears[p].weight.chunks_exact_mut(p_in).zip(&s) {
@@ -322,8 +391,9 @@ fn emit_layer(
         (&[LinearKind::Gate, LinearKind::Up][..], &mut post_norm),
     ] {
         let idx: Vec<usize> = members.iter().filter_map(|&k| find(&linears, k)).collect();
-        if idx.is_empty() || format == QFormat::Fp8 {
-            continue;
+        let Some(format) = idx.first().map(|&i| linears[i].format) else { continue };
+        if format == QFormat::Fp8 || idx.iter().any(|&i| linears[i].format != format) {
+            continue; // FP8 keeps per-module scales; members of different formats share nothing
         }
         let [_, inp] = members[0].shape(cfg);
         if idx.iter().all(|&i| linears[i].pqs.is_some()) && idx.len() == members.len() {
@@ -348,7 +418,9 @@ fn emit_layer(
         let wamax = idx.iter().map(|&i| fp8::absmax(&linears[i].weight)).fold(0f32, f32::max);
         for &i in &idx {
             linears[i].input_amax = amax;
-            group_weight_amax[linears[i].kind as usize] = Some(wamax);
+            if let Some(k) = linears[i].kind {
+                group_weight_amax[k as usize] = Some(wamax);
+            }
         }
     }
 
@@ -370,8 +442,8 @@ fn emit_layer(
         add(out, full, t.dtype, t.shape, data)?;
     }
     for lin in &linears {
-        let wamax = group_weight_amax[lin.kind as usize].unwrap_or_else(|| fp8::absmax(&lin.weight));
-        for (name, dt, shape, data) in export_linear(lin, format, cfg, dtype, wamax)? {
+        let wamax = lin.kind.and_then(|k| group_weight_amax[k as usize]).unwrap_or_else(|| fp8::absmax(&lin.weight));
+        for (name, dt, shape, data) in export_linear(lin, dtype, wamax)? {
             add(out, name, dt, &shape, data)?;
         }
     }
@@ -408,9 +480,9 @@ type OutTensor = (String, Dtype, Vec<usize>, Vec<u8>);
 /// One linear's tensors in `format`'s unified-HF layout (spec/export-formats.md §2.5).
 /// `weight_amax`: the per-tensor weight amax (max over an export-fused group where ModelOpt
 /// shares it: NVFP4 `weight_scale_2`, W4A8's FP8 stage).
-fn export_linear(lin: &Linear, format: QFormat, cfg: &crate::config::ModelConfig, dtype: Dtype, weight_amax: f32) -> Result<Vec<OutTensor>> {
-    let m = &lin.module;
-    let [o, i] = lin.kind.shape(cfg);
+fn export_linear(lin: &Linear, dtype: Dtype, weight_amax: f32) -> Result<Vec<OutTensor>> {
+    let (m, format) = (&lin.module, lin.format);
+    let [o, i] = lin.shape;
     let w = &lin.weight;
     let name = format!("{m}.weight");
     let scalar = |suffix: &str, v: f32| (format!("{m}.{suffix}"), Dtype::F32, vec![], v.to_le_bytes().to_vec());
