@@ -88,14 +88,15 @@ fn pipeline() {
     println!("\nrq-tiny (14.5 M params), {} x {} calibration tokens, end to end (load, calibrate, quantize, export)", samples.len(), samples[0].len());
     println!("{:>34} {:>10} {:>12} {:>10}", "format", "seconds", "tokens/s", "target s");
     let out = std::env::temp_dir().join(format!("rq-min-bench-{}", std::process::id()));
-    for (qformat, kv, target) in [
-        ("fp8", "none", 10),
-        ("int8_sq", "none", 10),
-        ("nvfp4", "none", 10),
-        ("fp8", "fp8", 10),
-        ("int4_awq", "none", 60),
-        ("w4a8_awq", "none", 60),
-        ("nvfp4_awq", "none", 60),
+    for (qformat, kv, auto, target) in [
+        ("fp8", "none", None, 10),
+        ("int8_sq", "none", None, 10),
+        ("nvfp4", "none", None, 10),
+        ("fp8", "fp8", None, 10),
+        ("int4_awq", "none", None, 60),
+        ("w4a8_awq", "none", None, 60),
+        ("nvfp4_awq", "none", None, 60),
+        ("nvfp4,fp8", "none", Some(5.0), 0),
     ] {
         let t = Instant::now();
         rq_min::cli::quantize(&rq_min::cli::QuantizeArgs {
@@ -104,6 +105,8 @@ fn pipeline() {
             calib_size: 64,
             calib_seq: 256,
             kv_cache: kv.into(),
+            auto_bits: auto,
+            exclude: if auto.is_some() { vec!["none".into()] } else { vec![] },
             no_eval: true,
             force: true,
             quiet: true,
@@ -111,7 +114,12 @@ fn pipeline() {
         })
         .expect("quantize");
         let s = t.elapsed().as_secs_f64();
-        let label = if kv == "fp8" { format!("{qformat} + fp8 kv") } else { qformat.to_string() };
+        let label = match (kv, auto) {
+            (_, Some(bits)) => format!("auto {bits} bits ({qformat}, lm_head too)"),
+            ("fp8", _) => format!("{qformat} + fp8 kv"),
+            _ => qformat.to_string(),
+        };
+        let target = if target == 0 { "-".to_string() } else { target.to_string() };
         println!("{:>34} {:>10.2} {:>12.0} {:>10}", label, s, tokens as f64 / s, target);
     }
     let model = Model::open(&model_dir, None).expect("open rq-tiny");

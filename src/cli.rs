@@ -8,6 +8,7 @@ use crate::json::Json;
 use crate::model::{Compute, Model};
 use crate::pipeline;
 use crate::quantize;
+use crate::autoquant;
 use crate::progress::Progress;
 use crate::quant::{Exclusions, QFormat};
 use crate::safetensors::{Checkpoint, Dtype, SafeTensors, TensorInfo};
@@ -30,6 +31,9 @@ pub struct QuantizeArgs {
     pub kv_cache: String,
     pub sq_alpha: f32,
     pub layer_formats: Option<PathBuf>,
+    pub auto_bits: Option<f64>,
+    pub score_size: usize,
+    pub seed: u64,
     pub eval_text: Option<PathBuf>,
     pub eval_seq: usize,
     pub no_eval: bool,
@@ -53,6 +57,9 @@ impl QuantizeArgs {
             kv_cache: "none".into(),
             sq_alpha: 1.0,
             layer_formats: None,
+            auto_bits: None,
+            score_size: 64,
+            seed: 1234,
             eval_text: None,
             eval_seq: 256,
             no_eval: false,
@@ -76,7 +83,14 @@ pub struct EvalArgs {
 /// `rq-min quantize`: calibrate, quantize, export, and report perplexity before and after.
 pub fn quantize(a: &QuantizeArgs) -> Result<()> {
     Device::parse(&a.device)?.require_cpu()?;
-    let format = QFormat::parse(&a.qformat)?;
+    let formats: Vec<QFormat> = a.qformat.split(',').map(|f| QFormat::parse(f.trim())).collect::<Result<_>>()?;
+    let format = formats[0];
+    if formats.len() > 1 && a.auto_bits.is_none() {
+        return Err(Error::Usage("several --qformat values need --auto-bits (auto-quantize)".into()));
+    }
+    if a.auto_bits.is_some() && a.layer_formats.is_some() {
+        return Err(Error::Usage("give --auto-bits or --layer-formats, not both".into()));
+    }
     if a.calib_text.is_some() && a.calib_ids.is_some() {
         return Err(Error::Usage("give --calib-text or --calib-ids, not both".into()));
     }
@@ -104,10 +118,26 @@ pub fn quantize(a: &QuantizeArgs) -> Result<()> {
     // reproduces its activation statistics (other dtypes calibrate in f32).
     let mut model = model;
     model.compute = if model.dtype()? == Dtype::BF16 { Compute::Bf16 } else { Compute::F32 };
+    let exclusions = Exclusions::new(&split_patterns(&a.exclude));
+    let mut search = None;
+    let per_module = match (&a.layer_formats, a.auto_bits) {
+        (Some(path), _) => Some(layer_formats_file(path)?),
+        (None, Some(bits)) => {
+            let score = autoquant::score_indices(samples.len(), a.score_size, a.seed);
+            let s = autoquant::search(&model, &samples, &score, &formats, bits, &exclusions, &progress)?;
+            if !a.quiet {
+                eprint!("{}", s.table());
+            }
+            let map = s.module_formats();
+            search = Some((s, score.len()));
+            Some(map)
+        }
+        (None, None) => None,
+    };
     let opts = quantize::Options {
-        formats: match &a.layer_formats {
-            Some(path) => quantize::Formats::PerModule(layer_formats_file(path)?),
-            None => quantize::Formats::Uniform(format, Exclusions::new(&split_patterns(&a.exclude))),
+        formats: match per_module {
+            Some(map) => quantize::Formats::PerModule(map),
+            None => quantize::Formats::Uniform(format, exclusions),
         },
         kv_fp8: match a.kv_cache.as_str() {
             "none" => false,
@@ -129,7 +159,11 @@ pub fn quantize(a: &QuantizeArgs) -> Result<()> {
     };
     out.finish(&model, &spec)?;
     model.compute = Compute::F32;
-    let what = if a.layer_formats.is_some() { "per --layer-formats".to_string() } else { format.cli_name().to_string() };
+    let what = match (&search, &a.layer_formats) {
+        (Some((s, _)), _) => format!("{} ({:.3} effective bits, budget {})", a.qformat, s.effective_bits, s.budget),
+        (None, Some(_)) => "per --layer-formats".to_string(),
+        (None, None) => format.cli_name().to_string(),
+    };
     println!(
         "quantized {} linears to {}{} ({} left unquantized) in {:.1}s -> {}",
         spec.quantized.len(),
@@ -140,6 +174,14 @@ pub fn quantize(a: &QuantizeArgs) -> Result<()> {
         a.out.display()
     );
 
+    let mut report = search.map(|(s, n)| s.report(a.seed, &autoquant::calib_digest(&samples), n));
+    let write_report = |report: &Json| -> Result<()> {
+        let p = a.out.join("auto_quantize.json");
+        std::fs::write(&p, report.to_pretty(2)).map_err(|e| Error::io(&p, e))
+    };
+    if let Some(r) = &report {
+        write_report(r)?;
+    }
     if !a.no_eval {
         let text = read_text(a.eval_text.as_deref())?;
         let tok = tok.as_ref().ok_or_else(|| Error::Usage("evaluation needs tokenizer.json".into()))?;
@@ -156,6 +198,11 @@ pub fn quantize(a: &QuantizeArgs) -> Result<()> {
             after.ppl,
             (after.ppl / before.ppl - 1.0) * 100.0
         );
+        if let Some(r) = &mut report {
+            r.set("perplexity", Json::Float(after.ppl));
+            r.set("perplexity_unquantized", Json::Float(before.ppl));
+            write_report(r)?;
+        }
     }
     Ok(())
 }

@@ -6,7 +6,9 @@
 //! and their math), `calib` (calibration input), `pipeline` (calibration and perplexity
 //! passes), `export` (ModelOpt's unified HF checkpoint); `cli` (the subcommands).
 
+pub mod autoquant;
 pub mod backend;
+pub mod backward;
 pub mod calib;
 pub mod cli;
 pub mod config;

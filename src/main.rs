@@ -40,6 +40,16 @@ struct Quantize {
     /// KV-cache quantization: none (default) or fp8 (k_scale / v_scale from K, V after RoPE)
     #[argh(option, default = "String::from(\"none\")")]
     kv_cache: String,
+    /// auto-quantize: choose a format per layer group among the --qformat list (e.g. nvfp4,fp8)
+    /// or 16-bit so the effective bits per parameter meet this budget (ModelOpt auto_quantize)
+    #[argh(option)]
+    auto_bits: Option<f64>,
+    /// auto-quantize: calibration rows the sensitivity scores are computed on (default 64)
+    #[argh(option, default = "64")]
+    score_size: usize,
+    /// auto-quantize: seed of the choice of score rows (default 1234, ModelOpt's)
+    #[argh(option, default = "1234")]
+    seed: u64,
     /// JSON object module -> format (fp8, nvfp4, ..., none) pinning each layer's format by hand;
     /// replaces --qformat / --exclude (modules not listed stay unquantized)
     #[argh(option)]
@@ -133,6 +143,9 @@ fn main() -> ExitCode {
             kv_cache: q.kv_cache,
             sq_alpha: q.sq_alpha,
             layer_formats: q.layer_formats,
+            auto_bits: q.auto_bits,
+            score_size: q.score_size,
+            seed: q.seed,
             eval_text: q.eval_text,
             eval_seq: q.eval_seq,
             no_eval: q.no_eval,

@@ -363,6 +363,16 @@ impl Head {
         &self.lm_head
     }
 
+    /// The final norm's weight, `[hidden]`.
+    pub fn norm_weight(&self) -> &[f32] {
+        &self.norm
+    }
+
+    /// The final norm's epsilon.
+    pub fn eps(&self) -> f32 {
+        self.eps
+    }
+
     fn vocab_size(&self) -> usize {
         self.lm_head.len() / self.norm.len()
     }

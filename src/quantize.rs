@@ -136,7 +136,8 @@ pub fn run(model: &Model, samples: &[Vec<u32>], opts: &Options, out: &mut Output
     check_shapes(cfg, opts)?;
     let lm_head_format = opts.formats.of("lm_head");
     for name in model.weight_names() {
-        if !name.starts_with("model.layers.") && !(lm_head_format.is_some() && name == "lm_head.weight") {
+        let quantized_lm_head = lm_head_format.is_some() && name == "lm_head.weight";
+        if !(name.starts_with("model.layers.") || quantized_lm_head) {
             let t = model.tensor(&name)?;
             out.add(&name, t.dtype, t.shape, t.data.to_vec())?;
         }
@@ -286,11 +287,14 @@ fn check_shapes(cfg: &crate::config::ModelConfig, opts: &Options) -> Result<()> 
     Ok(())
 }
 
+/// Fake-quantizes a whole `[out, in]` weight in place.
+type WeightQuantizer = Box<dyn Fn(&mut [f32])>;
+
 /// The weight fake-quantizer used in the AWQ search: the format's weight quantizer with its
 /// amax recomputed from the weight it is given, result in the model dtype (§6.1). For W4A8
 /// only the INT4 stage: ModelOpt's W4A8 and INT4 exports of rq-tiny have identical AWQ
 /// weights and scales, so its FP8 stage does not take part in the search.
-fn search_quantizer(format: QFormat, out: usize, inp: usize, dtype: Dtype) -> Box<dyn Fn(&mut [f32])> {
+fn search_quantizer(format: QFormat, out: usize, inp: usize, dtype: Dtype) -> WeightQuantizer {
     let round = move |w: &mut [f32]| w.iter_mut().for_each(|v| *v = fp8::round_to_dtype(*v, dtype));
     match format.weight() {
         WeightKind::Nvfp4 => Box::new(move |w: &mut [f32]| {

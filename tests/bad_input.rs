@@ -102,7 +102,8 @@ fn nan_weight_is_named_and_nothing_is_written() {
 fn broken_files_give_one_clear_error() {
     let dir = scratch("broken");
     let ids = |m: &Path| m.parent().unwrap().join("ids.json");
-    let cases: Vec<(&str, Box<dyn Fn(&Path)>, &str)> = vec![
+    type Breaker = Box<dyn Fn(&Path)>;
+    let cases: Vec<(&str, Breaker, &str)> = vec![
         ("missing config", Box::new(|m: &Path| std::fs::remove_file(m.join("config.json")).unwrap()), "config.json"),
         (
             "malformed config",

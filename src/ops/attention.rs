@@ -132,7 +132,7 @@ impl Block<'_> {
 
 /// `row[from..=to] = softmax(row[from..=to] · scale)` in f32 with the maximum subtracted
 /// (torch `softmax(dtype=float32)`); every other entry becomes 0.
-fn softmax_visible(row: &mut [f32], from: usize, to: usize, scale: f32) {
+pub(crate) fn softmax_visible(row: &mut [f32], from: usize, to: usize, scale: f32) {
     let visible = &mut row[from..=to];
     let mut max = f32::NEG_INFINITY;
     for s in visible.iter_mut() {

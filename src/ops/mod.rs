@@ -13,7 +13,8 @@ mod simd;
 mod threads;
 
 pub use attention::Attention;
+pub(crate) use attention::softmax_visible;
 pub use matmul::{matmul_bt, matmul_bt_naive};
-pub use norm::{add_in_place, log_softmax_nll, rms_norm, rms_norm_bf16, round_slice_bf16, silu, silu_mul, silu_mul_bf16};
+pub use norm::{add_in_place, exp_nonpositive, log_softmax_nll, rms_norm, rms_norm_bf16, round_slice_bf16, silu, silu_mul, silu_mul_bf16};
 pub use rope::Rope;
 pub use threads::num_threads;

@@ -145,7 +145,11 @@ pub struct Exclusions {
 impl Exclusions {
     /// `user`: patterns from `--exclude` (fnmatch; matched against the module name and its
     /// quantizer names, so both `*layers.0.*` and `model.layers.0.mlp.down_proj` work).
+    /// `--exclude none` alone drops the defaults too (auto-quantize then searches lm_head).
     pub fn new(user: &[String]) -> Exclusions {
+        if user == ["none"] {
+            return Exclusions { patterns: vec![] };
+        }
         let mut patterns: Vec<String> = DEFAULT_DISABLED.iter().map(|s| s.to_string()).collect();
         patterns.extend(user.iter().cloned());
         Exclusions { patterns }

@@ -1,0 +1,469 @@
+//! Auto-quantize: a format per layer group under an effective-bits budget, ModelOpt's
+//! `mtq.auto_quantize` with the gradient score (spec/algorithms.md §9).
+//!
+//! 1. Groups decided together: q/k/v, gate/up, o_proj, down_proj of each layer, and lm_head
+//!    when it is not excluded (§9.1). Excluded modules cost 16 bits in the budget.
+//! 2. Calibration: one forward pass over the calibration samples (max calibration of every
+//!    linear's input, for the candidates' activation quantizers).
+//! 3. Score (§9.3): with the model unquantized, forward + backward of the LM loss over the
+//!    score samples; for every linear and candidate format r, `Σ (∂L/∂y ⊙ (y_r − y))²` with
+//!    `y_r` the output recomputed with r's weight and input fake quantization. A group's score
+//!    is the sum over its members; scores are made non-increasing from the most to the least
+//!    compressed format; 16-bit scores 0.
+//! 4. Selection (§9.5): the exact 0/1 choice minimizing the total score under the budget
+//!    (dynamic programming over integer costs; deterministic).
+
+use crate::backward::{head_backward, layer_backward};
+use crate::error::{Error, Result};
+use crate::json::{obj, str, Json};
+use crate::model::{Hooks, LinearKind, Model};
+use crate::ops::{self, Rope};
+use crate::pipeline::module_name;
+use crate::progress::Progress;
+use crate::quant::{fp8, nvfp4, Exclusions, QFormat, WeightKind};
+use std::collections::HashMap;
+
+/// One set of modules that gets one format.
+#[derive(Clone, Debug)]
+pub struct Group {
+    pub name: String,
+    pub members: Vec<String>,
+    /// Weights in the group.
+    pub params: usize,
+    /// False for excluded groups: they stay 16-bit.
+    pub searchable: bool,
+}
+
+/// ModelOpt's bits of a format in the budget (`estimate_quant_compression` × 16; NVFP4 carries
+/// `effective_bits: 4.5` in 0.47's yaml; integers count their `num_bits`), §9.1.
+pub fn format_bits(f: QFormat) -> f64 {
+    match f.weight() {
+        WeightKind::Nvfp4 => 4.5,
+        WeightKind::Int4Groups => 4.0,
+        WeightKind::Fp8 | WeightKind::Int8Rows => 8.0,
+    }
+}
+
+/// The groups of a Llama-family model (ModelOpt's `quant_grouping_rules`).
+pub fn groups(model: &Model, exclusions: &Exclusions) -> Vec<Group> {
+    let cfg = &model.config;
+    let mut out = Vec::new();
+    for l in 0..cfg.num_hidden_layers {
+        for (name, kinds) in [
+            ("self_attn.qkv", &[LinearKind::Q, LinearKind::K, LinearKind::V][..]),
+            ("self_attn.o_proj", &[LinearKind::O][..]),
+            ("mlp.gate_up", &[LinearKind::Gate, LinearKind::Up][..]),
+            ("mlp.down_proj", &[LinearKind::Down][..]),
+        ] {
+            let members: Vec<String> = kinds.iter().map(|&k| module_name(l, k)).collect();
+            let params = kinds.iter().map(|k| k.shape(cfg).iter().product::<usize>()).sum();
+            let searchable = !members.iter().any(|m| exclusions.is_excluded(m));
+            out.push(Group { name: format!("model.layers.{l}.{name}"), members, params, searchable });
+        }
+    }
+    out.push(Group {
+        name: "lm_head".into(),
+        members: vec!["lm_head".into()],
+        params: cfg.vocab_size * cfg.hidden_size,
+        searchable: !exclusions.is_excluded("lm_head"),
+    });
+    out
+}
+
+/// The lowest effective bits the groups allow: searchable ones at the cheapest format,
+/// the others at 16.
+pub fn lowest_bits(groups: &[Group], formats: &[QFormat]) -> f64 {
+    let cheapest = formats.iter().map(|&f| format_bits(f)).fold(16.0, f64::min);
+    let total: usize = groups.iter().map(|g| g.params).sum();
+    groups.iter().map(|g| g.params as f64 * if g.searchable { cheapest } else { 16.0 }).sum::<f64>() / total as f64
+}
+
+/// Exact multiple-choice knapsack: one option per group minimizing the summed score with the
+/// summed cost <= `budget`. Costs are integers; the table has `budget + 1` columns. Ties go to
+/// the smaller cost, then the earlier option. None when no choice fits.
+pub fn select(costs: &[Vec<u64>], scores: &[Vec<f64>], budget: u64) -> Option<Vec<usize>> {
+    let b = budget as usize;
+    // best[c] = (score, cost) of the best choice so far with cost <= c, per prefix of groups.
+    let mut best: Vec<Option<(f64, u64)>> = vec![Some((0.0, 0)); b + 1];
+    let mut choice: Vec<Vec<u8>> = Vec::with_capacity(costs.len());
+    for (gc, gs) in costs.iter().zip(scores) {
+        let mut next: Vec<Option<(f64, u64)>> = vec![None; b + 1];
+        let mut pick = vec![u8::MAX; b + 1];
+        for c in 0..=b {
+            for (o, (&cost, &score)) in gc.iter().zip(gs).enumerate() {
+                let Some(rest) = c.checked_sub(cost as usize) else { continue };
+                let Some((s, k)) = best[rest] else { continue };
+                let cand = (s + score, k + cost);
+                let better = match next[c] {
+                    None => true,
+                    Some((bs, bk)) => cand.0 < bs || (cand.0 == bs && cand.1 < bk),
+                };
+                if better {
+                    next[c] = Some(cand);
+                    pick[c] = o as u8;
+                }
+            }
+        }
+        best = next;
+        choice.push(pick);
+    }
+    best[b]?;
+    // Walk back: the option chosen at the remaining budget, group by group from the last.
+    let mut c = b;
+    let mut out = vec![0usize; costs.len()];
+    for g in (0..costs.len()).rev() {
+        let o = choice[g][c] as usize;
+        out[g] = o;
+        c -= costs[g][o] as usize;
+    }
+    Some(out)
+}
+
+/// The search result: a format (or None = 16-bit) per group, and the report.
+pub struct Search {
+    pub groups: Vec<Group>,
+    pub formats: Vec<QFormat>,
+    /// Per group, per format (same order as `formats`), the sensitivity score.
+    pub scores: Vec<Vec<f64>>,
+    pub chosen: Vec<Option<QFormat>>,
+    pub effective_bits: f64,
+    pub budget: f64,
+    pub seconds: f64,
+}
+
+impl Search {
+    /// module -> format, for the export.
+    pub fn module_formats(&self) -> HashMap<String, QFormat> {
+        let mut m = HashMap::new();
+        for (g, f) in self.groups.iter().zip(&self.chosen) {
+            if let Some(f) = f {
+                for member in &g.members {
+                    m.insert(member.clone(), *f);
+                }
+            }
+        }
+        m
+    }
+
+    /// The report as JSON (`auto_quantize.json` in the output folder).
+    pub fn report(&self, seed: u64, calib_digest: &str, score_samples: usize) -> Json {
+        let groups = self
+            .groups
+            .iter()
+            .zip(&self.scores)
+            .zip(&self.chosen)
+            .map(|((g, sc), ch)| {
+                let scores = Json::Obj(
+                    self.formats.iter().zip(sc).map(|(f, s)| (f.cli_name().to_string(), Json::Float(*s))).collect(),
+                );
+                obj([
+                    ("group", str(&g.name)),
+                    ("members", Json::Arr(g.members.iter().map(|m| str(m)).collect())),
+                    ("params", Json::Int(g.params as i64)),
+                    ("searchable", Json::Bool(g.searchable)),
+                    ("scores", scores),
+                    ("chosen", str(ch.map_or("none", |f| f.cli_name()))),
+                    ("bits", Json::Float(ch.map_or(16.0, format_bits))),
+                ])
+            })
+            .collect();
+        obj([
+            ("effective_bits_budget", Json::Float(self.budget)),
+            ("effective_bits", Json::Float(self.effective_bits)),
+            ("formats", Json::Arr(self.formats.iter().map(|f| str(f.cli_name())).collect())),
+            ("method", str("gradient")),
+            ("score_samples", Json::Int(score_samples as i64)),
+            ("seed", Json::Int(seed as i64)),
+            ("calibration_digest", str(calib_digest)),
+            ("search_seconds", Json::Float(self.seconds)),
+            ("groups", Json::Arr(groups)),
+        ])
+    }
+
+    /// The printed table: group, score per format, chosen format, bits.
+    pub fn table(&self) -> String {
+        let mut s = format!("{:<32}", "group");
+        for f in &self.formats {
+            s += &format!(" {:>12}", format!("score {}", f.cli_name()));
+        }
+        s += &format!(" {:>8} {:>6}\n", "chosen", "bits");
+        for ((g, sc), ch) in self.groups.iter().zip(&self.scores).zip(&self.chosen) {
+            s += &format!("{:<32}", g.name);
+            for v in sc {
+                s += &format!(" {v:>12.4e}");
+            }
+            s += &format!(" {:>8} {:>6.1}\n", ch.map_or("none", |f| f.cli_name()), ch.map_or(16.0, format_bits));
+        }
+        s += &format!("effective bits {:.3} (budget {:.3})\n", self.effective_bits, self.budget);
+        s
+    }
+}
+
+/// FNV-1a 64 of the calibration ids: recorded in the report so a search can be reproduced.
+pub fn calib_digest(samples: &[Vec<u32>]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for row in samples {
+        for &t in row.iter().chain(std::iter::once(&u32::MAX)) {
+            for b in t.to_le_bytes() {
+                h ^= b as u64;
+                h = h.wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+    }
+    format!("fnv1a64:{h:016x}")
+}
+
+/// `n` of the sample indices, chosen by a seeded shuffle (xorshift; deterministic).
+pub fn score_indices(total: usize, n: usize, seed: u64) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..total).collect();
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for i in (1..total).rev() {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        idx.swap(i, (s % (i as u64 + 1)) as usize);
+    }
+    idx.truncate(n.min(total));
+    idx.sort_unstable();
+    idx
+}
+
+#[derive(Default)]
+struct Amax {
+    amax: [f32; LinearKind::ALL.len()],
+}
+
+impl Hooks for Amax {
+    fn linear_input(&mut self, _layer: usize, kind: LinearKind, x: &mut [f32], _cols: usize) {
+        let a = &mut self.amax[kind as usize];
+        *a = x.iter().fold(*a, |m, v| m.max(v.abs()));
+    }
+}
+
+/// A candidate's fake-quantized weight and its input amax, for one linear.
+fn quantized_weight(f: QFormat, w: &[f32], inp: usize) -> Vec<f32> {
+    let mut q = w.to_vec();
+    match f.weight() {
+        WeightKind::Fp8 => fp8::fake_quant(&mut q, fp8::absmax(w)),
+        WeightKind::Nvfp4 => nvfp4::fake_quant(&mut q, inp, fp8::absmax(w)),
+        _ => unreachable!("auto-quantize candidates are checked to be max-calibrated formats"),
+    }
+    q
+}
+
+fn quantize_input(f: QFormat, x: &mut [f32], cols: usize, amax: f32) {
+    match f.weight() {
+        WeightKind::Nvfp4 => nvfp4::fake_quant(x, cols, amax),
+        _ => fp8::fake_quant(x, amax),
+    }
+}
+
+/// One linear as the score sees it: its weight `[out, in]`, the candidates' fake-quantized
+/// weights and its calibrated input amax.
+struct Scored<'a> {
+    w: &'a [f32],
+    wq: &'a [Vec<f32>],
+    amax: f32,
+    shape: [usize; 2],
+}
+
+/// Adds `Σ (dy ⊙ (y_r − y))²` for every candidate to `scores` (`[formats]`).
+fn score_linear(formats: &[QFormat], lin: &Scored, x: &[f32], dy: &[f32], scores: &mut [f64]) {
+    let (w, wq, amax, [out, inp]) = (lin.w, lin.wq, lin.amax, lin.shape);
+    let rows = x.len() / inp;
+    let mut y = vec![0f32; rows * out];
+    ops::matmul_bt(x, w, rows, inp, out, &mut y);
+    let mut yq = vec![0f32; rows * out];
+    for ((f, q), s) in formats.iter().zip(wq).zip(scores.iter_mut()) {
+        let mut xq = x.to_vec();
+        quantize_input(*f, &mut xq, inp, amax);
+        ops::matmul_bt(&xq, q, rows, inp, out, &mut yq);
+        *s += yq.iter().zip(&y).zip(dy).map(|((a, b), g)| (((a - b) * g) as f64).powi(2)).sum::<f64>();
+    }
+}
+
+/// Runs the search. `samples`: calibration rows (amax); `score`: indices of the rows the
+/// scores are computed on.
+pub fn search(
+    model: &Model,
+    samples: &[Vec<u32>],
+    score: &[usize],
+    formats: &[QFormat],
+    budget: f64,
+    exclusions: &Exclusions,
+    progress: &Progress,
+) -> Result<Search> {
+    let start = std::time::Instant::now();
+    if let Some(f) = formats.iter().find(|f| f.awq() || **f == QFormat::Int8Sq) {
+        return Err(Error::Unsupported(format!(
+            "auto-quantize candidate {}: the search supports the max-calibrated formats fp8 and nvfp4 so far",
+            f.cli_name()
+        )));
+    }
+    let cfg = &model.config;
+    let groups = groups(model, exclusions);
+    let lowest = lowest_bits(&groups, formats);
+    if !(budget > 0.0 && budget <= 16.0) || budget < lowest - 1e-9 {
+        return Err(Error::Usage(format!(
+            "--auto-bits {budget}: the lowest reachable effective bits with these formats and exclusions is {lowest:.3} \
+             (excluded modules such as lm_head count 16 bits; `--exclude none` searches them too)"
+        )));
+    }
+
+    // Forward: amax of every linear's input over all samples; layer inputs of the score rows.
+    let max_len = samples.iter().map(Vec::len).max().unwrap_or(0);
+    let rope = Rope::from_config(cfg, max_len);
+    let mut hidden: Vec<Vec<f32>> = samples.iter().map(|s| model.embed(s)).collect::<Result<_>>()?;
+    let mut saved: Vec<Vec<Vec<f32>>> = Vec::with_capacity(cfg.num_hidden_layers);
+    let mut amax: Vec<[f32; LinearKind::ALL.len()]> = Vec::new();
+    let n = cfg.num_hidden_layers;
+    for l in 0..n {
+        saved.push(score.iter().map(|&i| hidden[i].clone()).collect());
+        let layer = model.load_layer(l)?;
+        let mut hooks = Amax::default();
+        for (h, ids) in hidden.iter_mut().zip(samples) {
+            layer.forward(cfg, &rope, h, ids.len(), &mut hooks);
+        }
+        amax.push(hooks.amax);
+        progress.step("auto-quantize forward layer", l + 1, n);
+    }
+    let head = model.load_head()?;
+    let head_amax = hidden
+        .iter()
+        .map(|h| head.normed(h, h.len() / cfg.hidden_size))
+        .fold(0f32, |m, x| x.iter().fold(m, |m, v| m.max(v.abs())));
+
+    // Backward over the score rows, scoring every linear as its gradient becomes known.
+    let nf = formats.len();
+    let mut scores: HashMap<String, Vec<f64>> = HashMap::new();
+    let lm_head_wq: Vec<Vec<f32>> = formats.iter().map(|&f| quantized_weight(f, head.lm_head(), cfg.hidden_size)).collect();
+    let mut dh: Vec<Vec<f32>> = Vec::with_capacity(score.len());
+    for &i in score {
+        let s = scores.entry("lm_head".into()).or_insert_with(|| vec![0.0; nf]);
+        let (_, d) = head_backward(&head, &hidden[i], &samples[i], &mut |x, dz| {
+            let lin = Scored { w: head.lm_head(), wq: &lm_head_wq, amax: head_amax, shape: [cfg.vocab_size, cfg.hidden_size] };
+            score_linear(formats, &lin, x, dz, s)
+        });
+        dh.push(d);
+    }
+    for l in (0..n).rev() {
+        let layer = model.load_layer(l)?;
+        let wq: Vec<Vec<Vec<f32>>> = LinearKind::ALL
+            .iter()
+            .map(|&k| formats.iter().map(|&f| quantized_weight(f, layer.weight(k), k.shape(cfg)[1])).collect())
+            .collect();
+        for (j, &i) in score.iter().enumerate() {
+            let d = layer_backward(&layer, cfg, &rope, &saved[l][j], samples[i].len(), &dh[j], &mut |kind, x, dy| {
+                let s = scores.entry(module_name(l, kind)).or_insert_with(|| vec![0.0; nf]);
+                let lin = Scored { w: layer.weight(kind), wq: &wq[kind as usize], amax: amax[l][kind as usize], shape: kind.shape(cfg) };
+                score_linear(formats, &lin, x, dy, s);
+            });
+            dh[j] = d;
+        }
+        saved.pop();
+        progress.step("auto-quantize backward layer", n - l, n);
+    }
+
+    // Group scores, non-increasing from the most to the least compressed (§9.3).
+    let mut order: Vec<usize> = (0..nf).collect();
+    order.sort_by(|&a, &b| format_bits(formats[a]).total_cmp(&format_bits(formats[b])));
+    let group_scores: Vec<Vec<f64>> = groups
+        .iter()
+        .map(|g| {
+            let mut s = vec![0f64; nf];
+            for m in &g.members {
+                for (acc, v) in s.iter_mut().zip(&scores[m]) {
+                    *acc += v;
+                }
+            }
+            for w in order.windows(2) {
+                s[w[1]] = s[w[1]].min(s[w[0]]);
+            }
+            s
+        })
+        .collect();
+
+    // Costs in units of (params · quarter-bits) / gcd, options: the formats then 16-bit.
+    let quarter = |bits: f64| (bits * 4.0).round() as u64;
+    let raw: Vec<Vec<u64>> = groups
+        .iter()
+        .map(|g| {
+            let mut c: Vec<u64> = if g.searchable { formats.iter().map(|&f| g.params as u64 * quarter(format_bits(f))).collect() } else { vec![] };
+            c.push(g.params as u64 * quarter(16.0));
+            c
+        })
+        .collect();
+    let unit = raw.iter().flatten().fold(0u64, |a, &b| gcd(a, b)).max(1);
+    let costs: Vec<Vec<u64>> = raw.iter().map(|c| c.iter().map(|x| x / unit).collect()).collect();
+    let total: usize = groups.iter().map(|g| g.params).sum();
+    let budget_units = ((budget * 4.0 * total as f64) as u64) / unit;
+    let opt_scores: Vec<Vec<f64>> = groups
+        .iter()
+        .zip(&group_scores)
+        .map(|(g, s)| {
+            let mut v = if g.searchable { s.clone() } else { vec![] };
+            v.push(0.0);
+            v
+        })
+        .collect();
+    let picks = select(&costs, &opt_scores, budget_units)
+        .ok_or_else(|| Error::Usage(format!("--auto-bits {budget}: no assignment fits the budget")))?;
+    let chosen: Vec<Option<QFormat>> =
+        groups.iter().zip(&picks).map(|(g, &p)| if g.searchable && p < nf { Some(formats[p]) } else { None }).collect();
+    let bits: f64 = groups.iter().zip(&chosen).map(|(g, c)| g.params as f64 * c.map_or(16.0, format_bits)).sum();
+    Ok(Search {
+        groups,
+        formats: formats.to_vec(),
+        scores: group_scores,
+        chosen,
+        effective_bits: bits / total as f64,
+        budget,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Brute force over every assignment of a small random instance.
+    #[test]
+    fn select_is_exact() {
+        let mut s = 0x1234_5678u64;
+        let mut next = || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        for _ in 0..200 {
+            let g = 1 + (next() % 5) as usize;
+            let costs: Vec<Vec<u64>> = (0..g).map(|_| (0..3).map(|_| 1 + next() % 9).collect()).collect();
+            let scores: Vec<Vec<f64>> = (0..g).map(|_| (0..3).map(|_| (next() % 100) as f64).collect()).collect();
+            let budget = next() % 30;
+            let mut best: Option<(f64, u64)> = None;
+            for code in 0..3usize.pow(g as u32) {
+                let pick: Vec<usize> = (0..g).map(|i| code / 3usize.pow(i as u32) % 3).collect();
+                let cost: u64 = pick.iter().enumerate().map(|(i, &o)| costs[i][o]).sum();
+                let score: f64 = pick.iter().enumerate().map(|(i, &o)| scores[i][o]).sum();
+                if cost <= budget && best.is_none_or(|(bs, bc)| score < bs || (score == bs && cost < bc)) {
+                    best = Some((score, cost));
+                }
+            }
+            let got = select(&costs, &scores, budget);
+            match (best, got) {
+                (None, None) => {}
+                (Some((bs, bc)), Some(p)) => {
+                    let cost: u64 = p.iter().enumerate().map(|(i, &o)| costs[i][o]).sum();
+                    let score: f64 = p.iter().enumerate().map(|(i, &o)| scores[i][o]).sum();
+                    assert_eq!((score, cost), (bs, bc));
+                }
+                (b, g) => panic!("brute force {b:?}, select {g:?}"),
+            }
+        }
+    }
+}

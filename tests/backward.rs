@@ -1,0 +1,301 @@
+//! The activation-gradient backward pass against central finite differences of the f32
+//! forward (`Layer::forward` and `Head::nll`), on the tiny f32 Llama fixture (hidden 128,
+//! 2 layers, 4 heads, 2 KV heads, vocab 512): dL/dh of the first layer's input, dL/dy of
+//! every linear (through dL/dW = Σ_t dy_tᵀ·x_t), and the head's loss and gradients.
+
+use rq_min::backward::{head_backward, layer_backward};
+use rq_min::config::ModelConfig;
+use rq_min::model::{Head, Layer, LinearKind, Model, NoHooks};
+use rq_min::ops::Rope;
+use rq_min::safetensors::SafeTensors;
+use std::path::Path;
+
+const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/families-llama");
+const SEQ: usize = 6;
+
+struct Fixture {
+    cfg: ModelConfig,
+    layers: Vec<Layer>,
+    head: Head,
+    rope: Rope,
+    ids: Vec<u32>,
+    /// The embeddings of `ids`: the first layer's input.
+    h0: Vec<f32>,
+}
+
+/// The fixture model and the first `SEQ` ids of its reference input.
+fn fixture() -> Fixture {
+    let reference = SafeTensors::open(&Path::new(FIXTURE).join("reference_io.safetensors")).unwrap();
+    let ids = reference.tensor("input_ids").unwrap().to_i64().unwrap()[..SEQ]
+        .iter()
+        .map(|&i| u32::try_from(i).unwrap())
+        .collect();
+    Fixture::new(ids)
+}
+
+impl Fixture {
+    /// The fixture model on the sequence `ids`.
+    fn new(ids: Vec<u32>) -> Fixture {
+        let model = Model::open(Path::new(FIXTURE), None).unwrap();
+        let cfg = model.config.clone();
+        let layers = (0..cfg.num_hidden_layers).map(|i| model.load_layer(i).unwrap()).collect();
+        Fixture {
+            layers,
+            head: model.load_head().unwrap(),
+            rope: Rope::from_config(&cfg, ids.len()),
+            h0: model.embed(&ids).unwrap(),
+            ids,
+            cfg,
+        }
+    }
+
+    /// The mean next-token NLL from the first layer's input `h0`, by the forward pass.
+    fn loss(&self, h0: &[f32]) -> f64 {
+        let mut hidden = h0.to_vec();
+        for layer in &self.layers {
+            layer.forward(&self.cfg, &self.rope, &mut hidden, self.ids.len(), &mut NoHooks);
+        }
+        let (sum, count) = self.head.nll(&hidden, &self.ids);
+        sum / count as f64
+    }
+
+    /// Loss, dL/dh0 and, per layer, dL/dW = Σ_t dy_tᵀ·x_t of every linear (`[out, in]`).
+    fn backward(&self) -> Gradients {
+        let seq = self.ids.len();
+        let mut inputs = vec![self.h0.clone()];
+        for layer in &self.layers {
+            let mut h = inputs.last().unwrap().clone();
+            layer.forward(&self.cfg, &self.rope, &mut h, seq, &mut NoHooks);
+            inputs.push(h);
+        }
+        let (loss, mut g) = head_backward(&self.head, &inputs[self.layers.len()], &self.ids, &mut |_, _| {});
+        let mut weight_grads = vec![Vec::new(); self.layers.len()];
+        for (l, layer) in self.layers.iter().enumerate().rev() {
+            g = layer_backward(layer, &self.cfg, &self.rope, &inputs[l], seq, &g, &mut |kind, x, dy| {
+                let [n_out, n_in] = kind.shape(&self.cfg);
+                assert_eq!((x.len(), dy.len()), (seq * n_in, seq * n_out), "{kind:?}");
+                let mut dw = vec![0f64; n_out * n_in];
+                for t in 0..seq {
+                    for i in 0..n_out {
+                        for j in 0..n_in {
+                            dw[i * n_in + j] += f64::from(dy[t * n_out + i]) * f64::from(x[t * n_in + j]);
+                        }
+                    }
+                }
+                weight_grads[l].push((kind, dw));
+            });
+        }
+        Gradients { loss, input: g, weights: weight_grads }
+    }
+}
+
+/// What [`Fixture::backward`] computes.
+struct Gradients {
+    loss: f64,
+    /// dL/dh0, `[seq, hidden]`.
+    input: Vec<f32>,
+    /// Per layer, in the order `layer_backward` reports them: each linear's dL/dW.
+    weights: Vec<Vec<(LinearKind, Vec<f64>)>>,
+}
+
+/// Central differences of `f` at `x` along every coordinate, step `eps`.
+fn finite_differences(x: &[f32], eps: f32, f: impl Fn(&[f32]) -> f64) -> Vec<f64> {
+    let mut x = x.to_vec();
+    (0..x.len())
+        .map(|i| {
+            let v = x[i];
+            x[i] = v + eps;
+            let plus = f(&x);
+            x[i] = v - eps;
+            let minus = f(&x);
+            x[i] = v;
+            (plus - minus) / (2.0 * f64::from(eps))
+        })
+        .collect()
+}
+
+/// Cosine similarity of the two gradients, and the largest error on the components above a
+/// tenth of the largest, relative to that component.
+fn compare(got: &[f32], want: &[f64]) -> (f64, f64) {
+    assert_eq!(got.len(), want.len());
+    let dot: f64 = got.iter().zip(want).map(|(&a, &b)| f64::from(a) * b).sum();
+    let norm = |v: &mut dyn Iterator<Item = f64>| v.map(|a| a * a).sum::<f64>().sqrt();
+    let cos = dot / (norm(&mut got.iter().map(|&a| f64::from(a))) * norm(&mut want.iter().copied()));
+    let max = want.iter().fold(0f64, |m, b| m.max(b.abs()));
+    let rel = got
+        .iter()
+        .zip(want)
+        .filter(|(_, b)| b.abs() >= 0.1 * max)
+        .map(|(&a, &b)| (f64::from(a) - b).abs() / b.abs())
+        .fold(0f64, f64::max);
+    (cos, rel)
+}
+
+fn rms(x: &[f32]) -> f32 {
+    (x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32).sqrt()
+}
+
+#[test]
+fn input_gradient_matches_finite_differences() {
+    let mut fx = fixture();
+    // Full causal attention, then Mistral's sliding window (a query sees 3 keys).
+    for window in [None, Some(3)] {
+        fx.cfg.sliding_window = window;
+        let Gradients { loss, input: grad, .. } = fx.backward();
+        assert!((loss - fx.loss(&fx.h0)).abs() <= 1e-6 * loss, "window {window:?}: loss {loss}");
+        let fd = finite_differences(&fx.h0, 1e-2 * rms(&fx.h0), |h| fx.loss(h));
+        let (cos, rel) = compare(&grad, &fd);
+        println!("window {window:?}: dL/dh_in cosine {cos:.7}, max rel err (large components) {rel:.2e}");
+        assert!(cos >= 0.999, "window {window:?}: cosine {cos}");
+        assert!(rel <= 1e-2, "window {window:?}: relative error {rel}");
+    }
+}
+
+/// 300 positions: three blocks of queries in the attention backward, and with a window of 100
+/// keys blocks whose first visible key is not 0. dL/dh_in is checked by directional
+/// derivatives (the loss along a line), along the gradient of the rows past the first block
+/// and along a fixed pseudo-random direction; the linears' dy through dL/dW.
+#[test]
+fn gradients_across_attention_blocks() {
+    let seq = 300;
+    let ids: Vec<u32> = (0..seq as u32).map(|i| (i * 7 + i / 3 + 1) % 512).collect();
+    let mut fx = Fixture::new(ids);
+    let h = fx.cfg.hidden_size;
+    let pseudo_random: Vec<f32> = (0..seq * h).map(|i| ((i * 7919 + 13) % 1009) as f32 / 504.0 - 1.0).collect();
+    for window in [None, Some(100)] {
+        fx.cfg.sliding_window = window;
+        let Gradients { loss, input: grad, .. } = fx.backward();
+        assert!((loss - fx.loss(&fx.h0)).abs() <= 1e-6 * loss, "window {window:?}: loss {loss}");
+        let mut late_rows = grad.clone();
+        late_rows[..150 * h].fill(0.0);
+        for (name, d) in [("gradient past row 150", late_rows), ("pseudo-random", pseudo_random.clone())] {
+            // Unit direction, steps of 0.3% of the input's rms per element (the error of the
+            // central difference shrinks as the step squared down to there).
+            let norm = d.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt();
+            let d: Vec<f32> = d.iter().map(|&v| (f64::from(v) / norm) as f32).collect();
+            let eps = 3e-3 * rms(&fx.h0) * (d.len() as f32).sqrt();
+            let along =
+                |sign: f32| fx.loss(&fx.h0.iter().zip(&d).map(|(&x, &v)| x + sign * eps * v).collect::<Vec<_>>());
+            let fd = (along(1.0) - along(-1.0)) / (2.0 * f64::from(eps));
+            let got: f64 = grad.iter().zip(&d).map(|(&g, &v)| f64::from(g) * f64::from(v)).sum();
+            let err = (got - fd).abs() / fd.abs();
+            println!("window {window:?}, {name}: dL/dh·d {got:.6e}, finite difference {fd:.6e}, rel err {err:.2e}");
+            assert!(err <= 1e-3, "window {window:?}, {name}: {got} vs {fd}");
+        }
+        check_weight_gradients(&mut fx);
+    }
+}
+
+#[test]
+fn linear_output_gradients_match_weight_finite_differences() {
+    check_weight_gradients(&mut fixture());
+}
+
+/// dL/dW = Σ_t dy_tᵀ·x_t from the `dy` that `layer_backward` reports for every linear of every
+/// layer, against central differences of the loss in the four largest entries.
+fn check_weight_gradients(fx: &mut Fixture) {
+    let window = fx.cfg.sliding_window;
+    let weight_grads = fx.backward().weights;
+    for (l, grads) in weight_grads.iter().enumerate() {
+        let kinds: Vec<LinearKind> = grads.iter().map(|(k, _)| *k).collect();
+        use LinearKind::{Down, Gate, Up, K, O, Q, V};
+        assert_eq!(kinds, [Down, Gate, Up, O, Q, K, V]);
+        for (kind, dw) in grads {
+            let w = fx.layers[l].weight(*kind).to_vec();
+            // Half the weights' rms: one entry moves the loss almost linearly even that far, and
+            // smaller steps drown q/k's small gradients in the f32 rounding of the loss.
+            let eps = 0.5 * rms(&w);
+            let mut order: Vec<usize> = (0..dw.len()).collect();
+            order.sort_by(|&a, &b| dw[b].abs().total_cmp(&dw[a].abs()));
+            let mut worst = 0f64;
+            for &i in &order[..4] {
+                let mut fd = 0f64;
+                for sign in [1f32, -1.0] {
+                    let mut wp = w.clone();
+                    wp[i] += sign * eps;
+                    fx.layers[l].set_weight(*kind, wp);
+                    fd += f64::from(sign) * fx.loss(&fx.h0);
+                }
+                fx.layers[l].set_weight(*kind, w.clone());
+                fd /= 2.0 * f64::from(eps);
+                worst = worst.max((fd - dw[i]).abs() / dw[i].abs());
+            }
+            let (seq, top) = (fx.ids.len(), dw[order[0]].abs());
+            println!("seq {seq}, window {window:?}, layer {l} {kind:?}: dL/dW max rel err {worst:.2e} (max {top:.3e})");
+            assert!(worst <= 1e-2, "seq {seq}, window {window:?}, layer {l} {kind:?}: relative error {worst}");
+        }
+    }
+}
+
+#[test]
+fn head_loss_and_gradients() {
+    let fx = fixture();
+    let mut hidden = fx.h0.clone();
+    for layer in &fx.layers {
+        layer.forward(&fx.cfg, &fx.rope, &mut hidden, SEQ, &mut NoHooks);
+    }
+    let vocab = fx.cfg.vocab_size;
+    let mut calls = Vec::new();
+    let (loss, grad) = head_backward(&fx.head, &hidden, &fx.ids, &mut |x, dz| calls.push((x.to_vec(), dz.to_vec())));
+    let (sum, count) = fx.head.nll(&hidden, &fx.ids);
+    assert!((loss - sum / count as f64).abs() <= 1e-12 * loss, "{loss} vs {}", sum / count as f64);
+
+    // One block: x is the normed hidden state, dz = (softmax(z) − onehot) / n.
+    assert_eq!(calls.len(), 1);
+    let (x, dz) = &calls[0];
+    assert_eq!(x[..], fx.head.normed(&hidden, SEQ)[..(SEQ - 1) * fx.cfg.hidden_size]);
+    let logits = fx.head.logits(&hidden, SEQ);
+    let mut worst = 0f64;
+    for t in 0..SEQ - 1 {
+        let z = &logits[t * vocab..][..vocab];
+        let max = z.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(f64::from(v)));
+        let sum: f64 = z.iter().map(|&v| (f64::from(v) - max).exp()).sum();
+        for (j, &v) in z.iter().enumerate() {
+            let onehot = if j == fx.ids[t + 1] as usize { 1.0 } else { 0.0 };
+            let want = ((f64::from(v) - max).exp() / sum - onehot) / count as f64;
+            worst = worst.max((f64::from(dz[t * vocab + j]) - want).abs());
+        }
+    }
+    println!("dL/dlogits max abs err {worst:.2e}");
+    assert!(worst <= 1e-7, "dL/dlogits max abs error {worst}");
+
+    let fd = finite_differences(&hidden, 1e-2 * rms(&hidden), |h| {
+        let (sum, count) = fx.head.nll(h, &fx.ids);
+        sum / count as f64
+    });
+    let (cos, rel) = compare(&grad, &fd);
+    println!("head dL/dhidden cosine {cos:.7}, max rel err (large components) {rel:.2e}");
+    assert!(cos >= 0.999, "cosine {cos}");
+    assert!(rel <= 1e-2, "relative error {rel}");
+}
+
+#[test]
+fn head_blocks_of_positions_agree_with_one_block() {
+    let fx = fixture();
+    let (h, vocab) = (fx.cfg.hidden_size, fx.cfg.vocab_size as u32);
+    // 1100 positions: three blocks of at most 512.
+    let ids: Vec<u32> = (0..1100u32).map(|i| (i * 7 + i / 3) % vocab).collect();
+    let hidden: Vec<f32> = (0..ids.len() * h).map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0).collect();
+    let mut rows = Vec::new();
+    let (loss, grad) =
+        head_backward(&fx.head, &hidden, &ids, &mut |x, dz| rows.push((x.len() / h, dz.len() / vocab as usize)));
+    assert_eq!(rows, [(512, 512), (512, 512), (75, 75)]);
+    let (sum, count) = fx.head.nll(&hidden, &ids);
+    assert!((loss - sum / count as f64).abs() <= 1e-9 * loss, "{loss} vs {}", sum / count as f64);
+    // A position's gradient only depends on its row and next id, scaled by 1/count: a window
+    // around the first block boundary, run alone, gives the same rows.
+    let (a, b) = (505, 520);
+    let (_, window) = head_backward(&fx.head, &hidden[a * h..b * h], &ids[a..b], &mut |_, _| {});
+    let scale = (b - a - 1) as f32 / count as f32;
+    for t in 0..b - a - 1 {
+        for j in 0..h {
+            let (got, want) = (grad[(a + t) * h + j], window[t * h + j] * scale);
+            assert!((got - want).abs() <= 1e-5 * want.abs().max(1e-3 / count as f32), "row {}: {got} vs {want}", a + t);
+        }
+    }
+    // The last position predicts nothing.
+    assert!(grad[(ids.len() - 1) * h..].iter().all(|&v| v == 0.0));
+    // Fewer than two tokens: no term.
+    let (loss, grad) = head_backward(&fx.head, &hidden[..h], &ids[..1], &mut |_, _| panic!("no block expected"));
+    assert_eq!((loss, grad), (0.0, vec![0.0; h]));
+}
