@@ -296,6 +296,42 @@ pub fn inspect(path: &Path) -> Result<()> {
     Err(Error::Usage(format!("{}: {} finding(s)", path.display(), report.findings.len())))
 }
 
+/// `rq-min verify`: the checks of `inspect` (config vs tensors, required scales, finite and
+/// positive scales, packed sizes, KV scales) and, given the original model, the dequantized
+/// weight error of every linear; non-zero exit on any finding.
+pub fn verify(dir: &Path, original: Option<&Path>) -> Result<()> {
+    let mut report = crate::inspect::check(dir)?;
+    println!("{:<14} {:>8} {:>14} {:>10}", "format", "linears", "parameters", "bits/param");
+    for (name, g) in &report.groups {
+        println!("{:<14} {:>8} {:>14} {:>10.3}", name, g.linears, g.params, g.bits());
+    }
+    println!("{:<14} {:>8} {:>14} {:>10.3}", "overall", "", report.groups.values().map(|g| g.params).sum::<usize>(), report.overall_bits());
+    if let Some(orig) = original {
+        let errors = crate::inspect::weight_errors(dir, orig)?;
+        println!("\n{:<40} {:>14}", "linear", "weight error");
+        for e in &errors {
+            println!("{:<40} {:>14.4}", e.module, e.relative);
+            if !(e.relative <= crate::inspect::MAX_WEIGHT_ERROR) {
+                report.findings.push(format!(
+                    "{}: dequantized weight differs from the original by {:.3} (relative Frobenius), more than {}",
+                    e.module,
+                    e.relative,
+                    crate::inspect::MAX_WEIGHT_ERROR
+                ));
+            }
+        }
+    }
+    for f in &report.findings {
+        println!("finding: {f}");
+    }
+    if report.findings.is_empty() {
+        println!("verified: no findings");
+        Ok(())
+    } else {
+        Err(Error::Usage(format!("{}: {} finding(s)", dir.display(), report.findings.len())))
+    }
+}
+
 fn summarize_config(path: &Path, j: &Json) {
     println!("{}:", path.display());
     let keys = ["architectures", "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",

@@ -108,8 +108,15 @@ pub fn check(dir: &Path) -> Result<Report> {
                 check_scale(&mut report.findings, module, suffix, &t, inp);
             }
         }
-        if stored == Stored::Nvfp4 && get("weight_scale_2").is_none() {
-            report.findings.push(format!("{module}: NVFP4 weight without weight_scale_2"));
+        // The tensors a loader needs for the module's format (spec/export-formats.md §2.5).
+        let module_algo = match &mixed {
+            Some(layers) => layers.iter().find(|(k, _)| k == module).and_then(|(_, v)| v.get("quant_algo")).and_then(Json::as_str),
+            None => algo.as_deref(),
+        };
+        for needed in required(stored, module_algo) {
+            if get(needed).is_none() {
+                report.findings.push(format!("{module}: {} weight without {needed}", stored.name()));
+            }
         }
         let excluded = excludes.iter().any(|p| fnmatch(p, module));
         let is_embedding = module.ends_with("embed_tokens");
@@ -145,7 +152,115 @@ pub fn check(dir: &Path) -> Result<Report> {
             (None, None) => {}
         }
     }
+    // KV-cache scales on every attention layer when the config names a KV format (§2.8).
+    if quant.as_ref().and_then(|q| q.get("kv_cache_quant_algo")).and_then(Json::as_str).is_some() {
+        for name in names.iter().filter(|n| n.ends_with(".self_attn.k_proj.weight")) {
+            let attn = name.trim_end_matches(".k_proj.weight");
+            for scale in ["k_proj.k_scale", "v_proj.v_scale"] {
+                if ck.get(&format!("{attn}.{scale}")).is_none() {
+                    report.findings.push(format!("{attn}: the config names a KV-cache format but {scale} is missing"));
+                }
+            }
+        }
+    }
     Ok(report)
+}
+
+/// Scale tensors a format needs besides `weight` and `weight_scale`.
+fn required(stored: Stored, algo: Option<&str>) -> &'static [&'static str] {
+    match (stored, algo) {
+        (Stored::Fp8, _) => &["input_scale"],
+        (Stored::Int8, _) => &["input_scale", "pre_quant_scale"],
+        (Stored::Nvfp4, _) => &["weight_scale_2", "input_scale"],
+        (Stored::Int4 { .. }, Some("W4A8_AWQ")) => &["weight_scale_2", "input_scale"],
+        _ => &[],
+    }
+}
+
+/// One linear's dequantized weight against the original model's.
+pub struct WeightError {
+    pub module: String,
+    /// ‖W_effective − W_original‖ / ‖W_original‖.
+    pub relative: f64,
+}
+
+/// Largest relative error of a dequantized weight that passes `verify` (INT4/NVFP4 weights of
+/// trained models sit around 0.1, FP8 around 0.03; broken packing or scales give ~1).
+pub const MAX_WEIGHT_ERROR: f64 = 0.35;
+
+/// The dequantized weight error of every decoder linear against `original`, relative
+/// Frobenius. The effective weight multiplies back what the export moved elsewhere: the
+/// linear's `pre_quant_scale` (its input is multiplied by it) and, for linears reading a
+/// norm, the per-channel ratio of the exported to the original norm weight (AWQ folds its
+/// scales there). NVFP4-AWQ also folds down_proj's scale p into up_proj's output rows
+/// (spec/algorithms.md §7 step 1), which stores no tensor: p is estimated per row as the
+/// least-squares ratio of the exported to the original up_proj row, and up_proj's rows are
+/// divided and down_proj's input columns multiplied by it.
+pub fn weight_errors(dir: &Path, original: &Path) -> Result<Vec<WeightError>> {
+    use crate::model::{LinearKind, Model};
+    use crate::quant::read::{input_quant, linear_weight};
+    let q = Model::open(dir, Some(original))?;
+    let o = Model::open(original, None)?;
+    let nvfp4_awq = [("hf_quant_config.json", "NVFP4_AWQ")].iter().any(|(f, a)| {
+        std::fs::read_to_string(dir.join(f)).is_ok_and(|t| t.contains(a))
+    });
+    let mut out = Vec::new();
+    for l in 0..o.config.num_hidden_layers {
+        let ratio = |norm: &str| -> Result<Vec<f32>> {
+            let name = format!("model.layers.{l}.{norm}.weight");
+            let (a, b) = (q.tensor(&name)?.to_f32()?, o.tensor(&name)?.to_f32()?);
+            Ok(a.iter().zip(&b).map(|(x, y)| if *y != 0.0 { x / y } else { 1.0 }).collect())
+        };
+        let (r_in, r_post) = (ratio("input_layernorm")?, ratio("post_attention_layernorm")?);
+        // NVFP4-AWQ's down_proj scale folded into up_proj rows: estimated from up_proj.
+        let up = crate::pipeline::module_name(l, LinearKind::Up);
+        let down = crate::pipeline::module_name(l, LinearKind::Down);
+        let folded = if nvfp4_awq && input_quant(&q, &down, LinearKind::Down.shape(&o.config))?.pre_quant_scale.is_none() {
+            let shape = LinearKind::Up.shape(&o.config);
+            let (a, b) = (linear_weight(&q, &up, shape)?, linear_weight(&o, &up, shape)?);
+            let c: Vec<f32> = a
+                .chunks_exact(shape[1])
+                .zip(b.chunks_exact(shape[1]))
+                .map(|(x, y)| {
+                    let (xy, yy) = x.iter().zip(y).fold((0f64, 0f64), |(s, t), (a, b)| (s + (*a * *b) as f64, t + (*b * *b) as f64));
+                    if yy > 0.0 && xy > 0.0 { (xy / yy) as f32 } else { 1.0 }
+                })
+                .collect();
+            // up_proj's rows are divided by c below, down_proj's input columns multiplied.
+            Some(c)
+        } else {
+            None
+        };
+        for k in LinearKind::ALL {
+            let m = crate::pipeline::module_name(l, k);
+            let shape = k.shape(&o.config);
+            let mut w = linear_weight(&q, &m, shape)?;
+            let mut scale = input_quant(&q, &m, shape)?.pre_quant_scale.unwrap_or_else(|| vec![1.0; shape[1]]);
+            let norm_ratio = match k {
+                LinearKind::Q | LinearKind::K | LinearKind::V => Some(&r_in),
+                LinearKind::Gate | LinearKind::Up => Some(&r_post),
+                _ => None,
+            };
+            if let Some(r) = norm_ratio {
+                scale.iter_mut().zip(r).for_each(|(s, r)| *s *= r);
+            }
+            if let (Some(c), LinearKind::Down) = (&folded, k) {
+                scale.iter_mut().zip(c).for_each(|(s, c)| *s *= c);
+            }
+            for (r, row) in w.chunks_exact_mut(shape[1]).enumerate() {
+                let row_scale = match (&folded, k) {
+                    (Some(c), LinearKind::Up) => 1.0 / c[r],
+                    _ => 1.0,
+                };
+                row.iter_mut().zip(&scale).for_each(|(v, s)| *v *= s * row_scale);
+            }
+            let orig = linear_weight(&o, &m, shape)?;
+            let diff: f64 = w.iter().zip(&orig).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+            let norm: f64 = orig.iter().map(|b| (*b as f64).powi(2)).sum();
+            out.push(WeightError { module: m, relative: (diff / norm.max(f64::MIN_POSITIVE)).sqrt() });
+        }
+    }
+    Ok(out)
 }
 
 /// A scale must be finite and positive, and of its kind's shape.

@@ -18,6 +18,20 @@ enum Command {
     Quantize(Quantize),
     Eval(Eval),
     Inspect(Inspect),
+    Verify(Verify),
+}
+
+/// Check a quantized checkpoint as a loader would (config vs tensors, scales, packed sizes);
+/// with --original, also every linear's dequantized weight error. Non-zero exit on a finding.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "verify")]
+struct Verify {
+    /// the quantized checkpoint folder
+    #[argh(positional)]
+    path: PathBuf,
+    /// the unquantized model it was made from
+    #[argh(option)]
+    original: Option<PathBuf>,
 }
 
 /// Quantize a checkpoint and export it in ModelOpt's unified HF layout.
@@ -163,6 +177,7 @@ fn main() -> ExitCode {
             quiet: e.quiet,
         }),
         Command::Inspect(i) => cli::inspect(&i.path),
+        Command::Verify(v) => cli::verify(&v.path, v.original.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
