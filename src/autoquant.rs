@@ -14,6 +14,7 @@
 //!    (dynamic programming over integer costs; deterministic).
 
 use crate::backward::{head_backward, layer_backward};
+use crate::config::Activation;
 use crate::error::{Error, Result};
 use crate::json::{obj, str, Json};
 use crate::model::{Hooks, LinearKind, Model};
@@ -294,13 +295,20 @@ pub fn search(
     progress: &Progress,
 ) -> Result<Search> {
     let start = std::time::Instant::now();
+    let cfg = &model.config;
+    // The activation-gradient backward (crate::backward) is that of the Llama layer.
+    if cfg.qkv_bias || cfg.qk_norm || cfg.norm_offset || cfg.embed_scale.is_some() || cfg.act != Activation::Silu {
+        return Err(Error::Unsupported(format!(
+            "auto-quantize supports Llama and Mistral so far; {}",
+            cfg.architecture
+        )));
+    }
     if let Some(f) = formats.iter().find(|f| f.awq() || **f == QFormat::Int8Sq) {
         return Err(Error::Unsupported(format!(
             "auto-quantize candidate {}: the search supports the max-calibrated formats fp8 and nvfp4 so far",
             f.cli_name()
         )));
     }
-    let cfg = &model.config;
     let groups = groups(model, exclusions);
     let lowest = lowest_bits(&groups, formats);
     if !(budget > 0.0 && budget <= 16.0) || budget < lowest - 1e-9 {

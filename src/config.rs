@@ -1,14 +1,17 @@
 //! A model's `config.json`, read into the numbers the runtime needs and checked once, so the
-//! layer code can trust them. Defaults are those of HF transformers' `LlamaConfig` /
-//! `MistralConfig` (configuration_llama.py, configuration_mistral.py) for keys that may be
-//! left out; the dimensions have no sensible default and are required.
+//! layer code can trust them. Defaults are those of HF transformers' `LlamaConfig`,
+//! `MistralConfig`, `Qwen2Config`, `Qwen3Config` and `GemmaConfig` (configuration_*.py) for
+//! keys that may be left out; the dimensions have no sensible default and are required.
+//! What sets a family apart from Llama is spelled out in explicit fields (`qkv_bias`,
+//! `qk_norm`, `norm_offset`, `embed_scale`, `act`), so the layer code never tests names.
 
 use crate::error::{Error, Result};
 use crate::json::Json;
 use std::path::{Path, PathBuf};
 
 /// `architectures[0]` values this runtime implements.
-pub const SUPPORTED_ARCHITECTURES: [&str; 2] = ["LlamaForCausalLM", "MistralForCausalLM"];
+pub const SUPPORTED_ARCHITECTURES: [&str; 5] =
+    ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GemmaForCausalLM"];
 
 #[derive(Clone, Debug)]
 pub struct ModelConfig {
@@ -39,6 +42,26 @@ pub struct ModelConfig {
     pub sliding_window: Option<usize>,
     /// `dtype` (transformers 5) or `torch_dtype` (4.x), e.g. "bfloat16", when given.
     pub dtype: Option<String>,
+    /// q_proj, k_proj and v_proj have biases (HF `Qwen2Attention`: always; Llama-style
+    /// attention: `attention_bias = true`, which also gives o_proj one).
+    pub qkv_bias: bool,
+    /// Per-head RMSNorm of q and k before RoPE (`self_attn.q_norm` / `k_norm`, HF `Qwen3Attention`).
+    pub qk_norm: bool,
+    /// Norms scale by `1 + weight` (HF `GemmaRMSNorm`), the stored weight being the offset from 1.
+    pub norm_offset: bool,
+    /// Factor on the embedding output (HF `GemmaModel`: `sqrt(hidden_size)`), in f32.
+    pub embed_scale: Option<f32>,
+    /// The gated MLP's activation (`hidden_activation`, else `hidden_act`).
+    pub act: Activation,
+}
+
+/// Activation of the gated MLP, `act_fn(gate_proj(x)) * up_proj(x)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// `"silu"`: torch `F.silu`.
+    Silu,
+    /// `"gelu_pytorch_tanh"`: torch `F.gelu(x, approximate="tanh")` (HF `PytorchGELUTanh`).
+    GeluTanh,
 }
 
 /// Rotary embedding parameters: `rope_theta` and the `rope_type` with its keys.
@@ -86,8 +109,12 @@ impl ModelConfig {
         // HF: `head_dim = getattr(config, "head_dim", None) or hidden_size // num_attention_heads`.
         // Only the derived value needs the division to be exact: with an explicit head_dim,
         // q_proj is [heads * head_dim, hidden] whatever hidden is.
+        // Qwen3Config and GemmaConfig default head_dim to 128 and 256 instead.
+        let family = Family::of(&architecture);
         let head_dim = match r.opt_dim("head_dim")? {
             Some(d) => d,
+            None if family == Family::Qwen3 => 128,
+            None if family == Family::Gemma => 256,
             None if !hidden_size.is_multiple_of(num_attention_heads) => {
                 return Err(r.err(format!(
                     "num_attention_heads = {num_attention_heads} does not divide hidden_size = {hidden_size} \
@@ -99,7 +126,7 @@ impl ModelConfig {
         if !head_dim.is_multiple_of(2) {
             return Err(r.err(format!("head_dim = {head_dim} is odd; rotary embeddings need it even")));
         }
-        let is_mistral = architecture == "MistralForCausalLM";
+        let is_mistral = family == Family::Mistral;
         let rms_norm_eps = r.opt_f64("rms_norm_eps")?.unwrap_or(1e-6);
         if !(rms_norm_eps > 0.0 && rms_norm_eps.is_finite()) {
             return Err(r.err(format!("rms_norm_eps = {rms_norm_eps} must be positive")));
@@ -107,27 +134,44 @@ impl ModelConfig {
         let max_position_embeddings = match r.opt_dim("max_position_embeddings")? {
             Some(n) => n,
             None if is_mistral => 4096 * 32,
+            None if matches!(family, Family::Qwen2 | Family::Qwen3) => 32768,
+            None if family == Family::Gemma => 8192,
             None => 2048,
         };
         // MistralConfig defaults sliding_window to 4096; an explicit null switches it off.
+        // Qwen2/Qwen3 window only some layers, and only with `use_sliding_window = true`.
         let sliding_window = match raw.get("sliding_window") {
+            _ if matches!(family, Family::Qwen2 | Family::Qwen3) && r.opt_bool("use_sliding_window")? == Some(true) => {
+                return Err(Error::Unsupported(format!(
+                    "{}: use_sliding_window = true (per-layer windows are not implemented)",
+                    path.display()
+                )));
+            }
             _ if !is_mistral => None,
             None => Some(4096),
             Some(v) if v.is_null() => None,
             Some(_) => Some(r.req_dim("sliding_window")?),
         };
-        let hidden_act = r.opt_str("hidden_act")?.unwrap_or("silu");
-        if hidden_act != "silu" {
-            return Err(Error::Unsupported(format!("{}: hidden_act = {hidden_act:?} (only \"silu\")", path.display())));
-        }
-        for key in ["attention_bias", "mlp_bias"] {
-            if r.opt_bool(key)? == Some(true) {
+        let default_act = if family == Family::Gemma { "gelu_pytorch_tanh" } else { "silu" };
+        let act = match r.opt_str("hidden_activation")? {
+            Some(a) => ("hidden_activation", a),
+            None => ("hidden_act", r.opt_str("hidden_act")?.unwrap_or(default_act)),
+        };
+        let act = match act.1 {
+            "silu" => Activation::Silu,
+            "gelu_pytorch_tanh" => Activation::GeluTanh,
+            other => {
                 return Err(Error::Unsupported(format!(
-                    "{}: {key} = true (biases are not implemented)",
-                    path.display()
-                )));
+                    "{}: {} = {other:?} (supported: \"silu\", \"gelu_pytorch_tanh\")",
+                    path.display(),
+                    act.0
+                )))
             }
+        };
+        if r.opt_bool("mlp_bias")? == Some(true) {
+            return Err(Error::Unsupported(format!("{}: mlp_bias = true (MLP biases are not implemented)", path.display())));
         }
+        let qkv_bias = family == Family::Qwen2 || r.opt_bool("attention_bias")? == Some(true);
         let dtype = match r.opt_str("dtype")? {
             Some(d) => Some(d.to_string()),
             None => r.opt_str("torch_dtype")?.map(str::to_string),
@@ -145,12 +189,41 @@ impl ModelConfig {
             rms_norm_eps: rms_norm_eps as f32,
             rope: r.rope()?,
             vocab_size,
-            tie_word_embeddings: r.opt_bool("tie_word_embeddings")?.unwrap_or(false),
+            tie_word_embeddings: r.opt_bool("tie_word_embeddings")?.unwrap_or(family == Family::Gemma),
             max_position_embeddings,
             sliding_window,
             dtype,
+            qkv_bias,
+            qk_norm: family == Family::Qwen3,
+            norm_offset: family == Family::Gemma,
+            // HF GemmaModel: `torch.tensor(hidden_size**0.5, dtype=...)`, a double rounded once.
+            embed_scale: (family == Family::Gemma).then(|| (hidden_size as f64).sqrt() as f32),
+            act,
             raw,
         })
+    }
+}
+
+/// The supported architectures, for the defaults that differ between them.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Family {
+    Llama,
+    Mistral,
+    Qwen2,
+    Qwen3,
+    Gemma,
+}
+
+impl Family {
+    /// `arch` is one of `SUPPORTED_ARCHITECTURES` (checked by `Reader::architecture`).
+    fn of(arch: &str) -> Family {
+        match arch {
+            "MistralForCausalLM" => Family::Mistral,
+            "Qwen2ForCausalLM" => Family::Qwen2,
+            "Qwen3ForCausalLM" => Family::Qwen3,
+            "GemmaForCausalLM" => Family::Gemma,
+            _ => Family::Llama,
+        }
     }
 }
 

@@ -1,5 +1,6 @@
 //! Layer-at-a-time runtime for Llama-family decoders (HF `LlamaForCausalLM`,
-//! `MistralForCausalLM`).
+//! `MistralForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM`, `GemmaForCausalLM`; what sets
+//! them apart is in `ModelConfig`'s `qkv_bias`, `qk_norm`, `norm_offset`, `embed_scale`, `act`).
 //!
 //! The checkpoint stays memory-mapped; only the layer being run is converted to f32, so a
 //! 70B model never needs to be in memory at once. A caller walks the model like this:
@@ -10,7 +11,7 @@
 //! ```
 //! Calibration and fake-quant evaluation plug into the forward pass through [`Hooks`].
 
-use crate::config::ModelConfig;
+use crate::config::{Activation, ModelConfig};
 use crate::error::{Error, Result};
 use crate::ops::{self, Attention, Rope};
 use crate::quant::read::{self, InputQuant};
@@ -39,10 +40,13 @@ impl Compute {
             ops::round_slice_bf16(x);
         }
     }
-    fn rms_norm(self, x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
-        match self {
-            Compute::F32 => ops::rms_norm(x, weight, eps, out),
-            Compute::Bf16 => ops::rms_norm_bf16(x, weight, eps, out),
+    /// HF `LlamaRMSNorm`, or `GemmaRMSNorm` (`1 + weight`) when `offset`.
+    fn rms_norm(self, offset: bool, x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+        match (self, offset) {
+            (Compute::F32, false) => ops::rms_norm(x, weight, eps, out),
+            (Compute::Bf16, false) => ops::rms_norm_bf16(x, weight, eps, out),
+            (Compute::F32, true) => ops::rms_norm_offset(x, weight, eps, out),
+            (Compute::Bf16, true) => ops::rms_norm_offset_bf16(x, weight, eps, out),
         }
     }
 }
@@ -97,8 +101,10 @@ impl Model {
         Err(Error::tensor(name, format!("not found in {}", dirs.join(" or "))))
     }
 
-    /// Embedding rows of `ids`: `[ids.len(), hidden_size]` (HF `embed_tokens(input_ids)`).
-    /// Only those rows are read and converted.
+    /// Embedding rows of `ids`: `[ids.len(), hidden_size]` (HF `embed_tokens(input_ids)`),
+    /// times `embed_scale` where the config has one (HF `GemmaModel.forward`:
+    /// `hidden * torch.tensor(hidden_size**0.5, dtype=hidden.dtype)`, so under `Compute::Bf16`
+    /// the factor and the product are bf16). Only those rows are read and converted.
     pub fn embed(&self, ids: &[u32]) -> Result<Vec<f32>> {
         let (vocab, hidden) = (self.config.vocab_size, self.config.hidden_size);
         let table = self.tensor(EMBED_TOKENS)?;
@@ -115,6 +121,11 @@ impl Model {
             let values = row.to_f32()?;
             check_finite(EMBED_TOKENS, &values, id * hidden)?;
             out.extend_from_slice(&values);
+        }
+        if let Some(scale) = self.config.embed_scale {
+            let scale = if self.compute == Compute::Bf16 { crate::numerics::round_bf16(scale) } else { scale };
+            out.iter_mut().for_each(|v| *v *= scale);
+            self.compute.round(&mut out);
         }
         Ok(out)
     }
@@ -133,10 +144,24 @@ impl Model {
         let input_norm = norm("input_layernorm")?;
         let post_norm = norm("post_attention_layernorm")?;
         let mut linears: [Vec<f32>; 7] = Default::default();
-        for (kind, w) in LinearKind::ALL.into_iter().zip(&mut linears) {
-            *w = read::linear_weight(self, &format!("{prefix}.{}", kind.module()), kind.shape(cfg))?;
+        let mut biases: [Option<Vec<f32>>; 7] = Default::default();
+        for ((kind, w), b) in LinearKind::ALL.into_iter().zip(&mut linears).zip(&mut biases) {
+            let module = format!("{prefix}.{}", kind.module());
+            let shape = kind.shape(cfg);
+            *w = read::linear_weight(self, &module, shape)?;
+            let name = format!("{module}.bias");
+            let required = cfg.qkv_bias && matches!(kind, LinearKind::Q | LinearKind::K | LinearKind::V);
+            if required || self.get(&name).is_some() {
+                *b = Some(self.load(&name, &shape[..1])?);
+            }
         }
-        Ok(Layer { index: i, input_norm, post_norm, linears, compute: self.compute })
+        let qk_norm = if cfg.qk_norm {
+            let norm = |which: &str| self.load(&format!("{prefix}.self_attn.{which}.weight"), &[cfg.head_dim]);
+            Some((norm("q_norm")?, norm("k_norm")?))
+        } else {
+            None
+        };
+        Ok(Layer { index: i, input_norm, post_norm, linears, biases, qk_norm, compute: self.compute })
     }
 
     /// The final norm and the output projection: `lm_head.weight` when the checkpoint has one
@@ -151,7 +176,7 @@ impl Model {
         } else {
             (self.load(EMBED_TOKENS, &shape)?, InputQuant::default())
         };
-        Ok(Head { norm, lm_head, eps: cfg.rms_norm_eps, compute: self.compute, input })
+        Ok(Head { norm, lm_head, eps: cfg.rms_norm_eps, norm_offset: cfg.norm_offset, compute: self.compute, input })
     }
 
     /// Tensor `name` as f32, after checking its shape and that every value is finite.
@@ -249,6 +274,10 @@ pub struct Layer {
     pub post_norm: Vec<f32>,  // [hidden]
     /// Indexed by `LinearKind as usize`, each `[out_features, in_features]`.
     linears: [Vec<f32>; 7],
+    /// Indexed like `linears`, each `[out_features]` (`{module}.bias`, where the checkpoint has one).
+    biases: [Option<Vec<f32>>; 7],
+    /// Qwen3's `self_attn.q_norm` and `k_norm` weights, `[head_dim]` each.
+    qk_norm: Option<(Vec<f32>, Vec<f32>)>,
     compute: Compute,
 }
 
@@ -257,18 +286,28 @@ impl Layer {
     /// HF `LlamaDecoderLayer.forward`:
     /// ```text
     /// h = h + o_proj(attention(rope(q_proj(x)), rope(k_proj(x)), v_proj(x)))   x = input_layernorm(h)
-    /// h = h + down_proj(silu(gate_proj(x)) * up_proj(x))                       x = post_attention_layernorm(h)
+    /// h = h + down_proj(act(gate_proj(x)) * up_proj(x))                        x = post_attention_layernorm(h)
     /// ```
+    /// with the family differences of `cfg`: linear biases (HF `Qwen2Attention`), q/k RMSNorm
+    /// per head before RoPE (`Qwen3Attention`: `q_norm(q_proj(x).view(..., head_dim))`),
+    /// `GemmaRMSNorm` norms and tanh-GELU (`GemmaDecoderLayer`, `GemmaMLP`).
     pub fn forward(&self, cfg: &ModelConfig, rope: &Rope, hidden: &mut [f32], seq: usize, hooks: &mut dyn Hooks) {
         let h = cfg.hidden_size;
         assert_eq!(hidden.len(), seq * h, "Layer::forward: hidden is not [seq, hidden_size]");
         let c = self.compute;
         let mut x = vec![0f32; seq * h];
 
-        c.rms_norm(hidden, &self.input_norm, cfg.rms_norm_eps, &mut x);
+        c.rms_norm(cfg.norm_offset, hidden, &self.input_norm, cfg.rms_norm_eps, &mut x);
         let mut q = self.linear(cfg, LinearKind::Q, x.clone(), seq, hooks); // [seq, heads * hd]
         let mut k = self.linear(cfg, LinearKind::K, x.clone(), seq, hooks); // [seq, kv_heads * hd]
         let mut v = self.linear(cfg, LinearKind::V, x, seq, hooks); // [seq, kv_heads * hd]
+        if let Some((q_norm, k_norm)) = &self.qk_norm {
+            // Qwen3RMSNorm is LlamaRMSNorm, over rows of head_dim.
+            for (t, w) in [(&mut q, q_norm), (&mut k, k_norm)] {
+                let input = t.clone();
+                c.rms_norm(false, &input, w, cfg.rms_norm_eps, t);
+            }
+        }
         for (t, heads) in [(&mut q, cfg.num_attention_heads), (&mut k, cfg.num_key_value_heads)] {
             match c {
                 Compute::F32 => rope.apply(t, seq, heads),
@@ -291,19 +330,22 @@ impl Layer {
         c.round(hidden);
 
         let mut x = vec![0f32; seq * h];
-        c.rms_norm(hidden, &self.post_norm, cfg.rms_norm_eps, &mut x);
+        c.rms_norm(cfg.norm_offset, hidden, &self.post_norm, cfg.rms_norm_eps, &mut x);
         let mut gate = self.linear(cfg, LinearKind::Gate, x.clone(), seq, hooks); // [seq, intermediate]
         let up = self.linear(cfg, LinearKind::Up, x, seq, hooks); // [seq, intermediate]
-        match c {
-            Compute::F32 => ops::silu_mul(&mut gate, &up),
-            Compute::Bf16 => ops::silu_mul_bf16(&mut gate, &up),
+        match (cfg.act, c) {
+            (Activation::Silu, Compute::F32) => ops::gated_mul(ops::silu, &mut gate, &up),
+            (Activation::Silu, Compute::Bf16) => ops::gated_mul_bf16(ops::silu, &mut gate, &up),
+            (Activation::GeluTanh, Compute::F32) => ops::gated_mul(ops::gelu_tanh, &mut gate, &up),
+            (Activation::GeluTanh, Compute::Bf16) => ops::gated_mul_bf16(ops::gelu_tanh, &mut gate, &up),
         }
         let down = self.linear(cfg, LinearKind::Down, gate, seq, hooks);
         ops::add_in_place(hidden, &down);
         c.round(hidden);
     }
 
-    /// `kind`'s output for input `x` (`[seq, in_features]`), after the input hook.
+    /// `kind`'s output for input `x` (`[seq, in_features]`), after the input hook; the bias,
+    /// if any, is added before the output is rounded (torch `F.linear` rounds once).
     fn linear(
         &self,
         cfg: &ModelConfig,
@@ -316,6 +358,9 @@ impl Layer {
         hooks.linear_input(self.index, kind, &mut x, k);
         let mut out = vec![0f32; seq * n];
         ops::matmul_bt(&x, self.weight(kind), seq, k, n, &mut out);
+        if let Some(b) = self.bias(kind) {
+            out.chunks_exact_mut(n).for_each(|row| ops::add_in_place(row, b));
+        }
         self.compute.round(&mut out);
         out
     }
@@ -336,6 +381,11 @@ impl Layer {
     pub fn weight(&self, kind: LinearKind) -> &[f32] {
         &self.linears[kind as usize]
     }
+
+    /// `kind`'s bias, `[out_features]`, when the checkpoint has one.
+    pub fn bias(&self, kind: LinearKind) -> Option<&[f32]> {
+        self.biases[kind as usize].as_deref()
+    }
 }
 
 /// Memory for one block of logits in [`Head::nll`]. Blocks are as tall as this allows (up to
@@ -348,6 +398,8 @@ pub struct Head {
     norm: Vec<f32>,    // [hidden]
     lm_head: Vec<f32>, // [vocab, hidden]
     eps: f32,
+    /// `GemmaRMSNorm` (`1 + weight`) instead of `LlamaRMSNorm`.
+    norm_offset: bool,
     compute: Compute,
     /// What happens to lm_head's input (quantized lm_head of a mixed-precision checkpoint).
     input: InputQuant,
@@ -381,7 +433,7 @@ impl Head {
     pub fn normed(&self, hidden: &[f32], seq: usize) -> Vec<f32> {
         assert_eq!(hidden.len(), seq * self.hidden_size(), "Head: hidden is not [seq, hidden_size]");
         let mut out = vec![0f32; hidden.len()];
-        self.compute.rms_norm(hidden, &self.norm, self.eps, &mut out);
+        self.compute.rms_norm(self.norm_offset, hidden, &self.norm, self.eps, &mut out);
         out
     }
 

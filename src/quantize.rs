@@ -379,7 +379,9 @@ fn emit_layer(
                 continue;
             }
             let [p_out, p_in] = producer.shape(cfg);
-            let (Some(s), true) = (linears[c].pqs.clone(), p_out == consumer.shape(cfg)[1]) else { continue };
+            // A producer with a bias (Qwen2's v_proj) would need it scaled too: keep the pqs.
+            let fits = p_out == consumer.shape(cfg)[1] && layer.bias(producer).is_none();
+            let (Some(s), true) = (linears[c].pqs.clone(), fits) else { continue };
             for (row, &f) in linears[p].weight.chunks_exact_mut(p_in).zip(&s) {
                 row.iter_mut().for_each(|w| *w = fp8::round_to_dtype(*w * f, dtype));
             }
@@ -410,7 +412,9 @@ fn emit_layer(
                     parts.iter_mut().map(|x| { let p = x.pqs.take().unwrap_or_default(); (&mut x.weight, p) }).collect();
                 smoothquant::resmooth_group(&mut refs, inp, dtype)
             };
-            if format.awq() {
+            if format.awq() && cfg.norm_offset {
+                awq::fold_into_norm_plus_one(norm, &p_avg, dtype); // GemmaRMSNorm scales by 1 + w
+            } else if format.awq() {
                 awq::fold_into_norm(norm, &p_avg, dtype);
             } else {
                 parts.iter_mut().for_each(|x| x.pqs = Some(p_avg.clone()));

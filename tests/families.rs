@@ -98,6 +98,73 @@ fn mistral_matches_transformers() {
     }
 }
 
+#[test]
+fn qwen2_matches_transformers() {
+    if let Some(dir) = shared_family("qwen2") {
+        check_family(&dir);
+    }
+}
+
+#[test]
+fn qwen3_matches_transformers() {
+    if let Some(dir) = shared_family("qwen3") {
+        check_family(&dir);
+    }
+}
+
+#[test]
+fn gemma_matches_transformers() {
+    if let Some(dir) = shared_family("gemma") {
+        check_family(&dir);
+    }
+}
+
+#[test]
+fn family_fields_follow_the_architecture() {
+    use rq_min::config::Activation;
+    let with_arch = |arch: &str| {
+        let mut raw = fixture_config();
+        raw.set("architectures", Json::Arr(vec![Json::Str(arch.into())]));
+        raw.set("hidden_act", Json::Null);
+        ModelConfig::from_json(raw, Path::new("config.json")).unwrap()
+    };
+    let q2 = with_arch("Qwen2ForCausalLM");
+    assert!(q2.qkv_bias && !q2.qk_norm && !q2.norm_offset && q2.embed_scale.is_none() && q2.act == Activation::Silu);
+    let q3 = with_arch("Qwen3ForCausalLM");
+    assert!(!q3.qkv_bias && q3.qk_norm && !q3.norm_offset);
+    let g = with_arch("GemmaForCausalLM");
+    assert!(g.norm_offset && g.act == Activation::GeluTanh && !g.qkv_bias && !g.qk_norm);
+    assert_eq!(g.embed_scale, Some((128f64).sqrt() as f32));
+    let l = with_arch("LlamaForCausalLM");
+    assert!(!l.qkv_bias && !l.qk_norm && !l.norm_offset && l.embed_scale.is_none() && l.act == Activation::Silu);
+
+    // Qwen2's per-layer sliding window is not implemented; an unknown activation is unsupported.
+    let mut raw = fixture_config();
+    raw.set("architectures", Json::Arr(vec![Json::Str("Qwen2ForCausalLM".into())]));
+    raw.set("use_sliding_window", Json::Bool(true));
+    assert!(matches!(ModelConfig::from_json(raw, Path::new("c")), Err(Error::Unsupported(_))));
+    let mut raw = fixture_config();
+    raw.set("hidden_activation", Json::Str("relu".into()));
+    let err = ModelConfig::from_json(raw, Path::new("c")).unwrap_err();
+    assert!(matches!(&err, Error::Unsupported(m) if m.contains("hidden_activation")), "{err:?}");
+}
+
+#[test]
+fn missing_qwen2_bias_is_a_tensor_error() {
+    // The llama fixture's tensors under a Qwen2 config: q_proj.bias is required and absent.
+    let tmp = std::env::temp_dir().join(format!("rq-min-families-nobias-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/families-llama");
+    std::fs::copy(fixture.join("model.safetensors"), tmp.join("model.safetensors")).unwrap();
+    let mut raw = fixture_config();
+    raw.set("architectures", Json::Arr(vec![Json::Str("Qwen2ForCausalLM".into())]));
+    std::fs::write(tmp.join("config.json"), raw.to_pretty(4)).unwrap();
+    let model = Model::open(&tmp, None).unwrap();
+    let err = model.load_layer(0).err().expect("load_layer without q_proj.bias");
+    assert!(err.to_string().contains("model.layers.0.self_attn.q_proj.bias"), "{err}");
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
 fn fixture_config() -> Json {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/families-llama/config.json");
     Json::parse_file(&path).unwrap()
@@ -106,17 +173,18 @@ fn fixture_config() -> Json {
 #[test]
 fn unsupported_architecture_lists_the_supported_ones() {
     let mut raw = fixture_config();
-    raw.set("architectures", Json::Arr(vec![Json::Str("GemmaForCausalLM".into())]));
-    let err = ModelConfig::from_json(raw, Path::new("gemma/config.json")).unwrap_err();
+    raw.set("architectures", Json::Arr(vec![Json::Str("Phi3ForCausalLM".into())]));
+    let err = ModelConfig::from_json(raw, Path::new("phi3/config.json")).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, Error::Unsupported(_)), "{err:?}");
     assert!(
-        msg.contains("GemmaForCausalLM") && msg.contains("LlamaForCausalLM") && msg.contains("MistralForCausalLM"),
+        msg.contains("Phi3ForCausalLM")
+            && ["Llama", "Mistral", "Qwen2", "Qwen3", "Gemma"].iter().all(|a| msg.contains(&format!("{a}ForCausalLM"))),
         "{msg}"
     );
 
-    // The real gemma folder, when the shared data is there.
-    if let Some(dir) = shared_family("gemma") {
+    // The real phi3 folder, when the shared data is there.
+    if let Some(dir) = shared_family("phi3") {
         let err = ModelConfig::from_dir(&dir).unwrap_err();
         assert!(matches!(err, Error::Unsupported(_)), "{err:?}");
     }

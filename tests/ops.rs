@@ -246,6 +246,36 @@ fn rms_norm_matches_f64() {
 }
 
 #[test]
+fn gelu_tanh_and_gemma_norm_match_f64() {
+    // torch F.gelu(approximate="tanh") and GemmaRMSNorm's `normed * (1 + w)`, against f64.
+    let gate = values(1000, 31).into_iter().map(|v| 10.0 * v).collect::<Vec<f32>>();
+    let up = values(1000, 32);
+    let mut got = gate.clone();
+    ops::gated_mul(ops::gelu_tanh, &mut got, &up);
+    let gelu = |x: f64| 0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh());
+    let want: Vec<f64> = gate.iter().zip(&up).map(|(&g, &u)| gelu(f64::from(g)) * f64::from(u)).collect();
+    assert!(max_rel_err(&got, &want) < 1e-6);
+
+    let (rows, cols) = (3, 64);
+    let x = values(rows * cols, 33);
+    let w = values(cols, 34);
+    let mut got = vec![0f32; x.len()];
+    ops::rms_norm_offset(&x, &w, 1e-6, &mut got);
+    let mut want = vec![0f64; x.len()];
+    for (r, row) in x.chunks(cols).enumerate() {
+        let inv = 1.0 / (row.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>() / cols as f64 + 1e-6).sqrt();
+        for c in 0..cols {
+            want[r * cols + c] = f64::from(row[c]) * inv * (1.0 + f64::from(w[c]));
+        }
+    }
+    assert!(max_rel_err(&got, &want) < 1e-6);
+    // bf16: one rounding of the f32 result.
+    let mut bf = vec![0f32; x.len()];
+    ops::rms_norm_offset_bf16(&x, &w, 1e-6, &mut bf);
+    assert!(bf.iter().zip(&got).all(|(&b, &g)| b == rq_min::numerics::round_bf16(g)));
+}
+
+#[test]
 fn silu_mul_and_nll_match_f64() {
     let gate = values(1000, 21).into_iter().map(|v| 10.0 * v).collect::<Vec<f32>>();
     let up = values(1000, 22);

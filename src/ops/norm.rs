@@ -1,4 +1,5 @@
-//! Element-wise and row-wise kernels of the decoder: RMSNorm, SiLU-gated MLP, residual add,
+//! Element-wise and row-wise kernels of the decoder: RMSNorm (plain and Gemma's `1 + w`),
+//! gated MLP activations (SiLU, tanh-GELU), residual add,
 //! and the per-position log-likelihood of the language-model head.
 
 use crate::numerics::round_bf16;
@@ -35,27 +36,60 @@ pub fn rms_norm_bf16(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
+/// RMSNorm with the weight stored as an offset from 1, HF `GemmaRMSNorm.forward`
+/// (models/gemma/modeling_gemma.py):
+/// ```text
+/// output = self._norm(x.float())              # x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+/// output = output * (1.0 + self.weight.float())
+/// return output.type_as(x)
+/// ```
+/// All in f32 (`1 + w` too), as [`rms_norm`] computes `weight * normed`.
+pub fn rms_norm_offset(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let one_plus: Vec<f32> = weight.iter().map(|&w| 1.0 + w).collect();
+    rms_norm(x, &one_plus, eps, out);
+}
+
+/// `rms_norm_offset` on a bf16 model: the f32 product is cast once at the end
+/// (`output.type_as(x)`), unlike LlamaRMSNorm's cast before the weight multiplies.
+pub fn rms_norm_offset_bf16(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    rms_norm_offset(x, weight, eps, out);
+    round_slice_bf16(out);
+}
+
 /// SiLU (swish), torch `F.silu`: `x * sigmoid(x) = x / (1 + exp(-x))`.
 #[inline]
 pub fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }
 
-/// The gated MLP's middle, HF `LlamaMLP.forward`: `act_fn(gate_proj(x)) * up_proj(x)` with
-/// `act_fn = silu`. Overwrites `gate` with the result.
-pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
-    assert_eq!(gate.len(), up.len(), "silu_mul: gate and up lengths differ");
+/// tanh-approximated GELU, torch `F.gelu(x, approximate="tanh")` (HF `gelu_pytorch_tanh`,
+/// `PytorchGELUTanh`): `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`, in f32.
+#[inline]
+pub fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)).tanh())
+}
+
+/// The gated MLP's middle, HF `LlamaMLP.forward` / `GemmaMLP.forward`:
+/// `act_fn(gate_proj(x)) * up_proj(x)`. Overwrites `gate` with the result.
+pub fn gated_mul(act: impl Fn(f32) -> f32, gate: &mut [f32], up: &[f32]) {
+    assert_eq!(gate.len(), up.len(), "gated_mul: gate and up lengths differ");
     for (g, &u) in gate.iter_mut().zip(up) {
-        *g = silu(*g) * u;
+        *g = act(*g) * u;
     }
 }
 
-/// `silu_mul` with torch's bf16 semantics: `silu(gate)` is a bf16 tensor, and so is the product.
-pub fn silu_mul_bf16(gate: &mut [f32], up: &[f32]) {
-    assert_eq!(gate.len(), up.len(), "silu_mul_bf16: gate and up lengths differ");
+/// `gated_mul` with torch's bf16 semantics: `act_fn(gate)` is a bf16 tensor, and so is the product.
+pub fn gated_mul_bf16(act: impl Fn(f32) -> f32, gate: &mut [f32], up: &[f32]) {
+    assert_eq!(gate.len(), up.len(), "gated_mul_bf16: gate and up lengths differ");
     for (g, &u) in gate.iter_mut().zip(up) {
-        *g = round_bf16(round_bf16(silu(*g)) * u);
+        *g = round_bf16(round_bf16(act(*g)) * u);
     }
+}
+
+/// `gated_mul` with `act_fn = silu` (HF `LlamaMLP`).
+pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    gated_mul(silu, gate, up);
 }
 
 /// Rounds every value to bf16 (the output of a torch op on bf16 tensors).
