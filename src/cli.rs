@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 /// reference perplexities in reference/README.md.
 pub const DEFAULT_EVAL_TEXT: &str = include_str!("calib/default_eval_rustdocs.txt");
 
+#[derive(Clone, Debug)]
 pub struct QuantizeArgs {
     pub model: PathBuf,
     pub out: PathBuf,
@@ -40,6 +41,11 @@ pub struct QuantizeArgs {
     pub force: bool,
     pub device: String,
     pub quiet: bool,
+    /// `hf` (unified Hugging Face checkpoint) or `trtllm` (TensorRT-LLM checkpoint).
+    pub export: String,
+    /// TensorRT-LLM tensor / pipeline parallel sizes (`--export trtllm` only).
+    pub tp: usize,
+    pub pp: usize,
 }
 
 impl QuantizeArgs {
@@ -66,6 +72,9 @@ impl QuantizeArgs {
             force: false,
             device: "cpu".into(),
             quiet: false,
+            export: "hf".into(),
+            tp: 1,
+            pp: 1,
         }
     }
 }
@@ -81,7 +90,70 @@ pub struct EvalArgs {
 }
 
 /// `rq-min quantize`: calibrate, quantize, export, and report perplexity before and after.
+/// With `export = "trtllm"` the unified checkpoint goes to a temporary folder beside `out`
+/// and is converted into a TensorRT-LLM checkpoint (`export_trtllm`); `qformat = "none"`
+/// (trtllm only) converts the original model unquantized.
 pub fn quantize(a: &QuantizeArgs) -> Result<()> {
+    match a.export.as_str() {
+        "hf" => {
+            if a.tp != 1 || a.pp != 1 {
+                return Err(Error::Usage("--tp / --pp need --export trtllm".into()));
+            }
+            if a.qformat == "none" {
+                return Err(Error::Usage("--qformat none needs --export trtllm".into()));
+            }
+            quantize_unified(a)
+        }
+        "trtllm" => quantize_trtllm(a),
+        other => Err(Error::Usage(format!("unknown --export '{other}'; supported: hf, trtllm"))),
+    }
+}
+
+fn quantize_trtllm(a: &QuantizeArgs) -> Result<()> {
+    use crate::export_trtllm::{convert, TrtllmOptions};
+    if a.auto_bits.is_some() || a.layer_formats.is_some() || a.qformat.contains(',') {
+        return Err(Error::Unsupported("--export trtllm of mixed precision (--auto-bits, --layer-formats)".into()));
+    }
+    if a.tp == 0 || a.pp == 0 {
+        return Err(Error::Usage("--tp and --pp must be at least 1".into()));
+    }
+    if a.out.exists() && !a.force {
+        return Err(Error::Usage(format!("output folder {} already exists; pass --force to replace it", a.out.display())));
+    }
+    let opts = TrtllmOptions { tp: a.tp, pp: a.pp, force: a.force };
+    if a.qformat == "none" {
+        convert(&a.model, None, &a.out, &opts)?;
+        println!("exported {} unquantized (tp {}, pp {}) -> {}", a.model.display(), a.tp, a.pp, a.out.display());
+        return Ok(());
+    }
+    // Fail on the split before calibrating.
+    let cfg = crate::config::ModelConfig::from_dir(&a.model)?;
+    for (what, n, by) in [
+        ("num_attention_heads", cfg.num_attention_heads, a.tp),
+        ("num_key_value_heads", cfg.num_key_value_heads, a.tp),
+        ("intermediate_size", cfg.intermediate_size, a.tp),
+        ("vocab_size", cfg.vocab_size, a.tp),
+        ("num_hidden_layers", cfg.num_hidden_layers, a.pp),
+    ] {
+        if n % by != 0 {
+            return Err(Error::Usage(format!("--tp {} / --pp {} do not divide {what} = {n}", a.tp, a.pp)));
+        }
+    }
+    let name = a.out.file_name().ok_or_else(|| Error::Usage(format!("--out {} has no folder name", a.out.display())))?;
+    let parent = match a.out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let tmp = parent.join(format!(".{}.rq-min-unified-{}", name.to_string_lossy(), std::process::id()));
+    let unified = QuantizeArgs { out: tmp.clone(), force: true, export: "hf".into(), tp: 1, pp: 1, ..a.clone() };
+    let result = quantize_unified(&unified).and_then(|()| convert(&a.model, Some(&tmp), &a.out, &opts));
+    let _ = std::fs::remove_dir_all(&tmp);
+    result?;
+    println!("exported TensorRT-LLM checkpoint (tp {}, pp {}) -> {}", a.tp, a.pp, a.out.display());
+    Ok(())
+}
+
+fn quantize_unified(a: &QuantizeArgs) -> Result<()> {
     Device::parse(&a.device)?.require_cpu()?;
     let formats: Vec<QFormat> = a.qformat.split(',').map(|f| QFormat::parse(f.trim())).collect::<Result<_>>()?;
     let format = formats[0];

@@ -210,14 +210,14 @@ fn quantization_config(spec: &QuantSpec) -> Json {
 }
 
 /// A temporary output folder beside the target, removed on drop unless committed.
-struct Staging {
-    tmp: PathBuf,
+pub(crate) struct Staging {
+    pub(crate) tmp: PathBuf,
     out: PathBuf,
     committed: bool,
 }
 
 impl Staging {
-    fn new(input: &Path, out: &Path, force: bool) -> Result<Staging> {
+    pub(crate) fn new(input: &Path, out: &Path, force: bool) -> Result<Staging> {
         let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
         if out.exists() {
             if canon(out) == canon(input) || canon(input).starts_with(canon(out)) {
@@ -249,7 +249,7 @@ impl Staging {
         Ok(Staging { tmp, out: out.to_path_buf(), committed: false })
     }
 
-    fn commit(mut self) -> Result<()> {
+    pub(crate) fn commit(mut self) -> Result<()> {
         if self.out.exists() {
             std::fs::remove_dir_all(&self.out).map_err(|e| Error::io(&self.out, e))?;
         }

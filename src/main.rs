@@ -48,7 +48,7 @@ struct Quantize {
     /// int8_sq = INT8 SmoothQuant W8A8 (INT8_SMOOTHQUANT_CFG); int4_awq = INT4 weights, group 128,
     /// AWQ-lite (INT4_AWQ_CFG); w4a8_awq = INT4 AWQ weights + FP8 activations (W4A8_AWQ_BETA_CFG);
     /// nvfp4 = NVFP4 weights and activations, blocks of 16 (NVFP4_DEFAULT_CFG); nvfp4_awq = NVFP4
-    /// with AWQ-lite scales (NVFP4_AWQ_LITE_CFG)
+    /// with AWQ-lite scales (NVFP4_AWQ_LITE_CFG); none = unquantized (--export trtllm only)
     #[argh(option, default = "String::from(\"fp8\")")]
     qformat: String,
     /// KV-cache quantization: none (default) or fp8 (k_scale / v_scale from K, V after RoPE)
@@ -104,6 +104,16 @@ struct Quantize {
     /// no progress output on stderr
     #[argh(switch)]
     quiet: bool,
+    /// checkpoint layout: hf (default; ModelOpt unified Hugging Face) or trtllm (TensorRT-LLM
+    /// checkpoint: config.json + rank{r}.safetensors; Llama family, uniform formats or none)
+    #[argh(option, default = "String::from(\"hf\")")]
+    export: String,
+    /// tensor-parallel size of --export trtllm (default 1)
+    #[argh(option, default = "1")]
+    tp: usize,
+    /// pipeline-parallel size of --export trtllm (default 1)
+    #[argh(option, default = "1")]
+    pp: usize,
 }
 
 /// Perplexity of a checkpoint (original, rq-min or ModelOpt FP8 export) on a text.
@@ -166,6 +176,9 @@ fn main() -> ExitCode {
             force: q.force,
             device: q.device,
             quiet: q.quiet,
+            export: q.export,
+            tp: q.tp,
+            pp: q.pp,
         }),
         Command::Eval(e) => cli::eval(&cli::EvalArgs {
             model: e.model,
