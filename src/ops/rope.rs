@@ -46,30 +46,20 @@ impl Rope {
     /// `q * cos + rotate_half(q) * sin` with `rotate_half(x) = cat(-x2, x1)` (the two halves
     /// of each head, not interleaved pairs).
     pub fn apply(&self, x: &mut [f32], seq: usize, n_heads: usize) {
-        let (hd, half) = (self.head_dim, self.head_dim / 2);
-        assert!(seq <= self.max_positions, "RoPE table holds {} positions, asked for {seq}", self.max_positions);
-        assert_eq!(x.len(), seq * n_heads * hd, "RoPE: x is not [seq, n_heads * head_dim]");
-        for (pos, row) in x.chunks_exact_mut(n_heads * hd).enumerate() {
-            let cos = &self.cos[pos * half..][..half];
-            let sin = &self.sin[pos * half..][..half];
-            for head in row.chunks_exact_mut(hd) {
-                let (x1, x2) = head.split_at_mut(half);
-                for i in 0..half {
-                    let (a, b) = (x1[i], x2[i]);
-                    x1[i] = a * cos[i] + -b * sin[i];
-                    x2[i] = b * cos[i] + a * sin[i];
-                }
-            }
-        }
+        self.rotate(x, seq, n_heads, |v| v);
     }
 
     /// `apply` as torch runs it on bf16 tensors: cos/sin are cast to bf16 (`.to(x.dtype)`) and
     /// each product and the sum are bf16.
     pub fn apply_bf16(&self, x: &mut [f32], seq: usize, n_heads: usize) {
+        self.rotate(x, seq, n_heads, round_bf16);
+    }
+
+    /// The rotation with `r` applied to cos/sin, each product and each sum (identity: f32).
+    fn rotate(&self, x: &mut [f32], seq: usize, n_heads: usize, r: impl Fn(f32) -> f32) {
         let (hd, half) = (self.head_dim, self.head_dim / 2);
         assert!(seq <= self.max_positions, "RoPE table holds {} positions, asked for {seq}", self.max_positions);
         assert_eq!(x.len(), seq * n_heads * hd, "RoPE: x is not [seq, n_heads * head_dim]");
-        let r = round_bf16;
         for (pos, row) in x.chunks_exact_mut(n_heads * hd).enumerate() {
             let cos = &self.cos[pos * half..][..half];
             let sin = &self.sin[pos * half..][..half];
