@@ -373,20 +373,18 @@ fn emit_layer(
     // 1. NVFP4_AWQ only: fold down_proj's (and, without GQA, o_proj's) scale into the output
     //    rows of up_proj (v_proj), which feed it.
     for (consumer, producer) in [(LinearKind::Down, LinearKind::Up), (LinearKind::O, LinearKind::V)] {
-        {
-            let (Some(c), Some(p)) = (find(&linears, consumer), find(&linears, producer)) else { continue };
-            if linears[c].format != QFormat::Nvfp4Awq || linears[p].format != QFormat::Nvfp4Awq {
-                continue;
-            }
-            let [p_out, p_in] = producer.shape(cfg);
-            // A producer with a bias (Qwen2's v_proj) would need it scaled too: keep the pqs.
-            let fits = p_out == consumer.shape(cfg)[1] && layer.bias(producer).is_none();
-            let (Some(s), true) = (linears[c].pqs.clone(), fits) else { continue };
-            for (row, &f) in linears[p].weight.chunks_exact_mut(p_in).zip(&s) {
-                row.iter_mut().for_each(|w| *w = fp8::round_to_dtype(*w * f, dtype));
-            }
-            linears[c].pqs = None;
+        let (Some(c), Some(p)) = (find(&linears, consumer), find(&linears, producer)) else { continue };
+        if linears[c].format != QFormat::Nvfp4Awq || linears[p].format != QFormat::Nvfp4Awq {
+            continue;
         }
+        let [p_out, p_in] = producer.shape(cfg);
+        // A producer with a bias (Qwen2's v_proj) would need it scaled too: keep the pqs.
+        let fits = p_out == consumer.shape(cfg)[1] && layer.bias(producer).is_none();
+        let (Some(s), true) = (linears[c].pqs.clone(), fits) else { continue };
+        for (row, &f) in linears[p].weight.chunks_exact_mut(p_in).zip(&s) {
+            row.iter_mut().for_each(|w| *w = fp8::round_to_dtype(*w * f, dtype));
+        }
+        linears[c].pqs = None;
     }
 
     // 2. Linears reading the same input share one pre_quant_scale (mean), input amax (max)
@@ -439,10 +437,13 @@ fn emit_layer(
         written.push(name);
         Ok(())
     };
-    for (name, norm) in [("input_layernorm", &input_norm), ("post_attention_layernorm", &post_norm)] {
+    for (name, norm, original) in [
+        ("input_layernorm", &input_norm, &layer.input_norm),
+        ("post_attention_layernorm", &post_norm, &layer.post_norm),
+    ] {
         let full = format!("{prefix}.{name}.weight");
         let t = model.tensor(&full)?;
-        let data = if norm == &if name == "input_layernorm" { &layer.input_norm } else { &layer.post_norm }[..] {
+        let data = if norm == original {
             t.data.to_vec() // unchanged: the original bytes
         } else {
             encode(norm, t.dtype)
