@@ -17,11 +17,14 @@ use crate::backward::{head_backward, layer_backward};
 use crate::config::Activation;
 use crate::error::{Error, Result};
 use crate::json::{obj, str, Json};
-use crate::model::{Hooks, LinearKind, Model};
+use crate::model::{Hooks, LinearKind, Model, NoHooks};
 use crate::ops::{self, Rope};
 use crate::pipeline::module_name;
 use crate::progress::Progress;
-use crate::quant::{fp8, nvfp4, Exclusions, QFormat, WeightKind};
+use crate::quant::read::InputQuant;
+use crate::quant::{fp8, int, nvfp4, smoothquant, Exclusions, QFormat, WeightKind, INT4_GROUP};
+use crate::quantize::calibrate_layer;
+use crate::safetensors::Dtype;
 use std::collections::HashMap;
 
 /// One set of modules that gets one format.
@@ -74,9 +77,9 @@ pub fn groups(model: &Model, exclusions: &Exclusions) -> Vec<Group> {
 /// The lowest effective bits the groups allow: searchable ones at the cheapest format,
 /// the others at 16.
 pub fn lowest_bits(groups: &[Group], formats: &[QFormat]) -> f64 {
-    let cheapest = formats.iter().map(|&f| format_bits(f)).fold(16.0, f64::min);
     let total: usize = groups.iter().map(|g| g.params).sum();
-    groups.iter().map(|g| g.params as f64 * if g.searchable { cheapest } else { 16.0 }).sum::<f64>() / total as f64
+    let cheapest = |g: &Group| offered(g, formats).iter().map(|&f| format_bits(formats[f])).fold(16.0, f64::min);
+    groups.iter().map(|g| g.params as f64 * cheapest(g)).sum::<f64>() / total as f64
 }
 
 /// Exact multiple-choice knapsack: one option per group minimizing the summed score with the
@@ -124,8 +127,9 @@ pub fn select(costs: &[Vec<u64>], scores: &[Vec<f64>], budget: u64) -> Option<Ve
 pub struct Search {
     pub groups: Vec<Group>,
     pub formats: Vec<QFormat>,
-    /// Per group, per format (same order as `formats`), the sensitivity score.
-    pub scores: Vec<Vec<f64>>,
+    /// Per group, per format (same order as `formats`), the sensitivity score; None where the
+    /// group cannot take the format (lm_head and the AWQ / SmoothQuant formats).
+    pub scores: Vec<Vec<Option<f64>>>,
     pub chosen: Vec<Option<QFormat>>,
     pub effective_bits: f64,
     pub budget: f64,
@@ -155,7 +159,11 @@ impl Search {
             .zip(&self.chosen)
             .map(|((g, sc), ch)| {
                 let scores = Json::Obj(
-                    self.formats.iter().zip(sc).map(|(f, s)| (f.cli_name().to_string(), Json::Float(*s))).collect(),
+                    self.formats
+                        .iter()
+                        .zip(sc)
+                        .map(|(f, s)| (f.cli_name().to_string(), s.map_or(Json::Null, Json::Float)))
+                        .collect(),
                 );
                 obj([
                     ("group", str(&g.name)),
@@ -191,7 +199,10 @@ impl Search {
         for ((g, sc), ch) in self.groups.iter().zip(&self.scores).zip(&self.chosen) {
             s += &format!("{:<32}", g.name);
             for v in sc {
-                s += &format!(" {v:>12.4e}");
+                s += &match v {
+                    Some(v) => format!(" {v:>12.4e}"),
+                    None => format!(" {:>12}", "-"),
+                };
             }
             s += &format!(" {:>8} {:>6.1}\n", ch.map_or("none", |f| f.cli_name()), ch.map_or(16.0, format_bits));
         }
@@ -231,7 +242,7 @@ pub fn score_indices(total: usize, n: usize, seed: u64) -> Vec<usize> {
 
 #[derive(Default)]
 struct Amax {
-    amax: [f32; LinearKind::ALL.len()],
+    amax: [f32; N],
 }
 
 impl Hooks for Amax {
@@ -241,72 +252,100 @@ impl Hooks for Amax {
     }
 }
 
-/// A candidate's fake-quantized weight and its input amax, for one linear.
-fn quantized_weight(f: QFormat, w: &[f32], inp: usize) -> Vec<f32> {
+const N: usize = LinearKind::ALL.len();
+
+/// Formats whose calibration is more than max calibration: they run their own algorithm
+/// (AWQ-lite, SmoothQuant) per candidate, §9.2.
+fn has_algorithm(f: QFormat) -> bool {
+    f.awq() || f == QFormat::Int8Sq
+}
+
+/// The indices of `formats` group `g` may take (besides 16-bit): none for an excluded group;
+/// lm_head only the max-calibrated ones, as the quantizer writes lm_head in FP8 / NVFP4 only.
+fn offered(g: &Group, formats: &[QFormat]) -> Vec<usize> {
+    if !g.searchable {
+        return vec![];
+    }
+    (0..formats.len()).filter(|&i| g.name != "lm_head" || !has_algorithm(formats[i])).collect()
+}
+
+/// A candidate's weight as the score sees it: smoothed by its pre_quant_scale (divided, in
+/// the model dtype, as the quantizer stores it) and fake-quantized in the format.
+fn candidate_weight(f: QFormat, w: &[f32], [out, inp]: [usize; 2], pqs: Option<&[f32]>, dtype: Dtype) -> Result<Vec<f32>> {
     let mut q = w.to_vec();
-    match f.weight() {
-        WeightKind::Fp8 => fp8::fake_quant(&mut q, fp8::absmax(w)),
-        WeightKind::Nvfp4 => nvfp4::fake_quant(&mut q, inp, fp8::absmax(w)),
-        _ => unreachable!("auto-quantize candidates are checked to be max-calibrated formats"),
+    if let Some(p) = pqs {
+        smoothquant::smooth_weight(&mut q, inp, p, dtype);
     }
-    q
+    let amax = fp8::absmax(&q);
+    match f.weight() {
+        WeightKind::Fp8 => fp8::fake_quant(&mut q, amax),
+        WeightKind::Nvfp4 => nvfp4::fake_quant(&mut q, inp, amax),
+        WeightKind::Int4Groups => int::int4_fake_quant(&mut q, out, inp, INT4_GROUP, None),
+        WeightKind::Int8Rows => {
+            let (codes, scales) = int::int8_quantize_rows("auto-quantize candidate", &q, out, inp, dtype)?;
+            for ((v, c), s) in q.iter_mut().zip(&codes).zip(scales.iter().flat_map(|&s| std::iter::repeat_n(s, inp))) {
+                *v = *c as f32 * s;
+            }
+        }
+    }
+    Ok(q)
 }
 
-fn quantize_input(f: QFormat, x: &mut [f32], cols: usize, amax: f32) {
-    match f.weight() {
-        WeightKind::Nvfp4 => nvfp4::fake_quant(x, cols, amax),
-        _ => fp8::fake_quant(x, amax),
-    }
-}
-
-/// One linear as the score sees it: its weight `[out, in]`, the candidates' fake-quantized
-/// weights and its calibrated input amax.
+/// One linear as the score sees it: its weight `[out, in]` and, per candidate format, the
+/// fake-quantized weight and what happens to the input.
 struct Scored<'a> {
     w: &'a [f32],
     wq: &'a [Vec<f32>],
-    amax: f32,
+    inputs: &'a [InputQuant],
     shape: [usize; 2],
 }
 
 /// Adds `Σ (dy ⊙ (y_r − y))²` for every candidate to `scores` (`[formats]`).
-fn score_linear(formats: &[QFormat], lin: &Scored, x: &[f32], dy: &[f32], scores: &mut [f64]) {
-    let (w, wq, amax, [out, inp]) = (lin.w, lin.wq, lin.amax, lin.shape);
+fn score_linear(lin: &Scored, x: &[f32], dy: &[f32], scores: &mut [f64]) {
+    let [out, inp] = lin.shape;
     let rows = x.len() / inp;
     let mut y = vec![0f32; rows * out];
-    ops::matmul_bt(x, w, rows, inp, out, &mut y);
+    ops::matmul_bt(x, lin.w, rows, inp, out, &mut y);
     let mut yq = vec![0f32; rows * out];
-    for ((f, q), s) in formats.iter().zip(wq).zip(scores.iter_mut()) {
+    for ((q, input), s) in lin.wq.iter().zip(lin.inputs).zip(scores.iter_mut()) {
         let mut xq = x.to_vec();
-        quantize_input(*f, &mut xq, inp, amax);
+        input.apply(&mut xq, inp);
         ops::matmul_bt(&xq, q, rows, inp, out, &mut yq);
         *s += yq.iter().zip(&y).zip(dy).map(|((a, b), g)| (((a - b) * g) as f64).powi(2)).sum::<f64>();
     }
 }
 
-/// Runs the search. `samples`: calibration rows (amax); `score`: indices of the rows the
-/// scores are computed on.
+/// What the search needs besides the model: calibration rows (amax, AWQ, SmoothQuant) and the
+/// indices of the rows the scores are computed on; SmoothQuant's alpha.
+pub struct SearchInput<'a> {
+    pub samples: &'a [Vec<u32>],
+    pub score: &'a [usize],
+    pub sq_alpha: f32,
+}
+
+/// Runs the search.
+///
+/// Memory: the backward needs every layer's input on the score rows. Only every `seg`-th
+/// (seg = ⌈√layers⌉) is kept from the forward pass; the others are recomputed one segment at
+/// a time during the backward (gradient checkpointing: one more forward of the score rows, and
+/// 2√layers instead of `layers` saved inputs, e.g. 18 instead of 80 for a 70B Llama).
 pub fn search(
     model: &Model,
-    samples: &[Vec<u32>],
-    score: &[usize],
+    input: &SearchInput,
     formats: &[QFormat],
     budget: f64,
     exclusions: &Exclusions,
     progress: &Progress,
 ) -> Result<Search> {
     let start = std::time::Instant::now();
+    let (samples, score) = (input.samples, input.score);
     let cfg = &model.config;
+    let dtype = model.dtype()?;
     // The activation-gradient backward (crate::backward) is that of the Llama layer.
     if cfg.qkv_bias || cfg.qk_norm || cfg.norm_offset || cfg.embed_scale.is_some() || cfg.act != Activation::Silu {
         return Err(Error::Unsupported(format!(
             "auto-quantize supports Llama and Mistral so far; {}",
             cfg.architecture
-        )));
-    }
-    if let Some(f) = formats.iter().find(|f| f.awq() || **f == QFormat::Int8Sq) {
-        return Err(Error::Unsupported(format!(
-            "auto-quantize candidate {}: the search supports the max-calibrated formats fp8 and nvfp4 so far",
-            f.cli_name()
         )));
     }
     let groups = groups(model, exclusions);
@@ -318,21 +357,44 @@ pub fn search(
         )));
     }
 
-    // Forward: amax of every linear's input over all samples; layer inputs of the score rows.
+    // Forward: every candidate's calibration of every linear (§9.2), the layer inputs of the
+    // score rows at the segment starts.
+    let n = cfg.num_hidden_layers;
+    let seg = (n as f64).sqrt().ceil().max(1.0) as usize;
     let max_len = samples.iter().map(Vec::len).max().unwrap_or(0);
     let rope = Rope::from_config(cfg, max_len);
     let mut hidden: Vec<Vec<f32>> = samples.iter().map(|s| model.embed(s)).collect::<Result<_>>()?;
-    let mut saved: Vec<Vec<Vec<f32>>> = Vec::with_capacity(cfg.num_hidden_layers);
-    let mut amax: Vec<[f32; LinearKind::ALL.len()]> = Vec::new();
-    let n = cfg.num_hidden_layers;
+    let mut checkpoints: Vec<Vec<Vec<f32>>> = Vec::new();
+    // inputs[l][kind][format]
+    let mut inputs: Vec<Vec<Vec<InputQuant>>> = Vec::with_capacity(n);
     for l in 0..n {
-        saved.push(score.iter().map(|&i| hidden[i].clone()).collect());
+        if l % seg == 0 {
+            checkpoints.push(score.iter().map(|&i| hidden[i].clone()).collect());
+        }
         let layer = model.load_layer(l)?;
+        let mut per_kind: Vec<Vec<InputQuant>> = vec![vec![InputQuant::default(); formats.len()]; N];
+        for (fi, &f) in formats.iter().enumerate().filter(|(_, f)| has_algorithm(**f)) {
+            // The recipe's own calibration; AWQ recipes on a quarter of the calibration steps.
+            let rows = if f.awq() { (samples.len() / 4).max(1) } else { samples.len() };
+            let fmt = LinearKind::ALL.map(|k| (!exclusions.is_excluded(&module_name(l, k))).then_some(f));
+            let mut h = hidden[..rows].to_vec();
+            let (_, linears) = calibrate_layer(&layer, l, cfg, &rope, &mut h, &samples[..rows], &fmt, input.sq_alpha, dtype)?;
+            for lin in linears {
+                let k = lin.kind.expect("decoder linears have a kind") as usize;
+                per_kind[k][fi] = InputQuant { pre_quant_scale: lin.pqs, act: f.act().map(|a| (a, lin.input_amax)) };
+            }
+            progress.step(&format!("auto-quantize calibrate {}", f.cli_name()), l + 1, n);
+        }
         let mut hooks = Amax::default();
         for (h, ids) in hidden.iter_mut().zip(samples) {
             layer.forward(cfg, &rope, h, ids.len(), &mut hooks);
         }
-        amax.push(hooks.amax);
+        for (fi, &f) in formats.iter().enumerate().filter(|(_, f)| !has_algorithm(**f)) {
+            for (k, iq) in per_kind.iter_mut().enumerate() {
+                iq[fi].act = f.act().map(|a| (a, hooks.amax[k]));
+            }
+        }
+        inputs.push(per_kind);
         progress.step("auto-quantize forward layer", l + 1, n);
     }
     let head = model.load_head()?;
@@ -344,59 +406,95 @@ pub fn search(
     // Backward over the score rows, scoring every linear as its gradient becomes known.
     let nf = formats.len();
     let mut scores: HashMap<String, Vec<f64>> = HashMap::new();
-    let lm_head_wq: Vec<Vec<f32>> = formats.iter().map(|&f| quantized_weight(f, head.lm_head(), cfg.hidden_size)).collect();
+    let head_formats: Vec<QFormat> = formats.iter().copied().filter(|&f| !has_algorithm(f)).collect();
+    let head_shape = [cfg.vocab_size, cfg.hidden_size];
+    let head_wq: Vec<Vec<f32>> =
+        head_formats.iter().map(|&f| candidate_weight(f, head.lm_head(), head_shape, None, dtype)).collect::<Result<_>>()?;
+    let head_inputs: Vec<InputQuant> =
+        head_formats.iter().map(|f| InputQuant { pre_quant_scale: None, act: f.act().map(|a| (a, head_amax)) }).collect();
+    let mut head_scores = vec![0f64; head_formats.len()];
     let mut dh: Vec<Vec<f32>> = Vec::with_capacity(score.len());
     for &i in score {
-        let s = scores.entry("lm_head".into()).or_insert_with(|| vec![0.0; nf]);
         let (_, d) = head_backward(&head, &hidden[i], &samples[i], &mut |x, dz| {
-            let lin = Scored { w: head.lm_head(), wq: &lm_head_wq, amax: head_amax, shape: [cfg.vocab_size, cfg.hidden_size] };
-            score_linear(formats, &lin, x, dz, s)
+            let lin = Scored { w: head.lm_head(), wq: &head_wq, inputs: &head_inputs, shape: head_shape };
+            score_linear(&lin, x, dz, &mut head_scores)
         });
         dh.push(d);
     }
-    for l in (0..n).rev() {
-        let layer = model.load_layer(l)?;
-        let wq: Vec<Vec<Vec<f32>>> = LinearKind::ALL
-            .iter()
-            .map(|&k| formats.iter().map(|&f| quantized_weight(f, layer.weight(k), k.shape(cfg)[1])).collect())
-            .collect();
-        for (j, &i) in score.iter().enumerate() {
-            let d = layer_backward(&layer, cfg, &rope, &saved[l][j], samples[i].len(), &dh[j], &mut |kind, x, dy| {
-                let s = scores.entry(module_name(l, kind)).or_insert_with(|| vec![0.0; nf]);
-                let lin = Scored { w: layer.weight(kind), wq: &wq[kind as usize], amax: amax[l][kind as usize], shape: kind.shape(cfg) };
-                score_linear(formats, &lin, x, dy, s);
-            });
-            dh[j] = d;
+    let mut lm_head = vec![0f64; nf];
+    for (f, s) in head_formats.iter().zip(head_scores) {
+        lm_head[formats.iter().position(|x| x == f).expect("a listed format")] = s;
+    }
+    scores.insert("lm_head".into(), lm_head);
+    drop(hidden);
+
+    for a in (0..n).step_by(seg).rev() {
+        let b = (a + seg).min(n);
+        // The score rows' inputs of layers a..b, recomputed from the checkpoint at a.
+        let mut seg_inputs = vec![checkpoints.pop().expect("one checkpoint per segment")];
+        for l in a..b - 1 {
+            let layer = model.load_layer(l)?;
+            let mut next = seg_inputs[l - a].clone();
+            for (h, &i) in next.iter_mut().zip(score) {
+                layer.forward(cfg, &rope, h, samples[i].len(), &mut NoHooks);
+            }
+            seg_inputs.push(next);
         }
-        saved.pop();
-        progress.step("auto-quantize backward layer", n - l, n);
+        for l in (a..b).rev() {
+            let layer = model.load_layer(l)?;
+            let x_in = seg_inputs.pop().expect("an input per layer of the segment");
+            let mut wq: Vec<Vec<Vec<f32>>> = Vec::with_capacity(N);
+            for k in LinearKind::ALL {
+                let per_format = formats.iter().zip(&inputs[l][k as usize]);
+                let shape = k.shape(cfg);
+                wq.push(
+                    per_format
+                        .map(|(&f, iq)| candidate_weight(f, layer.weight(k), shape, iq.pre_quant_scale.as_deref(), dtype))
+                        .collect::<Result<_>>()?,
+                );
+            }
+            for (j, &i) in score.iter().enumerate() {
+                let d = layer_backward(&layer, cfg, &rope, &x_in[j], samples[i].len(), &dh[j], &mut |kind, x, dy| {
+                    let s = scores.entry(module_name(l, kind)).or_insert_with(|| vec![0.0; nf]);
+                    let k = kind as usize;
+                    let lin = Scored { w: layer.weight(kind), wq: &wq[k], inputs: &inputs[l][k], shape: kind.shape(cfg) };
+                    score_linear(&lin, x, dy, s);
+                });
+                dh[j] = d;
+            }
+            progress.step("auto-quantize backward layer", n - l, n);
+        }
     }
 
-    // Group scores, non-increasing from the most to the least compressed (§9.3).
-    let mut order: Vec<usize> = (0..nf).collect();
-    order.sort_by(|&a, &b| format_bits(formats[a]).total_cmp(&format_bits(formats[b])));
-    let group_scores: Vec<Vec<f64>> = groups
+    // Group scores (offered formats only), non-increasing from the most to the least
+    // compressed (§9.3).
+    let offers: Vec<Vec<usize>> = groups.iter().map(|g| offered(g, formats)).collect();
+    let group_scores: Vec<Vec<Option<f64>>> = groups
         .iter()
-        .map(|g| {
+        .zip(&offers)
+        .map(|(g, offer)| {
             let mut s = vec![0f64; nf];
             for m in &g.members {
                 for (acc, v) in s.iter_mut().zip(&scores[m]) {
                     *acc += v;
                 }
             }
+            let mut order = offer.clone();
+            order.sort_by(|&a, &b| format_bits(formats[a]).total_cmp(&format_bits(formats[b])));
             for w in order.windows(2) {
                 s[w[1]] = s[w[1]].min(s[w[0]]);
             }
-            s
+            (0..nf).map(|i| (g.name != "lm_head" || offer.contains(&i)).then_some(s[i])).collect()
         })
         .collect();
 
-    // Costs in units of (params · quarter-bits) / gcd, options: the formats then 16-bit.
+    // Costs in units of (params · quarter-bits) / gcd, options: the offered formats then 16-bit.
     let quarter = |bits: f64| (bits * 4.0).round() as u64;
     let raw: Vec<Vec<u64>> = groups
         .iter()
-        .map(|g| {
-            let mut c: Vec<u64> = if g.searchable { formats.iter().map(|&f| g.params as u64 * quarter(format_bits(f))).collect() } else { vec![] };
+        .zip(&offers)
+        .map(|(g, offer)| {
+            let mut c: Vec<u64> = offer.iter().map(|&f| g.params as u64 * quarter(format_bits(formats[f]))).collect();
             c.push(g.params as u64 * quarter(16.0));
             c
         })
@@ -405,19 +503,14 @@ pub fn search(
     let costs: Vec<Vec<u64>> = raw.iter().map(|c| c.iter().map(|x| x / unit).collect()).collect();
     let total: usize = groups.iter().map(|g| g.params).sum();
     let budget_units = ((budget * 4.0 * total as f64) as u64) / unit;
-    let opt_scores: Vec<Vec<f64>> = groups
+    let opt_scores: Vec<Vec<f64>> = group_scores
         .iter()
-        .zip(&group_scores)
-        .map(|(g, s)| {
-            let mut v = if g.searchable { s.clone() } else { vec![] };
-            v.push(0.0);
-            v
-        })
+        .zip(&offers)
+        .map(|(s, offer)| offer.iter().map(|&f| s[f].expect("offered formats are scored")).chain([0.0]).collect())
         .collect();
     let picks = select(&costs, &opt_scores, budget_units)
         .ok_or_else(|| Error::Usage(format!("--auto-bits {budget}: no assignment fits the budget")))?;
-    let chosen: Vec<Option<QFormat>> =
-        groups.iter().zip(&picks).map(|(g, &p)| if g.searchable && p < nf { Some(formats[p]) } else { None }).collect();
+    let chosen: Vec<Option<QFormat>> = offers.iter().zip(&picks).map(|(offer, &p)| offer.get(p).map(|&f| formats[f])).collect();
     let bits: f64 = groups.iter().zip(&chosen).map(|(g, c)| g.params as f64 * c.map_or(16.0, format_bits)).sum();
     Ok(Search {
         groups,

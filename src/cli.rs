@@ -196,7 +196,8 @@ fn quantize_unified(a: &QuantizeArgs) -> Result<()> {
         (Some(path), _) => Some(layer_formats_file(path)?),
         (None, Some(bits)) => {
             let score = autoquant::score_indices(samples.len(), a.score_size, a.seed);
-            let s = autoquant::search(&model, &samples, &score, &formats, bits, &exclusions, &progress)?;
+            let input = autoquant::SearchInput { samples: &samples, score: &score, sq_alpha: a.sq_alpha };
+            let s = autoquant::search(&model, &input, &formats, bits, &exclusions, &progress)?;
             if !a.quiet {
                 eprint!("{}", s.table());
             }

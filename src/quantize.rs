@@ -54,7 +54,7 @@ pub struct Summary {
 }
 
 /// Per-linear statistics of one layer's calibration pass.
-struct StatsHooks {
+pub(crate) struct StatsHooks {
     want_channels: bool,
     want_mean: bool,
     dtype: Dtype,
@@ -113,9 +113,9 @@ impl Hooks for SearchHooks<'_> {
 }
 
 /// One linear after its algorithm, before export-time fusion.
-struct Linear {
+pub(crate) struct Linear {
     /// None for lm_head.
-    kind: Option<LinearKind>,
+    pub(crate) kind: Option<LinearKind>,
     /// `[out, in]`.
     shape: [usize; 2],
     module: String,
@@ -123,9 +123,9 @@ struct Linear {
     /// `[out, in]`, with smoothing / AWQ scales folded in (model-dtype values).
     weight: Vec<f32>,
     /// The runtime multiplies the input by this (`pre_quant_scale`), if any.
-    pqs: Option<Vec<f32>>,
+    pub(crate) pqs: Option<Vec<f32>>,
     /// Per-tensor amax of the (scaled) input, for activation-quantized formats.
-    input_amax: f32,
+    pub(crate) input_amax: f32,
 }
 
 /// Runs calibration, the algorithm and the export of every decoder layer into `out`, plus a
@@ -158,62 +158,7 @@ pub fn run(model: &Model, samples: &[Vec<u32>], opts: &Options, out: &mut Output
                 None => summary.unquantized.push(module_name(l, k)),
             }
         }
-        let any = |pred: fn(QFormat) -> bool| formats.iter().flatten().any(|&f| pred(f));
-        let awq = any(QFormat::awq);
-
-        // Pass 1: statistics (on a copy of the inputs when a search pass follows).
-        let mut stats = StatsHooks {
-            want_channels: any(|f| f == QFormat::Int8Sq || (f.awq() && f.act().is_some())),
-            want_mean: awq,
-            dtype,
-            amax: [0.0; N],
-            channel_amax: Default::default(),
-            mean: Default::default(),
-            kv_amax: (0.0, 0.0),
-            non_finite: None,
-        };
-        let mut scratch: Vec<Vec<f32>>;
-        let states: &mut [Vec<f32>] = if awq {
-            scratch = hidden.clone();
-            &mut scratch
-        } else {
-            &mut hidden
-        };
-        for (s, (h, ids)) in states.iter_mut().zip(samples).enumerate() {
-            layer.forward(cfg, &rope, h, ids.len(), &mut stats);
-            if let Some(kind) = stats.non_finite {
-                return Err(Error::tensor(
-                    module_name(l, kind),
-                    format!("input activations hold NaN/Inf (calibration sample {s})"),
-                ));
-            }
-        }
-
-        // Pass 2 (AWQ): the alpha search, advancing the hidden states.
-        let mut best: [Option<Vec<f32>>; N] = Default::default();
-        if awq {
-            let mut search = SearchHooks { layer: &layer, cfg, searches: Default::default() };
-            for k in LinearKind::ALL {
-                let Some(format) = formats[k as usize].filter(|f| f.awq()) else { continue };
-                let [o, i] = k.shape(cfg);
-                let xbar = stats.mean[k as usize].as_ref().and_then(ActMean::finish);
-                if let Some(xbar) = xbar {
-                    let w = layer.weight(k);
-                    let block = if format.weight() == WeightKind::Int4Groups { INT4_GROUP } else { nvfp4::BLOCK };
-                    let wbar = awq::weight_mean(w, o, i, Some(block), dtype);
-                    let fq = search_quantizer(format, o, i, dtype);
-                    search.searches[k as usize] = Some(LiteSearch::new(w, o, i, &xbar, &wbar, dtype, &*fq));
-                }
-            }
-            for (h, ids) in hidden.iter_mut().zip(samples) {
-                layer.forward(cfg, &rope, h, ids.len(), &mut search);
-            }
-            for k in LinearKind::ALL {
-                best[k as usize] = search.searches[k as usize].as_ref().and_then(|s| s.best()).map(|(_, s)| s);
-            }
-        }
-
-        let linears = finalize(&layer, l, cfg, opts, dtype, &stats, &formats, &mut best)?;
+        let (stats, linears) = calibrate_layer(&layer, l, cfg, &rope, &mut hidden, samples, &formats, opts.sq_alpha, dtype)?;
         emit_layer(model, l, linears, &layer, opts, dtype, &stats, out)?;
         progress.step("layer", l + 1, n_layers);
     }
@@ -223,6 +168,81 @@ pub fn run(model: &Model, samples: &[Vec<u32>], opts: &Options, out: &mut Output
         summary.quantized.push(("lm_head".into(), format));
     }
     Ok(summary)
+}
+
+/// One decoder layer's calibration: statistics of every linear's input over all `samples`
+/// (max calibration, §3.1), the AWQ-lite search pass where a format needs one (§6.1), and each
+/// quantized linear's algorithm result before export-time fusion (SmoothQuant factors, AWQ
+/// scales, input amax). `hidden` (the layer inputs, one per sample) advances through the layer.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn calibrate_layer(
+    layer: &Layer,
+    l: usize,
+    cfg: &crate::config::ModelConfig,
+    rope: &Rope,
+    hidden: &mut [Vec<f32>],
+    samples: &[Vec<u32>],
+    formats: &[Option<QFormat>; N],
+    sq_alpha: f32,
+    dtype: Dtype,
+) -> Result<(StatsHooks, Vec<Linear>)> {
+    let any = |pred: fn(QFormat) -> bool| formats.iter().flatten().any(|&f| pred(f));
+    let awq = any(QFormat::awq);
+
+    // Pass 1: statistics (on a copy of the inputs when a search pass follows).
+    let mut stats = StatsHooks {
+        want_channels: any(|f| f == QFormat::Int8Sq || (f.awq() && f.act().is_some())),
+        want_mean: awq,
+        dtype,
+        amax: [0.0; N],
+        channel_amax: Default::default(),
+        mean: Default::default(),
+        kv_amax: (0.0, 0.0),
+        non_finite: None,
+    };
+    let mut scratch: Vec<Vec<f32>>;
+    let states: &mut [Vec<f32>] = if awq {
+        scratch = hidden.to_vec();
+        &mut scratch
+    } else {
+        hidden
+    };
+    for (s, (h, ids)) in states.iter_mut().zip(samples).enumerate() {
+        layer.forward(cfg, rope, h, ids.len(), &mut stats);
+        if let Some(kind) = stats.non_finite {
+            return Err(Error::tensor(
+                module_name(l, kind),
+                format!("input activations hold NaN/Inf (calibration sample {s})"),
+            ));
+        }
+    }
+
+    // Pass 2 (AWQ): the alpha search, advancing the hidden states.
+    let mut best: [Option<Vec<f32>>; N] = Default::default();
+    if awq {
+        let mut search = SearchHooks { layer, cfg, searches: Default::default() };
+        for k in LinearKind::ALL {
+            let Some(format) = formats[k as usize].filter(|f| f.awq()) else { continue };
+            let [o, i] = k.shape(cfg);
+            let xbar = stats.mean[k as usize].as_ref().and_then(ActMean::finish);
+            if let Some(xbar) = xbar {
+                let w = layer.weight(k);
+                let block = if format.weight() == WeightKind::Int4Groups { INT4_GROUP } else { nvfp4::BLOCK };
+                let wbar = awq::weight_mean(w, o, i, Some(block), dtype);
+                let fq = search_quantizer(format, o, i, dtype);
+                search.searches[k as usize] = Some(LiteSearch::new(w, o, i, &xbar, &wbar, dtype, &*fq));
+            }
+        }
+        for (h, ids) in hidden.iter_mut().zip(samples) {
+            layer.forward(cfg, rope, h, ids.len(), &mut search);
+        }
+        for k in LinearKind::ALL {
+            best[k as usize] = search.searches[k as usize].as_ref().and_then(|s| s.best()).map(|(_, s)| s);
+        }
+    }
+
+    let linears = finalize(layer, l, cfg, sq_alpha, dtype, &stats, formats, &mut best)?;
+    Ok((stats, linears))
 }
 
 /// lm_head in a max-calibrated format (FP8 or NVFP4; auto-quantize may pick it when nothing
@@ -314,7 +334,7 @@ fn finalize(
     layer: &Layer,
     l: usize,
     cfg: &crate::config::ModelConfig,
-    opts: &Options,
+    sq_alpha: f32,
     dtype: Dtype,
     stats: &StatsHooks,
     formats: &[Option<QFormat>; N],
@@ -328,7 +348,7 @@ fn finalize(
         let mut weight = layer.weight(k).to_vec();
         let (pqs, input_amax) = if format == QFormat::Int8Sq {
             // §5: p_j = w_j^(1-α) / a_j^α, W' = W / p, input amax = max_j a_j·p_j.
-            let p = smoothquant::pre_quant_scale(&stats.channel_amax[i], &weight, o, inp, opts.sq_alpha, dtype);
+            let p = smoothquant::pre_quant_scale(&stats.channel_amax[i], &weight, o, inp, sq_alpha, dtype);
             smoothquant::smooth_weight(&mut weight, inp, &p, dtype);
             let amax = smoothquant::smoothed_input_amax(&stats.channel_amax[i], &p, dtype);
             (Some(p), amax)

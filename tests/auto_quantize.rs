@@ -154,3 +154,63 @@ fn default_exclusions_bound_the_budget() {
     let lm = report.get("groups").unwrap().as_array().unwrap().iter().find(|g| g.get("group").unwrap().as_str() == Some("lm_head")).unwrap().clone();
     assert_eq!(lm.get("chosen").unwrap().as_str(), Some("none"));
 }
+
+/// AWQ and SmoothQuant formats as candidates (each calibrated with its own algorithm, §9.2):
+/// lm_head is offered only the max-calibrated FP8, the budget is met, the 4-bit AWQ format is
+/// used where the budget needs it, and the choice beats a random assignment of the same formats
+/// and about the same bits.
+#[test]
+fn awq_and_smoothquant_candidates() {
+    let Some(p) = paths() else { return };
+    let out = out_dir("awq-sq");
+    let budget = 7.0;
+    let small = |a: QuantizeArgs| QuantizeArgs { calib_size: 16, score_size: 16, ..a };
+    quantize(&small(QuantizeArgs {
+        qformat: "int4_awq,int8_sq,fp8".into(),
+        auto_bits: Some(budget),
+        exclude: vec!["none".into()],
+        ..args(&p, &out)
+    }))
+    .unwrap();
+    let report = Json::parse_file(&out.join("auto_quantize.json")).unwrap();
+    let bits = report.get("effective_bits").unwrap().as_f64().unwrap();
+    assert!(bits <= budget && bits >= budget - 0.1, "effective bits {bits}");
+    let groups = report.get("groups").unwrap().as_array().unwrap();
+    let lm = groups.iter().find(|g| g.get("group").unwrap().as_str() == Some("lm_head")).unwrap();
+    let lm_scores = lm.get("scores").unwrap();
+    assert!(matches!(lm_scores.get("int4_awq"), Some(Json::Null)) && matches!(lm_scores.get("int8_sq"), Some(Json::Null)));
+    assert!(lm_scores.get("fp8").unwrap().as_f64().unwrap() > 0.0);
+    let chosen = report_formats(&report);
+    let count = |f: &str| chosen.iter().filter(|(_, c)| c == f).count();
+    assert!(count("int4_awq") > 0 && count("int8_sq") + count("fp8") > 0, "{chosen:?}");
+    let ours = ppl(&out, &p.model);
+
+    // Random: groups in a seeded order take int4_awq, the rest int8_sq (lm_head fp8), with at
+    // least as many int4_awq weights as rq-min's choice (so no more bits).
+    let params = |g: &Json| g.get("params").unwrap().as_i64().unwrap() as usize;
+    let awq_params: usize = groups.iter().filter(|g| g.get("chosen").unwrap().as_str() == Some("int4_awq")).map(params).sum();
+    let order = rq_min::autoquant::score_indices(groups.len(), groups.len(), 7);
+    let mut taken = 0;
+    let mut random: Vec<(String, &str)> = Vec::new();
+    for &g in &order {
+        let g = &groups[g];
+        let name = g.get("group").unwrap().as_str().unwrap();
+        let f = if name == "lm_head" {
+            "fp8"
+        } else if taken < awq_params {
+            taken += params(g);
+            "int4_awq"
+        } else {
+            "int8_sq"
+        };
+        random.extend(g.get("members").unwrap().as_array().unwrap().iter().map(|m| (m.as_str().unwrap().to_string(), f)));
+    }
+    let file = std::env::temp_dir().join(format!("rq-min-auto-{}-awq-random.json", std::process::id()));
+    std::fs::write(&file, Json::Obj(random.iter().map(|(m, f)| (m.clone(), rq_min::json::str(f))).collect()).to_pretty(1))
+        .unwrap();
+    let out_random = out_dir("awq-sq-random");
+    quantize(&small(QuantizeArgs { qformat: "fp8".into(), layer_formats: Some(file), ..args(&p, &out_random) })).unwrap();
+    let p_random = ppl(&out_random, &p.model);
+    println!("awq/sq candidates: {bits:.3} bits, ppl {ours:.3}; random same formats {p_random:.3}");
+    assert!(ours < p_random, "not better than a random assignment: {ours} vs {p_random}");
+}
