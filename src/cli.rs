@@ -104,52 +104,55 @@ pub fn quantize(a: &QuantizeArgs) -> Result<()> {
             }
             quantize_unified(a)
         }
-        "trtllm" => quantize_trtllm(a),
-        other => Err(Error::Usage(format!("unknown --export '{other}'; supported: hf, trtllm"))),
+        "trtllm" => quantize_trtllm(a, false),
+        "qnemo" => quantize_trtllm(a, true),
+        other => Err(Error::Usage(format!("unknown --export '{other}'; supported: hf, trtllm, qnemo"))),
     }
 }
 
-fn quantize_trtllm(a: &QuantizeArgs) -> Result<()> {
-    use crate::export_trtllm::{convert, TrtllmOptions};
-    if a.auto_bits.is_some() || a.layer_formats.is_some() || a.qformat.contains(',') {
-        return Err(Error::Unsupported("--export trtllm of mixed precision (--auto-bits, --layer-formats)".into()));
-    }
+/// `--export trtllm` (a folder) or `--export qnemo` (the same checkpoint as a `.qnemo` tarball
+/// with the tokenizer, built in a temporary folder beside `out`).
+fn quantize_trtllm(a: &QuantizeArgs, qnemo: bool) -> Result<()> {
+    use crate::export_trtllm::{check_model, check_split, convert, write_qnemo, TrtllmOptions};
     if a.tp == 0 || a.pp == 0 {
         return Err(Error::Usage("--tp and --pp must be at least 1".into()));
     }
     if a.out.exists() && !a.force {
-        return Err(Error::Usage(format!("output folder {} already exists; pass --force to replace it", a.out.display())));
+        return Err(Error::Usage(format!("output {} already exists; pass --force to replace it", a.out.display())));
     }
-    let opts = TrtllmOptions { tp: a.tp, pp: a.pp, force: a.force };
-    if a.qformat == "none" {
-        convert(&a.model, None, &a.out, &opts)?;
-        println!("exported {} unquantized (tp {}, pp {}) -> {}", a.model.display(), a.tp, a.pp, a.out.display());
-        return Ok(());
-    }
-    // Fail on the split before calibrating.
+    // Fail on the model and the split before calibrating.
     let cfg = crate::config::ModelConfig::from_dir(&a.model)?;
-    for (what, n, by) in [
-        ("num_attention_heads", cfg.num_attention_heads, a.tp),
-        ("num_key_value_heads", cfg.num_key_value_heads, a.tp),
-        ("intermediate_size", cfg.intermediate_size, a.tp),
-        ("vocab_size", cfg.vocab_size, a.tp),
-        ("num_hidden_layers", cfg.num_hidden_layers, a.pp),
-    ] {
-        if n % by != 0 {
-            return Err(Error::Usage(format!("--tp {} / --pp {} do not divide {what} = {n}", a.tp, a.pp)));
-        }
-    }
+    check_model(&cfg)?;
+    check_split(&cfg, a.tp, a.pp)?;
     let name = a.out.file_name().ok_or_else(|| Error::Usage(format!("--out {} has no folder name", a.out.display())))?;
     let parent = match a.out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let tmp = parent.join(format!(".{}.rq-min-unified-{}", name.to_string_lossy(), std::process::id()));
-    let unified = QuantizeArgs { out: tmp.clone(), force: true, export: "hf".into(), tp: 1, pp: 1, ..a.clone() };
-    let result = quantize_unified(&unified).and_then(|()| convert(&a.model, Some(&tmp), &a.out, &opts));
-    let _ = std::fs::remove_dir_all(&tmp);
+    let temp = |what: &str| parent.join(format!(".{}.rq-min-{what}-{}", name.to_string_lossy(), std::process::id()));
+    let (folder, opts) = match qnemo {
+        true => (temp("trtllm"), TrtllmOptions { tp: a.tp, pp: a.pp, force: true }),
+        false => (a.out.clone(), TrtllmOptions { tp: a.tp, pp: a.pp, force: a.force }),
+    };
+    let unified = (a.qformat != "none").then(|| temp("unified"));
+    let result = match &unified {
+        Some(tmp) => {
+            let args = QuantizeArgs { out: tmp.clone(), force: true, export: "hf".into(), tp: 1, pp: 1, ..a.clone() };
+            quantize_unified(&args).and_then(|()| convert(&a.model, Some(tmp), &folder, &opts))
+        }
+        None => convert(&a.model, None, &folder, &opts),
+    };
+    let result = result.and_then(|()| if qnemo { write_qnemo(&a.model, &folder, &a.out) } else { Ok(()) });
+    if let Some(tmp) = &unified {
+        let _ = std::fs::remove_dir_all(tmp);
+    }
+    if qnemo {
+        let _ = std::fs::remove_dir_all(&folder);
+    }
     result?;
-    println!("exported TensorRT-LLM checkpoint (tp {}, pp {}) -> {}", a.tp, a.pp, a.out.display());
+    let what = if a.qformat == "none" { "unquantized " } else { "" };
+    let kind = if qnemo { ".qnemo" } else { "TensorRT-LLM checkpoint" };
+    println!("exported {what}{kind} (tp {}, pp {}) -> {}", a.tp, a.pp, a.out.display());
     Ok(())
 }
 
@@ -373,7 +376,11 @@ pub fn inspect(path: &Path) -> Result<()> {
 /// positive scales, packed sizes, KV scales) and, given the original model, the dequantized
 /// weight error of every linear; non-zero exit on any finding.
 pub fn verify(dir: &Path, original: Option<&Path>) -> Result<()> {
-    let mut report = crate::inspect::check(dir)?;
+    let trtllm = crate::inspect::is_trtllm(dir);
+    if trtllm && original.is_some() {
+        return Err(Error::Usage("--original is for unified checkpoints, not TensorRT-LLM ones".into()));
+    }
+    let mut report = if trtllm { crate::inspect::check_trtllm(dir)? } else { crate::inspect::check(dir)? };
     println!("{:<14} {:>8} {:>14} {:>10}", "format", "linears", "parameters", "bits/param");
     for (name, g) in &report.groups {
         println!("{:<14} {:>8} {:>14} {:>10.3}", name, g.linears, g.params, g.bits());

@@ -103,7 +103,7 @@ fn str_list(v: &[String]) -> Json {
 }
 
 /// A format's keys in hf_quant_config.json besides `quant_algo` (spec/export-formats.md §2.2).
-fn format_keys(f: QFormat, q: &mut Json) {
+pub(crate) fn format_keys(f: QFormat, q: &mut Json) {
     if let Some(g) = f.group_size() {
         q.set("group_size", Json::Int(g as i64));
     }

@@ -2,9 +2,11 @@
 //! spec/export-formats.md §4): `config.json` plus `rank{r}.safetensors` for r < tp·pp, made
 //! from a unified-HF checkpoint written by rq-min and the original model folder.
 //!
-//! Llama-family models only (no q/k/v biases, q/k norms, (1+w) norms or embedding scale);
-//! formats FP8, NVFP4, INT8 SmoothQuant, INT4 AWQ, W4A8 AWQ, and none (unquantized).
-//! Mixed precision (auto-quantize, --layer-formats, NVFP4_AWQ) is refused.
+//! Families: Llama, Mistral, Qwen2 (q/k/v biases -> `attention.qkv.bias`), Qwen3 (q/k norms ->
+//! `attention.{q,k}_layernorm`), Gemma (norms written as `1 + w`, embedding unscaled, shared
+//! table). Formats FP8, NVFP4, INT8 SmoothQuant, INT4 AWQ, W4A8 AWQ, none (unquantized), and
+//! MIXED_PRECISION of those (auto-quantize / --layer-formats: `quant_cfg.json`). NVFP4_AWQ is
+//! refused: TensorRT-LLM's QuantAlgo has no such algorithm.
 //!
 //! Notes on the values (§4.4):
 //! - FP8 qkv: one weights_scaling_factor / activation_scaling_factor (max over q, k, v); the
@@ -15,6 +17,8 @@
 //!   scale into the norm; it is recovered as `exported_norm / original_norm` per channel and
 //!   the ORIGINAL norm is written. This is exact up to the model-dtype rounding of the folded
 //!   norm (for bf16 models: a relative error of at most 2^-9 per channel; exact for f32).
+//! - TP: KV heads are duplicated when tp > num_key_value_heads, the vocabulary is padded with
+//!   zero rows to a multiple of tp (AWQ: first to a multiple of 64), §4.4/§4.5.
 //! - Layer indices are local to a pipeline rank (rank p holds `transformer.layers.0..L/pp`),
 //!   as ModelOpt's per-rank configs and TRT-LLM's loaders number them.
 
@@ -26,6 +30,7 @@ use crate::model::LinearKind;
 use crate::quant::read::{detect, Stored};
 use crate::quant::{fp8, QFormat};
 use crate::safetensors::{write_file, Checkpoint, Dtype, TensorView};
+use std::collections::HashMap;
 use std::path::Path;
 
 /// Where to write and how to split.
@@ -57,6 +62,25 @@ impl Tn {
     /// The one value of a per-tensor F32 factor.
     fn value(&self) -> f32 {
         f32::from_le_bytes([self.data[0], self.data[1], self.data[2], self.data[3]])
+    }
+    /// Each of the `heads` row blocks repeated `reps` times in place (ModelOpt `dup_kv_weight`:
+    /// `repeat_interleave` over heads), for any tensor indexed by output row (weights, packed
+    /// INT4 rows, per-row scales, biases).
+    fn dup_heads(&self, heads: usize, reps: usize) -> Tn {
+        let block = self.data.len() / heads;
+        let data = self.data.chunks_exact(block).flat_map(|c| std::iter::repeat_n(c, reps).flatten().copied()).collect();
+        let mut shape = self.shape.clone();
+        shape[0] *= reps;
+        Tn { dtype: self.dtype, shape, data }
+    }
+    /// Zero rows appended up to `rows` (ModelOpt `pad_weights`).
+    fn pad_rows(mut self, rows: usize) -> Tn {
+        if self.shape[0] < rows {
+            let row: usize = self.shape[1..].iter().product::<usize>() * self.dtype.size();
+            self.data.resize(rows * row, 0);
+            self.shape[0] = rows;
+        }
+        self
     }
     /// Rank `r`'s part of a split in `tp` along `dim` (0 or 1).
     pub fn split(&self, name: &str, dim: usize, tp: usize, r: usize) -> Result<Tn> {
@@ -119,15 +143,23 @@ struct Lin {
     ws2: Option<Tn>,
     act: Option<Tn>,
     pqs: Option<Tn>,
+    bias: Option<Tn>,
 }
 
 impl Lin {
+    /// KV heads duplicated `reps` times (§4.5): every output-row tensor; per-tensor factors
+    /// and the input-side prequant scale stay.
+    fn dup_heads(&self, heads: usize, reps: usize) -> Lin {
+        let rows = |t: &Option<Tn>| t.as_ref().map(|t| if t.numel() > 1 { t.dup_heads(heads, reps) } else { t.clone() });
+        Lin { w: self.w.dup_heads(heads, reps), ws: rows(&self.ws), bias: rows(&self.bias), ..self.clone() }
+    }
     fn column(&self, name: &str, tp: usize, r: usize) -> Result<Lin> {
         let ws = match &self.ws {
             Some(t) if t.numel() > 1 => Some(t.split(name, 0, tp, r)?),
             other => other.clone(),
         };
-        Ok(Lin { w: self.w.split(name, 0, tp, r)?, ws, ws2: self.ws2.clone(), act: self.act.clone(), pqs: self.pqs.clone() })
+        let bias = self.bias.as_ref().map(|b| b.split(name, 0, tp, r)).transpose()?;
+        Ok(Lin { w: self.w.split(name, 0, tp, r)?, ws, bias, ..self.clone() })
     }
     fn row(&self, name: &str, tp: usize, r: usize) -> Result<Lin> {
         let ws = match &self.ws {
@@ -138,7 +170,7 @@ impl Lin {
             Some(p) => Some(p.split(name, 0, tp, r)?),
             None => None,
         };
-        Ok(Lin { w: self.w.split(name, 1, tp, r)?, ws, ws2: self.ws2.clone(), act: self.act.clone(), pqs })
+        Ok(Lin { w: self.w.split(name, 1, tp, r)?, ws, pqs, ..self.clone() })
     }
     /// [q; k; v] (or any column siblings): weights and per-row scales concatenated, per-tensor
     /// factors the max, prequant the first's (identical across siblings).
@@ -156,11 +188,13 @@ impl Lin {
             ws2: opt(|p| &p.ws2),
             act: opt(|p| &p.act),
             pqs: parts[0].pqs.clone(),
+            bias: opt(|p| &p.bias),
         }
     }
     fn emit(self, prefix: &str, out: &mut Vec<(String, Tn)>) {
         out.push((format!("{prefix}.weight"), self.w));
         for (suffix, t) in [
+            ("bias", self.bias),
             ("weights_scaling_factor", self.ws),
             ("weights_scaling_factor_2", self.ws2),
             ("activation_scaling_factor", self.act),
@@ -199,7 +233,7 @@ fn load_lin(ck: &Checkpoint, module: &str, shape: [usize; 2]) -> Result<(Stored,
     if let (Some(t), Stored::Int8 | Stored::Int4 { .. } | Stored::Nvfp4) = (&mut ws, stored) {
         t.shape = scale.as_ref().map(|s| s.shape.to_vec()).unwrap_or_default(); // keep per-row / per-group shapes
     }
-    Ok((stored, Lin { w, ws, ws2: opt("weight_scale_2"), act: opt("input_scale"), pqs: opt("pre_quant_scale") }))
+    Ok((stored, Lin { w, ws, ws2: opt("weight_scale_2"), act: opt("input_scale"), pqs: opt("pre_quant_scale"), bias: None }))
 }
 
 fn encode(values: &[f32], dtype: Dtype) -> Tn {
@@ -215,53 +249,100 @@ fn dtype_name(d: Dtype) -> Result<&'static str> {
     })
 }
 
-/// The format of a unified checkpoint from its hf_quant_config.json (None: unquantized).
-fn unified_format(dir: &Path) -> Result<(Option<QFormat>, bool)> {
-    let p = dir.join("hf_quant_config.json");
-    if !p.exists() {
-        return Ok((None, false));
+/// What the unified checkpoint's hf_quant_config.json says.
+#[derive(Default)]
+struct Quant {
+    /// The one format of a uniform checkpoint (None: unquantized or mixed precision).
+    uniform: Option<QFormat>,
+    /// MIXED_PRECISION (`quantized_layers`): HF module -> format.
+    layers: Option<HashMap<String, QFormat>>,
+    kv_fp8: bool,
+}
+
+impl Quant {
+    fn read(dir: &Path) -> Result<Quant> {
+        let p = dir.join("hf_quant_config.json");
+        if !p.exists() {
+            return Ok(Quant::default());
+        }
+        let j = Json::parse_file(&p)?;
+        let q = j.get("quantization").ok_or_else(|| Error::config(&p, "no \"quantization\" object"))?;
+        let kv_fp8 = q.get("kv_cache_quant_algo").and_then(Json::as_str) == Some("FP8");
+        let format = |algo: &str| -> Result<QFormat> {
+            match QFormat::ALL.into_iter().find(|f| f.quant_algo() == algo) {
+                // TensorRT-LLM's QuantAlgo has no NVFP4_AWQ (nor does its legacy loader know the
+                // per-linear prequant_scaling_factor of NVFP4 weights).
+                Some(QFormat::Nvfp4Awq) | None => Err(Error::Unsupported(format!(
+                    "TensorRT-LLM checkpoint with quant_algo {algo} (TensorRT-LLM supports FP8, NVFP4, \
+                     W8A8_SQ_PER_CHANNEL, W4A16_AWQ, W4A8_AWQ and MIXED_PRECISION of those; use --export hf for NVFP4_AWQ)"
+                ))),
+                Some(f) => Ok(f),
+            }
+        };
+        match q.get("quant_algo").and_then(Json::as_str) {
+            None => Ok(Quant { kv_fp8, ..Quant::default() }),
+            Some("MIXED_PRECISION") => {
+                let layers = q
+                    .get("quantized_layers")
+                    .and_then(Json::as_object)
+                    .ok_or_else(|| Error::config(&p, "MIXED_PRECISION without a quantized_layers object"))?;
+                let mut map = HashMap::new();
+                for (module, v) in layers {
+                    let algo = v.get("quant_algo").and_then(Json::as_str);
+                    let algo = algo.ok_or_else(|| Error::config(&p, format!("quantized_layers.{module} has no quant_algo")))?;
+                    map.insert(module.clone(), format(algo)?);
+                }
+                Ok(Quant { uniform: None, layers: Some(map), kv_fp8 })
+            }
+            Some(algo) => Ok(Quant { uniform: Some(format(algo)?), layers: None, kv_fp8 }),
+        }
     }
-    let j = Json::parse_file(&p)?;
-    let q = j.get("quantization").ok_or_else(|| Error::config(&p, "no \"quantization\" object"))?;
-    let kv = q.get("kv_cache_quant_algo").and_then(Json::as_str) == Some("FP8");
-    let algo = match q.get("quant_algo").and_then(Json::as_str) {
-        None => return Ok((None, kv)),
-        Some(a) => a,
-    };
-    let f = QFormat::ALL.into_iter().find(|f| f.quant_algo() == algo);
-    match f {
-        Some(f @ (QFormat::Fp8 | QFormat::Nvfp4 | QFormat::Int8Sq | QFormat::Int4Awq | QFormat::W4a8Awq)) => Ok((Some(f), kv)),
-        _ => Err(Error::Unsupported(format!(
-            "TensorRT-LLM export of quant_algo {algo} (supported: FP8, NVFP4, W8A8_SQ_PER_CHANNEL, W4A16_AWQ, W4A8_AWQ; mixed precision is not supported)"
-        ))),
+
+    /// The format of HF `module`, stored as `s`.
+    fn of(&self, module: &str, s: Stored) -> Result<Option<QFormat>> {
+        if s == Stored::Plain {
+            return Ok(None);
+        }
+        let f = match &self.layers {
+            Some(map) => map.get(module).copied(),
+            None => self.uniform,
+        };
+        f.map(Some).ok_or_else(|| Error::tensor(format!("{module}.weight"), "quantized but not in the checkpoint's quantization config"))
     }
 }
 
-fn check_model(cfg: &ModelConfig) -> Result<()> {
-    if !matches!(cfg.architecture.as_str(), "LlamaForCausalLM" | "MistralForCausalLM")
-        || cfg.qkv_bias
-        || cfg.qk_norm
-        || cfg.norm_offset
-        || cfg.embed_scale.is_some()
-        || cfg.act != Activation::Silu
-    {
+/// The families this converter writes (TRT-LLM maps Mistral to its Llama model and Qwen2/Qwen3
+/// to `QWenForCausalLM`).
+pub const TRTLLM_ARCHITECTURES: [&str; 5] =
+    ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GemmaForCausalLM"];
+
+/// Refuses a model family the converter does not handle.
+pub fn check_model(cfg: &ModelConfig) -> Result<()> {
+    if !TRTLLM_ARCHITECTURES.contains(&cfg.architecture.as_str()) {
         return Err(Error::Unsupported(format!(
-            "TensorRT-LLM export supports Llama-family models only (got {})",
-            cfg.architecture
+            "TensorRT-LLM export of {} (supported: {})",
+            cfg.architecture,
+            TRTLLM_ARCHITECTURES.join(", ")
         )));
     }
     Ok(())
 }
 
-fn check_split(cfg: &ModelConfig, tp: usize, pp: usize) -> Result<()> {
+/// Refuses a TP/PP split the model's dimensions do not allow. KV heads: `tp` must divide them
+/// or be a multiple of them (then they are duplicated, §4.5); the vocabulary is padded.
+pub fn check_split(cfg: &ModelConfig, tp: usize, pp: usize) -> Result<()> {
     if tp == 0 || pp == 0 {
         return Err(Error::Usage("--tp and --pp must be at least 1".into()));
     }
+    let kv = cfg.num_key_value_heads;
+    if kv % tp != 0 && tp % kv != 0 {
+        return Err(Error::Usage(format!(
+            "--tp {tp} neither divides nor is a multiple of num_key_value_heads = {kv}"
+        )));
+    }
     for (what, n, by, flag) in [
         ("num_attention_heads", cfg.num_attention_heads, tp, "--tp"),
-        ("num_key_value_heads", cfg.num_key_value_heads, tp, "--tp"),
         ("intermediate_size", cfg.intermediate_size, tp, "--tp"),
-        ("vocab_size", cfg.vocab_size, tp, "--tp"),
         ("num_hidden_layers", cfg.num_hidden_layers, pp, "--pp"),
     ] {
         if n % by != 0 {
@@ -271,6 +352,16 @@ fn check_split(cfg: &ModelConfig, tp: usize, pp: usize) -> Result<()> {
     Ok(())
 }
 
+/// A norm as TensorRT-LLM wants it: Gemma's offset norms as `1 + w`, computed in f32 and cast
+/// to the model dtype (ModelOpt `build_layernorm_config`, `_weights_plus_one`).
+fn trt_norm(t: &TensorView, offset: bool) -> Result<Tn> {
+    if !offset {
+        return Ok(Tn::from_view(t));
+    }
+    let v: Vec<f32> = t.to_f32()?.iter().map(|w| w + 1.0).collect();
+    Ok(encode(&v, t.dtype))
+}
+
 /// Converts `unified` (rq-min's unified-HF export of `original`; None = export `original`
 /// unquantized) into a TensorRT-LLM checkpoint in `out`, via a staging folder.
 pub fn convert(original: &Path, unified: Option<&Path>, out: &Path, o: &TrtllmOptions) -> Result<()> {
@@ -278,22 +369,22 @@ pub fn convert(original: &Path, unified: Option<&Path>, out: &Path, o: &TrtllmOp
     check_model(&cfg)?;
     check_split(&cfg, o.tp, o.pp)?;
     let orig = Checkpoint::open(original)?;
-    let uni = match unified {
-        Some(u) => Checkpoint::open(u)?,
-        None => Checkpoint::open(original)?,
-    };
-    let (format, _) = match unified {
-        Some(u) => unified_format(u)?,
-        None => (None, false),
+    let uni = Checkpoint::open(unified.unwrap_or(original))?;
+    let quant = match unified {
+        Some(u) => Quant::read(u)?,
+        None => Quant::default(),
     };
     let dtype = orig.tensor("model.embed_tokens.weight")?.dtype;
     let (tp, pp) = (o.tp, o.pp);
     let world = tp * pp;
     let per_pp = cfg.num_hidden_layers / pp;
+    // KV heads repeated so that every rank holds one when tp > num_key_value_heads (§4.5).
+    let kv_reps = if tp > cfg.num_key_value_heads { tp / cfg.num_key_value_heads } else { 1 };
     let mut ranks: Vec<Vec<(String, Tn)>> = vec![Vec::new(); world];
     let mut excluded: Vec<String> = Vec::new();
-    let mut kv_fp8 = false;
-    let mut seen: Option<Stored> = None;
+    // MIXED_PRECISION: TRT-LLM module (local layer index) -> format.
+    let mut layer_formats: Vec<(String, QFormat)> = Vec::new();
+    let mut formats_used: Vec<QFormat> = Vec::new();
 
     for l in 0..cfg.num_hidden_layers {
         let (pp_rank, local) = (l / per_pp, l % per_pp);
@@ -301,52 +392,70 @@ pub fn convert(original: &Path, unified: Option<&Path>, out: &Path, o: &TrtllmOp
         let trt = format!("transformer.layers.{local}");
         let mut lins = Vec::new();
         for kind in LinearKind::ALL {
-            let (s, lin) = load_lin(&uni, &format!("{hf}.{}", kind.module()), kind.shape(&cfg))?;
-            if s != Stored::Plain {
-                if seen.is_some_and(|x| x != s) {
-                    return Err(Error::Unsupported("TensorRT-LLM export of a mixed-precision checkpoint".into()));
+            let module = format!("{hf}.{}", kind.module());
+            let (s, mut lin) = load_lin(&uni, &module, kind.shape(&cfg))?;
+            lin.bias = uni.get(&format!("{module}.bias")).map(|b| Tn::from_view(&b));
+            lins.push((quant.of(&module, s)?, lin));
+        }
+        let norms = [
+            trt_norm(&orig.tensor(&format!("{hf}.input_layernorm.weight"))?, cfg.norm_offset)?,
+            trt_norm(&orig.tensor(&format!("{hf}.post_attention_layernorm.weight"))?, cfg.norm_offset)?,
+        ];
+        // TRT-LLM modules: their HF members (sharing an input) and the norm AWQ folded into.
+        let groups: [(&[usize], &str, Option<&str>); 5] = [
+            (&[0, 1, 2], "attention.qkv", Some("input_layernorm")),
+            (&[3], "attention.dense", None),
+            (&[4], "mlp.fc", Some("post_attention_layernorm")),
+            (&[5], "mlp.gate", Some("post_attention_layernorm")),
+            (&[6], "mlp.proj", None),
+        ];
+        for (members, name, norm) in groups {
+            let f = lins[members[0]].0;
+            if members.iter().any(|&i| lins[i].0 != f) || (name == "mlp.fc" && lins[5].0 != f) {
+                return Err(Error::Unsupported(format!(
+                    "{hf}: linears sharing an input in different formats ({}); TensorRT-LLM fuses them",
+                    members.iter().map(|&i| lins[i].0.map_or("none", QFormat::cli_name)).collect::<Vec<_>>().join(", ")
+                )));
+            }
+            let Some(f) = f else {
+                excluded.push(format!("{trt}.{name}"));
+                continue;
+            };
+            if !formats_used.contains(&f) {
+                formats_used.push(f);
+            }
+            let module = format!("{trt}.{name}");
+            match layer_formats.iter().find(|(m, _)| *m == module) {
+                Some((_, g)) if *g != f => {
+                    return Err(Error::Unsupported(format!(
+                        "mixed precision with --pp {pp}: {module} has different formats on different pipeline ranks \
+                         (quant_cfg.json names layers per rank)"
+                    )))
                 }
-                seen = Some(s);
+                Some(_) => {}
+                None => layer_formats.push((module, f)),
             }
-            lins.push((s, lin));
-        }
-        let mut norms = Vec::new();
-        for name in ["input_layernorm", "post_attention_layernorm"] {
-            norms.push(Tn::from_view(&orig.tensor(&format!("{hf}.{name}.weight"))?));
-        }
-        // Groups sharing an input: all quantized or all plain.
-        for (members, norm_name, trt_names) in [
-            (&[0usize, 1, 2][..], "input_layernorm", &["attention.qkv"][..]),
-            (&[4, 5][..], "post_attention_layernorm", &["mlp.fc", "mlp.gate"][..]),
-        ] {
-            let plain = members.iter().filter(|&&i| lins[i].0 == Stored::Plain).count();
-            if plain != 0 && plain != members.len() {
-                return Err(Error::Unsupported(format!("{hf}: siblings sharing an input are partly excluded (mixed precision)")));
-            }
-            if plain == members.len() {
-                excluded.extend(trt_names.iter().map(|n| format!("{trt}.{n}")));
+            if !f.awq() || lins[members[0]].1.pqs.is_some() {
                 continue;
             }
-            if matches!(format, Some(QFormat::Int4Awq | QFormat::W4a8Awq)) && lins[members[0]].1.pqs.is_none() {
-                // Recover the folded pre_quant_scale: exported_norm / original_norm.
-                let exported = uni.tensor(&format!("{hf}.{norm_name}.weight"))?.to_f32()?;
-                let original = orig.tensor(&format!("{hf}.{norm_name}.weight"))?.to_f32()?;
-                let p: Vec<f32> = exported.iter().zip(&original).map(|(e, o)| if *o == 0.0 { 1.0 } else { e / o }).collect();
-                for &i in members {
-                    lins[i].1.pqs = Some(encode(&p, dtype));
+            // The legacy path has no layernorm folding: every AWQ linear carries its
+            // prequant_scaling_factor. Recovered from the folded norm as exported / original
+            // (offset norms: (1 + exported) / (1 + original)); ones for dense / proj.
+            let p: Vec<f32> = match norm {
+                Some(norm) => {
+                    let exported = uni.tensor(&format!("{hf}.{norm}.weight"))?.to_f32()?;
+                    let original = orig.tensor(&format!("{hf}.{norm}.weight"))?.to_f32()?;
+                    let off = if cfg.norm_offset { 1.0 } else { 0.0 };
+                    exported.iter().zip(&original).map(|(e, o)| if o + off == 0.0 { 1.0 } else { (e + off) / (o + off) }).collect()
                 }
-            }
-        }
-        for (i, name) in [(3usize, "attention.dense"), (6, "mlp.proj")] {
-            if lins[i].0 == Stored::Plain {
-                excluded.push(format!("{trt}.{name}"));
-            } else if matches!(format, Some(QFormat::Int4Awq | QFormat::W4a8Awq)) && lins[i].1.pqs.is_none() {
-                let n = LinearKind::ALL[i].shape(&cfg)[1];
-                lins[i].1.pqs = Some(encode(&vec![1.0; n], dtype));
+                None => vec![1.0; LinearKind::ALL[members[0]].shape(&cfg)[1]],
+            };
+            for &i in members {
+                lins[i].1.pqs = Some(encode(&p, dtype));
             }
         }
         // FP8 qkv: one scale (max) and the weight re-quantized from the original.
-        if lins[0].0 == Stored::Fp8 {
+        if lins[0].0 == Some(QFormat::Fp8) {
             let ws = max_scalar(&[0, 1, 2].map(|i| lins[i].1.ws.as_ref().expect("fp8 weight_scale")));
             for i in 0..3 {
                 let w = orig.tensor(&format!("{hf}.{}.weight", LinearKind::ALL[i].module()))?.to_f32()?;
@@ -354,14 +463,23 @@ pub fn convert(original: &Path, unified: Option<&Path>, out: &Path, o: &TrtllmOp
                 lins[i].1.ws = Some(ws.clone());
             }
         }
+        if kv_reps > 1 {
+            for i in [1, 2] {
+                lins[i].1 = lins[i].1.dup_heads(cfg.num_key_value_heads, kv_reps);
+            }
+        }
+        let qk_norms = match cfg.qk_norm {
+            true => Some([
+                Tn::from_view(&orig.tensor(&format!("{hf}.self_attn.q_norm.weight"))?),
+                Tn::from_view(&orig.tensor(&format!("{hf}.self_attn.k_norm.weight"))?),
+            ]),
+            false => None,
+        };
         let k = uni.get(&format!("{hf}.self_attn.k_proj.k_scale"));
         let v = uni.get(&format!("{hf}.self_attn.v_proj.v_scale"));
         let kv = match (k, v) {
-            (Some(k), Some(v)) => {
-                kv_fp8 = true;
-                let (k, v) = (k.to_f32()?[0].max(1.0), v.to_f32()?[0].max(1.0));
-                Some((k, v))
-            }
+            // FP8 KV factors clamped to >= 1 on this path (§4.4).
+            (Some(k), Some(v)) => Some((k.to_f32()?[0].max(1.0), v.to_f32()?[0].max(1.0))),
             _ => None,
         };
         for tp_rank in 0..tp {
@@ -375,6 +493,11 @@ pub fn convert(original: &Path, unified: Option<&Path>, out: &Path, o: &TrtllmOp
             col(4)?.emit(&format!("{trt}.mlp.fc"), out);
             col(5)?.emit(&format!("{trt}.mlp.gate"), out);
             row(6)?.emit(&format!("{trt}.mlp.proj"), out);
+            if let Some([q, k]) = &qk_norms {
+                // Qwen3's per-head q/k RMSNorm (TRT-LLM qwen convert: attention.{q,k}_layernorm).
+                out.push((format!("{trt}.attention.q_layernorm.weight"), q.clone()));
+                out.push((format!("{trt}.attention.k_layernorm.weight"), k.clone()));
+            }
             if let Some((k, v)) = kv {
                 out.push((format!("{trt}.attention.k_cache_scaling_factor"), Tn::scalar(k)));
                 out.push((format!("{trt}.attention.v_cache_scaling_factor"), Tn::scalar(v)));
@@ -383,58 +506,160 @@ pub fn convert(original: &Path, unified: Option<&Path>, out: &Path, o: &TrtllmOp
         }
     }
 
-    let embed = Tn::from_view(&orig.tensor("model.embed_tokens.weight")?);
-    let lm_head = match uni.get("lm_head.weight") {
-        Some(v) if matches!(v.dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16) => Tn::from_view(&v),
+    // The embedding: unscaled also for Gemma (ModelOpt pre-multiplies by sqrt(hidden) only for
+    // TensorRT-LLM 0.8/0.9; later versions scale in the model).
+    let mut embed = Tn::from_view(&orig.tensor("model.embed_tokens.weight")?);
+    // Gemma's table is always shared (TRT-LLM GemmaConfig); ModelOpt then writes no lm_head
+    // and sets share_embedding_table on a single pipeline rank (§4.2).
+    let share = cfg.norm_offset && pp == 1;
+    let mut lm_head = match uni.get("lm_head.weight") {
+        _ if share => None,
+        Some(v) if matches!(v.dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16) => Some(Tn::from_view(&v)),
         Some(_) => return Err(Error::Unsupported("TensorRT-LLM export of a quantized lm_head".into())),
-        None if cfg.tie_word_embeddings => embed.clone(),
+        None if cfg.tie_word_embeddings => Some(embed.clone()),
         None => return Err(Error::tensor("lm_head.weight", "missing and tie_word_embeddings is false")),
     };
-    let ln_f = Tn::from_view(&orig.tensor("model.norm.weight")?);
+    // Vocabulary padding with zero rows: AWQ exports to a multiple of 64 (config vocab_size
+    // follows, ModelOpt `pad_embedding_lm_head`), then to a multiple of tp for the split
+    // (ModelOpt `pad_weights`; vocab_size unchanged, TRT-LLM pads it the same way).
+    let mut vocab = cfg.vocab_size;
+    if formats_used.iter().any(|f| matches!(f, QFormat::Int4Awq | QFormat::W4a8Awq)) && vocab % 64 != 0 {
+        vocab = vocab.div_ceil(64) * 64;
+    }
+    let rows = vocab.div_ceil(tp) * tp;
+    embed = embed.pad_rows(rows);
+    lm_head = lm_head.map(|t| t.pad_rows(rows));
+    let ln_f = trt_norm(&orig.tensor("model.norm.weight")?, cfg.norm_offset)?;
     for tp_rank in 0..tp {
         ranks[tp_rank].push(("transformer.vocab_embedding.weight".into(), embed.split("model.embed_tokens.weight", 0, tp, tp_rank)?));
         let last = &mut ranks[tp_rank + (pp - 1) * tp];
         last.push(("transformer.ln_f.weight".into(), ln_f.clone()));
-        last.push(("lm_head.weight".into(), lm_head.split("lm_head.weight", 0, tp, tp_rank)?));
+        if let Some(h) = &lm_head {
+            last.push(("lm_head.weight".into(), h.split("lm_head.weight", 0, tp, tp_rank)?));
+        }
     }
     excluded.push("lm_head".into());
 
-    let config = trtllm_config(&cfg, dtype, format, kv_fp8, &excluded, tp, pp)?;
+    let mixed = formats_used.len() > 1;
+    let q = QuantSummary {
+        format: if mixed { None } else { formats_used.first().copied() },
+        mixed,
+        kv_fp8: quant.kv_fp8,
+        excluded: &excluded,
+    };
+    let dense_bias = uni.contains("model.layers.0.self_attn.o_proj.bias");
+    let config = trtllm_config(&cfg, dtype, &q, vocab, (share, dense_bias), tp, pp)?;
     let staging = Staging::new(original, out, o.force)?;
     for (r, tensors) in ranks.iter().enumerate() {
         let list: Vec<(&str, Dtype, &[usize], &[u8])> =
             tensors.iter().map(|(n, t)| (n.as_str(), t.dtype, t.shape.as_slice(), t.data.as_slice())).collect();
         write_file(&staging.tmp.join(format!("rank{r}.safetensors")), &list, &[])?;
     }
-    let p = staging.tmp.join("config.json");
-    std::fs::write(&p, config.to_pretty(4)).map_err(|e| Error::io(&p, e))?;
+    write_json(&staging.tmp.join("config.json"), &config)?;
+    if mixed {
+        write_json(&staging.tmp.join("quant_cfg.json"), &quant_cfg(&layer_formats, quant.kv_fp8))?;
+    }
     staging.commit()
 }
 
-/// config.json, the manual-path keys of spec/export-formats.md §4.2.
+fn write_json(p: &Path, j: &Json) -> Result<()> {
+    std::fs::write(p, j.to_pretty(4)).map_err(|e| Error::io(p, e))
+}
+
+/// The checkpoint's quantization as config.json describes it.
+struct QuantSummary<'a> {
+    /// The uniform format (None: unquantized or mixed).
+    format: Option<QFormat>,
+    mixed: bool,
+    kv_fp8: bool,
+    excluded: &'a [String],
+}
+
+/// quant_cfg.json of a MIXED_PRECISION checkpoint (ModelOpt `process_layer_quant_config`):
+/// quant_algo, kv_cache_quant_algo and `quantized_layers` keyed by TensorRT-LLM module name
+/// with the format's keys; excluded modules are simply absent.
+fn quant_cfg(layers: &[(String, QFormat)], kv_fp8: bool) -> Json {
+    let entries = layers
+        .iter()
+        .map(|(m, f)| {
+            let mut j = obj([("quant_algo", str(f.quant_algo()))]);
+            crate::export::format_keys(*f, &mut j);
+            (m.clone(), j)
+        })
+        .collect();
+    obj([
+        ("quant_algo", str("MIXED_PRECISION")),
+        ("kv_cache_quant_algo", if kv_fp8 { str("FP8") } else { Json::Null }),
+        ("quantized_layers", Json::Obj(entries)),
+    ])
+}
+
+/// Tokenizer files copied into a `.qnemo` (the Hugging Face tokenizer of the model folder).
+const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+];
+
+/// NeMo's `.qnemo` (spec/export-formats.md §5): the TensorRT-LLM checkpoint folder `ckpt`
+/// plus the tokenizer of `original`, as a gzip tarball at `out` (`tar "w:gz"`, arcname "./").
+///
+/// The tokenizer artifacts NeMo writes are unverified beyond `tokenizer_config.yaml` and
+/// `tokenizer.model`; rq-min's choice: the model folder's tokenizer files at the top level and
+/// a `tokenizer_config.yaml` that NeMo's `get_nmt_tokenizer` reads: `library: sentencepiece`
+/// with `model: tokenizer.model` when the folder has one (NeMo resolves it against the
+/// checkpoint), else `library: huggingface` with `type: .` (AutoTokenizer on the extracted
+/// folder, resolved against the working directory).
+pub fn write_qnemo(original: &Path, ckpt: &Path, out: &Path) -> Result<()> {
+    let mut copied = Vec::new();
+    for f in TOKENIZER_FILES {
+        let src = original.join(f);
+        if src.exists() {
+            let dst = ckpt.join(f);
+            std::fs::copy(&src, &dst).map_err(|e| Error::io(&src, e))?;
+            copied.push(*f);
+        }
+    }
+    let yaml = if copied.contains(&"tokenizer.model") {
+        "library: sentencepiece\nmodel: tokenizer.model\ntype: null\nvocab_file: null\nmerge_file: null\n"
+    } else if copied.contains(&"tokenizer.json") {
+        "library: huggingface\ntype: .\nuse_fast: true\n"
+    } else {
+        ""
+    };
+    if !yaml.is_empty() {
+        let p = ckpt.join("tokenizer_config.yaml");
+        std::fs::write(&p, yaml).map_err(|e| Error::io(&p, e))?;
+    }
+    crate::tar_gz::write_tar_gz(ckpt, out)
+}
+
+/// config.json, the manual-path keys of spec/export-formats.md §4.2, plus the keys TRT-LLM's
+/// family configs read (`QWenConfig`: qwen_type, attn_bias, mlp_bias; `GemmaConfig`: attn_bias,
+/// mlp_bias; Mistral: sliding_window). Mixed precision keeps only quant_algo and
+/// kv_cache_quant_algo here (the per-layer part is quant_cfg.json).
 fn trtllm_config(
     cfg: &ModelConfig,
     dtype: Dtype,
-    format: Option<QFormat>,
-    kv_fp8: bool,
-    excluded: &[String],
+    q: &QuantSummary,
+    vocab_size: usize,
+    (share_embedding_table, dense_bias): (bool, bool),
     tp: usize,
     pp: usize,
 ) -> Result<Json> {
     let int = |n: usize| Json::Int(n as i64);
-    let mut q = obj([
-        ("quant_algo", format.map_or(Json::Null, |f| str(f.quant_algo()))),
-        ("kv_cache_quant_algo", if kv_fp8 { str("FP8") } else { Json::Null }),
-    ]);
-    if let Some(f) = format {
-        if let Some(g) = f.group_size() {
-            q.set("group_size", int(g));
-        }
-        if f.awq() {
-            q.set("has_zero_point", Json::Bool(false));
-            q.set("pre_quant_scale", Json::Bool(true));
-        }
-        q.set("exclude_modules", Json::Arr(excluded.iter().map(|s| str(s)).collect()));
+    let algo = match (q.mixed, q.format) {
+        (true, _) => str("MIXED_PRECISION"),
+        (false, f) => f.map_or(Json::Null, |f| str(f.quant_algo())),
+    };
+    let mut quant = obj([("quant_algo", algo), ("kv_cache_quant_algo", if q.kv_fp8 { str("FP8") } else { Json::Null })]);
+    if let (false, Some(f)) = (q.mixed, q.format) {
+        crate::export::format_keys(f, &mut quant);
+        quant.set("exclude_modules", Json::Arr(q.excluded.iter().map(|s| str(s)).collect()));
     }
     let mut c = obj([
         ("producer", obj([("name", str("rq-min")), ("version", str(env!("CARGO_PKG_VERSION")))])),
@@ -446,16 +671,19 @@ fn trtllm_config(
         ("num_key_value_heads", int(cfg.num_key_value_heads)),
         ("hidden_size", int(cfg.hidden_size)),
         ("norm_epsilon", Json::Float(cfg.rms_norm_eps as f64)),
-        ("vocab_size", int(cfg.vocab_size)),
+        ("vocab_size", int(vocab_size)),
         ("max_position_embeddings", int(cfg.max_position_embeddings)),
-        ("hidden_act", str("silu")),
+        // TRT-LLM's "gelu" is the tanh approximation (gelu_pytorch_tanh).
+        ("hidden_act", str(if cfg.act == Activation::Silu { "silu" } else { "gelu" })),
         ("use_parallel_embedding", Json::Bool(true)),
         ("embedding_sharding_dim", int(0)),
         ("head_size", int(cfg.head_dim)),
         ("intermediate_size", int(cfg.intermediate_size)),
         ("position_embedding_type", str("rope_gpt_neox")),
-        // ModelOpt shares the table only when lm_head is tied and lives on the same rank.
-        ("share_embedding_table", Json::Bool(cfg.tie_word_embeddings && pp == 1)),
+        ("share_embedding_table", Json::Bool(share_embedding_table)),
+        ("bias", Json::Bool(dense_bias)),
+        ("rmsnorm", Json::Bool(true)),
+        ("lm_head_bias", Json::Bool(false)),
         ("rotary_base", Json::Float(cfg.rope.theta)),
     ]);
     if let RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } = cfg.rope.scaling {
@@ -470,7 +698,17 @@ fn trtllm_config(
             ]),
         );
     }
+    if let Some(w) = cfg.sliding_window {
+        c.set("sliding_window", int(w));
+    }
+    if cfg.qk_norm || cfg.model_type == "qwen2" {
+        c.set("qwen_type", str(&cfg.model_type));
+    }
+    if cfg.qk_norm || cfg.model_type == "qwen2" || cfg.norm_offset {
+        c.set("attn_bias", Json::Bool(cfg.qkv_bias));
+        c.set("mlp_bias", Json::Bool(false));
+    }
     c.set("mapping", obj([("world_size", int(tp * pp)), ("tp_size", int(tp)), ("pp_size", int(pp))]));
-    c.set("quantization", q);
+    c.set("quantization", quant);
     Ok(c)
 }

@@ -280,3 +280,193 @@ fn check_scale(findings: &mut Vec<String>, module: &str, suffix: &str, t: &Tenso
         findings.push(format!("{module}.{suffix}: shape {:?}, expected [{inp}]", t.shape));
     }
 }
+
+/// Whether `path` is a TensorRT-LLM checkpoint: a `.qnemo` file, or a folder whose config.json
+/// has a `mapping` block (spec/export-formats.md §4.1, §5).
+pub fn is_trtllm(path: &Path) -> bool {
+    if path.is_file() {
+        return std::fs::read(path).is_ok_and(|b| b.starts_with(&[0x1f, 0x8b]));
+    }
+    Json::parse_file(&path.join("config.json")).is_ok_and(|c| c.get("mapping").is_some())
+}
+
+/// `check` for a TensorRT-LLM checkpoint folder or `.qnemo` file (extracted to a temporary
+/// folder first): every rank file present; per rank, each TRT-LLM module's tensors in the
+/// dtype and TP-slice shape its format prescribes (§4.4, §4.5: KV heads duplicated when
+/// tp > num_key_value_heads, vocabulary padded to a multiple of tp); scales finite and
+/// positive; FP8 KV factors >= 1 (this path clamps them); bits per parameter by format.
+pub fn check_trtllm(path: &Path) -> Result<Report> {
+    if !path.is_file() {
+        return check_trtllm_dir(path);
+    }
+    let bytes = std::fs::read(path).map_err(|e| crate::error::Error::io(path, e))?;
+    let members = crate::tar_gz::read_tar_gz(&bytes, path)?;
+    let tmp = std::env::temp_dir().join(format!("rq-min-verify-{}-{}", std::process::id(), bytes.len()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| crate::error::Error::io(&tmp, e))?;
+    let result = (|| {
+        for m in &members {
+            let name = m.name.trim_start_matches("./");
+            if name.is_empty() || name.contains('/') {
+                continue; // only the top level holds the checkpoint
+            }
+            let p = tmp.join(name);
+            std::fs::write(&p, &m.data).map_err(|e| crate::error::Error::io(&p, e))?;
+        }
+        check_trtllm_dir(&tmp)
+    })();
+    let _ = std::fs::remove_dir_all(&tmp);
+    result
+}
+
+fn check_trtllm_dir(dir: &Path) -> Result<Report> {
+    use crate::error::Error;
+    use crate::safetensors::{Dtype, SafeTensors};
+    let cp = dir.join("config.json");
+    let c = Json::parse_file(&cp)?;
+    let num = |k: &str| c.get(k).and_then(Json::as_usize).ok_or_else(|| Error::config(&cp, format!("missing or non-integer {k}")));
+    let m = c.get("mapping").ok_or_else(|| Error::config(&cp, "no mapping"))?;
+    let tp = m.get("tp_size").and_then(Json::as_usize).filter(|&n| n > 0).ok_or_else(|| Error::config(&cp, "mapping.tp_size"))?;
+    let pp = m.get("pp_size").and_then(Json::as_usize).filter(|&n| n > 0).ok_or_else(|| Error::config(&cp, "mapping.pp_size"))?;
+    let (heads, kv, head, hidden) = (num("num_attention_heads")?, num("num_key_value_heads")?, num("head_size")?, num("hidden_size")?);
+    let (inter, vocab, layers) = (num("intermediate_size")?, num("vocab_size")?, num("num_hidden_layers")?);
+    let model_dtype = match c.get("dtype").and_then(Json::as_str) {
+        Some("float32") => Dtype::F32,
+        Some("float16") => Dtype::F16,
+        _ => Dtype::BF16,
+    };
+    let q = c.get("quantization").cloned().unwrap_or(Json::Null);
+    let algo = q.get("quant_algo").and_then(Json::as_str).map(String::from);
+    let excludes: Vec<String> =
+        q.get("exclude_modules").and_then(Json::as_array).map_or(vec![], |a| a.iter().filter_map(Json::as_str).map(String::from).collect());
+    let per_layer = match algo.as_deref() {
+        Some("MIXED_PRECISION") => Some(Json::parse_file(&dir.join("quant_cfg.json"))?),
+        _ => None,
+    };
+    let group = q.get("group_size").and_then(Json::as_usize).unwrap_or(128);
+    let kv_fp8 = q.get("kv_cache_quant_algo").and_then(Json::as_str) == Some("FP8");
+    let share = c.get("share_embedding_table").and_then(Json::as_bool) == Some(true);
+
+    let mut report = Report { groups: BTreeMap::new(), findings: Vec::new() };
+    if heads % tp != 0 || (kv % tp != 0 && tp % kv != 0) || inter % tp != 0 || layers % pp != 0 {
+        report.findings.push(format!("config.json: tp {tp} / pp {pp} do not split heads {heads}, kv heads {kv}, intermediate {inter}, layers {layers}"));
+        return Ok(report);
+    }
+    let kv_rank = (kv / tp).max(1);
+    let per_pp = layers / pp;
+    let vocab_rank = vocab.div_ceil(tp);
+    for r in 0..tp * pp {
+        let file = dir.join(format!("rank{r}.safetensors"));
+        if !file.exists() {
+            report.findings.push(format!("rank{r}.safetensors is missing (world size {})", tp * pp));
+            continue;
+        }
+        let st = SafeTensors::open(&file)?;
+        let f = &mut report.findings;
+        let rank = format!("rank{r}");
+        let want = |f: &mut Vec<String>, name: &str, dtype: Dtype, shape: &[usize]| -> bool {
+            match st.get(name) {
+                None => f.push(format!("{rank}: {name} is missing")),
+                Some(t) if t.dtype != dtype || t.shape != shape => f.push(format!(
+                    "{rank}: {name} is {} {:?}, expected {} {shape:?}",
+                    t.dtype.name(),
+                    t.shape,
+                    dtype.name()
+                )),
+                Some(_) => return true,
+            }
+            false
+        };
+        let pp_rank = r / tp;
+        if pp_rank == 0 {
+            want(f, "transformer.vocab_embedding.weight", model_dtype, &[vocab_rank, hidden]);
+        }
+        if pp_rank == pp - 1 {
+            want(f, "transformer.ln_f.weight", model_dtype, &[hidden]);
+            if !(share && pp == 1) {
+                want(f, "lm_head.weight", model_dtype, &[vocab_rank, hidden]);
+            }
+        }
+        for l in 0..per_pp {
+            let t = format!("transformer.layers.{l}");
+            for norm in ["input_layernorm", "post_layernorm"] {
+                want(f, &format!("{t}.{norm}.weight"), model_dtype, &[hidden]);
+            }
+            for (name, out, inp) in [
+                ("attention.qkv", (heads / tp + 2 * kv_rank) * head, hidden),
+                ("attention.dense", hidden, heads * head / tp),
+                ("mlp.fc", inter / tp, hidden),
+                ("mlp.gate", inter / tp, hidden),
+                ("mlp.proj", hidden, inter / tp),
+            ] {
+                let module = format!("{t}.{name}");
+                let excluded = excludes.iter().any(|p| fnmatch(p, &module) || p.strip_suffix('*').is_some_and(|s| module.starts_with(s)));
+                let module_algo = match &per_layer {
+                    Some(j) => j.get("quantized_layers").and_then(|m| m.get(&module)).and_then(|e| e.get("quant_algo")).and_then(Json::as_str),
+                    None if excluded => None,
+                    None => algo.as_deref(),
+                };
+                let g = per_layer
+                    .as_ref()
+                    .and_then(|j| j.get("quantized_layers")?.get(&module)?.get("group_size")?.as_usize())
+                    .unwrap_or(group);
+                let (w_dtype, w_shape, scales): (Dtype, [usize; 2], Vec<(&str, Dtype, Vec<usize>)>) = match module_algo {
+                    None => (model_dtype, [out, inp], vec![]),
+                    Some("FP8") => (Dtype::F8E4M3, [out, inp], vec![("weights_scaling_factor", Dtype::F32, vec![1]), ("activation_scaling_factor", Dtype::F32, vec![1])]),
+                    Some("W8A8_SQ_PER_CHANNEL") => (Dtype::I8, [out, inp], vec![
+                        ("weights_scaling_factor", Dtype::F32, vec![out]),
+                        ("activation_scaling_factor", Dtype::F32, vec![1]),
+                        ("prequant_scaling_factor", model_dtype, vec![inp]),
+                    ]),
+                    Some(a @ ("W4A16_AWQ" | "W4A8_AWQ")) => {
+                        let mut s = vec![("weights_scaling_factor", Dtype::F32, vec![out, inp / g.max(1)]), ("prequant_scaling_factor", model_dtype, vec![inp])];
+                        if a == "W4A8_AWQ" {
+                            s.extend([("weights_scaling_factor_2", Dtype::F32, vec![1]), ("activation_scaling_factor", Dtype::F32, vec![1])]);
+                        }
+                        (Dtype::I8, [out / 2, inp], s)
+                    }
+                    Some("NVFP4") => (Dtype::U8, [out, inp / 2], vec![
+                        ("weights_scaling_factor", Dtype::F8E4M3, vec![out, inp / 16]),
+                        ("weights_scaling_factor_2", Dtype::F32, vec![1]),
+                        ("activation_scaling_factor", Dtype::F32, vec![1]),
+                    ]),
+                    Some(other) => {
+                        f.push(format!("{rank}: {module}: quant_algo {other} is not one this checker knows"));
+                        continue;
+                    }
+                };
+                let wname = format!("{module}.weight");
+                if !want(f, &wname, w_dtype, &w_shape) {
+                    continue;
+                }
+                let mut bytes = st.get(&wname).map_or(0, |t| t.data.len());
+                for (suffix, dtype, shape) in scales {
+                    let sname = format!("{module}.{suffix}");
+                    if want(f, &sname, dtype, &shape) {
+                        let t = st.get(&sname).expect("checked present");
+                        check_scale(f, &format!("{rank}: {module}"), suffix, &t, inp);
+                        if suffix.starts_with("weights_scaling_factor") {
+                            bytes += t.data.len();
+                        }
+                    }
+                }
+                let e = report.groups.entry(module_algo.unwrap_or("unquantized").to_string()).or_default();
+                e.linears += 1;
+                e.params += out * inp;
+                e.bytes += bytes;
+            }
+            if kv_fp8 {
+                for s in ["k_cache_scaling_factor", "v_cache_scaling_factor", "kv_cache_scaling_factor"] {
+                    let name = format!("{t}.attention.{s}");
+                    if want(f, &name, Dtype::F32, &[1]) {
+                        let v = st.get(&name).and_then(|t| t.to_f32().ok()).map_or(f32::NAN, |v| v[0]);
+                        if !(v >= 1.0 && v.is_finite()) {
+                            f.push(format!("{rank}: {name} = {v}; TensorRT-LLM FP8 KV factors are >= 1"));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(report)
+}

@@ -25,6 +25,7 @@ pub mod progress;
 pub mod quant;
 pub mod quantize;
 pub mod safetensors;
+pub mod tar_gz;
 pub mod tokenizer;
 
 #[cfg(feature = "cuda")]

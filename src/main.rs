@@ -26,7 +26,7 @@ enum Command {
 #[derive(FromArgs)]
 #[argh(subcommand, name = "verify")]
 struct Verify {
-    /// the quantized checkpoint folder
+    /// the quantized checkpoint folder (unified HF or TensorRT-LLM), or a .qnemo file
     #[argh(positional)]
     path: PathBuf,
     /// the unquantized model it was made from
@@ -104,14 +104,15 @@ struct Quantize {
     /// no progress output on stderr
     #[argh(switch)]
     quiet: bool,
-    /// checkpoint layout: hf (default; ModelOpt unified Hugging Face) or trtllm (TensorRT-LLM
-    /// checkpoint: config.json + rank{r}.safetensors; Llama family, uniform formats or none)
+    /// checkpoint layout: hf (default; ModelOpt unified Hugging Face), trtllm (TensorRT-LLM
+    /// checkpoint: config.json + rank{r}.safetensors) or qnemo (NeMo's .qnemo: that
+    /// checkpoint and the tokenizer as a .tar.gz file)
     #[argh(option, default = "String::from(\"hf\")")]
     export: String,
-    /// tensor-parallel size of --export trtllm (default 1)
+    /// tensor-parallel size of --export trtllm/qnemo (default 1)
     #[argh(option, default = "1")]
     tp: usize,
-    /// pipeline-parallel size of --export trtllm (default 1)
+    /// pipeline-parallel size of --export trtllm/qnemo (default 1)
     #[argh(option, default = "1")]
     pp: usize,
 }

@@ -10,6 +10,8 @@ use rq_min::safetensors::{Dtype, SafeTensors};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+mod common;
+
 #[derive(Clone, Debug, PartialEq)]
 struct T {
     dtype: Dtype,
@@ -28,6 +30,10 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 fn args(qformat: &str, out: &Path) -> QuantizeArgs {
+    args_for(&model(), qformat, out)
+}
+
+fn args_for(m: &Path, qformat: &str, out: &Path) -> QuantizeArgs {
     QuantizeArgs {
         qformat: qformat.into(),
         calib_ids: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/calib-ids-small.json")),
@@ -36,13 +42,21 @@ fn args(qformat: &str, out: &Path) -> QuantizeArgs {
         no_eval: true,
         force: true,
         quiet: true,
-        ..QuantizeArgs::new(&model(), out)
+        ..QuantizeArgs::new(m, out)
     }
 }
 
 fn export(qformat: &str, tp: usize, pp: usize) -> rq_min::Result<PathBuf> {
-    let out = scratch(qformat).join(format!("tp{tp}pp{pp}"));
-    quantize(&QuantizeArgs { export: "trtllm".into(), tp, pp, ..args(qformat, &out) })?;
+    export_for(&model(), qformat, tp, pp)
+}
+
+fn export_for(m: &Path, qformat: &str, tp: usize, pp: usize) -> rq_min::Result<PathBuf> {
+    // A folder per call: tests running in parallel never share an output.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tag = m.file_name().unwrap().to_string_lossy();
+    let out = scratch(&format!("{tag}-{qformat}-{n}")).join(format!("tp{tp}pp{pp}"));
+    quantize(&QuantizeArgs { export: "trtllm".into(), tp, pp, ..args_for(m, qformat, &out) })?;
     Ok(out)
 }
 
@@ -142,11 +156,17 @@ fn check_mapping(dir: &Path, tp: usize, pp: usize, algo: Option<&str>) {
     assert_eq!(c.get("num_hidden_layers").unwrap().as_usize(), Some(2));
     assert_eq!(c.get("dtype").unwrap().as_str(), Some("float32"));
     let files = std::fs::read_dir(dir).unwrap().count();
-    assert_eq!(files, tp * pp + 1, "config.json + one file per rank");
+    let mixed = algo == Some("MIXED_PRECISION");
+    assert_eq!(files, tp * pp + 1 + mixed as usize, "config.json (+ quant_cfg.json) + one file per rank");
 }
 
 /// tp=2 and pp=2 exports equal the tp=1 export once put back together.
 fn check_splits(qformat: &str, algo: Option<&str>, tp2: bool) -> BTreeMap<String, T> {
+    check_splits_for(&model(), qformat, algo, tp2)
+}
+
+fn check_splits_for(m: &Path, qformat: &str, algo: Option<&str>, tp2: bool) -> BTreeMap<String, T> {
+    let export = |q: &str, tp, pp| export_for(m, q, tp, pp);
     let one = export(qformat, 1, 1).unwrap();
     check_mapping(&one, 1, 1, algo);
     let full = rank(&one, 0);
@@ -174,6 +194,10 @@ fn check_splits(qformat: &str, algo: Option<&str>, tp2: bool) -> BTreeMap<String
     for (n, t) in b {
         merged.insert(n.replace("transformer.layers.0.", "transformer.layers.1."), t);
     }
+    if !full.contains_key("lm_head.weight") {
+        // A shared table (Gemma) is written as lm_head on the last rank when pp > 1.
+        assert_eq!(merged.remove("lm_head.weight").as_ref(), full.get("transformer.vocab_embedding.weight"));
+    }
     assert_eq!(merged, full, "{qformat}: pp=2 ranks differ from tp=1");
     full
 }
@@ -182,22 +206,39 @@ fn is_usage(e: &Error) -> bool {
     matches!(e, Error::Usage(_))
 }
 
-#[test]
-fn fp8_matches_unified_and_splits() {
-    let full = check_splits("fp8", Some("FP8"), true);
-    let uni_dir = scratch("fp8-unified").join("out");
-    quantize(&args("fp8", &uni_dir)).unwrap();
+fn f32s(t: &T) -> Vec<f32> {
+    t.data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+}
+
+/// The tp=1 FP8 export of `m` against rq-min's unified FP8 export, tensor by tensor: renamed
+/// tensors are byte-equal, qkv has the max scales and codes re-quantized from the original,
+/// biases are [q; k; v], Gemma's norms are 1 + w.
+fn fp8_matches_unified(m: &Path, full: &BTreeMap<String, T>) {
+    let cfg = rq_min::config::ModelConfig::from_dir(m).unwrap();
+    let uni_dir = scratch(&format!("{}-fp8-unified", m.file_name().unwrap().to_string_lossy())).join("out");
+    quantize(&args_for(m, "fp8", &uni_dir)).unwrap();
     let uni = load(&uni_dir.join("model.safetensors"));
-    let orig = load(&model().join("model.safetensors"));
-    let f32s = |t: &T| -> Vec<f32> { t.data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect() };
+    let orig = load(&m.join("model.safetensors"));
     let mut renamed: BTreeMap<String, String> = BTreeMap::new();
     renamed.insert("transformer.vocab_embedding.weight".into(), "model.embed_tokens.weight".into());
-    renamed.insert("transformer.ln_f.weight".into(), "model.norm.weight".into());
-    renamed.insert("lm_head.weight".into(), "lm_head.weight".into());
-    for l in 0..2 {
+    if !cfg.norm_offset {
+        renamed.insert("transformer.ln_f.weight".into(), "model.norm.weight".into());
+        renamed.insert("lm_head.weight".into(), "lm_head.weight".into());
+    }
+    let plus_one = |t: &T| T { data: f32s(t).iter().flat_map(|v| (v + 1.0).to_le_bytes()).collect(), ..t.clone() };
+    for l in 0..cfg.num_hidden_layers {
         let (t, h) = (format!("transformer.layers.{l}"), format!("model.layers.{l}"));
-        renamed.insert(format!("{t}.input_layernorm.weight"), format!("{h}.input_layernorm.weight"));
-        renamed.insert(format!("{t}.post_layernorm.weight"), format!("{h}.post_attention_layernorm.weight"));
+        for (tn, hn) in [("input_layernorm", "input_layernorm"), ("post_layernorm", "post_attention_layernorm")] {
+            if cfg.norm_offset {
+                assert_eq!(full[&format!("{t}.{tn}.weight")], plus_one(&orig[&format!("{h}.{hn}.weight")]), "{t}.{tn}: 1 + w");
+            } else {
+                renamed.insert(format!("{t}.{tn}.weight"), format!("{h}.{hn}.weight"));
+            }
+        }
+        if cfg.qk_norm {
+            renamed.insert(format!("{t}.attention.q_layernorm.weight"), format!("{h}.self_attn.q_norm.weight"));
+            renamed.insert(format!("{t}.attention.k_layernorm.weight"), format!("{h}.self_attn.k_norm.weight"));
+        }
         for (tm, hm) in [("attention.dense", "self_attn.o_proj"), ("mlp.fc", "mlp.gate_proj"), ("mlp.gate", "mlp.up_proj"), ("mlp.proj", "mlp.down_proj")] {
             for (ts, hs) in [("weight", "weight"), ("weights_scaling_factor", "weight_scale"), ("activation_scaling_factor", "input_scale")] {
                 renamed.insert(format!("{t}.{tm}.{ts}"), format!("{h}.{hm}.{hs}"));
@@ -213,11 +254,21 @@ fn fp8_matches_unified_and_splits() {
             .flat_map(|p| fp8::quantize(&f32s(&orig[&format!("{h}.self_attn.{p}.weight")]), ws, Dtype::F32))
             .collect();
         let w = &full[&format!("{t}.attention.qkv.weight")];
-        assert_eq!((w.dtype, w.shape.clone()), (Dtype::F8E4M3, vec![256, 128]));
+        let rows = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim;
+        assert_eq!((w.dtype, w.shape.clone()), (Dtype::F8E4M3, vec![rows, cfg.hidden_size]));
         assert_eq!(w.data, codes);
+        if cfg.qkv_bias {
+            let parts: Vec<T> = ["q_proj", "k_proj", "v_proj"].iter().map(|p| uni[&format!("{h}.self_attn.{p}.bias")].clone()).collect();
+            assert_eq!(full[&format!("{t}.attention.qkv.bias")], cat0(&parts), "{t}: qkv bias is [q; k; v]");
+        }
     }
-    for (name, t) in &full {
-        if name.contains(".attention.qkv.") {
+    if cfg.norm_offset {
+        assert_eq!(full["transformer.ln_f.weight"], plus_one(&orig["model.norm.weight"]));
+        assert!(!full.contains_key("lm_head.weight"), "Gemma shares the embedding table");
+    }
+    for (name, t) in full {
+        let offset_norm = cfg.norm_offset && (name.contains("layernorm.") || name.ends_with("ln_f.weight"));
+        if name.contains(".attention.qkv.") || (offset_norm && !renamed.contains_key(name)) {
             continue;
         }
         let u = &uni[renamed.get(name).unwrap_or_else(|| panic!("unexpected tensor {name}"))];
@@ -228,6 +279,12 @@ fn fp8_matches_unified_and_splits() {
             assert_eq!(t.shape, u.shape);
         }
     }
+}
+
+#[test]
+fn fp8_matches_unified_and_splits() {
+    let full = check_splits("fp8", Some("FP8"), true);
+    fp8_matches_unified(&model(), &full);
 }
 
 #[test]
@@ -258,7 +315,6 @@ fn int4_awq_splits_and_recovers_prequant() {
     let uni_dir = scratch("int4-unified").join("out");
     quantize(&args("int4_awq", &uni_dir)).unwrap();
     let uni = load(&uni_dir.join("model.safetensors"));
-    let f32s = |t: &T| -> Vec<f32> { t.data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect() };
     for l in 0..2 {
         let t = format!("transformer.layers.{l}");
         for m in ["attention.qkv", "attention.dense", "mlp.fc", "mlp.gate", "mlp.proj"] {
@@ -323,4 +379,351 @@ fn w4a8_awq_and_fp8_kv() {
             assert!(f32::from_le_bytes(v.data[..4].try_into().unwrap()) >= 1.0, "FP8 KV factors clamped to >= 1");
         }
     }
+}
+
+fn tiny_stories() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/stories260K-hf")
+}
+
+fn have(tool: &str) -> bool {
+    std::process::Command::new(tool).arg("--version").output().is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn crc32_and_inflate_of_real_gzip() {
+    // The CRC-32 check value of RFC 3720 / zlib.
+    assert_eq!(rq_min::tar_gz::crc32(0, b"123456789"), 0xCBF4_3926);
+    // Stored blocks round-trip, across the 65535-byte block limit.
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let mut gz = rq_min::tar_gz::GzWriter::new(Vec::new()).unwrap();
+    std::io::Write::write_all(&mut gz, &data).unwrap();
+    let bytes = gz.finish().unwrap();
+    assert_eq!(rq_min::tar_gz::gunzip(&bytes).unwrap(), data);
+    let mut bad = bytes.clone();
+    bad[20] ^= 1;
+    assert!(rq_min::tar_gz::gunzip(&bad).is_err(), "a flipped byte fails the CRC");
+    if !have("gzip") {
+        println!("skipping the compressed-stream check: no gzip");
+        return;
+    }
+    // Fixed and dynamic Huffman blocks as made by gzip.
+    let text = std::fs::read(tiny_stories().join("tokenizer.json")).unwrap();
+    for level in ["-1", "-9"] {
+        let mut child = std::process::Command::new("gzip")
+            .args(["-c", level])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(child.stdin.as_mut().unwrap(), &text).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.stdout.len() < text.len() / 2, "gzip compressed");
+        assert_eq!(rq_min::tar_gz::gunzip(&out.stdout).unwrap(), text, "gzip {level}");
+    }
+}
+
+#[test]
+fn qnemo_holds_the_trtllm_folder_and_tokenizer() {
+    let base = scratch("qnemo");
+    let run = |export: &str, out: &Path| {
+        let a = QuantizeArgs { model: tiny_stories(), export: export.into(), tp: 2, ..args("fp8", out) };
+        quantize(&a)
+    };
+    let folder = base.join("folder");
+    let file = base.join("model.qnemo");
+    run("trtllm", &folder).unwrap();
+    run("qnemo", &file).unwrap();
+    let bytes = std::fs::read(&file).unwrap();
+    let members = rq_min::tar_gz::read_tar_gz(&bytes, &file).unwrap();
+    let names: Vec<&str> = members.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "./config.json",
+            "./rank0.safetensors",
+            "./rank1.safetensors",
+            "./special_tokens_map.json",
+            "./tokenizer.json",
+            "./tokenizer_config.json",
+            "./tokenizer_config.yaml"
+        ]
+    );
+    for m in &members {
+        let n = m.name.trim_start_matches("./");
+        let expected = match n {
+            "config.json" | "rank0.safetensors" | "rank1.safetensors" => std::fs::read(folder.join(n)).unwrap(),
+            "tokenizer_config.yaml" => b"library: huggingface\ntype: .\nuse_fast: true\n".to_vec(),
+            _ => std::fs::read(tiny_stories().join(n)).unwrap(),
+        };
+        assert_eq!(m.data, expected, "{n}");
+    }
+    // Nothing but the tarball is left beside it.
+    let left: Vec<String> = std::fs::read_dir(&base).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+    assert_eq!(left.len(), 2, "{left:?}");
+    if have("gzip") {
+        assert!(std::process::Command::new("gzip").arg("-t").arg(&file).status().unwrap().success(), "gzip -t");
+    }
+    if have("tar") {
+        let out = std::process::Command::new("tar").arg("-tzf").arg(&file).output().unwrap();
+        assert!(out.status.success());
+        let listed: Vec<String> = String::from_utf8(out.stdout).unwrap().lines().map(String::from).collect();
+        let mut expected = vec!["./".to_string()];
+        expected.extend(names.iter().map(|s| s.to_string()));
+        assert_eq!(listed, expected, "tar -tzf");
+    }
+    // A refused split writes nothing.
+    let bad = base.join("bad.qnemo");
+    assert!(is_usage(&quantize(&QuantizeArgs { model: tiny_stories(), export: "qnemo".into(), tp: 3, ..args("fp8", &bad) }).unwrap_err()));
+    assert_eq!(std::fs::read_dir(&base).unwrap().count(), 2);
+}
+
+fn family(name: &str) -> Option<PathBuf> {
+    Some(common::shared_dir()?.join("reference/families").join(name))
+}
+
+/// Mistral, Qwen2 (qkv bias), Qwen3 (q/k norms), Gemma (1 + w norms, shared table): FP8 tp=2
+/// and pp=2 shards reassemble to tp=1, which equals the unified export renamed; config keys.
+#[test]
+fn families_fp8_match_unified_and_split() {
+    for (name, arch, act) in [
+        ("mistral", "MistralForCausalLM", "silu"),
+        ("qwen2", "Qwen2ForCausalLM", "silu"),
+        ("qwen3", "Qwen3ForCausalLM", "silu"),
+        ("gemma", "GemmaForCausalLM", "gelu"),
+    ] {
+        let Some(m) = family(name) else { return };
+        let full = check_splits_for(&m, "fp8", Some("FP8"), true);
+        fp8_matches_unified(&m, &full);
+        let c = config(&export_for(&m, "fp8", 1, 1).unwrap());
+        assert_eq!(c.get("architecture").unwrap().as_str(), Some(arch));
+        assert_eq!(c.get("hidden_act").unwrap().as_str(), Some(act));
+        let qwen = name.starts_with("qwen");
+        assert_eq!(c.get("qwen_type").and_then(Json::as_str), qwen.then_some(name));
+        assert_eq!(c.get("attn_bias").and_then(Json::as_bool), (qwen || name == "gemma").then_some(name == "qwen2"));
+        assert_eq!(c.get("share_embedding_table").unwrap().as_bool(), Some(name == "gemma"));
+        if name == "qwen2" {
+            assert_eq!(full["transformer.layers.0.attention.qkv.bias"].shape, vec![256]);
+        }
+        if name == "qwen3" {
+            assert_eq!(full["transformer.layers.1.attention.k_layernorm.weight"].shape, vec![32]);
+        }
+    }
+}
+
+/// Gemma INT4 AWQ: the prequant scale folded into the (1 + w) norm is recovered as
+/// (1 + exported) / (1 + original), and the written norm is 1 + original.
+#[test]
+fn gemma_awq_recovers_prequant_from_offset_norm() {
+    let Some(m) = family("gemma") else { return };
+    let full = rank(&export_for(&m, "int4_awq", 1, 1).unwrap(), 0);
+    let uni_dir = scratch("gemma-int4-unified").join("out");
+    quantize(&args_for(&m, "int4_awq", &uni_dir)).unwrap();
+    let uni = load(&uni_dir.join("model.safetensors"));
+    let orig = load(&m.join("model.safetensors"));
+    for (norm, hf, lin) in [("input_layernorm", "input_layernorm", "attention.qkv"), ("post_layernorm", "post_attention_layernorm", "mlp.gate")] {
+        let hf = format!("model.layers.0.{hf}.weight");
+        let (o, u) = (f32s(&orig[&hf]), f32s(&uni[&hf]));
+        assert_ne!(o, u, "AWQ folded a scale into {hf}");
+        let p = f32s(&full[&format!("transformer.layers.0.{lin}.prequant_scaling_factor")]);
+        let written = f32s(&full[&format!("transformer.layers.0.{norm}.weight")]);
+        for c in 0..o.len() {
+            assert_eq!(written[c], o[c] + 1.0);
+            let want = (1.0 + u[c] as f64) / (1.0 + o[c] as f64);
+            assert!((p[c] as f64 - want).abs() <= 1e-6 * want.abs(), "{hf}[{c}]: {} vs {want}", p[c]);
+        }
+    }
+}
+
+#[test]
+fn unsupported_family_and_nvfp4_awq_are_refused() {
+    let err = export("nvfp4_awq", 1, 1).unwrap_err();
+    assert!(matches!(&err, Error::Unsupported(m) if m.contains("NVFP4_AWQ")), "{err}");
+    let Some(m) = family("mixtral") else { return };
+    let err = export_for(&m, "none", 1, 1).unwrap_err();
+    assert!(matches!(err, Error::Unsupported(_)), "{err}");
+}
+
+/// tp=4 > 2 KV heads: each rank holds one query head and a copy of its KV head (ModelOpt
+/// `dup_kv_weight`); the q rows reassemble to the original q, k/v rows of ranks 2i and 2i+1
+/// are equal and equal KV head i.
+#[test]
+fn tp_above_kv_heads_duplicates_them() {
+    for q in ["none", "int8_sq", "nvfp4"] {
+        let one = rank(&export(q, 1, 1).unwrap(), 0);
+        let four = export(q, 4, 1).unwrap();
+        let shards: Vec<_> = (0..4).map(|r| rank(&four, r)).collect();
+        assert_eq!(config(&four).get("num_key_value_heads").unwrap().as_usize(), Some(2), "config keeps the HF count");
+        for suffix in ["weight", "weights_scaling_factor"] {
+            let name = format!("transformer.layers.0.attention.qkv.{suffix}");
+            let Some(full) = one.get(&name) else { continue };
+            if numel(full) == 1 {
+                continue;
+            }
+            let head = full.shape[0] / 8; // q : k : v = 4 : 2 : 2 heads
+            let part = |t: &T, i: usize| rows(t, i * head, (i + 1) * head);
+            let q_rows: Vec<T> = shards.iter().map(|s| part(&s[&name], 0)).collect();
+            assert_eq!(cat0(&q_rows), rows(full, 0, 4 * head), "{q} {suffix}: q heads");
+            for r in 0..4 {
+                let t = &shards[r][&name];
+                assert_eq!(t.shape[0], 3 * head, "{q} {suffix}: one q, k and v head per rank");
+                assert_eq!(part(t, 1), rows(full, (4 + r / 2) * head, (5 + r / 2) * head), "{q} rank {r}: k head {}", r / 2);
+                assert_eq!(part(t, 2), rows(full, (6 + r / 2) * head, (7 + r / 2) * head), "{q} rank {r}: v head {}", r / 2);
+            }
+        }
+    }
+    // tp must divide the KV heads or be a multiple of them.
+    assert!(is_usage(&check_split_err(3)));
+}
+
+fn check_split_err(tp: usize) -> Error {
+    let mut cfg = rq_min::config::ModelConfig::from_dir(&model()).unwrap();
+    cfg.num_attention_heads = 12;
+    cfg.num_key_value_heads = 2;
+    rq_min::export_trtllm::check_split(&cfg, tp, 1).unwrap_err()
+}
+
+/// A copy of families-llama with a vocabulary of 510 (embedding and lm_head trimmed).
+fn vocab_510() -> PathBuf {
+    let dir = scratch("vocab510").join("model");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut t = load(&model().join("model.safetensors"));
+    for n in ["model.embed_tokens.weight", "lm_head.weight"] {
+        let v = t.get_mut(n).unwrap();
+        *v = rows(v, 0, 510);
+    }
+    let list: Vec<(&str, Dtype, &[usize], &[u8])> = t.iter().map(|(n, v)| (n.as_str(), v.dtype, v.shape.as_slice(), v.data.as_slice())).collect();
+    rq_min::safetensors::write_file(&dir.join("model.safetensors"), &list, &[]).unwrap();
+    let text = std::fs::read_to_string(model().join("config.json")).unwrap().replace("\"vocab_size\": 512", "\"vocab_size\": 510");
+    std::fs::write(dir.join("config.json"), text).unwrap();
+    dir
+}
+
+/// vocab 510 with tp=4: embedding and lm_head padded with zero rows to 512 and split in four;
+/// config vocab_size stays 510. INT4 AWQ pads to a multiple of 64 and says so in vocab_size.
+#[test]
+fn vocab_is_padded_for_tp_and_awq() {
+    let m = vocab_510();
+    let orig = load(&m.join("model.safetensors"));
+    let four = export_for(&m, "fp8", 4, 1).unwrap();
+    assert_eq!(config(&four).get("vocab_size").unwrap().as_usize(), Some(510));
+    for (trt, hf) in [("transformer.vocab_embedding.weight", "model.embed_tokens.weight"), ("lm_head.weight", "lm_head.weight")] {
+        let parts: Vec<T> = (0..4).map(|r| rank(&four, r)[trt].clone()).collect();
+        assert!(parts.iter().all(|p| p.shape == vec![128, 128]));
+        let all = cat0(&parts);
+        assert_eq!(rows(&all, 0, 510), orig[hf]);
+        assert!(rows(&all, 510, 512).data.iter().all(|&b| b == 0), "{trt}: padding rows are zero");
+    }
+    let awq = export_for(&m, "int4_awq", 1, 1).unwrap();
+    assert_eq!(config(&awq).get("vocab_size").unwrap().as_usize(), Some(512));
+    assert_eq!(rank(&awq, 0)["lm_head.weight"].shape, vec![512, 128]);
+}
+
+/// --layer-formats with FP8 layer 0 and NVFP4 layer 1: MIXED_PRECISION, quant_cfg.json per
+/// TensorRT-LLM module, tensors of each format, tp=2 shards reassemble; pp=2 is refused (per-rank
+/// layer names would clash).
+#[test]
+fn mixed_precision_writes_quant_cfg() {
+    let dir = scratch("mixed");
+    let lf = dir.join("layers.json");
+    let mods = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"];
+    let entries: Vec<String> = (0..2)
+        .flat_map(|l| mods.iter().map(move |m| format!("\"model.layers.{l}.{m}\": \"{}\"", if l == 0 { "fp8" } else { "nvfp4" })))
+        .collect();
+    std::fs::write(&lf, format!("{{{}}}", entries.join(", "))).unwrap();
+    let run = |tp: usize, pp: usize| {
+        let out = dir.join(format!("tp{tp}pp{pp}"));
+        quantize(&QuantizeArgs { export: "trtllm".into(), tp, pp, layer_formats: Some(lf.clone()), ..args("fp8", &out) }).map(|()| out)
+    };
+    let one = run(1, 1).unwrap();
+    check_mapping(&one, 1, 1, Some("MIXED_PRECISION"));
+    let q = config(&one).get("quantization").unwrap().clone();
+    assert_eq!(q.as_object().unwrap().len(), 2, "config.json keeps quant_algo and kv_cache_quant_algo only");
+    let qc = Json::parse_file(&one.join("quant_cfg.json")).unwrap();
+    assert_eq!(qc.get("quant_algo").unwrap().as_str(), Some("MIXED_PRECISION"));
+    let layers = qc.get("quantized_layers").unwrap().as_object().unwrap();
+    assert_eq!(layers.len(), 10);
+    for (l, algo) in [(0, "FP8"), (1, "NVFP4")] {
+        for m in ["attention.qkv", "attention.dense", "mlp.fc", "mlp.gate", "mlp.proj"] {
+            let e = qc.get("quantized_layers").unwrap().get(&format!("transformer.layers.{l}.{m}")).unwrap();
+            assert_eq!(e.get("quant_algo").unwrap().as_str(), Some(algo));
+            assert_eq!(e.get("group_size").and_then(Json::as_usize), (l == 1).then_some(16));
+        }
+    }
+    let full = rank(&one, 0);
+    assert_eq!(full["transformer.layers.0.mlp.proj.weight"].dtype, Dtype::F8E4M3);
+    assert_eq!(full["transformer.layers.1.mlp.proj.weight"].dtype, Dtype::U8);
+    let two = run(2, 1).unwrap();
+    let (a, b) = (rank(&two, 0), rank(&two, 1));
+    for (name, t) in &full {
+        assert_eq!(&reassemble(name, &a[name], &b[name]), t, "mixed: {name} tp=2 shards do not reassemble");
+    }
+    assert!(matches!(run(1, 2).unwrap_err(), Error::Unsupported(_)));
+}
+
+fn findings(path: &Path) -> Vec<String> {
+    assert!(rq_min::inspect::is_trtllm(path), "{} is detected as TensorRT-LLM", path.display());
+    rq_min::inspect::check_trtllm(path).unwrap().findings
+}
+
+/// `verify` on TensorRT-LLM checkpoints: clean on every format, split, KV duplication and
+/// .qnemo; FP8 bits/param from the tensor sizes; broken copies are caught.
+#[test]
+fn verify_trtllm_checkpoints() {
+    for (q, tp, pp) in [("fp8", 1, 1), ("fp8", 2, 2), ("nvfp4", 4, 1), ("int8_sq", 2, 1), ("int4_awq", 1, 2), ("w4a8_awq", 1, 1), ("none", 2, 1)] {
+        let dir = export(q, tp, pp).unwrap();
+        assert_eq!(findings(&dir), Vec::<String>::new(), "{q} tp {tp} pp {pp}");
+    }
+    let kv = scratch("verify-kv").join("out");
+    quantize(&QuantizeArgs { export: "trtllm".into(), tp: 4, kv_cache: "fp8".into(), ..args("nvfp4", &kv) }).unwrap();
+    assert_eq!(findings(&kv), Vec::<String>::new());
+    let qnemo = scratch("verify-qnemo").join("m.qnemo");
+    quantize(&QuantizeArgs { export: "qnemo".into(), tp: 2, ..args("int8_sq", &qnemo) }).unwrap();
+    assert_eq!(findings(&qnemo), Vec::<String>::new());
+
+    // FP8 tp=1: 1 byte per weight plus one 4-byte factor per linear (5 per layer, 2 layers).
+    let fp8 = export("fp8", 1, 1).unwrap();
+    let report = rq_min::inspect::check_trtllm(&fp8).unwrap();
+    let g = &report.groups["FP8"];
+    let params = 2 * (256 * 128 + 128 * 128 + 2 * 256 * 128 + 128 * 256);
+    assert_eq!((g.linears, g.params), (10, params));
+    assert_eq!(g.bits(), 8.0 * (params + 10 * 4) as f64 / params as f64);
+
+    // Broken copies.
+    let broken = |name: &str, edit: &dyn Fn(&Path)| -> Vec<String> {
+        let dir = scratch("verify-broken").join(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let src = export("fp8", 2, 1).unwrap();
+        for e in std::fs::read_dir(&src).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+        }
+        edit(&dir);
+        findings(&dir)
+    };
+    let without = |dir: &Path, r: usize, drop: &str| {
+        let mut t = rank(dir, r);
+        t.remove(drop).unwrap();
+        let list: Vec<(&str, Dtype, &[usize], &[u8])> = t.iter().map(|(n, v)| (n.as_str(), v.dtype, v.shape.as_slice(), v.data.as_slice())).collect();
+        rq_min::safetensors::write_file(&dir.join(format!("rank{r}.safetensors")), &list, &[]).unwrap();
+    };
+    let f = broken("no-wsf", &|d| without(d, 1, "transformer.layers.0.mlp.fc.weights_scaling_factor"));
+    assert!(f.len() == 1 && f[0].contains("rank1") && f[0].contains("mlp.fc.weights_scaling_factor is missing"), "{f:?}");
+    let f = broken("no-rank", &|d| std::fs::remove_file(d.join("rank1.safetensors")).unwrap());
+    assert!(f.len() == 1 && f[0].contains("rank1.safetensors is missing"), "{f:?}");
+    let one = export("fp8", 1, 1).unwrap();
+    let f = broken("tp1-rank", &|d| {
+        std::fs::copy(one.join("rank0.safetensors"), d.join("rank1.safetensors")).unwrap();
+    });
+    assert!(f.iter().any(|m| m.contains("rank1: transformer.layers.0.attention.qkv.weight is F8_E4M3 [256, 128], expected F8_E4M3 [128, 128]")), "{f:?}");
+    let f = broken("kv-below-one", &|d| {
+        let mut t = rank(d, 0);
+        t.insert("transformer.layers.0.attention.k_cache_scaling_factor".into(), T { dtype: Dtype::F32, shape: vec![1], data: 0.5f32.to_le_bytes().to_vec() });
+        let list: Vec<(&str, Dtype, &[usize], &[u8])> = t.iter().map(|(n, v)| (n.as_str(), v.dtype, v.shape.as_slice(), v.data.as_slice())).collect();
+        rq_min::safetensors::write_file(&d.join("rank0.safetensors"), &list, &[]).unwrap();
+        let c = std::fs::read_to_string(d.join("config.json")).unwrap().replace("\"kv_cache_quant_algo\": null", "\"kv_cache_quant_algo\": \"FP8\"");
+        std::fs::write(d.join("config.json"), c).unwrap();
+    });
+    assert!(f.iter().any(|m| m.contains("rank0: transformer.layers.0.attention.k_cache_scaling_factor = 0.5")), "{f:?}");
+    assert!(f.iter().any(|m| m.contains("rank1: transformer.layers.0.attention.k_cache_scaling_factor is missing")), "{f:?}");
 }
