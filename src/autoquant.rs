@@ -342,7 +342,15 @@ pub fn search(
     let cfg = &model.config;
     let dtype = model.dtype()?;
     // The activation-gradient backward (crate::backward) is that of the Llama layer.
-    if cfg.qkv_bias || cfg.qk_norm || cfg.norm_offset || cfg.embed_scale.is_some() || cfg.act != Activation::Silu {
+    if cfg.qkv_bias
+        || cfg.qk_norm
+        || cfg.norm_offset
+        || cfg.layer_norm
+        || cfg.embed_scale.is_some()
+        || cfg.act != Activation::Silu
+        || cfg.modules != crate::model::LLAMA_MODULES
+        || cfg.rotary_dim != cfg.head_dim
+    {
         return Err(Error::Unsupported(format!(
             "auto-quantize supports Llama and Mistral so far; {}",
             cfg.architecture
@@ -376,11 +384,13 @@ pub fn search(
         for (fi, &f) in formats.iter().enumerate().filter(|(_, f)| has_algorithm(**f)) {
             // The recipe's own calibration; AWQ recipes on a quarter of the calibration steps.
             let rows = if f.awq() { (samples.len() / 4).max(1) } else { samples.len() };
-            let fmt = LinearKind::ALL.map(|k| (!exclusions.is_excluded(&module_name(l, k))).then_some(f));
+            // One module per linear in the Llama layout checked above.
+            let fmt: Vec<Option<QFormat>> =
+                LinearKind::ALL.iter().map(|&k| (!exclusions.is_excluded(&module_name(l, k))).then_some(f)).collect();
             let mut h = hidden[..rows].to_vec();
             let (_, linears) = calibrate_layer(&layer, l, cfg, &rope, &mut h, &samples[..rows], &fmt, input.sq_alpha, dtype)?;
             for lin in linears {
-                let k = lin.kind.expect("decoder linears have a kind") as usize;
+                let k = lin.kinds[0] as usize;
                 per_kind[k][fi] = InputQuant { pre_quant_scale: lin.pqs, act: f.act().map(|a| (a, lin.input_amax)) };
             }
             progress.step(&format!("auto-quantize calibrate {}", f.cli_name()), l + 1, n);

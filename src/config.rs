@@ -1,17 +1,27 @@
 //! A model's `config.json`, read into the numbers the runtime needs and checked once, so the
 //! layer code can trust them. Defaults are those of HF transformers' `LlamaConfig`,
-//! `MistralConfig`, `Qwen2Config`, `Qwen3Config` and `GemmaConfig` (configuration_*.py) for
-//! keys that may be left out; the dimensions have no sensible default and are required.
-//! What sets a family apart from Llama is spelled out in explicit fields (`qkv_bias`,
-//! `qk_norm`, `norm_offset`, `embed_scale`, `act`), so the layer code never tests names.
+//! `MistralConfig`, `Qwen2Config`, `Qwen3Config`, `GemmaConfig`, `Phi3Config`,
+//! `Starcoder2Config` and `NemotronConfig` (configuration_*.py) for keys that may be left out;
+//! the dimensions have no sensible default and are required. What sets a family apart from
+//! Llama is spelled out in explicit fields (`qkv_bias`, `mlp_bias`, `qk_norm`, `norm_offset`,
+//! `layer_norm`, `embed_scale`, `act`, `rotary_dim`, `modules`), so the layer code never tests names.
 
 use crate::error::{Error, Result};
 use crate::json::Json;
+use crate::model::{Module, LLAMA_MODULES, NEMOTRON_MODULES, PHI3_MODULES, STARCODER2_MODULES};
 use std::path::{Path, PathBuf};
 
 /// `architectures[0]` values this runtime implements.
-pub const SUPPORTED_ARCHITECTURES: [&str; 5] =
-    ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GemmaForCausalLM"];
+pub const SUPPORTED_ARCHITECTURES: [&str; 8] = [
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "GemmaForCausalLM",
+    "Phi3ForCausalLM",
+    "Starcoder2ForCausalLM",
+    "NemotronForCausalLM",
+];
 
 #[derive(Clone, Debug)]
 pub struct ModelConfig {
@@ -31,6 +41,7 @@ pub struct ModelConfig {
     pub num_key_value_heads: usize,
     /// Defaults to `hidden_size / num_attention_heads`.
     pub head_dim: usize,
+    /// The norms' epsilon (`rms_norm_eps`; Starcoder2 `norm_epsilon`, Nemotron `norm_eps`).
     /// Used in f32, as torch adds it to an f32 tensor.
     pub rms_norm_eps: f32,
     pub rope: RopeConfig,
@@ -38,30 +49,44 @@ pub struct ModelConfig {
     /// When true the checkpoint has no `lm_head.weight`: the head is `embed_tokens`.
     pub tie_word_embeddings: bool,
     pub max_position_embeddings: usize,
-    /// Mistral's attention window (None = full causal attention; always None for Llama).
+    /// Mistral's, Phi3's and Starcoder2's attention window (None = full causal attention).
     pub sliding_window: Option<usize>,
     /// `dtype` (transformers 5) or `torch_dtype` (4.x), e.g. "bfloat16", when given.
     pub dtype: Option<String>,
     /// q_proj, k_proj and v_proj have biases (HF `Qwen2Attention`: always; Llama-style
     /// attention: `attention_bias = true`, which also gives o_proj one).
     pub qkv_bias: bool,
+    /// The MLP linears have biases (Starcoder2 `use_bias`, Nemotron `mlp_bias`).
+    pub mlp_bias: bool,
     /// Per-head RMSNorm of q and k before RoPE (`self_attn.q_norm` / `k_norm`, HF `Qwen3Attention`).
     pub qk_norm: bool,
-    /// Norms scale by `1 + weight` (HF `GemmaRMSNorm`), the stored weight being the offset from 1.
+    /// Norms scale by `1 + weight` (HF `GemmaRMSNorm`, `NemotronLayerNorm1P`), the stored
+    /// weight being the offset from 1.
     pub norm_offset: bool,
+    /// Norms are LayerNorms with a bias (mean subtracted; HF `nn.LayerNorm` of Starcoder2,
+    /// `NemotronLayerNorm1P`) instead of RMSNorms.
+    pub layer_norm: bool,
     /// Factor on the embedding output (HF `GemmaModel`: `sqrt(hidden_size)`), in f32.
     pub embed_scale: Option<f32>,
-    /// The gated MLP's activation (`hidden_activation`, else `hidden_act`).
+    /// The MLP's activation (`hidden_activation`, else `hidden_act`).
     pub act: Activation,
+    /// Leading dims of each head that RoPE rotates (`head_dim * partial_rotary_factor`, Phi3
+    /// and Nemotron); the rest passes through.
+    pub rotary_dim: usize,
+    /// The Linear modules of a decoder layer as the checkpoint names them. Without a
+    /// `Gate` linear the MLP is not gated: `down(act(up(x)))`.
+    pub modules: &'static [Module],
 }
 
-/// Activation of the gated MLP, `act_fn(gate_proj(x)) * up_proj(x)`.
+/// Activation of the MLP: `act_fn(gate_proj(x)) * up_proj(x)`, or `act_fn(up_proj(x))`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Activation {
     /// `"silu"`: torch `F.silu`.
     Silu,
     /// `"gelu_pytorch_tanh"`: torch `F.gelu(x, approximate="tanh")` (HF `PytorchGELUTanh`).
     GeluTanh,
+    /// `"relu2"`: HF `ReLUSquaredActivation`, `square(relu(x))` (Nemotron).
+    Relu2,
 }
 
 /// Rotary embedding parameters: `rope_theta` and the `rope_type` with its keys.
@@ -127,18 +152,26 @@ impl ModelConfig {
             return Err(r.err(format!("head_dim = {head_dim} is odd; rotary embeddings need it even")));
         }
         let is_mistral = family == Family::Mistral;
-        let rms_norm_eps = r.opt_f64("rms_norm_eps")?.unwrap_or(1e-6);
+        let eps_key = match family {
+            Family::Starcoder2 => "norm_epsilon",
+            Family::Nemotron => "norm_eps",
+            _ => "rms_norm_eps",
+        };
+        let default_eps = if matches!(family, Family::Phi3 | Family::Starcoder2 | Family::Nemotron) { 1e-5 } else { 1e-6 };
+        let rms_norm_eps = r.opt_f64(eps_key)?.unwrap_or(default_eps);
         if !(rms_norm_eps > 0.0 && rms_norm_eps.is_finite()) {
-            return Err(r.err(format!("rms_norm_eps = {rms_norm_eps} must be positive")));
+            return Err(r.err(format!("{eps_key} = {rms_norm_eps} must be positive")));
         }
         let max_position_embeddings = match r.opt_dim("max_position_embeddings")? {
             Some(n) => n,
             None if is_mistral => 4096 * 32,
             None if matches!(family, Family::Qwen2 | Family::Qwen3) => 32768,
             None if family == Family::Gemma => 8192,
+            None if matches!(family, Family::Phi3 | Family::Starcoder2 | Family::Nemotron) => 4096,
             None => 2048,
         };
         // MistralConfig defaults sliding_window to 4096; an explicit null switches it off.
+        // Phi3 and Starcoder2 window when the key is set (default None).
         // Qwen2/Qwen3 window only some layers, and only with `use_sliding_window = true`.
         let sliding_window = match raw.get("sliding_window") {
             _ if matches!(family, Family::Qwen2 | Family::Qwen3) && r.opt_bool("use_sliding_window")? == Some(true) => {
@@ -147,12 +180,17 @@ impl ModelConfig {
                     path.display()
                 )));
             }
-            _ if !is_mistral => None,
-            None => Some(4096),
+            _ if !matches!(family, Family::Mistral | Family::Phi3 | Family::Starcoder2) => None,
+            None if is_mistral => Some(4096),
+            None => None,
             Some(v) if v.is_null() => None,
             Some(_) => Some(r.req_dim("sliding_window")?),
         };
-        let default_act = if family == Family::Gemma { "gelu_pytorch_tanh" } else { "silu" };
+        let default_act = match family {
+            Family::Gemma | Family::Starcoder2 => "gelu_pytorch_tanh",
+            Family::Nemotron => "relu2",
+            _ => "silu",
+        };
         let act = match r.opt_str("hidden_activation")? {
             Some(a) => ("hidden_activation", a),
             None => ("hidden_act", r.opt_str("hidden_act")?.unwrap_or(default_act)),
@@ -160,22 +198,37 @@ impl ModelConfig {
         let act = match act.1 {
             "silu" => Activation::Silu,
             "gelu_pytorch_tanh" => Activation::GeluTanh,
+            "relu2" => Activation::Relu2,
             other => {
                 return Err(Error::Unsupported(format!(
-                    "{}: {} = {other:?} (supported: \"silu\", \"gelu_pytorch_tanh\")",
+                    "{}: {} = {other:?} (supported: \"silu\", \"gelu_pytorch_tanh\", \"relu2\")",
                     path.display(),
                     act.0
                 )))
             }
         };
-        if r.opt_bool("mlp_bias")? == Some(true) {
+        // Starcoder2Config: `use_bias` (default true) for every linear; NemotronConfig:
+        // `attention_bias`, `mlp_bias` (default false).
+        let use_bias = family == Family::Starcoder2 && r.opt_bool("use_bias")?.unwrap_or(true);
+        let mlp_bias = use_bias || (family == Family::Nemotron && r.opt_bool("mlp_bias")? == Some(true));
+        if family != Family::Nemotron && r.opt_bool("mlp_bias")? == Some(true) {
             return Err(Error::Unsupported(format!("{}: mlp_bias = true (MLP biases are not implemented)", path.display())));
         }
-        let qkv_bias = family == Family::Qwen2 || r.opt_bool("attention_bias")? == Some(true);
+        let qkv_bias = family == Family::Qwen2 || use_bias || r.opt_bool("attention_bias")? == Some(true);
         let dtype = match r.opt_str("dtype")? {
             Some(d) => Some(d.to_string()),
             None => r.opt_str("torch_dtype")?.map(str::to_string),
         };
+        let rope = r.rope(family)?;
+        // HF `_compute_default_rope_parameters`: `dim = int(head_dim * partial_rotary_factor)`.
+        let rotary_dim = (head_dim as f64 * rope.1) as usize;
+        if rotary_dim == 0 || !rotary_dim.is_multiple_of(2) {
+            return Err(r.err(format!(
+                "partial_rotary_factor = {} gives {rotary_dim} rotary dims of head_dim = {head_dim}; RoPE needs an even, \
+                 positive number",
+                rope.1
+            )));
+        }
         Ok(ModelConfig {
             path: path.to_path_buf(),
             architecture,
@@ -187,18 +240,29 @@ impl ModelConfig {
             num_key_value_heads,
             head_dim,
             rms_norm_eps: rms_norm_eps as f32,
-            rope: r.rope()?,
+            rope: rope.0,
             vocab_size,
-            tie_word_embeddings: r.opt_bool("tie_word_embeddings")?.unwrap_or(family == Family::Gemma),
+            tie_word_embeddings: r
+                .opt_bool("tie_word_embeddings")?
+                .unwrap_or(matches!(family, Family::Gemma | Family::Starcoder2)),
             max_position_embeddings,
             sliding_window,
             dtype,
             qkv_bias,
+            mlp_bias,
             qk_norm: family == Family::Qwen3,
-            norm_offset: family == Family::Gemma,
+            norm_offset: matches!(family, Family::Gemma | Family::Nemotron),
+            layer_norm: matches!(family, Family::Starcoder2 | Family::Nemotron),
             // HF GemmaModel: `torch.tensor(hidden_size**0.5, dtype=...)`, a double rounded once.
             embed_scale: (family == Family::Gemma).then(|| (hidden_size as f64).sqrt() as f32),
             act,
+            rotary_dim,
+            modules: match family {
+                Family::Phi3 => PHI3_MODULES,
+                Family::Starcoder2 => STARCODER2_MODULES,
+                Family::Nemotron => NEMOTRON_MODULES,
+                _ => LLAMA_MODULES,
+            },
             raw,
         })
     }
@@ -212,6 +276,9 @@ enum Family {
     Qwen2,
     Qwen3,
     Gemma,
+    Phi3,
+    Starcoder2,
+    Nemotron,
 }
 
 impl Family {
@@ -222,6 +289,9 @@ impl Family {
             "Qwen2ForCausalLM" => Family::Qwen2,
             "Qwen3ForCausalLM" => Family::Qwen3,
             "GemmaForCausalLM" => Family::Gemma,
+            "Phi3ForCausalLM" => Family::Phi3,
+            "Starcoder2ForCausalLM" => Family::Starcoder2,
+            "NemotronForCausalLM" => Family::Nemotron,
             _ => Family::Llama,
         }
     }
@@ -322,7 +392,10 @@ impl Reader<'_> {
     /// RoPE parameters in either spelling: transformers 5 puts everything in
     /// `rope_parameters {rope_theta, rope_type, ...}`; 4.x has a top-level `rope_theta` and an
     /// optional `rope_scaling {rope_type | type, ...}`. `rope_theta` defaults to 10000.
-    fn rope(&self) -> Result<RopeConfig> {
+    /// Also returns `partial_rotary_factor` (in the parameters or top-level; default 1, and
+    /// NemotronConfig's 0.5), which only Phi3 and Nemotron (whose `apply_rotary_pos_emb`
+    /// rotates a leading slice of each head) may set below 1.
+    fn rope(&self, family: Family) -> Result<(RopeConfig, f64)> {
         let params = ["rope_parameters", "rope_scaling"]
             .into_iter()
             .find_map(|key| Self::value(self.json, key).map(|p| (key, p)));
@@ -339,14 +412,16 @@ impl Reader<'_> {
         if !(theta > 0.0 && theta.is_finite()) {
             return Err(self.err(format!("rope_theta = {theta} must be positive")));
         }
-        let Some(p) = params else {
-            return Ok(RopeConfig { theta, scaling: RopeScaling::Default });
+        let partial = match params.map(|p| self.opt_f64_in(p, "partial_rotary_factor")).transpose()?.flatten() {
+            Some(f) => f,
+            None => self.opt_f64("partial_rotary_factor")?.unwrap_or(if family == Family::Nemotron { 0.5 } else { 1.0 }),
         };
-        if let Some(f) = self.opt_f64_in(p, "partial_rotary_factor")? {
-            if f != 1.0 {
-                return Err(Error::Unsupported(format!("{}: partial_rotary_factor = {f}", self.path.display())));
-            }
+        if partial != 1.0 && !matches!(family, Family::Phi3 | Family::Nemotron) || !(partial > 0.0 && partial <= 1.0) {
+            return Err(Error::Unsupported(format!("{}: partial_rotary_factor = {partial}", self.path.display())));
         }
+        let Some(p) = params else {
+            return Ok((RopeConfig { theta, scaling: RopeScaling::Default }, partial));
+        };
         let rope_type = match self.opt_str_in(p, "rope_type")? {
             Some(t) => t,
             None => self.opt_str_in(p, "type")?.unwrap_or("default"),
@@ -375,6 +450,6 @@ impl Reader<'_> {
                 )))
             }
         };
-        Ok(RopeConfig { theta, scaling })
+        Ok((RopeConfig { theta, scaling }, partial))
     }
 }

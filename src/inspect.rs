@@ -154,8 +154,9 @@ pub fn check(dir: &Path) -> Result<Report> {
     }
     // KV-cache scales on every attention layer when the config names a KV format (§2.8).
     if quant.as_ref().and_then(|q| q.get("kv_cache_quant_algo")).and_then(Json::as_str).is_some() {
-        for name in names.iter().filter(|n| n.ends_with(".self_attn.k_proj.weight")) {
-            let attn = name.trim_end_matches(".k_proj.weight");
+        // The k_proj/v_proj segment is always there, also beside a fused qkv_proj (§2.8).
+        let attention = |n: &str| [".k_proj.weight", ".qkv_proj.weight"].iter().find_map(|s| n.strip_suffix(s).map(String::from));
+        for attn in names.iter().filter_map(|n| attention(n)).filter(|a| a.ends_with(".self_attn")) {
             for scale in ["k_proj.k_scale", "v_proj.v_scale"] {
                 if ck.get(&format!("{attn}.{scale}")).is_none() {
                     report.findings.push(format!("{attn}: the config names a KV-cache format but {scale} is missing"));
@@ -188,16 +189,16 @@ pub struct WeightError {
 /// trained models sit around 0.1, FP8 around 0.03; broken packing or scales give ~1).
 pub const MAX_WEIGHT_ERROR: f64 = 0.35;
 
-/// The dequantized weight error of every decoder linear against `original`, relative
+/// The dequantized weight error of every decoder linear module against `original`, relative
 /// Frobenius. The effective weight multiplies back what the export moved elsewhere: the
 /// linear's `pre_quant_scale` (its input is multiplied by it) and, for linears reading a
-/// norm, the per-channel ratio of the exported to the original norm weight (AWQ folds its
-/// scales there). NVFP4-AWQ also folds down_proj's scale p into up_proj's output rows
+/// norm, the per-channel ratio of the exported to the original norm's scale (AWQ folds its
+/// scales there; `1 + weight` for the offset norms). NVFP4-AWQ also folds down_proj's scale p into up_proj's output rows
 /// (spec/algorithms.md §7 step 1), which stores no tensor: p is estimated per row as the
 /// least-squares ratio of the exported to the original up_proj row, and up_proj's rows are
 /// divided and down_proj's input columns multiplied by it.
 pub fn weight_errors(dir: &Path, original: &Path) -> Result<Vec<WeightError>> {
-    use crate::model::{LinearKind, Model};
+    use crate::model::{LinearKind, Model, LLAMA_MODULES};
     use crate::quant::read::{input_quant, linear_weight};
     let q = Model::open(dir, Some(original))?;
     let o = Model::open(original, None)?;
@@ -209,13 +210,15 @@ pub fn weight_errors(dir: &Path, original: &Path) -> Result<Vec<WeightError>> {
         let ratio = |norm: &str| -> Result<Vec<f32>> {
             let name = format!("model.layers.{l}.{norm}.weight");
             let (a, b) = (q.tensor(&name)?.to_f32()?, o.tensor(&name)?.to_f32()?);
-            Ok(a.iter().zip(&b).map(|(x, y)| if *y != 0.0 { x / y } else { 1.0 }).collect())
+            let one = if o.config.norm_offset { 1.0 } else { 0.0 };
+            Ok(a.iter().zip(&b).map(|(x, y)| if y + one != 0.0 { (x + one) / (y + one) } else { 1.0 }).collect())
         };
         let (r_in, r_post) = (ratio("input_layernorm")?, ratio("post_attention_layernorm")?);
         // NVFP4-AWQ's down_proj scale folded into up_proj rows: estimated from up_proj.
         let up = crate::pipeline::module_name(l, LinearKind::Up);
         let down = crate::pipeline::module_name(l, LinearKind::Down);
-        let folded = if nvfp4_awq && input_quant(&q, &down, LinearKind::Down.shape(&o.config))?.pre_quant_scale.is_none() {
+        let llama = o.config.modules == LLAMA_MODULES;
+        let folded = if llama && nvfp4_awq && input_quant(&q, &down, LinearKind::Down.shape(&o.config))?.pre_quant_scale.is_none() {
             let shape = LinearKind::Up.shape(&o.config);
             let (a, b) = (linear_weight(&q, &up, shape)?, linear_weight(&o, &up, shape)?);
             let c: Vec<f32> = a
@@ -231,9 +234,10 @@ pub fn weight_errors(dir: &Path, original: &Path) -> Result<Vec<WeightError>> {
         } else {
             None
         };
-        for k in LinearKind::ALL {
-            let m = crate::pipeline::module_name(l, k);
-            let shape = k.shape(&o.config);
+        for module in o.config.modules {
+            let k = module.kinds[0];
+            let m = format!("model.layers.{l}.{}", module.name);
+            let shape = module.shape(&o.config);
             let mut w = linear_weight(&q, &m, shape)?;
             let mut scale = input_quant(&q, &m, shape)?.pre_quant_scale.unwrap_or_else(|| vec![1.0; shape[1]]);
             let norm_ratio = match k {

@@ -1,6 +1,8 @@
 //! Layer-at-a-time runtime for Llama-family decoders (HF `LlamaForCausalLM`,
-//! `MistralForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM`, `GemmaForCausalLM`; what sets
-//! them apart is in `ModelConfig`'s `qkv_bias`, `qk_norm`, `norm_offset`, `embed_scale`, `act`).
+//! `MistralForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM`, `GemmaForCausalLM`,
+//! `Phi3ForCausalLM`, `Starcoder2ForCausalLM`, `NemotronForCausalLM`; what sets them apart is in
+//! `ModelConfig`'s `qkv_bias`, `mlp_bias`, `qk_norm`, `norm_offset`, `layer_norm`, `embed_scale`,
+//! `act`, `rotary_dim` and `modules`).
 //!
 //! The checkpoint stays memory-mapped; only the layer being run is converted to f32, so a
 //! 70B model never needs to be in memory at once. A caller walks the model like this:
@@ -19,7 +21,7 @@ use crate::safetensors::{Checkpoint, Dtype, TensorView};
 use std::path::Path;
 
 const EMBED_TOKENS: &str = "model.embed_tokens.weight";
-const FINAL_NORM: &str = "model.norm.weight";
+const FINAL_NORM: &str = "model.norm";
 const LM_HEAD: &str = "lm_head.weight";
 
 /// Arithmetic of the forward pass. `F32` computes everything in f32. `Bf16` also rounds every
@@ -40,6 +42,24 @@ impl Compute {
             ops::round_slice_bf16(x);
         }
     }
+    /// The norm of `cfg`: RMSNorm (`rms_norm`), or LayerNorm with `bias` when `cfg.layer_norm`
+    /// (`1 + weight` when `cfg.norm_offset`: HF `NemotronLayerNorm1P`, which adds the 1 to the
+    /// weight in the model dtype; `nn.LayerNorm` computes in f32 and rounds its output once).
+    fn norm(self, cfg: &ModelConfig, x: &[f32], weight: &[f32], bias: Option<&[f32]>, out: &mut [f32]) {
+        if !cfg.layer_norm {
+            return self.rms_norm(cfg.norm_offset, x, weight, cfg.rms_norm_eps, out);
+        }
+        let one_plus: Vec<f32>;
+        let weight = if cfg.norm_offset {
+            one_plus = weight.iter().map(|&w| if self == Compute::Bf16 { crate::numerics::round_bf16(w + 1.0) } else { w + 1.0 }).collect();
+            &one_plus
+        } else {
+            weight
+        };
+        ops::layer_norm(x, weight, bias, cfg.rms_norm_eps, out);
+        self.round(out);
+    }
+
     /// HF `LlamaRMSNorm`, or `GemmaRMSNorm` (`1 + weight`) when `offset`.
     fn rms_norm(self, offset: bool, x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
         match (self, offset) {
@@ -140,19 +160,28 @@ impl Model {
             ));
         }
         let prefix = format!("model.layers.{i}");
-        let norm = |which: &str| self.load(&format!("{prefix}.{which}.weight"), &[cfg.hidden_size]);
-        let input_norm = norm("input_layernorm")?;
-        let post_norm = norm("post_attention_layernorm")?;
+        let (input_norm, input_norm_bias) = self.load_norm(&format!("{prefix}.input_layernorm"))?;
+        let (post_norm, post_norm_bias) = self.load_norm(&format!("{prefix}.post_attention_layernorm"))?;
         let mut linears: [Vec<f32>; 7] = Default::default();
         let mut biases: [Option<Vec<f32>>; 7] = Default::default();
-        for ((kind, w), b) in LinearKind::ALL.into_iter().zip(&mut linears).zip(&mut biases) {
-            let module = format!("{prefix}.{}", kind.module());
-            let shape = kind.shape(cfg);
-            *w = read::linear_weight(self, &module, shape)?;
+        for m in cfg.modules {
+            let module = format!("{prefix}.{}", m.name);
+            let shape = m.shape(cfg);
+            let w = read::linear_weight(self, &module, shape)?;
             let name = format!("{module}.bias");
-            let required = cfg.qkv_bias && matches!(kind, LinearKind::Q | LinearKind::K | LinearKind::V);
-            if required || self.get(&name).is_some() {
-                *b = Some(self.load(&name, &shape[..1])?);
+            let required = m.kinds.iter().any(|k| match k {
+                LinearKind::Q | LinearKind::K | LinearKind::V => cfg.qkv_bias,
+                LinearKind::O => false,
+                LinearKind::Gate | LinearKind::Up | LinearKind::Down => cfg.mlp_bias,
+            });
+            let b = if required || self.get(&name).is_some() { Some(self.load(&name, &shape[..1])?) } else { None };
+            // A fused module's output rows are its linears' outputs one after the other.
+            let mut row = 0;
+            for &k in m.kinds {
+                let [rows, cols] = k.shape(cfg);
+                linears[k as usize] = w[row * cols..(row + rows) * cols].to_vec();
+                biases[k as usize] = b.as_ref().map(|b| b[row..row + rows].to_vec());
+                row += rows;
             }
         }
         let qk_norm = if cfg.qk_norm {
@@ -161,7 +190,25 @@ impl Model {
         } else {
             None
         };
-        Ok(Layer { index: i, input_norm, post_norm, linears, biases, qk_norm, compute: self.compute })
+        Ok(Layer {
+            index: i,
+            input_norm,
+            input_norm_bias,
+            post_norm,
+            post_norm_bias,
+            linears,
+            biases,
+            qk_norm,
+            compute: self.compute,
+        })
+    }
+
+    /// Norm `module`'s weight and, for a LayerNorm, its bias (`[hidden]` each).
+    fn load_norm(&self, module: &str) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
+        let shape = [self.config.hidden_size];
+        let weight = self.load(&format!("{module}.weight"), &shape)?;
+        let bias = if self.config.layer_norm { Some(self.load(&format!("{module}.bias"), &shape)?) } else { None };
+        Ok((weight, bias))
     }
 
     /// The final norm and the output projection: `lm_head.weight` when the checkpoint has one
@@ -169,14 +216,14 @@ impl Model {
     /// `embed_tokens` when the embeddings are tied.
     pub fn load_head(&self) -> Result<Head> {
         let cfg = &self.config;
-        let norm = self.load(FINAL_NORM, &[cfg.hidden_size])?;
+        let (norm, norm_bias) = self.load_norm(FINAL_NORM)?;
         let shape = [cfg.vocab_size, cfg.hidden_size];
         let (lm_head, input) = if self.get(LM_HEAD).is_some() || !cfg.tie_word_embeddings {
             (read::linear_weight(self, "lm_head", shape)?, read::input_quant(self, "lm_head", shape)?)
         } else {
             (self.load(EMBED_TOKENS, &shape)?, InputQuant::default())
         };
-        Ok(Head { norm, lm_head, eps: cfg.rms_norm_eps, norm_offset: cfg.norm_offset, compute: self.compute, input })
+        Ok(Head { cfg: cfg.clone(), norm, norm_bias, lm_head, compute: self.compute, input })
     }
 
     /// Tensor `name` as f32, after checking its shape and that every value is finite.
@@ -197,7 +244,8 @@ fn check_finite(name: &str, values: &[f32], offset: usize) -> Result<()> {
     }
 }
 
-/// The seven Linear layers of a decoder layer.
+/// The seven Linear layers of a (Llama) decoder layer, as the runtime runs them. A family
+/// without a gated MLP has no `Gate` (its MLP is `Down(act(Up(x)))`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LinearKind {
     Q,
@@ -221,17 +269,10 @@ impl LinearKind {
         LinearKind::Down,
     ];
 
-    /// The module path inside a layer, as in the tensor names (`model.layers.{i}.<module>.weight`).
+    /// The Llama module path inside a layer, as in the tensor names
+    /// (`model.layers.{i}.<module>.weight`); `ModelConfig::modules` has each family's.
     pub fn module(self) -> &'static str {
-        match self {
-            LinearKind::Q => "self_attn.q_proj",
-            LinearKind::K => "self_attn.k_proj",
-            LinearKind::V => "self_attn.v_proj",
-            LinearKind::O => "self_attn.o_proj",
-            LinearKind::Gate => "mlp.gate_proj",
-            LinearKind::Up => "mlp.up_proj",
-            LinearKind::Down => "mlp.down_proj",
-        }
+        LLAMA_MODULES[self as usize].name
     }
 
     /// Weight shape `[out_features, in_features]`.
@@ -245,6 +286,79 @@ impl LinearKind {
             LinearKind::Gate | LinearKind::Up => [cfg.intermediate_size, cfg.hidden_size],
             LinearKind::Down => [cfg.hidden_size, cfg.intermediate_size],
         }
+    }
+}
+
+/// A Linear module of a decoder layer as the checkpoint stores it: its path inside the layer
+/// and the runtime linears whose weights are its output rows, in order (Phi3's `qkv_proj` is
+/// q, k and v stacked; ModelOpt quantizes it as the one Linear it is).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Module {
+    pub name: &'static str,
+    pub kinds: &'static [LinearKind],
+}
+
+impl Module {
+    /// Weight shape `[out_features, in_features]`: the linears' rows stacked.
+    pub fn shape(&self, cfg: &ModelConfig) -> [usize; 2] {
+        let rows = self.kinds.iter().map(|k| k.shape(cfg)[0]).sum();
+        [rows, self.kinds[0].shape(cfg)[1]]
+    }
+}
+
+const fn module(name: &'static str, kinds: &'static [LinearKind]) -> Module {
+    Module { name, kinds }
+}
+
+/// HF `LlamaDecoderLayer` (and Mistral, Qwen2, Qwen3, Gemma): one module per linear, in `LinearKind` order.
+pub const LLAMA_MODULES: &[Module] = &[
+    module("self_attn.q_proj", &[LinearKind::Q]),
+    module("self_attn.k_proj", &[LinearKind::K]),
+    module("self_attn.v_proj", &[LinearKind::V]),
+    module("self_attn.o_proj", &[LinearKind::O]),
+    module("mlp.gate_proj", &[LinearKind::Gate]),
+    module("mlp.up_proj", &[LinearKind::Up]),
+    module("mlp.down_proj", &[LinearKind::Down]),
+];
+
+/// HF `Phi3Attention.qkv_proj` (q, k, v rows) and `Phi3MLP.gate_up_proj`
+/// (`gate, up = gate_up_proj(x).chunk(2, dim=-1)`: gate rows first).
+pub const PHI3_MODULES: &[Module] = &[
+    module("self_attn.qkv_proj", &[LinearKind::Q, LinearKind::K, LinearKind::V]),
+    module("self_attn.o_proj", &[LinearKind::O]),
+    module("mlp.gate_up_proj", &[LinearKind::Gate, LinearKind::Up]),
+    module("mlp.down_proj", &[LinearKind::Down]),
+];
+
+/// HF `Starcoder2MLP`: `c_proj(act(c_fc(x)))`.
+pub const STARCODER2_MODULES: &[Module] = &[
+    module("self_attn.q_proj", &[LinearKind::Q]),
+    module("self_attn.k_proj", &[LinearKind::K]),
+    module("self_attn.v_proj", &[LinearKind::V]),
+    module("self_attn.o_proj", &[LinearKind::O]),
+    module("mlp.c_fc", &[LinearKind::Up]),
+    module("mlp.c_proj", &[LinearKind::Down]),
+];
+
+/// HF `NemotronMLP`: `down_proj(act(up_proj(x)))`.
+pub const NEMOTRON_MODULES: &[Module] = &[
+    module("self_attn.q_proj", &[LinearKind::Q]),
+    module("self_attn.k_proj", &[LinearKind::K]),
+    module("self_attn.v_proj", &[LinearKind::V]),
+    module("self_attn.o_proj", &[LinearKind::O]),
+    module("mlp.up_proj", &[LinearKind::Up]),
+    module("mlp.down_proj", &[LinearKind::Down]),
+];
+
+impl ModelConfig {
+    /// The MLP is `act(gate(x)) * up(x)` (else `act(up(x))`).
+    pub fn gated_mlp(&self) -> bool {
+        self.modules.iter().any(|m| m.kinds.contains(&LinearKind::Gate))
+    }
+
+    /// The linears a layer of this family has, in forward order.
+    pub fn linear_kinds(&self) -> Vec<LinearKind> {
+        self.modules.iter().flat_map(|m| m.kinds.iter().copied()).collect()
     }
 }
 
@@ -271,8 +385,12 @@ impl Hooks for NoHooks {}
 pub struct Layer {
     pub index: usize,
     pub input_norm: Vec<f32>, // [hidden]
-    pub post_norm: Vec<f32>,  // [hidden]
-    /// Indexed by `LinearKind as usize`, each `[out_features, in_features]`.
+    /// LayerNorm bias (`cfg.layer_norm`), `[hidden]`.
+    pub input_norm_bias: Option<Vec<f32>>,
+    pub post_norm: Vec<f32>, // [hidden]
+    pub post_norm_bias: Option<Vec<f32>>,
+    /// Indexed by `LinearKind as usize`, each `[out_features, in_features]` (empty for a
+    /// linear the family does not have).
     linears: [Vec<f32>; 7],
     /// Indexed like `linears`, each `[out_features]` (`{module}.bias`, where the checkpoint has one).
     biases: [Option<Vec<f32>>; 7],
@@ -290,14 +408,17 @@ impl Layer {
     /// ```
     /// with the family differences of `cfg`: linear biases (HF `Qwen2Attention`), q/k RMSNorm
     /// per head before RoPE (`Qwen3Attention`: `q_norm(q_proj(x).view(..., head_dim))`),
-    /// `GemmaRMSNorm` norms and tanh-GELU (`GemmaDecoderLayer`, `GemmaMLP`).
+    /// `GemmaRMSNorm` norms and tanh-GELU (`GemmaDecoderLayer`, `GemmaMLP`), LayerNorms and a
+    /// plain MLP `down(act(up(x)))` (`Starcoder2DecoderLayer`, `NemotronDecoderLayer`), RoPE of
+    /// the leading `rotary_dim` dims of each head (Nemotron). Phi3's fused modules are split
+    /// at load, so it runs as Llama.
     pub fn forward(&self, cfg: &ModelConfig, rope: &Rope, hidden: &mut [f32], seq: usize, hooks: &mut dyn Hooks) {
         let h = cfg.hidden_size;
         assert_eq!(hidden.len(), seq * h, "Layer::forward: hidden is not [seq, hidden_size]");
         let c = self.compute;
         let mut x = vec![0f32; seq * h];
 
-        c.rms_norm(cfg.norm_offset, hidden, &self.input_norm, cfg.rms_norm_eps, &mut x);
+        c.norm(cfg, hidden, &self.input_norm, self.input_norm_bias.as_deref(), &mut x);
         let mut q = self.linear(cfg, LinearKind::Q, x.clone(), seq, hooks); // [seq, heads * hd]
         let mut k = self.linear(cfg, LinearKind::K, x.clone(), seq, hooks); // [seq, kv_heads * hd]
         let mut v = self.linear(cfg, LinearKind::V, x, seq, hooks); // [seq, kv_heads * hd]
@@ -330,16 +451,28 @@ impl Layer {
         c.round(hidden);
 
         let mut x = vec![0f32; seq * h];
-        c.rms_norm(cfg.norm_offset, hidden, &self.post_norm, cfg.rms_norm_eps, &mut x);
-        let mut gate = self.linear(cfg, LinearKind::Gate, x.clone(), seq, hooks); // [seq, intermediate]
-        let up = self.linear(cfg, LinearKind::Up, x, seq, hooks); // [seq, intermediate]
-        match (cfg.act, c) {
-            (Activation::Silu, Compute::F32) => ops::gated_mul(ops::silu, &mut gate, &up),
-            (Activation::Silu, Compute::Bf16) => ops::gated_mul_bf16(ops::silu, &mut gate, &up),
-            (Activation::GeluTanh, Compute::F32) => ops::gated_mul(ops::gelu_tanh, &mut gate, &up),
-            (Activation::GeluTanh, Compute::Bf16) => ops::gated_mul_bf16(ops::gelu_tanh, &mut gate, &up),
-        }
-        let down = self.linear(cfg, LinearKind::Down, gate, seq, hooks);
+        c.norm(cfg, hidden, &self.post_norm, self.post_norm_bias.as_deref(), &mut x);
+        let act: fn(f32) -> f32 = match cfg.act {
+            Activation::Silu => ops::silu,
+            Activation::GeluTanh => ops::gelu_tanh,
+            Activation::Relu2 => ops::relu2,
+        };
+        let mlp = if cfg.gated_mlp() {
+            let mut gate = self.linear(cfg, LinearKind::Gate, x.clone(), seq, hooks); // [seq, intermediate]
+            let up = self.linear(cfg, LinearKind::Up, x, seq, hooks); // [seq, intermediate]
+            match c {
+                Compute::F32 => ops::gated_mul(act, &mut gate, &up),
+                Compute::Bf16 => ops::gated_mul_bf16(act, &mut gate, &up),
+            }
+            gate
+        } else {
+            // One torch op on the up output: rounded once.
+            let mut up = self.linear(cfg, LinearKind::Up, x, seq, hooks);
+            up.iter_mut().for_each(|v| *v = act(*v));
+            c.round(&mut up);
+            up
+        };
+        let down = self.linear(cfg, LinearKind::Down, mlp, seq, hooks);
         ops::add_in_place(hidden, &down);
         c.round(hidden);
     }
@@ -395,11 +528,12 @@ const NLL_MAX_ROWS: usize = 512;
 
 /// The final norm and the language-model head.
 pub struct Head {
-    norm: Vec<f32>,    // [hidden]
+    /// For the kind of norm.
+    cfg: ModelConfig,
+    norm: Vec<f32>, // [hidden]
+    /// LayerNorm bias (`cfg.layer_norm`), `[hidden]`.
+    norm_bias: Option<Vec<f32>>,
     lm_head: Vec<f32>, // [vocab, hidden]
-    eps: f32,
-    /// `GemmaRMSNorm` (`1 + weight`) instead of `LlamaRMSNorm`.
-    norm_offset: bool,
     compute: Compute,
     /// What happens to lm_head's input (quantized lm_head of a mixed-precision checkpoint).
     input: InputQuant,
@@ -422,7 +556,7 @@ impl Head {
 
     /// The final norm's epsilon.
     pub fn eps(&self) -> f32 {
-        self.eps
+        self.cfg.rms_norm_eps
     }
 
     fn vocab_size(&self) -> usize {
@@ -433,7 +567,7 @@ impl Head {
     pub fn normed(&self, hidden: &[f32], seq: usize) -> Vec<f32> {
         assert_eq!(hidden.len(), seq * self.hidden_size(), "Head: hidden is not [seq, hidden_size]");
         let mut out = vec![0f32; hidden.len()];
-        self.compute.rms_norm(self.norm_offset, hidden, &self.norm, self.eps, &mut out);
+        self.compute.norm(&self.cfg, hidden, &self.norm, self.norm_bias.as_deref(), &mut out);
         out
     }
 

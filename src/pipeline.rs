@@ -8,7 +8,7 @@ use crate::progress::Progress;
 use crate::quant::fp8;
 use crate::quant::read::{self, InputQuant};
 
-/// `model.layers.{i}.{self_attn.q_proj|...}`.
+/// `model.layers.{i}.{self_attn.q_proj|...}` (the Llama module names, `LinearKind::module`).
 pub fn module_name(layer: usize, kind: LinearKind) -> String {
     format!("model.layers.{layer}.{}", kind.module())
 }
@@ -34,10 +34,11 @@ fn run_layers(
     Ok(hidden)
 }
 
-/// Evaluation of a quantized checkpoint: each linear's input goes through its
+/// Evaluation of a quantized checkpoint: each linear's input goes through its module's
 /// `pre_quant_scale` and activation fake quantization, K and V through FP8 fake quantization
 /// when the checkpoint has KV-cache scales (spec/algorithms.md §8).
 struct EvalHooks {
+    /// Indexed by `LinearKind as usize` (a fused module's linears share one).
     inputs: Vec<InputQuant>,
     kv_amax: (Option<f32>, Option<f32>),
 }
@@ -76,10 +77,12 @@ pub fn eval_windows(ids: &[u32], seq: usize) -> Vec<Vec<u32>> {
 /// Perplexity of `model` (original or quantized checkpoint) over `windows`.
 pub fn perplexity(model: &Model, windows: &[Vec<u32>], progress: &Progress) -> Result<Perplexity> {
     let hidden = run_layers(model, windows, progress, "eval", |l, layer, rope, hidden| {
-        let inputs = LinearKind::ALL
-            .iter()
-            .map(|&k| read::input_quant(model, &module_name(l, k), k.shape(&model.config)))
-            .collect::<Result<_>>()?;
+        let cfg = &model.config;
+        let mut inputs = vec![InputQuant::default(); LinearKind::ALL.len()];
+        for m in cfg.modules {
+            let q = read::input_quant(model, &format!("model.layers.{l}.{}", m.name), m.shape(cfg))?;
+            m.kinds.iter().for_each(|&k| inputs[k as usize] = q.clone());
+        }
         let mut hooks = EvalHooks { inputs, kv_amax: read::kv_amax(model, l)? };
         for (h, ids) in hidden.iter_mut().zip(windows) {
             layer.forward(&model.config, rope, h, ids.len(), &mut hooks);

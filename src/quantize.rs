@@ -6,12 +6,15 @@
 //! As in ModelOpt, the quantizers only observe during calibration and AWQ's search returns the
 //! exact output (spec/algorithms.md §3.1, §6.1), so every layer sees the unquantized network's
 //! activations: running the layers one after the other gives the same statistics.
+//!
+//! The unit of quantization is the checkpoint's Linear module (`ModelConfig::modules`): a fused
+//! module (Phi3's `qkv_proj`, `gate_up_proj`) has one weight quantizer, one input quantizer,
+//! one SmoothQuant factor and one AWQ search over its stacked weight, as in ModelOpt.
 
 use crate::error::{Error, Result};
 use crate::export::Output;
-use crate::model::{Hooks, Layer, LinearKind, Model};
+use crate::model::{Hooks, Layer, LinearKind, Model, Module, LLAMA_MODULES};
 use crate::ops::{self, Rope};
-use crate::pipeline::module_name;
 use crate::progress::Progress;
 use crate::quant::awq::{self, ActMean, LiteSearch};
 use crate::quant::{fp8, int, nvfp4, smoothquant, ActKind, Exclusions, QFormat, WeightKind, INT4_GROUP};
@@ -53,8 +56,26 @@ pub struct Summary {
     pub unquantized: Vec<String>,
 }
 
-/// Per-linear statistics of one layer's calibration pass.
+/// `model.layers.{l}.<module>`.
+fn module_path(l: usize, m: &Module) -> String {
+    format!("model.layers.{l}.{}", m.name)
+}
+
+/// A module's weight: its linears' rows stacked, `[out, in]`.
+fn module_weight(layer: &Layer, m: &Module) -> Vec<f32> {
+    m.kinds.iter().flat_map(|&k| layer.weight(k).iter().copied()).collect()
+}
+
+/// A module's bias, if its linears have biases.
+fn module_bias(layer: &Layer, m: &Module) -> Option<Vec<f32>> {
+    m.kinds.iter().map(|&k| layer.bias(k)).collect::<Option<Vec<_>>>().map(|b| b.concat())
+}
+
+/// Per-module statistics of one layer's calibration pass, indexed by the module's first
+/// linear (the other linears of a fused module see the same input and are not observed again).
 pub(crate) struct StatsHooks {
+    /// Whether a linear is the first of its module.
+    first: [bool; N],
     want_channels: bool,
     want_mean: bool,
     dtype: Dtype,
@@ -68,6 +89,9 @@ pub(crate) struct StatsHooks {
 impl Hooks for StatsHooks {
     fn linear_input(&mut self, _layer: usize, kind: LinearKind, x: &mut [f32], cols: usize) {
         let k = kind as usize;
+        if !self.first[k] {
+            return;
+        }
         if x.iter().any(|v| !v.is_finite()) {
             self.non_finite.get_or_insert(kind);
             return;
@@ -92,30 +116,33 @@ impl Hooks for StatsHooks {
     }
 }
 
-/// awq_lite's search pass: every quantized linear's loss per alpha (spec/algorithms.md §6.1).
+/// awq_lite's search pass: every quantized module's loss per alpha (spec/algorithms.md §6.1),
+/// indexed by the module's first linear: (module weight, bias, search).
 struct SearchHooks<'a> {
     layer: &'a Layer,
-    cfg: &'a crate::config::ModelConfig,
-    searches: [Option<LiteSearch>; N],
+    searches: [Option<(Vec<f32>, Option<Vec<f32>>, LiteSearch)>; N],
 }
 
 impl Hooks for SearchHooks<'_> {
     fn linear_input(&mut self, _layer: usize, kind: LinearKind, x: &mut [f32], cols: usize) {
-        if let Some(search) = &mut self.searches[kind as usize] {
-            let [out, _] = kind.shape(self.cfg);
+        if let Some((w, bias, search)) = &mut self.searches[kind as usize] {
+            let out = w.len() / cols;
             let tokens = x.len() / cols;
             let mut y = vec![0f32; tokens * out];
-            ops::matmul_bt(x, self.layer.weight(kind), tokens, cols, out, &mut y);
+            ops::matmul_bt(x, w, tokens, cols, out, &mut y);
+            if let Some(b) = bias {
+                y.chunks_exact_mut(out).for_each(|row| ops::add_in_place(row, b));
+            }
             self.layer.compute().round(&mut y);
             search.observe(x, &y);
         }
     }
 }
 
-/// One linear after its algorithm, before export-time fusion.
+/// One linear module after its algorithm, before export-time fusion.
 pub(crate) struct Linear {
-    /// None for lm_head.
-    pub(crate) kind: Option<LinearKind>,
+    /// The runtime linears it holds (none for lm_head).
+    pub(crate) kinds: &'static [LinearKind],
     /// `[out, in]`.
     shape: [usize; 2],
     module: String,
@@ -151,11 +178,12 @@ pub fn run(model: &Model, samples: &[Vec<u32>], opts: &Options, out: &mut Output
     let n_layers = cfg.num_hidden_layers;
     for l in 0..n_layers {
         let layer = model.load_layer(l)?;
-        let formats: [Option<QFormat>; N] = LinearKind::ALL.map(|k| opts.formats.of(&module_name(l, k)));
-        for k in LinearKind::ALL {
-            match formats[k as usize] {
-                Some(f) => summary.quantized.push((module_name(l, k), f)),
-                None => summary.unquantized.push(module_name(l, k)),
+        // Indexed like cfg.modules.
+        let formats: Vec<Option<QFormat>> = cfg.modules.iter().map(|m| opts.formats.of(&module_path(l, m))).collect();
+        for (m, f) in cfg.modules.iter().zip(&formats) {
+            match f {
+                Some(f) => summary.quantized.push((module_path(l, m), *f)),
+                None => summary.unquantized.push(module_path(l, m)),
             }
         }
         let (stats, linears) = calibrate_layer(&layer, l, cfg, &rope, &mut hidden, samples, &formats, opts.sq_alpha, dtype)?;
@@ -182,7 +210,7 @@ pub(crate) fn calibrate_layer(
     rope: &Rope,
     hidden: &mut [Vec<f32>],
     samples: &[Vec<u32>],
-    formats: &[Option<QFormat>; N],
+    formats: &[Option<QFormat>],
     sq_alpha: f32,
     dtype: Dtype,
 ) -> Result<(StatsHooks, Vec<Linear>)> {
@@ -191,6 +219,7 @@ pub(crate) fn calibrate_layer(
 
     // Pass 1: statistics (on a copy of the inputs when a search pass follows).
     let mut stats = StatsHooks {
+        first: LinearKind::ALL.map(|k| cfg.modules.iter().any(|m| m.kinds[0] == k)),
         want_channels: any(|f| f == QFormat::Int8Sq || (f.awq() && f.act().is_some())),
         want_mean: awq,
         dtype,
@@ -210,8 +239,9 @@ pub(crate) fn calibrate_layer(
     for (s, (h, ids)) in states.iter_mut().zip(samples).enumerate() {
         layer.forward(cfg, rope, h, ids.len(), &mut stats);
         if let Some(kind) = stats.non_finite {
+            let m = cfg.modules.iter().find(|m| m.kinds.contains(&kind)).unwrap_or(&LLAMA_MODULES[kind as usize]);
             return Err(Error::tensor(
-                module_name(l, kind),
+                module_path(l, m),
                 format!("input activations hold NaN/Inf (calibration sample {s})"),
             ));
         }
@@ -220,24 +250,30 @@ pub(crate) fn calibrate_layer(
     // Pass 2 (AWQ): the alpha search, advancing the hidden states.
     let mut best: [Option<Vec<f32>>; N] = Default::default();
     if awq {
-        let mut search = SearchHooks { layer, cfg, searches: Default::default() };
-        for k in LinearKind::ALL {
-            let Some(format) = formats[k as usize].filter(|f| f.awq()) else { continue };
-            let [o, i] = k.shape(cfg);
-            let xbar = stats.mean[k as usize].as_ref().and_then(ActMean::finish);
+        let mut search = SearchHooks { layer, searches: Default::default() };
+        for (m, f) in cfg.modules.iter().zip(formats) {
+            let Some(format) = f.filter(|f| f.awq()) else { continue };
+            let k = m.kinds[0] as usize;
+            let [o, i] = m.shape(cfg);
+            let xbar = stats.mean[k].as_ref().and_then(ActMean::finish);
             if let Some(xbar) = xbar {
-                let w = layer.weight(k);
+                let w = module_weight(layer, m);
+                let bias = module_bias(layer, m);
                 let block = if format.weight() == WeightKind::Int4Groups { INT4_GROUP } else { nvfp4::BLOCK };
-                let wbar = awq::weight_mean(w, o, i, Some(block), dtype);
+                let wbar = awq::weight_mean(&w, o, i, Some(block), dtype);
                 let fq = search_quantizer(format, o, i, dtype);
-                search.searches[k as usize] = Some(LiteSearch::new(w, o, i, &xbar, &wbar, dtype, &*fq));
+                let mut s = LiteSearch::new(&w, o, i, &xbar, &wbar, dtype, &*fq);
+                if let Some(b) = &bias {
+                    s = s.with_bias(b);
+                }
+                search.searches[k] = Some((w, bias, s));
             }
         }
         for (h, ids) in hidden.iter_mut().zip(samples) {
             layer.forward(cfg, rope, h, ids.len(), &mut search);
         }
-        for k in LinearKind::ALL {
-            best[k as usize] = search.searches[k as usize].as_ref().and_then(|s| s.best()).map(|(_, s)| s);
+        for (b, s) in best.iter_mut().zip(&search.searches) {
+            *b = s.as_ref().and_then(|(_, _, s)| s.best()).map(|(_, s)| s);
         }
     }
 
@@ -263,7 +299,7 @@ fn quantize_lm_head(model: &Model, hidden: &[Vec<f32>], format: QFormat, dtype: 
         amax = x.iter().fold(amax, |m, v| m.max(v.abs()));
     }
     let lin = Linear {
-        kind: None,
+        kinds: &[],
         shape: [cfg.vocab_size, cfg.hidden_size],
         module: "lm_head".into(),
         format,
@@ -282,7 +318,7 @@ fn quantize_lm_head(model: &Model, hidden: &[Vec<f32>], format: QFormat, dtype: 
 /// output dim (ModelOpt's export asserts the same; spec/export-formats.md §2.5).
 fn check_shapes(cfg: &crate::config::ModelConfig, opts: &Options) -> Result<()> {
     let mut linears: Vec<(String, [usize; 2])> = (0..cfg.num_hidden_layers)
-        .flat_map(|l| LinearKind::ALL.map(|k| (module_name(l, k), k.shape(cfg))))
+        .flat_map(|l| cfg.modules.iter().map(move |m| (module_path(l, m), m.shape(cfg))))
         .collect();
     linears.push(("lm_head".into(), [cfg.vocab_size, cfg.hidden_size]));
     for (m, [o, i]) in linears {
@@ -337,15 +373,15 @@ fn finalize(
     sq_alpha: f32,
     dtype: Dtype,
     stats: &StatsHooks,
-    formats: &[Option<QFormat>; N],
+    formats: &[Option<QFormat>],
     best: &mut [Option<Vec<f32>>; N],
 ) -> Result<Vec<Linear>> {
     let mut out = Vec::new();
-    for k in LinearKind::ALL {
-        let i = k as usize;
-        let Some(format) = formats[i] else { continue };
-        let [o, inp] = k.shape(cfg);
-        let mut weight = layer.weight(k).to_vec();
+    for (m, format) in cfg.modules.iter().zip(formats) {
+        let i = m.kinds[0] as usize;
+        let Some(format) = *format else { continue };
+        let [o, inp] = m.shape(cfg);
+        let mut weight = module_weight(layer, m);
         let (pqs, input_amax) = if format == QFormat::Int8Sq {
             // §5: p_j = w_j^(1-α) / a_j^α, W' = W / p, input amax = max_j a_j·p_j.
             let p = smoothquant::pre_quant_scale(&stats.channel_amax[i], &weight, o, inp, sq_alpha, dtype);
@@ -366,7 +402,7 @@ fn finalize(
             // Plain max calibration (also AWQ's fallback for a linear that saw no data).
             (None, stats.amax[i])
         };
-        out.push(Linear { kind: Some(k), shape: k.shape(cfg), module: module_name(l, k), format, weight, pqs, input_amax });
+        out.push(Linear { kinds: m.kinds, shape: [o, inp], module: module_path(l, m), format, weight, pqs, input_amax });
     }
     Ok(out)
 }
@@ -388,11 +424,15 @@ fn emit_layer(
     let cfg = &model.config;
     let mut input_norm = layer.input_norm.clone();
     let mut post_norm = layer.post_norm.clone();
-    let find = |ls: &[Linear], k: LinearKind| ls.iter().position(|x| x.kind == Some(k));
+    let (mut input_norm_bias, mut post_norm_bias) = (layer.input_norm_bias.clone(), layer.post_norm_bias.clone());
+    let find = |ls: &[Linear], k: LinearKind| ls.iter().position(|x| x.kinds.contains(&k));
 
     // 1. NVFP4_AWQ only: fold down_proj's (and, without GQA, o_proj's) scale into the output
-    //    rows of up_proj (v_proj), which feed it.
-    for (consumer, producer) in [(LinearKind::Down, LinearKind::Up), (LinearKind::O, LinearKind::V)] {
+    //    rows of up_proj (v_proj), which feed it. ModelOpt's PQS_FUSE_MODULE_MAPPING names only
+    //    Llama/Qwen3 attention and MLP classes (§2.7 point 3): not Phi3, Starcoder2, Nemotron.
+    let pqs_fuse: &[(LinearKind, LinearKind)] =
+        if cfg.modules == LLAMA_MODULES { &[(LinearKind::Down, LinearKind::Up), (LinearKind::O, LinearKind::V)] } else { &[] };
+    for &(consumer, producer) in pqs_fuse {
         let (Some(c), Some(p)) = (find(&linears, consumer), find(&linears, producer)) else { continue };
         if linears[c].format != QFormat::Nvfp4Awq || linears[p].format != QFormat::Nvfp4Awq {
             continue;
@@ -407,20 +447,24 @@ fn emit_layer(
         linears[c].pqs = None;
     }
 
-    // 2. Linears reading the same input share one pre_quant_scale (mean), input amax (max)
-    //    and per-tensor weight amax (max); AWQ formats fold the shared scale into the norm.
+    // 2. Modules reading the same input share one pre_quant_scale (mean), input amax (max)
+    //    and per-tensor weight amax (max); AWQ formats fold the shared scale into the norm
+    //    (weight and bias, §2.7 point 2), also when one module alone reads it (Phi3's fused
+    //    modules, Starcoder2's c_fc, Nemotron's up_proj).
     let mut group_weight_amax = [None; N];
-    for (members, norm) in [
-        (&[LinearKind::Q, LinearKind::K, LinearKind::V][..], &mut input_norm),
-        (&[LinearKind::Gate, LinearKind::Up][..], &mut post_norm),
+    for (members, norm, norm_bias) in [
+        (&[LinearKind::Q, LinearKind::K, LinearKind::V][..], &mut input_norm, &mut input_norm_bias),
+        (&[LinearKind::Gate, LinearKind::Up][..], &mut post_norm, &mut post_norm_bias),
     ] {
-        let idx: Vec<usize> = members.iter().filter_map(|&k| find(&linears, k)).collect();
+        let mut idx: Vec<usize> = members.iter().filter_map(|&k| find(&linears, k)).collect();
+        idx.dedup();
         let Some(format) = idx.first().map(|&i| linears[i].format) else { continue };
         if format == QFormat::Fp8 || idx.iter().any(|&i| linears[i].format != format) {
             continue; // FP8 keeps per-module scales; members of different formats share nothing
         }
-        let [_, inp] = members[0].shape(cfg);
-        if idx.iter().all(|&i| linears[i].pqs.is_some()) && idx.len() == members.len() {
+        let [_, inp] = linears[idx[0]].shape;
+        let modules = cfg.modules.iter().filter(|m| m.kinds.iter().any(|k| members.contains(k))).count();
+        if idx.iter().all(|&i| linears[i].pqs.is_some()) && idx.len() == modules {
             let mut parts: Vec<Linear> = Vec::new();
             for &i in idx.iter().rev() {
                 parts.push(linears.remove(i));
@@ -431,21 +475,26 @@ fn emit_layer(
                 smoothquant::resmooth_group(&mut refs, inp, dtype)
             };
             if format.awq() && cfg.norm_offset {
-                awq::fold_into_norm_plus_one(norm, &p_avg, dtype); // GemmaRMSNorm scales by 1 + w
+                awq::fold_into_norm_plus_one(norm, &p_avg, dtype); // GemmaRMSNorm, LayerNorm1P: 1 + w
             } else if format.awq() {
                 awq::fold_into_norm(norm, &p_avg, dtype);
-            } else {
+            }
+            if let (true, Some(b)) = (format.awq(), norm_bias.as_mut()) {
+                awq::fold_into_norm(b, &p_avg, dtype); // LayerNorm bias: b · s
+            }
+            if !format.awq() {
                 parts.iter_mut().for_each(|x| x.pqs = Some(p_avg.clone()));
             }
             linears.extend(parts);
         }
-        let idx: Vec<usize> = members.iter().filter_map(|&k| find(&linears, k)).collect();
+        let mut idx: Vec<usize> = members.iter().filter_map(|&k| find(&linears, k)).collect();
+        idx.dedup();
         let amax = idx.iter().map(|&i| linears[i].input_amax).fold(0f32, f32::max);
         let wamax = idx.iter().map(|&i| fp8::absmax(&linears[i].weight)).fold(0f32, f32::max);
         for &i in &idx {
             linears[i].input_amax = amax;
-            if let Some(k) = linears[i].kind {
-                group_weight_amax[k as usize] = Some(wamax);
+            if let Some(k) = linears[i].kinds.first() {
+                group_weight_amax[*k as usize] = Some(wamax);
             }
         }
     }
@@ -458,10 +507,13 @@ fn emit_layer(
         Ok(())
     };
     for (name, norm, original) in [
-        ("input_layernorm", &input_norm, &layer.input_norm),
-        ("post_attention_layernorm", &post_norm, &layer.post_norm),
+        ("input_layernorm.weight", Some(&input_norm), Some(&layer.input_norm)),
+        ("post_attention_layernorm.weight", Some(&post_norm), Some(&layer.post_norm)),
+        ("input_layernorm.bias", input_norm_bias.as_ref(), layer.input_norm_bias.as_ref()),
+        ("post_attention_layernorm.bias", post_norm_bias.as_ref(), layer.post_norm_bias.as_ref()),
     ] {
-        let full = format!("{prefix}.{name}.weight");
+        let (Some(norm), Some(original)) = (norm, original) else { continue };
+        let full = format!("{prefix}.{name}");
         let t = model.tensor(&full)?;
         let data = if norm == original {
             t.data.to_vec() // unchanged: the original bytes
@@ -471,7 +523,7 @@ fn emit_layer(
         add(out, full, t.dtype, t.shape, data)?;
     }
     for lin in &linears {
-        let wamax = lin.kind.and_then(|k| group_weight_amax[k as usize]).unwrap_or_else(|| fp8::absmax(&lin.weight));
+        let wamax = lin.kinds.first().and_then(|&k| group_weight_amax[k as usize]).unwrap_or_else(|| fp8::absmax(&lin.weight));
         for (name, dt, shape, data) in export_linear(lin, dtype, wamax)? {
             add(out, name, dt, &shape, data)?;
         }

@@ -120,6 +120,27 @@ fn gemma_matches_transformers() {
 }
 
 #[test]
+fn phi3_matches_transformers() {
+    if let Some(dir) = shared_family("phi3") {
+        check_family(&dir);
+    }
+}
+
+#[test]
+fn starcoder2_matches_transformers() {
+    if let Some(dir) = shared_family("starcoder2") {
+        check_family(&dir);
+    }
+}
+
+#[test]
+fn nemotron_matches_transformers() {
+    if let Some(dir) = shared_family("nemotron") {
+        check_family(&dir);
+    }
+}
+
+#[test]
 fn family_fields_follow_the_architecture() {
     use rq_min::config::Activation;
     let with_arch = |arch: &str| {
@@ -173,21 +194,50 @@ fn fixture_config() -> Json {
 #[test]
 fn unsupported_architecture_lists_the_supported_ones() {
     let mut raw = fixture_config();
-    raw.set("architectures", Json::Arr(vec![Json::Str("Phi3ForCausalLM".into())]));
-    let err = ModelConfig::from_json(raw, Path::new("phi3/config.json")).unwrap_err();
+    raw.set("architectures", Json::Arr(vec![Json::Str("GPT2LMHeadModel".into())]));
+    let err = ModelConfig::from_json(raw, Path::new("gpt2/config.json")).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, Error::Unsupported(_)), "{err:?}");
+    let families = ["Llama", "Mistral", "Qwen2", "Qwen3", "Gemma", "Phi3", "Starcoder2", "Nemotron"];
     assert!(
-        msg.contains("Phi3ForCausalLM")
-            && ["Llama", "Mistral", "Qwen2", "Qwen3", "Gemma"].iter().all(|a| msg.contains(&format!("{a}ForCausalLM"))),
+        msg.contains("GPT2LMHeadModel") && families.iter().all(|a| msg.contains(&format!("{a}ForCausalLM"))),
         "{msg}"
     );
+}
 
-    // The real phi3 folder, when the shared data is there.
-    if let Some(dir) = shared_family("phi3") {
-        let err = ModelConfig::from_dir(&dir).unwrap_err();
-        assert!(matches!(err, Error::Unsupported(_)), "{err:?}");
-    }
+#[test]
+fn new_family_fields_and_refusals() {
+    use rq_min::config::Activation;
+    let Some(root) = common::shared_dir() else { return };
+    let config = |name: &str| Json::parse_file(&root.join("reference/families").join(name).join("config.json")).unwrap();
+    let parse = |raw: Json| ModelConfig::from_json(raw, Path::new("config.json"));
+
+    let phi3 = parse(config("phi3")).unwrap();
+    let names: Vec<&str> = phi3.modules.iter().map(|m| m.name).collect();
+    assert_eq!(names, ["self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"]);
+    assert!(phi3.gated_mlp() && !phi3.layer_norm && phi3.rotary_dim == phi3.head_dim);
+    let sc = parse(config("starcoder2")).unwrap();
+    assert!(sc.layer_norm && !sc.norm_offset && sc.qkv_bias && sc.mlp_bias && !sc.gated_mlp());
+    assert!(sc.act == Activation::GeluTanh && sc.rms_norm_eps == 1e-5);
+    let nm = parse(config("nemotron")).unwrap();
+    assert!(nm.layer_norm && nm.norm_offset && !nm.qkv_bias && !nm.mlp_bias && !nm.gated_mlp());
+    assert_eq!((nm.act, nm.head_dim, nm.rotary_dim), (Activation::Relu2, 32, 16));
+
+    // Phi3's long-context RoPE variants are refused.
+    let mut raw = config("phi3");
+    raw.set(
+        "rope_parameters",
+        Json::parse(br#"{"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0], "long_factor": [1.0]}"#, "p")
+            .unwrap(),
+    );
+    let err = parse(raw).unwrap_err();
+    assert!(matches!(&err, Error::Unsupported(m) if m.contains("longrope")), "{err:?}");
+    // Partial rotary only where HF's apply_rotary_pos_emb handles it.
+    let mut raw = fixture_config();
+    raw.set("partial_rotary_factor", Json::Float(0.5));
+    raw.set("rope_parameters", Json::Null);
+    let err = ModelConfig::from_json(raw, Path::new("c")).unwrap_err();
+    assert!(matches!(&err, Error::Unsupported(m) if m.contains("partial_rotary_factor")), "{err:?}");
 }
 
 #[test]

@@ -16,7 +16,8 @@ pub use attention::Attention;
 pub(crate) use attention::softmax_visible;
 pub use matmul::{matmul_bt, matmul_bt_naive};
 pub use norm::{
-    add_in_place, exp_nonpositive, gated_mul, gated_mul_bf16, gelu_tanh, log_softmax_nll, rms_norm, rms_norm_bf16,
+    add_in_place, exp_nonpositive, gated_mul, gated_mul_bf16, gelu_tanh, layer_norm, log_softmax_nll, relu2, rms_norm,
+    rms_norm_bf16,
     rms_norm_offset, rms_norm_offset_bf16, round_slice_bf16, silu, silu_mul,
 };
 pub use rope::Rope;

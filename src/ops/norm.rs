@@ -56,6 +56,25 @@ pub fn rms_norm_offset_bf16(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]
     round_slice_bf16(out);
 }
 
+/// LayerNorm over rows of `weight.len()` values, torch `F.layer_norm(x, shape, weight, bias, eps)`
+/// (HF `nn.LayerNorm` of Starcoder2, `NemotronLayerNorm1P` with `weight + 1`): the biased
+/// variance, `(x - mean) / sqrt(var + eps) * weight + bias`. Mean and variance are accumulated in
+/// f64 (torch uses a Welford pass in f32 accumulators, as close at these lengths); the rest is f32.
+pub fn layer_norm(x: &[f32], weight: &[f32], bias: Option<&[f32]>, eps: f32, out: &mut [f32]) {
+    let cols = weight.len();
+    assert!(cols > 0 && x.len().is_multiple_of(cols), "layer_norm: {} values are not rows of {cols}", x.len());
+    assert_eq!(x.len(), out.len(), "layer_norm: input and output lengths differ");
+    for (row, out_row) in x.chunks_exact(cols).zip(out.chunks_exact_mut(cols)) {
+        let mean = row.iter().map(|&v| f64::from(v)).sum::<f64>() / cols as f64;
+        let var = row.iter().map(|&v| (f64::from(v) - mean).powi(2)).sum::<f64>() / cols as f64;
+        let inv_std = 1.0 / (var as f32 + eps).sqrt();
+        let mean = mean as f32;
+        for (i, (o, &v)) in out_row.iter_mut().zip(row).enumerate() {
+            *o = (v - mean) * inv_std * weight[i] + bias.map_or(0.0, |b| b[i]);
+        }
+    }
+}
+
 /// SiLU (swish), torch `F.silu`: `x * sigmoid(x) = x / (1 + exp(-x))`.
 #[inline]
 pub fn silu(x: f32) -> f32 {
@@ -68,6 +87,13 @@ pub fn silu(x: f32) -> f32 {
 pub fn gelu_tanh(x: f32) -> f32 {
     const SQRT_2_OVER_PI: f32 = 0.797_884_6;
     0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)).tanh())
+}
+
+/// Squared ReLU, HF `ReLUSquaredActivation` (`"relu2"`): `square(relu(x))`.
+#[inline]
+pub fn relu2(x: f32) -> f32 {
+    let r = x.max(0.0);
+    r * r
 }
 
 /// The gated MLP's middle, HF `LlamaMLP.forward` / `GemmaMLP.forward`:

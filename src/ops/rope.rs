@@ -1,6 +1,7 @@
 //! Rotary position embedding, as HF transformers computes it for Llama and Mistral
 //! (`modeling_rope_utils.py` for the frequencies, `LlamaRotaryEmbedding.forward` and
-//! `apply_rotary_pos_emb` in models/llama/modeling_llama.py for the rotation).
+//! `apply_rotary_pos_emb` in models/llama/modeling_llama.py for the rotation), and its partial
+//! form (Phi3, Nemotron: only the leading `rotary_dim` dims of each head rotate).
 
 use crate::config::{ModelConfig, RopeConfig, RopeScaling};
 use crate::numerics::round_bf16;
@@ -8,22 +9,36 @@ use crate::numerics::round_bf16;
 /// cos/sin of every (position, frequency) pair for positions `0..max_positions`.
 pub struct Rope {
     head_dim: usize,
+    /// Leading dims of each head that rotate (`head_dim` unless partial).
+    rotary_dim: usize,
     max_positions: usize,
-    cos: Vec<f32>, // [max_positions, head_dim / 2]
-    sin: Vec<f32>, // [max_positions, head_dim / 2]
+    cos: Vec<f32>, // [max_positions, rotary_dim / 2]
+    sin: Vec<f32>, // [max_positions, rotary_dim / 2]
 }
 
 impl Rope {
     /// The table for `cfg`'s attention heads, for sequences of up to `max_positions` tokens.
     pub fn from_config(cfg: &ModelConfig, max_positions: usize) -> Rope {
-        Rope::new(&cfg.rope, cfg.head_dim, max_positions)
+        Rope::partial(&cfg.rope, cfg.head_dim, cfg.rotary_dim, max_positions)
     }
 
     /// `head_dim` must be even (ModelConfig checks it).
     pub fn new(rope: &RopeConfig, head_dim: usize, max_positions: usize) -> Rope {
-        assert!(head_dim.is_multiple_of(2), "RoPE needs an even head_dim, got {head_dim}");
-        let inv_freq = Rope::inv_freq(rope, head_dim);
-        let half = head_dim / 2;
+        Rope::partial(rope, head_dim, head_dim, max_positions)
+    }
+
+    /// RoPE of the leading `rotary_dim` dims of each head (HF Nemotron / Phi3
+    /// `apply_rotary_pos_emb`: `q_rot, q_pass = q[..., :rot_dim], q[..., rot_dim:]`, the
+    /// rotation on `q_rot`, `q_pass` unchanged), with frequencies computed for `rotary_dim`
+    /// (`_compute_default_rope_parameters`: `dim = int(head_dim * partial_rotary_factor)`).
+    /// `rotary_dim` must be even and at most `head_dim`.
+    pub fn partial(rope: &RopeConfig, head_dim: usize, rotary_dim: usize, max_positions: usize) -> Rope {
+        assert!(
+            rotary_dim.is_multiple_of(2) && rotary_dim <= head_dim,
+            "RoPE needs an even rotary_dim <= head_dim, got {rotary_dim} of {head_dim}"
+        );
+        let inv_freq = Rope::inv_freq(rope, rotary_dim);
+        let half = rotary_dim / 2;
         let mut cos = Vec::with_capacity(max_positions * half);
         let mut sin = Vec::with_capacity(max_positions * half);
         for pos in 0..max_positions {
@@ -35,7 +50,7 @@ impl Rope {
                 sin.push(angle.sin() as f32);
             }
         }
-        Rope { head_dim, max_positions, cos, sin }
+        Rope { head_dim, rotary_dim, max_positions, cos, sin }
     }
 
     pub fn max_positions(&self) -> usize {
@@ -57,14 +72,14 @@ impl Rope {
 
     /// The rotation with `r` applied to cos/sin, each product and each sum (identity: f32).
     fn rotate(&self, x: &mut [f32], seq: usize, n_heads: usize, r: impl Fn(f32) -> f32) {
-        let (hd, half) = (self.head_dim, self.head_dim / 2);
+        let (hd, half) = (self.head_dim, self.rotary_dim / 2);
         assert!(seq <= self.max_positions, "RoPE table holds {} positions, asked for {seq}", self.max_positions);
         assert_eq!(x.len(), seq * n_heads * hd, "RoPE: x is not [seq, n_heads * head_dim]");
         for (pos, row) in x.chunks_exact_mut(n_heads * hd).enumerate() {
             let cos = &self.cos[pos * half..][..half];
             let sin = &self.sin[pos * half..][..half];
             for head in row.chunks_exact_mut(hd) {
-                let (x1, x2) = head.split_at_mut(half);
+                let (x1, x2) = head[..2 * half].split_at_mut(half);
                 for i in 0..half {
                     let (a, b, c, s) = (x1[i], x2[i], r(cos[i]), r(sin[i]));
                     x1[i] = r(r(a * c) + r(-b * s));
