@@ -15,10 +15,8 @@ use std::path::{Path, PathBuf};
 /// ModelOpt's `save_pretrained(max_shard_size="10GB")`.
 pub const DEFAULT_SHARD_BYTES: usize = 10_000_000_000;
 
-/// Files copied unchanged from the input folder when present (hf_ptq.py saves the tokenizer
-/// beside the export).
-const COPIED_FILES: &[&str] = &[
-    "generation_config.json",
+/// The Hugging Face tokenizer files of a model folder (copied where present).
+pub(crate) const TOKENIZER_FILES: &[&str] = &[
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -26,8 +24,11 @@ const COPIED_FILES: &[&str] = &[
     "added_tokens.json",
     "vocab.json",
     "merges.txt",
-    "chat_template.jinja",
 ];
+
+/// Files besides the tokenizer copied unchanged from the input folder when present (hf_ptq.py
+/// saves the tokenizer beside the export).
+const COPIED_FILES: &[&str] = &["generation_config.json", "chat_template.jinja"];
 
 /// The checkpoint being written: tensors stream into a sharding writer inside a staging
 /// folder; `finish` adds the configs and copied files and renames the folder into place.
@@ -58,7 +59,7 @@ impl Output {
         config.set("quantization_config", quantization_config(spec));
         write_text(&staging.tmp.join("config.json"), &config.to_pretty(4))?;
         write_text(&staging.tmp.join("hf_quant_config.json"), &hf_quant.to_pretty(4))?;
-        for f in COPIED_FILES {
+        for f in COPIED_FILES.iter().chain(TOKENIZER_FILES) {
             let src = model.dir().join(f);
             if src.exists() {
                 std::fs::copy(&src, staging.tmp.join(f)).map_err(|e| Error::io(&src, e))?;

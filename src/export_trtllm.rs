@@ -24,7 +24,7 @@
 
 use crate::config::{Activation, ModelConfig, RopeScaling};
 use crate::error::{Error, Result};
-use crate::export::Staging;
+use crate::export::{Staging, TOKENIZER_FILES};
 use crate::json::{obj, str, Json};
 use crate::model::LinearKind;
 use crate::quant::read::{detect, Stored};
@@ -593,17 +593,6 @@ fn quant_cfg(layers: &[(String, QFormat)], kv_fp8: bool) -> Json {
         ("quantized_layers", Json::Obj(entries)),
     ])
 }
-
-/// Tokenizer files copied into a `.qnemo` (the Hugging Face tokenizer of the model folder).
-const TOKENIZER_FILES: &[&str] = &[
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-];
 
 /// NeMo's `.qnemo` (spec/export-formats.md §5): the TensorRT-LLM checkpoint folder `ckpt`
 /// plus the tokenizer of `original`, as a gzip tarball at `out` (`tar "w:gz"`, arcname "./").
