@@ -388,7 +388,9 @@ pub fn search(
             let fmt: Vec<Option<QFormat>> =
                 LinearKind::ALL.iter().map(|&k| (!exclusions.is_excluded(&module_name(l, k))).then_some(f)).collect();
             let mut h = hidden[..rows].to_vec();
-            let (_, linears) = calibrate_layer(&layer, l, cfg, &rope, &mut h, &samples[..rows], &fmt, input.sq_alpha, dtype)?;
+            let smooth = [true; N];
+            let (_, linears) =
+                calibrate_layer(&layer, l, cfg, &rope, &mut h, &samples[..rows], &fmt, &smooth, input.sq_alpha, dtype)?;
             for lin in linears {
                 let k = lin.kinds[0] as usize;
                 per_kind[k][fi] = InputQuant { pre_quant_scale: lin.pqs, act: f.act().map(|a| (a, lin.input_amax)) };

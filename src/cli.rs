@@ -41,7 +41,8 @@ pub struct QuantizeArgs {
     pub force: bool,
     pub device: String,
     pub quiet: bool,
-    /// `hf` (unified Hugging Face checkpoint) or `trtllm` (TensorRT-LLM checkpoint).
+    /// `hf` (unified Hugging Face checkpoint), `trtllm` (TensorRT-LLM checkpoint) or
+    /// `compressed-tensors` (vLLM / transformers compressed-tensors layout, export_ct.rs).
     pub export: String,
     /// TensorRT-LLM tensor / pipeline parallel sizes (`--export trtllm` only).
     pub tp: usize,
@@ -106,8 +107,55 @@ pub fn quantize(a: &QuantizeArgs) -> Result<()> {
         }
         "trtllm" => quantize_trtllm(a, false),
         "qnemo" => quantize_trtllm(a, true),
-        other => Err(Error::Usage(format!("unknown --export '{other}'; supported: hf, trtllm, qnemo"))),
+        "compressed-tensors" => quantize_ct(a),
+        other => Err(Error::Usage(format!("unknown --export '{other}'; supported: hf, trtllm, qnemo, compressed-tensors"))),
     }
+}
+
+/// A temporary path `.{name}.rq-min-{what}-{pid}` beside `out` (same file system, so the
+/// final rename stays atomic).
+fn temp_beside(out: &Path, what: &str) -> Result<PathBuf> {
+    let name = out.file_name().ok_or_else(|| Error::Usage(format!("--out {} has no folder name", out.display())))?;
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    Ok(parent.join(format!(".{}.rq-min-{what}-{}", name.to_string_lossy(), std::process::id())))
+}
+
+/// `--export compressed-tensors`: the unified checkpoint, quantized in compressed-tensors mode
+/// (`quantize::Options::compressed_tensors`), goes to a temporary folder beside `out` and is
+/// re-encoded tensor by tensor (`export_ct::convert`); evaluation reads the final folder.
+fn quantize_ct(a: &QuantizeArgs) -> Result<()> {
+    if a.tp != 1 || a.pp != 1 {
+        return Err(Error::Usage("--tp / --pp need --export trtllm".into()));
+    }
+    if a.auto_bits.is_some() || a.layer_formats.is_some() || a.qformat.contains(',') {
+        return Err(Error::Unsupported("--export compressed-tensors of mixed precision (--auto-bits, --layer-formats)".into()));
+    }
+    crate::export_ct::scheme(QFormat::parse(a.qformat.trim())?)?;
+    if a.out.exists() && !a.force {
+        return Err(Error::Usage(format!("output folder {} already exists; pass --force to replace it", a.out.display())));
+    }
+    let tmp = temp_beside(&a.out, "unified")?;
+    let unified = QuantizeArgs { out: tmp.clone(), force: true, export: "hf".into(), no_eval: true, ..a.clone() };
+    let result = quantize_unified_with(&unified, true).and_then(|()| crate::export_ct::convert(&tmp, &a.out, a.force));
+    let _ = std::fs::remove_dir_all(&tmp);
+    result?;
+    println!("exported compressed-tensors checkpoint -> {}", a.out.display());
+    if !a.no_eval {
+        let args = EvalArgs {
+            model: a.out.clone(),
+            text: a.eval_text.clone(),
+            seq: a.eval_seq,
+            base: None,
+            dtype: "f32".into(),
+            device: a.device.clone(),
+            quiet: a.quiet,
+        };
+        eval(&args)?;
+    }
+    Ok(())
 }
 
 /// `--export trtllm` (a folder) or `--export qnemo` (the same checkpoint as a `.qnemo` tarball
@@ -124,17 +172,12 @@ fn quantize_trtllm(a: &QuantizeArgs, qnemo: bool) -> Result<()> {
     let cfg = crate::config::ModelConfig::from_dir(&a.model)?;
     check_model(&cfg)?;
     check_split(&cfg, a.tp, a.pp)?;
-    let name = a.out.file_name().ok_or_else(|| Error::Usage(format!("--out {} has no folder name", a.out.display())))?;
-    let parent = match a.out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let temp = |what: &str| parent.join(format!(".{}.rq-min-{what}-{}", name.to_string_lossy(), std::process::id()));
+    let temp = |what: &str| temp_beside(&a.out, what);
     let (folder, opts) = match qnemo {
-        true => (temp("trtllm"), TrtllmOptions { tp: a.tp, pp: a.pp, force: true }),
+        true => (temp("trtllm")?, TrtllmOptions { tp: a.tp, pp: a.pp, force: true }),
         false => (a.out.clone(), TrtllmOptions { tp: a.tp, pp: a.pp, force: a.force }),
     };
-    let unified = (a.qformat != "none").then(|| temp("unified"));
+    let unified = if a.qformat == "none" { None } else { Some(temp("unified")?) };
     let result = match &unified {
         Some(tmp) => {
             let args = QuantizeArgs { out: tmp.clone(), force: true, export: "hf".into(), tp: 1, pp: 1, ..a.clone() };
@@ -157,6 +200,11 @@ fn quantize_trtllm(a: &QuantizeArgs, qnemo: bool) -> Result<()> {
 }
 
 fn quantize_unified(a: &QuantizeArgs) -> Result<()> {
+    quantize_unified_with(a, false)
+}
+
+/// `compressed_tensors`: quantize in compressed-tensors mode (`quantize::Options`).
+pub fn quantize_unified_with(a: &QuantizeArgs, compressed_tensors: bool) -> Result<()> {
     Device::parse(&a.device)?.require_cpu()?;
     let formats: Vec<QFormat> = a.qformat.split(',').map(|f| QFormat::parse(f.trim())).collect::<Result<_>>()?;
     let format = formats[0];
@@ -221,6 +269,7 @@ fn quantize_unified(a: &QuantizeArgs) -> Result<()> {
             other => return Err(Error::Usage(format!("unknown --kv-cache '{other}'; supported: none, fp8"))),
         },
         sq_alpha: a.sq_alpha,
+        compressed_tensors,
     };
     if !(0.0..=1.0).contains(&a.sq_alpha) {
         return Err(Error::Usage(format!("--sq-alpha must be in [0, 1], got {}", a.sq_alpha)));

@@ -52,15 +52,23 @@ impl Output {
     /// Writes config.json (the model's, with `quantization_config`), hf_quant_config.json and
     /// the copied files, then moves the folder into place.
     pub fn finish(self, model: &Model, spec: &QuantSpec) -> Result<()> {
-        let Output { staging, writer } = self;
-        writer.finish()?;
-        let hf_quant = hf_quant_config(spec);
         let mut config = model.config.raw.clone();
         config.set("quantization_config", quantization_config(spec));
+        let hf_quant = hf_quant_config(spec);
+        self.finish_with(model.dir(), &config, Some(&hf_quant))
+    }
+
+    /// Writes `config` as config.json, `hf_quant` (if any) as hf_quant_config.json and the
+    /// files of `source` that are copied unchanged, then moves the folder into place.
+    pub fn finish_with(self, source: &Path, config: &Json, hf_quant: Option<&Json>) -> Result<()> {
+        let Output { staging, writer } = self;
+        writer.finish()?;
         write_text(&staging.tmp.join("config.json"), &config.to_pretty(4))?;
-        write_text(&staging.tmp.join("hf_quant_config.json"), &hf_quant.to_pretty(4))?;
+        if let Some(h) = hf_quant {
+            write_text(&staging.tmp.join("hf_quant_config.json"), &h.to_pretty(4))?;
+        }
         for f in COPIED_FILES.iter().chain(TOKENIZER_FILES) {
-            let src = model.dir().join(f);
+            let src = source.join(f);
             if src.exists() {
                 std::fs::copy(&src, staging.tmp.join(f)).map_err(|e| Error::io(&src, e))?;
             }

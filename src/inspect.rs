@@ -3,14 +3,25 @@
 
 use crate::error::Result;
 use crate::json::Json;
-use crate::quant::read::{detect, Stored};
+use crate::export_ct::Scheme;
+use crate::quant::read::{detect, detect_packed, Stored};
 use crate::quant::{fnmatch, QFormat};
 use crate::safetensors::{Checkpoint, TensorView};
 use std::collections::BTreeMap;
 use std::path::Path;
 
-/// Tensor suffixes that belong to a quantized linear besides its `weight`.
-const SCALE_SUFFIXES: [&str; 6] = ["weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale", "k_scale", "v_scale"];
+/// Tensor suffixes that belong to a quantized linear besides its `weight` (the last two:
+/// compressed-tensors' NVFP4 global scales, export_ct.rs).
+const SCALE_SUFFIXES: [&str; 8] = [
+    "weight_scale",
+    "weight_scale_2",
+    "input_scale",
+    "pre_quant_scale",
+    "k_scale",
+    "v_scale",
+    "weight_global_scale",
+    "input_global_scale",
+];
 
 /// Bits per parameter of the linears of one storage format.
 #[derive(Debug, Default, Clone)]
@@ -69,7 +80,10 @@ fn algo_matches(algo: &str, s: Stored) -> bool {
 pub fn check(dir: &Path) -> Result<Report> {
     let ck = Checkpoint::open(dir)?;
     let quant = quant_section(dir)?;
-    let algo = quant.as_ref().and_then(|q| q.get("quant_algo")).and_then(Json::as_str).map(String::from);
+    // compressed-tensors (export_ct.rs): the scheme stands in for quant_algo.
+    let ct = quant.as_ref().and_then(Scheme::from_config);
+    let ct_algo = ct.map(|c| QFormat::ALL.into_iter().find(|f| c.stored() == stored_of(*f)).map_or("", |f| f.quant_algo()));
+    let algo = quant.as_ref().and_then(|q| q.get("quant_algo")).and_then(Json::as_str).or(ct_algo).map(String::from);
     let list = |key: &str| -> Vec<String> {
         quant.as_ref().and_then(|q| q.get(key)).and_then(Json::as_array).map_or(vec![], |a| {
             a.iter().filter_map(Json::as_str).map(String::from).collect()
@@ -82,14 +96,19 @@ pub fn check(dir: &Path) -> Result<Report> {
     let mut report = Report { groups: BTreeMap::new(), findings: Vec::new() };
     let names = ck.names();
     for name in &names {
-        let Some(module) = name.strip_suffix(".weight") else { continue };
+        let (module, packed) = match (name.strip_suffix(".weight"), name.strip_suffix(".weight_packed")) {
+            (Some(m), _) => (m, false),
+            (_, Some(m)) => (m, true),
+            _ => continue,
+        };
         let w = ck.tensor(name)?;
         if w.shape.len() != 2 {
             continue; // norms
         }
         let get = |suffix: &str| ck.get(&format!("{module}.{suffix}"));
         let scale = get("weight_scale");
-        let Some((stored, [out, inp])) = detect(&w, scale.as_ref()) else {
+        let found = if packed { detect_packed(&w, scale.as_ref()) } else { detect(&w, scale.as_ref()) };
+        let Some((stored, [out, inp])) = found else {
             report.findings.push(format!(
                 "{module}: {} weight {:?} with weight_scale {} is no known format (missing or wrong-shaped scale)",
                 w.dtype.name(),
@@ -101,7 +120,13 @@ pub fn check(dir: &Path) -> Result<Report> {
         let g = report.groups.entry(stored.name()).or_default();
         g.linears += 1;
         g.params += out * inp;
-        g.bytes += w.data.len() + scale.map_or(0, |s| s.data.len()) + get("weight_scale_2").map_or(0, |s| s.data.len());
+        let global = get("weight_scale_2").or(get("weight_global_scale"));
+        g.bytes += w.data.len() + scale.map_or(0, |s| s.data.len()) + global.map_or(0, |s| s.data.len());
+        if let (true, Some(ws)) = (packed, get("weight_shape")) {
+            if ws.to_i64().ok().as_deref() != Some(&[out as i64, inp as i64][..]) {
+                report.findings.push(format!("{module}: weight_shape {:?} does not match the packed weight [{out}, {inp}]", ws.to_i64().ok()));
+            }
+        }
 
         for suffix in SCALE_SUFFIXES {
             if let Some(t) = get(suffix) {
@@ -113,7 +138,11 @@ pub fn check(dir: &Path) -> Result<Report> {
             Some(layers) => layers.iter().find(|(k, _)| k == module).and_then(|(_, v)| v.get("quant_algo")).and_then(Json::as_str),
             None => algo.as_deref(),
         };
-        for needed in required(stored, module_algo) {
+        let needed_list = match ct {
+            Some(c) if stored != Stored::Plain => c.required(),
+            _ => required(stored, module_algo),
+        };
+        for needed in needed_list {
             if get(needed).is_none() {
                 report.findings.push(format!("{module}: {} weight without {needed}", stored.name()));
             }
@@ -152,12 +181,17 @@ pub fn check(dir: &Path) -> Result<Report> {
             (None, None) => {}
         }
     }
-    // KV-cache scales on every attention layer when the config names a KV format (§2.8).
-    if quant.as_ref().and_then(|q| q.get("kv_cache_quant_algo")).and_then(Json::as_str).is_some() {
-        // The k_proj/v_proj segment is always there, also beside a fused qkv_proj (§2.8).
-        let attention = |n: &str| [".k_proj.weight", ".qkv_proj.weight"].iter().find_map(|s| n.strip_suffix(s).map(String::from));
+    // KV-cache scales on every attention layer when the config names a KV format (§2.8;
+    // compressed-tensors: `kv_cache_scheme` and `self_attn.k_scale` / `v_scale`). The
+    // k_proj/v_proj names are used also beside a fused qkv_proj (§2.8).
+    let kv_names: &[&str] = if ct.is_some() { &["k_scale", "v_scale"] } else { &["k_proj.k_scale", "v_proj.v_scale"] };
+    let kv_key = quant.as_ref().and_then(|q| q.get("kv_cache_quant_algo").or(q.get("kv_cache_scheme")));
+    if kv_key.is_some_and(|k| !k.is_null()) {
+        let attention = |n: &str| {
+            [".k_proj.weight", ".k_proj.weight_packed", ".qkv_proj.weight"].iter().find_map(|s| n.strip_suffix(s).map(String::from))
+        };
         for attn in names.iter().filter_map(|n| attention(n)).filter(|a| a.ends_with(".self_attn")) {
-            for scale in ["k_proj.k_scale", "v_proj.v_scale"] {
+            for scale in kv_names {
                 if ck.get(&format!("{attn}.{scale}")).is_none() {
                     report.findings.push(format!("{attn}: the config names a KV-cache format but {scale} is missing"));
                 }
@@ -165,6 +199,17 @@ pub fn check(dir: &Path) -> Result<Report> {
         }
     }
     Ok(report)
+}
+
+/// How a unified export stores `f`'s weights.
+fn stored_of(f: QFormat) -> Stored {
+    use crate::quant::WeightKind as W;
+    match f.weight() {
+        W::Fp8 => Stored::Fp8,
+        W::Int8Rows => Stored::Int8,
+        W::Int4Groups => Stored::Int4 { group: crate::quant::INT4_GROUP },
+        W::Nvfp4 => Stored::Nvfp4,
+    }
 }
 
 /// Scale tensors a format needs besides `weight` and `weight_scale`.
@@ -193,18 +238,19 @@ pub const MAX_WEIGHT_ERROR: f64 = 0.35;
 /// Frobenius. The effective weight multiplies back what the export moved elsewhere: the
 /// linear's `pre_quant_scale` (its input is multiplied by it) and, for linears reading a
 /// norm, the per-channel ratio of the exported to the original norm's scale (AWQ folds its
-/// scales there; `1 + weight` for the offset norms). NVFP4-AWQ also folds down_proj's scale p into up_proj's output rows
-/// (spec/algorithms.md §7 step 1), which stores no tensor: p is estimated per row as the
-/// least-squares ratio of the exported to the original up_proj row, and up_proj's rows are
-/// divided and down_proj's input columns multiplied by it.
+/// scales there; `1 + weight` for the offset norms). NVFP4-AWQ and compressed-tensors exports
+/// of the Llama layout also fold down_proj's (o_proj's) scale p into up_proj's (v_proj's)
+/// output rows (spec/algorithms.md §7 step 1), which stores no tensor: p is estimated per row
+/// as the least-squares ratio of the exported (norm ratio undone) to the original producer
+/// row, and the producer's rows are divided and the consumer's input columns multiplied by it.
 pub fn weight_errors(dir: &Path, original: &Path) -> Result<Vec<WeightError>> {
     use crate::model::{LinearKind, Model, LLAMA_MODULES};
     use crate::quant::read::{input_quant, linear_weight};
     let q = Model::open(dir, Some(original))?;
     let o = Model::open(original, None)?;
-    let nvfp4_awq = [("hf_quant_config.json", "NVFP4_AWQ")].iter().any(|(f, a)| {
-        std::fs::read_to_string(dir.join(f)).is_ok_and(|t| t.contains(a))
-    });
+    // NVFP4-AWQ and compressed-tensors exports fold scales into producer rows (see above).
+    let folds = std::fs::read_to_string(dir.join("hf_quant_config.json")).is_ok_and(|t| t.contains("NVFP4_AWQ"))
+        || quant_section(dir)?.as_ref().and_then(Scheme::from_config).is_some();
     let mut out = Vec::new();
     for l in 0..o.config.num_hidden_layers {
         let ratio = |norm: &str| -> Result<Vec<f32>> {
@@ -214,13 +260,23 @@ pub fn weight_errors(dir: &Path, original: &Path) -> Result<Vec<WeightError>> {
             Ok(a.iter().zip(&b).map(|(x, y)| if y + one != 0.0 { (x + one) / (y + one) } else { 1.0 }).collect())
         };
         let (r_in, r_post) = (ratio("input_layernorm")?, ratio("post_attention_layernorm")?);
-        // NVFP4-AWQ's down_proj scale folded into up_proj rows: estimated from up_proj.
-        let up = crate::pipeline::module_name(l, LinearKind::Up);
-        let down = crate::pipeline::module_name(l, LinearKind::Down);
+        // A consumer's scale folded into its producer's rows (down_proj into up_proj, o_proj
+        // into v_proj): estimated from the producer. Per producer row: c.
         let llama = o.config.modules == LLAMA_MODULES;
-        let folded = if llama && nvfp4_awq && input_quant(&q, &down, LinearKind::Down.shape(&o.config))?.pre_quant_scale.is_none() {
-            let shape = LinearKind::Up.shape(&o.config);
-            let (a, b) = (linear_weight(&q, &up, shape)?, linear_weight(&o, &up, shape)?);
+        let mut folded: [Option<Vec<f32>>; 7] = Default::default();
+        for (consumer, producer) in [(LinearKind::Down, LinearKind::Up), (LinearKind::O, LinearKind::V)] {
+            let (c_name, p_name) = (crate::pipeline::module_name(l, consumer), crate::pipeline::module_name(l, producer));
+            let fits = producer.shape(&o.config)[0] == consumer.shape(&o.config)[1];
+            if !folds || !llama || !fits || input_quant(&q, &c_name, consumer.shape(&o.config))?.pre_quant_scale.is_some() {
+                continue;
+            }
+            let shape = producer.shape(&o.config);
+            let (mut a, b) = (linear_weight(&q, &p_name, shape)?, linear_weight(&o, &p_name, shape)?);
+            // Undo the producer's own input scale (folded into its norm) first.
+            let r = if producer == LinearKind::Up { &r_post } else { &r_in };
+            for row in a.chunks_exact_mut(shape[1]) {
+                row.iter_mut().zip(r).for_each(|(v, r)| *v *= r);
+            }
             let c: Vec<f32> = a
                 .chunks_exact(shape[1])
                 .zip(b.chunks_exact(shape[1]))
@@ -229,11 +285,10 @@ pub fn weight_errors(dir: &Path, original: &Path) -> Result<Vec<WeightError>> {
                     if yy > 0.0 && xy > 0.0 { (xy / yy) as f32 } else { 1.0 }
                 })
                 .collect();
-            // up_proj's rows are divided by c below, down_proj's input columns multiplied.
-            Some(c)
-        } else {
-            None
-        };
+            // The producer's rows are divided by c below, the consumer's input columns multiplied.
+            folded[producer as usize] = Some(c.iter().map(|v| 1.0 / v).collect());
+            folded[consumer as usize] = Some(c);
+        }
         for module in o.config.modules {
             let k = module.kinds[0];
             let m = format!("model.layers.{l}.{}", module.name);
@@ -248,12 +303,13 @@ pub fn weight_errors(dir: &Path, original: &Path) -> Result<Vec<WeightError>> {
             if let Some(r) = norm_ratio {
                 scale.iter_mut().zip(r).for_each(|(s, r)| *s *= r);
             }
-            if let (Some(c), LinearKind::Down) = (&folded, k) {
+            let is_consumer = matches!(k, LinearKind::Down | LinearKind::O);
+            if let (Some(c), true) = (&folded[k as usize], is_consumer) {
                 scale.iter_mut().zip(c).for_each(|(s, c)| *s *= c);
             }
             for (r, row) in w.chunks_exact_mut(shape[1]).enumerate() {
-                let row_scale = match (&folded, k) {
-                    (Some(c), LinearKind::Up) => 1.0 / c[r],
+                let row_scale = match (&folded[k as usize], is_consumer) {
+                    (Some(inv), false) => inv[r],
                     _ => 1.0,
                 };
                 row.iter_mut().zip(&scale).for_each(|(v, s)| *v *= s * row_scale);

@@ -14,6 +14,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod export;
+pub mod export_ct;
 pub mod export_trtllm;
 pub mod inspect;
 pub mod json;

@@ -34,7 +34,8 @@ struct Verify {
     original: Option<PathBuf>,
 }
 
-/// Quantize a checkpoint and export it in ModelOpt's unified HF layout.
+/// Quantize a checkpoint and export it in ModelOpt's unified HF layout (or TensorRT-LLM's,
+/// compressed-tensors').
 #[derive(FromArgs)]
 #[argh(subcommand, name = "quantize")]
 struct Quantize {
@@ -105,8 +106,9 @@ struct Quantize {
     #[argh(switch)]
     quiet: bool,
     /// checkpoint layout: hf (default; ModelOpt unified Hugging Face), trtllm (TensorRT-LLM
-    /// checkpoint: config.json + rank{r}.safetensors) or qnemo (NeMo's .qnemo: that
-    /// checkpoint and the tokenizer as a .tar.gz file)
+    /// checkpoint: config.json + rank{r}.safetensors), qnemo (NeMo's .qnemo: that checkpoint
+    /// and the tokenizer as a .tar.gz file) or compressed-tensors (vLLM / transformers; fp8,
+    /// int8_sq, int4_awq, nvfp4, nvfp4_awq; smoothing only where it folds into a neighbour)
     #[argh(option, default = "String::from(\"hf\")")]
     export: String,
     /// tensor-parallel size of --export trtllm/qnemo (default 1)

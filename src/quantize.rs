@@ -48,6 +48,14 @@ pub struct Options {
     pub kv_fp8: bool,
     /// SmoothQuant migration strength (ModelOpt's default 1.0, spec/algorithms.md §5).
     pub sq_alpha: f32,
+    /// Quantize for the compressed-tensors layout (`--export compressed-tensors`), which has no
+    /// `pre_quant_scale` and stores INT4 group scales in the model dtype. A SmoothQuant / AWQ
+    /// scale is used only where it folds exactly into a neighbour ([`foldable`]): q/k/v and
+    /// gate/up into their norm (for INT8 SmoothQuant too), down_proj into up_proj's output
+    /// rows, o_proj into v_proj's rows (no GQA); other linears are quantized unsmoothed. INT4
+    /// codes are computed with the model-dtype scales. The unified export of such a run holds
+    /// the same model, with no pre_quant_scale left.
+    pub compressed_tensors: bool,
 }
 
 /// What was quantized, for the configs and the report.
@@ -161,6 +169,12 @@ pub fn run(model: &Model, samples: &[Vec<u32>], opts: &Options, out: &mut Output
     let cfg = &model.config;
     let dtype = model.dtype()?;
     check_shapes(cfg, opts)?;
+    if opts.compressed_tensors && cfg.modules != LLAMA_MODULES {
+        return Err(Error::Unsupported(format!(
+            "--export compressed-tensors of {}: supported for the Llama-layout families (Llama, Mistral, Qwen2, Qwen3, Gemma)",
+            cfg.architecture
+        )));
+    }
     let lm_head_format = opts.formats.of("lm_head");
     for name in model.weight_names() {
         let quantized_lm_head = lm_head_format.is_some() && name == "lm_head.weight";
@@ -186,7 +200,11 @@ pub fn run(model: &Model, samples: &[Vec<u32>], opts: &Options, out: &mut Output
                 None => summary.unquantized.push(module_path(l, m)),
             }
         }
-        let (stats, linears) = calibrate_layer(&layer, l, cfg, &rope, &mut hidden, samples, &formats, opts.sq_alpha, dtype)?;
+        // Compressed-tensors mode (Llama layout, one module per linear): smoothing only where it folds.
+        let smooth: Vec<bool> =
+            cfg.modules.iter().map(|m| !opts.compressed_tensors || foldable(m.kinds[0], &formats, &layer, cfg)).collect();
+        let (stats, linears) =
+            calibrate_layer(&layer, l, cfg, &rope, &mut hidden, samples, &formats, &smooth, opts.sq_alpha, dtype)?;
         emit_layer(model, l, linears, &layer, opts, dtype, &stats, out)?;
         progress.step("layer", l + 1, n_layers);
     }
@@ -211,6 +229,7 @@ pub(crate) fn calibrate_layer(
     hidden: &mut [Vec<f32>],
     samples: &[Vec<u32>],
     formats: &[Option<QFormat>],
+    smooth: &[bool],
     sq_alpha: f32,
     dtype: Dtype,
 ) -> Result<(StatsHooks, Vec<Linear>)> {
@@ -251,8 +270,8 @@ pub(crate) fn calibrate_layer(
     let mut best: [Option<Vec<f32>>; N] = Default::default();
     if awq {
         let mut search = SearchHooks { layer, searches: Default::default() };
-        for (m, f) in cfg.modules.iter().zip(formats) {
-            let Some(format) = f.filter(|f| f.awq()) else { continue };
+        for ((m, f), &smooth) in cfg.modules.iter().zip(formats).zip(smooth) {
+            let Some(format) = f.filter(|f| f.awq() && smooth) else { continue };
             let k = m.kinds[0] as usize;
             let [o, i] = m.shape(cfg);
             let xbar = stats.mean[k].as_ref().and_then(ActMean::finish);
@@ -277,7 +296,7 @@ pub(crate) fn calibrate_layer(
         }
     }
 
-    let linears = finalize(layer, l, cfg, sq_alpha, dtype, &stats, formats, &mut best)?;
+    let linears = finalize(layer, l, cfg, sq_alpha, dtype, &stats, formats, smooth, &mut best)?;
     Ok((stats, linears))
 }
 
@@ -307,7 +326,7 @@ fn quantize_lm_head(model: &Model, hidden: &[Vec<f32>], format: QFormat, dtype: 
         pqs: None,
         input_amax: amax,
     };
-    for (name, dt, shape, data) in export_linear(&lin, dtype, fp8::absmax(&lin.weight))? {
+    for (name, dt, shape, data) in export_linear(&lin, dtype, fp8::absmax(&lin.weight), false)? {
         out.add(&name, dt, &shape, data)?;
     }
     Ok(())
@@ -343,6 +362,24 @@ fn check_shapes(cfg: &crate::config::ModelConfig, opts: &Options) -> Result<()> 
     Ok(())
 }
 
+/// Compressed-tensors mode: whether linear `k`'s smoothing / AWQ scale folds exactly into a
+/// neighbour (spec/export-formats.md §2.7): q/k/v (gate/up) into their norm when all members
+/// are quantized in one format (they share the mean scale); down_proj into up_proj's output
+/// rows (act(gate)·up is elementwise) and o_proj into v_proj's rows when that producer is
+/// quantized (its rows are scaled before it is quantized) and has no bias; o_proj only without
+/// GQA, where each o_proj input channel is one v_proj output row.
+fn foldable(k: LinearKind, formats: &[Option<QFormat>], layer: &Layer, cfg: &crate::config::ModelConfig) -> bool {
+    use LinearKind::*;
+    let same = |group: &[LinearKind]| group.iter().all(|&m| formats[m as usize] == formats[k as usize]);
+    let producer_ok = |p: LinearKind| formats[p as usize].is_some() && layer.bias(p).is_none();
+    match k {
+        Q | K | V => same(&[Q, K, V]),
+        Gate | Up => same(&[Gate, Up]),
+        Down => producer_ok(Up),
+        O => producer_ok(V) && cfg.num_attention_heads == cfg.num_key_value_heads,
+    }
+}
+
 /// Fake-quantizes a whole `[out, in]` weight in place.
 type WeightQuantizer = Box<dyn Fn(&mut [f32])>;
 
@@ -374,15 +411,16 @@ fn finalize(
     dtype: Dtype,
     stats: &StatsHooks,
     formats: &[Option<QFormat>],
+    smooth: &[bool],
     best: &mut [Option<Vec<f32>>; N],
 ) -> Result<Vec<Linear>> {
     let mut out = Vec::new();
-    for (m, format) in cfg.modules.iter().zip(formats) {
+    for ((m, format), &smooth) in cfg.modules.iter().zip(formats).zip(smooth) {
         let i = m.kinds[0] as usize;
         let Some(format) = *format else { continue };
         let [o, inp] = m.shape(cfg);
         let mut weight = module_weight(layer, m);
-        let (pqs, input_amax) = if format == QFormat::Int8Sq {
+        let (pqs, input_amax) = if format == QFormat::Int8Sq && smooth {
             // §5: p_j = w_j^(1-α) / a_j^α, W' = W / p, input amax = max_j a_j·p_j.
             let p = smoothquant::pre_quant_scale(&stats.channel_amax[i], &weight, o, inp, sq_alpha, dtype);
             smoothquant::smooth_weight(&mut weight, inp, &p, dtype);
@@ -427,14 +465,16 @@ fn emit_layer(
     let (mut input_norm_bias, mut post_norm_bias) = (layer.input_norm_bias.clone(), layer.post_norm_bias.clone());
     let find = |ls: &[Linear], k: LinearKind| ls.iter().position(|x| x.kinds.contains(&k));
 
-    // 1. NVFP4_AWQ only: fold down_proj's (and, without GQA, o_proj's) scale into the output
-    //    rows of up_proj (v_proj), which feed it. ModelOpt's PQS_FUSE_MODULE_MAPPING names only
-    //    Llama/Qwen3 attention and MLP classes (§2.7 point 3): not Phi3, Starcoder2, Nemotron.
+    // 1. NVFP4_AWQ (and every format in compressed-tensors mode): fold down_proj's (and,
+    //    without GQA, o_proj's) scale into the output rows of up_proj (v_proj), which feed it.
+    //    ModelOpt's PQS_FUSE_MODULE_MAPPING names only Llama/Qwen3 attention and MLP classes
+    //    (§2.7 point 3): not Phi3, Starcoder2, Nemotron.
     let pqs_fuse: &[(LinearKind, LinearKind)] =
         if cfg.modules == LLAMA_MODULES { &[(LinearKind::Down, LinearKind::Up), (LinearKind::O, LinearKind::V)] } else { &[] };
     for &(consumer, producer) in pqs_fuse {
         let (Some(c), Some(p)) = (find(&linears, consumer), find(&linears, producer)) else { continue };
-        if linears[c].format != QFormat::Nvfp4Awq || linears[p].format != QFormat::Nvfp4Awq {
+        let nvfp4_awq = linears[c].format == QFormat::Nvfp4Awq && linears[p].format == QFormat::Nvfp4Awq;
+        if !(nvfp4_awq || opts.compressed_tensors) {
             continue;
         }
         let [p_out, p_in] = producer.shape(cfg);
@@ -474,15 +514,16 @@ fn emit_layer(
                     parts.iter_mut().map(|x| { let p = x.pqs.take().unwrap_or_default(); (&mut x.weight, p) }).collect();
                 smoothquant::resmooth_group(&mut refs, inp, dtype)
             };
-            if format.awq() && cfg.norm_offset {
+            let fold = format.awq() || opts.compressed_tensors;
+            if fold && cfg.norm_offset {
                 awq::fold_into_norm_plus_one(norm, &p_avg, dtype); // GemmaRMSNorm, LayerNorm1P: 1 + w
-            } else if format.awq() {
+            } else if fold {
                 awq::fold_into_norm(norm, &p_avg, dtype);
             }
-            if let (true, Some(b)) = (format.awq(), norm_bias.as_mut()) {
+            if let (true, Some(b)) = (fold, norm_bias.as_mut()) {
                 awq::fold_into_norm(b, &p_avg, dtype); // LayerNorm bias: b · s
             }
-            if !format.awq() {
+            if !fold {
                 parts.iter_mut().for_each(|x| x.pqs = Some(p_avg.clone()));
             }
             linears.extend(parts);
@@ -524,7 +565,7 @@ fn emit_layer(
     }
     for lin in &linears {
         let wamax = lin.kinds.first().and_then(|&k| group_weight_amax[k as usize]).unwrap_or_else(|| fp8::absmax(&lin.weight));
-        for (name, dt, shape, data) in export_linear(lin, dtype, wamax)? {
+        for (name, dt, shape, data) in export_linear(lin, dtype, wamax, opts.compressed_tensors)? {
             add(out, name, dt, &shape, data)?;
         }
     }
@@ -560,8 +601,10 @@ type OutTensor = (String, Dtype, Vec<usize>, Vec<u8>);
 
 /// One linear's tensors in `format`'s unified-HF layout (spec/export-formats.md §2.5).
 /// `weight_amax`: the per-tensor weight amax (max over an export-fused group where ModelOpt
-/// shares it: NVFP4 `weight_scale_2`, W4A8's FP8 stage).
-fn export_linear(lin: &Linear, dtype: Dtype, weight_amax: f32) -> Result<Vec<OutTensor>> {
+/// shares it: NVFP4 `weight_scale_2`, W4A8's FP8 stage). `compressed_tensors` (that mode):
+/// INT4 group scales are rounded to the model dtype before the codes are computed, and NVFP4's
+/// `weight_scale_2` moves by a few ulps to one whose inverse is exact (export_ct.rs).
+fn export_linear(lin: &Linear, dtype: Dtype, weight_amax: f32, compressed_tensors: bool) -> Result<Vec<OutTensor>> {
     let (m, format) = (&lin.module, lin.format);
     let [o, i] = lin.shape;
     let w = &lin.weight;
@@ -580,7 +623,11 @@ fn export_linear(lin: &Linear, dtype: Dtype, weight_amax: f32) -> Result<Vec<Out
             t.push((format!("{m}.weight_scale"), Dtype::F32, vec![o], f32_bytes(&scales)));
         }
         WeightKind::Int4Groups => {
-            let (packed, scales) = int::int4_quantize(&name, w, o, i, INT4_GROUP, None, dtype)?;
+            let mut scales = int::int4_group_scales(&name, w, o, i, INT4_GROUP, None, dtype)?;
+            if compressed_tensors {
+                scales.iter_mut().for_each(|s| *s = fp8::round_to_dtype(*s, dtype));
+            }
+            let packed = int::int4_quantize_with_scales(&name, w, o, i, INT4_GROUP, &scales)?;
             t.push((name, Dtype::U8, vec![o / 2, i], packed));
             t.push((format!("{m}.weight_scale"), Dtype::F32, vec![o, i / INT4_GROUP], f32_bytes(&scales)));
             if format == QFormat::W4a8Awq {
@@ -589,7 +636,11 @@ fn export_linear(lin: &Linear, dtype: Dtype, weight_amax: f32) -> Result<Vec<Out
             }
         }
         WeightKind::Nvfp4 => {
-            let q = nvfp4::quantize_weight(&name, w, o, i, weight_amax)?;
+            let mut ws2 = nvfp4::weight_scale_2(weight_amax);
+            if compressed_tensors {
+                ws2 = crate::export_ct::invertible_scale_2(ws2);
+            }
+            let q = nvfp4::quantize_weight_scaled(&name, w, o, i, ws2)?;
             t.push((name, Dtype::U8, vec![o, i / 2], q.packed));
             t.push((format!("{m}.weight_scale"), Dtype::F8E4M3, vec![o, i / nvfp4::BLOCK], q.block_scales));
             t.push(scalar("weight_scale_2", q.weight_scale_2));
@@ -598,7 +649,13 @@ fn export_linear(lin: &Linear, dtype: Dtype, weight_amax: f32) -> Result<Vec<Out
     match format.act() {
         Some(ActKind::Fp8) => t.push(scalar("input_scale", fp8::input_scale(lin.input_amax, dtype))),
         Some(ActKind::Int8) => t.push(scalar("input_scale", int::int8_input_scale(lin.input_amax, dtype))),
-        Some(ActKind::Nvfp4) => t.push(scalar("input_scale", nvfp4::input_scale(lin.input_amax, dtype))),
+        Some(ActKind::Nvfp4) => {
+            let mut s = nvfp4::input_scale(lin.input_amax, dtype);
+            if compressed_tensors {
+                s = crate::export_ct::invertible_input_scale(s);
+            }
+            t.push(scalar("input_scale", s));
+        }
         None => {}
     }
     if let Some(p) = &lin.pqs {

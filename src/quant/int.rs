@@ -158,6 +158,20 @@ pub fn int4_quantize(
     block_amax: Option<&[f32]>,
     dtype: Dtype,
 ) -> Result<(Vec<u8>, Vec<f32>)> {
+    let scales = int4_group_scales(name, w, out, inp, group, block_amax, dtype)?;
+    Ok((int4_quantize_with_scales(name, w, out, inp, group, &scales)?, scales))
+}
+
+/// The F32 group scales of [`int4_quantize`] (`amax × f32(1/7)`, zero amax → 1.0), `[out, inp/group]`.
+pub fn int4_group_scales(
+    name: &str,
+    w: &[f32],
+    out: usize,
+    inp: usize,
+    group: usize,
+    block_amax: Option<&[f32]>,
+    dtype: Dtype,
+) -> Result<Vec<f32>> {
     let nb = int4_groups(name, w.len(), out, inp, group)?;
     if let Some(a) = block_amax {
         if a.len() != out * nb {
@@ -171,15 +185,35 @@ pub fn int4_quantize(
             ));
         }
     }
-    let mut q = Vec::with_capacity(w.len());
-    let mut scales = Vec::with_capacity(out * nb);
-    for (i, g) in w.chunks_exact(group).enumerate() {
-        let amax = block_amax.map_or_else(|| absmax(g), |a| a[i]);
-        let s = export_scale(round_to_dtype(amax, dtype), INT4_MAX, INV_INT4_MAX);
-        scales.push(s);
-        q.extend(g.iter().map(|&x| (x / s).round_ties_even().clamp(-8.0, 7.0) as i8));
+    Ok(w.chunks_exact(group)
+        .enumerate()
+        .map(|(i, g)| {
+            let amax = block_amax.map_or_else(|| absmax(g), |a| a[i]);
+            export_scale(round_to_dtype(amax, dtype), INT4_MAX, INV_INT4_MAX)
+        })
+        .collect())
+}
+
+/// INT4 codes of a `[out, inp]` weight for given group scales `[out, inp/group]`:
+/// q = clamp(round_half_even(w / scale), −8, 7), the division in f32, packed by [`int4_pack`].
+pub fn int4_quantize_with_scales(
+    name: &str,
+    w: &[f32],
+    out: usize,
+    inp: usize,
+    group: usize,
+    scales: &[f32],
+) -> Result<Vec<u8>> {
+    let nb = int4_groups(name, w.len(), out, inp, group)?;
+    if scales.len() != out * nb {
+        return Err(Error::tensor(name, format!("{} INT4 scales for {} groups", scales.len(), out * nb)));
     }
-    Ok((int4_pack(&q, out, inp), scales))
+    let q: Vec<i8> = w
+        .chunks_exact(group)
+        .zip(scales)
+        .flat_map(|(g, &s)| g.iter().map(move |&x| (x / s).round_ties_even().clamp(-8.0, 7.0) as i8))
+        .collect();
+    Ok(int4_pack(&q, out, inp))
 }
 
 /// Weights back from an INT4 export: `w[o, c] = q[o, c] × scale[o, c / group]`

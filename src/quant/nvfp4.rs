@@ -97,6 +97,17 @@ pub struct Nvfp4Weight {
 /// `export_amax` does for other scales (spec/export-formats.md §1.2); ModelOpt itself would
 /// produce NaN scales here. rq-min's choice gives a valid all-zero encoding.
 pub fn quantize_weight(name: &str, w: &[f32], out: usize, inp: usize, global_amax: f32) -> Result<Nvfp4Weight> {
+    quantize_weight_scaled(name, w, out, inp, weight_scale_2(global_amax))
+}
+
+/// `weight_scale_2 = global_amax × f32(1/2688)`, 0 or NaN amax → the maxbound 6 (see above).
+pub fn weight_scale_2(global_amax: f32) -> f32 {
+    let amax = if global_amax == 0.0 || global_amax.is_nan() { E2M1_MAX } else { global_amax };
+    amax * INV_GLOBAL_MAX
+}
+
+/// [`quantize_weight`] for a given `weight_scale_2`.
+pub fn quantize_weight_scaled(name: &str, w: &[f32], out: usize, inp: usize, weight_scale_2: f32) -> Result<Nvfp4Weight> {
     if w.len() != out * inp {
         return Err(Error::tensor(name, format!("{} values for shape [{out}, {inp}]", w.len())));
     }
@@ -108,8 +119,6 @@ pub fn quantize_weight(name: &str, w: &[f32], out: usize, inp: usize, global_ama
             ),
         ));
     }
-    let amax = if global_amax == 0.0 || global_amax.is_nan() { E2M1_MAX } else { global_amax };
-    let weight_scale_2 = amax * INV_GLOBAL_MAX;
     let denom = E2M1_MAX * weight_scale_2;
     let mut packed = Vec::with_capacity(w.len() / 2);
     let mut block_scales = Vec::with_capacity(w.len() / BLOCK);
@@ -131,12 +140,24 @@ pub fn quantize_weight(name: &str, w: &[f32], out: usize, inp: usize, global_ama
 /// `packed` must hold `out × inp/2` bytes and `block_scales` `out × inp/16` (check the tensor
 /// shapes first); `inp` a multiple of 16.
 pub fn dequantize_weight(packed: &[u8], block_scales: &[u8], weight_scale_2: f32, out: usize, inp: usize) -> Vec<f32> {
+    dequantize_weight_with(packed, block_scales, out, inp, |s| s * weight_scale_2)
+}
+
+/// [`dequantize_weight`] with the effective block scale computed from `f32(block scale)` by
+/// `effective` (ModelOpt: `× weight_scale_2`; compressed-tensors: `/ weight_global_scale`).
+pub fn dequantize_weight_with(
+    packed: &[u8],
+    block_scales: &[u8],
+    out: usize,
+    inp: usize,
+    effective: impl Fn(f32) -> f32,
+) -> Vec<f32> {
     debug_assert!(
         inp.is_multiple_of(BLOCK) && packed.len() == out * inp / 2 && block_scales.len() == out * inp / BLOCK
     );
     let mut w = Vec::with_capacity(out * inp);
     for (bytes, &sc) in packed.chunks_exact(BLOCK / 2).zip(block_scales) {
-        let scale = e4m3_to_f32(sc) * weight_scale_2;
+        let scale = effective(e4m3_to_f32(sc));
         for &b in bytes {
             w.push(e2m1_value(b) * scale);
             w.push(e2m1_value(b >> 4) * scale);

@@ -2,6 +2,8 @@
 //! dequantized weights, and what the runtime does to the linear's input (pre_quant_scale,
 //! activation fake quantization) and to the KV cache. The format of each linear is read from
 //! its tensors (spec/export-formats.md §2.5), so mixed-format checkpoints work too.
+//! compressed-tensors checkpoints (export_ct.rs) are read too: `weight_packed` INT4 / NVFP4,
+//! per-channel `[out, 1]` INT8 scales, `weight_global_scale` / `input_global_scale` divisors.
 
 use crate::error::{Error, Result};
 use crate::model::Model;
@@ -66,7 +68,7 @@ pub fn detect(weight: &TensorView, scale: Option<&TensorView>) -> Option<(Stored
     Some(match (weight.dtype, s) {
         (Dtype::BF16 | Dtype::F16 | Dtype::F32, None) => (Stored::Plain, [r, c]),
         (Dtype::F8E4M3, Some((Dtype::F32, sh))) if sh.iter().product::<usize>() == 1 => (Stored::Fp8, [r, c]),
-        (Dtype::I8, Some((Dtype::F32, sh))) if sh == [r] => (Stored::Int8, [r, c]),
+        (Dtype::I8, Some((Dtype::F32, sh))) if sh == [r] || sh == [r, 1] => (Stored::Int8, [r, c]),
         (Dtype::U8, Some((Dtype::F8E4M3, sh))) if sh.len() == 2 && sh[0] == r && sh[1] * nvfp4::BLOCK == 2 * c => {
             (Stored::Nvfp4, [r, 2 * c])
         }
@@ -77,11 +79,43 @@ pub fn detect(weight: &TensorView, scale: Option<&TensorView>) -> Option<(Stored
     })
 }
 
-fn stored(model: &Model, module: &str, shape: [usize; 2]) -> Result<Stored> {
+/// The format of a compressed-tensors `weight_packed` tensor with its `weight_scale` and its
+/// logical `[out, in]` shape: I32 `[out, in/8]` with float `[out, in/g]` scales is INT4
+/// pack-quantized, U8 `[out, in/2]` with F8_E4M3 `[out, in/16]` scales is NVFP4 (export_ct.rs).
+pub fn detect_packed(packed: &TensorView, scale: Option<&TensorView>) -> Option<(Stored, [usize; 2])> {
+    let [r, c] = <[usize; 2]>::try_from(packed.shape).ok()?;
+    let s = scale?;
+    let sh = s.shape;
+    if sh.len() != 2 || sh[0] != r || sh[1] == 0 {
+        return None;
+    }
+    Some(match (packed.dtype, s.dtype) {
+        (Dtype::I32, Dtype::BF16 | Dtype::F16 | Dtype::F32) if (8 * c) % sh[1] == 0 => {
+            (Stored::Int4 { group: 8 * c / sh[1] }, [r, 8 * c])
+        }
+        (Dtype::U8, Dtype::F8E4M3) if sh[1] * nvfp4::BLOCK == 2 * c => (Stored::Nvfp4, [r, 2 * c]),
+        _ => return None,
+    })
+}
+
+/// The weight tensor of `module` (`weight`, or compressed-tensors' `weight_packed`) and its format.
+fn weight_of<'a>(model: &'a Model, module: &str) -> Result<(String, TensorView<'a>, Option<(Stored, [usize; 2])>)> {
+    let scale = model.get(&format!("{module}.weight_scale"));
+    let packed = format!("{module}.weight_packed");
+    if let Some(p) = model.get(&packed) {
+        let found = detect_packed(&p, scale.as_ref());
+        return Ok((packed, p, found));
+    }
     let name = format!("{module}.weight");
     let w = model.tensor(&name)?;
+    let found = detect(&w, scale.as_ref());
+    Ok((name, w, found))
+}
+
+fn stored(model: &Model, module: &str, shape: [usize; 2]) -> Result<Stored> {
+    let (name, w, found) = weight_of(model, module)?;
     let scale = model.get(&format!("{module}.weight_scale"));
-    match detect(&w, scale.as_ref()) {
+    match found {
         Some((kind, logical)) if logical == shape => Ok(kind),
         Some((kind, logical)) => Err(Error::tensor(
             &name,
@@ -101,10 +135,17 @@ fn stored(model: &Model, module: &str, shape: [usize; 2]) -> Result<Stored> {
 
 /// A linear's weight as f32 `[out, in]`, dequantized if the checkpoint stores it quantized.
 pub fn linear_weight(model: &Model, module: &str, shape: [usize; 2]) -> Result<Vec<f32>> {
-    let name = format!("{module}.weight");
     let [out, inp] = shape;
-    let w = model.tensor(&name)?;
+    let (name, w, _) = weight_of(model, module)?;
     let scale_name = format!("{module}.weight_scale");
+    let packed = name.ends_with("weight_packed");
+    if packed && model.get(&format!("{module}.weight_global_scale")).is_none() {
+        // INT4 pack-quantized carries the logical shape (pack_quantized.py `weight_shape`).
+        let ws = model.tensor(&format!("{module}.weight_shape"))?.to_i64()?;
+        if ws != [out as i64, inp as i64] {
+            return Err(Error::tensor(&name, format!("weight_shape is {ws:?}, expected [{out}, {inp}]")));
+        }
+    }
     let values = match stored(model, module, shape)? {
         Stored::Plain => w.to_f32()?,
         Stored::Fp8 => {
@@ -115,9 +156,21 @@ pub fn linear_weight(model: &Model, module: &str, shape: [usize; 2]) -> Result<V
             let s = model.tensor(&scale_name)?.to_f32()?;
             w.data.chunks_exact(inp).zip(&s).flat_map(|(row, &s)| row.iter().map(move |&c| c as i8 as f32 * s)).collect()
         }
+        Stored::Int4 { group } if packed => {
+            let s = model.tensor(&scale_name)?.to_f32()?;
+            let q = crate::export_ct::unpack_int4(w.data);
+            q.chunks_exact(group).zip(&s).flat_map(|(g, &s)| g.iter().map(move |&v| v as f32 * s)).collect()
+        }
         Stored::Int4 { group } => {
             let s = model.tensor(&scale_name)?.to_f32()?;
             int::int4_dequantize(w.data, &s, out, inp, group)
+        }
+        Stored::Nvfp4 if packed => {
+            // compressed-tensors: code · (f32(block scale) / weight_global_scale).
+            let s = model.tensor(&scale_name)?;
+            let gs = scalar(model, &format!("{module}.weight_global_scale"))?
+                .ok_or_else(|| Error::tensor(&name, format!("is NVFP4 but {module}.weight_global_scale is missing")))?;
+            nvfp4::dequantize_weight_with(w.data, s.data, out, inp, |b| b / gs)
         }
         Stored::Nvfp4 => {
             let s = model.tensor(&scale_name)?;
@@ -142,8 +195,10 @@ pub fn input_quant(model: &Model, module: &str, shape: [usize; 2]) -> Result<Inp
         }
         None => None,
     };
+    let ct_global = scalar(model, &format!("{module}.input_global_scale"))?;
     let act = match scalar(model, &format!("{module}.input_scale"))? {
-        None => None,
+        // compressed-tensors NVFP4: the activation is multiplied by the global scale.
+        None => ct_global.map(|g| (ActKind::Nvfp4, (1.0 / g) * nvfp4::E2M1_MAX * E4M3_MAX)),
         Some(s) => Some(match stored(model, module, shape)? {
             Stored::Int8 => (ActKind::Int8, s * int::INT8_MAX),
             Stored::Nvfp4 => (ActKind::Nvfp4, s * nvfp4::E2M1_MAX * E4M3_MAX),
@@ -153,12 +208,14 @@ pub fn input_quant(model: &Model, module: &str, shape: [usize; 2]) -> Result<Inp
     Ok(InputQuant { pre_quant_scale, act })
 }
 
-/// KV-cache amax of layer `l` from `k_proj.k_scale` / `v_proj.v_scale` (amax/448, §2.8).
+/// KV-cache amax of layer `l` from `k_proj.k_scale` / `v_proj.v_scale` (amax/448, §2.8), or
+/// compressed-tensors' `self_attn.k_scale` / `v_scale` (same value).
 pub fn kv_amax(model: &Model, l: usize) -> Result<(Option<f32>, Option<f32>)> {
     let p = format!("model.layers.{l}.self_attn");
-    let k = scalar(model, &format!("{p}.k_proj.k_scale"))?.map(|s| s * E4M3_MAX);
-    let v = scalar(model, &format!("{p}.v_proj.v_scale"))?.map(|s| s * E4M3_MAX);
-    Ok((k, v))
+    let read = |unified: &str, ct: &str| -> Result<Option<f32>> {
+        Ok(scalar(model, &format!("{p}.{unified}"))?.or(scalar(model, &format!("{p}.{ct}"))?).map(|s| s * E4M3_MAX))
+    };
+    Ok((read("k_proj.k_scale", "k_scale")?, read("v_proj.v_scale", "v_scale")?))
 }
 
 /// A per-tensor scale (F32, shape [] or [1]), finite and positive, if present.

@@ -1,0 +1,385 @@
+//! The compressed-tensors checkpoint (`--export compressed-tensors`), the layout vLLM's
+//! `compressed_tensors` method and transformers' `CompressedTensorsHfQuantizer` load. vLLM's
+//! ModelOpt loader refuses W4A16_AWQ and INT8 SmoothQuant (spec/export-formats.md §3.1); in this
+//! layout they load. It is written from a unified checkpoint that rq-min quantized in
+//! compressed-tensors mode (`quantize::Options::compressed_tensors`), tensor by tensor, so the
+//! codes are the unified export's and the checkpoint holds the same model.
+//!
+//! Per quantized linear `<m>` (facts from compressed-tensors `quantization/quant_scheme.py`,
+//! `quantization/lifecycle/initialize.py`, `compressors/quantized_compressors/*.py`, and vLLM
+//! `compressed_tensors/compressed_tensors.py` + `schemes/*.py`):
+//!
+//! | rq-min format | format | tensors |
+//! | --- | --- | --- |
+//! | fp8 | float-quantized | `weight` F8_E4M3 [o, i], `weight_scale` F32 [1], `input_scale` F32 [1] |
+//! | int8_sq | int-quantized | `weight` I8 [o, i], `weight_scale` F32 [o, 1] (strategy channel), `input_scale` F32 [1] |
+//! | int4_awq | pack-quantized | `weight_packed` I32 [o, i/8], `weight_scale` model dtype [o, i/128], `weight_shape` I64 [2] |
+//! | nvfp4, nvfp4_awq | nvfp4-pack-quantized | `weight_packed` U8 [o, i/2], `weight_scale` F8_E4M3 [o, i/16], `weight_global_scale` F32 [1], `input_global_scale` F32 [1] |
+//!
+//! - Scale shapes are initialize.py's: tensor strategy (1,), channel (out, 1), group
+//!   (out, in/group); global scales (1,) float32. F32 is kept for the per-tensor and per-channel
+//!   scales (vLLM's FP8 / INT8 schemes hold them as float32 parameters), so they are the unified
+//!   export's values bit for bit; INT4 group scales are in the model dtype as vLLM's WNA16 scheme
+//!   creates them (`params_dtype`), which is why compressed-tensors mode rounds them first.
+//! - Symmetric: no zero points are written (vLLM creates none for symmetric schemes).
+//! - KV cache: `<attn>.k_scale` / `<attn>.v_scale` (compressed-tensors' attention qparams; vLLM's
+//!   `maybe_remap_kv_scale_name` maps them to `attn.k_scale`), value amax/448 as ModelOpt's.
+//! - W4A8 AWQ has no equivalent: compressed-tensors' W4AFP8 preset (vLLM
+//!   `CompressedTensorsW4A8Fp8`, `_is_fp8_w4a8`) quantizes activations dynamically per token,
+//!   while ModelOpt's W4A8 uses one static per-tensor FP8 scale; it is refused.
+
+use crate::error::{Error, Result};
+use crate::export::{Output, DEFAULT_SHARD_BYTES};
+use crate::json::{obj, str, Json};
+use crate::numerics::e4m3_to_f32;
+use crate::quant::fp8::round_to_dtype;
+use crate::quant::read::{detect, Stored};
+use crate::quant::{int, QFormat, INT4_GROUP};
+use crate::safetensors::{Checkpoint, Dtype};
+use std::path::Path;
+
+/// The compressed-tensors scheme of a quantized linear.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scheme {
+    Fp8,
+    Int8,
+    W4a16,
+    Nvfp4,
+}
+
+/// The scheme rq-min's `format` is written as, or the reason it has none.
+pub fn scheme(format: QFormat) -> Result<Scheme> {
+    Ok(match format {
+        QFormat::Fp8 => Scheme::Fp8,
+        QFormat::Int8Sq => Scheme::Int8,
+        QFormat::Int4Awq => Scheme::W4a16,
+        QFormat::Nvfp4 | QFormat::Nvfp4Awq => Scheme::Nvfp4,
+        QFormat::W4a8Awq => {
+            return Err(Error::Unsupported(
+                "w4a8_awq in compressed-tensors: its only INT4-weight / FP8-activation scheme (W4AFP8, vLLM \
+                 CompressedTensorsW4A8Fp8) quantizes activations dynamically per token, not with ModelOpt's static \
+                 per-tensor scale; export w4a8_awq with --export trtllm (or hf for TensorRT-LLM's LLM API)"
+                    .into(),
+            ))
+        }
+    })
+}
+
+impl Scheme {
+    /// The `format` value (compressed-tensors `CompressionFormat`).
+    pub fn format(self) -> &'static str {
+        match self {
+            Scheme::Fp8 => "float-quantized",
+            Scheme::Int8 => "int-quantized",
+            Scheme::W4a16 => "pack-quantized",
+            Scheme::Nvfp4 => "nvfp4-pack-quantized",
+        }
+    }
+    /// How rq-min reads a linear of this scheme back.
+    pub fn stored(self) -> Stored {
+        match self {
+            Scheme::Fp8 => Stored::Fp8,
+            Scheme::Int8 => Stored::Int8,
+            Scheme::W4a16 => Stored::Int4 { group: INT4_GROUP },
+            Scheme::Nvfp4 => Stored::Nvfp4,
+        }
+    }
+    /// The scheme a `quantization_config` with `quant_method: compressed-tensors` describes
+    /// (from its `format`), if rq-min writes it.
+    pub fn from_config(q: &Json) -> Option<Scheme> {
+        if q.get("quant_method").and_then(Json::as_str) != Some("compressed-tensors") {
+            return None;
+        }
+        let f = q.get("format").and_then(Json::as_str)?;
+        [Scheme::Fp8, Scheme::Int8, Scheme::W4a16, Scheme::Nvfp4].into_iter().find(|s| s.format() == f)
+    }
+    /// Tensors a linear of this scheme needs besides `weight`/`weight_packed` and `weight_scale`.
+    pub fn required(self) -> &'static [&'static str] {
+        match self {
+            Scheme::Fp8 | Scheme::Int8 => &["input_scale"],
+            Scheme::W4a16 => &["weight_shape"],
+            Scheme::Nvfp4 => &["weight_global_scale", "input_global_scale"],
+        }
+    }
+    /// (weights, input_activations) `QuantizationArgs`, keys sorted as transformers'
+    /// `to_json_string` writes them (quant_scheme.py presets FP8, INT8 W8A8 with a static
+    /// per-tensor input, W4A16, NVFP4).
+    fn args(self) -> (Json, Json) {
+        let fp8_tensor = || args(8, "float", "tensor", None, Json::Bool(false));
+        match self {
+            Scheme::Fp8 => (fp8_tensor(), fp8_tensor()),
+            Scheme::Int8 => (args(8, "int", "channel", None, Json::Bool(false)), args(8, "int", "tensor", None, Json::Bool(false))),
+            Scheme::W4a16 => (args(4, "int", "group", Some(INT4_GROUP), Json::Bool(false)), Json::Null),
+            // Input: static global scale, dynamic ("local") per-16 block scales.
+            Scheme::Nvfp4 => (
+                args(4, "float", "tensor_group", Some(crate::quant::nvfp4::BLOCK), Json::Bool(false)),
+                args(4, "float", "tensor_group", Some(crate::quant::nvfp4::BLOCK), str("local")),
+            ),
+        }
+    }
+}
+
+/// One `QuantizationArgs` (quant_args.py fields present in every release; symmetric, min-max).
+fn args(bits: i64, kind: &str, strategy: &str, group: Option<usize>, dynamic: Json) -> Json {
+    obj([
+        ("actorder", Json::Null),
+        ("block_structure", Json::Null),
+        ("dynamic", dynamic),
+        ("group_size", group.map_or(Json::Null, |g| Json::Int(g as i64))),
+        ("num_bits", Json::Int(bits)),
+        ("observer", str("minmax")),
+        ("observer_kwargs", Json::Obj(vec![])),
+        ("strategy", str(strategy)),
+        ("symmetric", Json::Bool(true)),
+        ("type", str(kind)),
+    ])
+}
+
+/// The compressed-tensors release whose config layout this follows (the `version` key, which
+/// loaders do not check).
+const CT_VERSION: &str = "0.12.2";
+
+/// config.json's `quantization_config` (quant_config.py `QuantizationConfig`): one group
+/// targeting `Linear`, `ignore` = exact module names (vLLM's `should_ignore_layer` matches
+/// names or `re:` patterns, not fnmatch), `kv_cache_scheme` FP8 per tensor when asked.
+pub fn quantization_config(scheme: Scheme, ignore: &[String], kv_fp8: bool) -> Json {
+    let (weights, input) = scheme.args();
+    let group = obj([
+        ("input_activations", input),
+        ("output_activations", Json::Null),
+        ("targets", Json::Arr(vec![str("Linear")])),
+        ("weights", weights),
+    ]);
+    let kv = if kv_fp8 { args(8, "float", "tensor", None, Json::Bool(false)) } else { Json::Null };
+    obj([
+        ("config_groups", obj([("group_0", group)])),
+        ("format", str(scheme.format())),
+        ("global_compression_ratio", Json::Null),
+        ("ignore", Json::Arr(ignore.iter().map(|s| str(s)).collect())),
+        ("kv_cache_scheme", kv),
+        ("quant_method", str("compressed-tensors")),
+        ("quantization_status", str("compressed")),
+        ("version", str(CT_VERSION)),
+    ])
+}
+
+/// compressed-tensors' INT4 packing (pack_quantized.py `pack_to_int32`, packed_dim 1): each
+/// code + 8 as an unsigned nibble, 8 consecutive input columns per int32, column 8j+k in bits
+/// 4k..4k+3. `q` is `[out, inp]` with `inp` a multiple of 8; result `[out, inp/8]` as LE bytes.
+pub fn pack_int4(q: &[i8], inp: usize) -> Vec<u8> {
+    debug_assert!(inp.is_multiple_of(8) && q.len().is_multiple_of(inp.max(1)));
+    q.chunks_exact(8)
+        .map(|c| c.iter().enumerate().fold(0u32, |w, (k, &v)| w | (((v + 8) as u32 & 0xF) << (4 * k))))
+        .flat_map(u32::to_le_bytes)
+        .collect()
+}
+
+/// Inverse of [`pack_int4`] (`unpack_from_int32`): LE int32 words back to signed codes.
+pub fn unpack_int4(packed: &[u8]) -> Vec<i8> {
+    packed
+        .chunks_exact(4)
+        .flat_map(|b| {
+            let w = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            (0..8).map(move |k| ((w >> (4 * k)) & 0xF) as i8 - 8)
+        })
+        .collect()
+}
+
+/// `weight_global_scale` for ModelOpt's `weight_scale_2`. compressed-tensors dequantizes
+/// NVFP4 as `code · (f32(block scale) / global_scale)` (forward_helpers.py `_dequantize`) and
+/// computes `global_scale = 448·6 / amax` (helpers.py `generate_gparam`): the inverse of
+/// ModelOpt's `amax / (6·448)` (spec/export-formats.md §1.1). Of f32(1/ws2) and its nearest
+/// f32 neighbours, the first for which `s / gs == s · ws2` for every E4M3 block scale s is
+/// taken, so the dequantized weights equal the unified export's bit for bit; if none is,
+/// f32(1/ws2) (then they differ by at most an ulp).
+pub fn nvfp4_global_scale(ws2: f32) -> f32 {
+    invert(ws2, |gs| exact_inverse(ws2, gs))
+}
+
+/// Whether `s / gs == s · ws2` for every finite positive E4M3 value s.
+fn exact_inverse(ws2: f32, gs: f32) -> bool {
+    (1u8..0x7F).all(|c| e4m3_to_f32(c) / gs == e4m3_to_f32(c) * ws2)
+}
+
+/// Compressed-tensors mode (`quantize::Options::compressed_tensors`): an exact inverse of
+/// ModelOpt's `weight_scale_2` exists for only some values (tests: 34 of 200 sampled values),
+/// so the quantizer takes the f32 nearest `ws2` (within 64 ulps, a relative change below
+/// 8·10⁻⁶) for which [`nvfp4_global_scale`] finds one; `ws2` itself if none.
+pub fn invertible_scale_2(ws2: f32) -> f32 {
+    let bits = ws2.to_bits();
+    (0..=64u32)
+        .flat_map(|d| [bits.wrapping_add(d), bits.wrapping_sub(d)])
+        .map(f32::from_bits)
+        .find(|&w| w.is_finite() && w > 0.0 && exact_inverse(w, nvfp4_global_scale(w)))
+        .unwrap_or(ws2)
+}
+
+/// `input_global_scale` for ModelOpt's NVFP4 `input_scale` (vLLM multiplies the activation by
+/// it before the FP4 cast): the f32 near 1/s whose reciprocal is s again, so reading it back
+/// gives the unified export's activation amax.
+pub fn input_global_scale(input_scale: f32) -> f32 {
+    invert(input_scale, |g| 1.0 / g == input_scale)
+}
+
+/// Compressed-tensors mode: the f32 nearest the NVFP4 `input_scale` (within 64 ulps) whose
+/// [`input_global_scale`] inverts back to it exactly, so both layouts give one activation
+/// amax. A one-ulp difference matters: calibrated amaxes are model-dtype values, so block
+/// scales often sit exactly on E4M3 rounding ties (measured on rq-tiny: 1.2% perplexity).
+pub fn invertible_input_scale(s: f32) -> f32 {
+    let bits = s.to_bits();
+    (0..=64u32)
+        .flat_map(|d| [bits.wrapping_add(d), bits.wrapping_sub(d)])
+        .map(f32::from_bits)
+        .find(|&w| w.is_finite() && w > 0.0 && 1.0 / input_global_scale(w) == w)
+        .unwrap_or(s)
+}
+
+/// f32(1/x) or the nearest of its neighbours (up to 8 ulps) that satisfies `exact`.
+fn invert(x: f32, exact: impl Fn(f32) -> bool) -> f32 {
+    let first = 1.0 / x;
+    let bits = first.to_bits();
+    (0..=8u32)
+        .flat_map(|d| [bits.wrapping_add(d), bits.wrapping_sub(d)])
+        .map(f32::from_bits)
+        .find(|&g| g.is_finite() && g > 0.0 && exact(g))
+        .unwrap_or(first)
+}
+
+/// ModelOpt's KV-scale names (spec/export-formats.md §2.8) -> compressed-tensors' attention qparams.
+fn kv_name(name: &str) -> Option<String> {
+    for (modelopt, ct) in [(".self_attn.k_proj.k_scale", ".self_attn.k_scale"), (".self_attn.v_proj.v_scale", ".self_attn.v_scale")] {
+        if let Some(attn) = name.strip_suffix(modelopt) {
+            return Some(format!("{attn}{ct}"));
+        }
+    }
+    None
+}
+
+/// Suffixes of a unified export's linear that are re-encoded with its weight.
+const LINEAR_SCALES: [&str; 3] = ["weight_scale", "weight_scale_2", "input_scale"];
+
+fn f32_scalar(ck: &Checkpoint, name: &str) -> Result<f32> {
+    let v = ck.tensor(name)?.to_f32()?;
+    match v.as_slice() {
+        [x] if x.is_finite() && *x > 0.0 => Ok(*x),
+        _ => Err(Error::tensor(name, format!("expected one finite positive scale, got {v:?}"))),
+    }
+}
+
+fn scalar_bytes(x: f32) -> Vec<u8> {
+    x.to_le_bytes().to_vec()
+}
+
+type OutTensor = (String, Dtype, Vec<usize>, Vec<u8>);
+
+/// One quantized linear of the unified export in `scheme`'s compressed-tensors tensors.
+fn linear(ck: &Checkpoint, m: &str, scheme: Scheme, [o, i]: [usize; 2], dtype: Dtype) -> Result<Vec<OutTensor>> {
+    let w = ck.tensor(&format!("{m}.weight"))?;
+    let ws = ck.tensor(&format!("{m}.weight_scale"))?;
+    let input = |suffix: &str| f32_scalar(ck, &format!("{m}.input_scale")).map(|s| (format!("{m}.{suffix}"), s));
+    let mut t: Vec<OutTensor> = Vec::new();
+    match scheme {
+        Scheme::Fp8 | Scheme::Int8 => {
+            let shape = if scheme == Scheme::Fp8 { vec![1] } else { vec![o, 1] };
+            t.push((format!("{m}.weight"), w.dtype, vec![o, i], w.data.to_vec()));
+            let values = ws.to_f32()?;
+            t.push((format!("{m}.weight_scale"), Dtype::F32, shape, values.iter().flat_map(|v| v.to_le_bytes()).collect()));
+            let (name, s) = input("input_scale")?;
+            t.push((name, Dtype::F32, vec![1], scalar_bytes(s)));
+        }
+        Scheme::W4a16 => {
+            let scales = ws.to_f32()?;
+            if let Some(s) = scales.iter().find(|&&s| round_to_dtype(s, dtype) != s) {
+                return Err(Error::tensor(
+                    format!("{m}.weight_scale"),
+                    format!(
+                        "INT4 scale {s} is not a {} value, so compressed-tensors would change it; quantize with \
+                         --export compressed-tensors (which rounds the scales first)",
+                        dtype.name()
+                    ),
+                ));
+            }
+            let codes = int::int4_unpack(w.data, o, i);
+            t.push((format!("{m}.weight_packed"), Dtype::I32, vec![o, i / 8], pack_int4(&codes, i)));
+            t.push((format!("{m}.weight_scale"), dtype, ws.shape.to_vec(), crate::quantize::encode(&scales, dtype)));
+            let shape: Vec<u8> = [o as i64, i as i64].iter().flat_map(|v| v.to_le_bytes()).collect();
+            t.push((format!("{m}.weight_shape"), Dtype::I64, vec![2], shape));
+        }
+        Scheme::Nvfp4 => {
+            let ws2 = f32_scalar(ck, &format!("{m}.weight_scale_2"))?;
+            t.push((format!("{m}.weight_packed"), Dtype::U8, vec![o, i / 2], w.data.to_vec()));
+            t.push((format!("{m}.weight_scale"), Dtype::F8E4M3, ws.shape.to_vec(), ws.data.to_vec()));
+            t.push((format!("{m}.weight_global_scale"), Dtype::F32, vec![1], scalar_bytes(nvfp4_global_scale(ws2))));
+            let (name, s) = input("input_global_scale")?;
+            t.push((name, Dtype::F32, vec![1], scalar_bytes(input_global_scale(s))));
+        }
+    }
+    Ok(t)
+}
+
+/// Re-encodes the unified checkpoint `unified` (rq-min's, single format, quantized in
+/// compressed-tensors mode) as a compressed-tensors checkpoint in `out`. Refuses what the
+/// layout cannot hold exactly: a `pre_quant_scale`, INT4 scales off the model-dtype grid,
+/// W4A8, mixed precision.
+pub fn convert(unified: &Path, out: &Path, force: bool) -> Result<()> {
+    let ck = Checkpoint::open(unified)?;
+    let hfq_path = unified.join("hf_quant_config.json");
+    let hfq = Json::parse_file(&hfq_path)?;
+    let q = hfq.get("quantization").ok_or_else(|| Error::config(&hfq_path, "no \"quantization\" section"))?;
+    let algo = q.get("quant_algo").and_then(Json::as_str).unwrap_or("");
+    let format = QFormat::ALL.into_iter().find(|f| f.quant_algo() == algo).ok_or_else(|| {
+        Error::Unsupported(format!("{}: quant_algo {algo} in compressed-tensors (one format per checkpoint only)", hfq_path.display()))
+    })?;
+    let scheme = scheme(format)?;
+    let kv_fp8 = q.get("kv_cache_quant_algo").and_then(Json::as_str) == Some("FP8");
+    let dtype = ck.tensor("model.embed_tokens.weight")?.dtype;
+
+    let mut output = Output::create(unified, out, force, DEFAULT_SHARD_BYTES)?;
+    let mut ignore: Vec<String> = vec!["lm_head".into()];
+    for name in ck.names() {
+        let t = ck.tensor(name)?;
+        if name.ends_with(".pre_quant_scale") {
+            return Err(Error::Unsupported(format!(
+                "{name}: compressed-tensors has no pre_quant_scale; quantize with --export compressed-tensors, \
+                 which smooths only where the scale folds into a neighbour"
+            )));
+        }
+        if let Some(ct) = kv_name(name) {
+            output.add(&ct, Dtype::F32, &[1], scalar_bytes(f32_scalar(&ck, name)?))?;
+            continue;
+        }
+        let module = name.strip_suffix(".weight").filter(|_| t.shape.len() == 2);
+        let Some(module) = module else {
+            // A quantized linear's scales are written with its weight.
+            let of_linear = LINEAR_SCALES
+                .iter()
+                .filter_map(|s| name.strip_suffix(s)?.strip_suffix('.'))
+                .any(|m| ck.get(&format!("{m}.weight_scale")).is_some());
+            if !of_linear {
+                output.add(name, t.dtype, t.shape, t.data.to_vec())?;
+            }
+            continue;
+        };
+        let scale = ck.get(&format!("{module}.weight_scale"));
+        let Some((stored, shape)) = detect(&t, scale.as_ref()) else {
+            return Err(Error::tensor(name, "is no known quantized format (missing or wrong-shaped weight_scale)"));
+        };
+        if stored == Stored::Plain {
+            output.add(name, t.dtype, t.shape, t.data.to_vec())?;
+            if !module.ends_with("embed_tokens") && module != "lm_head" {
+                ignore.push(module.to_string());
+            }
+            continue;
+        }
+        if stored != scheme.stored() {
+            return Err(Error::tensor(name, format!("stored as {}, but the checkpoint is {algo}", stored.name())));
+        }
+        for (n, dt, sh, data) in linear(&ck, module, scheme, shape, dtype)? {
+            output.add(&n, dt, &sh, data)?;
+        }
+    }
+    let config_path = unified.join("config.json");
+    let mut config = Json::parse_file(&config_path)?;
+    config.set("quantization_config", quantization_config(scheme, &ignore, kv_fp8));
+    output.finish_with(unified, &config, None)
+}

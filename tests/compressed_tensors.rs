@@ -1,0 +1,345 @@
+//! `--export compressed-tensors` (src/export_ct.rs) on tests/fixtures/families-llama (f32,
+//! hidden 128, 4 heads / 2 kv heads, intermediate 256, 2 layers) and, when ../shared is there,
+//! rq-tiny (bf16): tensor names / dtypes / shapes per scheme, the INT4 packing order against a
+//! hand computation, dequantized weights equal to the unified export's (same run, quantized in
+//! compressed-tensors mode), equal perplexity, a clean verify, and broken copies caught.
+
+mod common;
+
+use rq_min::cli::{quantize, quantize_unified_with, QuantizeArgs};
+use rq_min::export_ct::{self, convert, pack_int4, unpack_int4};
+use rq_min::json::Json;
+use rq_min::model::{LinearKind, Model};
+use rq_min::pipeline::{module_name, perplexity};
+use rq_min::progress::Progress;
+use rq_min::quant::read::linear_weight;
+use rq_min::safetensors::{write_file, Checkpoint, Dtype};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/families-llama")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("rq-min-ct-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Calibration: `rows` × `seq` ids from a fixed LCG (no tokenizer in the fixture).
+fn ids(rows: usize, seq: usize, vocab: u32, seed: u64) -> Vec<Vec<u32>> {
+    let mut x = seed;
+    (0..rows)
+        .map(|_| {
+            (0..seq)
+                .map(|_| {
+                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    ((x >> 33) as u32) % vocab
+                })
+                .collect()
+        })
+        .collect()
+}
+
+fn args(model: &Path, qformat: &str, out: &Path, calib: &Path) -> QuantizeArgs {
+    QuantizeArgs {
+        qformat: qformat.into(),
+        calib_ids: Some(calib.to_path_buf()),
+        calib_size: 4,
+        calib_seq: 16,
+        kv_cache: "fp8".into(),
+        no_eval: true,
+        force: true,
+        quiet: true,
+        ..QuantizeArgs::new(model, out)
+    }
+}
+
+fn write_ids(dir: &Path, rows: &[Vec<u32>]) -> PathBuf {
+    let p = dir.join("calib.json");
+    let text: Vec<String> =
+        rows.iter().map(|r| format!("[{}]", r.iter().map(u32::to_string).collect::<Vec<_>>().join(","))).collect();
+    std::fs::write(&p, format!("[{}]", text.join(","))).unwrap();
+    p
+}
+
+/// Name -> (dtype, shape) of a checkpoint folder.
+fn layout(dir: &Path) -> BTreeMap<String, (Dtype, Vec<usize>)> {
+    let ck = Checkpoint::open(dir).unwrap();
+    ck.names().iter().map(|n| (n.to_string(), ck.get(n).map(|t| (t.dtype, t.shape.to_vec())).unwrap())).collect()
+}
+
+/// The tensors compressed-tensors expects for one linear (export_ct.rs table).
+fn expected(format: &str, m: &str, [o, i]: [usize; 2], dtype: Dtype) -> Vec<(String, Dtype, Vec<usize>)> {
+    let t = |s: &str, d: Dtype, sh: Vec<usize>| (format!("{m}.{s}"), d, sh);
+    match format {
+        "fp8" => vec![t("weight", Dtype::F8E4M3, vec![o, i]), t("weight_scale", Dtype::F32, vec![1]), t("input_scale", Dtype::F32, vec![1])],
+        "int8_sq" => vec![t("weight", Dtype::I8, vec![o, i]), t("weight_scale", Dtype::F32, vec![o, 1]), t("input_scale", Dtype::F32, vec![1])],
+        "int4_awq" => vec![
+            t("weight_packed", Dtype::I32, vec![o, i / 8]),
+            t("weight_scale", dtype, vec![o, i / 128]),
+            t("weight_shape", Dtype::I64, vec![2]),
+        ],
+        _ => vec![
+            t("weight_packed", Dtype::U8, vec![o, i / 2]),
+            t("weight_scale", Dtype::F8E4M3, vec![o, i / 16]),
+            t("weight_global_scale", Dtype::F32, vec![1]),
+            t("input_global_scale", Dtype::F32, vec![1]),
+        ],
+    }
+}
+
+const FORMATS: [(&str, &str); 5] = [
+    ("fp8", "float-quantized"),
+    ("int8_sq", "int-quantized"),
+    ("int4_awq", "pack-quantized"),
+    ("nvfp4", "nvfp4-pack-quantized"),
+    ("nvfp4_awq", "nvfp4-pack-quantized"),
+];
+
+/// Exports `format` both ways from one compressed-tensors-mode run and checks everything;
+/// returns (unified, compressed-tensors) folders.
+fn check_format(tag: &str, model: &Path, format: &str, ct_format: &str, calib: &Path, windows: &[Vec<u32>]) -> (PathBuf, PathBuf) {
+    let dir = scratch(&format!("{tag}-{format}"));
+    let (unified, ct) = (dir.join("unified"), dir.join("ct"));
+    quantize_unified_with(&args(model, format, &unified, calib), true).unwrap();
+    convert(&unified, &ct, false).unwrap();
+    let orig = Model::open(model, None).unwrap();
+    let cfg = &orig.config;
+    let dtype = orig.dtype().unwrap();
+
+    // Compressed-tensors mode leaves no pre_quant_scale: every smoothing scale was folded.
+    let uni = layout(&unified);
+    assert!(!uni.keys().any(|n| n.ends_with("pre_quant_scale")), "{format}: a pre_quant_scale is left");
+
+    // Exactly the expected tensors for every linear, KV scales under self_attn, the rest as is.
+    let got = layout(&ct);
+    let mut want: BTreeMap<String, (Dtype, Vec<usize>)> = BTreeMap::new();
+    for l in 0..cfg.num_hidden_layers {
+        for k in LinearKind::ALL {
+            for (n, d, s) in expected(format, &module_name(l, k), k.shape(cfg), dtype) {
+                want.insert(n, (d, s));
+            }
+        }
+        for kv in ["k_scale", "v_scale"] {
+            want.insert(format!("model.layers.{l}.self_attn.{kv}"), (Dtype::F32, vec![1]));
+        }
+        for norm in ["input_layernorm", "post_attention_layernorm"] {
+            want.insert(format!("model.layers.{l}.{norm}.weight"), (dtype, vec![cfg.hidden_size]));
+        }
+    }
+    for (n, v) in layout(model) {
+        if !n.starts_with("model.layers.") {
+            want.insert(n, v);
+        }
+    }
+    assert_eq!(got, want, "{format}: tensor layout");
+    assert!(!ct.join("hf_quant_config.json").exists());
+
+    // config.json: one Linear group, the scheme's format, lm_head ignored, FP8 KV scheme.
+    let q = Json::parse_file(&ct.join("config.json")).unwrap().get("quantization_config").unwrap().clone();
+    assert_eq!(q.get("quant_method").and_then(Json::as_str), Some("compressed-tensors"));
+    assert_eq!(q.get("format").and_then(Json::as_str), Some(ct_format));
+    assert_eq!(q.get("quantization_status").and_then(Json::as_str), Some("compressed"));
+    assert_eq!(q.get("ignore").unwrap().to_compact(), r#"["lm_head"]"#);
+    let g = q.get("config_groups").unwrap().get("group_0").unwrap();
+    assert_eq!(g.get("targets").unwrap().to_compact(), r#"["Linear"]"#);
+    assert_eq!(g.get("input_activations").unwrap().is_null(), format == "int4_awq");
+    let kv = q.get("kv_cache_scheme").unwrap();
+    assert_eq!((kv.get("type").and_then(Json::as_str), kv.get("num_bits").and_then(Json::as_i64)), (Some("float"), Some(8)));
+
+    // Dequantized weights and norms: the same model. FP8 / INT8 / INT4 are the same codes and
+    // scales; NVFP4 divides by the inverted global scale as compressed-tensors does.
+    let (mu, mc) = (Model::open(&unified, None).unwrap(), Model::open(&ct, None).unwrap());
+    let (uck, cck) = (Checkpoint::open(&unified).unwrap(), Checkpoint::open(&ct).unwrap());
+    for l in 0..cfg.num_hidden_layers {
+        for k in LinearKind::ALL {
+            let m = module_name(l, k);
+            let (a, b) = (linear_weight(&mu, &m, k.shape(cfg)).unwrap(), linear_weight(&mc, &m, k.shape(cfg)).unwrap());
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert!(bits(&a) == bits(&b), "{format} {m}: dequantized weights differ");
+            if format.starts_with("nvfp4") {
+                // The codes and block scales are the unified export's bytes; the global scale is
+                // compressed-tensors' 448·6/amax for amax = ws2·2688, within an ulp (f64 reference).
+                let (uw, cw) = (uck.get(&format!("{m}.weight")).unwrap(), cck.get(&format!("{m}.weight_packed")).unwrap());
+                assert_eq!(uw.data, cw.data);
+                let ws2 = uck.get(&format!("{m}.weight_scale_2")).unwrap().to_f32().unwrap()[0] as f64;
+                let gs = cck.get(&format!("{m}.weight_global_scale")).unwrap().to_f32().unwrap()[0] as f64;
+                let reference = 448.0 * 6.0 / (ws2 * 2688.0);
+                assert!((gs / reference - 1.0).abs() <= 2.0f64.powi(-23), "{m}: global scale {gs} vs {reference}");
+            }
+        }
+        for norm in ["input_layernorm", "post_attention_layernorm"] {
+            let n = format!("model.layers.{l}.{norm}.weight");
+            assert_eq!(uck.get(&n).unwrap().data, cck.get(&n).unwrap().data);
+        }
+    }
+
+    // Perplexity of the two exports (rq-min's eval reads both layouts).
+    let p = Progress::new("eval", true);
+    let (pu, pc) = (perplexity(&mu, windows, &p).unwrap().ppl, perplexity(&mc, windows, &p).unwrap().ppl);
+    assert!(((pc - pu) / pu).abs() <= 1e-4, "{format}: perplexity {pc} vs unified {pu}");
+
+    // The verifier finds nothing, also against the original weights.
+    let report = rq_min::inspect::check(&ct).unwrap();
+    assert!(report.findings.is_empty(), "{format}: {:?}", report.findings);
+    rq_min::cli::verify(&ct, Some(model)).unwrap();
+    (unified, ct)
+}
+
+#[test]
+fn int4_packing_order() {
+    // Hand-computed: codes 1,-1,0,7,-8,2,-3,4 are nibbles 9,7,8,15,0,10,5,12, lowest bits first.
+    let q: Vec<i8> = vec![1, -1, 0, 7, -8, 2, -3, 4];
+    assert_eq!(pack_int4(&q, 8), 0xC5A0_F879u32.to_le_bytes());
+    // Every code at every position, against Σ (q_k + 8)·16^k in f64.
+    let q: Vec<i8> = (0..16 * 8).map(|j| ((j * 5 + j / 8) % 16) as i8 - 8).collect();
+    let packed = pack_int4(&q, 16);
+    for (word, codes) in packed.chunks_exact(4).zip(q.chunks_exact(8)) {
+        let reference: f64 = codes.iter().enumerate().map(|(k, &c)| (c as f64 + 8.0) * 16f64.powi(k as i32)).sum();
+        assert_eq!(u32::from_le_bytes(word.try_into().unwrap()) as f64, reference);
+    }
+    assert_eq!(unpack_int4(&packed), q);
+}
+
+#[test]
+fn global_scale_inverses() {
+    // Compressed-tensors mode moves weight_scale_2 by a few ulps to a value whose inverse
+    // reproduces ModelOpt's multiplier for every E4M3 block scale; inputs round-trip exactly.
+    let mut exact_as_is = 0;
+    for i in 0..200 {
+        let ws2 = 1.0e-5f32 * (1.0 + i as f32 * 0.0731);
+        let moved = export_ct::invertible_scale_2(ws2);
+        assert!(((moved as f64 / ws2 as f64) - 1.0).abs() < 1e-5, "{ws2} -> {moved}");
+        let gs = export_ct::nvfp4_global_scale(moved);
+        assert!((gs as f64 * moved as f64 - 1.0).abs() < 1e-6);
+        let same = (1u8..0x7F).filter(|&c| {
+            let s = rq_min::numerics::e4m3_to_f32(c);
+            s / gs == s * moved
+        });
+        assert_eq!(same.count(), 126, "ws2 {moved}: gs {gs}");
+        exact_as_is += (moved == ws2) as usize;
+        let s = export_ct::invertible_input_scale(ws2);
+        assert!(((s as f64 / ws2 as f64) - 1.0).abs() < 1e-5);
+        assert_eq!(1.0 / export_ct::input_global_scale(s), s);
+    }
+    eprintln!("{exact_as_is}/200 weight_scale_2 values had an exact inverse unmoved");
+}
+
+#[test]
+fn families_llama_every_format() {
+    let dir = scratch("calib");
+    let calib = write_ids(&dir, &ids(4, 16, 512, 7));
+    let windows = ids(2, 32, 512, 11);
+    for (format, ct_format) in FORMATS {
+        check_format("llama", &fixture(), format, ct_format, &calib, &windows);
+    }
+}
+
+#[test]
+fn cli_export_matches_converter_and_refusals() {
+    let dir = scratch("cli");
+    let calib = write_ids(&dir, &ids(4, 16, 512, 7));
+    let (_, ct) = check_format("cli", &fixture(), "int4_awq", "pack-quantized", &calib, &ids(1, 16, 512, 3));
+    let out = dir.join("cli-int4");
+    quantize(&QuantizeArgs { export: "compressed-tensors".into(), ..args(&fixture(), "int4_awq", &out, &calib) }).unwrap();
+    let (a, b) = (Checkpoint::open(&ct).unwrap(), Checkpoint::open(&out).unwrap());
+    assert_eq!(a.names(), b.names());
+    for n in a.names() {
+        assert_eq!(a.get(n).unwrap().data, b.get(n).unwrap().data, "{n}");
+    }
+
+    // W4A8: refused, naming the TensorRT-LLM export.
+    let e = quantize(&QuantizeArgs { export: "compressed-tensors".into(), ..args(&fixture(), "w4a8_awq", &dir.join("w4a8"), &calib) })
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--export trtllm"), "{e}");
+    assert!(!dir.join("w4a8").exists());
+    // A unified export made without compressed-tensors mode keeps o_proj's pre_quant_scale
+    // (GQA): the converter refuses it and leaves nothing behind.
+    let plain = dir.join("plain");
+    quantize(&args(&fixture(), "int4_awq", &plain, &calib)).unwrap();
+    let e = convert(&plain, &dir.join("refused"), false).unwrap_err().to_string();
+    assert!(e.contains("pre_quant_scale"), "{e}");
+    assert!(!dir.join("refused").exists());
+    let e = quantize(&QuantizeArgs { export: "nope".into(), ..args(&fixture(), "fp8", &dir.join("x"), &calib) }).unwrap_err().to_string();
+    assert!(e.contains("hf, trtllm, qnemo, compressed-tensors"), "{e}");
+}
+
+/// Rewrites `dir`'s single safetensors file through `edit`.
+fn rewrite(dir: &Path, edit: impl Fn(&str, Dtype, Vec<usize>, Vec<u8>) -> Option<(Dtype, Vec<usize>, Vec<u8>)>) {
+    let path = dir.join("model.safetensors");
+    let st = rq_min::safetensors::SafeTensors::open(&path).unwrap();
+    let kept: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .iter()
+        .filter_map(|i| {
+            let v = st.get(&i.name).unwrap();
+            edit(&i.name, v.dtype, v.shape.to_vec(), v.data.to_vec()).map(|(d, s, b)| (i.name.clone(), d, s, b))
+        })
+        .collect();
+    drop(st);
+    let refs: Vec<(&str, Dtype, &[usize], &[u8])> = kept.iter().map(|(n, d, s, b)| (n.as_str(), *d, s.as_slice(), b.as_slice())).collect();
+    write_file(&path, &refs, &[("format".into(), "pt".into())]).unwrap();
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn verify_catches_broken_copies() {
+    let dir = scratch("broken");
+    let calib = write_ids(&dir, &ids(4, 16, 512, 7));
+    let (unified, ct) = (dir.join("u"), dir.join("ct"));
+    quantize_unified_with(&args(&fixture(), "int4_awq", &unified, &calib), true).unwrap();
+    convert(&unified, &ct, false).unwrap();
+    let m = "model.layers.1.self_attn.q_proj";
+
+    let missing = dir.join("missing-scale");
+    copy_dir(&ct, &missing);
+    rewrite(&missing, |n, d, s, b| (n != format!("{m}.weight_scale")).then_some((d, s, b)));
+    let f = rq_min::inspect::check(&missing).unwrap().findings;
+    assert!(f.iter().any(|x| x.starts_with(m) && x.contains("weight_scale missing")), "{f:?}");
+
+    let short = dir.join("short-packed");
+    copy_dir(&ct, &short);
+    rewrite(&short, |n, d, s, b| {
+        if n == format!("{m}.weight_packed") {
+            let cols = s[1] - 1;
+            let data: Vec<u8> = b.chunks_exact(s[1] * 4).flat_map(|r| r[..cols * 4].to_vec()).collect();
+            Some((d, vec![s[0], cols], data))
+        } else {
+            Some((d, s, b))
+        }
+    });
+    let f = rq_min::inspect::check(&short).unwrap().findings;
+    assert!(f.iter().any(|x| x.starts_with(m)), "{f:?}");
+    assert!(rq_min::cli::verify(&short, None).is_err());
+
+    let no_shape = dir.join("no-shape");
+    copy_dir(&ct, &no_shape);
+    rewrite(&no_shape, |n, d, s, b| (n != format!("{m}.weight_shape")).then_some((d, s, b)));
+    let f = rq_min::inspect::check(&no_shape).unwrap().findings;
+    assert!(f.iter().any(|x| x.starts_with(m) && x.contains("weight_shape")), "{f:?}");
+}
+
+#[test]
+fn rq_tiny_int4_and_nvfp4() {
+    let Some(shared) = common::shared_dir() else { return };
+    let model = shared.join("models/rq-tiny");
+    let dir = scratch("tiny");
+    let calib = write_ids(&dir, &ids(4, 16, 32000, 5));
+    let tok = rq_min::tokenizer::Tokenizer::from_dir(&model).unwrap();
+    let windows: Vec<Vec<u32>> =
+        rq_min::pipeline::eval_windows(&tok.encode(rq_min::cli::DEFAULT_EVAL_TEXT), 64).into_iter().take(2).collect();
+    for (format, ct_format) in [("int4_awq", "pack-quantized"), ("nvfp4", "nvfp4-pack-quantized"), ("int8_sq", "int-quantized")] {
+        check_format("tiny", &model, format, ct_format, &calib, &windows);
+    }
+}
