@@ -2,9 +2,13 @@
 //! spec/export-formats.md §4): `config.json` plus `rank{r}.safetensors` for r < tp·pp, made
 //! from a unified-HF checkpoint written by rq-min and the original model folder.
 //!
-//! Families: Llama, Mistral, Qwen2 (q/k/v biases -> `attention.qkv.bias`), Qwen3 (q/k norms ->
-//! `attention.{q,k}_layernorm`), Gemma (norms written as `1 + w`, embedding unscaled, shared
-//! table). Formats FP8, NVFP4, INT8 SmoothQuant, INT4 AWQ, W4A8 AWQ, none (unquantized), and
+//! Families (`TRTLLM_FAMILIES`): Llama, Mistral, Qwen2 (q/k/v biases -> `attention.qkv.bias`),
+//! Qwen3 (q/k norms -> `attention.{q,k}_layernorm`), Gemma (norms written as `1 + w`, embedding
+//! unscaled, shared table), Phi3 (fused qkv_proj split into q/k/v rows; gate_up_proj ->
+//! `mlp.fc` = [up; gate] under `swiglu`), Starcoder2 and Nemotron (TRT-LLM's GPTForCausalLM
+//! variants: LayerNorm weight + bias, plain `mlp.fc` / `mlp.proj`, Starcoder2's biases on every
+//! linear, Nemotron's LayerNorm1P as `1 + w`, `squared-relu`, partial rotary as `rotary_pct`).
+//! Formats FP8, NVFP4, INT8 SmoothQuant, INT4 AWQ, W4A8 AWQ, none (unquantized), and
 //! MIXED_PRECISION of those (auto-quantize / --layer-formats: `quant_cfg.json`). NVFP4_AWQ is
 //! refused: TensorRT-LLM's QuantAlgo has no such algorithm.
 //!
@@ -14,9 +18,16 @@
 //!   ModelOpt does. Every other FP8 linear keeps the unified export's codes.
 //! - AWQ: this path has no layernorm folding, so every AWQ linear carries
 //!   `prequant_scaling_factor`. rq-min's unified export folded the shared q/k/v (gate/up)
-//!   scale into the norm; it is recovered as `exported_norm / original_norm` per channel and
-//!   the ORIGINAL norm is written. This is exact up to the model-dtype rounding of the folded
-//!   norm (for bf16 models: a relative error of at most 2^-9 per channel; exact for f32).
+//!   scale into the norm (weight and LayerNorm bias); it is recovered as
+//!   `exported_norm / original_norm` per channel and the ORIGINAL norm (and bias) is written.
+//!   This is exact up to the model-dtype rounding of the folded norm (for bf16 models: a
+//!   relative error of at most 2^-9 per channel; exact for f32).
+//! - Phi3's fused modules have one quantizer each: q/k/v (up/gate) rows share its per-tensor
+//!   scales. Under TP each rank's `mlp.fc` is `[up_r; gate_r]` (the halves split separately,
+//!   as ModelOpt splits its MoE w3/w1 pair and TRT-LLM's swiglu needs). DEVIATION: ModelOpt's
+//!   dense `_split_model_config_for_tp` chunks the fused fc as one column linear (rank 0 all of
+//!   up, rank 1 all of gate), which TRT-LLM's per-rank swiglu would misread; tp = 1 is equal.
+//! - Row-parallel biases (dense, proj) are whole on every rank, column biases split (§4.5).
 //! - TP: KV heads are duplicated when tp > num_key_value_heads, the vocabulary is padded with
 //!   zero rows to a multiple of tp (AWQ: first to a multiple of 64), §4.4/§4.5.
 //! - Layer indices are local to a pipeline rank (rank p holds `transformer.layers.0..L/pp`),
@@ -73,6 +84,13 @@ impl Tn {
         shape[0] *= reps;
         Tn { dtype: self.dtype, shape, data }
     }
+    /// Rows `a..b` along dim 0.
+    fn rows(&self, a: usize, b: usize) -> Tn {
+        let row = self.data.len() / self.shape[0];
+        let mut shape = self.shape.clone();
+        shape[0] = b - a;
+        Tn { dtype: self.dtype, shape, data: self.data[a * row..b * row].to_vec() }
+    }
     /// Zero rows appended up to `rows` (ModelOpt `pad_weights`).
     fn pad_rows(mut self, rows: usize) -> Tn {
         if self.shape[0] < rows {
@@ -94,17 +112,15 @@ impl Tn {
                 if dim == 1 && self.shape.len() == 2 && self.dtype == Dtype::F32 { "groups/columns" } else { "entries" }
             )));
         }
-        let size = self.dtype.size();
         let c = n / tp;
+        if dim == 0 {
+            return Ok(self.rows(r * c, (r + 1) * c));
+        }
+        let size = self.dtype.size();
         let mut shape = self.shape.clone();
         shape[dim] = c;
-        let data = if dim == 0 {
-            let row: usize = self.shape[1..].iter().product::<usize>() * size;
-            self.data[r * c * row..(r + 1) * c * row].to_vec()
-        } else {
-            let cols = self.shape[1] * size;
-            self.data.chunks_exact(cols).flat_map(|row| row[r * c * size..(r + 1) * c * size].iter().copied()).collect()
-        };
+        let cols = self.shape[1] * size;
+        let data = self.data.chunks_exact(cols).flat_map(|row| row[r * c * size..(r + 1) * c * size].iter().copied()).collect();
         Ok(Tn { dtype: self.dtype, shape, data })
     }
 }
@@ -152,6 +168,18 @@ impl Lin {
     fn dup_heads(&self, heads: usize, reps: usize) -> Lin {
         let rows = |t: &Option<Tn>| t.as_ref().map(|t| if t.numel() > 1 { t.dup_heads(heads, reps) } else { t.clone() });
         Lin { w: self.w.dup_heads(heads, reps), ws: rows(&self.ws), bias: rows(&self.bias), ..self.clone() }
+    }
+    /// Output rows `a..b` of a fused module (Phi3's qkv_proj, gate_up_proj): weight rows
+    /// (`pack` rows per stored row: 2 for INT4's packed row pairs, §1.5), per-row scales and
+    /// bias; per-tensor factors and the input-side prequant scale are the whole module's.
+    fn rows(&self, name: &str, a: usize, b: usize, pack: usize) -> Result<Lin> {
+        if a % pack != 0 || b % pack != 0 {
+            return Err(Error::Unsupported(format!(
+                "{name}: rows {a}..{b} split a packed INT4 row pair; TensorRT-LLM needs them apart"
+            )));
+        }
+        let rows = |t: &Option<Tn>| t.as_ref().map(|t| if t.numel() > 1 { t.rows(a, b) } else { t.clone() });
+        Ok(Lin { w: self.w.rows(a / pack, b / pack), ws: rows(&self.ws), bias: rows(&self.bias), ..self.clone() })
     }
     fn column(&self, name: &str, tp: usize, r: usize) -> Result<Lin> {
         let ws = match &self.ws {
@@ -236,6 +264,69 @@ fn load_lin(ck: &Checkpoint, module: &str, shape: [usize; 2]) -> Result<(Stored,
     Ok((stored, Lin { w, ws, ws2: opt("weight_scale_2"), act: opt("input_scale"), pqs: opt("pre_quant_scale"), bias: None }))
 }
 
+/// One runtime linear of a decoder layer as loaded from the unified checkpoint.
+struct Linear {
+    kind: LinearKind,
+    /// The HF module holding it (for messages).
+    module: String,
+    format: Option<QFormat>,
+    lin: Lin,
+}
+
+/// A decoder layer's linears, fused HF modules (Phi3's qkv_proj, gate_up_proj) split into
+/// their linears' rows.
+struct LayerLinears(Vec<Linear>);
+
+impl LayerLinears {
+    fn load(uni: &Checkpoint, quant: &Quant, cfg: &ModelConfig, hf: &str) -> Result<LayerLinears> {
+        let mut out = Vec::new();
+        for m in cfg.modules {
+            let module = format!("{hf}.{}", m.name);
+            let shape = m.shape(cfg);
+            let (s, mut lin) = load_lin(uni, &module, shape)?;
+            lin.bias = uni.get(&format!("{module}.bias")).map(|b| Tn::from_view(&b));
+            let format = quant.of(&module, s)?;
+            let pack = shape[0] / lin.w.shape[0];
+            let mut row = 0;
+            for &kind in m.kinds {
+                let rows = kind.shape(cfg)[0];
+                let part = if m.kinds.len() == 1 { lin.clone() } else { lin.rows(&module, row, row + rows, pack)? };
+                out.push(Linear { kind, module: module.clone(), format, lin: part });
+                row += rows;
+            }
+        }
+        Ok(LayerLinears(out))
+    }
+    fn get(&self, k: LinearKind) -> Result<&Linear> {
+        self.0.iter().find(|x| x.kind == k).ok_or_else(|| Error::Unsupported(format!("a layer without a {k:?} linear")))
+    }
+    fn get_mut(&mut self, k: LinearKind) -> Result<&mut Linear> {
+        self.0.iter_mut().find(|x| x.kind == k).ok_or_else(|| Error::Unsupported(format!("a layer without a {k:?} linear")))
+    }
+}
+
+/// The AWQ pre_quant_scale rq-min's unified export folded into `norm` (spec/export-formats.md
+/// §2.7: weight · s, LayerNorm bias · s; `1 + w` norms: (1 + w) · s - 1), per channel:
+/// exported / original weight ((1 + e) / (1 + o) for offset norms), from the bias where that
+/// is 0 / 0, else 1. Exact up to the model-dtype rounding of the folded norm.
+fn folded_scale(uni: &Checkpoint, orig: &Checkpoint, norm: &str, offset: bool) -> Result<Vec<f32>> {
+    let read = |ck: &Checkpoint, suffix: &str| -> Result<Option<Vec<f32>>> {
+        ck.get(&format!("{norm}.{suffix}")).map(|t| t.to_f32()).transpose()
+    };
+    let (Some(e), Some(o)) = (read(uni, "weight")?, read(orig, "weight")?) else {
+        return Err(Error::tensor(format!("{norm}.weight"), "missing"));
+    };
+    let (eb, ob) = (read(uni, "bias")?, read(orig, "bias")?);
+    let off = if offset { 1.0 } else { 0.0 };
+    Ok((0..o.len())
+        .map(|c| match (o[c] + off, &eb, &ob) {
+            (d, _, _) if d != 0.0 => (e[c] + off) / d,
+            (_, Some(eb), Some(ob)) if ob[c] != 0.0 => eb[c] / ob[c],
+            _ => 1.0,
+        })
+        .collect())
+}
+
 fn encode(values: &[f32], dtype: Dtype) -> Tn {
     Tn { dtype, shape: vec![values.len()], data: crate::quantize::encode(values, dtype) }
 }
@@ -311,21 +402,117 @@ impl Quant {
     }
 }
 
-/// The families this converter writes (TRT-LLM maps Mistral to its Llama model and Qwen2/Qwen3
-/// to `QWenForCausalLM`).
-pub const TRTLLM_ARCHITECTURES: [&str; 5] =
-    ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GemmaForCausalLM"];
+/// One TensorRT-LLM linear of a decoder layer.
+#[derive(Clone, Copy, Debug)]
+pub struct TrtLinear {
+    /// Its name under `transformer.layers.{l}.`.
+    pub name: &'static str,
+    /// The runtime linears whose output rows it stacks, in this order; each TP rank holds each
+    /// one's rank slice, one after the other (`[q_r; k_r; v_r]`, §4.5).
+    pub kinds: &'static [LinearKind],
+    /// Row-parallel (split along the input, bias replicated on every rank, §4.5) rather than
+    /// column-parallel.
+    pub row: bool,
+    /// The HF norm in front of it, which rq-min's unified export folds its AWQ scale into.
+    pub norm: Option<&'static str>,
+}
 
-/// Refuses a model family the converter does not handle.
-pub fn check_model(cfg: &ModelConfig) -> Result<()> {
-    if !TRTLLM_ARCHITECTURES.contains(&cfg.architecture.as_str()) {
+const fn trt(name: &'static str, kinds: &'static [LinearKind], row: bool, norm: Option<&'static str>) -> TrtLinear {
+    TrtLinear { name, kinds, row, norm }
+}
+
+const QKV: TrtLinear = trt("attention.qkv", &[LinearKind::Q, LinearKind::K, LinearKind::V], false, Some("input_layernorm"));
+const DENSE: TrtLinear = trt("attention.dense", &[LinearKind::O], true, None);
+const PROJ: TrtLinear = trt("mlp.proj", &[LinearKind::Down], true, None);
+const POST: Option<&str> = Some("post_attention_layernorm");
+
+/// LLaMA / QWen / Gemma `GatedMLP`: `mlp.fc` is the activated gate_proj, `mlp.gate` up_proj (§4.3).
+pub const GATED_LINEARS: &[TrtLinear] =
+    &[QKV, DENSE, trt("mlp.fc", &[LinearKind::Gate], false, POST), trt("mlp.gate", &[LinearKind::Up], false, POST), PROJ];
+/// Phi3's `MLP` under `swiglu` (`x, gate = chunk(fc(h), 2)`: the second half is activated): one
+/// `mlp.fc` holding gate_up_proj with its halves swapped, `[up; gate]` (ModelOpt
+/// `build_mlp_config` for phi3, TRT-LLM's phi3 convert).
+const SWIGLU_LINEARS: &[TrtLinear] = &[QKV, DENSE, trt("mlp.fc", &[LinearKind::Up, LinearKind::Gate], false, POST), PROJ];
+/// GPT's plain `MLP`: `mlp.fc` = c_fc / up_proj, `mlp.proj` = c_proj / down_proj.
+const PLAIN_LINEARS: &[TrtLinear] = &[QKV, DENSE, trt("mlp.fc", &[LinearKind::Up], false, POST), PROJ];
+
+/// The config.json keys a family's TensorRT-LLM config class adds (§4.2).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Keys {
+    None,
+    /// `QWenConfig`: qwen_type (the HF model_type), attn_bias, mlp_bias.
+    Qwen,
+    /// `GemmaConfig`: attn_bias, mlp_bias.
+    Gemma,
+    /// `GPTConfig`: gpt_variant (Starcoder2 and Nemotron are variants of GPTForCausalLM).
+    Gpt(&'static str),
+}
+
+/// How TensorRT-LLM models a family. Its `MODEL_MAP` takes the HF architecture string
+/// (Mistral -> LLaMAForCausalLM, Qwen2/Qwen3 -> QWenForCausalLM, Starcoder2/Nemotron ->
+/// GPTForCausalLM), which config.json keeps.
+#[derive(Debug)]
+pub struct TrtFamily {
+    pub architecture: &'static str,
+    pub linears: &'static [TrtLinear],
+    /// TensorRT-LLM's `hidden_act` for each HF activation the class runs ("gelu" is its tanh
+    /// approximation; ModelOpt names relu2 "squared-relu").
+    acts: &'static [(Activation, &'static str)],
+    /// The class holds linear biases (TRT-LLM's Phi3 and GPT nemotron variant have none).
+    biases: bool,
+    /// TRT-LLM's GemmaConfig always shares the embedding table: ModelOpt then writes no
+    /// lm_head on a single pipeline rank (§4.2).
+    shared_table: bool,
+    keys: Keys,
+}
+
+const LLAMA_ACTS: &[(Activation, &str)] = &[(Activation::Silu, "silu"), (Activation::GeluTanh, "gelu")];
+
+/// The families this converter writes.
+pub const TRTLLM_FAMILIES: [TrtFamily; 8] = {
+    type Acts = &'static [(Activation, &'static str)];
+    const fn f(architecture: &'static str, linears: &'static [TrtLinear], acts: Acts, biases: bool, keys: Keys) -> TrtFamily {
+        TrtFamily { architecture, linears, acts, biases, shared_table: matches!(keys, Keys::Gemma), keys }
+    }
+    [
+        f("LlamaForCausalLM", GATED_LINEARS, LLAMA_ACTS, true, Keys::None),
+        f("MistralForCausalLM", GATED_LINEARS, LLAMA_ACTS, true, Keys::None),
+        f("Qwen2ForCausalLM", GATED_LINEARS, LLAMA_ACTS, true, Keys::Qwen),
+        f("Qwen3ForCausalLM", GATED_LINEARS, LLAMA_ACTS, true, Keys::Qwen),
+        f("GemmaForCausalLM", GATED_LINEARS, LLAMA_ACTS, true, Keys::Gemma),
+        // TRT-LLM's Phi3Config: "swiglu" for silu (ModelOpt overrides phi3's hidden_act likewise).
+        f("Phi3ForCausalLM", SWIGLU_LINEARS, &[(Activation::Silu, "swiglu")], false, Keys::None),
+        // GPTConfig.from_hugging_face: starcoder2 "gelu" with `bias = use_bias`; nemotron
+        // "squared-relu" with `bias = False`.
+        f("Starcoder2ForCausalLM", PLAIN_LINEARS, &[(Activation::GeluTanh, "gelu")], true, Keys::Gpt("starcoder2")),
+        f("NemotronForCausalLM", PLAIN_LINEARS, &[(Activation::Relu2, "squared-relu")], false, Keys::Gpt("nemotron")),
+    ]
+};
+
+/// The TensorRT-LLM family of HF `architecture`.
+pub fn trt_family(architecture: &str) -> Option<&'static TrtFamily> {
+    TRTLLM_FAMILIES.iter().find(|f| f.architecture == architecture)
+}
+
+/// Refuses a model the converter does not handle: another family, an activation or linear
+/// biases the family's TensorRT-LLM class does not run. Returns the family and its `hidden_act`.
+pub fn check_model(cfg: &ModelConfig) -> Result<(&'static TrtFamily, &'static str)> {
+    let Some(fam) = trt_family(&cfg.architecture) else {
+        let names: Vec<&str> = TRTLLM_FAMILIES.iter().map(|f| f.architecture).collect();
+        let msg = format!("TensorRT-LLM export of {} (supported: {})", cfg.architecture, names.join(", "));
+        return Err(Error::Unsupported(msg));
+    };
+    let Some(&(_, act)) = fam.acts.iter().find(|(a, _)| *a == cfg.act) else {
+        let msg = format!("TensorRT-LLM export of {} with the {:?} activation", cfg.architecture, cfg.act);
+        return Err(Error::Unsupported(msg));
+    };
+    if !fam.biases && (cfg.qkv_bias || cfg.mlp_bias) {
         return Err(Error::Unsupported(format!(
-            "TensorRT-LLM export of {} (supported: {})",
-            cfg.architecture,
-            TRTLLM_ARCHITECTURES.join(", ")
+            "TensorRT-LLM export of {} with linear biases (TensorRT-LLM's model of it has none)",
+            cfg.architecture
         )));
     }
-    Ok(())
+    Ok((fam, act))
 }
 
 /// Refuses a TP/PP split the model's dimensions do not allow. KV heads: `tp` must divide them
@@ -366,7 +553,7 @@ fn trt_norm(t: &TensorView, offset: bool) -> Result<Tn> {
 /// unquantized) into a TensorRT-LLM checkpoint in `out`, via a staging folder.
 pub fn convert(original: &Path, unified: Option<&Path>, out: &Path, o: &TrtllmOptions) -> Result<()> {
     let cfg = ModelConfig::from_dir(original)?;
-    check_model(&cfg)?;
+    let (fam, hidden_act) = check_model(&cfg)?;
     check_split(&cfg, o.tp, o.pp)?;
     let orig = Checkpoint::open(original)?;
     let uni = Checkpoint::open(unified.unwrap_or(original))?;
@@ -385,46 +572,47 @@ pub fn convert(original: &Path, unified: Option<&Path>, out: &Path, o: &TrtllmOp
     // MIXED_PRECISION: TRT-LLM module (local layer index) -> format.
     let mut layer_formats: Vec<(String, QFormat)> = Vec::new();
     let mut formats_used: Vec<QFormat> = Vec::new();
+    const QKV_KINDS: [LinearKind; 3] = [LinearKind::Q, LinearKind::K, LinearKind::V];
+    // q, k and v as modules of their own (None: Phi3's fused qkv_proj).
+    let separate_qkv: Option<Vec<&str>> =
+        QKV_KINDS.iter().map(|k| cfg.modules.iter().find(|m| m.kinds == [*k]).map(|m| m.name)).collect();
 
     for l in 0..cfg.num_hidden_layers {
         let (pp_rank, local) = (l / per_pp, l % per_pp);
         let hf = format!("model.layers.{l}");
         let trt = format!("transformer.layers.{local}");
-        let mut lins = Vec::new();
-        for kind in LinearKind::ALL {
-            let module = format!("{hf}.{}", kind.module());
-            let (s, mut lin) = load_lin(&uni, &module, kind.shape(&cfg))?;
-            lin.bias = uni.get(&format!("{module}.bias")).map(|b| Tn::from_view(&b));
-            lins.push((quant.of(&module, s)?, lin));
+        let mut lins = LayerLinears::load(&uni, &quant, &cfg, &hf)?;
+        let mut norms = Vec::new();
+        for (from, to) in [("input_layernorm", "input_layernorm"), ("post_attention_layernorm", "post_layernorm")] {
+            let w = trt_norm(&orig.tensor(&format!("{hf}.{from}.weight"))?, cfg.norm_offset)?;
+            norms.push((format!("{trt}.{to}.weight"), w));
+            if cfg.layer_norm {
+                norms.push((format!("{trt}.{to}.bias"), Tn::from_view(&orig.tensor(&format!("{hf}.{from}.bias"))?)));
+            }
         }
-        let norms = [
-            trt_norm(&orig.tensor(&format!("{hf}.input_layernorm.weight"))?, cfg.norm_offset)?,
-            trt_norm(&orig.tensor(&format!("{hf}.post_attention_layernorm.weight"))?, cfg.norm_offset)?,
-        ];
-        // TRT-LLM modules: their HF members (sharing an input) and the norm AWQ folded into.
-        let groups: [(&[usize], &str, Option<&str>); 5] = [
-            (&[0, 1, 2], "attention.qkv", Some("input_layernorm")),
-            (&[3], "attention.dense", None),
-            (&[4], "mlp.fc", Some("post_attention_layernorm")),
-            (&[5], "mlp.gate", Some("post_attention_layernorm")),
-            (&[6], "mlp.proj", None),
-        ];
-        for (members, name, norm) in groups {
-            let f = lins[members[0]].0;
-            if members.iter().any(|&i| lins[i].0 != f) || (name == "mlp.fc" && lins[5].0 != f) {
+        for t in fam.linears {
+            // Linears reading one norm's output share a format: TRT-LLM fuses them.
+            let group: Vec<LinearKind> = match t.norm {
+                Some(n) => fam.linears.iter().filter(|u| u.norm == Some(n)).flat_map(|u| u.kinds.iter().copied()).collect(),
+                None => t.kinds.to_vec(),
+            };
+            let formats = group.iter().map(|&k| Ok(lins.get(k)?.format)).collect::<Result<Vec<_>>>()?;
+            let f = formats[0];
+            if formats.iter().any(|&g| g != f) {
+                let names: Vec<&str> = formats.iter().map(|g| g.map_or("none", QFormat::cli_name)).collect();
                 return Err(Error::Unsupported(format!(
                     "{hf}: linears sharing an input in different formats ({}); TensorRT-LLM fuses them",
-                    members.iter().map(|&i| lins[i].0.map_or("none", QFormat::cli_name)).collect::<Vec<_>>().join(", ")
+                    names.join(", ")
                 )));
             }
             let Some(f) = f else {
-                excluded.push(format!("{trt}.{name}"));
+                excluded.push(format!("{trt}.{}", t.name));
                 continue;
             };
             if !formats_used.contains(&f) {
                 formats_used.push(f);
             }
-            let module = format!("{trt}.{name}");
+            let module = format!("{trt}.{}", t.name);
             match layer_formats.iter().find(|(m, _)| *m == module) {
                 Some((_, g)) if *g != f => {
                     return Err(Error::Unsupported(format!(
@@ -435,37 +623,40 @@ pub fn convert(original: &Path, unified: Option<&Path>, out: &Path, o: &TrtllmOp
                 Some(_) => {}
                 None => layer_formats.push((module, f)),
             }
-            if !f.awq() || lins[members[0]].1.pqs.is_some() {
+            if !f.awq() || lins.get(t.kinds[0])?.lin.pqs.is_some() {
                 continue;
             }
             // The legacy path has no layernorm folding: every AWQ linear carries its
-            // prequant_scaling_factor. Recovered from the folded norm as exported / original
-            // (offset norms: (1 + exported) / (1 + original)); ones for dense / proj.
-            let p: Vec<f32> = match norm {
-                Some(norm) => {
-                    let exported = uni.tensor(&format!("{hf}.{norm}.weight"))?.to_f32()?;
-                    let original = orig.tensor(&format!("{hf}.{norm}.weight"))?.to_f32()?;
-                    let off = if cfg.norm_offset { 1.0 } else { 0.0 };
-                    exported.iter().zip(&original).map(|(e, o)| if o + off == 0.0 { 1.0 } else { (e + off) / (o + off) }).collect()
-                }
-                None => vec![1.0; LinearKind::ALL[members[0]].shape(&cfg)[1]],
+            // prequant_scaling_factor, recovered from the norm rq-min's unified export folded
+            // it into; ones for dense / proj.
+            let p = match t.norm {
+                Some(norm) => encode(&folded_scale(&uni, &orig, &format!("{hf}.{norm}"), cfg.norm_offset)?, dtype),
+                None => encode(&vec![1.0; t.kinds[0].shape(&cfg)[1]], dtype),
             };
-            for &i in members {
-                lins[i].1.pqs = Some(encode(&p, dtype));
+            for &k in t.kinds {
+                lins.get_mut(k)?.lin.pqs = Some(p.clone());
             }
         }
-        // FP8 qkv: one scale (max) and the weight re-quantized from the original.
-        if lins[0].0 == Some(QFormat::Fp8) {
-            let ws = max_scalar(&[0, 1, 2].map(|i| lins[i].1.ws.as_ref().expect("fp8 weight_scale")));
-            for i in 0..3 {
-                let w = orig.tensor(&format!("{hf}.{}.weight", LinearKind::ALL[i].module()))?.to_f32()?;
-                lins[i].1.w.data = fp8::quantize(&w, ws.value(), dtype);
-                lins[i].1.ws = Some(ws.clone());
+        // FP8 qkv: one scale (max) and the weight re-quantized from the original (§4.4). A
+        // fused qkv_proj has one quantizer: its one scale and codes stay.
+        if let (Some(QFormat::Fp8), Some(names)) = (lins.get(LinearKind::Q)?.format, &separate_qkv) {
+            let mut scales = Vec::new();
+            for k in QKV_KINDS {
+                let x = lins.get(k)?;
+                scales.push(x.lin.ws.clone().ok_or_else(|| Error::tensor(&x.module, "FP8 linear without weight_scale"))?);
+            }
+            let ws = max_scalar(&scales.iter().collect::<Vec<_>>());
+            for (&k, name) in QKV_KINDS.iter().zip(names) {
+                let w = orig.tensor(&format!("{hf}.{name}.weight"))?.to_f32()?;
+                let x = &mut lins.get_mut(k)?.lin;
+                x.w.data = fp8::quantize(&w, ws.value(), dtype);
+                x.ws = Some(ws.clone());
             }
         }
         if kv_reps > 1 {
-            for i in [1, 2] {
-                lins[i].1 = lins[i].1.dup_heads(cfg.num_key_value_heads, kv_reps);
+            for k in [LinearKind::K, LinearKind::V] {
+                let x = &mut lins.get_mut(k)?.lin;
+                *x = x.dup_heads(cfg.num_key_value_heads, kv_reps);
             }
         }
         let qk_norms = match cfg.qk_norm {
@@ -484,15 +675,16 @@ pub fn convert(original: &Path, unified: Option<&Path>, out: &Path, o: &TrtllmOp
         };
         for tp_rank in 0..tp {
             let out = &mut ranks[tp_rank + pp_rank * tp];
-            out.push((format!("{trt}.input_layernorm.weight"), norms[0].clone()));
-            out.push((format!("{trt}.post_layernorm.weight"), norms[1].clone()));
-            let col = |i: usize| lins[i].1.column(&format!("{hf}.{}", LinearKind::ALL[i].module()), tp, tp_rank);
-            Lin::merge(&[col(0)?, col(1)?, col(2)?]).emit(&format!("{trt}.attention.qkv"), out);
-            let row = |i: usize| lins[i].1.row(&format!("{hf}.{}", LinearKind::ALL[i].module()), tp, tp_rank);
-            row(3)?.emit(&format!("{trt}.attention.dense"), out);
-            col(4)?.emit(&format!("{trt}.mlp.fc"), out);
-            col(5)?.emit(&format!("{trt}.mlp.gate"), out);
-            row(6)?.emit(&format!("{trt}.mlp.proj"), out);
+            out.extend(norms.iter().cloned());
+            for t in fam.linears {
+                // Each member's column slice (or input slice for row-parallel), stacked.
+                let mut parts = Vec::new();
+                for &k in t.kinds {
+                    let x = lins.get(k)?;
+                    parts.push(if t.row { x.lin.row(&x.module, tp, tp_rank)? } else { x.lin.column(&x.module, tp, tp_rank)? });
+                }
+                Lin::merge(&parts).emit(&format!("{trt}.{}", t.name), out);
+            }
             if let Some([q, k]) = &qk_norms {
                 // Qwen3's per-head q/k RMSNorm (TRT-LLM qwen convert: attention.{q,k}_layernorm).
                 out.push((format!("{trt}.attention.q_layernorm.weight"), q.clone()));
@@ -511,7 +703,7 @@ pub fn convert(original: &Path, unified: Option<&Path>, out: &Path, o: &TrtllmOp
     let mut embed = Tn::from_view(&orig.tensor("model.embed_tokens.weight")?);
     // Gemma's table is always shared (TRT-LLM GemmaConfig); ModelOpt then writes no lm_head
     // and sets share_embedding_table on a single pipeline rank (§4.2).
-    let share = cfg.norm_offset && pp == 1;
+    let share = fam.shared_table && pp == 1;
     let mut lm_head = match uni.get("lm_head.weight") {
         _ if share => None,
         Some(v) if matches!(v.dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16) => Some(Tn::from_view(&v)),
@@ -529,11 +721,15 @@ pub fn convert(original: &Path, unified: Option<&Path>, out: &Path, o: &TrtllmOp
     let rows = vocab.div_ceil(tp) * tp;
     embed = embed.pad_rows(rows);
     lm_head = lm_head.map(|t| t.pad_rows(rows));
-    let ln_f = trt_norm(&orig.tensor("model.norm.weight")?, cfg.norm_offset)?;
+    let ln_f_weight = trt_norm(&orig.tensor("model.norm.weight")?, cfg.norm_offset)?;
+    let mut ln_f = vec![("transformer.ln_f.weight".to_string(), ln_f_weight)];
+    if cfg.layer_norm {
+        ln_f.push(("transformer.ln_f.bias".into(), Tn::from_view(&orig.tensor("model.norm.bias")?)));
+    }
     for tp_rank in 0..tp {
         ranks[tp_rank].push(("transformer.vocab_embedding.weight".into(), embed.split("model.embed_tokens.weight", 0, tp, tp_rank)?));
         let last = &mut ranks[tp_rank + (pp - 1) * tp];
-        last.push(("transformer.ln_f.weight".into(), ln_f.clone()));
+        last.extend(ln_f.iter().cloned());
         if let Some(h) = &lm_head {
             last.push(("lm_head.weight".into(), h.split("lm_head.weight", 0, tp, tp_rank)?));
         }
@@ -548,7 +744,7 @@ pub fn convert(original: &Path, unified: Option<&Path>, out: &Path, o: &TrtllmOp
         excluded: &excluded,
     };
     let dense_bias = uni.contains("model.layers.0.self_attn.o_proj.bias");
-    let config = trtllm_config(&cfg, dtype, &q, vocab, (share, dense_bias), tp, pp)?;
+    let config = trtllm_config(&cfg, (fam, hidden_act), dtype, &q, vocab, (share, dense_bias), (tp, pp))?;
     let staging = Staging::new(original, out, o.force)?;
     for (r, tensors) in ranks.iter().enumerate() {
         let list: Vec<(&str, Dtype, &[usize], &[u8])> =
@@ -629,16 +825,17 @@ pub fn write_qnemo(original: &Path, ckpt: &Path, out: &Path) -> Result<()> {
 
 /// config.json, the manual-path keys of spec/export-formats.md §4.2, plus the keys TRT-LLM's
 /// family configs read (`QWenConfig`: qwen_type, attn_bias, mlp_bias; `GemmaConfig`: attn_bias,
-/// mlp_bias; Mistral: sliding_window). Mixed precision keeps only quant_algo and
-/// kv_cache_quant_algo here (the per-layer part is quant_cfg.json).
+/// mlp_bias; `GPTConfig`: gpt_variant, with `bias` and `rotary_pct` of the manual path;
+/// Mistral: sliding_window). Mixed precision keeps only quant_algo and kv_cache_quant_algo here
+/// (the per-layer part is quant_cfg.json).
 fn trtllm_config(
     cfg: &ModelConfig,
+    (fam, hidden_act): (&TrtFamily, &str),
     dtype: Dtype,
     q: &QuantSummary,
     vocab_size: usize,
     (share_embedding_table, dense_bias): (bool, bool),
-    tp: usize,
-    pp: usize,
+    (tp, pp): (usize, usize),
 ) -> Result<Json> {
     let int = |n: usize| Json::Int(n as i64);
     let algo = match (q.mixed, q.format) {
@@ -662,8 +859,7 @@ fn trtllm_config(
         ("norm_epsilon", Json::Float(cfg.rms_norm_eps as f64)),
         ("vocab_size", int(vocab_size)),
         ("max_position_embeddings", int(cfg.max_position_embeddings)),
-        // TRT-LLM's "gelu" is the tanh approximation (gelu_pytorch_tanh).
-        ("hidden_act", str(if cfg.act == Activation::Silu { "silu" } else { "gelu" })),
+        ("hidden_act", str(hidden_act)),
         ("use_parallel_embedding", Json::Bool(true)),
         ("embedding_sharding_dim", int(0)),
         ("head_size", int(cfg.head_dim)),
@@ -671,7 +867,8 @@ fn trtllm_config(
         ("position_embedding_type", str("rope_gpt_neox")),
         ("share_embedding_table", Json::Bool(share_embedding_table)),
         ("bias", Json::Bool(dense_bias)),
-        ("rmsnorm", Json::Bool(true)),
+        ("rotary_pct", Json::Float(cfg.rotary_dim as f64 / cfg.head_dim as f64)),
+        ("rmsnorm", Json::Bool(!cfg.layer_norm)),
         ("lm_head_bias", Json::Bool(false)),
         ("rotary_base", Json::Float(cfg.rope.theta)),
     ]);
@@ -690,12 +887,16 @@ fn trtllm_config(
     if let Some(w) = cfg.sliding_window {
         c.set("sliding_window", int(w));
     }
-    if cfg.qk_norm || cfg.model_type == "qwen2" {
-        c.set("qwen_type", str(&cfg.model_type));
-    }
-    if cfg.qk_norm || cfg.model_type == "qwen2" || cfg.norm_offset {
-        c.set("attn_bias", Json::Bool(cfg.qkv_bias));
-        c.set("mlp_bias", Json::Bool(false));
+    match fam.keys {
+        Keys::None => {}
+        Keys::Qwen | Keys::Gemma => {
+            if fam.keys == Keys::Qwen {
+                c.set("qwen_type", str(&cfg.model_type));
+            }
+            c.set("attn_bias", Json::Bool(cfg.qkv_bias));
+            c.set("mlp_bias", Json::Bool(false));
+        }
+        Keys::Gpt(variant) => c.set("gpt_variant", str(variant)),
     }
     c.set("mapping", obj([("world_size", int(tp * pp)), ("tp_size", int(tp)), ("pp_size", int(pp))]));
     c.set("quantization", quant);

@@ -351,8 +351,9 @@ pub fn is_trtllm(path: &Path) -> bool {
 }
 
 /// `check` for a TensorRT-LLM checkpoint folder or `.qnemo` file (extracted to a temporary
-/// folder first): every rank file present; per rank, each TRT-LLM module's tensors in the
-/// dtype and TP-slice shape its format prescribes (§4.4, §4.5: KV heads duplicated when
+/// folder first): every rank file present; per rank, each TRT-LLM module of the family's layout
+/// (`export_trtllm::trt_family`) with its tensors in the dtype and TP-slice shape its format
+/// prescribes, LayerNorm and GPT-variant linear biases (§4.4, §4.5: KV heads duplicated when
 /// tp > num_key_value_heads, vocabulary padded to a multiple of tp); scales finite and
 /// positive; FP8 KV factors >= 1 (this path clamps them); bits per parameter by format.
 pub fn check_trtllm(path: &Path) -> Result<Report> {
@@ -406,6 +407,12 @@ fn check_trtllm_dir(dir: &Path) -> Result<Report> {
     let group = q.get("group_size").and_then(Json::as_usize).unwrap_or(128);
     let kv_fp8 = q.get("kv_cache_quant_algo").and_then(Json::as_str) == Some("FP8");
     let share = c.get("share_embedding_table").and_then(Json::as_bool) == Some(true);
+    // The family's TensorRT-LLM linears (other architectures: LLaMA's gated MLP).
+    let arch = c.get("architecture").and_then(Json::as_str).unwrap_or("");
+    let linears = crate::export_trtllm::trt_family(arch).map_or(crate::export_trtllm::GATED_LINEARS, |f| f.linears);
+    // LayerNorm families carry norm biases; GPT variants with `bias` one on every linear.
+    let norm_bias = c.get("rmsnorm").and_then(Json::as_bool) == Some(false);
+    let linear_bias = c.get("gpt_variant").is_some() && c.get("bias").and_then(Json::as_bool) == Some(true);
 
     let mut report = Report { groups: BTreeMap::new(), findings: Vec::new() };
     if heads % tp != 0 || (kv % tp != 0 && tp % kv != 0) || inter % tp != 0 || layers % pp != 0 {
@@ -443,6 +450,9 @@ fn check_trtllm_dir(dir: &Path) -> Result<Report> {
         }
         if pp_rank == pp - 1 {
             want(f, "transformer.ln_f.weight", model_dtype, &[hidden]);
+            if norm_bias {
+                want(f, "transformer.ln_f.bias", model_dtype, &[hidden]);
+            }
             if !(share && pp == 1) {
                 want(f, "lm_head.weight", model_dtype, &[vocab_rank, hidden]);
             }
@@ -451,15 +461,29 @@ fn check_trtllm_dir(dir: &Path) -> Result<Report> {
             let t = format!("transformer.layers.{l}");
             for norm in ["input_layernorm", "post_layernorm"] {
                 want(f, &format!("{t}.{norm}.weight"), model_dtype, &[hidden]);
+                if norm_bias {
+                    want(f, &format!("{t}.{norm}.bias"), model_dtype, &[hidden]);
+                }
             }
-            for (name, out, inp) in [
-                ("attention.qkv", (heads / tp + 2 * kv_rank) * head, hidden),
-                ("attention.dense", hidden, heads * head / tp),
-                ("mlp.fc", inter / tp, hidden),
-                ("mlp.gate", inter / tp, hidden),
-                ("mlp.proj", hidden, inter / tp),
-            ] {
-                let module = format!("{t}.{name}");
+            for lin in linears {
+                use crate::model::LinearKind;
+                // Per rank: each member's rows (column-parallel) or the input slice (row).
+                let rows = |k: &LinearKind| match k {
+                    LinearKind::Q => heads / tp * head,
+                    LinearKind::K | LinearKind::V => kv_rank * head,
+                    LinearKind::O | LinearKind::Down => hidden,
+                    LinearKind::Gate | LinearKind::Up => inter / tp,
+                };
+                let out: usize = lin.kinds.iter().map(rows).sum();
+                let inp = match lin.kinds[0] {
+                    LinearKind::O => heads * head / tp,
+                    LinearKind::Down => inter / tp,
+                    _ => hidden,
+                };
+                let module = format!("{t}.{}", lin.name);
+                if linear_bias {
+                    want(f, &format!("{module}.bias"), model_dtype, &[out]);
+                }
                 let excluded = excludes.iter().any(|p| fnmatch(p, &module) || p.strip_suffix('*').is_some_and(|s| module.starts_with(s)));
                 let module_algo = match &per_layer {
                     Some(j) => j.get("quantized_layers").and_then(|m| m.get(&module)).and_then(|e| e.get("quant_algo")).and_then(Json::as_str),

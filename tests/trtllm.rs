@@ -1,13 +1,14 @@
 //! `--export trtllm` (spec/export-formats.md §4) on tests/fixtures/families-llama (f32,
-//! hidden 128, 4 heads, 2 kv heads, intermediate 256, 2 layers): the TP/PP shards reassemble
-//! to the tp=1 tensors, FP8 tensors match the unified export, config.json keys, split errors.
+//! hidden 128, 4 heads, 2 kv heads, intermediate 256, 2 layers) and the tiny family models of
+//! ../shared/reference/families (same sizes): the TP/PP shards reassemble to the tp=1 tensors,
+//! FP8 tensors match the unified export, config.json keys, split errors, `verify`.
 
 use rq_min::cli::{quantize, QuantizeArgs};
 use rq_min::error::Error;
 use rq_min::json::Json;
 use rq_min::quant::fp8;
 use rq_min::safetensors::{Dtype, SafeTensors};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 mod common;
@@ -106,8 +107,15 @@ fn numel(t: &T) -> usize {
     t.shape.iter().product()
 }
 
-/// The tp=2 shards of `name` put back together as the tp=1 tensor.
-fn reassemble(name: &str, a: &T, b: &T) -> T {
+/// The first and second halves of a tensor's rows swapped.
+fn swap_halves(t: &T) -> T {
+    let n = t.shape[0];
+    cat0(&[rows(t, n / 2, n), rows(t, 0, n / 2)])
+}
+
+/// The tp=2 shards of `name` put back together as the tp=1 tensor. `swiglu`: `mlp.fc` is
+/// Phi3's [up; gate], each rank holding [up_r; gate_r].
+fn reassemble(name: &str, a: &T, b: &T, swiglu: bool) -> T {
     let column = [".attention.qkv.", ".mlp.fc.", ".mlp.gate.", "lm_head.", "vocab_embedding."].iter().any(|s| name.contains(s));
     let row = [".attention.dense.", ".mlp.proj."].iter().any(|s| name.contains(s));
     let pqs = name.ends_with("prequant_scaling_factor");
@@ -128,6 +136,10 @@ fn reassemble(name: &str, a: &T, b: &T) -> T {
             _ => rows(t, q + k, n),
         };
         return cat0(&[part(a, 0), part(b, 0), part(a, 1), part(b, 1), part(a, 2), part(b, 2)]);
+    }
+    if swiglu && name.contains(".mlp.fc.") {
+        let n = a.shape[0];
+        return cat0(&[rows(a, 0, n / 2), rows(b, 0, n / 2), rows(a, n / 2, n), rows(b, n / 2, n)]);
     }
     cat0(&[a.clone(), b.clone()])
 }
@@ -169,19 +181,23 @@ fn check_splits_for(m: &Path, qformat: &str, algo: Option<&str>, tp2: bool) -> B
     let export = |q: &str, tp, pp| export_for(m, q, tp, pp);
     let one = export(qformat, 1, 1).unwrap();
     check_mapping(&one, 1, 1, algo);
+    assert_eq!(findings(&one), Vec::<String>::new(), "{qformat}: verify tp 1");
     let full = rank(&one, 0);
+    let swiglu = config(&one).get("hidden_act").unwrap().as_str() == Some("swiglu");
     if tp2 {
         let two = export(qformat, 2, 1).unwrap();
         check_mapping(&two, 2, 1, algo);
+        assert_eq!(findings(&two), Vec::<String>::new(), "{qformat}: verify tp 2");
         let (a, b) = (rank(&two, 0), rank(&two, 1));
         assert_eq!(a.keys().collect::<Vec<_>>(), full.keys().collect::<Vec<_>>());
         assert_eq!(b.keys().collect::<Vec<_>>(), full.keys().collect::<Vec<_>>());
         for (name, t) in &full {
-            assert_eq!(&reassemble(name, &a[name], &b[name]), t, "{qformat}: {name} tp=2 shards do not reassemble");
+            assert_eq!(&reassemble(name, &a[name], &b[name], swiglu), t, "{qformat}: {name} tp=2 shards do not reassemble");
         }
     }
     let pp = export(qformat, 1, 2).unwrap();
     check_mapping(&pp, 1, 2, algo);
+    assert_eq!(findings(&pp), Vec::<String>::new(), "{qformat}: verify pp 2");
     let (a, b) = (rank(&pp, 0), rank(&pp, 1));
     assert!(a.contains_key("transformer.vocab_embedding.weight") && !b.contains_key("transformer.vocab_embedding.weight"));
     assert!(b.contains_key("lm_head.weight") && b.contains_key("transformer.ln_f.weight"));
@@ -211,38 +227,68 @@ fn f32s(t: &T) -> Vec<f32> {
 }
 
 /// The tp=1 FP8 export of `m` against rq-min's unified FP8 export, tensor by tensor: renamed
-/// tensors are byte-equal, qkv has the max scales and codes re-quantized from the original,
-/// biases are [q; k; v], Gemma's norms are 1 + w.
+/// tensors (incl. linear and LayerNorm biases) are byte-equal, separate q/k/v have the max
+/// scales and codes re-quantized from the original, qkv biases are [q; k; v], `1 + w` norms
+/// (Gemma, Nemotron) are the original plus one, Phi3's fused qkv_proj is qkv as it is and its
+/// gate_up_proj is `mlp.fc` with the halves swapped.
 fn fp8_matches_unified(m: &Path, full: &BTreeMap<String, T>) {
     let cfg = rq_min::config::ModelConfig::from_dir(m).unwrap();
+    let arch = cfg.architecture.as_str();
     let uni_dir = scratch(&format!("{}-fp8-unified", m.file_name().unwrap().to_string_lossy())).join("out");
     quantize(&args_for(m, "fp8", &uni_dir)).unwrap();
     let uni = load(&uni_dir.join("model.safetensors"));
     let orig = load(&m.join("model.safetensors"));
+    // TRT-LLM name -> unified name, for tensors copied as they are.
     let mut renamed: BTreeMap<String, String> = BTreeMap::new();
+    // TRT-LLM names compared by hand below.
+    let mut checked: BTreeSet<String> = BTreeSet::new();
     renamed.insert("transformer.vocab_embedding.weight".into(), "model.embed_tokens.weight".into());
-    if !cfg.norm_offset {
-        renamed.insert("transformer.ln_f.weight".into(), "model.norm.weight".into());
+    let gemma = arch == "GemmaForCausalLM";
+    if !gemma {
         renamed.insert("lm_head.weight".into(), "lm_head.weight".into());
     }
     let plus_one = |t: &T| T { data: f32s(t).iter().flat_map(|v| (v + 1.0).to_le_bytes()).collect(), ..t.clone() };
+    let mut norms = vec![("transformer.ln_f".to_string(), "model.norm".to_string())];
+    let dense = ("attention.dense", "self_attn.o_proj");
+    let linears: Vec<(&str, &str)> = match arch {
+        "Phi3ForCausalLM" => vec![dense, ("mlp.proj", "mlp.down_proj")],
+        "Starcoder2ForCausalLM" => vec![dense, ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")],
+        "NemotronForCausalLM" => vec![dense, ("mlp.fc", "mlp.up_proj"), ("mlp.proj", "mlp.down_proj")],
+        _ => vec![dense, ("mlp.fc", "mlp.gate_proj"), ("mlp.gate", "mlp.up_proj"), ("mlp.proj", "mlp.down_proj")],
+    };
+    let suffixes =
+        [("weight", "weight"), ("weights_scaling_factor", "weight_scale"), ("activation_scaling_factor", "input_scale"), ("bias", "bias")];
     for l in 0..cfg.num_hidden_layers {
         let (t, h) = (format!("transformer.layers.{l}"), format!("model.layers.{l}"));
-        for (tn, hn) in [("input_layernorm", "input_layernorm"), ("post_layernorm", "post_attention_layernorm")] {
-            if cfg.norm_offset {
-                assert_eq!(full[&format!("{t}.{tn}.weight")], plus_one(&orig[&format!("{h}.{hn}.weight")]), "{t}.{tn}: 1 + w");
-            } else {
-                renamed.insert(format!("{t}.{tn}.weight"), format!("{h}.{hn}.weight"));
-            }
-        }
+        norms.push((format!("{t}.input_layernorm"), format!("{h}.input_layernorm")));
+        norms.push((format!("{t}.post_layernorm"), format!("{h}.post_attention_layernorm")));
         if cfg.qk_norm {
             renamed.insert(format!("{t}.attention.q_layernorm.weight"), format!("{h}.self_attn.q_norm.weight"));
             renamed.insert(format!("{t}.attention.k_layernorm.weight"), format!("{h}.self_attn.k_norm.weight"));
         }
-        for (tm, hm) in [("attention.dense", "self_attn.o_proj"), ("mlp.fc", "mlp.gate_proj"), ("mlp.gate", "mlp.up_proj"), ("mlp.proj", "mlp.down_proj")] {
-            for (ts, hs) in [("weight", "weight"), ("weights_scaling_factor", "weight_scale"), ("activation_scaling_factor", "input_scale")] {
-                renamed.insert(format!("{t}.{tm}.{ts}"), format!("{h}.{hm}.{hs}"));
+        for (tm, hm) in &linears {
+            for (ts, hs) in suffixes {
+                if uni.contains_key(&format!("{h}.{hm}.{hs}")) {
+                    renamed.insert(format!("{t}.{tm}.{ts}"), format!("{h}.{hm}.{hs}"));
+                }
             }
+        }
+        if arch == "Phi3ForCausalLM" {
+            // One quantizer per fused module: qkv_proj as it is (its codes are those of the
+            // original with its one scale); gate_up_proj's halves swapped into mlp.fc.
+            let ws = f32s(&uni[&format!("{h}.self_attn.qkv_proj.weight_scale")])[0];
+            let codes = fp8::quantize(&f32s(&orig[&format!("{h}.self_attn.qkv_proj.weight")]), ws, Dtype::F32);
+            assert_eq!(full[&format!("{t}.attention.qkv.weight")].data, codes);
+            for (ts, hs) in &suffixes[..3] {
+                renamed.insert(format!("{t}.attention.qkv.{ts}"), format!("{h}.self_attn.qkv_proj.{hs}"));
+            }
+            let fc = |s: &str| format!("{t}.mlp.fc.{s}");
+            assert_eq!(full[&fc("weight")], swap_halves(&uni[&format!("{h}.mlp.gate_up_proj.weight")]), "{t}: mlp.fc = [up; gate]");
+            checked.insert(fc("weight"));
+            for (ts, hs) in &suffixes[1..3] {
+                renamed.insert(fc(ts), format!("{h}.mlp.gate_up_proj.{hs}"));
+            }
+            continue;
         }
         // qkv: max scales, codes re-quantized from the original weights.
         let max = |s: &str| ["q_proj", "k_proj", "v_proj"].iter().map(|p| f32s(&uni[&format!("{h}.self_attn.{p}.{s}")])[0]).fold(0f32, f32::max);
@@ -257,18 +303,32 @@ fn fp8_matches_unified(m: &Path, full: &BTreeMap<String, T>) {
         let rows = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim;
         assert_eq!((w.dtype, w.shape.clone()), (Dtype::F8E4M3, vec![rows, cfg.hidden_size]));
         assert_eq!(w.data, codes);
+        for s in ["weight", "weights_scaling_factor", "activation_scaling_factor"] {
+            checked.insert(format!("{t}.attention.qkv.{s}"));
+        }
         if cfg.qkv_bias {
             let parts: Vec<T> = ["q_proj", "k_proj", "v_proj"].iter().map(|p| uni[&format!("{h}.self_attn.{p}.bias")].clone()).collect();
             assert_eq!(full[&format!("{t}.attention.qkv.bias")], cat0(&parts), "{t}: qkv bias is [q; k; v]");
+            checked.insert(format!("{t}.attention.qkv.bias"));
         }
     }
-    if cfg.norm_offset {
-        assert_eq!(full["transformer.ln_f.weight"], plus_one(&orig["model.norm.weight"]));
+    for (tn, hn) in norms {
+        let (tw, hw) = (format!("{tn}.weight"), format!("{hn}.weight"));
+        if cfg.norm_offset {
+            assert_eq!(full[&tw], plus_one(&orig[&hw]), "{tw}: 1 + w");
+            checked.insert(tw);
+        } else {
+            renamed.insert(tw, hw);
+        }
+        if cfg.layer_norm {
+            renamed.insert(format!("{tn}.bias"), format!("{hn}.bias"));
+        }
+    }
+    if gemma {
         assert!(!full.contains_key("lm_head.weight"), "Gemma shares the embedding table");
     }
     for (name, t) in full {
-        let offset_norm = cfg.norm_offset && (name.contains("layernorm.") || name.ends_with("ln_f.weight"));
-        if name.contains(".attention.qkv.") || (offset_norm && !renamed.contains_key(name)) {
+        if checked.contains(name) {
             continue;
         }
         let u = &uni[renamed.get(name).unwrap_or_else(|| panic!("unexpected tensor {name}"))];
@@ -278,6 +338,9 @@ fn fp8_matches_unified(m: &Path, full: &BTreeMap<String, T>) {
         } else {
             assert_eq!(t.shape, u.shape);
         }
+    }
+    for name in renamed.keys().chain(&checked) {
+        assert!(full.contains_key(name), "{name} is missing");
     }
 }
 
@@ -481,8 +544,10 @@ fn family(name: &str) -> Option<PathBuf> {
     Some(common::shared_dir()?.join("reference/families").join(name))
 }
 
-/// Mistral, Qwen2 (qkv bias), Qwen3 (q/k norms), Gemma (1 + w norms, shared table): FP8 tp=2
-/// and pp=2 shards reassemble to tp=1, which equals the unified export renamed; config keys.
+/// Mistral, Qwen2 (qkv bias), Qwen3 (q/k norms), Gemma (1 + w norms, shared table), Phi3
+/// (fused modules, swiglu), Starcoder2 (LayerNorm, biases everywhere), Nemotron (LayerNorm1P,
+/// squared-relu, half rotary): FP8 tp=2 and pp=2 shards reassemble to tp=1, which equals the
+/// unified export renamed; config keys.
 #[test]
 fn families_fp8_match_unified_and_split() {
     for (name, arch, act) in [
@@ -490,6 +555,9 @@ fn families_fp8_match_unified_and_split() {
         ("qwen2", "Qwen2ForCausalLM", "silu"),
         ("qwen3", "Qwen3ForCausalLM", "silu"),
         ("gemma", "GemmaForCausalLM", "gelu"),
+        ("phi3", "Phi3ForCausalLM", "swiglu"),
+        ("starcoder2", "Starcoder2ForCausalLM", "gelu"),
+        ("nemotron", "NemotronForCausalLM", "squared-relu"),
     ] {
         let Some(m) = family(name) else { return };
         let full = check_splits_for(&m, "fp8", Some("FP8"), true);
@@ -501,35 +569,177 @@ fn families_fp8_match_unified_and_split() {
         assert_eq!(c.get("qwen_type").and_then(Json::as_str), qwen.then_some(name));
         assert_eq!(c.get("attn_bias").and_then(Json::as_bool), (qwen || name == "gemma").then_some(name == "qwen2"));
         assert_eq!(c.get("share_embedding_table").unwrap().as_bool(), Some(name == "gemma"));
-        if name == "qwen2" {
-            assert_eq!(full["transformer.layers.0.attention.qkv.bias"].shape, vec![256]);
+        let gpt = name == "starcoder2" || name == "nemotron";
+        assert_eq!(c.get("gpt_variant").and_then(Json::as_str), gpt.then_some(name));
+        assert_eq!(c.get("rmsnorm").unwrap().as_bool(), Some(!gpt));
+        assert_eq!(c.get("bias").unwrap().as_bool(), Some(name == "starcoder2"));
+        // Nemotron: partial_rotary_factor 0.5 of head_dim 32.
+        assert_eq!(c.get("rotary_pct").unwrap().as_f64(), Some(if name == "nemotron" { 0.5 } else { 1.0 }));
+        let l0 = |s: &str| full.get(&format!("transformer.layers.0.{s}")).map(|t| t.shape.clone());
+        match name {
+            "qwen2" => assert_eq!(l0("attention.qkv.bias"), Some(vec![256])),
+            "qwen3" => assert_eq!(full["transformer.layers.1.attention.k_layernorm.weight"].shape, vec![32]),
+            "phi3" => assert_eq!((l0("mlp.fc.weight"), l0("mlp.gate.weight")), (Some(vec![512, 128]), None), "fc = [up; gate]"),
+            "starcoder2" => {
+                let biases = [("attention.qkv.bias", 256), ("attention.dense.bias", 128), ("mlp.fc.bias", 256), ("mlp.proj.bias", 128)];
+                for (b, n) in biases.into_iter().chain([("post_layernorm.bias", 128)]) {
+                    assert_eq!(l0(b), Some(vec![n]), "{b}");
+                }
+            }
+            _ => {}
         }
-        if name == "qwen3" {
-            assert_eq!(full["transformer.layers.1.attention.k_layernorm.weight"].shape, vec![32]);
+        if gpt {
+            assert_eq!(full["transformer.ln_f.bias"].shape, vec![128]);
+            assert!(l0("mlp.gate.weight").is_none(), "plain MLP");
         }
     }
 }
 
-/// Gemma INT4 AWQ: the prequant scale folded into the (1 + w) norm is recovered as
-/// (1 + exported) / (1 + original), and the written norm is 1 + original.
+/// Every format on Phi3, Starcoder2 and Nemotron: tp=2 / pp=2 shards reassemble, `verify` is
+/// clean on every export; Phi3's mlp.fc is gate_up_proj with its halves swapped in every
+/// format (packed INT4 row pairs, per-row / per-block scales), its per-tensor factors the
+/// module's, and qkv is qkv_proj's rows as they are (plus the recovered prequant for AWQ).
 #[test]
-fn gemma_awq_recovers_prequant_from_offset_norm() {
-    let Some(m) = family("gemma") else { return };
-    let full = rank(&export_for(&m, "int4_awq", 1, 1).unwrap(), 0);
-    let uni_dir = scratch("gemma-int4-unified").join("out");
-    quantize(&args_for(&m, "int4_awq", &uni_dir)).unwrap();
-    let uni = load(&uni_dir.join("model.safetensors"));
-    let orig = load(&m.join("model.safetensors"));
-    for (norm, hf, lin) in [("input_layernorm", "input_layernorm", "attention.qkv"), ("post_layernorm", "post_attention_layernorm", "mlp.gate")] {
-        let hf = format!("model.layers.0.{hf}.weight");
-        let (o, u) = (f32s(&orig[&hf]), f32s(&uni[&hf]));
-        assert_ne!(o, u, "AWQ folded a scale into {hf}");
-        let p = f32s(&full[&format!("transformer.layers.0.{lin}.prequant_scaling_factor")]);
-        let written = f32s(&full[&format!("transformer.layers.0.{norm}.weight")]);
-        for c in 0..o.len() {
-            assert_eq!(written[c], o[c] + 1.0);
-            let want = (1.0 + u[c] as f64) / (1.0 + o[c] as f64);
-            assert!((p[c] as f64 - want).abs() <= 1e-6 * want.abs(), "{hf}[{c}]: {} vs {want}", p[c]);
+fn new_families_every_format() {
+    for name in ["phi3", "starcoder2", "nemotron"] {
+        let Some(m) = family(name) else { return };
+        for (q, algo) in [
+            ("nvfp4", Some("NVFP4")),
+            ("int8_sq", Some("W8A8_SQ_PER_CHANNEL")),
+            ("int4_awq", Some("W4A16_AWQ")),
+            ("w4a8_awq", Some("W4A8_AWQ")),
+            ("none", None),
+        ] {
+            // AWQ: hidden 128 is one group of 128, which tp 2 cannot split along o_proj's input.
+            let full = check_splits_for(&m, q, algo, !q.contains("awq"));
+            if name != "phi3" || q == "none" {
+                continue;
+            }
+            let uni_dir = scratch(&format!("phi3-{q}-unified")).join("out");
+            quantize(&args_for(&m, q, &uni_dir)).unwrap();
+            let uni = load(&uni_dir.join("model.safetensors"));
+            let mut compared = 0;
+            for l in 0..2 {
+                let (t, h) = (format!("transformer.layers.{l}"), format!("model.layers.{l}"));
+                for (ts, hs) in [
+                    ("weight", "weight"),
+                    ("weights_scaling_factor", "weight_scale"),
+                    ("weights_scaling_factor_2", "weight_scale_2"),
+                    ("activation_scaling_factor", "input_scale"),
+                ] {
+                    let (fc, gu) = (full.get(&format!("{t}.mlp.fc.{ts}")), uni.get(&format!("{h}.mlp.gate_up_proj.{hs}")));
+                    let (qkv, fused) = (full.get(&format!("{t}.attention.qkv.{ts}")), uni.get(&format!("{h}.self_attn.qkv_proj.{hs}")));
+                    assert_eq!(fc.is_some(), gu.is_some(), "{q} {t}.mlp.fc.{ts}");
+                    let (Some(fc), Some(gu), Some(qkv), Some(fused)) = (fc, gu, qkv, fused) else { continue };
+                    compared += 1;
+                    assert_eq!(&qkv.data, &fused.data, "{q} {t}.attention.qkv.{ts}");
+                    if numel(gu) == 1 {
+                        assert_eq!(&fc.data, &gu.data, "{q} {t}.mlp.fc.{ts}: the module's factor");
+                    } else {
+                        assert_eq!(fc.data, swap_halves(gu).data, "{q} {t}.mlp.fc.{ts}: halves swapped");
+                    }
+                }
+            }
+            assert!(compared >= 4, "{q}: weight and weight_scale of both layers compared ({compared})");
+        }
+    }
+}
+
+/// A Phi3 like the shared tiny one but twice as wide (hidden 256, 8 heads, 4 KV heads,
+/// intermediate 512), random weights: two INT4 groups per row, so AWQ formats split at tp 2.
+fn wide_phi3() -> PathBuf {
+    let dir = scratch("phi3-wide").join("model");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut random = |n: usize, centre: f32, spread: f32| -> Vec<u8> {
+        (0..n)
+            .flat_map(|_| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let u = (state >> 40) as f32 / (1u64 << 24) as f32;
+                (centre + spread * (2.0 * u - 1.0)).to_le_bytes()
+            })
+            .collect()
+    };
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let (h, i, v) = (256, 512, 512);
+    tensors.push(("model.embed_tokens.weight".into(), vec![v, h], random(v * h, 0.0, 0.5)));
+    for l in 0..2 {
+        let p = format!("model.layers.{l}");
+        for n in ["input_layernorm", "post_attention_layernorm"] {
+            tensors.push((format!("{p}.{n}.weight"), vec![h], random(h, 1.0, 0.2)));
+        }
+        let linears = [("self_attn.qkv_proj", 512, h), ("self_attn.o_proj", h, h), ("mlp.gate_up_proj", 2 * i, h), ("mlp.down_proj", h, i)];
+        for (n, o, inp) in linears {
+            tensors.push((format!("{p}.{n}.weight"), vec![o, inp], random(o * inp, 0.0, 0.06)));
+        }
+    }
+    tensors.push(("model.norm.weight".into(), vec![h], random(h, 1.0, 0.2)));
+    tensors.push(("lm_head.weight".into(), vec![v, h], random(v * h, 0.0, 0.06)));
+    let list: Vec<(&str, Dtype, &[usize], &[u8])> =
+        tensors.iter().map(|(n, s, d)| (n.as_str(), Dtype::F32, s.as_slice(), d.as_slice())).collect();
+    rq_min::safetensors::write_file(&dir.join("model.safetensors"), &list, &[]).unwrap();
+    let text = std::fs::read_to_string(family("phi3").unwrap().join("config.json")).unwrap();
+    let text = text
+        .replace("\"hidden_size\": 128", "\"hidden_size\": 256")
+        .replace("\"intermediate_size\": 256", "\"intermediate_size\": 512")
+        .replace("\"num_attention_heads\": 4", "\"num_attention_heads\": 8")
+        .replace("\"num_key_value_heads\": 2", "\"num_key_value_heads\": 4");
+    std::fs::write(dir.join("config.json"), text).unwrap();
+    dir
+}
+
+/// INT4 and W4A8 AWQ at tp 2 on the wide Phi3: each rank's mlp.fc is [up_r; gate_r] of the
+/// packed INT4 rows and group scales, proj's groups and prequant split along the input.
+#[test]
+fn phi3_awq_splits_fused_halves() {
+    if family("phi3").is_none() {
+        return;
+    }
+    let m = wide_phi3();
+    for (q, algo) in [("int4_awq", "W4A16_AWQ"), ("w4a8_awq", "W4A8_AWQ")] {
+        let full = check_splits_for(&m, q, Some(algo), true);
+        assert_eq!(full["transformer.layers.0.mlp.fc.weight"].shape, vec![512, 256], "{q}: packed [up; gate]");
+        assert_eq!(full["transformer.layers.0.mlp.proj.weights_scaling_factor"].shape, vec![256, 4]);
+    }
+}
+
+/// INT4 AWQ on the families whose unified export folds the shared q/k/v (up) scale into a norm:
+/// Gemma (1 + w RMSNorm), Phi3 (RMSNorm before its fused modules), Starcoder2 (LayerNorm weight
+/// and bias), Nemotron (LayerNorm1P: 1 + w, and bias). The prequant is recovered as
+/// (off + exported) / (off + original) per channel (f64, 1e-6), equals the folded bias over
+/// the original bias too (1e-5), and the written norm (bias) is the original (+1).
+#[test]
+fn awq_recovers_prequant_from_folded_norms() {
+    for (name, fc) in [("gemma", "mlp.gate"), ("phi3", "mlp.fc"), ("starcoder2", "mlp.fc"), ("nemotron", "mlp.fc")] {
+        let Some(m) = family(name) else { return };
+        let cfg = rq_min::config::ModelConfig::from_dir(&m).unwrap();
+        let off = if cfg.norm_offset { 1.0 } else { 0.0 };
+        let full = rank(&export_for(&m, "int4_awq", 1, 1).unwrap(), 0);
+        let uni_dir = scratch(&format!("{name}-int4-unified")).join("out");
+        quantize(&args_for(&m, "int4_awq", &uni_dir)).unwrap();
+        let uni = load(&uni_dir.join("model.safetensors"));
+        let orig = load(&m.join("model.safetensors"));
+        for (norm, hf, lin) in
+            [("input_layernorm", "input_layernorm", "attention.qkv"), ("post_layernorm", "post_attention_layernorm", fc)]
+        {
+            let hf = format!("model.layers.0.{hf}");
+            let (o, u) = (f32s(&orig[&format!("{hf}.weight")]), f32s(&uni[&format!("{hf}.weight")]));
+            assert_ne!(o, u, "{name}: AWQ folded a scale into {hf}");
+            let p = f32s(&full[&format!("transformer.layers.0.{lin}.prequant_scaling_factor")]);
+            let written = f32s(&full[&format!("transformer.layers.0.{norm}.weight")]);
+            for c in 0..o.len() {
+                assert_eq!(written[c], o[c] + off as f32, "{name} {norm}[{c}]");
+                let want = (off + u[c] as f64) / (off + o[c] as f64);
+                assert!((p[c] as f64 - want).abs() <= 1e-6 * want.abs(), "{name} {hf}[{c}]: {} vs {want}", p[c]);
+            }
+            if cfg.layer_norm {
+                let (ob, ub) = (f32s(&orig[&format!("{hf}.bias")]), f32s(&uni[&format!("{hf}.bias")]));
+                assert_eq!(full[&format!("transformer.layers.0.{norm}.bias")], orig[&format!("{hf}.bias")], "{name}: original bias");
+                for c in (0..ob.len()).filter(|&c| ob[c].abs() > 1e-3) {
+                    let want = ub[c] as f64 / ob[c] as f64;
+                    assert!((p[c] as f64 - want).abs() <= 1e-5 * want.abs(), "{name} {hf}.bias[{c}]: {} vs {want}", p[c]);
+                }
+            }
         }
     }
 }
@@ -541,19 +751,35 @@ fn unsupported_family_and_nvfp4_awq_are_refused() {
     let Some(m) = family("mixtral") else { return };
     let err = export_for(&m, "none", 1, 1).unwrap_err();
     assert!(matches!(err, Error::Unsupported(_)), "{err}");
+    // What the family's TensorRT-LLM class cannot run: Nemotron / Phi3 linear biases (TRT-LLM's
+    // GPT nemotron variant and Phi3 have none), an activation other than the family's.
+    use rq_min::config::{Activation, ModelConfig};
+    use rq_min::export_trtllm::check_model;
+    let cfg = |n: &str| ModelConfig::from_dir(&family(n).unwrap()).unwrap();
+    let refused = |c: ModelConfig| matches!(check_model(&c), Err(Error::Unsupported(_)));
+    assert!(["nemotron", "phi3", "starcoder2"].iter().all(|n| check_model(&cfg(n)).is_ok()));
+    assert!(refused(ModelConfig { mlp_bias: true, ..cfg("nemotron") }));
+    assert!(refused(ModelConfig { qkv_bias: true, ..cfg("phi3") }));
+    assert!(refused(ModelConfig { act: Activation::GeluTanh, ..cfg("phi3") }));
+    assert!(refused(ModelConfig { act: Activation::Silu, ..cfg("starcoder2") }));
+    assert!(refused(ModelConfig { act: Activation::Relu2, ..cfg("mistral") }));
 }
 
 /// tp=4 > 2 KV heads: each rank holds one query head and a copy of its KV head (ModelOpt
 /// `dup_kv_weight`); the q rows reassemble to the original q, k/v rows of ranks 2i and 2i+1
-/// are equal and equal KV head i.
+/// are equal and equal KV head i. Also for Phi3's fused qkv_proj (split into q/k/v rows first)
+/// and Starcoder2's qkv bias.
 #[test]
 fn tp_above_kv_heads_duplicates_them() {
-    for q in ["none", "int8_sq", "nvfp4"] {
-        let one = rank(&export(q, 1, 1).unwrap(), 0);
-        let four = export(q, 4, 1).unwrap();
+    let mut models = vec![model()];
+    models.extend(["phi3", "starcoder2"].into_iter().filter_map(family));
+    for (m, q) in models.iter().flat_map(|m| ["none", "int8_sq", "nvfp4"].map(|q| (m, q))) {
+        let one = rank(&export_for(m, q, 1, 1).unwrap(), 0);
+        let four = export_for(m, q, 4, 1).unwrap();
+        assert_eq!(findings(&four), Vec::<String>::new(), "{q}: verify tp 4");
         let shards: Vec<_> = (0..4).map(|r| rank(&four, r)).collect();
         assert_eq!(config(&four).get("num_key_value_heads").unwrap().as_usize(), Some(2), "config keeps the HF count");
-        for suffix in ["weight", "weights_scaling_factor"] {
+        for suffix in ["weight", "weights_scaling_factor", "bias"] {
             let name = format!("transformer.layers.0.attention.qkv.{suffix}");
             let Some(full) = one.get(&name) else { continue };
             if numel(full) == 1 {
@@ -655,7 +881,7 @@ fn mixed_precision_writes_quant_cfg() {
     let two = run(2, 1).unwrap();
     let (a, b) = (rank(&two, 0), rank(&two, 1));
     for (name, t) in &full {
-        assert_eq!(&reassemble(name, &a[name], &b[name]), t, "mixed: {name} tp=2 shards do not reassemble");
+        assert_eq!(&reassemble(name, &a[name], &b[name], false), t, "mixed: {name} tp=2 shards do not reassemble");
     }
     assert!(matches!(run(1, 2).unwrap_err(), Error::Unsupported(_)));
 }
@@ -726,4 +952,18 @@ fn verify_trtllm_checkpoints() {
     });
     assert!(f.iter().any(|m| m.contains("rank0: transformer.layers.0.attention.k_cache_scaling_factor = 0.5")), "{f:?}");
     assert!(f.iter().any(|m| m.contains("rank1: transformer.layers.0.attention.k_cache_scaling_factor is missing")), "{f:?}");
+    // LayerNorm and linear biases of a GPT-variant family, and Phi3's fused fc shape.
+    let Some(sc2) = family("starcoder2") else { return };
+    let dir = export_for(&sc2, "fp8", 2, 1).unwrap();
+    without(&dir, 1, "transformer.layers.1.post_layernorm.bias");
+    without(&dir, 0, "transformer.layers.0.mlp.proj.bias");
+    let f = findings(&dir);
+    let want = ["rank0: transformer.layers.0.mlp.proj.bias is missing", "rank1: transformer.layers.1.post_layernorm.bias is missing"];
+    assert_eq!(f, want);
+    let dir = export_for(&family("phi3").unwrap(), "fp8", 2, 1).unwrap();
+    let c = std::fs::read_to_string(dir.join("config.json")).unwrap().replace("Phi3ForCausalLM", "LlamaForCausalLM");
+    std::fs::write(dir.join("config.json"), c).unwrap();
+    let f = findings(&dir);
+    let want = "rank0: transformer.layers.0.mlp.fc.weight is F8_E4M3 [256, 128], expected F8_E4M3 [128, 128]";
+    assert!(f.iter().any(|m| m.contains(want)), "{f:?} (a Llama layout wants a gate half only)");
 }
