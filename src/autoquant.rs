@@ -341,7 +341,7 @@ pub fn search(
     let (samples, score) = (input.samples, input.score);
     let cfg = &model.config;
     let dtype = model.dtype()?;
-    // The activation-gradient backward (crate::backward) is that of the Llama layer.
+    // The activation-gradient backward (crate::backward) is that of the dense Llama layer.
     if cfg.qkv_bias
         || cfg.qk_norm
         || cfg.norm_offset
@@ -350,6 +350,7 @@ pub fn search(
         || cfg.act != Activation::Silu
         || cfg.modules != crate::model::LLAMA_MODULES
         || cfg.rotary_dim != cfg.head_dim
+        || cfg.moe.is_some()
     {
         return Err(Error::Unsupported(format!(
             "auto-quantize supports Llama and Mistral so far; {}",
@@ -385,12 +386,12 @@ pub fn search(
             // The recipe's own calibration; AWQ recipes on a quarter of the calibration steps.
             let rows = if f.awq() { (samples.len() / 4).max(1) } else { samples.len() };
             // One module per linear in the Llama layout checked above.
-            let fmt: Vec<Option<QFormat>> =
-                LinearKind::ALL.iter().map(|&k| (!exclusions.is_excluded(&module_name(l, k))).then_some(f)).collect();
+            let modules = cfg.layer_modules(l);
+            let fmt: Vec<Option<QFormat>> = modules.iter().map(|m| (!exclusions.is_excluded(&m.path)).then_some(f)).collect();
             let mut h = hidden[..rows].to_vec();
-            let smooth = [true; N];
+            let smooth = vec![true; modules.len()];
             let (_, linears) =
-                calibrate_layer(&layer, l, cfg, &rope, &mut h, &samples[..rows], &fmt, &smooth, input.sq_alpha, dtype)?;
+                calibrate_layer(&layer, &modules, cfg, &rope, &mut h, &samples[..rows], &fmt, &smooth, input.sq_alpha, dtype)?;
             for lin in linears {
                 let k = lin.kinds[0] as usize;
                 per_kind[k][fi] = InputQuant { pre_quant_scale: lin.pqs, act: f.act().map(|a| (a, lin.input_amax)) };

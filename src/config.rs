@@ -1,18 +1,20 @@
 //! A model's `config.json`, read into the numbers the runtime needs and checked once, so the
 //! layer code can trust them. Defaults are those of HF transformers' `LlamaConfig`,
 //! `MistralConfig`, `Qwen2Config`, `Qwen3Config`, `GemmaConfig`, `Phi3Config`,
-//! `Starcoder2Config` and `NemotronConfig` (configuration_*.py) for keys that may be left out;
+//! `Starcoder2Config`, `NemotronConfig`, `MixtralConfig` and `Qwen3MoeConfig` (configuration_*.py)
+//! for keys that may be left out;
 //! the dimensions have no sensible default and are required. What sets a family apart from
 //! Llama is spelled out in explicit fields (`qkv_bias`, `mlp_bias`, `qk_norm`, `norm_offset`,
-//! `layer_norm`, `embed_scale`, `act`, `rotary_dim`, `modules`), so the layer code never tests names.
+//! `layer_norm`, `embed_scale`, `act`, `rotary_dim`, `modules`, `moe`), so the layer code never tests names.
 
 use crate::error::{Error, Result};
 use crate::json::Json;
 use crate::model::{Module, LLAMA_MODULES, NEMOTRON_MODULES, PHI3_MODULES, STARCODER2_MODULES};
+use crate::moe::{MoeConfig, MIXTRAL_EXPERT, QWEN3_MOE_EXPERT};
 use std::path::{Path, PathBuf};
 
 /// `architectures[0]` values this runtime implements.
-pub const SUPPORTED_ARCHITECTURES: [&str; 8] = [
+pub const SUPPORTED_ARCHITECTURES: [&str; 10] = [
     "LlamaForCausalLM",
     "MistralForCausalLM",
     "Qwen2ForCausalLM",
@@ -21,6 +23,8 @@ pub const SUPPORTED_ARCHITECTURES: [&str; 8] = [
     "Phi3ForCausalLM",
     "Starcoder2ForCausalLM",
     "NemotronForCausalLM",
+    "MixtralForCausalLM",
+    "Qwen3MoeForCausalLM",
 ];
 
 #[derive(Clone, Debug)]
@@ -76,6 +80,8 @@ pub struct ModelConfig {
     /// The Linear modules of a decoder layer as the checkpoint names them. Without a
     /// `Gate` linear the MLP is not gated: `down(act(up(x)))`.
     pub modules: &'static [Module],
+    /// Mixture-of-experts MLPs (Mixtral, Qwen3-MoE): which layers have them and their shape.
+    pub moe: Option<MoeConfig>,
 }
 
 /// Activation of the MLP: `act_fn(gate_proj(x)) * up_proj(x)`, or `act_fn(up_proj(x))`.
@@ -157,30 +163,32 @@ impl ModelConfig {
             Family::Nemotron => "norm_eps",
             _ => "rms_norm_eps",
         };
-        let default_eps = if matches!(family, Family::Phi3 | Family::Starcoder2 | Family::Nemotron) { 1e-5 } else { 1e-6 };
+        let default_eps =
+            if matches!(family, Family::Phi3 | Family::Starcoder2 | Family::Nemotron | Family::Mixtral) { 1e-5 } else { 1e-6 };
         let rms_norm_eps = r.opt_f64(eps_key)?.unwrap_or(default_eps);
         if !(rms_norm_eps > 0.0 && rms_norm_eps.is_finite()) {
             return Err(r.err(format!("{eps_key} = {rms_norm_eps} must be positive")));
         }
         let max_position_embeddings = match r.opt_dim("max_position_embeddings")? {
             Some(n) => n,
-            None if is_mistral => 4096 * 32,
-            None if matches!(family, Family::Qwen2 | Family::Qwen3) => 32768,
+            None if is_mistral || family == Family::Mixtral => 4096 * 32,
+            None if matches!(family, Family::Qwen2 | Family::Qwen3 | Family::Qwen3Moe) => 32768,
             None if family == Family::Gemma => 8192,
             None if matches!(family, Family::Phi3 | Family::Starcoder2 | Family::Nemotron) => 4096,
             None => 2048,
         };
         // MistralConfig defaults sliding_window to 4096; an explicit null switches it off.
-        // Phi3 and Starcoder2 window when the key is set (default None).
-        // Qwen2/Qwen3 window only some layers, and only with `use_sliding_window = true`.
+        // Phi3, Starcoder2 and Mixtral window when the key is set (default None).
+        // Qwen2/Qwen3(-MoE) window only some layers, and only with `use_sliding_window = true`.
+        let qwen = matches!(family, Family::Qwen2 | Family::Qwen3 | Family::Qwen3Moe);
         let sliding_window = match raw.get("sliding_window") {
-            _ if matches!(family, Family::Qwen2 | Family::Qwen3) && r.opt_bool("use_sliding_window")? == Some(true) => {
+            _ if qwen && r.opt_bool("use_sliding_window")? == Some(true) => {
                 return Err(Error::Unsupported(format!(
                     "{}: use_sliding_window = true (per-layer windows are not implemented)",
                     path.display()
                 )));
             }
-            _ if !matches!(family, Family::Mistral | Family::Phi3 | Family::Starcoder2) => None,
+            _ if !matches!(family, Family::Mistral | Family::Phi3 | Family::Starcoder2 | Family::Mixtral) => None,
             None if is_mistral => Some(4096),
             None => None,
             Some(v) if v.is_null() => None,
@@ -215,6 +223,10 @@ impl ModelConfig {
             return Err(Error::Unsupported(format!("{}: mlp_bias = true (MLP biases are not implemented)", path.display())));
         }
         let qkv_bias = family == Family::Qwen2 || use_bias || r.opt_bool("attention_bias")? == Some(true);
+        let moe = match family {
+            Family::Mixtral | Family::Qwen3Moe => Some(r.moe(family, num_hidden_layers)?),
+            _ => None,
+        };
         let dtype = match r.opt_str("dtype")? {
             Some(d) => Some(d.to_string()),
             None => r.opt_str("torch_dtype")?.map(str::to_string),
@@ -250,7 +262,7 @@ impl ModelConfig {
             dtype,
             qkv_bias,
             mlp_bias,
-            qk_norm: family == Family::Qwen3,
+            qk_norm: matches!(family, Family::Qwen3 | Family::Qwen3Moe),
             norm_offset: matches!(family, Family::Gemma | Family::Nemotron),
             layer_norm: matches!(family, Family::Starcoder2 | Family::Nemotron),
             // HF GemmaModel: `torch.tensor(hidden_size**0.5, dtype=...)`, a double rounded once.
@@ -263,6 +275,7 @@ impl ModelConfig {
                 Family::Nemotron => NEMOTRON_MODULES,
                 _ => LLAMA_MODULES,
             },
+            moe,
             raw,
         })
     }
@@ -279,6 +292,8 @@ enum Family {
     Phi3,
     Starcoder2,
     Nemotron,
+    Mixtral,
+    Qwen3Moe,
 }
 
 impl Family {
@@ -292,6 +307,8 @@ impl Family {
             "Phi3ForCausalLM" => Family::Phi3,
             "Starcoder2ForCausalLM" => Family::Starcoder2,
             "NemotronForCausalLM" => Family::Nemotron,
+            "MixtralForCausalLM" => Family::Mixtral,
+            "Qwen3MoeForCausalLM" => Family::Qwen3Moe,
             _ => Family::Llama,
         }
     }
@@ -389,6 +406,40 @@ impl Reader<'_> {
         }
     }
 
+    /// The MoE keys, with the defaults of `MixtralConfig` (8 experts, top 2, every layer sparse,
+    /// always renormalized) and `Qwen3MoeConfig` (`num_experts` 128, top 8, `moe_intermediate_size`
+    /// 768, `norm_topk_prob` false, `decoder_sparse_step` 1, `mlp_only_layers` []).
+    fn moe(&self, family: Family, layers: usize) -> Result<MoeConfig> {
+        let mixtral = family == Family::Mixtral;
+        // transformers saves Qwen3-MoE's `num_experts` under its attribute_map alias `num_local_experts`.
+        let num_experts = match (mixtral, self.opt_dim("num_experts")?) {
+            (false, Some(n)) => n,
+            _ => self.opt_dim("num_local_experts")?.unwrap_or(if mixtral { 8 } else { 128 }),
+        };
+        let top_k = self.opt_dim("num_experts_per_tok")?.unwrap_or(if mixtral { 2 } else { 8 });
+        if top_k > num_experts {
+            return Err(self.err(format!("num_experts_per_tok = {top_k} exceeds the {num_experts} experts")));
+        }
+        let intermediate_size = match mixtral {
+            true => self.req_dim("intermediate_size")?,
+            false => self.opt_dim("moe_intermediate_size")?.unwrap_or(768),
+        };
+        let norm_topk_prob = mixtral || self.opt_bool("norm_topk_prob")? == Some(true);
+        let step = if mixtral { 1 } else { self.opt_dim("decoder_sparse_step")?.unwrap_or(1) };
+        let mlp_only: Vec<usize> = match Self::value(self.json, "mlp_only_layers") {
+            Some(v) if !mixtral => {
+                let bad = || self.wrong_type("mlp_only_layers", "a list of layer indices", v);
+                let list = v.as_array().ok_or_else(bad)?;
+                list.iter().map(|x| x.as_usize().ok_or_else(bad)).collect::<Result<_>>()?
+            }
+            _ => vec![],
+        };
+        // HF Qwen3MoeDecoderLayer: sparse when not in mlp_only_layers and (l + 1) % decoder_sparse_step == 0.
+        let sparse = (0..layers).map(|l| !mlp_only.contains(&l) && (l + 1) % step == 0).collect();
+        let (block, expert_modules) = if mixtral { ("block_sparse_moe", MIXTRAL_EXPERT) } else { ("mlp", QWEN3_MOE_EXPERT) };
+        Ok(MoeConfig { block, expert_modules, num_experts, top_k, intermediate_size, norm_topk_prob, sparse })
+    }
+
     /// RoPE parameters in either spelling: transformers 5 puts everything in
     /// `rope_parameters {rope_theta, rope_type, ...}`; 4.x has a top-level `rope_theta` and an
     /// optional `rope_scaling {rope_type | type, ...}`. `rope_theta` defaults to 10000.
@@ -407,7 +458,7 @@ impl Reader<'_> {
         let params = params.map(|(_, p)| p);
         let theta = match params.map(|p| self.opt_f64_in(p, "rope_theta")).transpose()?.flatten() {
             Some(t) => t,
-            None => self.opt_f64("rope_theta")?.unwrap_or(10000.0),
+            None => self.opt_f64("rope_theta")?.unwrap_or(if family == Family::Mixtral { 1e6 } else { 10000.0 }),
         };
         if !(theta > 0.0 && theta.is_finite()) {
             return Err(self.err(format!("rope_theta = {theta} must be positive")));

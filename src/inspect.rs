@@ -262,7 +262,8 @@ pub fn weight_errors(dir: &Path, original: &Path) -> Result<Vec<WeightError>> {
         let (r_in, r_post) = (ratio("input_layernorm")?, ratio("post_attention_layernorm")?);
         // A consumer's scale folded into its producer's rows (down_proj into up_proj, o_proj
         // into v_proj): estimated from the producer. Per producer row: c.
-        let llama = o.config.modules == LLAMA_MODULES;
+        // Llama layout, and a dense MLP (experts keep their scales as pre_quant_scales).
+        let llama = o.config.modules == LLAMA_MODULES && o.config.moe_layer(l).is_none();
         let mut folded: [Option<Vec<f32>>; 7] = Default::default();
         for (consumer, producer) in [(LinearKind::Down, LinearKind::Up), (LinearKind::O, LinearKind::V)] {
             let (c_name, p_name) = (crate::pipeline::module_name(l, consumer), crate::pipeline::module_name(l, producer));
@@ -289,15 +290,13 @@ pub fn weight_errors(dir: &Path, original: &Path) -> Result<Vec<WeightError>> {
             folded[producer as usize] = Some(c.iter().map(|v| 1.0 / v).collect());
             folded[consumer as usize] = Some(c);
         }
-        for module in o.config.modules {
-            let k = module.kinds[0];
-            let m = format!("model.layers.{l}.{}", module.name);
-            let shape = module.shape(&o.config);
+        for module in o.config.layer_modules(l) {
+            let (k, m, shape) = (module.kinds[0], module.path, module.shape);
             let mut w = linear_weight(&q, &m, shape)?;
             let mut scale = input_quant(&q, &m, shape)?.pre_quant_scale.unwrap_or_else(|| vec![1.0; shape[1]]);
             let norm_ratio = match k {
                 LinearKind::Q | LinearKind::K | LinearKind::V => Some(&r_in),
-                LinearKind::Gate | LinearKind::Up => Some(&r_post),
+                LinearKind::Gate | LinearKind::Up if module.expert.is_none() => Some(&r_post),
                 _ => None,
             };
             if let Some(r) = norm_ratio {

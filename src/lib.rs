@@ -19,6 +19,7 @@ pub mod export_trtllm;
 pub mod inspect;
 pub mod json;
 pub mod model;
+pub mod moe;
 pub mod numerics;
 pub mod ops;
 pub mod pipeline;

@@ -2,7 +2,8 @@
 //! `MistralForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM`, `GemmaForCausalLM`,
 //! `Phi3ForCausalLM`, `Starcoder2ForCausalLM`, `NemotronForCausalLM`; what sets them apart is in
 //! `ModelConfig`'s `qkv_bias`, `mlp_bias`, `qk_norm`, `norm_offset`, `layer_norm`, `embed_scale`,
-//! `act`, `rotary_dim` and `modules`).
+//! `act`, `rotary_dim` and `modules`), and `MixtralForCausalLM` / `Qwen3MoeForCausalLM`, whose MLP
+//! is a mixture-of-experts block (`ModelConfig::moe`, src/moe.rs).
 //!
 //! The checkpoint stays memory-mapped; only the layer being run is converted to f32, so a
 //! 70B model never needs to be in memory at once. A caller walks the model like this:
@@ -42,6 +43,22 @@ impl Compute {
             ops::round_slice_bf16(x);
         }
     }
+    /// One value rounded the way this arithmetic stores tensors.
+    pub fn round_one(self, v: f32) -> f32 {
+        match self {
+            Compute::Bf16 => crate::numerics::round_bf16(v),
+            Compute::F32 => v,
+        }
+    }
+
+    /// The gated MLP's `gate ← act(gate) * up` (bf16: `act(gate)` and the product each rounded).
+    pub fn gated_mul(self, act: Activation, gate: &mut [f32], up: &[f32]) {
+        match self {
+            Compute::F32 => ops::gated_mul(act_fn(act), gate, up),
+            Compute::Bf16 => ops::gated_mul_bf16(act_fn(act), gate, up),
+        }
+    }
+
     /// The norm of `cfg`: RMSNorm (`rms_norm`), or LayerNorm with `bias` when `cfg.layer_norm`
     /// (`1 + weight` when `cfg.norm_offset`: HF `NemotronLayerNorm1P`, which adds the 1 to the
     /// weight in the model dtype; `nn.LayerNorm` computes in f32 and rounds its output once).
@@ -51,7 +68,7 @@ impl Compute {
         }
         let one_plus: Vec<f32>;
         let weight = if cfg.norm_offset {
-            one_plus = weight.iter().map(|&w| if self == Compute::Bf16 { crate::numerics::round_bf16(w + 1.0) } else { w + 1.0 }).collect();
+            one_plus = weight.iter().map(|&w| self.round_one(w + 1.0)).collect();
             &one_plus
         } else {
             weight
@@ -68,6 +85,15 @@ impl Compute {
             (Compute::F32, true) => ops::rms_norm_offset(x, weight, eps, out),
             (Compute::Bf16, true) => ops::rms_norm_offset_bf16(x, weight, eps, out),
         }
+    }
+}
+
+/// The MLP activation's scalar function.
+fn act_fn(act: Activation) -> fn(f32) -> f32 {
+    match act {
+        Activation::Silu => ops::silu,
+        Activation::GeluTanh => ops::gelu_tanh,
+        Activation::Relu2 => ops::relu2,
     }
 }
 
@@ -162,9 +188,14 @@ impl Model {
         let prefix = format!("model.layers.{i}");
         let (input_norm, input_norm_bias) = self.load_norm(&format!("{prefix}.input_layernorm"))?;
         let (post_norm, post_norm_bias) = self.load_norm(&format!("{prefix}.post_attention_layernorm"))?;
+        // An MoE layer has no dense MLP: its gate/up/down slots stay empty.
+        let moe = match &cfg.moe {
+            Some(m) if m.is_sparse(i) => Some(crate::moe::MoeBlock::load(self, m, i)?),
+            _ => None,
+        };
         let mut linears: [Vec<f32>; 7] = Default::default();
         let mut biases: [Option<Vec<f32>>; 7] = Default::default();
-        for m in cfg.modules {
+        for m in cfg.modules.iter().filter(|m| moe.is_none() || !m.is_mlp()) {
             let module = format!("{prefix}.{}", m.name);
             let shape = m.shape(cfg);
             let w = read::linear_weight(self, &module, shape)?;
@@ -199,6 +230,7 @@ impl Model {
             linears,
             biases,
             qk_norm,
+            moe,
             compute: self.compute,
         })
     }
@@ -299,6 +331,11 @@ pub struct Module {
 }
 
 impl Module {
+    /// Part of the MLP (gate, up or down).
+    pub fn is_mlp(&self) -> bool {
+        self.kinds.iter().any(|k| matches!(k, LinearKind::Gate | LinearKind::Up | LinearKind::Down))
+    }
+
     /// Weight shape `[out_features, in_features]`: the linears' rows stacked.
     pub fn shape(&self, cfg: &ModelConfig) -> [usize; 2] {
         let rows = self.kinds.iter().map(|k| k.shape(cfg)[0]).sum();
@@ -360,6 +397,50 @@ impl ModelConfig {
     pub fn linear_kinds(&self) -> Vec<LinearKind> {
         self.modules.iter().flat_map(|m| m.kinds.iter().copied()).collect()
     }
+
+    /// The MoE config when layer `l` has an MoE block.
+    pub fn moe_layer(&self, l: usize) -> Option<&crate::moe::MoeConfig> {
+        self.moe.as_ref().filter(|m| m.is_sparse(l))
+    }
+
+    /// Every Linear module of decoder layer `l`, in forward order: `modules`, or in an MoE
+    /// layer the attention modules and then each expert's gate, up and down.
+    pub fn layer_modules(&self, l: usize) -> Vec<LayerModule> {
+        let dense = |m: &Module| LayerModule {
+            path: format!("model.layers.{l}.{}", m.name),
+            kinds: m.kinds,
+            expert: None,
+            shape: m.shape(self),
+        };
+        let Some(moe) = self.moe_layer(l) else { return self.modules.iter().map(dense).collect() };
+        let experts = (0..moe.num_experts).flat_map(|e| {
+            moe.expert_modules.iter().map(move |m| LayerModule {
+                path: moe.expert_module(l, e, m.kinds[0]),
+                kinds: m.kinds,
+                expert: Some(e),
+                shape: moe.expert_shape(self, m.kinds[0]),
+            })
+        });
+        self.modules.iter().filter(|m| !m.is_mlp()).map(dense).chain(experts).collect()
+    }
+}
+
+/// One Linear module of a decoder layer (see `ModelConfig::layer_modules`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LayerModule {
+    /// `model.layers.{l}.<module>`.
+    pub path: String,
+    /// The runtime linears whose weights are its output rows.
+    pub kinds: &'static [LinearKind],
+    /// The expert, for an MoE expert's projection.
+    pub expert: Option<usize>,
+    /// `[out, in]`.
+    pub shape: [usize; 2],
+}
+
+/// Index in `modules` of the module holding linear `kind` (of `expert` in an MoE block).
+pub fn module_of(modules: &[LayerModule], expert: Option<usize>, kind: LinearKind) -> Option<usize> {
+    modules.iter().position(|m| m.expert == expert && m.kinds.contains(&kind))
 }
 
 /// What calibration and fake-quant evaluation plug into the forward pass.
@@ -374,6 +455,13 @@ pub trait Hooks {
     /// may modify them (KV-cache fake quantization).
     fn kv(&mut self, layer: usize, k: &mut [f32], v: &mut [f32]) {
         let _ = (layer, k, v);
+    }
+    /// Input of expert `expert`'s linear `kind` (Gate, Up or Down) in an MoE layer: only the
+    /// rows of the tokens routed to that expert. Defaults to `linear_input` with `kind`, so an
+    /// observer that does not tell experts apart sees the union over the block's experts.
+    fn expert_input(&mut self, layer: usize, expert: usize, kind: LinearKind, x: &mut [f32], cols: usize) {
+        let _ = expert;
+        self.linear_input(layer, kind, x, cols);
     }
 }
 
@@ -396,6 +484,8 @@ pub struct Layer {
     biases: [Option<Vec<f32>>; 7],
     /// Qwen3's `self_attn.q_norm` and `k_norm` weights, `[head_dim]` each.
     qk_norm: Option<(Vec<f32>, Vec<f32>)>,
+    /// The MoE block replacing the dense MLP (Mixtral, Qwen3-MoE sparse layers).
+    moe: Option<crate::moe::MoeBlock>,
     compute: Compute,
 }
 
@@ -410,8 +500,8 @@ impl Layer {
     /// per head before RoPE (`Qwen3Attention`: `q_norm(q_proj(x).view(..., head_dim))`),
     /// `GemmaRMSNorm` norms and tanh-GELU (`GemmaDecoderLayer`, `GemmaMLP`), LayerNorms and a
     /// plain MLP `down(act(up(x)))` (`Starcoder2DecoderLayer`, `NemotronDecoderLayer`), RoPE of
-    /// the leading `rotary_dim` dims of each head (Nemotron). Phi3's fused modules are split
-    /// at load, so it runs as Llama.
+    /// the leading `rotary_dim` dims of each head (Nemotron), an MoE block instead of the MLP
+    /// (Mixtral, Qwen3-MoE). Phi3's fused modules are split at load, so it runs as Llama.
     pub fn forward(&self, cfg: &ModelConfig, rope: &Rope, hidden: &mut [f32], seq: usize, hooks: &mut dyn Hooks) {
         let h = cfg.hidden_size;
         assert_eq!(hidden.len(), seq * h, "Layer::forward: hidden is not [seq, hidden_size]");
@@ -452,27 +542,24 @@ impl Layer {
 
         let mut x = vec![0f32; seq * h];
         c.norm(cfg, hidden, &self.post_norm, self.post_norm_bias.as_deref(), &mut x);
-        let act: fn(f32) -> f32 = match cfg.act {
-            Activation::Silu => ops::silu,
-            Activation::GeluTanh => ops::gelu_tanh,
-            Activation::Relu2 => ops::relu2,
-        };
-        let mlp = if cfg.gated_mlp() {
-            let mut gate = self.linear(cfg, LinearKind::Gate, x.clone(), seq, hooks); // [seq, intermediate]
-            let up = self.linear(cfg, LinearKind::Up, x, seq, hooks); // [seq, intermediate]
-            match c {
-                Compute::F32 => ops::gated_mul(act, &mut gate, &up),
-                Compute::Bf16 => ops::gated_mul_bf16(act, &mut gate, &up),
-            }
-            gate
+        let down = if let (Some(block), Some(moe)) = (&self.moe, &cfg.moe) {
+            block.forward(cfg, moe, self.index, &x, seq, c, hooks)
         } else {
-            // One torch op on the up output: rounded once.
-            let mut up = self.linear(cfg, LinearKind::Up, x, seq, hooks);
-            up.iter_mut().for_each(|v| *v = act(*v));
-            c.round(&mut up);
-            up
+            let mlp = if cfg.gated_mlp() {
+                let mut gate = self.linear(cfg, LinearKind::Gate, x.clone(), seq, hooks); // [seq, intermediate]
+                let up = self.linear(cfg, LinearKind::Up, x, seq, hooks); // [seq, intermediate]
+                c.gated_mul(cfg.act, &mut gate, &up);
+                gate
+            } else {
+                // One torch op on the up output: rounded once.
+                let mut up = self.linear(cfg, LinearKind::Up, x, seq, hooks);
+                let act = act_fn(cfg.act);
+                up.iter_mut().for_each(|v| *v = act(*v));
+                c.round(&mut up);
+                up
+            };
+            self.linear(cfg, LinearKind::Down, mlp, seq, hooks)
         };
-        let down = self.linear(cfg, LinearKind::Down, mlp, seq, hooks);
         ops::add_in_place(hidden, &down);
         c.round(hidden);
     }
@@ -504,6 +591,27 @@ impl Layer {
         let slot = &mut self.linears[kind as usize];
         assert_eq!(w.len(), slot.len(), "set_weight({kind:?}): wrong number of values");
         *slot = w;
+    }
+
+    /// The MoE block of an MoE layer (its dense gate/up/down weights are then empty).
+    pub fn moe(&self) -> Option<&crate::moe::MoeBlock> {
+        self.moe.as_ref()
+    }
+
+    /// The weight of `m` (stacked rows of a fused module; an expert's from the MoE block).
+    pub fn module_weight(&self, m: &LayerModule) -> Vec<f32> {
+        match (m.expert, &self.moe) {
+            (Some(e), Some(block)) => block.weight(e, m.kinds[0]).to_vec(),
+            _ => m.kinds.iter().flat_map(|&k| self.weight(k).iter().copied()).collect(),
+        }
+    }
+
+    /// The bias of `m`, if its linears have biases (experts have none).
+    pub fn module_bias(&self, m: &LayerModule) -> Option<Vec<f32>> {
+        if m.expert.is_some() {
+            return None;
+        }
+        m.kinds.iter().map(|&k| self.bias(k)).collect::<Option<Vec<_>>>().map(|b| b.concat())
     }
 
     /// The arithmetic this layer was loaded with.

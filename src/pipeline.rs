@@ -2,7 +2,7 @@
 //! layer's weights are resident, so the model never has to fit in memory at once.
 
 use crate::error::{Error, Result};
-use crate::model::{Hooks, Layer, LinearKind, Model};
+use crate::model::{module_of, Hooks, Layer, LayerModule, LinearKind, Model};
 use crate::ops::Rope;
 use crate::progress::Progress;
 use crate::quant::fp8;
@@ -38,14 +38,26 @@ fn run_layers(
 /// `pre_quant_scale` and activation fake quantization, K and V through FP8 fake quantization
 /// when the checkpoint has KV-cache scales (spec/algorithms.md §8).
 struct EvalHooks {
-    /// Indexed by `LinearKind as usize` (a fused module's linears share one).
+    modules: Vec<LayerModule>,
+    /// Indexed like `modules` (a fused module's linears share one).
     inputs: Vec<InputQuant>,
     kv_amax: (Option<f32>, Option<f32>),
 }
 
+impl EvalHooks {
+    fn apply(&self, expert: Option<usize>, kind: LinearKind, x: &mut [f32], cols: usize) {
+        if let Some(i) = module_of(&self.modules, expert, kind) {
+            self.inputs[i].apply(x, cols);
+        }
+    }
+}
+
 impl Hooks for EvalHooks {
     fn linear_input(&mut self, _layer: usize, kind: LinearKind, x: &mut [f32], cols: usize) {
-        self.inputs[kind as usize].apply(x, cols);
+        self.apply(None, kind, x, cols);
+    }
+    fn expert_input(&mut self, _layer: usize, expert: usize, kind: LinearKind, x: &mut [f32], cols: usize) {
+        self.apply(Some(expert), kind, x, cols);
     }
     fn kv(&mut self, _layer: usize, k: &mut [f32], v: &mut [f32]) {
         for (t, amax) in [(k, self.kv_amax.0), (v, self.kv_amax.1)] {
@@ -77,13 +89,9 @@ pub fn eval_windows(ids: &[u32], seq: usize) -> Vec<Vec<u32>> {
 /// Perplexity of `model` (original or quantized checkpoint) over `windows`.
 pub fn perplexity(model: &Model, windows: &[Vec<u32>], progress: &Progress) -> Result<Perplexity> {
     let hidden = run_layers(model, windows, progress, "eval", |l, layer, rope, hidden| {
-        let cfg = &model.config;
-        let mut inputs = vec![InputQuant::default(); LinearKind::ALL.len()];
-        for m in cfg.modules {
-            let q = read::input_quant(model, &format!("model.layers.{l}.{}", m.name), m.shape(cfg))?;
-            m.kinds.iter().for_each(|&k| inputs[k as usize] = q.clone());
-        }
-        let mut hooks = EvalHooks { inputs, kv_amax: read::kv_amax(model, l)? };
+        let modules = model.config.layer_modules(l);
+        let inputs = modules.iter().map(|m| read::input_quant(model, &m.path, m.shape)).collect::<Result<_>>()?;
+        let mut hooks = EvalHooks { modules, inputs, kv_amax: read::kv_amax(model, l)? };
         for (h, ids) in hidden.iter_mut().zip(windows) {
             layer.forward(&model.config, rope, h, ids.len(), &mut hooks);
         }

@@ -9,19 +9,19 @@
 //!
 //! The unit of quantization is the checkpoint's Linear module (`ModelConfig::modules`): a fused
 //! module (Phi3's `qkv_proj`, `gate_up_proj`) has one weight quantizer, one input quantizer,
-//! one SmoothQuant factor and one AWQ search over its stacked weight, as in ModelOpt.
+//! one SmoothQuant factor and one AWQ search over its stacked weight, as in ModelOpt. An MoE
+//! layer's modules are its attention modules and one per expert and projection
+//! (`ModelConfig::layer_modules`); each expert's statistics come from the tokens routed to it.
 
 use crate::error::{Error, Result};
 use crate::export::Output;
-use crate::model::{Hooks, Layer, LinearKind, Model, Module, LLAMA_MODULES};
+use crate::model::{module_of, Hooks, LayerModule, Layer, LinearKind, Model, LLAMA_MODULES};
 use crate::ops::{self, Rope};
 use crate::progress::Progress;
 use crate::quant::awq::{self, ActMean, LiteSearch};
 use crate::quant::{fp8, int, nvfp4, smoothquant, ActKind, Exclusions, QFormat, WeightKind, INT4_GROUP};
 use crate::safetensors::Dtype;
 use std::collections::HashMap;
-
-const N: usize = LinearKind::ALL.len();
 
 /// Which format each module gets.
 pub enum Formats {
@@ -64,44 +64,31 @@ pub struct Summary {
     pub unquantized: Vec<String>,
 }
 
-/// `model.layers.{l}.<module>`.
-fn module_path(l: usize, m: &Module) -> String {
-    format!("model.layers.{l}.{}", m.name)
+/// The module whose input this is, when `kind` is its first linear (the other linears of a
+/// fused module see the same input and are not observed again).
+fn observed(modules: &[LayerModule], expert: Option<usize>, kind: LinearKind) -> Option<usize> {
+    module_of(modules, expert, kind).filter(|&i| modules[i].kinds[0] == kind)
 }
 
-/// A module's weight: its linears' rows stacked, `[out, in]`.
-fn module_weight(layer: &Layer, m: &Module) -> Vec<f32> {
-    m.kinds.iter().flat_map(|&k| layer.weight(k).iter().copied()).collect()
-}
-
-/// A module's bias, if its linears have biases.
-fn module_bias(layer: &Layer, m: &Module) -> Option<Vec<f32>> {
-    m.kinds.iter().map(|&k| layer.bias(k)).collect::<Option<Vec<_>>>().map(|b| b.concat())
-}
-
-/// Per-module statistics of one layer's calibration pass, indexed by the module's first
-/// linear (the other linears of a fused module see the same input and are not observed again).
-pub(crate) struct StatsHooks {
-    /// Whether a linear is the first of its module.
-    first: [bool; N],
+/// Per-module statistics of one layer's calibration pass, indexed like the layer's modules.
+pub(crate) struct StatsHooks<'a> {
+    modules: &'a [LayerModule],
     want_channels: bool,
     want_mean: bool,
     dtype: Dtype,
-    amax: [f32; N],
-    channel_amax: [Vec<f32>; N],
-    mean: [Option<ActMean>; N],
+    amax: Vec<f32>,
+    channel_amax: Vec<Vec<f32>>,
+    mean: Vec<Option<ActMean>>,
     kv_amax: (f32, f32),
-    non_finite: Option<LinearKind>,
+    /// The module whose input held NaN/Inf.
+    non_finite: Option<usize>,
 }
 
-impl Hooks for StatsHooks {
-    fn linear_input(&mut self, _layer: usize, kind: LinearKind, x: &mut [f32], cols: usize) {
-        let k = kind as usize;
-        if !self.first[k] {
-            return;
-        }
+impl StatsHooks<'_> {
+    fn observe(&mut self, expert: Option<usize>, kind: LinearKind, x: &[f32], cols: usize) {
+        let Some(k) = observed(self.modules, expert, kind) else { return };
         if x.iter().any(|v| !v.is_finite()) {
-            self.non_finite.get_or_insert(kind);
+            self.non_finite.get_or_insert(k);
             return;
         }
         self.amax[k] = x.iter().fold(self.amax[k], |m, v| m.max(v.abs()));
@@ -118,6 +105,15 @@ impl Hooks for StatsHooks {
             self.mean[k].get_or_insert_with(|| ActMean::new(cols, self.dtype)).observe(x);
         }
     }
+}
+
+impl Hooks for StatsHooks<'_> {
+    fn linear_input(&mut self, _layer: usize, kind: LinearKind, x: &mut [f32], cols: usize) {
+        self.observe(None, kind, x, cols);
+    }
+    fn expert_input(&mut self, _layer: usize, expert: usize, kind: LinearKind, x: &mut [f32], cols: usize) {
+        self.observe(Some(expert), kind, x, cols);
+    }
     fn kv(&mut self, _layer: usize, k: &mut [f32], v: &mut [f32]) {
         self.kv_amax.0 = k.iter().fold(self.kv_amax.0, |m, x| m.max(x.abs()));
         self.kv_amax.1 = v.iter().fold(self.kv_amax.1, |m, x| m.max(x.abs()));
@@ -125,15 +121,18 @@ impl Hooks for StatsHooks {
 }
 
 /// awq_lite's search pass: every quantized module's loss per alpha (spec/algorithms.md §6.1),
-/// indexed by the module's first linear: (module weight, bias, search).
+/// indexed like the layer's modules: (module weight, bias, search). An expert's loss is summed
+/// over the tokens routed to it.
 struct SearchHooks<'a> {
     layer: &'a Layer,
-    searches: [Option<(Vec<f32>, Option<Vec<f32>>, LiteSearch)>; N],
+    modules: &'a [LayerModule],
+    searches: Vec<Option<(Vec<f32>, Option<Vec<f32>>, LiteSearch)>>,
 }
 
-impl Hooks for SearchHooks<'_> {
-    fn linear_input(&mut self, _layer: usize, kind: LinearKind, x: &mut [f32], cols: usize) {
-        if let Some((w, bias, search)) = &mut self.searches[kind as usize] {
+impl SearchHooks<'_> {
+    fn observe(&mut self, expert: Option<usize>, kind: LinearKind, x: &[f32], cols: usize) {
+        let Some(k) = observed(self.modules, expert, kind) else { return };
+        if let Some((w, bias, search)) = &mut self.searches[k] {
             let out = w.len() / cols;
             let tokens = x.len() / cols;
             let mut y = vec![0f32; tokens * out];
@@ -147,10 +146,21 @@ impl Hooks for SearchHooks<'_> {
     }
 }
 
+impl Hooks for SearchHooks<'_> {
+    fn linear_input(&mut self, _layer: usize, kind: LinearKind, x: &mut [f32], cols: usize) {
+        self.observe(None, kind, x, cols);
+    }
+    fn expert_input(&mut self, _layer: usize, expert: usize, kind: LinearKind, x: &mut [f32], cols: usize) {
+        self.observe(Some(expert), kind, x, cols);
+    }
+}
+
 /// One linear module after its algorithm, before export-time fusion.
 pub(crate) struct Linear {
     /// The runtime linears it holds (none for lm_head).
     pub(crate) kinds: &'static [LinearKind],
+    /// The expert of an MoE expert's projection.
+    expert: Option<usize>,
     /// `[out, in]`.
     shape: [usize; 2],
     module: String,
@@ -161,6 +171,8 @@ pub(crate) struct Linear {
     pub(crate) pqs: Option<Vec<f32>>,
     /// Per-tensor amax of the (scaled) input, for activation-quantized formats.
     pub(crate) input_amax: f32,
+    /// Per-tensor weight amax shared with export-fused siblings (None: the weight's own).
+    weight_amax: Option<f32>,
 }
 
 /// Runs calibration, the algorithm and the export of every decoder layer into `out`, plus a
@@ -169,7 +181,7 @@ pub fn run(model: &Model, samples: &[Vec<u32>], opts: &Options, out: &mut Output
     let cfg = &model.config;
     let dtype = model.dtype()?;
     check_shapes(cfg, opts)?;
-    if opts.compressed_tensors && cfg.modules != LLAMA_MODULES {
+    if opts.compressed_tensors && (cfg.modules != LLAMA_MODULES || (0..cfg.num_hidden_layers).any(|l| cfg.moe_layer(l).is_some())) {
         return Err(Error::Unsupported(format!(
             "--export compressed-tensors of {}: supported for the Llama-layout families (Llama, Mistral, Qwen2, Qwen3, Gemma)",
             cfg.architecture
@@ -192,19 +204,25 @@ pub fn run(model: &Model, samples: &[Vec<u32>], opts: &Options, out: &mut Output
     let n_layers = cfg.num_hidden_layers;
     for l in 0..n_layers {
         let layer = model.load_layer(l)?;
-        // Indexed like cfg.modules.
-        let formats: Vec<Option<QFormat>> = cfg.modules.iter().map(|m| opts.formats.of(&module_path(l, m))).collect();
-        for (m, f) in cfg.modules.iter().zip(&formats) {
+        let modules = cfg.layer_modules(l);
+        let formats: Vec<Option<QFormat>> = modules.iter().map(|m| opts.formats.of(&m.path)).collect();
+        for (m, f) in modules.iter().zip(&formats) {
             match f {
-                Some(f) => summary.quantized.push((module_path(l, m), *f)),
-                None => summary.unquantized.push(module_path(l, m)),
+                Some(f) => summary.quantized.push((m.path.clone(), *f)),
+                None => summary.unquantized.push(m.path.clone()),
             }
         }
-        // Compressed-tensors mode (Llama layout, one module per linear): smoothing only where it folds.
+        // An MoE router carries a (disabled) quantizer: listed structurally, as ModelOpt does
+        // since 0.45 (spec/export-formats.md §2.4).
+        if let Some(moe) = cfg.moe_layer(l) {
+            summary.unquantized.push(moe.router(l));
+        }
+        // Compressed-tensors mode (dense Llama layout, one module per linear): smoothing only
+        // where it folds.
         let smooth: Vec<bool> =
-            cfg.modules.iter().map(|m| !opts.compressed_tensors || foldable(m.kinds[0], &formats, &layer, cfg)).collect();
+            modules.iter().map(|m| !opts.compressed_tensors || foldable(m.kinds[0], &formats, &layer, cfg)).collect();
         let (stats, linears) =
-            calibrate_layer(&layer, l, cfg, &rope, &mut hidden, samples, &formats, &smooth, opts.sq_alpha, dtype)?;
+            calibrate_layer(&layer, &modules, cfg, &rope, &mut hidden, samples, &formats, &smooth, opts.sq_alpha, dtype)?;
         emit_layer(model, l, linears, &layer, opts, dtype, &stats, out)?;
         progress.step("layer", l + 1, n_layers);
     }
@@ -220,10 +238,11 @@ pub fn run(model: &Model, samples: &[Vec<u32>], opts: &Options, out: &mut Output
 /// (max calibration, §3.1), the AWQ-lite search pass where a format needs one (§6.1), and each
 /// quantized linear's algorithm result before export-time fusion (SmoothQuant factors, AWQ
 /// scales, input amax). `hidden` (the layer inputs, one per sample) advances through the layer.
+/// `formats` is indexed like `modules` (`ModelConfig::layer_modules`).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn calibrate_layer(
+pub(crate) fn calibrate_layer<'a>(
     layer: &Layer,
-    l: usize,
+    modules: &'a [LayerModule],
     cfg: &crate::config::ModelConfig,
     rope: &Rope,
     hidden: &mut [Vec<f32>],
@@ -232,19 +251,20 @@ pub(crate) fn calibrate_layer(
     smooth: &[bool],
     sq_alpha: f32,
     dtype: Dtype,
-) -> Result<(StatsHooks, Vec<Linear>)> {
+) -> Result<(StatsHooks<'a>, Vec<Linear>)> {
     let any = |pred: fn(QFormat) -> bool| formats.iter().flatten().any(|&f| pred(f));
     let awq = any(QFormat::awq);
 
     // Pass 1: statistics (on a copy of the inputs when a search pass follows).
+    let n = modules.len();
     let mut stats = StatsHooks {
-        first: LinearKind::ALL.map(|k| cfg.modules.iter().any(|m| m.kinds[0] == k)),
+        modules,
         want_channels: any(|f| f == QFormat::Int8Sq || (f.awq() && f.act().is_some())),
         want_mean: awq,
         dtype,
-        amax: [0.0; N],
-        channel_amax: Default::default(),
-        mean: Default::default(),
+        amax: vec![0.0; n],
+        channel_amax: vec![vec![]; n],
+        mean: (0..n).map(|_| None).collect(),
         kv_amax: (0.0, 0.0),
         non_finite: None,
     };
@@ -257,27 +277,22 @@ pub(crate) fn calibrate_layer(
     };
     for (s, (h, ids)) in states.iter_mut().zip(samples).enumerate() {
         layer.forward(cfg, rope, h, ids.len(), &mut stats);
-        if let Some(kind) = stats.non_finite {
-            let m = cfg.modules.iter().find(|m| m.kinds.contains(&kind)).unwrap_or(&LLAMA_MODULES[kind as usize]);
-            return Err(Error::tensor(
-                module_path(l, m),
-                format!("input activations hold NaN/Inf (calibration sample {s})"),
-            ));
+        if let Some(k) = stats.non_finite {
+            return Err(Error::tensor(&modules[k].path, format!("input activations hold NaN/Inf (calibration sample {s})")));
         }
     }
 
     // Pass 2 (AWQ): the alpha search, advancing the hidden states.
-    let mut best: [Option<Vec<f32>>; N] = Default::default();
+    let mut best: Vec<Option<Vec<f32>>> = vec![None; n];
     if awq {
-        let mut search = SearchHooks { layer, searches: Default::default() };
-        for ((m, f), &smooth) in cfg.modules.iter().zip(formats).zip(smooth) {
+        let mut search = SearchHooks { layer, modules, searches: (0..n).map(|_| None).collect() };
+        for (k, ((m, f), &smooth)) in modules.iter().zip(formats).zip(smooth).enumerate() {
             let Some(format) = f.filter(|f| f.awq() && smooth) else { continue };
-            let k = m.kinds[0] as usize;
-            let [o, i] = m.shape(cfg);
+            let [o, i] = m.shape;
             let xbar = stats.mean[k].as_ref().and_then(ActMean::finish);
             if let Some(xbar) = xbar {
-                let w = module_weight(layer, m);
-                let bias = module_bias(layer, m);
+                let w = layer.module_weight(m);
+                let bias = layer.module_bias(m);
                 let block = if format.weight() == WeightKind::Int4Groups { INT4_GROUP } else { nvfp4::BLOCK };
                 let wbar = awq::weight_mean(&w, o, i, Some(block), dtype);
                 let fq = search_quantizer(format, o, i, dtype);
@@ -296,7 +311,7 @@ pub(crate) fn calibrate_layer(
         }
     }
 
-    let linears = finalize(layer, l, cfg, sq_alpha, dtype, &stats, formats, smooth, &mut best)?;
+    let linears = finalize(layer, modules, sq_alpha, dtype, &stats, formats, smooth, &mut best)?;
     Ok((stats, linears))
 }
 
@@ -319,12 +334,14 @@ fn quantize_lm_head(model: &Model, hidden: &[Vec<f32>], format: QFormat, dtype: 
     }
     let lin = Linear {
         kinds: &[],
+        expert: None,
         shape: [cfg.vocab_size, cfg.hidden_size],
         module: "lm_head".into(),
         format,
         weight: head.lm_head().to_vec(),
         pqs: None,
         input_amax: amax,
+        weight_amax: None,
     };
     for (name, dt, shape, data) in export_linear(&lin, dtype, fp8::absmax(&lin.weight), false)? {
         out.add(&name, dt, &shape, data)?;
@@ -337,7 +354,7 @@ fn quantize_lm_head(model: &Model, hidden: &[Vec<f32>], format: QFormat, dtype: 
 /// output dim (ModelOpt's export asserts the same; spec/export-formats.md §2.5).
 fn check_shapes(cfg: &crate::config::ModelConfig, opts: &Options) -> Result<()> {
     let mut linears: Vec<(String, [usize; 2])> = (0..cfg.num_hidden_layers)
-        .flat_map(|l| cfg.modules.iter().map(move |m| (module_path(l, m), m.shape(cfg))))
+        .flat_map(|l| cfg.layer_modules(l).into_iter().map(|m| (m.path, m.shape)))
         .collect();
     linears.push(("lm_head".into(), [cfg.vocab_size, cfg.hidden_size]));
     for (m, [o, i]) in linears {
@@ -405,22 +422,22 @@ fn search_quantizer(format: QFormat, out: usize, inp: usize, dtype: Dtype) -> We
 #[allow(clippy::too_many_arguments)]
 fn finalize(
     layer: &Layer,
-    l: usize,
-    cfg: &crate::config::ModelConfig,
+    modules: &[LayerModule],
     sq_alpha: f32,
     dtype: Dtype,
     stats: &StatsHooks,
     formats: &[Option<QFormat>],
     smooth: &[bool],
-    best: &mut [Option<Vec<f32>>; N],
+    best: &mut [Option<Vec<f32>>],
 ) -> Result<Vec<Linear>> {
     let mut out = Vec::new();
-    for ((m, format), &smooth) in cfg.modules.iter().zip(formats).zip(smooth) {
-        let i = m.kinds[0] as usize;
+    for (i, ((m, format), &smooth)) in modules.iter().zip(formats).zip(smooth).enumerate() {
         let Some(format) = *format else { continue };
-        let [o, inp] = m.shape(cfg);
-        let mut weight = module_weight(layer, m);
-        let (pqs, input_amax) = if format == QFormat::Int8Sq && smooth {
+        let [o, inp] = m.shape;
+        let mut weight = layer.module_weight(m);
+        // An expert no calibration token was routed to has no channel statistics: no smoothing
+        // of its own (share_expert_scales gives it the block's common scale).
+        let (pqs, input_amax) = if format == QFormat::Int8Sq && smooth && !stats.channel_amax[i].is_empty() {
             // §5: p_j = w_j^(1-α) / a_j^α, W' = W / p, input amax = max_j a_j·p_j.
             let p = smoothquant::pre_quant_scale(&stats.channel_amax[i], &weight, o, inp, sq_alpha, dtype);
             smoothquant::smooth_weight(&mut weight, inp, &p, dtype);
@@ -440,7 +457,8 @@ fn finalize(
             // Plain max calibration (also AWQ's fallback for a linear that saw no data).
             (None, stats.amax[i])
         };
-        out.push(Linear { kinds: m.kinds, shape: [o, inp], module: module_path(l, m), format, weight, pqs, input_amax });
+        let (kinds, expert, shape, module) = (m.kinds, m.expert, m.shape, m.path.clone());
+        out.push(Linear { kinds, expert, shape, module, format, weight, pqs, input_amax, weight_amax: None });
     }
     Ok(out)
 }
@@ -463,7 +481,7 @@ fn emit_layer(
     let mut input_norm = layer.input_norm.clone();
     let mut post_norm = layer.post_norm.clone();
     let (mut input_norm_bias, mut post_norm_bias) = (layer.input_norm_bias.clone(), layer.post_norm_bias.clone());
-    let find = |ls: &[Linear], k: LinearKind| ls.iter().position(|x| x.kinds.contains(&k));
+    let find = |ls: &[Linear], k: LinearKind| ls.iter().position(|x| x.expert.is_none() && x.kinds.contains(&k));
 
     // 1. NVFP4_AWQ (and every format in compressed-tensors mode): fold down_proj's (and,
     //    without GQA, o_proj's) scale into the output rows of up_proj (v_proj), which feed it.
@@ -491,7 +509,6 @@ fn emit_layer(
     //    and per-tensor weight amax (max); AWQ formats fold the shared scale into the norm
     //    (weight and bias, §2.7 point 2), also when one module alone reads it (Phi3's fused
     //    modules, Starcoder2's c_fc, Nemotron's up_proj).
-    let mut group_weight_amax = [None; N];
     for (members, norm, norm_bias) in [
         (&[LinearKind::Q, LinearKind::K, LinearKind::V][..], &mut input_norm, &mut input_norm_bias),
         (&[LinearKind::Gate, LinearKind::Up][..], &mut post_norm, &mut post_norm_bias),
@@ -534,11 +551,11 @@ fn emit_layer(
         let wamax = idx.iter().map(|&i| fp8::absmax(&linears[i].weight)).fold(0f32, f32::max);
         for &i in &idx {
             linears[i].input_amax = amax;
-            if let Some(k) = linears[i].kinds.first() {
-                group_weight_amax[*k as usize] = Some(wamax);
-            }
+            linears[i].weight_amax = Some(wamax);
         }
     }
+    // 3. The experts of an MoE block.
+    share_expert_scales(&mut linears, dtype);
 
     let prefix = format!("model.layers.{l}");
     let mut written: Vec<String> = Vec::new();
@@ -564,7 +581,7 @@ fn emit_layer(
         add(out, full, t.dtype, t.shape, data)?;
     }
     for lin in &linears {
-        let wamax = lin.kinds.first().and_then(|&k| group_weight_amax[k as usize]).unwrap_or_else(|| fp8::absmax(&lin.weight));
+        let wamax = lin.weight_amax.unwrap_or_else(|| fp8::absmax(&lin.weight));
         for (name, dt, shape, data) in export_linear(lin, dtype, wamax, opts.compressed_tensors)? {
             add(out, name, dt, &shape, data)?;
         }
@@ -587,6 +604,57 @@ fn emit_layer(
     Ok(())
 }
 
+/// Export-time rules for the expert linears of an MoE layer, as ModelOpt 0.47 exports
+/// transformers-5 MoE blocks (`_QuantFusedExperts`, `moe_utils._export_fused_experts`):
+/// * every expert's gate/up share one input quantizer and every expert's down another, so the
+///   block's experts get one `input_scale` each (max over the experts' routed tokens; an
+///   expert that received no calibration token gets it too);
+/// * SmoothQuant / AWQ scales: the experts of a block are re-smoothed to the mean scale
+///   (spec/export-formats.md §2.7 point 5, `update_experts_avg_prequant_scale`), gate and up
+///   together (they read the same input) and down apart; an expert without a scale of its own
+///   (no routed token) enters the mean with all ones, as awq_lite's neutral scale for a
+///   disabled expert. The scale stays a `pre_quant_scale` tensor: the norm before the block
+///   also feeds the unquantized router, so it cannot absorb it;
+/// * gate and up of one expert share the per-tensor weight amax (one weight quantizer on the
+///   fused `gate_up_proj`; §2.9 `sync_moe_gate_up_amax`): FP8 `weight_scale`, NVFP4 and W4A8
+///   `weight_scale_2`.
+fn share_expert_scales(linears: &mut [Linear], dtype: Dtype) {
+    let reads = |x: &Linear, members: &[LinearKind]| x.kinds.iter().any(|k| members.contains(k));
+    for members in [&[LinearKind::Gate, LinearKind::Up][..], &[LinearKind::Down][..]] {
+        let is_member = |x: &Linear| x.expert.is_some() && reads(x, members);
+        let Some(first) = linears.iter().find(|x| is_member(x)) else { continue };
+        let (format, inp) = (first.format, first.shape[1]);
+        if linears.iter().any(|x| is_member(x) && x.format != format) {
+            continue; // experts in different formats (--layer-formats) share nothing
+        }
+        if linears.iter().any(|x| is_member(x) && x.pqs.is_some()) {
+            let mut refs: Vec<(&mut Vec<f32>, Vec<f32>)> = linears
+                .iter_mut()
+                .filter(|x| is_member(x))
+                .map(|x| {
+                    let p = x.pqs.take().unwrap_or_else(|| vec![1.0; inp]);
+                    (&mut x.weight, p)
+                })
+                .collect();
+            let p_avg = smoothquant::resmooth_group(&mut refs, inp, dtype);
+            linears.iter_mut().filter(|x| is_member(x)).for_each(|x| x.pqs = Some(p_avg.clone()));
+        }
+        let amax = linears.iter().filter(|x| is_member(x)).map(|x| x.input_amax).fold(0f32, f32::max);
+        linears.iter_mut().filter(|x| is_member(x)).for_each(|x| x.input_amax = amax);
+    }
+    let mut experts: Vec<usize> = linears.iter().filter_map(|x| x.expert).collect();
+    experts.dedup();
+    for e in experts {
+        let pair = |x: &Linear| x.expert == Some(e) && reads(x, &[LinearKind::Gate, LinearKind::Up]);
+        let formats: Vec<QFormat> = linears.iter().filter(|x| pair(x)).map(|x| x.format).collect();
+        if formats.windows(2).any(|f| f[0] != f[1]) {
+            continue;
+        }
+        let wamax = linears.iter().filter(|x| pair(x)).map(|x| fp8::absmax(&x.weight)).fold(0f32, f32::max);
+        linears.iter_mut().filter(|x| pair(x)).for_each(|x| x.weight_amax = Some(wamax));
+    }
+}
+
 /// Values in the model dtype's bytes (bf16 / f16 / f32).
 pub fn encode(values: &[f32], dtype: Dtype) -> Vec<u8> {
     use crate::numerics::{f32_to_bf16, f32_to_f16};
@@ -601,9 +669,10 @@ type OutTensor = (String, Dtype, Vec<usize>, Vec<u8>);
 
 /// One linear's tensors in `format`'s unified-HF layout (spec/export-formats.md §2.5).
 /// `weight_amax`: the per-tensor weight amax (max over an export-fused group where ModelOpt
-/// shares it: NVFP4 `weight_scale_2`, W4A8's FP8 stage). `compressed_tensors` (that mode):
-/// INT4 group scales are rounded to the model dtype before the codes are computed, and NVFP4's
-/// `weight_scale_2` moves by a few ulps to one whose inverse is exact (export_ct.rs).
+/// shares it: NVFP4 `weight_scale_2`, W4A8's FP8 stage; FP8 `weight_scale` only for the gate
+/// and up of one MoE expert). `compressed_tensors` (that mode): INT4 group scales are rounded to
+/// the model dtype before the codes are computed, and NVFP4's `weight_scale_2` moves by a few
+/// ulps to one whose inverse is exact (export_ct.rs).
 fn export_linear(lin: &Linear, dtype: Dtype, weight_amax: f32, compressed_tensors: bool) -> Result<Vec<OutTensor>> {
     let (m, format) = (&lin.module, lin.format);
     let [o, i] = lin.shape;
@@ -613,7 +682,7 @@ fn export_linear(lin: &Linear, dtype: Dtype, weight_amax: f32, compressed_tensor
     let mut t: Vec<OutTensor> = Vec::new();
     match format.weight() {
         WeightKind::Fp8 => {
-            let scale = fp8::scale_from_amax(fp8::absmax(w));
+            let scale = fp8::scale_from_amax(weight_amax);
             t.push((name, Dtype::F8E4M3, vec![o, i], fp8::quantize(w, scale, dtype)));
             t.push(scalar("weight_scale", scale));
         }

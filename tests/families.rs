@@ -6,7 +6,7 @@ mod common;
 
 use rq_min::config::ModelConfig;
 use rq_min::json::Json;
-use rq_min::model::{Model, NoHooks};
+use rq_min::model::{LinearKind, Model, NoHooks};
 use rq_min::ops::{self, Rope};
 use rq_min::safetensors::SafeTensors;
 use rq_min::Error;
@@ -141,6 +141,20 @@ fn nemotron_matches_transformers() {
 }
 
 #[test]
+fn mixtral_matches_transformers() {
+    if let Some(dir) = shared_family("mixtral") {
+        check_family(&dir);
+    }
+}
+
+#[test]
+fn qwen3_moe_matches_transformers() {
+    if let Some(dir) = shared_family("qwen3_moe") {
+        check_family(&dir);
+    }
+}
+
+#[test]
 fn family_fields_follow_the_architecture() {
     use rq_min::config::Activation;
     let with_arch = |arch: &str| {
@@ -158,6 +172,40 @@ fn family_fields_follow_the_architecture() {
     assert_eq!(g.embed_scale, Some((128f64).sqrt() as f32));
     let l = with_arch("LlamaForCausalLM");
     assert!(!l.qkv_bias && !l.qk_norm && !l.norm_offset && l.embed_scale.is_none() && l.act == Activation::Silu);
+
+    // MoE: Mixtral always renormalizes and has no dense layer; Qwen3-MoE's dense layers come
+    // from mlp_only_layers and decoder_sparse_step, its expert count from either key.
+    let mx = with_arch("MixtralForCausalLM").moe.unwrap();
+    assert!(mx.norm_topk_prob && mx.sparse == [true, true] && (mx.num_experts, mx.top_k) == (8, 2));
+    assert_eq!((mx.intermediate_size, mx.router(1).as_str()), (256, "model.layers.1.block_sparse_moe.gate"));
+    assert_eq!(mx.expert_module(0, 3, LinearKind::Up), "model.layers.0.block_sparse_moe.experts.3.w3");
+    // MixtralConfig's defaults: rms_norm_eps 1e-5, rope_theta 1e6.
+    let mut raw = fixture_config();
+    raw.set("architectures", Json::Arr(vec![Json::Str("MixtralForCausalLM".into())]));
+    for key in ["rms_norm_eps", "rope_parameters", "rope_scaling", "rope_theta"] {
+        raw.set(key, Json::Null);
+    }
+    let m = ModelConfig::from_json(raw, Path::new("c")).unwrap();
+    assert_eq!((m.rms_norm_eps, m.rope.theta), (1e-5, 1e6));
+    let mut raw = fixture_config();
+    raw.set("architectures", Json::Arr(vec![Json::Str("Qwen3MoeForCausalLM".into())]));
+    raw.set("num_hidden_layers", Json::Int(4));
+    raw.set("num_experts", Json::Int(6));
+    raw.set("num_experts_per_tok", Json::Int(2));
+    raw.set("decoder_sparse_step", Json::Int(2));
+    raw.set("mlp_only_layers", Json::Arr(vec![Json::Int(3)]));
+    let q = ModelConfig::from_json(raw, Path::new("c")).unwrap();
+    let qm = q.moe.as_ref().unwrap();
+    assert!(q.qk_norm && !qm.norm_topk_prob && (qm.num_experts, qm.top_k, qm.intermediate_size) == (6, 2, 768));
+    assert_eq!(qm.sparse, [false, true, false, false]);
+    // A dense layer keeps the 7 Llama modules; a sparse one has 4 attention + 3 per expert.
+    assert_eq!((q.layer_modules(0).len(), q.layer_modules(1).len()), (7, 4 + 3 * 6));
+    assert_eq!(q.layer_modules(1)[4 + 3 * 5 + 2].path, "model.layers.1.mlp.experts.5.down_proj");
+    let mut raw = fixture_config();
+    raw.set("architectures", Json::Arr(vec![Json::Str("Qwen3MoeForCausalLM".into())]));
+    raw.set("num_experts", Json::Int(2));
+    raw.set("num_experts_per_tok", Json::Int(3));
+    assert!(matches!(ModelConfig::from_json(raw, Path::new("c")), Err(Error::Config { .. })));
 
     // Qwen2's per-layer sliding window is not implemented; an unknown activation is unsupported.
     let mut raw = fixture_config();
@@ -198,7 +246,7 @@ fn unsupported_architecture_lists_the_supported_ones() {
     let err = ModelConfig::from_json(raw, Path::new("gpt2/config.json")).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, Error::Unsupported(_)), "{err:?}");
-    let families = ["Llama", "Mistral", "Qwen2", "Qwen3", "Gemma", "Phi3", "Starcoder2", "Nemotron"];
+    let families = ["Llama", "Mistral", "Qwen2", "Qwen3", "Gemma", "Phi3", "Starcoder2", "Nemotron", "Mixtral", "Qwen3Moe"];
     assert!(
         msg.contains("GPT2LMHeadModel") && families.iter().all(|a| msg.contains(&format!("{a}ForCausalLM"))),
         "{msg}"

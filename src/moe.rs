@@ -1,0 +1,193 @@
+//! Mixture-of-experts MLP blocks: HF transformers 5 `MixtralSparseMoeBlock` and
+//! `Qwen3MoeSparseMoeBlock`. A router (`gate`, `[num_experts, hidden]`) scores every token,
+//! the top `num_experts_per_tok` experts are kept, and the token's output is the weighted sum of
+//! those experts' gated MLPs. Expert weights keep the checkpoint's per-expert names
+//! (Mixtral `block_sparse_moe.experts.{e}.w1/w3/w2`, Qwen3-MoE `mlp.experts.{e}.gate_proj/...`),
+//! and the quantizer exports them under the same names (spec/export-formats.md §2.9: one
+//! module per expert and projection, each with the full per-linear suffix set).
+//!
+//! Which tokens each expert's quantizers see is the quantizer's business (src/quantize.rs):
+//! the forward pass hands every expert exactly the tokens routed to it, through
+//! [`Hooks::expert_input`].
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::model::{Compute, Hooks, LinearKind, Model, Module};
+use crate::ops;
+use crate::quant::read;
+
+/// An expert's Linear modules inside `<block>.experts.{e}`: Mixtral's `w1` (gate), `w3` (up), `w2` (down).
+pub const MIXTRAL_EXPERT: &[Module] = &[
+    Module { name: "w1", kinds: &[LinearKind::Gate] },
+    Module { name: "w3", kinds: &[LinearKind::Up] },
+    Module { name: "w2", kinds: &[LinearKind::Down] },
+];
+
+/// Qwen3-MoE's expert modules.
+pub const QWEN3_MOE_EXPERT: &[Module] = &[
+    Module { name: "gate_proj", kinds: &[LinearKind::Gate] },
+    Module { name: "up_proj", kinds: &[LinearKind::Up] },
+    Module { name: "down_proj", kinds: &[LinearKind::Down] },
+];
+
+/// The MoE part of a model's config.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MoeConfig {
+    /// The block's path inside a layer: `block_sparse_moe` (Mixtral) or `mlp` (Qwen3-MoE).
+    pub block: &'static str,
+    /// One expert's gate, up and down modules, in that order.
+    pub expert_modules: &'static [Module],
+    pub num_experts: usize,
+    /// `num_experts_per_tok`.
+    pub top_k: usize,
+    /// Each expert's intermediate size (Mixtral `intermediate_size`, Qwen3-MoE `moe_intermediate_size`).
+    pub intermediate_size: usize,
+    /// Renormalize the kept probabilities to sum 1 (Mixtral always; Qwen3-MoE `norm_topk_prob`).
+    pub norm_topk_prob: bool,
+    /// Per layer: an MoE block (true) or the dense MLP of `intermediate_size` (Qwen3-MoE
+    /// `mlp_only_layers` / `decoder_sparse_step`).
+    pub sparse: Vec<bool>,
+}
+
+impl MoeConfig {
+    pub fn is_sparse(&self, layer: usize) -> bool {
+        self.sparse.get(layer).copied().unwrap_or(false)
+    }
+
+    /// The router module (`model.layers.{l}.<block>.gate`), never quantized (spec/export-formats.md §2.4).
+    pub fn router(&self, layer: usize) -> String {
+        format!("model.layers.{layer}.{}.gate", self.block)
+    }
+
+    /// Module of expert `e`'s linear `kind` (Gate, Up or Down).
+    pub fn expert_module(&self, layer: usize, e: usize, kind: LinearKind) -> String {
+        let m = self.expert_modules.iter().find(|m| m.kinds.contains(&kind)).unwrap_or(&self.expert_modules[0]);
+        format!("model.layers.{layer}.{}.experts.{e}.{}", self.block, m.name)
+    }
+
+    /// `[out, in]` of an expert's linear `kind`.
+    pub fn expert_shape(&self, cfg: &ModelConfig, kind: LinearKind) -> [usize; 2] {
+        match kind {
+            LinearKind::Down => [cfg.hidden_size, self.intermediate_size],
+            _ => [self.intermediate_size, cfg.hidden_size],
+        }
+    }
+}
+
+/// One layer's MoE block, weights as f32.
+pub struct MoeBlock {
+    /// `[num_experts, hidden]`.
+    router: Vec<f32>,
+    /// Per expert: gate, up, down, each `[out, in]`.
+    experts: Vec<[Vec<f32>; 3]>,
+}
+
+impl MoeBlock {
+    /// Layer `layer`'s router (unquantized) and experts (dequantized when stored quantized).
+    pub fn load(model: &Model, moe: &MoeConfig, layer: usize) -> Result<MoeBlock> {
+        let cfg = &model.config;
+        let name = format!("{}.weight", moe.router(layer));
+        let t = model.tensor(&name)?;
+        t.expect_shape(&[moe.num_experts, cfg.hidden_size])?;
+        let router = t.to_f32()?;
+        if let Some(i) = router.iter().position(|v| !v.is_finite()) {
+            return Err(Error::tensor(&name, format!("contains NaN/Inf at index {i} ({})", router[i])));
+        }
+        let experts = (0..moe.num_experts)
+            .map(|e| -> Result<[Vec<f32>; 3]> {
+                let w = |k| read::linear_weight(model, &moe.expert_module(layer, e, k), moe.expert_shape(cfg, k));
+                Ok([w(LinearKind::Gate)?, w(LinearKind::Up)?, w(LinearKind::Down)?])
+            })
+            .collect::<Result<_>>()?;
+        Ok(MoeBlock { router, experts })
+    }
+
+    pub fn num_experts(&self) -> usize {
+        self.experts.len()
+    }
+
+    /// Expert `e`'s weight of `kind` (Gate, Up or Down), `[out, in]`.
+    pub fn weight(&self, e: usize, kind: LinearKind) -> &[f32] {
+        let slot = match kind {
+            LinearKind::Gate => 0,
+            LinearKind::Up => 1,
+            _ => 2,
+        };
+        &self.experts[e][slot]
+    }
+
+    /// The experts each token goes to, with their weights: `[seq][top_k]` of (expert, weight).
+    /// HF `MixtralTopKRouter` / `Qwen3MoeTopKRouter`: logits = `F.linear(x, gate)` in the model
+    /// dtype, probabilities = softmax in f32, `torch.topk` (largest first; equal values keep the
+    /// lower expert index first), divided by their sum when `norm_topk_prob`, then cast to the
+    /// model dtype for the weighted sum.
+    pub fn route(&self, moe: &MoeConfig, x: &[f32], seq: usize, c: Compute) -> Vec<Vec<(usize, f32)>> {
+        let (n, h) = (self.num_experts(), x.len() / seq.max(1));
+        let mut logits = vec![0f32; seq * n];
+        ops::matmul_bt(x, &self.router, seq, h, n, &mut logits);
+        c.round(&mut logits);
+        logits
+            .chunks_exact(n)
+            .map(|row| {
+                let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                let exp: Vec<f32> = row.iter().map(|&v| (v - max).exp()).collect();
+                let sum: f32 = exp.iter().sum();
+                let mut order: Vec<usize> = (0..n).collect();
+                order.sort_by(|&a, &b| exp[b].total_cmp(&exp[a]).then(a.cmp(&b)));
+                let mut kept: Vec<(usize, f32)> = order[..moe.top_k].iter().map(|&e| (e, exp[e] / sum)).collect();
+                if moe.norm_topk_prob {
+                    let total: f32 = kept.iter().map(|k| k.1).sum();
+                    kept.iter_mut().for_each(|k| k.1 /= total);
+                }
+                kept.iter_mut().for_each(|k| k.1 = c.round_one(k.1));
+                kept
+            })
+            .collect()
+    }
+
+    /// The block's output for the normed input `x` (`[seq, hidden]`): HF `MixtralExperts.forward`.
+    /// Experts run in index order on the rows routed to them (token order), each output row
+    /// times its routing weight is added into a zeroed result (`index_add_`, rounded per add
+    /// under `Compute::Bf16`). An expert no token was routed to is not run.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &self,
+        cfg: &ModelConfig,
+        moe: &MoeConfig,
+        layer: usize,
+        x: &[f32],
+        seq: usize,
+        c: Compute,
+        hooks: &mut dyn Hooks,
+    ) -> Vec<f32> {
+        let h = cfg.hidden_size;
+        let routes = self.route(moe, x, seq, c);
+        let mut out = vec![0f32; seq * h];
+        for e in 0..self.num_experts() {
+            let rows: Vec<(usize, f32)> =
+                routes.iter().enumerate().filter_map(|(t, r)| r.iter().find(|k| k.0 == e).map(|k| (t, k.1))).collect();
+            if rows.is_empty() {
+                continue;
+            }
+            let xe: Vec<f32> = rows.iter().flat_map(|&(t, _)| x[t * h..(t + 1) * h].iter().copied()).collect();
+            let mut linear = |kind: LinearKind, mut x: Vec<f32>| {
+                let [n, k] = moe.expert_shape(cfg, kind);
+                hooks.expert_input(layer, e, kind, &mut x, k);
+                let mut y = vec![0f32; rows.len() * n];
+                ops::matmul_bt(&x, self.weight(e, kind), rows.len(), k, n, &mut y);
+                c.round(&mut y);
+                y
+            };
+            let mut gate = linear(LinearKind::Gate, xe.clone());
+            let up = linear(LinearKind::Up, xe);
+            c.gated_mul(cfg.act, &mut gate, &up);
+            let down = linear(LinearKind::Down, gate);
+            for (&(t, w), y) in rows.iter().zip(down.chunks_exact(h)) {
+                for (o, &v) in out[t * h..(t + 1) * h].iter_mut().zip(y) {
+                    *o = c.round_one(*o + c.round_one(v * w));
+                }
+            }
+        }
+        out
+    }
+}
