@@ -172,6 +172,11 @@ fn quantize_trtllm(a: &QuantizeArgs, qnemo: bool) -> Result<()> {
     let cfg = crate::config::ModelConfig::from_dir(&a.model)?;
     check_model(&cfg)?;
     check_split(&cfg, a.tp, a.pp)?;
+    if cfg.moe.is_some() && a.qformat.split(',').any(|f| f.trim() == "int8_sq") && a.layer_formats.is_none() {
+        return Err(Error::Unsupported(
+            "TensorRT-LLM export of INT8 SmoothQuant MoE experts (TensorRT-LLM's MoE plugin has no W8A8 path)".into(),
+        ));
+    }
     let temp = |what: &str| temp_beside(&a.out, what);
     let (folder, opts) = match qnemo {
         true => (temp("trtllm")?, TrtllmOptions { tp: a.tp, pp: a.pp, force: true }),

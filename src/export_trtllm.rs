@@ -7,7 +7,8 @@
 //! unscaled, shared table), Phi3 (fused qkv_proj split into q/k/v rows; gate_up_proj ->
 //! `mlp.fc` = [up; gate] under `swiglu`), Starcoder2 and Nemotron (TRT-LLM's GPTForCausalLM
 //! variants: LayerNorm weight + bias, plain `mlp.fc` / `mlp.proj`, Starcoder2's biases on every
-//! linear, Nemotron's LayerNorm1P as `1 + w`, `squared-relu`, partial rotary as `rotary_pct`).
+//! linear, Nemotron's LayerNorm1P as `1 + w`, `squared-relu`, partial rotary as `rotary_pct`),
+//! Mixtral and Qwen3-MoE (TRT-LLM's `MOE` layer, see "Mixture of experts" below).
 //! Formats FP8, NVFP4, INT8 SmoothQuant, INT4 AWQ, W4A8 AWQ, none (unquantized), and
 //! MIXED_PRECISION of those (auto-quantize / --layer-formats: `quant_cfg.json`). NVFP4_AWQ is
 //! refused: TensorRT-LLM's QuantAlgo has no such algorithm.
@@ -32,12 +33,37 @@
 //!   zero rows to a multiple of tp (AWQ: first to a multiple of 64), §4.4/§4.5.
 //! - Layer indices are local to a pipeline rank (rank p holds `transformer.layers.0..L/pp`),
 //!   as ModelOpt's per-rank configs and TRT-LLM's loaders number them.
+//!
+//! Mixture of experts (ModelOpt `build_moe_config` / `build_stacked_experts`, §4.3, §4.5):
+//! - `mlp.router.weight`: the HF router (`gate`) as F32 `[E, H]`, whole on every rank, excluded
+//!   from quantization.
+//! - `mlp.fc`: per expert `[w3; w1]` (up, then the activated gate: TRT-LLM's MoE `swiglu`),
+//!   stacked `(E, 2I, H)`; `mlp.proj`: the experts' w2 stacked `(E, H, I)`. Per-tensor factors
+//!   stack to `(E, 1)` (weights_scaling_factor(_2)) except activation_scaling_factor, the max
+//!   over experts `[1]` (TRT-LLM's MoE plugin takes one); per-row / per-group / block scales and
+//!   AWQ prequant stack per expert (`(E, out, n)`, `(E, in)`). rq-min's unified export already
+//!   shares what ModelOpt unifies before stacking (gate/up weight amax per expert, one input
+//!   amax and the mean pre_quant_scale per block), so the stacked tensors are its tensors.
+//! - TP (`moe_tp_size = tp`, `moe_ep_size = 1`: no expert parallelism): each rank's fc holds
+//!   `[w3_r; w1_r]` per expert, proj the expert's input slice (dim 2) with its group / block
+//!   scales and prequant.
+//! - config.json: `moe` {num_experts, top_k, normalization_mode}, `hidden_act` "swiglu" and
+//!   `intermediate_size` the experts' (TRT-LLM's QWen model sizes qwen3_moe experts by it).
+//!   normalization_mode is 1 (RENORMALIZE: softmax over the top-k logits) for Mixtral and
+//!   Qwen3-MoE with `norm_topk_prob`, 0 (NONE: top-k of the full softmax) without it.
+//!   DEVIATION: ModelOpt's manual path writes 1 for every non-Phi MoE, which would renormalize
+//!   a `norm_topk_prob = false` model; TRT-LLM's QWenConfig writes 0 for every Qwen MoE.
+//! - Refused: INT8 SmoothQuant experts (TRT-LLM's MoE plugin has no W8A8 path, and ModelOpt's
+//!   stacking of per-row scales concatenates them on the expert axis), experts of one block in
+//!   different formats (one quant mode per MoE layer), and dense layers in an MoE model
+//!   (`mlp_only_layers`, `decoder_sparse_step` > 1: TRT-LLM's decoder layer is all-MoE).
 
 use crate::config::{Activation, ModelConfig, RopeScaling};
 use crate::error::{Error, Result};
 use crate::export::{Staging, TOKENIZER_FILES};
 use crate::json::{obj, str, Json};
 use crate::model::LinearKind;
+use crate::moe::MoeConfig;
 use crate::quant::read::{detect, Stored};
 use crate::quant::{fp8, QFormat};
 use crate::safetensors::{write_file, Checkpoint, Dtype, TensorView};
@@ -146,6 +172,12 @@ pub fn cat1(parts: &[Tn]) -> Tn {
     Tn { dtype: parts[0].dtype, shape: vec![rows, parts.iter().map(|p| p.shape[1]).sum()], data }
 }
 
+/// Tensors of one shape stacked along a new leading dim (`torch.stack`): `[n] + shape`.
+fn stack(parts: &[&Tn]) -> Tn {
+    let shape = std::iter::once(parts.len()).chain(parts[0].shape.iter().copied()).collect();
+    Tn { dtype: parts[0].dtype, shape, data: parts.iter().flat_map(|p| p.data.iter().copied()).collect() }
+}
+
 fn max_scalar(ts: &[&Tn]) -> Tn {
     Tn::scalar(ts.iter().map(|t| t.value()).fold(f32::MIN, f32::max))
 }
@@ -219,6 +251,22 @@ impl Lin {
             bias: opt(|p| &p.bias),
         }
     }
+    /// One MoE block's experts stacked (ModelOpt `_build_stacked_linear`): every tensor per
+    /// expert along a new leading dim, except the activation factor: the max over experts.
+    fn stack(experts: &[Lin]) -> Lin {
+        let all = |f: fn(&Lin) -> &Option<Tn>| -> Option<Vec<&Tn>> {
+            let ts: Vec<&Tn> = experts.iter().filter_map(|p| f(p).as_ref()).collect();
+            (ts.len() == experts.len()).then_some(ts)
+        };
+        Lin {
+            w: stack(&experts.iter().map(|x| &x.w).collect::<Vec<_>>()),
+            ws: all(|p| &p.ws).map(|t| stack(&t)),
+            ws2: all(|p| &p.ws2).map(|t| stack(&t)),
+            act: all(|p| &p.act).map(|t| max_scalar(&t)),
+            pqs: all(|p| &p.pqs).map(|t| stack(&t)),
+            bias: None,
+        }
+    }
     fn emit(self, prefix: &str, out: &mut Vec<(String, Tn)>) {
         out.push((format!("{prefix}.weight"), self.w));
         for (suffix, t) in [
@@ -274,13 +322,13 @@ struct Linear {
 }
 
 /// A decoder layer's linears, fused HF modules (Phi3's qkv_proj, gate_up_proj) split into
-/// their linears' rows.
+/// their linears' rows; an MoE layer's attention only (its experts are [`Experts`]).
 struct LayerLinears(Vec<Linear>);
 
 impl LayerLinears {
-    fn load(uni: &Checkpoint, quant: &Quant, cfg: &ModelConfig, hf: &str) -> Result<LayerLinears> {
+    fn load(uni: &Checkpoint, quant: &Quant, cfg: &ModelConfig, hf: &str, moe: bool) -> Result<LayerLinears> {
         let mut out = Vec::new();
-        for m in cfg.modules {
+        for m in cfg.modules.iter().filter(|m| !(moe && m.is_mlp())) {
             let module = format!("{hf}.{}", m.name);
             let shape = m.shape(cfg);
             let (s, mut lin) = load_lin(uni, &module, shape)?;
@@ -302,6 +350,78 @@ impl LayerLinears {
     }
     fn get_mut(&mut self, k: LinearKind) -> Result<&mut Linear> {
         self.0.iter_mut().find(|x| x.kind == k).ok_or_else(|| Error::Unsupported(format!("a layer without a {k:?} linear")))
+    }
+}
+
+/// One MoE block of the unified checkpoint: the router and every expert's gate (w1), up (w3)
+/// and down (w2) linear, all in one format.
+struct Experts {
+    /// The HF block (`model.layers.{l}.block_sparse_moe` / `.mlp`), for messages.
+    block: String,
+    /// The F32 router, `[E, H]`.
+    router: Tn,
+    format: Option<QFormat>,
+    gate: Vec<Lin>,
+    up: Vec<Lin>,
+    down: Vec<Lin>,
+}
+
+impl Experts {
+    fn load(
+        (uni, orig): (&Checkpoint, &Checkpoint),
+        quant: &Quant,
+        cfg: &ModelConfig,
+        moe: &MoeConfig,
+        l: usize,
+    ) -> Result<Experts> {
+        let name = format!("{}.weight", moe.router(l));
+        let r = orig.tensor(&name)?;
+        r.expect_shape(&[moe.num_experts, cfg.hidden_size])?;
+        // TRT-LLM keeps the router in float32 (ModelOpt `build_moe_config`).
+        let mut router = encode(&r.to_f32()?, Dtype::F32);
+        router.shape = r.shape.to_vec();
+        let mut formats = Vec::new();
+        let mut lins: [Vec<Lin>; 3] = Default::default();
+        for e in 0..moe.num_experts {
+            for (slot, kind) in [LinearKind::Gate, LinearKind::Up, LinearKind::Down].into_iter().enumerate() {
+                let module = moe.expert_module(l, e, kind);
+                let (s, lin) = load_lin(uni, &module, moe.expert_shape(cfg, kind))?;
+                formats.push((module.clone(), quant.of(&module, s)?));
+                lins[slot].push(lin);
+            }
+        }
+        let format = formats[0].1;
+        if let Some((m, g)) = formats.iter().find(|(_, g)| *g != format) {
+            let name = |f: Option<QFormat>| f.map_or("none", QFormat::cli_name);
+            return Err(Error::Unsupported(format!(
+                "{m} is {} but {} is {}: TensorRT-LLM runs an MoE block's experts in one format",
+                name(*g),
+                formats[0].0,
+                name(format)
+            )));
+        }
+        if format == Some(QFormat::Int8Sq) {
+            return Err(Error::Unsupported(format!(
+                "model.layers.{l}.{}: INT8 SmoothQuant experts (TensorRT-LLM's MoE plugin has no W8A8 path); \
+                 quantize the experts in another format (--layer-formats) or use --export hf",
+                moe.block
+            )));
+        }
+        let [gate, up, down] = lins;
+        Ok(Experts { block: format!("model.layers.{l}.{}", moe.block), router, format, gate, up, down })
+    }
+
+    /// TP rank `r`'s `mlp.fc` (per expert `[w3_r; w1_r]`, §4.5) and `mlp.proj` (per expert the
+    /// input slice), stacked.
+    fn rank(&self, tp: usize, r: usize) -> Result<(Lin, Lin)> {
+        let mut fc = Vec::new();
+        let mut proj = Vec::new();
+        for e in 0..self.gate.len() {
+            let name = format!("{}.experts.{e}", self.block);
+            fc.push(Lin::merge(&[self.up[e].column(&name, tp, r)?, self.gate[e].column(&name, tp, r)?]));
+            proj.push(self.down[e].row(&name, tp, r)?);
+        }
+        Ok((Lin::stack(&fc), Lin::stack(&proj)))
     }
 }
 
@@ -464,15 +584,25 @@ pub struct TrtFamily {
     /// lm_head on a single pipeline rank (§4.2).
     shared_table: bool,
     keys: Keys,
+    /// Every decoder layer's MLP is TRT-LLM's `MOE` (router, stacked `mlp.fc` / `mlp.proj`);
+    /// `linears` then holds the attention only.
+    pub moe: bool,
 }
 
 const LLAMA_ACTS: &[(Activation, &str)] = &[(Activation::Silu, "silu"), (Activation::GeluTanh, "gelu")];
+/// The attention of an MoE family's layers.
+const ATTENTION_LINEARS: &[TrtLinear] = &[QKV, DENSE];
 
 /// The families this converter writes.
-pub const TRTLLM_FAMILIES: [TrtFamily; 8] = {
+pub const TRTLLM_FAMILIES: [TrtFamily; 10] = {
     type Acts = &'static [(Activation, &'static str)];
     const fn f(architecture: &'static str, linears: &'static [TrtLinear], acts: Acts, biases: bool, keys: Keys) -> TrtFamily {
-        TrtFamily { architecture, linears, acts, biases, shared_table: matches!(keys, Keys::Gemma), keys }
+        TrtFamily { architecture, linears, acts, biases, shared_table: matches!(keys, Keys::Gemma), keys, moe: false }
+    }
+    // MoE: TRT-LLM's gated MoE activation is "swiglu" (LLaMAConfig for mixtral, QWenConfig for
+    // qwen3_moe, ModelOpt `build_moe_config`).
+    const fn moe(architecture: &'static str, keys: Keys) -> TrtFamily {
+        TrtFamily { moe: true, ..f(architecture, ATTENTION_LINEARS, &[(Activation::Silu, "swiglu")], false, keys) }
     }
     [
         f("LlamaForCausalLM", GATED_LINEARS, LLAMA_ACTS, true, Keys::None),
@@ -486,6 +616,9 @@ pub const TRTLLM_FAMILIES: [TrtFamily; 8] = {
         // "squared-relu" with `bias = False`.
         f("Starcoder2ForCausalLM", PLAIN_LINEARS, &[(Activation::GeluTanh, "gelu")], true, Keys::Gpt("starcoder2")),
         f("NemotronForCausalLM", PLAIN_LINEARS, &[(Activation::Relu2, "squared-relu")], false, Keys::Gpt("nemotron")),
+        // TRT-LLM MODEL_MAP: Mixtral -> LLaMAForCausalLM, Qwen3-MoE -> QWenForCausalLM (qwen_type qwen3_moe).
+        moe("MixtralForCausalLM", Keys::None),
+        moe("Qwen3MoeForCausalLM", Keys::Qwen),
     ]
 };
 
@@ -506,6 +639,13 @@ pub fn check_model(cfg: &ModelConfig) -> Result<(&'static TrtFamily, &'static st
         let msg = format!("TensorRT-LLM export of {} with the {:?} activation", cfg.architecture, cfg.act);
         return Err(Error::Unsupported(msg));
     };
+    if fam.moe && !cfg.moe.as_ref().is_some_and(|m| m.sparse.iter().all(|&s| s)) {
+        return Err(Error::Unsupported(format!(
+            "TensorRT-LLM export of {} with dense MLP layers (mlp_only_layers / decoder_sparse_step): TensorRT-LLM's \
+             decoder layer of it is MoE in every layer",
+            cfg.architecture
+        )));
+    }
     if !fam.biases && (cfg.qkv_bias || cfg.mlp_bias) {
         return Err(Error::Unsupported(format!(
             "TensorRT-LLM export of {} with linear biases (TensorRT-LLM's model of it has none)",
@@ -527,9 +667,14 @@ pub fn check_split(cfg: &ModelConfig, tp: usize, pp: usize) -> Result<()> {
             "--tp {tp} neither divides nor is a multiple of num_key_value_heads = {kv}"
         )));
     }
+    // An MoE model's MLPs are its experts (Qwen3-MoE: moe_intermediate_size).
+    let (inter_key, inter) = match &cfg.moe {
+        Some(m) => ("the experts' intermediate size", m.intermediate_size),
+        None => ("intermediate_size", cfg.intermediate_size),
+    };
     for (what, n, by, flag) in [
         ("num_attention_heads", cfg.num_attention_heads, tp, "--tp"),
-        ("intermediate_size", cfg.intermediate_size, tp, "--tp"),
+        (inter_key, inter, tp, "--tp"),
         ("num_hidden_layers", cfg.num_hidden_layers, pp, "--pp"),
     ] {
         if n % by != 0 {
@@ -581,7 +726,19 @@ pub fn convert(original: &Path, unified: Option<&Path>, out: &Path, o: &TrtllmOp
         let (pp_rank, local) = (l / per_pp, l % per_pp);
         let hf = format!("model.layers.{l}");
         let trt = format!("transformer.layers.{local}");
-        let mut lins = LayerLinears::load(&uni, &quant, &cfg, &hf)?;
+        let moe = cfg.moe_layer(l);
+        let mut lins = LayerLinears::load(&uni, &quant, &cfg, &hf, moe.is_some())?;
+        let experts = moe.map(|m| Experts::load((&uni, &orig), &quant, &cfg, m, l)).transpose()?;
+        if let Some(x) = &experts {
+            // The router is never quantized (§4.2: exclude_modules names it).
+            excluded.push(format!("{trt}.mlp.router"));
+            for name in ["mlp.fc", "mlp.proj"] {
+                match x.format {
+                    Some(f) => note_format(&mut formats_used, &mut layer_formats, format!("{trt}.{name}"), f, pp)?,
+                    None => excluded.push(format!("{trt}.{name}")),
+                }
+            }
+        }
         let mut norms = Vec::new();
         for (from, to) in [("input_layernorm", "input_layernorm"), ("post_attention_layernorm", "post_layernorm")] {
             let w = trt_norm(&orig.tensor(&format!("{hf}.{from}.weight"))?, cfg.norm_offset)?;
@@ -609,20 +766,7 @@ pub fn convert(original: &Path, unified: Option<&Path>, out: &Path, o: &TrtllmOp
                 excluded.push(format!("{trt}.{}", t.name));
                 continue;
             };
-            if !formats_used.contains(&f) {
-                formats_used.push(f);
-            }
-            let module = format!("{trt}.{}", t.name);
-            match layer_formats.iter().find(|(m, _)| *m == module) {
-                Some((_, g)) if *g != f => {
-                    return Err(Error::Unsupported(format!(
-                        "mixed precision with --pp {pp}: {module} has different formats on different pipeline ranks \
-                         (quant_cfg.json names layers per rank)"
-                    )))
-                }
-                Some(_) => {}
-                None => layer_formats.push((module, f)),
-            }
+            note_format(&mut formats_used, &mut layer_formats, format!("{trt}.{}", t.name), f, pp)?;
             if !f.awq() || lins.get(t.kinds[0])?.lin.pqs.is_some() {
                 continue;
             }
@@ -684,6 +828,12 @@ pub fn convert(original: &Path, unified: Option<&Path>, out: &Path, o: &TrtllmOp
                     parts.push(if t.row { x.lin.row(&x.module, tp, tp_rank)? } else { x.lin.column(&x.module, tp, tp_rank)? });
                 }
                 Lin::merge(&parts).emit(&format!("{trt}.{}", t.name), out);
+            }
+            if let Some(x) = &experts {
+                out.push((format!("{trt}.mlp.router.weight"), x.router.clone()));
+                let (fc, proj) = x.rank(tp, tp_rank)?;
+                fc.emit(&format!("{trt}.mlp.fc"), out);
+                proj.emit(&format!("{trt}.mlp.proj"), out);
             }
             if let Some([q, k]) = &qk_norms {
                 // Qwen3's per-head q/k RMSNorm (TRT-LLM qwen convert: attention.{q,k}_layernorm).
@@ -756,6 +906,32 @@ pub fn convert(original: &Path, unified: Option<&Path>, out: &Path, o: &TrtllmOp
         write_json(&staging.tmp.join("quant_cfg.json"), &quant_cfg(&layer_formats, quant.kv_fp8))?;
     }
     staging.commit()
+}
+
+/// Records that TensorRT-LLM module `module` (local layer index) is in format `f`: the formats
+/// used, and the per-module formats of a MIXED_PRECISION quant_cfg.json, which names modules
+/// per pipeline rank, so every rank must agree.
+fn note_format(
+    used: &mut Vec<QFormat>,
+    layers: &mut Vec<(String, QFormat)>,
+    module: String,
+    f: QFormat,
+    pp: usize,
+) -> Result<()> {
+    if !used.contains(&f) {
+        used.push(f);
+    }
+    match layers.iter().find(|(m, _)| *m == module) {
+        Some((_, g)) if *g != f => Err(Error::Unsupported(format!(
+            "mixed precision with --pp {pp}: {module} has different formats on different pipeline ranks \
+             (quant_cfg.json names layers per rank)"
+        ))),
+        Some(_) => Ok(()),
+        None => {
+            layers.push((module, f));
+            Ok(())
+        }
+    }
 }
 
 fn write_json(p: &Path, j: &Json) -> Result<()> {
@@ -838,6 +1014,8 @@ fn trtllm_config(
     (tp, pp): (usize, usize),
 ) -> Result<Json> {
     let int = |n: usize| Json::Int(n as i64);
+    // An MoE family's MLPs are its experts (TRT-LLM sizes them by intermediate_size).
+    let moe = cfg.moe.as_ref().filter(|_| fam.moe);
     let algo = match (q.mixed, q.format) {
         (true, _) => str("MIXED_PRECISION"),
         (false, f) => f.map_or(Json::Null, |f| str(f.quant_algo())),
@@ -863,7 +1041,7 @@ fn trtllm_config(
         ("use_parallel_embedding", Json::Bool(true)),
         ("embedding_sharding_dim", int(0)),
         ("head_size", int(cfg.head_dim)),
-        ("intermediate_size", int(cfg.intermediate_size)),
+        ("intermediate_size", int(moe.map_or(cfg.intermediate_size, |m| m.intermediate_size))),
         ("position_embedding_type", str("rope_gpt_neox")),
         ("share_embedding_table", Json::Bool(share_embedding_table)),
         ("bias", Json::Bool(dense_bias)),
@@ -898,7 +1076,17 @@ fn trtllm_config(
         }
         Keys::Gpt(variant) => c.set("gpt_variant", str(variant)),
     }
-    c.set("mapping", obj([("world_size", int(tp * pp)), ("tp_size", int(tp)), ("pp_size", int(pp))]));
+    let mut mapping = obj([("world_size", int(tp * pp)), ("tp_size", int(tp)), ("pp_size", int(pp))]);
+    if let Some(m) = moe {
+        // TRT-LLM MoeConfig.ExpertScaleNormalizationMode: 1 RENORMALIZE, 0 NONE (module doc).
+        let mode = if m.norm_topk_prob { 1 } else { 0 };
+        let moe = obj([("num_experts", int(m.num_experts)), ("top_k", int(m.top_k)), ("normalization_mode", int(mode))]);
+        c.set("moe", moe);
+        // Experts split like the dense MLP (ModelOpt: moe_tp_size = tp_size, moe_ep_size = 1).
+        mapping.set("moe_tp_size", int(tp));
+        mapping.set("moe_ep_size", int(1));
+    }
+    c.set("mapping", mapping);
     c.set("quantization", quant);
     Ok(c)
 }

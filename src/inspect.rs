@@ -352,8 +352,9 @@ pub fn is_trtllm(path: &Path) -> bool {
 /// `check` for a TensorRT-LLM checkpoint folder or `.qnemo` file (extracted to a temporary
 /// folder first): every rank file present; per rank, each TRT-LLM module of the family's layout
 /// (`export_trtllm::trt_family`) with its tensors in the dtype and TP-slice shape its format
-/// prescribes, LayerNorm and GPT-variant linear biases (§4.4, §4.5: KV heads duplicated when
-/// tp > num_key_value_heads, vocabulary padded to a multiple of tp); scales finite and
+/// prescribes, LayerNorm and GPT-variant linear biases, MoE routers and stacked experts
+/// (config.json `moe`; §4.3, §4.4, §4.5: KV heads duplicated when tp > num_key_value_heads,
+/// vocabulary padded to a multiple of tp); scales finite and
 /// positive; FP8 KV factors >= 1 (this path clamps them); bits per parameter by format.
 pub fn check_trtllm(path: &Path) -> Result<Report> {
     if !path.is_file() {
@@ -408,12 +409,18 @@ fn check_trtllm_dir(dir: &Path) -> Result<Report> {
     let share = c.get("share_embedding_table").and_then(Json::as_bool) == Some(true);
     // The family's TensorRT-LLM linears (other architectures: LLaMA's gated MLP).
     let arch = c.get("architecture").and_then(Json::as_str).unwrap_or("");
-    let linears = crate::export_trtllm::trt_family(arch).map_or(crate::export_trtllm::GATED_LINEARS, |f| f.linears);
+    let family = crate::export_trtllm::trt_family(arch);
+    let linears = family.map_or(crate::export_trtllm::GATED_LINEARS, |f| f.linears);
+    // MoE families: every layer's MLP is the stacked experts of config.json's `moe` block.
+    let experts = c.get("moe").and_then(|m| m.get("num_experts")).and_then(Json::as_usize).filter(|&n| n > 0);
     // LayerNorm families carry norm biases; GPT variants with `bias` one on every linear.
     let norm_bias = c.get("rmsnorm").and_then(Json::as_bool) == Some(false);
     let linear_bias = c.get("gpt_variant").is_some() && c.get("bias").and_then(Json::as_bool) == Some(true);
 
     let mut report = Report { groups: BTreeMap::new(), findings: Vec::new() };
+    if family.is_some_and(|f| f.moe) && experts.is_none() {
+        report.findings.push(format!("config.json: {arch} without a moe.num_experts"));
+    }
     if heads % tp != 0 || (kv % tp != 0 && tp % kv != 0) || inter % tp != 0 || layers % pp != 0 {
         report.findings.push(format!("config.json: tp {tp} / pp {pp} do not split heads {heads}, kv heads {kv}, intermediate {inter}, layers {layers}"));
         return Ok(report);
@@ -442,6 +449,76 @@ fn check_trtllm_dir(dir: &Path) -> Result<Report> {
                 Some(_) => return true,
             }
             false
+        };
+        // One TRT-LLM linear `module` of `out` x `inp` per rank; `experts`: an MoE block's
+        // stacked experts (every tensor with a leading expert dim, the per-tensor factors as
+        // (E, 1), except the activation factor, one for all).
+        let mut linear = |f: &mut Vec<String>, module: &str, out: usize, inp: usize, experts: Option<usize>| {
+            let module = module.to_string();
+            if linear_bias && experts.is_none() {
+                want(f, &format!("{module}.bias"), model_dtype, &[out]);
+            }
+            let excluded = excludes.iter().any(|p| fnmatch(p, &module) || p.strip_suffix('*').is_some_and(|s| module.starts_with(s)));
+            let module_algo = match &per_layer {
+                Some(j) => j.get("quantized_layers").and_then(|m| m.get(&module)).and_then(|e| e.get("quant_algo")).and_then(Json::as_str),
+                None if excluded => None,
+                None => algo.as_deref(),
+            };
+            let g = per_layer
+                .as_ref()
+                .and_then(|j| j.get("quantized_layers")?.get(&module)?.get("group_size")?.as_usize())
+                .unwrap_or(group);
+            let (w_dtype, w_shape, mut scales): (Dtype, [usize; 2], Vec<(&str, Dtype, Vec<usize>)>) = match module_algo {
+                None => (model_dtype, [out, inp], vec![]),
+                Some("FP8") => (Dtype::F8E4M3, [out, inp], vec![("weights_scaling_factor", Dtype::F32, vec![1]), ("activation_scaling_factor", Dtype::F32, vec![1])]),
+                Some("W8A8_SQ_PER_CHANNEL") => (Dtype::I8, [out, inp], vec![
+                    ("weights_scaling_factor", Dtype::F32, vec![out]),
+                    ("activation_scaling_factor", Dtype::F32, vec![1]),
+                    ("prequant_scaling_factor", model_dtype, vec![inp]),
+                ]),
+                Some(a @ ("W4A16_AWQ" | "W4A8_AWQ")) => {
+                    let mut s = vec![("weights_scaling_factor", Dtype::F32, vec![out, inp / g.max(1)]), ("prequant_scaling_factor", model_dtype, vec![inp])];
+                    if a == "W4A8_AWQ" {
+                        s.extend([("weights_scaling_factor_2", Dtype::F32, vec![1]), ("activation_scaling_factor", Dtype::F32, vec![1])]);
+                    }
+                    (Dtype::I8, [out / 2, inp], s)
+                }
+                Some("NVFP4") => (Dtype::U8, [out, inp / 2], vec![
+                    ("weights_scaling_factor", Dtype::F8E4M3, vec![out, inp / 16]),
+                    ("weights_scaling_factor_2", Dtype::F32, vec![1]),
+                    ("activation_scaling_factor", Dtype::F32, vec![1]),
+                ]),
+                Some(other) => {
+                    f.push(format!("{rank}: {module}: quant_algo {other} is not one this checker knows"));
+                    return;
+                }
+            };
+            let mut w_shape = w_shape.to_vec();
+            if let Some(e) = experts {
+                w_shape.insert(0, e);
+                for (_, _, shape) in scales.iter_mut().filter(|(s, _, _)| *s != "activation_scaling_factor") {
+                    shape.insert(0, e);
+                }
+            }
+            let wname = format!("{module}.weight");
+            if !want(f, &wname, w_dtype, &w_shape) {
+                return;
+            }
+            let mut bytes = st.get(&wname).map_or(0, |t| t.data.len());
+            for (suffix, dtype, shape) in scales {
+                let sname = format!("{module}.{suffix}");
+                if want(f, &sname, dtype, &shape) {
+                    let t = st.get(&sname).expect("checked present");
+                    check_scale(f, &format!("{rank}: {module}"), suffix, &t, inp);
+                    if suffix.starts_with("weights_scaling_factor") {
+                        bytes += t.data.len();
+                    }
+                }
+            }
+            let e = report.groups.entry(module_algo.unwrap_or("unquantized").to_string()).or_default();
+            e.linears += 1;
+            e.params += experts.unwrap_or(1) * out * inp;
+            e.bytes += bytes;
         };
         let pp_rank = r / tp;
         if pp_rank == 0 {
@@ -479,64 +556,14 @@ fn check_trtllm_dir(dir: &Path) -> Result<Report> {
                     LinearKind::Down => inter / tp,
                     _ => hidden,
                 };
-                let module = format!("{t}.{}", lin.name);
-                if linear_bias {
-                    want(f, &format!("{module}.bias"), model_dtype, &[out]);
-                }
-                let excluded = excludes.iter().any(|p| fnmatch(p, &module) || p.strip_suffix('*').is_some_and(|s| module.starts_with(s)));
-                let module_algo = match &per_layer {
-                    Some(j) => j.get("quantized_layers").and_then(|m| m.get(&module)).and_then(|e| e.get("quant_algo")).and_then(Json::as_str),
-                    None if excluded => None,
-                    None => algo.as_deref(),
-                };
-                let g = per_layer
-                    .as_ref()
-                    .and_then(|j| j.get("quantized_layers")?.get(&module)?.get("group_size")?.as_usize())
-                    .unwrap_or(group);
-                let (w_dtype, w_shape, scales): (Dtype, [usize; 2], Vec<(&str, Dtype, Vec<usize>)>) = match module_algo {
-                    None => (model_dtype, [out, inp], vec![]),
-                    Some("FP8") => (Dtype::F8E4M3, [out, inp], vec![("weights_scaling_factor", Dtype::F32, vec![1]), ("activation_scaling_factor", Dtype::F32, vec![1])]),
-                    Some("W8A8_SQ_PER_CHANNEL") => (Dtype::I8, [out, inp], vec![
-                        ("weights_scaling_factor", Dtype::F32, vec![out]),
-                        ("activation_scaling_factor", Dtype::F32, vec![1]),
-                        ("prequant_scaling_factor", model_dtype, vec![inp]),
-                    ]),
-                    Some(a @ ("W4A16_AWQ" | "W4A8_AWQ")) => {
-                        let mut s = vec![("weights_scaling_factor", Dtype::F32, vec![out, inp / g.max(1)]), ("prequant_scaling_factor", model_dtype, vec![inp])];
-                        if a == "W4A8_AWQ" {
-                            s.extend([("weights_scaling_factor_2", Dtype::F32, vec![1]), ("activation_scaling_factor", Dtype::F32, vec![1])]);
-                        }
-                        (Dtype::I8, [out / 2, inp], s)
-                    }
-                    Some("NVFP4") => (Dtype::U8, [out, inp / 2], vec![
-                        ("weights_scaling_factor", Dtype::F8E4M3, vec![out, inp / 16]),
-                        ("weights_scaling_factor_2", Dtype::F32, vec![1]),
-                        ("activation_scaling_factor", Dtype::F32, vec![1]),
-                    ]),
-                    Some(other) => {
-                        f.push(format!("{rank}: {module}: quant_algo {other} is not one this checker knows"));
-                        continue;
-                    }
-                };
-                let wname = format!("{module}.weight");
-                if !want(f, &wname, w_dtype, &w_shape) {
-                    continue;
-                }
-                let mut bytes = st.get(&wname).map_or(0, |t| t.data.len());
-                for (suffix, dtype, shape) in scales {
-                    let sname = format!("{module}.{suffix}");
-                    if want(f, &sname, dtype, &shape) {
-                        let t = st.get(&sname).expect("checked present");
-                        check_scale(f, &format!("{rank}: {module}"), suffix, &t, inp);
-                        if suffix.starts_with("weights_scaling_factor") {
-                            bytes += t.data.len();
-                        }
-                    }
-                }
-                let e = report.groups.entry(module_algo.unwrap_or("unquantized").to_string()).or_default();
-                e.linears += 1;
-                e.params += out * inp;
-                e.bytes += bytes;
+                linear(f, &format!("{t}.{}", lin.name), out, inp, None);
+            }
+            if let Some(e) = experts {
+                // MoE (export_trtllm module doc): the F32 router whole, fc = [w3_r; w1_r] and
+                // proj = the input slice per expert, stacked.
+                want(f, &format!("{t}.mlp.router.weight"), Dtype::F32, &[e, hidden]);
+                linear(f, &format!("{t}.mlp.fc"), 2 * inter / tp, hidden, Some(e));
+                linear(f, &format!("{t}.mlp.proj"), hidden, inter / tp, Some(e));
             }
             if kv_fp8 {
                 for s in ["k_cache_scaling_factor", "v_cache_scaling_factor", "kv_cache_scaling_factor"] {

@@ -115,7 +115,10 @@ fn swap_halves(t: &T) -> T {
 
 /// The tp=2 shards of `name` put back together as the tp=1 tensor. `swiglu`: `mlp.fc` is
 /// Phi3's [up; gate], each rank holding [up_r; gate_r].
-fn reassemble(name: &str, a: &T, b: &T, swiglu: bool) -> T {
+fn reassemble(name: &str, a: &T, b: &T, swiglu: bool, moe: bool) -> T {
+    if moe && (name.contains(".mlp.fc.") || name.contains(".mlp.proj.")) && a.shape.len() > 1 {
+        return reassemble_experts(name, a, b);
+    }
     let column = [".attention.qkv.", ".mlp.fc.", ".mlp.gate.", "lm_head.", "vocab_embedding."].iter().any(|s| name.contains(s));
     let row = [".attention.dense.", ".mlp.proj."].iter().any(|s| name.contains(s));
     let pqs = name.ends_with("prequant_scaling_factor");
@@ -142,6 +145,38 @@ fn reassemble(name: &str, a: &T, b: &T, swiglu: bool) -> T {
         return cat0(&[rows(a, 0, n / 2), rows(b, 0, n / 2), rows(a, n / 2, n), rows(b, n / 2, n)]);
     }
     cat0(&[a.clone(), b.clone()])
+}
+
+/// An MoE block's stacked tp=2 shards put back together: per expert, `mlp.fc` is each rank's
+/// [w3_r; w1_r] (3-D weights and group / block scales), `mlp.proj` each rank's input columns
+/// (3-D, and the 2-D prequant (E, I/tp)); the (E, 1) factors and fc's prequant (E, H) are whole
+/// on every rank.
+fn reassemble_experts(name: &str, a: &T, b: &T) -> T {
+    let fc = name.contains(".mlp.fc.");
+    if a.shape.len() == 2 && (a.shape[1] == 1 || fc) {
+        assert_eq!(a, b, "{name}: replicated tensor differs between ranks");
+        return a.clone();
+    }
+    let e = a.shape[0];
+    let expert = |t: &T, i: usize| {
+        let x = rows(t, i, i + 1);
+        let shape = if t.shape.len() == 3 { t.shape[1..].to_vec() } else { vec![1, t.shape[1]] };
+        T { shape, ..x }
+    };
+    let parts: Vec<T> = (0..e)
+        .map(|i| {
+            let (x, y) = (expert(a, i), expert(b, i));
+            if fc {
+                let n = x.shape[0];
+                cat0(&[rows(&x, 0, n / 2), rows(&y, 0, n / 2), rows(&x, n / 2, n), rows(&y, n / 2, n)])
+            } else {
+                cat1(&[x, y])
+            }
+        })
+        .collect();
+    let mut shape = vec![e];
+    shape.extend(if a.shape.len() == 3 { parts[0].shape.clone() } else { vec![parts[0].shape[1]] });
+    T { dtype: a.dtype, shape, data: parts.iter().flat_map(|p| p.data.clone()).collect() }
 }
 
 fn config(dir: &Path) -> Json {
@@ -183,7 +218,8 @@ fn check_splits_for(m: &Path, qformat: &str, algo: Option<&str>, tp2: bool) -> B
     check_mapping(&one, 1, 1, algo);
     assert_eq!(findings(&one), Vec::<String>::new(), "{qformat}: verify tp 1");
     let full = rank(&one, 0);
-    let swiglu = config(&one).get("hidden_act").unwrap().as_str() == Some("swiglu");
+    let moe = config(&one).get("moe").is_some();
+    let swiglu = !moe && config(&one).get("hidden_act").unwrap().as_str() == Some("swiglu");
     if tp2 {
         let two = export(qformat, 2, 1).unwrap();
         check_mapping(&two, 2, 1, algo);
@@ -192,7 +228,7 @@ fn check_splits_for(m: &Path, qformat: &str, algo: Option<&str>, tp2: bool) -> B
         assert_eq!(a.keys().collect::<Vec<_>>(), full.keys().collect::<Vec<_>>());
         assert_eq!(b.keys().collect::<Vec<_>>(), full.keys().collect::<Vec<_>>());
         for (name, t) in &full {
-            assert_eq!(&reassemble(name, &a[name], &b[name], swiglu), t, "{qformat}: {name} tp=2 shards do not reassemble");
+            assert_eq!(&reassemble(name, &a[name], &b[name], swiglu, moe), t, "{qformat}: {name} tp=2 shards do not reassemble");
         }
     }
     let pp = export(qformat, 1, 2).unwrap();
@@ -748,10 +784,11 @@ fn awq_recovers_prequant_from_folded_norms() {
 fn unsupported_family_and_nvfp4_awq_are_refused() {
     let err = export("nvfp4_awq", 1, 1).unwrap_err();
     assert!(matches!(&err, Error::Unsupported(m) if m.contains("NVFP4_AWQ")), "{err}");
-    let Some(m) = family("mixtral") else { return };
-    let err = export_for(&m, "none", 1, 1).unwrap_err();
-    assert!(matches!(err, Error::Unsupported(_)), "{err}");
-    // What the family's TensorRT-LLM class cannot run: Nemotron / Phi3 linear biases (TRT-LLM's
+    if family("mixtral").is_none() {
+        return;
+    }
+    // What the family's TensorRT-LLM class cannot run: a dense layer in an MoE model (its
+    // decoder layer is MoE in every layer), : Nemotron / Phi3 linear biases (TRT-LLM's
     // GPT nemotron variant and Phi3 have none), an activation other than the family's.
     use rq_min::config::{Activation, ModelConfig};
     use rq_min::export_trtllm::check_model;
@@ -763,6 +800,10 @@ fn unsupported_family_and_nvfp4_awq_are_refused() {
     assert!(refused(ModelConfig { act: Activation::GeluTanh, ..cfg("phi3") }));
     assert!(refused(ModelConfig { act: Activation::Silu, ..cfg("starcoder2") }));
     assert!(refused(ModelConfig { act: Activation::Relu2, ..cfg("mistral") }));
+    let q = cfg("qwen3_moe");
+    assert!(check_model(&q).is_ok() && check_model(&cfg("mixtral")).is_ok());
+    let moe = q.moe.clone().map(|m| rq_min::moe::MoeConfig { sparse: vec![true, false], ..m });
+    assert!(refused(ModelConfig { moe, ..q }), "mlp_only_layers");
 }
 
 /// tp=4 > 2 KV heads: each rank holds one query head and a copy of its KV head (ModelOpt
@@ -881,7 +922,7 @@ fn mixed_precision_writes_quant_cfg() {
     let two = run(2, 1).unwrap();
     let (a, b) = (rank(&two, 0), rank(&two, 1));
     for (name, t) in &full {
-        assert_eq!(&reassemble(name, &a[name], &b[name], false), t, "mixed: {name} tp=2 shards do not reassemble");
+        assert_eq!(&reassemble(name, &a[name], &b[name], false, false), t, "mixed: {name} tp=2 shards do not reassemble");
     }
     assert!(matches!(run(1, 2).unwrap_err(), Error::Unsupported(_)));
 }
@@ -966,4 +1007,158 @@ fn verify_trtllm_checkpoints() {
     let f = findings(&dir);
     let want = "rank0: transformer.layers.0.mlp.fc.weight is F8_E4M3 [256, 128], expected F8_E4M3 [128, 128]";
     assert!(f.iter().any(|m| m.contains(want)), "{f:?} (a Llama layout wants a gate half only)");
+}
+
+/// The HF names of a tiny MoE family model: its block and its w1 (gate), w3 (up), w2 (down).
+fn moe_names(name: &str) -> (&'static str, [&'static str; 3]) {
+    match name {
+        "mixtral" => ("block_sparse_moe", ["w1", "w3", "w2"]),
+        _ => ("mlp", ["gate_proj", "up_proj", "down_proj"]),
+    }
+}
+
+fn hf_config(m: &Path) -> Json {
+    Json::parse_file(&m.join("config.json")).unwrap()
+}
+
+/// Mixtral and Qwen3-MoE (4 experts, top 2; experts of intermediate 256 / 128): FP8 tp=2 and
+/// pp=2 shards reassemble to tp=1 (fc by its w3 / w1 halves), verify is clean, and the tp=1
+/// MoE tensors are the unified FP8 export's expert tensors stacked in TensorRT-LLM's order:
+/// fc = [w3; w1] per expert with w1's weight_scale (equal to w3's) as (E, 1), proj = w2, the
+/// activation factor the max over experts; the router is the original, F32. config.json's
+/// `moe` block, swiglu and the experts' intermediate size.
+#[test]
+fn moe_fp8_matches_unified_and_splits() {
+    for name in ["mixtral", "qwen3_moe"] {
+        let Some(m) = family(name) else { return };
+        let full = check_splits_for(&m, "fp8", Some("FP8"), true);
+        let hc = hf_config(&m);
+        let hn = |k: &str| hc.get(k).and_then(Json::as_usize).unwrap();
+        let (e, h) = (hn("num_local_experts"), hn("hidden_size"));
+        let inter = hn(if name == "mixtral" { "intermediate_size" } else { "moe_intermediate_size" });
+        let c = config(&export_for(&m, "fp8", 1, 1).unwrap());
+        let moe = c.get("moe").unwrap();
+        assert_eq!(moe.get("num_experts").unwrap().as_usize(), Some(e));
+        assert_eq!(moe.get("top_k").unwrap().as_usize(), Some(hn("num_experts_per_tok")));
+        // Mixtral always renormalizes; the Qwen3-MoE model has norm_topk_prob = true.
+        assert_eq!(moe.get("normalization_mode").unwrap().as_usize(), Some(1), "{name}: RENORMALIZE");
+        assert_eq!(c.get("hidden_act").unwrap().as_str(), Some("swiglu"));
+        assert_eq!(c.get("intermediate_size").unwrap().as_usize(), Some(inter));
+        let mapping = c.get("mapping").unwrap();
+        assert_eq!((mapping.get("moe_tp_size").unwrap().as_usize(), mapping.get("moe_ep_size").unwrap().as_usize()), (Some(1), Some(1)));
+        let excluded = c.get("quantization").unwrap().get("exclude_modules").unwrap().as_array().unwrap();
+        assert!(excluded.iter().any(|x| x.as_str() == Some("transformer.layers.0.mlp.router")));
+
+        let uni_dir = scratch(&format!("{name}-fp8-unified")).join("out");
+        quantize(&args_for(&m, "fp8", &uni_dir)).unwrap();
+        let uni = load(&uni_dir.join("model.safetensors"));
+        let orig = load(&m.join("model.safetensors"));
+        let (block, [w1, w3, w2]) = moe_names(name);
+        for l in 0..2 {
+            let (t, hb) = (format!("transformer.layers.{l}.mlp"), format!("model.layers.{l}.{block}"));
+            let x = |i: usize, w: &str, s: &str| &uni[&format!("{hb}.experts.{i}.{w}.{s}")];
+            let router = &full[&format!("{t}.router.weight")];
+            assert_eq!((router.dtype, router.shape.clone()), (Dtype::F32, vec![e, h]));
+            assert_eq!(router.data, orig[&format!("{hb}.gate.weight")].data, "{name}: router is the original");
+            let fc = &full[&format!("{t}.fc.weight")];
+            assert_eq!((fc.dtype, fc.shape.clone()), (Dtype::F8E4M3, vec![e, 2 * inter, h]));
+            let want: Vec<u8> = (0..e).flat_map(|i| [x(i, w3, "weight").data.clone(), x(i, w1, "weight").data.clone()].concat()).collect();
+            assert_eq!(fc.data, want, "{name} {t}: fc = [w3; w1] per expert");
+            let proj = &full[&format!("{t}.proj.weight")];
+            assert_eq!((proj.dtype, proj.shape.clone()), (Dtype::F8E4M3, vec![e, h, inter]));
+            assert_eq!(proj.data, (0..e).flat_map(|i| x(i, w2, "weight").data.clone()).collect::<Vec<_>>());
+            for (lin, w) in [("fc", w1), ("proj", w2)] {
+                let ws = &full[&format!("{t}.{lin}.weights_scaling_factor")];
+                assert_eq!(ws.shape, vec![e, 1], "{lin}: per-expert factors (E, 1)");
+                let per: Vec<f32> = (0..e).map(|i| f32s(x(i, w, "weight_scale"))[0]).collect();
+                assert_eq!(f32s(ws), per);
+                if lin == "fc" {
+                    assert_eq!(per, (0..e).map(|i| f32s(x(i, w3, "weight_scale"))[0]).collect::<Vec<_>>(), "w1/w3 share a scale");
+                }
+                let act = &full[&format!("{t}.{lin}.activation_scaling_factor")];
+                let max = (0..e).map(|i| f32s(x(i, w, "input_scale"))[0]).fold(0f32, f32::max);
+                assert_eq!((act.shape.clone(), f32s(act)), (vec![1], vec![max]));
+            }
+            let mlp: BTreeSet<&str> = full.keys().filter(|k| k.starts_with(&format!("{t}."))).map(|k| k.as_str()).collect();
+            assert_eq!(mlp.len(), 7, "{name}: router + 3 fc + 3 proj tensors: {mlp:?}");
+        }
+    }
+}
+
+/// NVFP4 (tp 2), INT4 AWQ and W4A8 AWQ (pp 2: hidden 128 is one group, dense cannot split)
+/// and unquantized experts reassemble and verify; AWQ carries the unified export's per-expert
+/// pre_quant_scale stacked (E, in); INT8 SmoothQuant experts are refused.
+#[test]
+fn moe_formats_split_and_verify() {
+    for name in ["mixtral", "qwen3_moe"] {
+        let Some(m) = family(name) else { return };
+        let inter = if name == "mixtral" { 256 } else { 128 };
+        let nv = check_splits_for(&m, "nvfp4", Some("NVFP4"), true);
+        let t = "transformer.layers.0.mlp";
+        let shape = |n: &str| (nv[n].dtype, nv[n].shape.clone());
+        assert_eq!(shape(&format!("{t}.fc.weight")), (Dtype::U8, vec![4, 2 * inter, 64]));
+        assert_eq!(shape(&format!("{t}.fc.weights_scaling_factor")), (Dtype::F8E4M3, vec![4, 2 * inter, 8]));
+        assert_eq!(shape(&format!("{t}.proj.weights_scaling_factor_2")), (Dtype::F32, vec![4, 1]));
+        check_splits_for(&m, "none", None, true);
+        check_splits_for(&m, "w4a8_awq", Some("W4A8_AWQ"), false);
+        let awq = check_splits_for(&m, "int4_awq", Some("W4A16_AWQ"), false);
+        assert_eq!(awq[&format!("{t}.fc.weight")].shape, vec![4, inter, 128], "packed row pairs");
+        assert_eq!(awq[&format!("{t}.fc.weights_scaling_factor")].shape, vec![4, 2 * inter, 1]);
+        let uni_dir = scratch(&format!("{name}-int4-unified")).join("out");
+        quantize(&args_for(&m, "int4_awq", &uni_dir)).unwrap();
+        let uni = load(&uni_dir.join("model.safetensors"));
+        let (block, [w1, _, w2]) = moe_names(name);
+        for (lin, w, n) in [("fc", w1, 128), ("proj", w2, inter)] {
+            let p = &awq[&format!("{t}.{lin}.prequant_scaling_factor")];
+            assert_eq!(p.shape, vec![4, n]);
+            let want: Vec<u8> =
+                (0..4).flat_map(|i| uni[&format!("model.layers.0.{block}.experts.{i}.{w}.pre_quant_scale")].data.clone()).collect();
+            assert_eq!(p.data, want, "{name} {lin}: the experts' pre_quant_scale stacked");
+        }
+        let err = export_for(&m, "int8_sq", 1, 1).unwrap_err();
+        assert!(matches!(&err, Error::Unsupported(s) if s.contains("SmoothQuant")), "{err}");
+    }
+}
+
+/// FP8 KV and tp=2 on Mixtral, `.qnemo` of Qwen3-MoE verify clean; broken copies are caught
+/// (a missing expert factor, a tp=1 fc in a tp=2 rank, a missing router).
+#[test]
+fn moe_verify_and_qnemo() {
+    let (Some(mix), Some(qw)) = (family("mixtral"), family("qwen3_moe")) else { return };
+    let kv = scratch("moe-kv").join("out");
+    quantize(&QuantizeArgs { export: "trtllm".into(), tp: 2, kv_cache: "fp8".into(), ..args_for(&mix, "fp8", &kv) }).unwrap();
+    assert_eq!(findings(&kv), Vec::<String>::new());
+    assert_eq!(config(&kv).get("mapping").unwrap().get("moe_tp_size").unwrap().as_usize(), Some(2));
+    let qnemo = scratch("moe-qnemo").join("m.qnemo");
+    quantize(&QuantizeArgs { export: "qnemo".into(), tp: 2, ..args_for(&qw, "nvfp4", &qnemo) }).unwrap();
+    assert_eq!(findings(&qnemo), Vec::<String>::new());
+
+    let one = export_for(&mix, "fp8", 1, 1).unwrap();
+    let dir = scratch("moe-broken").join("out");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["config.json", "rank0.safetensors", "rank1.safetensors"] {
+        std::fs::copy(kv.join(f), dir.join(f)).unwrap();
+    }
+    let edit = |r: usize, change: &dyn Fn(&mut BTreeMap<String, T>)| {
+        let mut t = rank(&dir, r);
+        change(&mut t);
+        let list: Vec<(&str, Dtype, &[usize], &[u8])> = t.iter().map(|(n, v)| (n.as_str(), v.dtype, v.shape.as_slice(), v.data.as_slice())).collect();
+        rq_min::safetensors::write_file(&dir.join(format!("rank{r}.safetensors")), &list, &[]).unwrap();
+    };
+    edit(1, &|t| {
+        t.remove("transformer.layers.1.mlp.fc.weights_scaling_factor").unwrap();
+    });
+    let full_fc = rank(&one, 0)["transformer.layers.0.mlp.fc.weight"].clone();
+    edit(0, &|t| {
+        t.insert("transformer.layers.0.mlp.fc.weight".into(), full_fc.clone());
+        t.remove("transformer.layers.1.mlp.router.weight").unwrap();
+    });
+    let f = findings(&dir);
+    let want = [
+        "rank0: transformer.layers.0.mlp.fc.weight is F8_E4M3 [4, 512, 128], expected F8_E4M3 [4, 256, 128]",
+        "rank0: transformer.layers.1.mlp.router.weight is missing",
+        "rank1: transformer.layers.1.mlp.fc.weights_scaling_factor is missing",
+    ];
+    assert_eq!(f, want);
 }
