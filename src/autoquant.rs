@@ -1,25 +1,27 @@
 //! Auto-quantize: a format per layer group under an effective-bits budget, ModelOpt's
 //! `mtq.auto_quantize` with the gradient score (spec/algorithms.md §9).
 //!
-//! 1. Groups decided together: q/k/v, gate/up, o_proj, down_proj of each layer, and lm_head
-//!    when it is not excluded (§9.1). Excluded modules cost 16 bits in the budget.
+//! 1. Groups decided together (§9.1, [`groups`]): q/k/v, gate/up, o_proj, down_proj of each
+//!    layer (a fused module such as Phi-3's qkv_proj is its own group), all experts of an MoE
+//!    layer together, and lm_head when it is not excluded. Excluded modules and MoE routers cost
+//!    16 bits in the budget. Every family of the runtime is supported.
 //! 2. Calibration: one forward pass over the calibration samples (max calibration of every
 //!    linear's input, for the candidates' activation quantizers).
 //! 3. Score (§9.3): with the model unquantized, forward + backward of the LM loss over the
-//!    score samples; for every linear and candidate format r, `Σ (∂L/∂y ⊙ (y_r − y))²` with
-//!    `y_r` the output recomputed with r's weight and input fake quantization. A group's score
+//!    score samples; for every Linear module and candidate format r, `Σ (∂L/∂y ⊙ (y_r − y))²`
+//!    with `y_r` the output recomputed with r's weight and input fake quantization (a fused
+//!    module's y is its linears' outputs stacked; an MoE expert's, its routed tokens'). A group's score
 //!    is the sum over its members; scores are made non-increasing from the most to the least
 //!    compressed format; 16-bit scores 0.
 //! 4. Selection (§9.5): the exact 0/1 choice minimizing the total score under the budget
 //!    (dynamic programming over integer costs; deterministic).
 
 use crate::backward::{head_backward, layer_backward};
-use crate::config::Activation;
+use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::json::{obj, str, Json};
-use crate::model::{Hooks, LinearKind, Model, NoHooks};
+use crate::model::{module_of, Hooks, LayerModule, LinearKind, Model, NoHooks};
 use crate::ops::{self, Rope};
-use crate::pipeline::module_name;
 use crate::progress::Progress;
 use crate::quant::read::InputQuant;
 use crate::quant::{fp8, int, nvfp4, smoothquant, Exclusions, QFormat, WeightKind, INT4_GROUP};
@@ -48,21 +50,39 @@ pub fn format_bits(f: QFormat) -> f64 {
     }
 }
 
-/// The groups of a Llama-family model (ModelOpt's `quant_grouping_rules`).
+/// The groups of a model, ModelOpt's `quant_grouping_rules` (§9.1) over each layer's modules
+/// (`ModelConfig::layer_modules`), in forward order:
+/// * `(.*)\.(q_proj|k_proj|v_proj)$` → `{layer}.self_attn.qkv` (Phi3's fused `qkv_proj` is one
+///   module and its own group);
+/// * `(.*\.mlp\.experts)\.\d+\.(gate_proj|up_proj|down_proj)$`, Mixtral `\d+\.(w1|w2|w3)` →
+///   `{layer}.{block}.experts`: every projection of every expert of the layer shares one choice;
+/// * `(.*)\.(gate_proj|up_proj)$` → `{layer}.mlp.gate_up` (Nemotron's up_proj alone; Phi3's
+///   `gate_up_proj` and Starcoder2's `c_fc` match no rule and are their own groups);
+/// * every other module (o_proj, down_proj, c_proj) alone.
+///
+/// An MoE router is a group that stays 16-bit (never searched; it counts in the budget like
+/// an excluded module), and lm_head is the last group.
 pub fn groups(model: &Model, exclusions: &Exclusions) -> Vec<Group> {
     let cfg = &model.config;
-    let mut out = Vec::new();
+    let mut out: Vec<Group> = Vec::new();
     for l in 0..cfg.num_hidden_layers {
-        for (name, kinds) in [
-            ("self_attn.qkv", &[LinearKind::Q, LinearKind::K, LinearKind::V][..]),
-            ("self_attn.o_proj", &[LinearKind::O][..]),
-            ("mlp.gate_up", &[LinearKind::Gate, LinearKind::Up][..]),
-            ("mlp.down_proj", &[LinearKind::Down][..]),
-        ] {
-            let members: Vec<String> = kinds.iter().map(|&k| module_name(l, k)).collect();
-            let params = kinds.iter().map(|k| k.shape(cfg).iter().product::<usize>()).sum();
-            let searchable = !members.iter().any(|m| exclusions.is_excluded(m));
-            out.push(Group { name: format!("model.layers.{l}.{name}"), members, params, searchable });
+        let first = out.len();
+        for m in cfg.layer_modules(l) {
+            let name = group_name(cfg, l, &m);
+            let params = m.shape[0] * m.shape[1];
+            let excluded = exclusions.is_excluded(&m.path);
+            match out[first..].iter_mut().find(|g| g.name == name) {
+                Some(g) => {
+                    g.members.push(m.path);
+                    g.params += params;
+                    g.searchable &= !excluded;
+                }
+                None => out.push(Group { name, members: vec![m.path], params, searchable: !excluded }),
+            }
+        }
+        if let Some(moe) = cfg.moe_layer(l) {
+            let router = moe.router(l);
+            out.push(Group { name: router.clone(), members: vec![router], params: moe.num_experts * cfg.hidden_size, searchable: false });
         }
     }
     out.push(Group {
@@ -72,6 +92,20 @@ pub fn groups(model: &Model, exclusions: &Exclusions) -> Vec<Group> {
         searchable: !exclusions.is_excluded("lm_head"),
     });
     out
+}
+
+/// The group of module `m` of layer `l` (see [`groups`]).
+fn group_name(cfg: &ModelConfig, l: usize, m: &LayerModule) -> String {
+    let prefix = format!("model.layers.{l}");
+    if let (Some(_), Some(moe)) = (m.expert, cfg.moe_layer(l)) {
+        return format!("{prefix}.{}.experts", moe.block);
+    }
+    let leaf = m.path.rsplit('.').next().unwrap_or_default();
+    match leaf {
+        "q_proj" | "k_proj" | "v_proj" => format!("{prefix}.self_attn.qkv"),
+        "gate_proj" | "up_proj" => format!("{prefix}.mlp.gate_up"),
+        _ => m.path.clone(),
+    }
 }
 
 /// The lowest effective bits the groups allow: searchable ones at the cheapest format,
@@ -295,7 +329,7 @@ fn candidate_weight(f: QFormat, w: &[f32], [out, inp]: [usize; 2], pqs: Option<&
 /// fake-quantized weight and what happens to the input.
 struct Scored<'a> {
     w: &'a [f32],
-    wq: &'a [Vec<f32>],
+    wq: Vec<&'a [f32]>,
     inputs: &'a [InputQuant],
     shape: [usize; 2],
 }
@@ -341,22 +375,6 @@ pub fn search(
     let (samples, score) = (input.samples, input.score);
     let cfg = &model.config;
     let dtype = model.dtype()?;
-    // The activation-gradient backward (crate::backward) is that of the dense Llama layer.
-    if cfg.qkv_bias
-        || cfg.qk_norm
-        || cfg.norm_offset
-        || cfg.layer_norm
-        || cfg.embed_scale.is_some()
-        || cfg.act != Activation::Silu
-        || cfg.modules != crate::model::LLAMA_MODULES
-        || cfg.rotary_dim != cfg.head_dim
-        || cfg.moe.is_some()
-    {
-        return Err(Error::Unsupported(format!(
-            "auto-quantize supports Llama and Mistral so far; {}",
-            cfg.architecture
-        )));
-    }
     let groups = groups(model, exclusions);
     let lowest = lowest_bits(&groups, formats);
     if !(budget > 0.0 && budget <= 16.0) || budget < lowest - 1e-9 {
@@ -374,27 +392,27 @@ pub fn search(
     let rope = Rope::from_config(cfg, max_len);
     let mut hidden: Vec<Vec<f32>> = samples.iter().map(|s| model.embed(s)).collect::<Result<_>>()?;
     let mut checkpoints: Vec<Vec<Vec<f32>>> = Vec::new();
-    // inputs[l][kind][format]
+    // inputs[l][module][format], modules as in `ModelConfig::layer_modules(l)`.
     let mut inputs: Vec<Vec<Vec<InputQuant>>> = Vec::with_capacity(n);
     for l in 0..n {
         if l % seg == 0 {
             checkpoints.push(score.iter().map(|&i| hidden[i].clone()).collect());
         }
         let layer = model.load_layer(l)?;
-        let mut per_kind: Vec<Vec<InputQuant>> = vec![vec![InputQuant::default(); formats.len()]; N];
+        let modules = cfg.layer_modules(l);
+        let mut per_module: Vec<Vec<InputQuant>> = vec![vec![InputQuant::default(); formats.len()]; modules.len()];
         for (fi, &f) in formats.iter().enumerate().filter(|(_, f)| has_algorithm(**f)) {
             // The recipe's own calibration; AWQ recipes on a quarter of the calibration steps.
             let rows = if f.awq() { (samples.len() / 4).max(1) } else { samples.len() };
-            // One module per linear in the Llama layout checked above.
-            let modules = cfg.layer_modules(l);
             let fmt: Vec<Option<QFormat>> = modules.iter().map(|m| (!exclusions.is_excluded(&m.path)).then_some(f)).collect();
             let mut h = hidden[..rows].to_vec();
             let smooth = vec![true; modules.len()];
             let (_, linears) =
                 calibrate_layer(&layer, &modules, cfg, &rope, &mut h, &samples[..rows], &fmt, &smooth, input.sq_alpha, dtype)?;
-            for lin in linears {
-                let k = lin.kinds[0] as usize;
-                per_kind[k][fi] = InputQuant { pre_quant_scale: lin.pqs, act: f.act().map(|a| (a, lin.input_amax)) };
+            // One result per quantized module, in module order.
+            let quantized = per_module.iter_mut().zip(&fmt).filter(|(_, f)| f.is_some());
+            for ((iq, _), lin) in quantized.zip(linears) {
+                iq[fi] = InputQuant { pre_quant_scale: lin.pqs, act: f.act().map(|a| (a, lin.input_amax)) };
             }
             progress.step(&format!("auto-quantize calibrate {}", f.cli_name()), l + 1, n);
         }
@@ -402,12 +420,15 @@ pub fn search(
         for (h, ids) in hidden.iter_mut().zip(samples) {
             layer.forward(cfg, &rope, h, ids.len(), &mut hooks);
         }
+        // Max calibration: a module's input amax is its first linear's. The experts of an MoE
+        // block share one input quantizer per projection (max over their routed tokens,
+        // quantize.rs `share_expert_scales`), which is what `Amax` sees through `expert_input`.
         for (fi, &f) in formats.iter().enumerate().filter(|(_, f)| !has_algorithm(**f)) {
-            for (k, iq) in per_kind.iter_mut().enumerate() {
-                iq[fi].act = f.act().map(|a| (a, hooks.amax[k]));
+            for (iq, m) in per_module.iter_mut().zip(&modules) {
+                iq[fi].act = f.act().map(|a| (a, hooks.amax[m.kinds[0] as usize]));
             }
         }
-        inputs.push(per_kind);
+        inputs.push(per_module);
         progress.step("auto-quantize forward layer", l + 1, n);
     }
     let head = model.load_head()?;
@@ -429,7 +450,7 @@ pub fn search(
     let mut dh: Vec<Vec<f32>> = Vec::with_capacity(score.len());
     for &i in score {
         let (_, d) = head_backward(&head, &hidden[i], &samples[i], &mut |x, dz| {
-            let lin = Scored { w: head.lm_head(), wq: &head_wq, inputs: &head_inputs, shape: head_shape };
+            let lin = Scored { w: head.lm_head(), wq: head_wq.iter().map(Vec::as_slice).collect(), inputs: &head_inputs, shape: head_shape };
             score_linear(&lin, x, dz, &mut head_scores)
         });
         dh.push(d);
@@ -456,22 +477,35 @@ pub fn search(
         for l in (a..b).rev() {
             let layer = model.load_layer(l)?;
             let x_in = seg_inputs.pop().expect("an input per layer of the segment");
-            let mut wq: Vec<Vec<Vec<f32>>> = Vec::with_capacity(N);
-            for k in LinearKind::ALL {
-                let per_format = formats.iter().zip(&inputs[l][k as usize]);
-                let shape = k.shape(cfg);
+            // Per module: its weight (a fused module's stacked rows) and each candidate's.
+            let modules = cfg.layer_modules(l);
+            let weights: Vec<Vec<f32>> = modules.iter().map(|m| layer.module_weight(m)).collect();
+            let mut wq: Vec<Vec<Vec<f32>>> = Vec::with_capacity(modules.len());
+            for ((m, w), iqs) in modules.iter().zip(&weights).zip(&inputs[l]) {
+                let per_format = formats.iter().zip(iqs);
                 wq.push(
                     per_format
-                        .map(|(&f, iq)| candidate_weight(f, layer.weight(k), shape, iq.pre_quant_scale.as_deref(), dtype))
+                        .map(|(&f, iq)| candidate_weight(f, w, m.shape, iq.pre_quant_scale.as_deref(), dtype))
                         .collect::<Result<_>>()?,
                 );
             }
             for (j, &i) in score.iter().enumerate() {
-                let d = layer_backward(&layer, cfg, &rope, &x_in[j], samples[i].len(), &dh[j], &mut |kind, x, dy| {
-                    let s = scores.entry(module_name(l, kind)).or_insert_with(|| vec![0.0; nf]);
-                    let k = kind as usize;
-                    let lin = Scored { w: layer.weight(kind), wq: &wq[k], inputs: &inputs[l][k], shape: kind.shape(cfg) };
-                    score_linear(&lin, x, dy, s);
+                let d = layer_backward(&layer, cfg, &rope, &x_in[j], samples[i].len(), &dh[j], &mut |kind, expert, x, dy| {
+                    // A fused module's output is its linears' outputs stacked: Σ (g ⊙ Δ)² over it
+                    // is the sum over the linears' rows of the fused module's candidates.
+                    let k = module_of(&modules, expert, kind).expect("every linear of a layer is in a module");
+                    let m = &modules[k];
+                    let inp = m.shape[1];
+                    let rows = |k: LinearKind| if m.expert.is_some() { m.shape[0] } else { k.shape(cfg)[0] };
+                    let r0: usize = m.kinds.iter().take_while(|&&x| x != kind).map(|&x| rows(x)).sum();
+                    let span = r0 * inp..(r0 + rows(kind)) * inp;
+                    let lin = Scored {
+                        w: &weights[k][span.clone()],
+                        wq: wq[k].iter().map(|q| &q[span.clone()]).collect(),
+                        inputs: &inputs[l][k],
+                        shape: [rows(kind), inp],
+                    };
+                    score_linear(&lin, x, dy, scores.entry(m.path.clone()).or_insert_with(|| vec![0.0; nf]));
                 });
                 dh[j] = d;
             }
@@ -487,8 +521,9 @@ pub fn search(
         .zip(&offers)
         .map(|(g, offer)| {
             let mut s = vec![0f64; nf];
-            for m in &g.members {
-                for (acc, v) in s.iter_mut().zip(&scores[m]) {
+            // A module without a score (an expert no score token was routed to) adds 0.
+            for v in g.members.iter().filter_map(|m| scores.get(m)) {
+                for (acc, v) in s.iter_mut().zip(v) {
                     *acc += v;
                 }
             }

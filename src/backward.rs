@@ -9,13 +9,18 @@
 //! for i in (0..n).rev(): g = layer_backward(layer_i, .., hs[i], seq, g, ..)
 //! ```
 //! Each layer's forward is recomputed from its input in f32 (`Compute::F32`, whatever the
-//! layer was loaded with), keeping the intermediates the backward needs.
+//! layer was loaded with), keeping the intermediates the backward needs. Every family of the
+//! runtime is covered (src/model.rs `Layer::forward`): biases, q/k RMSNorm, `1 + w` norms,
+//! LayerNorms, gated and plain MLPs with their activations, partial RoPE, MoE blocks.
+//! The gradient into the embedding (Gemma's scale) is not needed and not computed.
 //!
 //! Layouts are the forward's: activations `[seq, features]` row-major, a Linear weight W
-//! `[out, in]` with `y = x·Wᵀ`, so the input gradient is `dx = dy·W`.
+//! `[out, in]` with `y = x·Wᵀ + b`, so the input gradient is `dx = dy·W` (the bias does not
+//! enter it).
 
-use crate::config::ModelConfig;
-use crate::model::{Head, Layer, LinearKind};
+use crate::config::{Activation, ModelConfig};
+use crate::model::{act_fn, Compute, Head, Layer, LinearKind};
+use crate::moe::{MoeBlock, MoeConfig};
 use crate::ops::{self, Attention, Rope};
 
 /// Memory for one block of logits (and their gradient, in place) in [`head_backward`]; blocks
@@ -32,24 +37,31 @@ const ATTENTION_ROWS: usize = 128;
 /// Side of the square tiles [`transpose`] copies (cache blocking).
 const TRANSPOSE_TILE: usize = 32;
 
+/// What `layer_backward` reports per linear: its kind, the MoE expert it belongs to (None for
+/// the dense linears), its input x (`[rows, in]`) and dL/dy (`[rows, out]`). An expert's rows
+/// are the tokens routed to it, in token order.
+pub type EachLinear<'a> = dyn FnMut(LinearKind, Option<usize>, &[f32], &[f32]) + 'a;
+
 /// Forward of one decoder layer from its input `h_in` (`[seq, hidden]`), recomputing what the
 /// backward needs, then the backward: given `dh_out` = dL/dh_out (`[seq, hidden]`) returns
-/// dL/dh_in and calls `each(kind, x, dy)` for every linear with its input x (`[seq, in]`) and
-/// dL/dy (`[seq, out]`), in backward order: Down, Gate, Up, O, Q, K, V.
+/// dL/dh_in and calls `each` for every linear, in backward order: the MLP's (Down, Gate, Up;
+/// in an MoE layer those of each expert that received tokens, experts in index order), then
+/// O, Q, K, V.
 ///
-/// Forward (HF `LlamaDecoderLayer`, f32):
+/// Forward (HF `LlamaDecoderLayer` and the family differences of `Layer::forward`, f32):
 /// ```text
-/// x1 = rms(h_in)·w1;  q, k, v = x1·Wqᵀ, x1·Wkᵀ, x1·Wvᵀ;  q, k = rope(q), rope(k)
-/// a = attention(q, k, v);  h_mid = h_in + a·Woᵀ
-/// x2 = rms(h_mid)·w2;  g, u = x2·Wgᵀ, x2·Wuᵀ;  m = silu(g)⊙u;  h_out = h_mid + m·Wdᵀ
+/// x1 = norm1(h_in);  q, k, v = x1·Wqᵀ + bq, x1·Wkᵀ + bk, x1·Wvᵀ + bv
+/// q, k = rms_head(q)·wq, rms_head(k)·wk   (Qwen3: per head of head_dim);  q, k = rope(q), rope(k)
+/// a = attention(q, k, v);  h_mid = h_in + a·Woᵀ + bo
+/// x2 = norm2(h_mid);  h_out = h_mid + mlp(x2)
+/// mlp(x) = (act(x·Wgᵀ) ⊙ x·Wuᵀ)·Wdᵀ  |  act(x·Wuᵀ + bu)·Wdᵀ + bd  |  Σ_top-k w_e(x)·expert_e(x)
 /// ```
 /// Backward:
 /// ```text
-/// dy_down = dh_out;  dm = dy_down·Wd;  dy_up = dm⊙silu(g);  dy_gate = dm⊙u⊙silu'(g)
-/// dx2 = dy_gate·Wg + dy_up·Wu;  dh_mid = dh_out + rms_backward(h_mid, w2, dx2)
+/// dx2 = mlp_backward(x2, dh_out);  dh_mid = dh_out + norm2_backward(h_mid, dx2)
 /// dy_o = dh_mid;  da = dy_o·Wo;  (dq, dk, dv) = attention_backward(da)
-/// dy_q, dy_k = ropeᵀ(dq), ropeᵀ(dk);  dy_v = dv
-/// dx1 = dy_q·Wq + dy_k·Wk + dy_v·Wv;  dh_in = dh_mid + rms_backward(h_in, w1, dx1)
+/// dq, dk = ropeᵀ(dq), ropeᵀ(dk);  dy_q, dy_k = rms_head_backward(dq), rms_head_backward(dk);  dy_v = dv
+/// dx1 = dy_q·Wq + dy_k·Wk + dy_v·Wv;  dh_in = dh_mid + norm1_backward(h_in, dx1)
 /// ```
 /// Memory: O(seq × (hidden + intermediate)) activations plus, for the attention of one head
 /// and one block of queries at a time, four `ATTENTION_ROWS × seq` buffers (P, dS and their
@@ -57,7 +69,6 @@ const TRANSPOSE_TILE: usize = 32;
 ///
 /// Panics if `h_in`, `dh_out` are not `[seq, hidden]` or `rope` holds fewer than `seq`
 /// positions (caller bugs).
-#[allow(clippy::type_complexity)] // the callback's signature, spelled out
 pub fn layer_backward(
     layer: &Layer,
     cfg: &ModelConfig,
@@ -65,25 +76,27 @@ pub fn layer_backward(
     h_in: &[f32],
     seq: usize,
     dh_out: &[f32],
-    each: &mut dyn FnMut(LinearKind, &[f32], &[f32]),
+    each: &mut EachLinear,
 ) -> Vec<f32> {
-    let (h, inter, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.rms_norm_eps);
+    let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
     let (n_heads, n_kv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
     assert_eq!(h_in.len(), seq * h, "layer_backward: h_in is not [seq, hidden_size]");
     assert_eq!(dh_out.len(), seq * h, "layer_backward: dh_out is not [seq, hidden_size]");
-    let linear = |kind: LinearKind, x: &[f32]| {
-        let [n, k] = kind.shape(cfg);
-        let mut y = vec![0f32; seq * n];
-        ops::matmul_bt(x, layer.weight(kind), seq, k, n, &mut y);
-        y
-    };
+    let dense = |kind: LinearKind| Linear { w: layer.weight(kind), b: layer.bias(kind), shape: kind.shape(cfg) };
 
-    // Forward, f32.
+    // Attention forward, f32.
     let mut x1 = vec![0f32; seq * h];
-    ops::rms_norm(h_in, &layer.input_norm, eps, &mut x1);
-    let mut q = linear(LinearKind::Q, &x1);
-    let mut k = linear(LinearKind::K, &x1);
-    let v = linear(LinearKind::V, &x1);
+    Compute::F32.norm(cfg, h_in, &layer.input_norm, layer.input_norm_bias.as_deref(), &mut x1);
+    let mut q = dense(LinearKind::Q).forward(&x1, seq);
+    let mut k = dense(LinearKind::K).forward(&x1, seq);
+    let v = dense(LinearKind::V).forward(&x1, seq);
+    // Qwen3: the q/k projections before their per-head RMSNorm.
+    let qk_pre = layer.qk_norm().map(|(wq, wk)| {
+        let pre = (q.clone(), k.clone());
+        ops::rms_norm(&pre.0, wq, eps, &mut q);
+        ops::rms_norm(&pre.1, wk, eps, &mut k);
+        pre
+    });
     rope.apply(&mut q, seq, n_heads);
     rope.apply(&mut k, seq, n_kv);
     let attention = Attention {
@@ -95,64 +108,233 @@ pub fn layer_backward(
     };
     let mut attn = vec![0f32; q.len()];
     attention.forward(&q, &k, &v, seq, &mut attn);
-    let mut h_mid = linear(LinearKind::O, &attn);
+    let mut h_mid = dense(LinearKind::O).forward(&attn, seq);
     ops::add_in_place(&mut h_mid, h_in);
-    let mut x2 = vec![0f32; seq * h];
-    ops::rms_norm(&h_mid, &layer.post_norm, eps, &mut x2);
-    let gate = linear(LinearKind::Gate, &x2);
-    let up = linear(LinearKind::Up, &x2);
-    let mut m = gate.clone();
-    ops::silu_mul(&mut m, &up);
 
-    // MLP backward.
-    each(LinearKind::Down, &m, dh_out);
-    let dm = input_grad(layer, cfg, LinearKind::Down, dh_out, seq);
-    drop(m);
-    // silu(g) = g·σ(g), silu'(g) = σ(g)·(1 + g·(1 − σ(g))).
-    let mut dy_gate = vec![0f32; seq * inter];
-    let mut dy_up = vec![0f32; seq * inter];
-    for (((dg, du), (&g, &u)), &d) in dy_gate.iter_mut().zip(&mut dy_up).zip(gate.iter().zip(&up)).zip(&dm) {
-        let s = 1.0 / (1.0 + (-g).exp());
-        *du = d * g * s;
-        *dg = d * u * s * (1.0 + g * (1.0 - s));
-    }
-    drop((gate, up, dm));
-    each(LinearKind::Gate, &x2, &dy_gate);
-    each(LinearKind::Up, &x2, &dy_up);
-    let mut dx2 = input_grad(layer, cfg, LinearKind::Gate, &dy_gate, seq);
-    ops::add_in_place(&mut dx2, &input_grad(layer, cfg, LinearKind::Up, &dy_up, seq));
-    drop((dy_gate, dy_up, x2));
+    // MLP.
+    let mut x2 = vec![0f32; seq * h];
+    Compute::F32.norm(cfg, &h_mid, &layer.post_norm, layer.post_norm_bias.as_deref(), &mut x2);
+    let dx2 = match (layer.moe(), cfg.moe_layer(layer.index)) {
+        (Some(block), Some(moe)) => moe_backward(block, moe, cfg, &x2, seq, dh_out, each),
+        _ => {
+            let gate = cfg.gated_mlp().then(|| dense(LinearKind::Gate));
+            let (up, down) = (dense(LinearKind::Up), dense(LinearKind::Down));
+            mlp_backward(gate, up, down, cfg.act, &x2, seq, dh_out, &mut |kind, x, dy| each(kind, None, x, dy)).0
+        }
+    };
+    drop(x2);
     let mut dh_mid = dh_out.to_vec();
-    rms_norm_backward_add(&h_mid, &layer.post_norm, eps, &dx2, &mut dh_mid);
+    norm_backward_add(cfg, &h_mid, &layer.post_norm, &dx2, &mut dh_mid);
     drop((dx2, h_mid));
 
     // Attention backward.
-    each(LinearKind::O, &attn, &dh_mid);
-    let d_attn = input_grad(layer, cfg, LinearKind::O, &dh_mid, seq);
+    each(LinearKind::O, None, &attn, &dh_mid);
+    let d_attn = dense(LinearKind::O).input_grad(&dh_mid, seq);
     drop(attn);
     let [mut dy_q, mut dy_k, dy_v] = attention_backward(&attention, &q, &k, &v, &d_attn, seq);
     drop((q, k, v, d_attn));
-    rope_transpose(rope, &mut dy_q, seq, n_heads, cfg.head_dim);
-    rope_transpose(rope, &mut dy_k, seq, n_kv, cfg.head_dim);
-    each(LinearKind::Q, &x1, &dy_q);
-    each(LinearKind::K, &x1, &dy_k);
-    each(LinearKind::V, &x1, &dy_v);
-    let mut dx1 = input_grad(layer, cfg, LinearKind::Q, &dy_q, seq);
-    ops::add_in_place(&mut dx1, &input_grad(layer, cfg, LinearKind::K, &dy_k, seq));
-    ops::add_in_place(&mut dx1, &input_grad(layer, cfg, LinearKind::V, &dy_v, seq));
+    rope_transpose(rope, &mut dy_q, seq, n_heads, cfg.head_dim, cfg.rotary_dim);
+    rope_transpose(rope, &mut dy_k, seq, n_kv, cfg.head_dim, cfg.rotary_dim);
+    if let (Some((q_pre, k_pre)), Some((wq, wk))) = (qk_pre, layer.qk_norm()) {
+        for (pre, w, dy) in [(&q_pre, wq, &mut dy_q), (&k_pre, wk, &mut dy_k)] {
+            let mut d = vec![0f32; dy.len()];
+            rms_norm_backward_add(pre, w, eps, dy, &mut d);
+            *dy = d;
+        }
+    }
+    each(LinearKind::Q, None, &x1, &dy_q);
+    each(LinearKind::K, None, &x1, &dy_k);
+    each(LinearKind::V, None, &x1, &dy_v);
+    let mut dx1 = dense(LinearKind::Q).input_grad(&dy_q, seq);
+    ops::add_in_place(&mut dx1, &dense(LinearKind::K).input_grad(&dy_k, seq));
+    ops::add_in_place(&mut dx1, &dense(LinearKind::V).input_grad(&dy_v, seq));
     let mut dh_in = dh_mid;
-    rms_norm_backward_add(h_in, &layer.input_norm, eps, &dx1, &mut dh_in);
+    norm_backward_add(cfg, h_in, &layer.input_norm, &dx1, &mut dh_in);
     dh_in
+}
+
+/// One linear's weight `[out, in]` and bias.
+#[derive(Clone, Copy)]
+struct Linear<'a> {
+    w: &'a [f32],
+    b: Option<&'a [f32]>,
+    shape: [usize; 2],
+}
+
+impl Linear<'_> {
+    /// `y = x·Wᵀ + b` for `rows` rows of x.
+    fn forward(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        let [n, k] = self.shape;
+        let mut y = vec![0f32; rows * n];
+        ops::matmul_bt(x, self.w, rows, k, n, &mut y);
+        if let Some(b) = self.b {
+            y.chunks_exact_mut(n).for_each(|row| ops::add_in_place(row, b));
+        }
+        y
+    }
+
+    /// `dx = dy·W` (`matmul_bt` against a transposed copy of W, `[in, out]`).
+    fn input_grad(&self, dy: &[f32], rows: usize) -> Vec<f32> {
+        let [n_out, n_in] = self.shape;
+        let w_t = transpose(self.w, n_out, n_in);
+        let mut dx = vec![0f32; rows * n_in];
+        ops::matmul_bt(dy, &w_t, rows, n_out, n_in, &mut dx);
+        dx
+    }
+}
+
+/// The derivative of the MLP activation:
+/// * silu(g) = g·σ(g): `σ(g)·(1 + g·(1 − σ(g)))`;
+/// * gelu_tanh(g) = ½g(1 + tanh u), u = c(g + 0.044715g³), c = √(2/π):
+///   `½(1 + tanh u) + ½g(1 − tanh²u)·c(1 + 3·0.044715g²)`;
+/// * relu²(g) = max(g, 0)²: `2·max(g, 0)`.
+fn act_grad(act: Activation, g: f32) -> f32 {
+    match act {
+        Activation::Silu => {
+            let s = 1.0 / (1.0 + (-g).exp());
+            s * (1.0 + g * (1.0 - s))
+        }
+        Activation::GeluTanh => {
+            const C: f32 = 0.797_884_6;
+            let t = (C * (g + 0.044715 * g * g * g)).tanh();
+            0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * C * (1.0 + 3.0 * 0.044715 * g * g)
+        }
+        Activation::Relu2 => 2.0 * g.max(0.0),
+    }
+}
+
+/// Forward and backward of an MLP on `rows` rows of its input x, given `d_out` = dL/d(down's
+/// output): `down(act(gate(x)) ⊙ up(x))`, or `down(act(up(x)))` without a gate. Calls
+/// `each(kind, x, dy)` for Down, Gate (if any), Up; returns dL/dx and down's input m.
+/// ```text
+/// gated: dm = d_out·Wd;  dy_up = dm ⊙ act(g);  dy_gate = dm ⊙ u ⊙ act'(g);  dx = dy_gate·Wg + dy_up·Wu
+/// plain: dm = d_out·Wd;  dy_up = dm ⊙ act'(u);  dx = dy_up·Wu
+/// ```
+#[allow(clippy::too_many_arguments)]
+fn mlp_backward(
+    gate: Option<Linear>,
+    up: Linear,
+    down: Linear,
+    act: Activation,
+    x: &[f32],
+    rows: usize,
+    d_out: &[f32],
+    each: &mut dyn FnMut(LinearKind, &[f32], &[f32]),
+) -> (Vec<f32>, Vec<f32>) {
+    let f = act_fn(act);
+    let u = up.forward(x, rows);
+    let g = gate.map(|gate| gate.forward(x, rows));
+    let m: Vec<f32> = match &g {
+        Some(g) => g.iter().zip(&u).map(|(&g, &u)| f(g) * u).collect(),
+        None => u.iter().map(|&u| f(u)).collect(),
+    };
+    each(LinearKind::Down, &m, d_out);
+    let dm = down.input_grad(d_out, rows);
+    let mut dx = match (gate, &g) {
+        (Some(gate), Some(g)) => {
+            let dy_gate: Vec<f32> = dm.iter().zip(g.iter().zip(&u)).map(|(&d, (&g, &u))| d * u * act_grad(act, g)).collect();
+            let dy_up: Vec<f32> = dm.iter().zip(g).map(|(&d, &g)| d * f(g)).collect();
+            each(LinearKind::Gate, x, &dy_gate);
+            each(LinearKind::Up, x, &dy_up);
+            let mut dx = gate.input_grad(&dy_gate, rows);
+            ops::add_in_place(&mut dx, &up.input_grad(&dy_up, rows));
+            dx
+        }
+        _ => {
+            let dy_up: Vec<f32> = dm.iter().zip(&u).map(|(&d, &u)| d * act_grad(act, u)).collect();
+            each(LinearKind::Up, x, &dy_up);
+            up.input_grad(&dy_up, rows)
+        }
+    };
+    dx.shrink_to_fit();
+    (dx, m)
+}
+
+/// Backward of an MoE block (`MoeBlock::forward`, f32) on its normed input x (`[seq, hidden]`),
+/// given `d_out` = dL/d(block output). With the top-k experts K(t) of token t and their weights
+/// w_e(x_t), `out_t = Σ_{e∈K(t)} w_e·E_e(x_t)`; the selection K is piecewise constant, so:
+/// ```text
+/// dL/dE_e(x_t) = w_e·d_out_t          (the down projection's dy, on the tokens routed to e)
+/// dL/dw_e = d_out_t · E_e(x_t)
+/// renormalised (w = softmax over K of the logits l):  dl_i = w_i·(dw_i − Σ_{j∈K} w_j·dw_j) for i ∈ K, else 0
+/// plain (w = p = softmax over all experts):            dl_i = p_i·([i∈K]·dw_i − Σ_{j∈K} p_j·dw_j)
+/// dx_t = Σ_{e∈K(t)} dE_e/dx + dl_t·W_router
+/// ```
+fn moe_backward(
+    block: &MoeBlock,
+    moe: &MoeConfig,
+    cfg: &ModelConfig,
+    x: &[f32],
+    seq: usize,
+    d_out: &[f32],
+    each: &mut EachLinear,
+) -> Vec<f32> {
+    let (h, n) = (cfg.hidden_size, block.num_experts());
+    let routes = block.route(moe, x, seq, Compute::F32);
+    let mut dx = vec![0f32; seq * h];
+    // dL/dw per token and kept slot.
+    let mut dw: Vec<Vec<f64>> = routes.iter().map(|r| vec![0.0; r.len()]).collect();
+    for e in 0..n {
+        // (token, slot, weight) of the tokens routed to e, in token order.
+        let rows: Vec<(usize, usize, f32)> = routes
+            .iter()
+            .enumerate()
+            .filter_map(|(t, r)| r.iter().position(|k| k.0 == e).map(|s| (t, s, r[s].1)))
+            .collect();
+        if rows.is_empty() {
+            continue;
+        }
+        let xe: Vec<f32> = rows.iter().flat_map(|&(t, _, _)| x[t * h..(t + 1) * h].iter().copied()).collect();
+        let d_down: Vec<f32> = rows.iter().flat_map(|&(t, _, w)| d_out[t * h..(t + 1) * h].iter().map(move |&d| w * d)).collect();
+        let lin = |kind| Linear { w: block.weight(e, kind), b: None, shape: moe.expert_shape(cfg, kind) };
+        let (gate, up, down) = (lin(LinearKind::Gate), lin(LinearKind::Up), lin(LinearKind::Down));
+        let (dxe, m) =
+            mlp_backward(Some(gate), up, down, cfg.act, &xe, rows.len(), &d_down, &mut |kind, x, dy| each(kind, Some(e), x, dy));
+        let y = down.forward(&m, rows.len());
+        for (r, &(t, s, _)) in rows.iter().enumerate() {
+            let d = &d_out[t * h..(t + 1) * h];
+            dw[t][s] = d.iter().zip(&y[r * h..(r + 1) * h]).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum();
+            ops::add_in_place(&mut dx[t * h..(t + 1) * h], &dxe[r * h..(r + 1) * h]);
+        }
+    }
+    // Router logits' gradient, then dx += dl·W_router.
+    let router = block.router_weight();
+    let mut logits = vec![0f32; seq * n];
+    ops::matmul_bt(x, router, seq, h, n, &mut logits);
+    let mut dl = vec![0f32; seq * n];
+    for ((route, dw), (z, dl)) in routes.iter().zip(&dw).zip(logits.chunks_exact(n).zip(dl.chunks_exact_mut(n))) {
+        if moe.norm_topk_prob {
+            let s: f64 = route.iter().zip(dw).map(|(k, &d)| f64::from(k.1) * d).sum();
+            for (k, &d) in route.iter().zip(dw) {
+                dl[k.0] = (f64::from(k.1) * (d - s)) as f32;
+            }
+        } else {
+            let max = z.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(f64::from(v)));
+            let exp: Vec<f64> = z.iter().map(|&v| (f64::from(v) - max).exp()).collect();
+            let total: f64 = exp.iter().sum();
+            let p: Vec<f64> = exp.iter().map(|v| v / total).collect();
+            let s: f64 = route.iter().zip(dw).map(|(k, &d)| p[k.0] * d).sum();
+            for (i, o) in dl.iter_mut().enumerate() {
+                *o = (-p[i] * s) as f32;
+            }
+            for (k, &d) in route.iter().zip(dw) {
+                dl[k.0] += (p[k.0] * d) as f32;
+            }
+        }
+    }
+    let router = Linear { w: router, b: None, shape: [n, h] };
+    ops::add_in_place(&mut dx, &router.input_grad(&dl, seq));
+    dx
 }
 
 /// Mean next-token cross-entropy over positions `0..seq-1` (position t predicts `ids[t+1]`, HF's
 /// LM loss with labels = input_ids) and its gradient w.r.t. `hidden`, the final hidden state
 /// before the final norm (`[seq, hidden]`, seq = `ids.len()`). With `n = seq − 1` terms,
-/// `z = x·W_headᵀ`, `x = rms(hidden)·w`:
+/// `z = x·W_headᵀ`, `x = norm(hidden)` (the family's final norm, f32):
 /// ```text
 /// L = (1/n) Σ_t (logsumexp(z_t) − z_t[ids[t+1]])
 /// dL/dz_t = (softmax(z_t) − onehot(ids[t+1])) / n      (0 for the last position)
-/// dL/dx = dL/dz · W_head;   dL/dhidden = rms_backward(hidden, w, dL/dx)
+/// dL/dx = dL/dz · W_head;   dL/dhidden = norm_backward(hidden, w, dL/dx)
 /// ```
 /// The logits are made a block of positions at a time (64 MiB at most); `each_head(x, dz)` is
 /// called once per block with the lm_head input rows x (`[rows, hidden]`) and their dL/dz
@@ -179,7 +361,8 @@ pub fn head_backward(
     }
     let inv_n = 1.0 / scored as f64;
     let mut normed = vec![0f32; seq * h];
-    ops::rms_norm(hidden, norm, head.eps(), &mut normed);
+    let cfg = head.config();
+    Compute::F32.norm(cfg, hidden, norm, head.norm_bias(), &mut normed);
     let mut d_normed = vec![0f32; seq * h];
     let mut loss = 0f64;
     let block = (HEAD_BLOCK_BYTES / (4 * vocab)).clamp(1, HEAD_MAX_ROWS);
@@ -239,18 +422,54 @@ pub fn head_backward(
             ops::add_in_place(dx, &part);
         }
     }
-    rms_norm_backward_add(hidden, norm, head.eps(), &d_normed, &mut d_hidden);
+    norm_backward_add(cfg, hidden, norm, &d_normed, &mut d_hidden);
     (loss * inv_n, d_hidden)
 }
 
-/// `dx = dy·W` for linear `kind` (W `[out, in]`, dy `[seq, out]`): `matmul_bt` against a
-/// transposed copy of W (`[in, out]`).
-fn input_grad(layer: &Layer, cfg: &ModelConfig, kind: LinearKind, dy: &[f32], seq: usize) -> Vec<f32> {
-    let [n_out, n_in] = kind.shape(cfg);
-    let w_t = transpose(layer.weight(kind), n_out, n_in);
-    let mut dx = vec![0f32; seq * n_in];
-    ops::matmul_bt(dy, &w_t, seq, n_out, n_in, &mut dx);
-    dx
+/// Backward of the norm of `cfg` (as `Compute::norm` runs it in f32) over rows of
+/// `weight.len()` values, added into `acc`: RMSNorm or LayerNorm, with the effective weight
+/// `1 + w` when `cfg.norm_offset` (GemmaRMSNorm, LayerNorm1P). A LayerNorm's bias does not
+/// enter the input gradient.
+fn norm_backward_add(cfg: &ModelConfig, x: &[f32], weight: &[f32], dy: &[f32], acc: &mut [f32]) {
+    let one_plus: Vec<f32>;
+    let weight = if cfg.norm_offset {
+        one_plus = weight.iter().map(|&w| 1.0 + w).collect();
+        &one_plus
+    } else {
+        weight
+    };
+    if cfg.layer_norm {
+        layer_norm_backward_add(x, weight, cfg.rms_norm_eps, dy, acc);
+    } else {
+        rms_norm_backward_add(x, weight, cfg.rms_norm_eps, dy, acc);
+    }
+}
+
+/// LayerNorm backward, added into `acc`. Per row of n values, with `x̂ = (x − μ)·r`,
+/// `r = 1/sqrt(var + eps)` (biased variance) and `y = x̂·w + b`, `g = w⊙dy`:
+/// ```text
+/// dx = r·(g − mean(g) − x̂·mean(g⊙x̂))
+/// ```
+/// μ and var as `ops::layer_norm` computes them (f64 sums); the means of the products in f64.
+fn layer_norm_backward_add(x: &[f32], weight: &[f32], eps: f32, dy: &[f32], acc: &mut [f32]) {
+    let n = weight.len();
+    assert!(x.len() == dy.len() && x.len() == acc.len(), "layer_norm_backward: lengths differ");
+    for ((row, d), a) in x.chunks_exact(n).zip(dy.chunks_exact(n)).zip(acc.chunks_exact_mut(n)) {
+        let mean = row.iter().map(|&v| f64::from(v)).sum::<f64>() / n as f64;
+        let var = row.iter().map(|&v| (f64::from(v) - mean).powi(2)).sum::<f64>() / n as f64;
+        let r = 1.0 / (var as f32 + eps).sqrt();
+        let mean = mean as f32;
+        let (mut mg, mut mgx) = (0f64, 0f64);
+        for ((&xv, &w), &g) in row.iter().zip(weight).zip(d) {
+            let (gw, xh) = (w * g, (xv - mean) * r);
+            mg += f64::from(gw);
+            mgx += f64::from(gw * xh);
+        }
+        let (mg, mgx) = ((mg / n as f64) as f32, (mgx / n as f64) as f32);
+        for (((a, &xv), &w), &g) in a.iter_mut().zip(row).zip(weight).zip(d) {
+            *a += r * (w * g - mg - (xv - mean) * r * mgx);
+        }
+    }
 }
 
 /// RMSNorm backward, added into `acc`. Per row of n values, with `y = x·r·w` and
@@ -275,13 +494,14 @@ fn rms_norm_backward_add(x: &[f32], weight: &[f32], eps: f32, dy: &[f32], acc: &
 }
 
 /// The transpose of RoPE on a gradient `[seq, n_heads * head_dim]`, in place. RoPE turns each
-/// pair (a, b) = (x1[i], x2[i]) of a head's halves by +θ: `(a·c − b·s, b·c + a·s)`. The
-/// transpose of a rotation is the rotation by −θ, `(a·c + b·s, b·c − a·s)`, which is the +θ
-/// rotation of the swapped pair (b, a), swapped back. So: swap the halves, `Rope::apply`, swap.
-fn rope_transpose(rope: &Rope, x: &mut [f32], seq: usize, n_heads: usize, head_dim: usize) {
+/// pair (a, b) = (x1[i], x2[i]) of the halves of a head's leading `rotary_dim` dims by +θ:
+/// `(a·c − b·s, b·c + a·s)`; the other dims pass through (partial RoPE, identity both ways).
+/// The transpose of a rotation is the rotation by −θ, `(a·c + b·s, b·c − a·s)`, which is the
+/// +θ rotation of the swapped pair (b, a), swapped back. So: swap the halves, `Rope::apply`, swap.
+fn rope_transpose(rope: &Rope, x: &mut [f32], seq: usize, n_heads: usize, head_dim: usize, rotary_dim: usize) {
     let swap_halves = |x: &mut [f32]| {
         for head in x.chunks_exact_mut(head_dim) {
-            let (x1, x2) = head.split_at_mut(head_dim / 2);
+            let (x1, x2) = head[..rotary_dim].split_at_mut(rotary_dim / 2);
             x1.swap_with_slice(x2);
         }
     };

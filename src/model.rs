@@ -62,7 +62,7 @@ impl Compute {
     /// The norm of `cfg`: RMSNorm (`rms_norm`), or LayerNorm with `bias` when `cfg.layer_norm`
     /// (`1 + weight` when `cfg.norm_offset`: HF `NemotronLayerNorm1P`, which adds the 1 to the
     /// weight in the model dtype; `nn.LayerNorm` computes in f32 and rounds its output once).
-    fn norm(self, cfg: &ModelConfig, x: &[f32], weight: &[f32], bias: Option<&[f32]>, out: &mut [f32]) {
+    pub(crate) fn norm(self, cfg: &ModelConfig, x: &[f32], weight: &[f32], bias: Option<&[f32]>, out: &mut [f32]) {
         if !cfg.layer_norm {
             return self.rms_norm(cfg.norm_offset, x, weight, cfg.rms_norm_eps, out);
         }
@@ -89,7 +89,7 @@ impl Compute {
 }
 
 /// The MLP activation's scalar function.
-fn act_fn(act: Activation) -> fn(f32) -> f32 {
+pub(crate) fn act_fn(act: Activation) -> fn(f32) -> f32 {
     match act {
         Activation::Silu => ops::silu,
         Activation::GeluTanh => ops::gelu_tanh,
@@ -598,6 +598,11 @@ impl Layer {
         self.moe.as_ref()
     }
 
+    /// The MoE block, to replace expert weights.
+    pub fn moe_mut(&mut self) -> Option<&mut crate::moe::MoeBlock> {
+        self.moe.as_mut()
+    }
+
     /// The weight of `m` (stacked rows of a fused module; an expert's from the MoE block).
     pub fn module_weight(&self, m: &LayerModule) -> Vec<f32> {
         match (m.expert, &self.moe) {
@@ -612,6 +617,11 @@ impl Layer {
             return None;
         }
         m.kinds.iter().map(|&k| self.bias(k)).collect::<Option<Vec<_>>>().map(|b| b.concat())
+    }
+
+    /// Qwen3's per-head q and k RMSNorm weights (`[head_dim]` each), when the family has them.
+    pub fn qk_norm(&self) -> Option<(&[f32], &[f32])> {
+        self.qk_norm.as_ref().map(|(q, k)| (&q[..], &k[..]))
     }
 
     /// The arithmetic this layer was loaded with.
@@ -665,6 +675,16 @@ impl Head {
     /// The final norm's epsilon.
     pub fn eps(&self) -> f32 {
         self.cfg.rms_norm_eps
+    }
+
+    /// The final norm's bias (LayerNorm families), `[hidden]`.
+    pub fn norm_bias(&self) -> Option<&[f32]> {
+        self.norm_bias.as_deref()
+    }
+
+    /// The config the head was loaded with (for the kind of norm).
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
     }
 
     fn vocab_size(&self) -> usize {

@@ -74,6 +74,15 @@ impl MoeConfig {
     }
 }
 
+/// Index of an expert's linear `kind` in `MoeBlock::experts`: gate, up, down.
+fn expert_slot(kind: LinearKind) -> usize {
+    match kind {
+        LinearKind::Gate => 0,
+        LinearKind::Up => 1,
+        _ => 2,
+    }
+}
+
 /// One layer's MoE block, weights as f32.
 pub struct MoeBlock {
     /// `[num_experts, hidden]`.
@@ -102,18 +111,26 @@ impl MoeBlock {
         Ok(MoeBlock { router, experts })
     }
 
+    /// The router weight, `[num_experts, hidden]`.
+    pub fn router_weight(&self) -> &[f32] {
+        &self.router
+    }
+
     pub fn num_experts(&self) -> usize {
         self.experts.len()
     }
 
     /// Expert `e`'s weight of `kind` (Gate, Up or Down), `[out, in]`.
     pub fn weight(&self, e: usize, kind: LinearKind) -> &[f32] {
-        let slot = match kind {
-            LinearKind::Gate => 0,
-            LinearKind::Up => 1,
-            _ => 2,
-        };
-        &self.experts[e][slot]
+        &self.experts[e][expert_slot(kind)]
+    }
+
+    /// Replaces expert `e`'s weight of `kind` (Gate, Up or Down). Panics if `w` does not have
+    /// the current weight's length.
+    pub fn set_weight(&mut self, e: usize, kind: LinearKind, w: Vec<f32>) {
+        let slot = &mut self.experts[e][expert_slot(kind)];
+        assert_eq!(w.len(), slot.len(), "set_weight(expert {e}, {kind:?}): wrong number of values");
+        *slot = w;
     }
 
     /// The experts each token goes to, with their weights: `[seq][top_k]` of (expert, weight).

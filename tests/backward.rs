@@ -1,11 +1,14 @@
 //! The activation-gradient backward pass against central finite differences of the f32
 //! forward (`Layer::forward` and `Head::nll`), on the tiny f32 Llama fixture (hidden 128,
 //! 2 layers, 4 heads, 2 KV heads, vocab 512): dL/dh of the first layer's input, dL/dy of
-//! every linear (through dL/dW = Σ_t dy_tᵀ·x_t), and the head's loss and gradients.
+//! every linear (through dL/dW = Σ_t dy_tᵀ·x_t), and the head's loss and gradients; then the
+//! same checks on every family's tiny reference model (../shared/reference/families).
+
+mod common;
 
 use rq_min::backward::{head_backward, layer_backward};
 use rq_min::config::ModelConfig;
-use rq_min::model::{Head, Layer, LinearKind, Model, NoHooks};
+use rq_min::model::{Head, Hooks, Layer, LinearKind, Model, NoHooks};
 use rq_min::ops::Rope;
 use rq_min::safetensors::SafeTensors;
 use std::path::Path;
@@ -25,18 +28,28 @@ struct Fixture {
 
 /// The fixture model and the first `SEQ` ids of its reference input.
 fn fixture() -> Fixture {
-    let reference = SafeTensors::open(&Path::new(FIXTURE).join("reference_io.safetensors")).unwrap();
-    let ids = reference.tensor("input_ids").unwrap().to_i64().unwrap()[..SEQ]
-        .iter()
-        .map(|&i| u32::try_from(i).unwrap())
-        .collect();
-    Fixture::new(ids)
+    Fixture::reference(Path::new(FIXTURE), SEQ)
 }
 
 impl Fixture {
+    /// The model in `dir` on the first `seq` ids of its reference input.
+    fn reference(dir: &Path, seq: usize) -> Fixture {
+        let reference = SafeTensors::open(&dir.join("reference_io.safetensors")).unwrap();
+        let ids = reference.tensor("input_ids").unwrap().to_i64().unwrap()[..seq]
+            .iter()
+            .map(|&i| u32::try_from(i).unwrap())
+            .collect();
+        Fixture::open(dir, ids)
+    }
+
     /// The fixture model on the sequence `ids`.
     fn new(ids: Vec<u32>) -> Fixture {
-        let model = Model::open(Path::new(FIXTURE), None).unwrap();
+        Fixture::open(Path::new(FIXTURE), ids)
+    }
+
+    /// The model in `dir` on the sequence `ids`.
+    fn open(dir: &Path, ids: Vec<u32>) -> Fixture {
+        let model = Model::open(dir, None).unwrap();
         let cfg = model.config.clone();
         let layers = (0..cfg.num_hidden_layers).map(|i| model.load_layer(i).unwrap()).collect();
         Fixture {
@@ -71,18 +84,24 @@ impl Fixture {
         let (loss, mut g) = head_backward(&self.head, &inputs[self.layers.len()], &self.ids, &mut |_, _| {});
         let mut weight_grads = vec![Vec::new(); self.layers.len()];
         for (l, layer) in self.layers.iter().enumerate().rev() {
-            g = layer_backward(layer, &self.cfg, &self.rope, &inputs[l], seq, &g, &mut |kind, x, dy| {
-                let [n_out, n_in] = kind.shape(&self.cfg);
-                assert_eq!((x.len(), dy.len()), (seq * n_in, seq * n_out), "{kind:?}");
+            g = layer_backward(layer, &self.cfg, &self.rope, &inputs[l], seq, &g, &mut |kind, expert, x, dy| {
+                let [n_out, n_in] = match (expert, &self.cfg.moe) {
+                    (Some(_), Some(moe)) => moe.expert_shape(&self.cfg, kind),
+                    _ => kind.shape(&self.cfg),
+                };
+                // An expert sees only the tokens routed to it.
+                let rows = x.len() / n_in;
+                assert!(expert.is_some() || rows == seq, "{kind:?}: {rows} rows");
+                assert_eq!((x.len(), dy.len()), (rows * n_in, rows * n_out), "{kind:?} of expert {expert:?}");
                 let mut dw = vec![0f64; n_out * n_in];
-                for t in 0..seq {
+                for t in 0..rows {
                     for i in 0..n_out {
                         for j in 0..n_in {
                             dw[i * n_in + j] += f64::from(dy[t * n_out + i]) * f64::from(x[t * n_in + j]);
                         }
                     }
                 }
-                weight_grads[l].push((kind, dw));
+                weight_grads[l].push((kind, expert, dw));
             });
         }
         Gradients { loss, input: g, weights: weight_grads }
@@ -94,8 +113,8 @@ struct Gradients {
     loss: f64,
     /// dL/dh0, `[seq, hidden]`.
     input: Vec<f32>,
-    /// Per layer, in the order `layer_backward` reports them: each linear's dL/dW.
-    weights: Vec<Vec<(LinearKind, Vec<f64>)>>,
+    /// Per layer, in the order `layer_backward` reports them: each linear's (kind, expert, dL/dW).
+    weights: Vec<Vec<(LinearKind, Option<usize>, Vec<f64>)>>,
 }
 
 /// Central differences of `f` at `x` along every coordinate, step `eps`.
@@ -194,36 +213,92 @@ fn linear_output_gradients_match_weight_finite_differences() {
 /// dL/dW = Σ_t dy_tᵀ·x_t from the `dy` that `layer_backward` reports for every linear of every
 /// layer, against central differences of the loss in the four largest entries.
 fn check_weight_gradients(fx: &mut Fixture) {
-    let window = fx.cfg.sliding_window;
     let weight_grads = fx.backward().weights;
-    for (l, grads) in weight_grads.iter().enumerate() {
-        let kinds: Vec<LinearKind> = grads.iter().map(|(k, _)| *k).collect();
+    for grads in &weight_grads {
+        let kinds: Vec<LinearKind> = grads.iter().map(|(k, _, _)| *k).collect();
         use LinearKind::{Down, Gate, Up, K, O, Q, V};
         assert_eq!(kinds, [Down, Gate, Up, O, Q, K, V]);
-        for (kind, dw) in grads {
-            let w = fx.layers[l].weight(*kind).to_vec();
-            // Half the weights' rms: one entry moves the loss almost linearly even that far, and
-            // smaller steps drown q/k's small gradients in the f32 rounding of the loss.
-            let eps = 0.5 * rms(&w);
+    }
+    check_linears(fx, &weight_grads, 1e-2, "");
+}
+
+/// The weight gradients `grads` (per layer: kind, expert, dL/dW) against central differences of
+/// the loss in each linear's four largest entries: the largest relative error must be <= `tol`.
+/// Each step is half the weights' rms: one entry moves the loss almost linearly even that far,
+/// and smaller steps drown q/k's small gradients in the f32 rounding of the loss. In an MoE
+/// layer a step must leave the routing as it is (top-k is piecewise constant): where it does
+/// not, the step is quartered until it does.
+#[allow(clippy::type_complexity)]
+fn check_linears(fx: &mut Fixture, grads: &[Vec<(LinearKind, Option<usize>, Vec<f64>)>], tol: f64, what: &str) {
+    let window = fx.cfg.sliding_window;
+    let routing = fx.routing(&fx.h0);
+    for (l, grads) in grads.iter().enumerate() {
+        for (kind, expert, dw) in grads {
+            let w = fx.weight(l, *kind, *expert);
             let mut order: Vec<usize> = (0..dw.len()).collect();
             order.sort_by(|&a, &b| dw[b].abs().total_cmp(&dw[a].abs()));
             let mut worst = 0f64;
             for &i in &order[..4] {
-                let mut fd = 0f64;
-                for sign in [1f32, -1.0] {
-                    let mut wp = w.clone();
-                    wp[i] += sign * eps;
-                    fx.layers[l].set_weight(*kind, wp);
-                    fd += f64::from(sign) * fx.loss(&fx.h0);
-                }
-                fx.layers[l].set_weight(*kind, w.clone());
-                fd /= 2.0 * f64::from(eps);
+                let mut eps = 0.5 * rms(&w);
+                let fd = loop {
+                    let mut fd = 0f64;
+                    let mut same = true;
+                    for sign in [1f32, -1.0] {
+                        let mut wp = w.clone();
+                        wp[i] += sign * eps;
+                        fx.set_weight(l, *kind, *expert, wp);
+                        fd += f64::from(sign) * fx.loss(&fx.h0);
+                        same &= fx.routing(&fx.h0) == routing;
+                    }
+                    fx.set_weight(l, *kind, *expert, w.clone());
+                    if same {
+                        break fd / (2.0 * f64::from(eps));
+                    }
+                    eps /= 4.0;
+                };
                 worst = worst.max((fd - dw[i]).abs() / dw[i].abs());
             }
             let (seq, top) = (fx.ids.len(), dw[order[0]].abs());
-            println!("seq {seq}, window {window:?}, layer {l} {kind:?}: dL/dW max rel err {worst:.2e} (max {top:.3e})");
-            assert!(worst <= 1e-2, "seq {seq}, window {window:?}, layer {l} {kind:?}: relative error {worst}");
+            println!("{what}seq {seq}, window {window:?}, layer {l} {kind:?} expert {expert:?}: dL/dW max rel err {worst:.2e} (max {top:.3e})");
+            assert!(worst <= tol, "{what}seq {seq}, window {window:?}, layer {l} {kind:?} expert {expert:?}: relative error {worst}");
         }
+    }
+}
+
+impl Fixture {
+    fn weight(&self, l: usize, kind: LinearKind, expert: Option<usize>) -> Vec<f32> {
+        match expert {
+            Some(e) => self.layers[l].moe().unwrap().weight(e, kind).to_vec(),
+            None => self.layers[l].weight(kind).to_vec(),
+        }
+    }
+
+    fn set_weight(&mut self, l: usize, kind: LinearKind, expert: Option<usize>, w: Vec<f32>) {
+        match expert {
+            Some(e) => self.layers[l].moe_mut().unwrap().set_weight(e, kind, w),
+            None => self.layers[l].set_weight(kind, w),
+        }
+    }
+
+    /// Per layer and expert, how many tokens are routed to it from the first layer's input `h0`
+    /// (empty for a dense model): a change in the top-k selection changes these counts.
+    fn routing(&self, h0: &[f32]) -> Vec<usize> {
+        struct Count(Vec<usize>, usize);
+        impl Hooks for Count {
+            fn expert_input(&mut self, layer: usize, expert: usize, kind: LinearKind, x: &mut [f32], cols: usize) {
+                if kind == LinearKind::Gate {
+                    let i = layer * self.1 + expert;
+                    self.0[i] += x.len() / cols;
+                }
+            }
+        }
+        let Some(moe) = &self.cfg.moe else { return vec![] };
+        let mut count = Count(vec![0; self.layers.len() * moe.num_experts], moe.num_experts);
+        let mut hidden = h0.to_vec();
+        for layer in &self.layers {
+            layer.forward(&self.cfg, &self.rope, &mut hidden, self.ids.len(), &mut count);
+        }
+        count.0
     }
 }
 
@@ -298,4 +373,111 @@ fn head_blocks_of_positions_agree_with_one_block() {
     // Fewer than two tokens: no term.
     let (loss, grad) = head_backward(&fx.head, &hidden[..h], &ids[..1], &mut |_, _| panic!("no block expected"));
     assert_eq!((loss, grad), (0.0, vec![0.0; h]));
+}
+
+/// Central differences of the loss in every coordinate of h0, with step `eps` (quartered where a
+/// step changes an MoE layer's routing, which is piecewise constant).
+fn input_finite_differences(fx: &Fixture, eps: f32) -> Vec<f64> {
+    let routing = fx.routing(&fx.h0);
+    let mut x = fx.h0.clone();
+    (0..x.len())
+        .map(|i| {
+            let v = x[i];
+            let mut eps = eps;
+            loop {
+                let mut diff = 0f64;
+                let mut same = true;
+                for sign in [1f32, -1.0] {
+                    x[i] = v + sign * eps;
+                    diff += f64::from(sign) * fx.loss(&x);
+                    same &= fx.routing(&x) == routing;
+                }
+                x[i] = v;
+                if same {
+                    return diff / (2.0 * f64::from(eps));
+                }
+                eps /= 4.0;
+            }
+        })
+        .collect()
+}
+
+/// A family's tiny reference model (f32; 2 layers, hidden 128) on the first 16 ids of its
+/// reference input (16: every expert of the MoE models gets tokens), `tweak` applied to its config:
+/// * the backward's loss is the forward's (within 1e-6 relative);
+/// * dL/dh0 along itself and along a fixed pseudo-random direction against the directional
+///   central difference (step 0.3% of h0's rms per element): within 1e-3 relative (the tight
+///   check: the whole gradient enters, so the f32 rounding of the loss matters little);
+/// * dL/dh0 against central differences in every coordinate (step 1% of h0's rms): cosine
+///   >= 0.999 and the components above a tenth of the largest within 3e-2 relative;
+/// * dL/dW = Σ_t dy_tᵀ·x_t of every linear the backward reports (an MoE expert's on its routed
+///   tokens) against central differences in its four largest entries: within 3e-2 relative.
+///
+/// The per-entry checks are looser than on the Llama fixture (1e-2): single entries of small
+/// gradients (Starcoder2's q/k of layer 1, dL/dW ≈ 1e-4) move the f32 loss by little more than
+/// its rounding. In an MoE model every expert must have received tokens, and a step that
+/// changes the routing is quartered until it does not.
+fn check_family(name: &str, tweak: impl Fn(&mut ModelConfig)) {
+    let Some(shared) = common::shared_dir() else { return };
+    let mut fx = Fixture::reference(&shared.join("reference/families").join(name), 16);
+    tweak(&mut fx.cfg);
+    let Gradients { loss, input: grad, weights } = fx.backward();
+    assert!((loss - fx.loss(&fx.h0)).abs() <= 1e-6 * loss, "{name}: loss {loss} vs {}", fx.loss(&fx.h0));
+    let routing = fx.routing(&fx.h0);
+    println!("{name}: tokens per (layer, expert) {routing:?}");
+    assert!(routing.iter().all(|&n| n > 0), "{name}: an expert received no token: {routing:?}");
+    for (l, grads) in weights.iter().enumerate() {
+        let experts: Vec<usize> = grads.iter().filter_map(|g| g.1).collect();
+        if let Some(moe) = fx.cfg.moe_layer(l) {
+            assert_eq!(experts.len(), 3 * moe.num_experts, "{name} layer {l}: every expert's gate, up and down");
+        }
+    }
+
+    let fd = input_finite_differences(&fx, 1e-2 * rms(&fx.h0));
+    let (cos, rel) = compare(&grad, &fd);
+    println!("{name}: dL/dh0 cosine {cos:.7}, max rel err (large components) {rel:.2e}");
+    assert!(cos >= 0.999, "{name}: cosine {cos}");
+    assert!(rel <= 3e-2, "{name}: relative error {rel}");
+
+    let pseudo_random: Vec<f32> = (0..grad.len()).map(|i| ((i * 7919 + 13) % 1009) as f32 / 504.0 - 1.0).collect();
+    for (what, d) in [("gradient", grad.clone()), ("pseudo-random", pseudo_random)] {
+        let norm = d.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt();
+        let d: Vec<f32> = d.iter().map(|&v| (f64::from(v) / norm) as f32).collect();
+        let mut eps = 3e-3 * rms(&fx.h0) * (d.len() as f32).sqrt();
+        let moved = |sign: f32, eps: f32| fx.h0.iter().zip(&d).map(|(&x, &v)| x + sign * eps * v).collect::<Vec<_>>();
+        while fx.routing(&moved(1.0, eps)) != routing || fx.routing(&moved(-1.0, eps)) != routing {
+            eps /= 4.0;
+        }
+        let fd = (fx.loss(&moved(1.0, eps)) - fx.loss(&moved(-1.0, eps))) / (2.0 * f64::from(eps));
+        let got: f64 = grad.iter().zip(&d).map(|(&g, &v)| f64::from(g) * f64::from(v)).sum();
+        let err = (got - fd).abs() / fd.abs();
+        println!("{name}, {what}: dL/dh·d {got:.6e}, finite difference {fd:.6e}, rel err {err:.2e}");
+        assert!(err <= 1e-3, "{name}, {what}: {got} vs {fd}");
+    }
+    check_linears(&mut fx, &weights, 3e-2, &format!("{name}: "));
+}
+
+macro_rules! family_tests {
+    ($($test:ident: $name:literal $(, $tweak:expr)?;)*) => {$(
+        #[test]
+        fn $test() {
+            check_family($name, |_cfg: &mut ModelConfig| { $( ($tweak)(_cfg) )? });
+        }
+    )*};
+}
+
+family_tests! {
+    family_llama: "llama";
+    family_mistral: "mistral";
+    family_qwen2: "qwen2";
+    family_qwen3: "qwen3";
+    family_gemma: "gemma";
+    family_phi3: "phi3";
+    family_starcoder2: "starcoder2";
+    family_nemotron: "nemotron";
+    family_mixtral: "mixtral";
+    family_qwen3_moe: "qwen3_moe";
+    // Qwen3-MoE without renormalising the top-k probabilities: the router gradient reaches
+    // every expert's logit.
+    family_qwen3_moe_plain_topk: "qwen3_moe", |cfg: &mut ModelConfig| cfg.moe.as_mut().unwrap().norm_topk_prob = false;
 }
