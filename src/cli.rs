@@ -130,10 +130,14 @@ fn quantize_ct(a: &QuantizeArgs) -> Result<()> {
     if a.tp != 1 || a.pp != 1 {
         return Err(Error::Usage("--tp / --pp need --export trtllm".into()));
     }
-    if a.auto_bits.is_some() || a.layer_formats.is_some() || a.qformat.contains(',') {
-        return Err(Error::Unsupported("--export compressed-tensors of mixed precision (--auto-bits, --layer-formats)".into()));
+    // Every format the run may write needs a compressed-tensors scheme (W4A8 has none).
+    let formats: Vec<(String, QFormat)> = match &a.layer_formats {
+        Some(path) => layer_formats_file(path)?.into_iter().collect(),
+        None => a.qformat.split(',').map(|f| Ok(("--qformat".to_string(), QFormat::parse(f.trim())?))).collect::<Result<_>>()?,
+    };
+    for (module, f) in formats {
+        crate::export_ct::scheme(f).map_err(|e| Error::Unsupported(format!("{module}: {e}")))?;
     }
-    crate::export_ct::scheme(QFormat::parse(a.qformat.trim())?)?;
     if a.out.exists() && !a.force {
         return Err(Error::Usage(format!("output folder {} already exists; pass --force to replace it", a.out.display())));
     }

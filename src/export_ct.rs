@@ -24,6 +24,9 @@
 //! - Symmetric: no zero points are written (vLLM creates none for symmetric schemes).
 //! - KV cache: `<attn>.k_scale` / `<attn>.v_scale` (compressed-tensors' attention qparams; vLLM's
 //!   `maybe_remap_kv_scale_name` maps them to `attn.k_scale`), value amax/448 as ModelOpt's.
+//! - Every family: fused modules (Phi3's `qkv_proj`, `gate_up_proj`) keep their names, MoE
+//!   experts their per-expert names; routers go to `ignore`. Mixed precision: a config group per
+//!   scheme with exact-name targets ([`quantization_config`]).
 //! - W4A8 AWQ has no equivalent: compressed-tensors' W4AFP8 preset (vLLM
 //!   `CompressedTensorsW4A8Fp8`, `_is_fp8_w4a8`) quantizes activations dynamically per token,
 //!   while ModelOpt's W4A8 uses one static per-tensor FP8 scale; it is refused.
@@ -84,15 +87,7 @@ impl Scheme {
             Scheme::Nvfp4 => Stored::Nvfp4,
         }
     }
-    /// The scheme a `quantization_config` with `quant_method: compressed-tensors` describes
-    /// (from its `format`), if rq-min writes it.
-    pub fn from_config(q: &Json) -> Option<Scheme> {
-        if q.get("quant_method").and_then(Json::as_str) != Some("compressed-tensors") {
-            return None;
-        }
-        let f = q.get("format").and_then(Json::as_str)?;
-        [Scheme::Fp8, Scheme::Int8, Scheme::W4a16, Scheme::Nvfp4].into_iter().find(|s| s.format() == f)
-    }
+    const ALL: [Scheme; 4] = [Scheme::Fp8, Scheme::Int8, Scheme::W4a16, Scheme::Nvfp4];
     /// Tensors a linear of this scheme needs besides `weight`/`weight_packed` and `weight_scale`.
     pub fn required(self) -> &'static [&'static str] {
         match self {
@@ -139,21 +134,41 @@ fn args(bits: i64, kind: &str, strategy: &str, group: Option<usize>, dynamic: Js
 /// loaders do not check).
 const CT_VERSION: &str = "0.12.2";
 
-/// config.json's `quantization_config` (quant_config.py `QuantizationConfig`): one group
-/// targeting `Linear`, `ignore` = exact module names (vLLM's `should_ignore_layer` matches
-/// names or `re:` patterns, not fnmatch), `kv_cache_scheme` FP8 per tensor when asked.
-pub fn quantization_config(scheme: Scheme, ignore: &[String], kv_fp8: bool) -> Json {
-    let (weights, input) = scheme.args();
-    let group = obj([
-        ("input_activations", input),
-        ("output_activations", Json::Null),
-        ("targets", Json::Arr(vec![str("Linear")])),
-        ("weights", weights),
-    ]);
+/// config.json's `quantization_config` (quant_config.py `QuantizationConfig`). One scheme: one
+/// group targeting `Linear`. Several (mixed precision): a group per scheme whose `targets` are
+/// the exact module names (vLLM's `find_matched_target` and compressed-tensors' `is_match` take
+/// a name or a `re:` pattern; a fused vLLM layer matches when all its shards do), each with its
+/// `format`, and `format: mixed-precision` at the top (`CompressionFormat.mixed_precision`, what
+/// compressed-tensors writes when groups differ in format). `ignore` = exact module names (vLLM's
+/// `should_ignore_layer` matches names or `re:` patterns, not fnmatch), `kv_cache_scheme` FP8
+/// per tensor when asked.
+pub fn quantization_config(groups: &[(Scheme, Vec<String>)], ignore: &[String], kv_fp8: bool) -> Json {
+    let group = |scheme: Scheme, targets: Json, format: bool| {
+        let (weights, input) = scheme.args();
+        let mut g = obj([
+            ("input_activations", input),
+            ("output_activations", Json::Null),
+            ("targets", targets),
+            ("weights", weights),
+        ]);
+        if format {
+            g.set("format", str(scheme.format()));
+        }
+        g
+    };
+    let (config_groups, format) = match groups {
+        [(scheme, _)] => (obj([("group_0", group(*scheme, Json::Arr(vec![str("Linear")]), false))]), scheme.format()),
+        _ => {
+            let named = groups.iter().enumerate().map(|(i, (scheme, modules))| {
+                (format!("group_{i}"), group(*scheme, Json::Arr(modules.iter().map(|m| str(m)).collect()), true))
+            });
+            (Json::Obj(named.collect()), MIXED_PRECISION)
+        }
+    };
     let kv = if kv_fp8 { args(8, "float", "tensor", None, Json::Bool(false)) } else { Json::Null };
     obj([
-        ("config_groups", obj([("group_0", group)])),
-        ("format", str(scheme.format())),
+        ("config_groups", config_groups),
+        ("format", str(format)),
         ("global_compression_ratio", Json::Null),
         ("ignore", Json::Arr(ignore.iter().map(|s| str(s)).collect())),
         ("kv_cache_scheme", kv),
@@ -161,6 +176,53 @@ pub fn quantization_config(scheme: Scheme, ignore: &[String], kv_fp8: bool) -> J
         ("quantization_status", str("compressed")),
         ("version", str(CT_VERSION)),
     ])
+}
+
+/// The top-level `format` of a config whose groups have formats of their own.
+const MIXED_PRECISION: &str = "mixed-precision";
+
+/// What a compressed-tensors `quantization_config` says: the scheme of each group with its
+/// targets (`Linear`, or exact module names as rq-min writes them).
+pub struct CtConfig {
+    groups: Vec<(Scheme, Vec<String>)>,
+}
+
+impl CtConfig {
+    /// The groups of a `quantization_config` with `quant_method: compressed-tensors`, if every
+    /// group's format (its own, else the top-level one) is one rq-min writes.
+    pub fn from_config(q: &Json) -> Option<CtConfig> {
+        if q.get("quant_method").and_then(Json::as_str) != Some("compressed-tensors") {
+            return None;
+        }
+        let top = q.get("format").and_then(Json::as_str);
+        let groups = q.get("config_groups")?.as_object()?.iter().map(|(_, g)| {
+            let f = g.get("format").and_then(Json::as_str).or(top)?;
+            let scheme = Scheme::ALL.into_iter().find(|s| s.format() == f)?;
+            let targets = g.get("targets")?.as_array()?.iter().filter_map(Json::as_str).map(String::from).collect();
+            Some((scheme, targets))
+        });
+        Some(CtConfig { groups: groups.collect::<Option<_>>()? })
+    }
+    /// The scheme of quantized module `module`: the first group naming it, else one targeting `Linear`.
+    pub fn scheme_of(&self, module: &str) -> Option<Scheme> {
+        let hit = |t: &str| self.groups.iter().find(|(_, ts)| ts.iter().any(|x| x == t)).map(|(s, _)| *s);
+        hit(module).or_else(|| hit("Linear"))
+    }
+}
+
+/// The vLLM layer a module is loaded into with others (QKVParallelLinear, the merged gate/up,
+/// one FusedMoE per block): vLLM requires one scheme for all of them (`should_ignore_layer`,
+/// `_match_fused_layer`, one quant method per FusedMoE layer).
+fn vllm_layer(module: &str) -> Option<String> {
+    if let Some((block, _)) = module.split_once(".experts.") {
+        return Some(format!("{block}.experts"));
+    }
+    let (parent, leaf) = module.rsplit_once('.')?;
+    match leaf {
+        "q_proj" | "k_proj" | "v_proj" => Some(format!("{parent}.qkv_proj")),
+        "gate_proj" | "up_proj" => Some(format!("{parent}.gate_up_proj")),
+        _ => None,
+    }
 }
 
 /// compressed-tensors' INT4 packing (pack_quantized.py `pack_to_int32`, packed_dim 1): each
@@ -317,25 +379,62 @@ fn linear(ck: &Checkpoint, m: &str, scheme: Scheme, [o, i]: [usize; 2], dtype: D
     Ok(t)
 }
 
-/// Re-encodes the unified checkpoint `unified` (rq-min's, single format, quantized in
-/// compressed-tensors mode) as a compressed-tensors checkpoint in `out`. Refuses what the
+/// The formats of a unified checkpoint's `quantization` section (spec/export-formats.md §2.2).
+enum UnifiedFormats {
+    /// `quant_algo`, for every quantized module.
+    One(QFormat),
+    /// MIXED_PRECISION's `quantized_layers`.
+    PerModule(Vec<(String, QFormat)>),
+}
+
+fn module_formats(q: &Json, path: &Path) -> Result<UnifiedFormats> {
+    let parse = |algo: &str| {
+        QFormat::ALL.into_iter().find(|f| f.quant_algo() == algo).ok_or_else(|| {
+            Error::Unsupported(format!("{}: quant_algo {algo} in compressed-tensors", path.display()))
+        })
+    };
+    let algo = q.get("quant_algo").and_then(Json::as_str).unwrap_or("");
+    if algo != "MIXED_PRECISION" {
+        return Ok(UnifiedFormats::One(parse(algo)?));
+    }
+    let layers = q.get("quantized_layers").and_then(Json::as_object).ok_or_else(|| {
+        Error::config(path, "MIXED_PRECISION without a quantized_layers object")
+    })?;
+    let modules = layers.iter().map(|(m, v)| {
+        let algo = v.get("quant_algo").and_then(Json::as_str).unwrap_or("");
+        Ok((m.clone(), parse(algo)?))
+    });
+    Ok(UnifiedFormats::PerModule(modules.collect::<Result<_>>()?))
+}
+
+/// Re-encodes the unified checkpoint `unified` (rq-min's, quantized in compressed-tensors mode;
+/// one format or mixed precision) as a compressed-tensors checkpoint in `out`. Refuses what the
 /// layout cannot hold exactly: a `pre_quant_scale`, INT4 scales off the model-dtype grid,
-/// W4A8, mixed precision.
+/// W4A8, and shards of one vLLM layer in different schemes.
 pub fn convert(unified: &Path, out: &Path, force: bool) -> Result<()> {
     let ck = Checkpoint::open(unified)?;
     let hfq_path = unified.join("hf_quant_config.json");
     let hfq = Json::parse_file(&hfq_path)?;
     let q = hfq.get("quantization").ok_or_else(|| Error::config(&hfq_path, "no \"quantization\" section"))?;
-    let algo = q.get("quant_algo").and_then(Json::as_str).unwrap_or("");
-    let format = QFormat::ALL.into_iter().find(|f| f.quant_algo() == algo).ok_or_else(|| {
-        Error::Unsupported(format!("{}: quant_algo {algo} in compressed-tensors (one format per checkpoint only)", hfq_path.display()))
-    })?;
-    let scheme = scheme(format)?;
+    let formats = module_formats(q, &hfq_path)?;
+    let scheme_of = |module: &str| -> Result<Option<(QFormat, Scheme)>> {
+        let format = match &formats {
+            UnifiedFormats::One(f) => Some(*f),
+            UnifiedFormats::PerModule(layers) => layers.iter().find(|(m, _)| m == module).map(|(_, f)| *f),
+        };
+        format.map(|f| Ok((f, scheme(f).map_err(|e| Error::tensor(module, e.to_string()))?))).transpose()
+    };
+    if let UnifiedFormats::One(f) = formats {
+        scheme(f)?;
+    }
     let kv_fp8 = q.get("kv_cache_quant_algo").and_then(Json::as_str) == Some("FP8");
     let dtype = ck.tensor("model.embed_tokens.weight")?.dtype;
 
     let mut output = Output::create(unified, out, force, DEFAULT_SHARD_BYTES)?;
     let mut ignore: Vec<String> = vec!["lm_head".into()];
+    let mut groups: Vec<(Scheme, Vec<String>)> = Vec::new();
+    // vLLM layer -> (first module, its scheme or None if unquantized).
+    let mut layers: Vec<(String, String, Option<Scheme>)> = Vec::new();
     for name in ck.names() {
         let t = ck.tensor(name)?;
         if name.ends_with(".pre_quant_scale") {
@@ -364,22 +463,47 @@ pub fn convert(unified: &Path, out: &Path, force: bool) -> Result<()> {
         let Some((stored, shape)) = detect(&t, scale.as_ref()) else {
             return Err(Error::tensor(name, "is no known quantized format (missing or wrong-shaped weight_scale)"));
         };
-        if stored == Stored::Plain {
+        let scheme = if stored == Stored::Plain { None } else { Some(scheme_of(module)?) };
+        if let Some(layer) = vllm_layer(module) {
+            let s = scheme.flatten().map(|(_, s)| s);
+            match layers.iter().find(|(l, _, _)| *l == layer) {
+                Some((_, first, other)) if *other != s => {
+                    let says = |s: Option<Scheme>| s.map_or("unquantized", Scheme::format);
+                    return Err(Error::Unsupported(format!(
+                        "{module} is {} but {first} is {}: vLLM loads both into {layer}, which needs one scheme; \
+                         give them one format",
+                        says(s),
+                        says(*other)
+                    )));
+                }
+                Some(_) => {}
+                None => layers.push((layer, module.to_string(), s)),
+            }
+        }
+        let Some(scheme) = scheme else {
             output.add(name, t.dtype, t.shape, t.data.to_vec())?;
             if !module.ends_with("embed_tokens") && module != "lm_head" {
                 ignore.push(module.to_string());
             }
             continue;
-        }
+        };
+        let Some((format, scheme)) = scheme else {
+            return Err(Error::tensor(name, format!("is stored as {} but not listed in quantized_layers", stored.name())));
+        };
         if stored != scheme.stored() {
-            return Err(Error::tensor(name, format!("stored as {}, but the checkpoint is {algo}", stored.name())));
+            return Err(Error::tensor(name, format!("stored as {}, but the checkpoint says {}", stored.name(), format.cli_name())));
         }
         for (n, dt, sh, data) in linear(&ck, module, scheme, shape, dtype)? {
             output.add(&n, dt, &sh, data)?;
         }
+        match groups.iter_mut().find(|(s, _)| *s == scheme) {
+            Some((_, modules)) => modules.push(module.to_string()),
+            None => groups.push((scheme, vec![module.to_string()])),
+        }
     }
+    groups.sort_by_key(|(s, _)| *s as u8);
     let config_path = unified.join("config.json");
     let mut config = Json::parse_file(&config_path)?;
-    config.set("quantization_config", quantization_config(scheme, &ignore, kv_fp8));
+    config.set("quantization_config", quantization_config(&groups, &ignore, kv_fp8));
     output.finish_with(unified, &config, None)
 }

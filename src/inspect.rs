@@ -3,7 +3,7 @@
 
 use crate::error::Result;
 use crate::json::Json;
-use crate::export_ct::Scheme;
+use crate::export_ct::CtConfig;
 use crate::quant::read::{detect, detect_packed, Stored};
 use crate::quant::{fnmatch, QFormat};
 use crate::safetensors::{Checkpoint, TensorView};
@@ -80,10 +80,9 @@ fn algo_matches(algo: &str, s: Stored) -> bool {
 pub fn check(dir: &Path) -> Result<Report> {
     let ck = Checkpoint::open(dir)?;
     let quant = quant_section(dir)?;
-    // compressed-tensors (export_ct.rs): the scheme stands in for quant_algo.
-    let ct = quant.as_ref().and_then(Scheme::from_config);
-    let ct_algo = ct.map(|c| QFormat::ALL.into_iter().find(|f| c.stored() == stored_of(*f)).map_or("", |f| f.quant_algo()));
-    let algo = quant.as_ref().and_then(|q| q.get("quant_algo")).and_then(Json::as_str).or(ct_algo).map(String::from);
+    // compressed-tensors (export_ct.rs): each module's scheme stands in for quant_algo.
+    let ct = quant.as_ref().and_then(CtConfig::from_config);
+    let algo = quant.as_ref().and_then(|q| q.get("quant_algo")).and_then(Json::as_str).map(String::from);
     let list = |key: &str| -> Vec<String> {
         quant.as_ref().and_then(|q| q.get(key)).and_then(Json::as_array).map_or(vec![], |a| {
             a.iter().filter_map(Json::as_str).map(String::from).collect()
@@ -133,22 +132,34 @@ pub fn check(dir: &Path) -> Result<Report> {
                 check_scale(&mut report.findings, module, suffix, &t, inp);
             }
         }
+        let excluded = excludes.iter().any(|p| fnmatch(p, module));
+        let is_embedding = module.ends_with("embed_tokens");
+        if let Some(ct) = &ct {
+            // compressed-tensors: the group targeting the module (export_ct.rs) names its scheme.
+            let scheme = ct.scheme_of(module).filter(|_| !excluded && !is_embedding);
+            let finding = match scheme {
+                None if stored != Stored::Plain => Some(format!("stored as {} but no config group targets it", stored.name())),
+                Some(s) if s.stored() != stored => Some(format!("its config group is {} but it is stored as {}", s.format(), stored.name())),
+                _ => None,
+            };
+            report.findings.extend(finding.map(|f| format!("{module}: {f}")));
+            for needed in scheme.filter(|_| stored != Stored::Plain).map_or(&[][..], |s| s.required()) {
+                if get(needed).is_none() {
+                    report.findings.push(format!("{module}: {} weight without {needed}", stored.name()));
+                }
+            }
+            continue;
+        }
         // The tensors a loader needs for the module's format (spec/export-formats.md §2.5).
         let module_algo = match &mixed {
             Some(layers) => layers.iter().find(|(k, _)| k == module).and_then(|(_, v)| v.get("quant_algo")).and_then(Json::as_str),
             None => algo.as_deref(),
         };
-        let needed_list = match ct {
-            Some(c) if stored != Stored::Plain => c.required(),
-            _ => required(stored, module_algo),
-        };
-        for needed in needed_list {
+        for needed in required(stored, module_algo) {
             if get(needed).is_none() {
                 report.findings.push(format!("{module}: {} weight without {needed}", stored.name()));
             }
         }
-        let excluded = excludes.iter().any(|p| fnmatch(p, module));
-        let is_embedding = module.ends_with("embed_tokens");
         match (&mixed, &algo) {
             (Some(layers), _) => {
                 let want = layers.iter().find(|(k, _)| k == module).and_then(|(_, v)| v.get("quant_algo")).and_then(Json::as_str);
@@ -201,17 +212,6 @@ pub fn check(dir: &Path) -> Result<Report> {
     Ok(report)
 }
 
-/// How a unified export stores `f`'s weights.
-fn stored_of(f: QFormat) -> Stored {
-    use crate::quant::WeightKind as W;
-    match f.weight() {
-        W::Fp8 => Stored::Fp8,
-        W::Int8Rows => Stored::Int8,
-        W::Int4Groups => Stored::Int4 { group: crate::quant::INT4_GROUP },
-        W::Nvfp4 => Stored::Nvfp4,
-    }
-}
-
 /// Scale tensors a format needs besides `weight` and `weight_scale`.
 fn required(stored: Stored, algo: Option<&str>) -> &'static [&'static str] {
     match (stored, algo) {
@@ -238,19 +238,21 @@ pub const MAX_WEIGHT_ERROR: f64 = 0.35;
 /// Frobenius. The effective weight multiplies back what the export moved elsewhere: the
 /// linear's `pre_quant_scale` (its input is multiplied by it) and, for linears reading a
 /// norm, the per-channel ratio of the exported to the original norm's scale (AWQ folds its
-/// scales there; `1 + weight` for the offset norms). NVFP4-AWQ and compressed-tensors exports
-/// of the Llama layout also fold down_proj's (o_proj's) scale p into up_proj's (v_proj's)
-/// output rows (spec/algorithms.md §7 step 1), which stores no tensor: p is estimated per row
-/// as the least-squares ratio of the exported (norm ratio undone) to the original producer
-/// row, and the producer's rows are divided and the consumer's input columns multiplied by it.
+/// scales there; `1 + weight` for the offset norms). NVFP4-AWQ exports of the Llama layout and
+/// compressed-tensors exports of every family also fold a consumer's scale p into its
+/// producer's output rows (`quantize::row_fold`: down_proj into up_proj, per expert too, √p
+/// under relu²; o_proj into v_proj), which stores no tensor: the row factor is estimated as
+/// the least-squares ratio of the exported (norm ratio undone) to the original producer row,
+/// and the producer's rows are divided by it and the consumer's input columns multiplied by it
+/// (squared for relu²).
 pub fn weight_errors(dir: &Path, original: &Path) -> Result<Vec<WeightError>> {
-    use crate::model::{LinearKind, Model, LLAMA_MODULES};
+    use crate::model::{LinearKind, Model};
     use crate::quant::read::{input_quant, linear_weight};
     let q = Model::open(dir, Some(original))?;
     let o = Model::open(original, None)?;
     // NVFP4-AWQ and compressed-tensors exports fold scales into producer rows (see above).
     let folds = std::fs::read_to_string(dir.join("hf_quant_config.json")).is_ok_and(|t| t.contains("NVFP4_AWQ"))
-        || quant_section(dir)?.as_ref().and_then(Scheme::from_config).is_some();
+        || quant_section(dir)?.as_ref().and_then(CtConfig::from_config).is_some();
     let mut out = Vec::new();
     for l in 0..o.config.num_hidden_layers {
         let ratio = |norm: &str| -> Result<Vec<f32>> {
@@ -260,63 +262,56 @@ pub fn weight_errors(dir: &Path, original: &Path) -> Result<Vec<WeightError>> {
             Ok(a.iter().zip(&b).map(|(x, y)| if y + one != 0.0 { (x + one) / (y + one) } else { 1.0 }).collect())
         };
         let (r_in, r_post) = (ratio("input_layernorm")?, ratio("post_attention_layernorm")?);
-        // A consumer's scale folded into its producer's rows (down_proj into up_proj, o_proj
-        // into v_proj): estimated from the producer. Per producer row: c.
-        // Llama layout, and a dense MLP (experts keep their scales as pre_quant_scales).
-        let llama = o.config.modules == LLAMA_MODULES && o.config.moe_layer(l).is_none();
-        let mut folded: [Option<Vec<f32>>; 7] = Default::default();
-        for (consumer, producer) in [(LinearKind::Down, LinearKind::Up), (LinearKind::O, LinearKind::V)] {
-            let (c_name, p_name) = (crate::pipeline::module_name(l, consumer), crate::pipeline::module_name(l, producer));
-            let fits = producer.shape(&o.config)[0] == consumer.shape(&o.config)[1];
-            if !folds || !llama || !fits || input_quant(&q, &c_name, consumer.shape(&o.config))?.pre_quant_scale.is_some() {
+        let modules = o.config.layer_modules(l);
+        // The norm ratio of a module reading a norm (experts' gate/up read it through the router's block: none).
+        let norm_ratio = |m: &crate::model::LayerModule| match m.kinds[0] {
+            LinearKind::Q | LinearKind::K | LinearKind::V => Some(&r_in),
+            LinearKind::Gate | LinearKind::Up if m.expert.is_none() => Some(&r_post),
+            _ => None,
+        };
+        // Per module: its output rows' divisors and input columns' multipliers from row folds.
+        let mut row_div: Vec<Option<Vec<f32>>> = vec![None; modules.len()];
+        let mut col_mul: Vec<Option<Vec<f32>>> = vec![None; modules.len()];
+        for k in 0..modules.len() {
+            let Some(fold) = crate::quantize::row_fold(&modules, k, &o.config) else { continue };
+            let (c, p) = (&modules[k], &modules[fold.producer]);
+            if !folds || input_quant(&q, &c.path, c.shape)?.pre_quant_scale.is_some() {
                 continue;
             }
-            let shape = producer.shape(&o.config);
-            let (mut a, b) = (linear_weight(&q, &p_name, shape)?, linear_weight(&o, &p_name, shape)?);
+            let inp = p.shape[1];
+            let (mut a, b) = (linear_weight(&q, &p.path, p.shape)?, linear_weight(&o, &p.path, p.shape)?);
             // Undo the producer's own input scale (folded into its norm) first.
-            let r = if producer == LinearKind::Up { &r_post } else { &r_in };
-            for row in a.chunks_exact_mut(shape[1]) {
-                row.iter_mut().zip(r).for_each(|(v, r)| *v *= r);
+            if let Some(r) = norm_ratio(p) {
+                a.chunks_exact_mut(inp).for_each(|row| row.iter_mut().zip(r).for_each(|(v, r)| *v *= r));
             }
-            let c: Vec<f32> = a
-                .chunks_exact(shape[1])
-                .zip(b.chunks_exact(shape[1]))
-                .map(|(x, y)| {
+            let rows = fold.offset..fold.offset + c.shape[1];
+            let f: Vec<f32> = a
+                .chunks_exact(inp)
+                .zip(b.chunks_exact(inp))
+                .enumerate()
+                .map(|(r, (x, y))| {
                     let (xy, yy) = x.iter().zip(y).fold((0f64, 0f64), |(s, t), (a, b)| (s + (*a * *b) as f64, t + (*b * *b) as f64));
-                    if yy > 0.0 && xy > 0.0 { (xy / yy) as f32 } else { 1.0 }
+                    if rows.contains(&r) && yy > 0.0 && xy > 0.0 { (xy / yy) as f32 } else { 1.0 }
                 })
                 .collect();
-            // The producer's rows are divided by c below, the consumer's input columns multiplied.
-            folded[producer as usize] = Some(c.iter().map(|v| 1.0 / v).collect());
-            folded[consumer as usize] = Some(c);
+            col_mul[k] = Some(f[rows].iter().map(|v| if fold.squared { v * v } else { *v }).collect());
+            row_div[fold.producer] = Some(f);
         }
-        for module in o.config.layer_modules(l) {
-            let (k, m, shape) = (module.kinds[0], module.path, module.shape);
-            let mut w = linear_weight(&q, &m, shape)?;
-            let mut scale = input_quant(&q, &m, shape)?.pre_quant_scale.unwrap_or_else(|| vec![1.0; shape[1]]);
-            let norm_ratio = match k {
-                LinearKind::Q | LinearKind::K | LinearKind::V => Some(&r_in),
-                LinearKind::Gate | LinearKind::Up if module.expert.is_none() => Some(&r_post),
-                _ => None,
-            };
-            if let Some(r) = norm_ratio {
-                scale.iter_mut().zip(r).for_each(|(s, r)| *s *= r);
-            }
-            let is_consumer = matches!(k, LinearKind::Down | LinearKind::O);
-            if let (Some(c), true) = (&folded[k as usize], is_consumer) {
-                scale.iter_mut().zip(c).for_each(|(s, c)| *s *= c);
+        for (k, module) in modules.iter().enumerate() {
+            let (m, shape) = (&module.path, module.shape);
+            let mut w = linear_weight(&q, m, shape)?;
+            let mut scale = input_quant(&q, m, shape)?.pre_quant_scale.unwrap_or_else(|| vec![1.0; shape[1]]);
+            for factors in [norm_ratio(module), col_mul[k].as_ref()].into_iter().flatten() {
+                scale.iter_mut().zip(factors).for_each(|(s, r)| *s *= r);
             }
             for (r, row) in w.chunks_exact_mut(shape[1]).enumerate() {
-                let row_scale = match (&folded[k as usize], is_consumer) {
-                    (Some(inv), false) => inv[r],
-                    _ => 1.0,
-                };
+                let row_scale = row_div[k].as_ref().map_or(1.0, |d| 1.0 / d[r]);
                 row.iter_mut().zip(&scale).for_each(|(v, s)| *v *= s * row_scale);
             }
-            let orig = linear_weight(&o, &m, shape)?;
+            let orig = linear_weight(&o, m, shape)?;
             let diff: f64 = w.iter().zip(&orig).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
             let norm: f64 = orig.iter().map(|b| (*b as f64).powi(2)).sum();
-            out.push(WeightError { module: m, relative: (diff / norm.max(f64::MIN_POSITIVE)).sqrt() });
+            out.push(WeightError { module: m.clone(), relative: (diff / norm.max(f64::MIN_POSITIVE)).sqrt() });
         }
     }
     Ok(out)

@@ -50,11 +50,12 @@ pub struct Options {
     pub sq_alpha: f32,
     /// Quantize for the compressed-tensors layout (`--export compressed-tensors`), which has no
     /// `pre_quant_scale` and stores INT4 group scales in the model dtype. A SmoothQuant / AWQ
-    /// scale is used only where it folds exactly into a neighbour ([`foldable`]): q/k/v and
-    /// gate/up into their norm (for INT8 SmoothQuant too), down_proj into up_proj's output
-    /// rows, o_proj into v_proj's rows (no GQA); other linears are quantized unsmoothed. INT4
-    /// codes are computed with the model-dtype scales. The unified export of such a run holds
-    /// the same model, with no pre_quant_scale left.
+    /// scale is used only where it folds exactly into a neighbour ([`foldable`]): a norm's
+    /// readers into the norm (for INT8 SmoothQuant too), a consumer into its producer's output
+    /// rows ([`row_fold`]: down_proj into up_proj, per expert too, √p for relu²; o_proj into
+    /// v_proj without GQA); other linears (GQA o_proj, Starcoder2's c_proj, experts' gate/up) are
+    /// quantized unsmoothed. INT4 codes are computed with the model-dtype scales. The unified
+    /// export of such a run holds the same model, with no pre_quant_scale left.
     pub compressed_tensors: bool,
 }
 
@@ -181,12 +182,6 @@ pub fn run(model: &Model, samples: &[Vec<u32>], opts: &Options, out: &mut Output
     let cfg = &model.config;
     let dtype = model.dtype()?;
     check_shapes(cfg, opts)?;
-    if opts.compressed_tensors && (cfg.modules != LLAMA_MODULES || (0..cfg.num_hidden_layers).any(|l| cfg.moe_layer(l).is_some())) {
-        return Err(Error::Unsupported(format!(
-            "--export compressed-tensors of {}: supported for the Llama-layout families (Llama, Mistral, Qwen2, Qwen3, Gemma)",
-            cfg.architecture
-        )));
-    }
     let lm_head_format = opts.formats.of("lm_head");
     for name in model.weight_names() {
         let quantized_lm_head = lm_head_format.is_some() && name == "lm_head.weight";
@@ -217,10 +212,9 @@ pub fn run(model: &Model, samples: &[Vec<u32>], opts: &Options, out: &mut Output
         if let Some(moe) = cfg.moe_layer(l) {
             summary.unquantized.push(moe.router(l));
         }
-        // Compressed-tensors mode (dense Llama layout, one module per linear): smoothing only
-        // where it folds.
+        // Compressed-tensors mode: smoothing only where it folds.
         let smooth: Vec<bool> =
-            modules.iter().map(|m| !opts.compressed_tensors || foldable(m.kinds[0], &formats, &layer, cfg)).collect();
+            (0..modules.len()).map(|k| !opts.compressed_tensors || foldable(&modules, k, &formats, &layer, cfg)).collect();
         let (stats, linears) =
             calibrate_layer(&layer, &modules, cfg, &rope, &mut hidden, samples, &formats, &smooth, opts.sq_alpha, dtype)?;
         emit_layer(model, l, linears, &layer, opts, dtype, &stats, out)?;
@@ -379,22 +373,68 @@ fn check_shapes(cfg: &crate::config::ModelConfig, opts: &Options) -> Result<()> 
     Ok(())
 }
 
-/// Compressed-tensors mode: whether linear `k`'s smoothing / AWQ scale folds exactly into a
-/// neighbour (spec/export-formats.md §2.7): q/k/v (gate/up) into their norm when all members
-/// are quantized in one format (they share the mean scale); down_proj into up_proj's output
-/// rows (act(gate)·up is elementwise) and o_proj into v_proj's rows when that producer is
-/// quantized (its rows are scaled before it is quantized) and has no bias; o_proj only without
-/// GQA, where each o_proj input channel is one v_proj output row.
-fn foldable(k: LinearKind, formats: &[Option<QFormat>], layer: &Layer, cfg: &crate::config::ModelConfig) -> bool {
-    use LinearKind::*;
-    let same = |group: &[LinearKind]| group.iter().all(|&m| formats[m as usize] == formats[k as usize]);
-    let producer_ok = |p: LinearKind| formats[p as usize].is_some() && layer.bias(p).is_none();
-    match k {
-        Q | K | V => same(&[Q, K, V]),
-        Gate | Up => same(&[Gate, Up]),
-        Down => producer_ok(Up),
-        O => producer_ok(V) && cfg.num_attention_heads == cfg.num_key_value_heads,
+/// The linears sharing one norm: its readers fold a common scale into it (§2.7 point 2).
+const NORM_GROUPS: [&[LinearKind]; 2] =
+    [&[LinearKind::Q, LinearKind::K, LinearKind::V], &[LinearKind::Gate, LinearKind::Up]];
+
+/// Compressed-tensors mode: whether module `k`'s smoothing / AWQ scale folds exactly into a
+/// neighbour (spec/export-formats.md §2.7). A norm's readers (q/k/v or qkv_proj; gate/up,
+/// gate_up_proj, c_fc, Nemotron's up_proj) fold their shared mean scale into it when all are
+/// quantized in one format; an MoE block's experts cannot (the norm also feeds the router), so
+/// their gate/up are unsmoothed. A consumer folds into its producer's rows ([`row_fold`]) when
+/// the producer is quantized (its rows are scaled before it is) and has no bias to scale.
+fn foldable(
+    modules: &[LayerModule],
+    k: usize,
+    formats: &[Option<QFormat>],
+    layer: &Layer,
+    cfg: &crate::config::ModelConfig,
+) -> bool {
+    let m = &modules[k];
+    let reads = |x: &LayerModule, group: &[LinearKind]| x.kinds.iter().any(|k| group.contains(k));
+    if let Some(group) = NORM_GROUPS.iter().find(|g| reads(m, g)) {
+        let mut readers = modules.iter().zip(formats).filter(|(x, _)| x.expert.is_none() && reads(x, group));
+        return m.expert.is_none() && readers.all(|(_, f)| *f == formats[k]);
     }
+    row_fold(modules, k, cfg).is_some_and(|f| formats[f.producer].is_some() && !f.biased(modules, layer))
+}
+
+/// Where a consumer's input scale p can go instead of a `pre_quant_scale`: the output rows of
+/// the linear that produces its input, scaled by p before that linear is quantized.
+pub(crate) struct RowFold {
+    /// The producer module (index in the layer's modules).
+    pub producer: usize,
+    /// The producer's linear whose rows are the consumer's input channels.
+    pub kind: LinearKind,
+    /// Its first row inside the (fused) producer module: Phi3's up rows follow the gate rows.
+    pub offset: usize,
+    /// The rows take √p (relu²(√p·z) = p·relu²(z) for p > 0, Nemotron).
+    pub squared: bool,
+}
+
+impl RowFold {
+    /// A dense producer with a bias would need the bias scaled too (Qwen2's v_proj).
+    fn biased(&self, modules: &[LayerModule], layer: &Layer) -> bool {
+        modules[self.producer].expert.is_none() && layer.bias(self.kind).is_some()
+    }
+}
+
+/// The row fold of module `k` of a layer, if its family has one: down_proj (an expert's down)
+/// into up_proj's rows when the MLP is `act(gate)·up` (elementwise in up) or relu²(up) (√p);
+/// none for gelu_tanh(c_fc) (no per-channel scale commutes with it); o_proj into v_proj's rows
+/// only without GQA, where each o_proj input channel is one v_proj output row.
+pub(crate) fn row_fold(modules: &[LayerModule], k: usize, cfg: &crate::config::ModelConfig) -> Option<RowFold> {
+    use crate::config::Activation;
+    let m = &modules[k];
+    let (kind, squared) = match m.kinds {
+        [LinearKind::Down] if cfg.gated_mlp() || m.expert.is_some() => (LinearKind::Up, false),
+        [LinearKind::Down] if cfg.act == Activation::Relu2 => (LinearKind::Up, true),
+        [LinearKind::O] if cfg.num_attention_heads == cfg.num_key_value_heads => (LinearKind::V, false),
+        _ => return None,
+    };
+    let producer = module_of(modules, m.expert, kind)?;
+    let offset = modules[producer].kinds.iter().take_while(|&&x| x != kind).map(|x| x.shape(cfg)[0]).sum();
+    Some(RowFold { producer, kind, offset, squared })
 }
 
 /// Fake-quantizes a whole `[out, in]` weight in place.
@@ -483,26 +523,28 @@ fn emit_layer(
     let (mut input_norm_bias, mut post_norm_bias) = (layer.input_norm_bias.clone(), layer.post_norm_bias.clone());
     let find = |ls: &[Linear], k: LinearKind| ls.iter().position(|x| x.expert.is_none() && x.kinds.contains(&k));
 
-    // 1. NVFP4_AWQ (and every format in compressed-tensors mode): fold down_proj's (and,
-    //    without GQA, o_proj's) scale into the output rows of up_proj (v_proj), which feed it.
-    //    ModelOpt's PQS_FUSE_MODULE_MAPPING names only Llama/Qwen3 attention and MLP classes
-    //    (§2.7 point 3): not Phi3, Starcoder2, Nemotron.
-    let pqs_fuse: &[(LinearKind, LinearKind)] =
-        if cfg.modules == LLAMA_MODULES { &[(LinearKind::Down, LinearKind::Up), (LinearKind::O, LinearKind::V)] } else { &[] };
-    for &(consumer, producer) in pqs_fuse {
-        let (Some(c), Some(p)) = (find(&linears, consumer), find(&linears, producer)) else { continue };
-        let nvfp4_awq = linears[c].format == QFormat::Nvfp4Awq && linears[p].format == QFormat::Nvfp4Awq;
-        if !(nvfp4_awq || opts.compressed_tensors) {
+    // 1. A consumer's scale into its producer's output rows (`row_fold`): in compressed-tensors
+    //    mode wherever `foldable` let it smooth; for NVFP4_AWQ as ModelOpt, whose
+    //    PQS_FUSE_MODULE_MAPPING names only Llama/Qwen3 attention and MLP classes (§2.7 point 3):
+    //    dense down_proj into up_proj, o_proj into v_proj; not Phi3, Starcoder2, Nemotron, experts.
+    let modules = cfg.layer_modules(l);
+    let index = |ls: &[Linear], path: &str| ls.iter().position(|x| x.module == path);
+    for k in 0..modules.len() {
+        let Some(fold) = row_fold(&modules, k, cfg) else { continue };
+        let (Some(c), Some(p)) = (index(&linears, &modules[k].path), index(&linears, &modules[fold.producer].path)) else {
+            continue;
+        };
+        let nvfp4_awq = [c, p].iter().all(|&i| linears[i].format == QFormat::Nvfp4Awq);
+        let modelopt = nvfp4_awq && cfg.modules == LLAMA_MODULES && modules[k].expert.is_none();
+        if !(modelopt || opts.compressed_tensors) || fold.biased(&modules, layer) {
             continue;
         }
-        let [p_out, p_in] = producer.shape(cfg);
-        // A producer with a bias (Qwen2's v_proj) would need it scaled too: keep the pqs.
-        let fits = p_out == consumer.shape(cfg)[1] && layer.bias(producer).is_none();
-        let (Some(s), true) = (linears[c].pqs.clone(), fits) else { continue };
-        for (row, &f) in linears[p].weight.chunks_exact_mut(p_in).zip(&s) {
+        let Some(s) = linears[c].pqs.take() else { continue };
+        let inp = linears[p].shape[1];
+        for (row, &f) in linears[p].weight.chunks_exact_mut(inp).skip(fold.offset).zip(&s) {
+            let f = if fold.squared { f.sqrt() } else { f };
             row.iter_mut().for_each(|w| *w = fp8::round_to_dtype(*w * f, dtype));
         }
-        linears[c].pqs = None;
     }
 
     // 2. Modules reading the same input share one pre_quant_scale (mean), input amax (max)
@@ -510,8 +552,8 @@ fn emit_layer(
     //    (weight and bias, §2.7 point 2), also when one module alone reads it (Phi3's fused
     //    modules, Starcoder2's c_fc, Nemotron's up_proj).
     for (members, norm, norm_bias) in [
-        (&[LinearKind::Q, LinearKind::K, LinearKind::V][..], &mut input_norm, &mut input_norm_bias),
-        (&[LinearKind::Gate, LinearKind::Up][..], &mut post_norm, &mut post_norm_bias),
+        (NORM_GROUPS[0], &mut input_norm, &mut input_norm_bias),
+        (NORM_GROUPS[1], &mut post_norm, &mut post_norm_bias),
     ] {
         let mut idx: Vec<usize> = members.iter().filter_map(|&k| find(&linears, k)).collect();
         idx.dedup();

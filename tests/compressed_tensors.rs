@@ -9,8 +9,8 @@ mod common;
 use rq_min::cli::{quantize, quantize_unified_with, QuantizeArgs};
 use rq_min::export_ct::{self, convert, pack_int4, unpack_int4};
 use rq_min::json::Json;
-use rq_min::model::{LinearKind, Model};
-use rq_min::pipeline::{module_name, perplexity};
+use rq_min::model::Model;
+use rq_min::pipeline::perplexity;
 use rq_min::progress::Progress;
 use rq_min::quant::read::linear_weight;
 use rq_min::safetensors::{write_file, Checkpoint, Dtype};
@@ -110,83 +110,104 @@ fn check_format(tag: &str, model: &Path, format: &str, ct_format: &str, calib: &
     let cfg = &orig.config;
     let dtype = orig.dtype().unwrap();
 
-    // Compressed-tensors mode leaves no pre_quant_scale: every smoothing scale was folded.
-    let uni = layout(&unified);
-    assert!(!uni.keys().any(|n| n.ends_with("pre_quant_scale")), "{format}: a pre_quant_scale is left");
-
-    // Exactly the expected tensors for every linear, KV scales under self_attn, the rest as is.
+    // Exactly the expected tensors for every decoder linear (all quantized: the defaults
+    // exclude only lm_head and MoE routers), KV scales under self_attn, the rest as is.
     let got = layout(&ct);
-    let mut want: BTreeMap<String, (Dtype, Vec<usize>)> = BTreeMap::new();
+    let mut want: BTreeMap<String, (Dtype, Vec<usize>)> = layout(model);
+    let mut routers = vec![];
     for l in 0..cfg.num_hidden_layers {
-        for k in LinearKind::ALL {
-            for (n, d, s) in expected(format, &module_name(l, k), k.shape(cfg), dtype) {
+        for m in cfg.layer_modules(l) {
+            want.remove(&format!("{}.weight", m.path)).unwrap();
+            for (n, d, s) in expected(format, &m.path, m.shape, dtype) {
                 want.insert(n, (d, s));
             }
         }
         for kv in ["k_scale", "v_scale"] {
             want.insert(format!("model.layers.{l}.self_attn.{kv}"), (Dtype::F32, vec![1]));
         }
-        for norm in ["input_layernorm", "post_attention_layernorm"] {
-            want.insert(format!("model.layers.{l}.{norm}.weight"), (dtype, vec![cfg.hidden_size]));
-        }
+        routers.extend(cfg.moe_layer(l).map(|moe| format!(r#","{}""#, moe.router(l))));
     }
-    for (n, v) in layout(model) {
-        if !n.starts_with("model.layers.") {
-            want.insert(n, v);
-        }
-    }
-    assert_eq!(got, want, "{format}: tensor layout");
+    assert_eq!(got, want, "{tag} {format}: tensor layout");
     assert!(!ct.join("hf_quant_config.json").exists());
 
-    // config.json: one Linear group, the scheme's format, lm_head ignored, FP8 KV scheme.
-    let q = Json::parse_file(&ct.join("config.json")).unwrap().get("quantization_config").unwrap().clone();
+    // config.json: one Linear group, the scheme's format, lm_head (and routers) ignored, FP8 KV scheme.
+    let q = quantization_config(&ct);
     assert_eq!(q.get("quant_method").and_then(Json::as_str), Some("compressed-tensors"));
     assert_eq!(q.get("format").and_then(Json::as_str), Some(ct_format));
     assert_eq!(q.get("quantization_status").and_then(Json::as_str), Some("compressed"));
-    assert_eq!(q.get("ignore").unwrap().to_compact(), r#"["lm_head"]"#);
+    assert_eq!(q.get("ignore").unwrap().to_compact(), format!(r#"["lm_head"{}]"#, routers.concat()));
     let g = q.get("config_groups").unwrap().get("group_0").unwrap();
     assert_eq!(g.get("targets").unwrap().to_compact(), r#"["Linear"]"#);
     assert_eq!(g.get("input_activations").unwrap().is_null(), format == "int4_awq");
     let kv = q.get("kv_cache_scheme").unwrap();
     assert_eq!((kv.get("type").and_then(Json::as_str), kv.get("num_bits").and_then(Json::as_i64)), (Some("float"), Some(8)));
 
-    // Dequantized weights and norms: the same model. FP8 / INT8 / INT4 are the same codes and
-    // scales; NVFP4 divides by the inverted global scale as compressed-tensors does.
-    let (mu, mc) = (Model::open(&unified, None).unwrap(), Model::open(&ct, None).unwrap());
-    let (uck, cck) = (Checkpoint::open(&unified).unwrap(), Checkpoint::open(&ct).unwrap());
-    for l in 0..cfg.num_hidden_layers {
-        for k in LinearKind::ALL {
-            let m = module_name(l, k);
-            let (a, b) = (linear_weight(&mu, &m, k.shape(cfg)).unwrap(), linear_weight(&mc, &m, k.shape(cfg)).unwrap());
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert!(bits(&a) == bits(&b), "{format} {m}: dequantized weights differ");
-            if format.starts_with("nvfp4") {
-                // The codes and block scales are the unified export's bytes; the global scale is
-                // compressed-tensors' 448·6/amax for amax = ws2·2688, within an ulp (f64 reference).
-                let (uw, cw) = (uck.get(&format!("{m}.weight")).unwrap(), cck.get(&format!("{m}.weight_packed")).unwrap());
-                assert_eq!(uw.data, cw.data);
-                let ws2 = uck.get(&format!("{m}.weight_scale_2")).unwrap().to_f32().unwrap()[0] as f64;
-                let gs = cck.get(&format!("{m}.weight_global_scale")).unwrap().to_f32().unwrap()[0] as f64;
-                let reference = 448.0 * 6.0 / (ws2 * 2688.0);
-                assert!((gs / reference - 1.0).abs() <= 2.0f64.powi(-23), "{m}: global scale {gs} vs {reference}");
+    same_model(&format!("{tag} {format}"), model, &unified, &ct, windows);
+    // Smoothing formats fold their scales into the norms: q/k/v's always, the MLP's unless the
+    // layer is an MoE block (its norm also feeds the router: experts are unsmoothed).
+    if ["int8_sq", "int4_awq", "nvfp4_awq"].contains(&format) {
+        let (o, c) = (Checkpoint::open(model).unwrap(), Checkpoint::open(&ct).unwrap());
+        for l in 0..cfg.num_hidden_layers {
+            for (norm, folded) in [("input_layernorm", true), ("post_attention_layernorm", cfg.moe_layer(l).is_none())] {
+                let n = format!("model.layers.{l}.{norm}.weight");
+                assert_eq!(o.get(&n).unwrap().data != c.get(&n).unwrap().data, folded, "{tag} {format} {n}");
             }
         }
-        for norm in ["input_layernorm", "post_attention_layernorm"] {
-            let n = format!("model.layers.{l}.{norm}.weight");
-            assert_eq!(uck.get(&n).unwrap().data, cck.get(&n).unwrap().data);
+    }
+    if format.starts_with("nvfp4") {
+        // The codes and block scales are the unified export's bytes; the global scale is
+        // compressed-tensors' 448·6/amax for amax = ws2·2688, within an ulp (f64 reference).
+        let (uck, cck) = (Checkpoint::open(&unified).unwrap(), Checkpoint::open(&ct).unwrap());
+        for m in (0..cfg.num_hidden_layers).flat_map(|l| cfg.layer_modules(l)) {
+            let m = m.path;
+            let (uw, cw) = (uck.get(&format!("{m}.weight")).unwrap(), cck.get(&format!("{m}.weight_packed")).unwrap());
+            assert_eq!(uw.data, cw.data);
+            let ws2 = uck.get(&format!("{m}.weight_scale_2")).unwrap().to_f32().unwrap()[0] as f64;
+            let gs = cck.get(&format!("{m}.weight_global_scale")).unwrap().to_f32().unwrap()[0] as f64;
+            let reference = 448.0 * 6.0 / (ws2 * 2688.0);
+            assert!((gs / reference - 1.0).abs() <= 2.0f64.powi(-23), "{m}: global scale {gs} vs {reference}");
         }
     }
+    (unified, ct)
+}
 
-    // Perplexity of the two exports (rq-min's eval reads both layouts).
+fn quantization_config(dir: &Path) -> Json {
+    Json::parse_file(&dir.join("config.json")).unwrap().get("quantization_config").unwrap().clone()
+}
+
+/// The unified export and the compressed-tensors checkpoint of one compressed-tensors-mode
+/// run hold the same model: no pre_quant_scale, every decoder linear dequantizes to the same
+/// bits (FP8 / INT8 / INT4: the same codes and scales; NVFP4 divides by the inverted global
+/// scale as compressed-tensors does), every other layer tensor (norms, biases, routers) is the
+/// same bytes, equal perplexity (rq-min's eval reads both layouts), and verify is clean, also
+/// against the original weights.
+fn same_model(what: &str, model: &Path, unified: &Path, ct: &Path, windows: &[Vec<u32>]) {
+    let uni = layout(unified);
+    assert!(!uni.keys().any(|n| n.ends_with("pre_quant_scale")), "{what}: a pre_quant_scale is left");
+    let cfg = Model::open(model, None).unwrap().config;
+    let (mu, mc) = (Model::open(unified, None).unwrap(), Model::open(ct, None).unwrap());
+    let mut linears = vec![];
+    for l in 0..cfg.num_hidden_layers {
+        for m in cfg.layer_modules(l) {
+            let (a, b) = (linear_weight(&mu, &m.path, m.shape).unwrap(), linear_weight(&mc, &m.path, m.shape).unwrap());
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert!(bits(&a) == bits(&b), "{what} {}: dequantized weights differ", m.path);
+            linears.push(format!("{}.weight", m.path));
+        }
+    }
+    let (uck, cck) = (Checkpoint::open(unified).unwrap(), Checkpoint::open(ct).unwrap());
+    for (n, _) in layout(model) {
+        if n.starts_with("model.layers.") && !linears.contains(&n) {
+            assert_eq!(uck.get(&n).unwrap().data, cck.get(&n).unwrap().data, "{what} {n}");
+        }
+    }
     let p = Progress::new("eval", true);
     let (pu, pc) = (perplexity(&mu, windows, &p).unwrap().ppl, perplexity(&mc, windows, &p).unwrap().ppl);
-    assert!(((pc - pu) / pu).abs() <= 1e-4, "{format}: perplexity {pc} vs unified {pu}");
-
-    // The verifier finds nothing, also against the original weights.
-    let report = rq_min::inspect::check(&ct).unwrap();
-    assert!(report.findings.is_empty(), "{format}: {:?}", report.findings);
-    rq_min::cli::verify(&ct, Some(model)).unwrap();
-    (unified, ct)
+    assert!(((pc - pu) / pu).abs() <= 1e-4, "{what}: perplexity {pc} vs unified {pu}");
+    eprintln!("{what}: perplexity {pc:.4} (unified {pu:.4})");
+    let report = rq_min::inspect::check(ct).unwrap();
+    assert!(report.findings.is_empty(), "{what}: {:?}", report.findings);
+    rq_min::cli::verify(ct, Some(model)).unwrap();
 }
 
 #[test]
@@ -342,4 +363,137 @@ fn rq_tiny_int4_and_nvfp4() {
     for (format, ct_format) in [("int4_awq", "pack-quantized"), ("nvfp4", "nvfp4-pack-quantized"), ("int8_sq", "int-quantized")] {
         check_format("tiny", &model, format, ct_format, &calib, &windows);
     }
+}
+
+/// The other layouts (shared tiny family models, f32, 2 layers, GQA): Phi3's fused qkv_proj /
+/// gate_up_proj, Starcoder2's LayerNorm + biases + gelu_tanh c_fc, Nemotron's LayerNorm1P +
+/// relu², Mixtral / Qwen3-MoE experts and routers, in every format.
+#[test]
+fn other_families_every_format() {
+    let Some(shared) = common::shared_dir() else { return };
+    let dir = scratch("families-calib");
+    let calib = write_ids(&dir, &ids(4, 16, 512, 7));
+    let windows = ids(2, 32, 512, 11);
+    for family in ["phi3", "starcoder2", "nemotron", "mixtral", "qwen3_moe"] {
+        let model = shared.join("reference/families").join(family);
+        for (format, ct_format) in FORMATS {
+            check_format(family, &model, format, ct_format, &calib, &windows);
+        }
+    }
+}
+
+/// Writes a `--layer-formats` file.
+fn layer_formats(dir: &Path, entries: &[(String, &str)]) -> PathBuf {
+    let p = dir.join("layer-formats.json");
+    let body: Vec<String> = entries.iter().map(|(m, f)| format!("\"{m}\": \"{f}\"")).collect();
+    std::fs::write(&p, format!("{{{}}}", body.join(", "))).unwrap();
+    p
+}
+
+#[test]
+fn mixed_precision_config_groups() {
+    let dir = scratch("mixed");
+    let calib = write_ids(&dir, &ids(4, 16, 512, 7));
+    let per_layer = [
+        [("self_attn.q_proj", "fp8"), ("self_attn.k_proj", "fp8"), ("self_attn.v_proj", "fp8"), ("self_attn.o_proj", "int8_sq"),
+         ("mlp.gate_proj", "int4_awq"), ("mlp.up_proj", "int4_awq"), ("mlp.down_proj", "nvfp4_awq")],
+        [("self_attn.q_proj", "nvfp4"), ("self_attn.k_proj", "nvfp4"), ("self_attn.v_proj", "nvfp4"), ("self_attn.o_proj", "none"),
+         ("mlp.gate_proj", "nvfp4_awq"), ("mlp.up_proj", "nvfp4_awq"), ("mlp.down_proj", "int4_awq")],
+    ];
+    let entries: Vec<(String, &str)> = per_layer
+        .iter()
+        .enumerate()
+        .flat_map(|(l, ms)| ms.iter().map(move |(m, f)| (format!("model.layers.{l}.{m}"), *f)))
+        .collect();
+    let lf = layer_formats(&dir, &entries);
+    let (unified, ct) = (dir.join("unified"), dir.join("ct"));
+    let a = QuantizeArgs { layer_formats: Some(lf.clone()), ..args(&fixture(), "fp8", &unified, &calib) };
+    quantize_unified_with(&a, true).unwrap();
+    convert(&unified, &ct, false).unwrap();
+    same_model("mixed", &fixture(), &unified, &ct, &ids(2, 32, 512, 11));
+
+    // One group per scheme, in scheme order, targets = its exact module names, each with its
+    // own format; the top-level format is mixed-precision; the unquantized o_proj is ignored.
+    let q = quantization_config(&ct);
+    assert_eq!(q.get("format").and_then(Json::as_str), Some("mixed-precision"));
+    assert_eq!(q.get("ignore").unwrap().to_compact(), r#"["lm_head","model.layers.1.self_attn.o_proj"]"#);
+    let groups = q.get("config_groups").unwrap().as_object().unwrap();
+    let scheme_of = |f: &str| match f {
+        "fp8" => "float-quantized",
+        "int8_sq" => "int-quantized",
+        "int4_awq" => "pack-quantized",
+        _ => "nvfp4-pack-quantized",
+    };
+    let order = ["float-quantized", "int-quantized", "pack-quantized", "nvfp4-pack-quantized"];
+    assert_eq!(groups.len(), order.len());
+    for (i, ((name, g), format)) in groups.iter().zip(order).enumerate() {
+        assert_eq!(name, &format!("group_{i}"));
+        assert_eq!(g.get("format").and_then(Json::as_str), Some(format));
+        let mut want: Vec<&str> = entries.iter().filter(|(_, f)| *f != "none" && scheme_of(f) == format).map(|(m, _)| m.as_str()).collect();
+        want.sort();
+        let mut got: Vec<&str> = g.get("targets").unwrap().as_array().unwrap().iter().filter_map(Json::as_str).collect();
+        got.sort();
+        assert_eq!(got, want, "{format}");
+        assert_eq!(g.get("input_activations").unwrap().is_null(), format == "pack-quantized");
+    }
+
+    // The CLI path writes the same checkpoint.
+    let out = dir.join("cli");
+    quantize(&QuantizeArgs { export: "compressed-tensors".into(), out: out.clone(), ..a.clone() }).unwrap();
+    let (x, y) = (Checkpoint::open(&ct).unwrap(), Checkpoint::open(&out).unwrap());
+    assert_eq!(x.names(), y.names());
+    assert!(x.names().iter().all(|n| x.get(n).unwrap().data == y.get(n).unwrap().data));
+
+    // Refused: a w4a8 member (before calibrating), and q/k/v of one vLLM qkv_proj in two schemes.
+    let mut bad = entries.clone();
+    bad[6].1 = "w4a8_awq";
+    let lf = layer_formats(&dir, &bad);
+    let a2 = QuantizeArgs { layer_formats: Some(lf), export: "compressed-tensors".into(), out: dir.join("w4a8"), ..a.clone() };
+    let e = quantize(&a2).unwrap_err().to_string();
+    assert!(e.contains("model.layers.0.mlp.down_proj") && e.contains("w4a8_awq"), "{e}");
+    let mut split = entries.clone();
+    split[1].1 = "int4_awq";
+    let lf = layer_formats(&dir, &split);
+    let a3 = QuantizeArgs { layer_formats: Some(lf), export: "compressed-tensors".into(), out: dir.join("split"), ..a };
+    let e = quantize(&a3).unwrap_err().to_string();
+    assert!(e.contains("model.layers.0.self_attn.qkv_proj"), "{e}");
+    assert!(!dir.join("split").exists() && !dir.join("w4a8").exists());
+}
+
+/// Nemotron's down_proj scale p goes into up_proj's rows as √p (relu²(√p·z) = p·relu²(z)):
+/// with up_proj in FP8 (no smoothing of its own) and down_proj in INT4 AWQ, the standard run
+/// keeps p as down_proj's pre_quant_scale and the compressed-tensors run has up_proj's rows
+/// scaled instead (the AWQ search is the same in both modes). Per row, the least-squares
+/// ratio of the two dequantized up_proj rows, squared, is p within FP8 noise.
+#[test]
+fn nemotron_relu2_fold_is_sqrt() {
+    let Some(shared) = common::shared_dir() else { return };
+    let model = shared.join("reference/families/nemotron");
+    let dir = scratch("relu2");
+    let calib = write_ids(&dir, &ids(4, 16, 512, 7));
+    let lf = layer_formats(&dir, &[("model.layers.0.mlp.up_proj".into(), "fp8"), ("model.layers.0.mlp.down_proj".into(), "int4_awq")]);
+    let (std_out, ct_out) = (dir.join("std"), dir.join("ct"));
+    quantize_unified_with(&QuantizeArgs { layer_formats: Some(lf.clone()), ..args(&model, "fp8", &std_out, &calib) }, false).unwrap();
+    quantize_unified_with(&QuantizeArgs { layer_formats: Some(lf), ..args(&model, "fp8", &ct_out, &calib) }, true).unwrap();
+    let (ms, mc) = (Model::open(&std_out, None).unwrap(), Model::open(&ct_out, None).unwrap());
+    let (up, down) = ("model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj");
+    let p = Checkpoint::open(&std_out).unwrap().get(&format!("{down}.pre_quant_scale")).unwrap().to_f32().unwrap();
+    assert!(Checkpoint::open(&ct_out).unwrap().get(&format!("{down}.pre_quant_scale")).is_none());
+    let shape = [ms.config.intermediate_size, ms.config.hidden_size];
+    let (ws, wc) = (linear_weight(&ms, up, shape).unwrap(), linear_weight(&mc, up, shape).unwrap());
+    // ln(r²) against ln p: slope 1 for a √p fold (2 for p, 0 for none), fitted in f64.
+    let (mut xs, mut ys) = (vec![], vec![]);
+    for ((a, b), &p) in wc.chunks_exact(shape[1]).zip(ws.chunks_exact(shape[1])).zip(&p) {
+        let (ab, bb) = a.iter().zip(b).fold((0f64, 0f64), |(s, t), (x, y)| (s + *x as f64 * *y as f64, t + (*y as f64).powi(2)));
+        let r = ab / bb;
+        assert!((r * r / p as f64 - 1.0).abs() < 0.05, "row ratio {r}, squared {} vs p {p}", r * r);
+        xs.push((p as f64).ln());
+        ys.push((r * r).ln());
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let (mx, my) = (mean(&xs), mean(&ys));
+    let cov: f64 = xs.iter().zip(&ys).map(|(x, y)| (x - mx) * (y - my)).sum();
+    let var: f64 = xs.iter().map(|x| (x - mx).powi(2)).sum();
+    let slope = cov / var;
+    assert!((slope - 1.0).abs() < 0.1, "slope {slope} (ln p spread {})", (var / xs.len() as f64).sqrt());
 }
