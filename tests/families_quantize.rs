@@ -30,6 +30,19 @@ fn scratch(name: &str) -> (PathBuf, PathBuf) {
     (dir, ids)
 }
 
+/// Quantization of `model` into `out` with the 4x16 calibration ids file `ids`, no evaluation.
+fn small_args(model: &Path, out: &Path, ids: PathBuf) -> QuantizeArgs {
+    QuantizeArgs {
+        calib_ids: Some(ids),
+        calib_size: 4,
+        calib_seq: 16,
+        no_eval: true,
+        force: true,
+        quiet: true,
+        ..QuantizeArgs::new(model, out)
+    }
+}
+
 /// Quantizes family `name` to `qformat`; checks the export is clean and that every tensor
 /// whose name ends with one of `kept` is there with the original bytes.
 fn quantize_family(name: &str, qformat: &str, kept: &[&str]) {
@@ -37,17 +50,8 @@ fn quantize_family(name: &str, qformat: &str, kept: &[&str]) {
     let model = shared.join("reference/families").join(name);
     let (dir, ids) = scratch(&format!("{name}-{qformat}"));
     let out = dir.join("out");
-    quantize(&QuantizeArgs {
-        qformat: qformat.into(),
-        calib_ids: Some(ids),
-        calib_size: 4,
-        calib_seq: 16,
-        no_eval: true,
-        force: true,
-        quiet: true,
-        ..QuantizeArgs::new(&model, &out)
-    })
-    .unwrap_or_else(|e| panic!("{name} {qformat}: {e}"));
+    quantize(&QuantizeArgs { qformat: qformat.into(), ..small_args(&model, &out, ids) })
+        .unwrap_or_else(|e| panic!("{name} {qformat}: {e}"));
     let report = check(&out).unwrap();
     assert!(report.findings.is_empty(), "{name} {qformat}: {:?}", report.findings);
 
@@ -106,18 +110,8 @@ fn every_format(name: &str, extra: &dyn Fn(&str, &Checkpoint, &Checkpoint)) {
     ] {
         let (dir, ids) = scratch(&format!("{name}-{qformat}-{kv}"));
         let out = dir.join("out");
-        quantize(&QuantizeArgs {
-            qformat: qformat.into(),
-            kv_cache: kv.into(),
-            calib_ids: Some(ids),
-            calib_size: 4,
-            calib_seq: 16,
-            no_eval: true,
-            force: true,
-            quiet: true,
-            ..QuantizeArgs::new(&model, &out)
-        })
-        .unwrap_or_else(|e| panic!("{name} {qformat}: {e}"));
+        quantize(&QuantizeArgs { qformat: qformat.into(), kv_cache: kv.into(), ..small_args(&model, &out, ids) })
+            .unwrap_or_else(|e| panic!("{name} {qformat}: {e}"));
         let report = check(&out).unwrap();
         assert!(report.findings.is_empty(), "{name} {qformat}: {:?}", report.findings);
         let (src, dst) = (Checkpoint::open(&model).unwrap(), Checkpoint::open(&out).unwrap());
@@ -364,16 +358,11 @@ fn trtllm_export_refuses_int8_sq_experts() {
     let Some(shared) = common::shared_dir() else { return };
     for name in ["mixtral", "qwen3_moe"] {
         let (dir, ids) = scratch(&format!("{name}-trtllm"));
+        let model = shared.join("reference/families").join(name);
         let err = quantize(&QuantizeArgs {
             qformat: "int8_sq".into(),
             export: "trtllm".into(),
-            calib_ids: Some(ids),
-            calib_size: 4,
-            calib_seq: 16,
-            no_eval: true,
-            force: true,
-            quiet: true,
-            ..QuantizeArgs::new(&shared.join("reference/families").join(name), &dir.join("out"))
+            ..small_args(&model, &dir.join("out"), ids)
         })
         .unwrap_err();
         assert!(matches!(&err, rq_min::Error::Unsupported(m) if m.contains("INT8 SmoothQuant")), "{name}: {err:?}");
