@@ -29,7 +29,8 @@ for exe in "${CARGO_TARGET_DIR:-target}/release/rq-min" "$cuda_tests"; do
         exit 1
     fi
 done
-if ! nm "$cuda_tests" | grep -q ' rq_quantize_fp8_bf16$'; then
+# grep reads all of nm's output (no -q): an early exit would SIGPIPE nm and fail under pipefail.
+if ! nm "$cuda_tests" | grep ' rq_quantize_fp8_bf16$' > /dev/null; then
     echo "FAIL: $cuda_tests does not contain the CUDA launchers" >&2
     exit 1
 fi
