@@ -143,7 +143,7 @@ fn quantize_ct(a: &QuantizeArgs) -> Result<()> {
     }
     let tmp = temp_beside(&a.out, "unified")?;
     let unified = QuantizeArgs { out: tmp.clone(), force: true, export: "hf".into(), no_eval: true, ..a.clone() };
-    let result = quantize_unified_with(&unified, true).and_then(|()| crate::export_ct::convert(&tmp, &a.out, a.force));
+    let result = unified_export(&unified, true, Step::Intermediate).and_then(|()| crate::export_ct::convert(&tmp, &a.out, a.force));
     let _ = std::fs::remove_dir_all(&tmp);
     result?;
     println!("exported compressed-tensors checkpoint -> {}", a.out.display());
@@ -190,7 +190,7 @@ fn quantize_trtllm(a: &QuantizeArgs, qnemo: bool) -> Result<()> {
     let result = match &unified {
         Some(tmp) => {
             let args = QuantizeArgs { out: tmp.clone(), force: true, export: "hf".into(), tp: 1, pp: 1, ..a.clone() };
-            quantize_unified(&args).and_then(|()| convert(&a.model, Some(tmp), &folder, &opts))
+            unified_export(&args, false, Step::Intermediate).and_then(|()| convert(&a.model, Some(tmp), &folder, &opts))
         }
         None => convert(&a.model, None, &folder, &opts),
     };
@@ -212,8 +212,20 @@ fn quantize_unified(a: &QuantizeArgs) -> Result<()> {
     quantize_unified_with(a, false)
 }
 
+/// Whether a unified export is what the user asked for, or a temporary step of another layout
+/// (its summary line then does not name the temporary folder).
+#[derive(Clone, Copy, PartialEq)]
+enum Step {
+    Final,
+    Intermediate,
+}
+
 /// `compressed_tensors`: quantize in compressed-tensors mode (`quantize::Options`).
 pub fn quantize_unified_with(a: &QuantizeArgs, compressed_tensors: bool) -> Result<()> {
+    unified_export(a, compressed_tensors, Step::Final)
+}
+
+fn unified_export(a: &QuantizeArgs, compressed_tensors: bool, step: Step) -> Result<()> {
     Device::parse(&a.device)?.require_cpu()?;
     let formats: Vec<QFormat> = a.qformat.split(',').map(|f| QFormat::parse(f.trim())).collect::<Result<_>>()?;
     let format = formats[0];
@@ -299,13 +311,13 @@ pub fn quantize_unified_with(a: &QuantizeArgs, compressed_tensors: bool) -> Resu
         (None, None) => format.cli_name().to_string(),
     };
     println!(
-        "quantized {} linears to {}{} ({} left unquantized) in {:.1}s -> {}",
+        "quantized {} linears to {}{} ({} left unquantized) in {:.1}s{}",
         spec.quantized.len(),
         what,
         if opts.kv_fp8 { " + fp8 kv cache" } else { "" },
         spec.unquantized.len(),
         progress.elapsed(),
-        a.out.display()
+        if step == Step::Final { format!(" -> {}", a.out.display()) } else { String::new() }
     );
 
     let mut report = search.map(|(s, n)| s.report(a.seed, &autoquant::calib_digest(&samples), n));
