@@ -432,10 +432,7 @@ pub fn search(
         progress.step("auto-quantize forward layer", l + 1, n);
     }
     let head = model.load_head()?;
-    let head_amax = hidden
-        .iter()
-        .map(|h| head.normed(h, h.len() / cfg.hidden_size))
-        .fold(0f32, |m, x| x.iter().fold(m, |m, v| m.max(v.abs())));
+    let head_amax = head.input_amax(&hidden);
 
     // Backward over the score rows, scoring every linear as its gradient becomes known.
     let nf = formats.len();

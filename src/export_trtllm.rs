@@ -80,7 +80,7 @@ pub struct TrtllmOptions {
 
 /// An owned tensor (1-D or 2-D in this export).
 #[derive(Clone, Debug, PartialEq)]
-pub struct Tn {
+struct Tn {
     pub dtype: Dtype,
     pub shape: Vec<usize>,
     pub data: Vec<u8>,
@@ -127,7 +127,7 @@ impl Tn {
         self
     }
     /// Rank `r`'s part of a split in `tp` along `dim` (0 or 1).
-    pub fn split(&self, name: &str, dim: usize, tp: usize, r: usize) -> Result<Tn> {
+    fn split(&self, name: &str, dim: usize, tp: usize, r: usize) -> Result<Tn> {
         if tp == 1 {
             return Ok(self.clone());
         }
@@ -152,24 +152,10 @@ impl Tn {
 }
 
 /// Concatenation along dim 0.
-pub fn cat0(parts: &[Tn]) -> Tn {
+fn cat0(parts: &[Tn]) -> Tn {
     let mut shape = parts[0].shape.clone();
     shape[0] = parts.iter().map(|p| p.shape[0]).sum();
     Tn { dtype: parts[0].dtype, shape, data: parts.iter().flat_map(|p| p.data.iter().copied()).collect() }
-}
-
-/// Concatenation along dim 1 of 2-D tensors.
-pub fn cat1(parts: &[Tn]) -> Tn {
-    let rows = parts[0].shape[0];
-    let size = parts[0].dtype.size();
-    let mut data = Vec::new();
-    for r in 0..rows {
-        for p in parts {
-            let w = p.shape[1] * size;
-            data.extend_from_slice(&p.data[r * w..(r + 1) * w]);
-        }
-    }
-    Tn { dtype: parts[0].dtype, shape: vec![rows, parts.iter().map(|p| p.shape[1]).sum()], data }
 }
 
 /// Tensors of one shape stacked along a new leading dim (`torch.stack`): `[n] + shape`.

@@ -699,6 +699,13 @@ impl Head {
         out
     }
 
+    /// Max |x| of lm_head's input (the final-norm output) over `hidden` states (each
+    /// `[seq, hidden]`): its max calibration (spec/algorithms.md §3.1).
+    pub fn input_amax(&self, hidden: &[Vec<f32>]) -> f32 {
+        let normed = hidden.iter().map(|h| self.normed(h, h.len() / self.hidden_size()));
+        normed.fold(0f32, |m, x| x.iter().fold(m, |m, v| m.max(v.abs())))
+    }
+
     /// `lm_head(norm(hidden))`: `[seq, vocab]`.
     pub fn logits(&self, hidden: &[f32], seq: usize) -> Vec<f32> {
         let mut normed = self.normed(hidden, seq);

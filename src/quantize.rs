@@ -321,11 +321,7 @@ fn quantize_lm_head(model: &Model, hidden: &[Vec<f32>], format: QFormat, dtype: 
     }
     let head = model.load_head()?;
     let cfg = &model.config;
-    let mut amax = 0f32;
-    for h in hidden {
-        let x = head.normed(h, h.len() / cfg.hidden_size);
-        amax = x.iter().fold(amax, |m, v| m.max(v.abs()));
-    }
+    let amax = head.input_amax(hidden);
     let lin = Linear {
         kinds: &[],
         expert: None,
