@@ -4,10 +4,10 @@
 //! against the naive triple loop, at Linear shapes of a small model (m = tokens), then the
 //! causal attention of a Llama-3-8B layer. Threads: `RQ_THREADS`, else all available.
 
-use rq_min::json::Json;
+use rq_min::io::json::Json;
 use rq_min::model::Model;
-use rq_min::ops::{matmul_bt, matmul_bt_naive, num_threads, Attention};
-use rq_min::progress::Progress;
+use rq_min::compute::cpu::{matmul_bt, matmul_bt_naive, num_threads, Attention};
+use rq_min::ptq::progress::Progress;
 use std::time::{Duration, Instant};
 
 /// Shapes (m, k, n): square, the MLP up and down projections of a 4096-token batch of a
@@ -84,7 +84,7 @@ fn pipeline() {
         return;
     }
     let quiet = Progress::new("bench", true);
-    let samples = rq_min::calib::ids_file(&ids).expect("calib ids");
+    let samples = rq_min::ptq::calib::ids_file(&ids).expect("calib ids");
     let tokens: usize = samples.iter().map(Vec::len).sum();
     println!("\nrq-tiny (14.5 M params), {} x {} calibration tokens, end to end (load, calibrate, quantize, export)", samples.len(), samples[0].len());
     println!("{:>34} {:>10} {:>12} {:>10}  {}", "format", "seconds", "tokens/s", "target s", "auto-quantize search");
@@ -139,9 +139,9 @@ fn pipeline() {
     }
     let model = Model::open(&model_dir, None).expect("open rq-tiny");
     let tok = rq_min::tokenizer::Tokenizer::from_dir(&model_dir).expect("tokenizer");
-    let windows = rq_min::pipeline::eval_windows(&tok.encode(rq_min::cli::DEFAULT_EVAL_TEXT), 256);
+    let windows = rq_min::ptq::eval::eval_windows(&tok.encode(rq_min::ptq::calib::DEFAULT_EVAL_TEXT), 256);
     let t = Instant::now();
-    let p = rq_min::pipeline::perplexity(&model, &windows, &quiet).expect("eval");
+    let p = rq_min::ptq::eval::perplexity(&model, &windows, &quiet).expect("eval");
     let s = t.elapsed().as_secs_f64();
     println!("{:>34} {:>10.2} {:>12.0}", format!("perplexity eval (ppl {:.2})", p.ppl), s, (windows.len() * 256) as f64 / s);
     let _ = std::fs::remove_dir_all(out);

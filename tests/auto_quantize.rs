@@ -5,11 +5,11 @@
 
 mod common;
 
-use rq_min::cli::{quantize, QuantizeArgs, DEFAULT_EVAL_TEXT};
-use rq_min::json::Json;
+use rq_min::cli::{quantize, QuantizeArgs}; use rq_min::ptq::calib::DEFAULT_EVAL_TEXT;
+use rq_min::io::json::Json;
 use rq_min::model::Model;
-use rq_min::pipeline::{eval_windows, perplexity};
-use rq_min::progress::Progress;
+use rq_min::ptq::eval::{eval_windows, perplexity};
+use rq_min::ptq::progress::Progress;
 use rq_min::tokenizer::Tokenizer;
 use std::path::{Path, PathBuf};
 
@@ -48,7 +48,7 @@ fn ppl(dir: &Path, tok_dir: &Path) -> f64 {
 /// Quantizes with `layer_formats` written to a file (module -> format).
 fn with_layer_formats(p: &Paths, name: &str, formats: &[(String, &str)]) -> f64 {
     let file = std::env::temp_dir().join(format!("rq-min-auto-{}-{name}.json", std::process::id()));
-    let j = Json::Obj(formats.iter().map(|(m, f)| (m.clone(), rq_min::json::str(f))).collect());
+    let j = Json::Obj(formats.iter().map(|(m, f)| (m.clone(), rq_min::io::json::str(f))).collect());
     std::fs::write(&file, j.to_pretty(1)).unwrap();
     let out = out_dir(name);
     quantize(&QuantizeArgs { qformat: "fp8".into(), layer_formats: Some(file), ..args(p, &out) }).unwrap();
@@ -101,7 +101,7 @@ fn check_budget(budget: f64) {
         (members, g.get("params").unwrap().as_i64().unwrap() as usize)
     }).collect();
     let total: usize = groups.iter().map(|g| g.1).sum();
-    let order = rq_min::autoquant::score_indices(groups.len(), groups.len(), 99);
+    let order = rq_min::ptq::autoquant::score_indices(groups.len(), groups.len(), 99);
     let mut used: f64 = groups.iter().map(|g| g.1 as f64 * 4.5).sum();
     let mut random: Vec<(String, &str)> = Vec::new();
     let mut fp8 = vec![false; groups.len()];
@@ -189,7 +189,7 @@ fn awq_and_smoothquant_candidates() {
     // least as many int4_awq weights as rq-min's choice (so no more bits).
     let params = |g: &Json| g.get("params").unwrap().as_i64().unwrap() as usize;
     let awq_params: usize = groups.iter().filter(|g| g.get("chosen").unwrap().as_str() == Some("int4_awq")).map(params).sum();
-    let order = rq_min::autoquant::score_indices(groups.len(), groups.len(), 7);
+    let order = rq_min::ptq::autoquant::score_indices(groups.len(), groups.len(), 7);
     let mut taken = 0;
     let mut random: Vec<(String, &str)> = Vec::new();
     for &g in &order {
@@ -206,7 +206,7 @@ fn awq_and_smoothquant_candidates() {
         random.extend(g.get("members").unwrap().as_array().unwrap().iter().map(|m| (m.as_str().unwrap().to_string(), f)));
     }
     let file = std::env::temp_dir().join(format!("rq-min-auto-{}-awq-random.json", std::process::id()));
-    std::fs::write(&file, Json::Obj(random.iter().map(|(m, f)| (m.clone(), rq_min::json::str(f))).collect()).to_pretty(1))
+    std::fs::write(&file, Json::Obj(random.iter().map(|(m, f)| (m.clone(), rq_min::io::json::str(f))).collect()).to_pretty(1))
         .unwrap();
     let out_random = out_dir("awq-sq-random");
     quantize(&small(QuantizeArgs { qformat: "fp8".into(), layer_formats: Some(file), ..args(&p, &out_random) })).unwrap();

@@ -9,12 +9,11 @@
 mod common;
 
 use rq_min::cli::{quantize, QuantizeArgs};
-use rq_min::inspect::check;
-use rq_min::json::{self, Json};
+use rq_min::export::verify::check;
+use rq_min::io::json::{self, Json};
 use rq_min::model::{Model, NoHooks};
-use rq_min::ops::Rope;
-use rq_min::pipeline::{eval_windows, perplexity};
-use rq_min::progress::Progress;
+use rq_min::ptq::eval::{eval_windows, perplexity};
+use rq_min::ptq::progress::Progress;
 use std::path::{Path, PathBuf};
 
 const BUDGET: f64 = 6.0;
@@ -37,7 +36,7 @@ fn greedy_ids(dir: &Path) -> Vec<u32> {
     let cfg = &model.config;
     let layers: Vec<_> = (0..cfg.num_hidden_layers).map(|l| model.load_layer(l).unwrap()).collect();
     let head = model.load_head().unwrap();
-    let rope = Rope::from_config(cfg, 129);
+    let rope = cfg.rope_table(129);
     let mut ids = vec![1u32, 17, 301, 45];
     while ids.len() < 129 {
         let mut h = model.embed(&ids).unwrap();

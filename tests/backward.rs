@@ -6,11 +6,10 @@
 
 mod common;
 
-use rq_min::backward::{head_backward, layer_backward};
-use rq_min::config::ModelConfig;
+use rq_min::ptq::backward::{head_backward, layer_backward};
+use rq_min::model::config::ModelConfig;
 use rq_min::model::{Head, Hooks, Layer, LinearKind, Model, NoHooks};
-use rq_min::ops::Rope;
-use rq_min::safetensors::SafeTensors;
+use rq_min::io::safetensors::SafeTensors;
 use std::path::Path;
 
 const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/families-llama");
@@ -55,7 +54,7 @@ impl Fixture {
         Fixture {
             layers,
             head: model.load_head().unwrap(),
-            rope: Rope::from_config(&cfg, ids.len()),
+            rope: cfg.rope_table(ids.len()),
             h0: model.embed(&ids).unwrap(),
             ids,
             cfg,

@@ -2,9 +2,9 @@
 //! no output folder (not even a half-written one).
 
 use rq_min::cli::{quantize, QuantizeArgs};
-use rq_min::config::ModelConfig;
-use rq_min::json::Json;
-use rq_min::safetensors::{Checkpoint, Dtype};
+use rq_min::model::config::ModelConfig;
+use rq_min::io::json::Json;
+use rq_min::io::safetensors::{Checkpoint, Dtype};
 use rq_min::Error;
 use std::path::{Path, PathBuf};
 
@@ -81,7 +81,7 @@ fn nan_weight_is_named_and_nothing_is_written() {
     let file = model.join("model.safetensors");
     let (start, data_start) = {
         let bytes = std::fs::read(&file).unwrap();
-        let header = rq_min::safetensors::parse_header(&bytes, &file).unwrap();
+        let header = rq_min::io::safetensors::parse_header(&bytes, &file).unwrap();
         let info = header.tensors.iter().find(|i| i.name == name).unwrap().clone();
         (info.start, header.data_start)
     };
@@ -121,7 +121,7 @@ fn broken_files_give_one_clear_error() {
         ),
         (
             "unsupported architecture",
-            Box::new(|m: &Path| edit_config(m, |j| j.set("architectures", Json::Arr(vec![rq_min::json::str("GPT2LMHeadModel")])))),
+            Box::new(|m: &Path| edit_config(m, |j| j.set("architectures", Json::Arr(vec![rq_min::io::json::str("GPT2LMHeadModel")])))),
             "LlamaForCausalLM",
         ),
         (
@@ -185,7 +185,7 @@ fn config_mutations_never_panic() {
         Json::Int(i64::MAX),
         Json::Float(1e300),
         Json::Float(0.5),
-        rq_min::json::str("x"),
+        rq_min::io::json::str("x"),
         Json::Arr(vec![]),
         Json::Obj(vec![]),
     ];
@@ -222,9 +222,9 @@ fn config_errors_name_the_key() {
         assert!(err.contains("x/config.json") || err.contains("unsupported"), "{err}");
     };
     check(&|j| j.set("num_key_value_heads", Json::Int(3)), "num_key_value_heads");
-    check(&|j| j.set("hidden_size", rq_min::json::str("128")), "hidden_size");
+    check(&|j| j.set("hidden_size", rq_min::io::json::str("128")), "hidden_size");
     check(&|j| j.set("num_hidden_layers", Json::Int(0)), "num_hidden_layers");
-    check(&|j| j.set("architectures", Json::Arr(vec![rq_min::json::str("BertModel")])), "MistralForCausalLM");
+    check(&|j| j.set("architectures", Json::Arr(vec![rq_min::io::json::str("BertModel")])), "MistralForCausalLM");
 }
 
 /// The binary: non-zero exit, one line starting with "rq-min: error:", no panic.

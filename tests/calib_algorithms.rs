@@ -5,12 +5,13 @@
 mod common;
 
 use rq_min::numerics::round_bf16;
+use rq_min::quant::scales::average_scales;
 use rq_min::quant::awq::{
-    average_scales, awq_scale, fold_into_norm, fold_into_norm_plus_one, weight_mean, ActMean, ClipSearch, LiteSearch,
+    awq_scale, fold_into_norm, fold_into_norm_plus_one, weight_mean, ActMean, ClipSearch, LiteSearch,
     ALPHAS, CLIP_RATIOS,
 };
 use rq_min::quant::smoothquant::{pre_quant_scale, resmooth_group, smooth_weight, smoothed_input_amax};
-use rq_min::safetensors::{Checkpoint, Dtype, SafeTensors};
+use rq_min::io::safetensors::{Checkpoint, Dtype, SafeTensors};
 
 /// Deterministic xorshift64* generator.
 struct Rng(u64);

@@ -7,13 +7,15 @@
 mod common;
 
 use rq_min::cli::{quantize, quantize_unified_with, QuantizeArgs};
-use rq_min::export_ct::{self, convert, pack_int4, unpack_int4};
-use rq_min::json::Json;
+use rq_min::export::compressed_tensors::convert;
+use rq_min::quant::int::{pack_int4, unpack_int4};
+use rq_min::quant::nvfp4 as export_ct;
+use rq_min::io::json::Json;
 use rq_min::model::Model;
-use rq_min::pipeline::perplexity;
-use rq_min::progress::Progress;
-use rq_min::quant::read::linear_weight;
-use rq_min::safetensors::{write_file, Checkpoint, Dtype};
+use rq_min::ptq::eval::perplexity;
+use rq_min::ptq::progress::Progress;
+use rq_min::model::weights::linear_weight;
+use rq_min::io::safetensors::{write_file, Checkpoint, Dtype};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -205,7 +207,7 @@ fn same_model(what: &str, model: &Path, unified: &Path, ct: &Path, windows: &[Ve
     let (pu, pc) = (perplexity(&mu, windows, &p).unwrap().ppl, perplexity(&mc, windows, &p).unwrap().ppl);
     assert!(((pc - pu) / pu).abs() <= 1e-4, "{what}: perplexity {pc} vs unified {pu}");
     eprintln!("{what}: perplexity {pc:.4} (unified {pu:.4})");
-    let report = rq_min::inspect::check(ct).unwrap();
+    let report = rq_min::export::verify::check(ct).unwrap();
     assert!(report.findings.is_empty(), "{what}: {:?}", report.findings);
     rq_min::cli::verify(ct, Some(model)).unwrap();
 }
@@ -292,7 +294,7 @@ fn cli_export_matches_converter_and_refusals() {
 /// Rewrites `dir`'s single safetensors file through `edit`.
 fn rewrite(dir: &Path, edit: impl Fn(&str, Dtype, Vec<usize>, Vec<u8>) -> Option<(Dtype, Vec<usize>, Vec<u8>)>) {
     let path = dir.join("model.safetensors");
-    let st = rq_min::safetensors::SafeTensors::open(&path).unwrap();
+    let st = rq_min::io::safetensors::SafeTensors::open(&path).unwrap();
     let kept: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = st
         .tensors()
         .iter()
@@ -326,7 +328,7 @@ fn verify_catches_broken_copies() {
     let missing = dir.join("missing-scale");
     copy_dir(&ct, &missing);
     rewrite(&missing, |n, d, s, b| (n != format!("{m}.weight_scale")).then_some((d, s, b)));
-    let f = rq_min::inspect::check(&missing).unwrap().findings;
+    let f = rq_min::export::verify::check(&missing).unwrap().findings;
     assert!(f.iter().any(|x| x.starts_with(m) && x.contains("weight_scale missing")), "{f:?}");
 
     let short = dir.join("short-packed");
@@ -340,14 +342,14 @@ fn verify_catches_broken_copies() {
             Some((d, s, b))
         }
     });
-    let f = rq_min::inspect::check(&short).unwrap().findings;
+    let f = rq_min::export::verify::check(&short).unwrap().findings;
     assert!(f.iter().any(|x| x.starts_with(m)), "{f:?}");
     assert!(rq_min::cli::verify(&short, None).is_err());
 
     let no_shape = dir.join("no-shape");
     copy_dir(&ct, &no_shape);
     rewrite(&no_shape, |n, d, s, b| (n != format!("{m}.weight_shape")).then_some((d, s, b)));
-    let f = rq_min::inspect::check(&no_shape).unwrap().findings;
+    let f = rq_min::export::verify::check(&no_shape).unwrap().findings;
     assert!(f.iter().any(|x| x.starts_with(m) && x.contains("weight_shape")), "{f:?}");
 }
 
@@ -359,7 +361,7 @@ fn rq_tiny_int4_and_nvfp4() {
     let calib = write_ids(&dir, &ids(4, 16, 32000, 5));
     let tok = rq_min::tokenizer::Tokenizer::from_dir(&model).unwrap();
     let windows: Vec<Vec<u32>> =
-        rq_min::pipeline::eval_windows(&tok.encode(rq_min::cli::DEFAULT_EVAL_TEXT), 64).into_iter().take(2).collect();
+        rq_min::ptq::eval::eval_windows(&tok.encode(rq_min::ptq::calib::DEFAULT_EVAL_TEXT), 64).into_iter().take(2).collect();
     for (format, ct_format) in [("int4_awq", "pack-quantized"), ("nvfp4", "nvfp4-pack-quantized"), ("int8_sq", "int-quantized")] {
         check_format("tiny", &model, format, ct_format, &calib, &windows);
     }

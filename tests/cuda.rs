@@ -7,7 +7,7 @@
 
 use std::io::Write;
 
-use rq_min::cuda::{self, DeviceBuffer};
+use rq_min::compute::cuda::{self, DeviceBuffer};
 use rq_min::numerics::{bf16_to_f32, e4m3_to_f32, f32_to_bf16, f32_to_e4m3, round_bf16, E4M3_MAX};
 use rq_min::Error;
 

@@ -3,11 +3,11 @@
 //! output; excluding those layers works; formats without a block constraint quantize it.
 
 use rq_min::cli::{quantize, QuantizeArgs};
-use rq_min::json::Json;
+use rq_min::io::json::Json;
 use rq_min::model::Model;
-use rq_min::pipeline::{eval_windows, perplexity};
-use rq_min::progress::Progress;
-use rq_min::safetensors::{Checkpoint, Dtype};
+use rq_min::ptq::eval::{eval_windows, perplexity};
+use rq_min::ptq::progress::Progress;
+use rq_min::io::safetensors::{Checkpoint, Dtype};
 use rq_min::tokenizer::Tokenizer;
 use std::path::{Path, PathBuf};
 

@@ -4,11 +4,11 @@
 
 mod common;
 
-use rq_min::config::ModelConfig;
-use rq_min::json::Json;
+use rq_min::model::config::ModelConfig;
+use rq_min::io::json::Json;
 use rq_min::model::{LinearKind, Model, NoHooks};
-use rq_min::ops::{self, Rope};
-use rq_min::safetensors::SafeTensors;
+use rq_min::compute::cpu as ops;
+use rq_min::io::safetensors::SafeTensors;
 use rq_min::Error;
 use std::path::{Path, PathBuf};
 
@@ -32,7 +32,7 @@ fn check_family(dir: &Path) -> f64 {
     let ids: Vec<u32> = ids.to_i64().unwrap().into_iter().map(|i| u32::try_from(i).unwrap()).collect();
     let layers: Vec<_> = (0..cfg.num_hidden_layers).map(|i| model.load_layer(i).unwrap()).collect();
     let head = model.load_head().unwrap();
-    let rope = Rope::from_config(cfg, seq);
+    let rope = cfg.rope_table(seq);
     let (h, vocab, n_layers) = (cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers);
 
     // got[name] = both sequences' values, concatenated like the reference's [batch, seq, ..].
@@ -156,7 +156,7 @@ fn qwen3_moe_matches_transformers() {
 
 #[test]
 fn family_fields_follow_the_architecture() {
-    use rq_min::config::Activation;
+    use rq_min::model::config::Activation;
     let with_arch = |arch: &str| {
         let mut raw = fixture_config();
         raw.set("architectures", Json::Arr(vec![Json::Str(arch.into())]));
@@ -255,7 +255,7 @@ fn unsupported_architecture_lists_the_supported_ones() {
 
 #[test]
 fn new_family_fields_and_refusals() {
-    use rq_min::config::Activation;
+    use rq_min::model::config::Activation;
     let Some(root) = common::shared_dir() else { return };
     let config = |name: &str| Json::parse_file(&root.join("reference/families").join(name).join("config.json")).unwrap();
     let parse = |raw: Json| ModelConfig::from_json(raw, Path::new("config.json"));

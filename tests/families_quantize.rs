@@ -7,9 +7,9 @@
 mod common;
 
 use rq_min::cli::{quantize, QuantizeArgs};
-use rq_min::inspect::check;
+use rq_min::export::verify::check;
 use rq_min::model::LinearKind;
-use rq_min::safetensors::Checkpoint;
+use rq_min::io::safetensors::Checkpoint;
 use std::path::{Path, PathBuf};
 
 /// The calibration ids of `scratch`: 4 sequences of 16 ids.
@@ -89,10 +89,10 @@ fn gemma_fp8_and_int4_awq() {
 /// `verify`'s weight error stays small for every module, and the export evaluates (perplexity through `pipeline`) close to the
 /// original. Returns nothing; `extra` checks each export against the original.
 fn every_format(name: &str, extra: &dyn Fn(&str, &Checkpoint, &Checkpoint)) {
-    use rq_min::inspect::{weight_errors, MAX_WEIGHT_ERROR};
+    use rq_min::export::verify::{weight_errors, MAX_WEIGHT_ERROR};
     use rq_min::model::Model;
-    use rq_min::pipeline::perplexity;
-    use rq_min::progress::Progress;
+    use rq_min::ptq::eval::perplexity;
+    use rq_min::ptq::progress::Progress;
     let Some(shared) = common::shared_dir() else { return };
     let model = shared.join("reference/families").join(name);
     let windows: Vec<Vec<u32>> =
@@ -115,7 +115,7 @@ fn every_format(name: &str, extra: &dyn Fn(&str, &Checkpoint, &Checkpoint)) {
         let report = check(&out).unwrap();
         assert!(report.findings.is_empty(), "{name} {qformat}: {:?}", report.findings);
         let (src, dst) = (Checkpoint::open(&model).unwrap(), Checkpoint::open(&out).unwrap());
-        let cfg = rq_min::config::ModelConfig::from_dir(&model).unwrap();
+        let cfg = rq_min::model::config::ModelConfig::from_dir(&model).unwrap();
         for l in 0..cfg.num_hidden_layers {
             for m in cfg.layer_modules(l) {
                 let p = m.path;
@@ -267,9 +267,8 @@ impl rq_min::model::Hooks for PooledAmax {
 /// The MoE export rules (src/quantize.rs `share_expert_scales`) on every format of MoE family
 /// `name`, against numbers computed here from the original model and the calibration rows.
 fn every_format_moe(name: &str) {
-    use rq_min::json::Json;
+    use rq_min::io::json::Json;
     use rq_min::model::Model;
-    use rq_min::ops::Rope;
     use rq_min::quant::fnmatch;
     let Some(shared) = common::shared_dir() else { return };
     let model = Model::open(&shared.join("reference/families").join(name), None).unwrap();
@@ -277,7 +276,7 @@ fn every_format_moe(name: &str) {
     let moe = cfg.moe.clone().expect("an MoE config");
     let n = cfg.num_hidden_layers;
     let mut pooled = PooledAmax { gate: vec![0.0; n], down: vec![0.0; n] };
-    let rope = Rope::from_config(cfg, 16);
+    let rope = cfg.rope_table(16);
     for ids in calib_rows() {
         let mut h = model.embed(&ids).unwrap();
         for l in 0..n {

@@ -3,9 +3,9 @@
 mod common;
 
 use rq_min::cli::{quantize, QuantizeArgs};
-use rq_min::inspect::check;
-use rq_min::json::{str, Json};
-use rq_min::safetensors::{write_file, Checkpoint, Dtype};
+use rq_min::export::verify::check;
+use rq_min::io::json::{str, Json};
+use rq_min::io::safetensors::{write_file, Checkpoint, Dtype};
 use std::path::{Path, PathBuf};
 
 const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/families-llama");

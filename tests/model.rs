@@ -4,8 +4,7 @@
 
 use rq_min::model::{Hooks, LinearKind, Model, NoHooks};
 use rq_min::numerics::{bf16_to_f32, f32_to_bf16};
-use rq_min::ops::Rope;
-use rq_min::safetensors::{write_file, Dtype};
+use rq_min::io::safetensors::{write_file, Dtype};
 use rq_min::Error;
 use std::path::{Path, PathBuf};
 
@@ -109,7 +108,7 @@ fn loads_bf16_weights_and_runs() {
     let ids = [1, 9, 0, 4, 4];
     let mut hidden = model.embed(&ids).unwrap();
     assert_eq!(&hidden[HIDDEN..2 * HIDDEN], &values_of(&all, "model.embed_tokens.weight")[9 * HIDDEN..10 * HIDDEN]);
-    let rope = Rope::from_config(&model.config, ids.len());
+    let rope = model.config.rope_table(ids.len());
     for l in 0..LAYERS {
         model.load_layer(l).unwrap().forward(&model.config, &rope, &mut hidden, ids.len(), &mut NoHooks);
     }
@@ -212,7 +211,7 @@ fn hooks_see_every_linear_input_in_order() {
     let model = Model::open(&dir.0, None).unwrap();
     let cfg = &model.config;
     let seq = 3;
-    let rope = Rope::from_config(cfg, seq);
+    let rope = cfg.rope_table(seq);
     let layer = model.load_layer(0).unwrap();
     let start = model.embed(&[1, 2, 3]).unwrap();
 
@@ -245,7 +244,7 @@ fn set_weight_replaces_a_linear() {
     let model = Model::open(&dir.0, None).unwrap();
     let cfg = &model.config;
     let mut layer = model.load_layer(0).unwrap();
-    let rope = Rope::from_config(cfg, 2);
+    let rope = cfg.rope_table(2);
     // With o_proj and down_proj zero the layer adds nothing to the residual stream.
     layer.set_weight(LinearKind::O, vec![0.0; HIDDEN * HIDDEN]);
     layer.set_weight(LinearKind::Down, vec![0.0; HIDDEN * INTERMEDIATE]);
@@ -268,7 +267,7 @@ fn nll_over_several_logit_blocks_matches_the_logits() {
     let (nll, count) = head.nll(&hidden, &ids);
     let logits = head.logits(&hidden, ids.len());
     let direct: f64 = (0..ids.len() - 1)
-        .map(|t| rq_min::ops::log_softmax_nll(&logits[t * VOCAB..][..VOCAB], ids[t + 1] as usize))
+        .map(|t| rq_min::compute::cpu::log_softmax_nll(&logits[t * VOCAB..][..VOCAB], ids[t + 1] as usize))
         .sum();
     assert_eq!(count, ids.len() - 1);
     assert!((nll - direct).abs() <= 1e-9 * direct, "{nll} vs {direct}");

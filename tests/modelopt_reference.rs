@@ -6,13 +6,13 @@
 
 mod common;
 
-use rq_min::cli::{quantize, QuantizeArgs, DEFAULT_EVAL_TEXT};
-use rq_min::json::Json;
+use rq_min::cli::{quantize, QuantizeArgs}; use rq_min::ptq::calib::DEFAULT_EVAL_TEXT;
+use rq_min::io::json::Json;
 use rq_min::model::{LinearKind, Model};
-use rq_min::pipeline::{eval_windows, module_name, perplexity};
-use rq_min::progress::Progress;
-use rq_min::quant::read::linear_weight;
-use rq_min::safetensors::Checkpoint;
+use rq_min::ptq::eval::{eval_windows, module_name, perplexity};
+use rq_min::ptq::progress::Progress;
+use rq_min::model::weights::linear_weight;
+use rq_min::io::safetensors::Checkpoint;
 use rq_min::tokenizer::Tokenizer;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -2,8 +2,8 @@
 //! x86-64, bit for bit against one sequential multiply-add chain), RoPE, attention and
 //! RMSNorm against f64 recomputations of the HF formulas.
 
-use rq_min::config::{RopeConfig, RopeScaling};
-use rq_min::ops::{self, matmul_bt, matmul_bt_naive, Attention, Rope};
+use rq_min::model::config::{RopeConfig, RopeScaling};
+use rq_min::compute::cpu::{self as ops, matmul_bt, matmul_bt_naive, Attention, Rope};
 
 /// Deterministic values in [-1, 1) (xorshift64; no RNG dependency).
 fn values(len: usize, seed: u64) -> Vec<f32> {

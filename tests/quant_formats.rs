@@ -8,7 +8,7 @@ mod common;
 use rq_min::numerics::{e4m3_to_f32, round_bf16};
 use rq_min::quant::int::*;
 use rq_min::quant::nvfp4::{self, e2m1_code, e2m1_value};
-use rq_min::safetensors::{Checkpoint, Dtype};
+use rq_min::io::safetensors::{Checkpoint, Dtype};
 
 const GRID: [f64; 8] = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0];
 

@@ -3,9 +3,9 @@
 
 mod common;
 
-use rq_min::json::Json;
+use rq_min::io::json::Json;
 use rq_min::numerics::{bf16_to_f32, e4m3_to_f32, f16_to_f32};
-use rq_min::safetensors::*;
+use rq_min::io::safetensors::*;
 use rq_min::Error;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};

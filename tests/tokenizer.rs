@@ -5,7 +5,7 @@
 mod common;
 
 use rq_min::error::Error;
-use rq_min::json::{obj, str, Json};
+use rq_min::io::json::{obj, str, Json};
 use rq_min::tokenizer::Tokenizer;
 use std::path::{Path, PathBuf};
 use std::time::Instant;

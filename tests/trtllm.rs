@@ -5,9 +5,9 @@
 
 use rq_min::cli::{quantize, QuantizeArgs};
 use rq_min::error::Error;
-use rq_min::json::Json;
+use rq_min::io::json::Json;
 use rq_min::quant::fp8;
-use rq_min::safetensors::{Dtype, SafeTensors};
+use rq_min::io::safetensors::{Dtype, SafeTensors};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
@@ -268,7 +268,7 @@ fn f32s(t: &T) -> Vec<f32> {
 /// (Gemma, Nemotron) are the original plus one, Phi3's fused qkv_proj is qkv as it is and its
 /// gate_up_proj is `mlp.fc` with the halves swapped.
 fn fp8_matches_unified(m: &Path, full: &BTreeMap<String, T>) {
-    let cfg = rq_min::config::ModelConfig::from_dir(m).unwrap();
+    let cfg = rq_min::model::config::ModelConfig::from_dir(m).unwrap();
     let arch = cfg.architecture.as_str();
     let uni_dir = scratch(&format!("{}-fp8-unified", m.file_name().unwrap().to_string_lossy())).join("out");
     quantize(&args_for(m, "fp8", &uni_dir)).unwrap();
@@ -491,16 +491,16 @@ fn have(tool: &str) -> bool {
 #[test]
 fn crc32_and_inflate_of_real_gzip() {
     // The CRC-32 check value of RFC 3720 / zlib.
-    assert_eq!(rq_min::tar_gz::crc32(0, b"123456789"), 0xCBF4_3926);
+    assert_eq!(rq_min::io::tar_gz::crc32(0, b"123456789"), 0xCBF4_3926);
     // Stored blocks round-trip, across the 65535-byte block limit.
     let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
-    let mut gz = rq_min::tar_gz::GzWriter::new(Vec::new()).unwrap();
+    let mut gz = rq_min::io::tar_gz::GzWriter::new(Vec::new()).unwrap();
     std::io::Write::write_all(&mut gz, &data).unwrap();
     let bytes = gz.finish().unwrap();
-    assert_eq!(rq_min::tar_gz::gunzip(&bytes).unwrap(), data);
+    assert_eq!(rq_min::io::tar_gz::gunzip(&bytes).unwrap(), data);
     let mut bad = bytes.clone();
     bad[20] ^= 1;
-    assert!(rq_min::tar_gz::gunzip(&bad).is_err(), "a flipped byte fails the CRC");
+    assert!(rq_min::io::tar_gz::gunzip(&bad).is_err(), "a flipped byte fails the CRC");
     if !have("gzip") {
         println!("skipping the compressed-stream check: no gzip");
         return;
@@ -517,7 +517,7 @@ fn crc32_and_inflate_of_real_gzip() {
         std::io::Write::write_all(child.stdin.as_mut().unwrap(), &text).unwrap();
         let out = child.wait_with_output().unwrap();
         assert!(out.stdout.len() < text.len() / 2, "gzip compressed");
-        assert_eq!(rq_min::tar_gz::gunzip(&out.stdout).unwrap(), text, "gzip {level}");
+        assert_eq!(rq_min::io::tar_gz::gunzip(&out.stdout).unwrap(), text, "gzip {level}");
     }
 }
 
@@ -533,7 +533,7 @@ fn qnemo_holds_the_trtllm_folder_and_tokenizer() {
     run("trtllm", &folder).unwrap();
     run("qnemo", &file).unwrap();
     let bytes = std::fs::read(&file).unwrap();
-    let members = rq_min::tar_gz::read_tar_gz(&bytes, &file).unwrap();
+    let members = rq_min::io::tar_gz::read_tar_gz(&bytes, &file).unwrap();
     let names: Vec<&str> = members.iter().map(|m| m.name.as_str()).collect();
     assert_eq!(
         names,
@@ -713,7 +713,7 @@ fn wide_phi3() -> PathBuf {
     tensors.push(("lm_head.weight".into(), vec![v, h], random(v * h, 0.0, 0.06)));
     let list: Vec<(&str, Dtype, &[usize], &[u8])> =
         tensors.iter().map(|(n, s, d)| (n.as_str(), Dtype::F32, s.as_slice(), d.as_slice())).collect();
-    rq_min::safetensors::write_file(&dir.join("model.safetensors"), &list, &[]).unwrap();
+    rq_min::io::safetensors::write_file(&dir.join("model.safetensors"), &list, &[]).unwrap();
     let text = std::fs::read_to_string(family("phi3").unwrap().join("config.json")).unwrap();
     let text = text
         .replace("\"hidden_size\": 128", "\"hidden_size\": 256")
@@ -748,7 +748,7 @@ fn phi3_awq_splits_fused_halves() {
 fn awq_recovers_prequant_from_folded_norms() {
     for (name, fc) in [("gemma", "mlp.gate"), ("phi3", "mlp.fc"), ("starcoder2", "mlp.fc"), ("nemotron", "mlp.fc")] {
         let Some(m) = family(name) else { return };
-        let cfg = rq_min::config::ModelConfig::from_dir(&m).unwrap();
+        let cfg = rq_min::model::config::ModelConfig::from_dir(&m).unwrap();
         let off = if cfg.norm_offset { 1.0 } else { 0.0 };
         let full = rank(&export_for(&m, "int4_awq", 1, 1).unwrap(), 0);
         let uni_dir = scratch(&format!("{name}-int4-unified")).join("out");
@@ -790,8 +790,8 @@ fn unsupported_family_and_nvfp4_awq_are_refused() {
     // What the family's TensorRT-LLM class cannot run: a dense layer in an MoE model (its
     // decoder layer is MoE in every layer), : Nemotron / Phi3 linear biases (TRT-LLM's
     // GPT nemotron variant and Phi3 have none), an activation other than the family's.
-    use rq_min::config::{Activation, ModelConfig};
-    use rq_min::export_trtllm::check_model;
+    use rq_min::model::config::{Activation, ModelConfig};
+    use rq_min::export::trtllm::check_model;
     let cfg = |n: &str| ModelConfig::from_dir(&family(n).unwrap()).unwrap();
     let refused = |c: ModelConfig| matches!(check_model(&c), Err(Error::Unsupported(_)));
     assert!(["nemotron", "phi3", "starcoder2"].iter().all(|n| check_model(&cfg(n)).is_ok()));
@@ -802,7 +802,7 @@ fn unsupported_family_and_nvfp4_awq_are_refused() {
     assert!(refused(ModelConfig { act: Activation::Relu2, ..cfg("mistral") }));
     let q = cfg("qwen3_moe");
     assert!(check_model(&q).is_ok() && check_model(&cfg("mixtral")).is_ok());
-    let moe = q.moe.clone().map(|m| rq_min::moe::MoeConfig { sparse: vec![true, false], ..m });
+    let moe = q.moe.clone().map(|m| rq_min::model::config::MoeConfig { sparse: vec![true, false], ..m });
     assert!(refused(ModelConfig { moe, ..q }), "mlp_only_layers");
 }
 
@@ -843,10 +843,10 @@ fn tp_above_kv_heads_duplicates_them() {
 }
 
 fn check_split_err(tp: usize) -> Error {
-    let mut cfg = rq_min::config::ModelConfig::from_dir(&model()).unwrap();
+    let mut cfg = rq_min::model::config::ModelConfig::from_dir(&model()).unwrap();
     cfg.num_attention_heads = 12;
     cfg.num_key_value_heads = 2;
-    rq_min::export_trtllm::check_split(&cfg, tp, 1).unwrap_err()
+    rq_min::export::trtllm::check_split(&cfg, tp, 1).unwrap_err()
 }
 
 /// A copy of families-llama with a vocabulary of 510 (embedding and lm_head trimmed).
@@ -859,7 +859,7 @@ fn vocab_510() -> PathBuf {
         *v = rows(v, 0, 510);
     }
     let list: Vec<(&str, Dtype, &[usize], &[u8])> = t.iter().map(|(n, v)| (n.as_str(), v.dtype, v.shape.as_slice(), v.data.as_slice())).collect();
-    rq_min::safetensors::write_file(&dir.join("model.safetensors"), &list, &[]).unwrap();
+    rq_min::io::safetensors::write_file(&dir.join("model.safetensors"), &list, &[]).unwrap();
     let text = std::fs::read_to_string(model().join("config.json")).unwrap().replace("\"vocab_size\": 512", "\"vocab_size\": 510");
     std::fs::write(dir.join("config.json"), text).unwrap();
     dir
@@ -928,8 +928,8 @@ fn mixed_precision_writes_quant_cfg() {
 }
 
 fn findings(path: &Path) -> Vec<String> {
-    assert!(rq_min::inspect::is_trtllm(path), "{} is detected as TensorRT-LLM", path.display());
-    rq_min::inspect::check_trtllm(path).unwrap().findings
+    assert!(rq_min::export::verify::is_trtllm(path), "{} is detected as TensorRT-LLM", path.display());
+    rq_min::export::verify::check_trtllm(path).unwrap().findings
 }
 
 /// `verify` on TensorRT-LLM checkpoints: clean on every format, split, KV duplication and
@@ -949,7 +949,7 @@ fn verify_trtllm_checkpoints() {
 
     // FP8 tp=1: 1 byte per weight plus one 4-byte factor per linear (5 per layer, 2 layers).
     let fp8 = export("fp8", 1, 1).unwrap();
-    let report = rq_min::inspect::check_trtllm(&fp8).unwrap();
+    let report = rq_min::export::verify::check_trtllm(&fp8).unwrap();
     let g = &report.groups["FP8"];
     let params = 2 * (256 * 128 + 128 * 128 + 2 * 256 * 128 + 128 * 256);
     assert_eq!((g.linears, g.params), (10, params));
@@ -972,7 +972,7 @@ fn verify_trtllm_checkpoints() {
         let mut t = rank(dir, r);
         t.remove(drop).unwrap();
         let list: Vec<(&str, Dtype, &[usize], &[u8])> = t.iter().map(|(n, v)| (n.as_str(), v.dtype, v.shape.as_slice(), v.data.as_slice())).collect();
-        rq_min::safetensors::write_file(&dir.join(format!("rank{r}.safetensors")), &list, &[]).unwrap();
+        rq_min::io::safetensors::write_file(&dir.join(format!("rank{r}.safetensors")), &list, &[]).unwrap();
     };
     let f = broken("no-wsf", &|d| without(d, 1, "transformer.layers.0.mlp.fc.weights_scaling_factor"));
     assert!(f.len() == 1 && f[0].contains("rank1") && f[0].contains("mlp.fc.weights_scaling_factor is missing"), "{f:?}");
@@ -987,7 +987,7 @@ fn verify_trtllm_checkpoints() {
         let mut t = rank(d, 0);
         t.insert("transformer.layers.0.attention.k_cache_scaling_factor".into(), T { dtype: Dtype::F32, shape: vec![1], data: 0.5f32.to_le_bytes().to_vec() });
         let list: Vec<(&str, Dtype, &[usize], &[u8])> = t.iter().map(|(n, v)| (n.as_str(), v.dtype, v.shape.as_slice(), v.data.as_slice())).collect();
-        rq_min::safetensors::write_file(&d.join("rank0.safetensors"), &list, &[]).unwrap();
+        rq_min::io::safetensors::write_file(&d.join("rank0.safetensors"), &list, &[]).unwrap();
         let c = std::fs::read_to_string(d.join("config.json")).unwrap().replace("\"kv_cache_quant_algo\": null", "\"kv_cache_quant_algo\": \"FP8\"");
         std::fs::write(d.join("config.json"), c).unwrap();
     });
@@ -1144,7 +1144,7 @@ fn moe_verify_and_qnemo() {
         let mut t = rank(&dir, r);
         change(&mut t);
         let list: Vec<(&str, Dtype, &[usize], &[u8])> = t.iter().map(|(n, v)| (n.as_str(), v.dtype, v.shape.as_slice(), v.data.as_slice())).collect();
-        rq_min::safetensors::write_file(&dir.join(format!("rank{r}.safetensors")), &list, &[]).unwrap();
+        rq_min::io::safetensors::write_file(&dir.join(format!("rank{r}.safetensors")), &list, &[]).unwrap();
     };
     edit(1, &|t| {
         t.remove("transformer.layers.1.mlp.fc.weights_scaling_factor").unwrap();

@@ -2,8 +2,8 @@
 //! packing, a missing required scale and missing KV scales are findings (non-zero exit).
 
 use rq_min::cli::{quantize, verify, QuantizeArgs};
-use rq_min::inspect::{check, weight_errors};
-use rq_min::safetensors::{write_file, Checkpoint, Dtype};
+use rq_min::export::verify::{check, weight_errors};
+use rq_min::io::safetensors::{write_file, Checkpoint, Dtype};
 use std::path::{Path, PathBuf};
 
 const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/families-llama");

@@ -9,10 +9,10 @@
 //! Every product goes through `ops::matmul_bt` (deterministic, independent of the thread
 //! count), so the searches are deterministic.
 
-use crate::ops::matmul_bt;
+use crate::compute::cpu::matmul_bt;
 use crate::quant::fp8::round_to_dtype;
-use crate::quant::smoothquant::{one_minus, torch_pow, SCALE_MAX, SCALE_MIN};
-use crate::safetensors::Dtype;
+use crate::quant::scales::{one_minus, torch_pow, SCALE_MAX, SCALE_MIN};
+use crate::io::safetensors::Dtype;
 
 /// awq_lite's alpha grid, `torch.arange(0, 1 + 0.1, 0.1)` in f32 (§6.1): 11 values. PyTorch's
 /// CPU arange computes `0.1 * i` in f64 and casts; each value is the f32 nearest `i/10`.
@@ -414,21 +414,6 @@ impl ClipSearch {
             })
             .collect()
     }
-}
-
-/// The shared scale of linears that read the same input (§7 step 2, export-formats §2.7
-/// step 1): the element-wise arithmetic mean of their pre_quant_scales. ModelOpt takes
-/// `torch.mean` of the stored (model-dtype) vectors: an f32 sum times `1/n`, rounded to the
-/// model dtype. An empty list gives an empty vector.
-///
-/// Panics if the vectors differ in length (a caller bug).
-pub fn average_scales(scales: &[&[f32]], dtype: Dtype) -> Vec<f32> {
-    let Some(first) = scales.first() else {
-        return Vec::new();
-    };
-    assert!(scales.iter().all(|s| s.len() == first.len()), "average_scales: vectors of different lengths");
-    let factor = 1.0 / scales.len() as f32;
-    (0..first.len()).map(|j| round_to_dtype(scales.iter().fold(0f32, |a, s| a + s[j]) * factor, dtype)).collect()
 }
 
 /// Folds a group's shared scale into the norm that produces its input, AWQ formats only

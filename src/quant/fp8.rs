@@ -2,7 +2,7 @@
 //! (spec/algorithms.md §4.2, spec/export-formats.md §2.5 "FP8").
 
 use crate::numerics::{e4m3_to_f32, f32_to_e4m3, E4M3_MAX};
-use crate::safetensors::Dtype;
+use crate::io::safetensors::Dtype;
 
 /// The f32 constant 1/448. ModelOpt multiplies by it rather than dividing by 448; the
 /// reference export's 56 weight scales all equal `amax * (1/448 as f32)`, while a true f32

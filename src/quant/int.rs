@@ -5,7 +5,7 @@
 
 use crate::error::{Error, Result};
 use crate::quant::fp8::{absmax, round_to_dtype};
-use crate::safetensors::Dtype;
+use crate::io::safetensors::Dtype;
 
 /// INT8 `maxbound` 2^7 − 1 (spec/algorithms.md §1).
 pub const INT8_MAX: f32 = 127.0;
@@ -250,4 +250,26 @@ pub fn int4_fake_quant(w: &mut [f32], out: usize, inp: usize, group: usize, bloc
             fake_quant_int(g, amax, INT4_MAX);
         }
     }
+}
+
+/// compressed-tensors' INT4 packing (pack_quantized.py `pack_to_int32`, packed_dim 1): each
+/// code + 8 as an unsigned nibble, 8 consecutive input columns per int32, column 8j+k in bits
+/// 4k..4k+3. `q` is `[out, inp]` with `inp` a multiple of 8; result `[out, inp/8]` as LE bytes.
+pub fn pack_int4(q: &[i8], inp: usize) -> Vec<u8> {
+    debug_assert!(inp.is_multiple_of(8) && q.len().is_multiple_of(inp.max(1)));
+    q.chunks_exact(8)
+        .map(|c| c.iter().enumerate().fold(0u32, |w, (k, &v)| w | (((v + 8) as u32 & 0xF) << (4 * k))))
+        .flat_map(u32::to_le_bytes)
+        .collect()
+}
+
+/// Inverse of [`pack_int4`] (`unpack_from_int32`): LE int32 words back to signed codes.
+pub fn unpack_int4(packed: &[u8]) -> Vec<i8> {
+    packed
+        .chunks_exact(4)
+        .flat_map(|b| {
+            let w = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            (0..8).map(move |k| ((w >> (4 * k)) & 0xF) as i8 - 8)
+        })
+        .collect()
 }

@@ -8,7 +8,7 @@ pub mod awq;
 pub mod fp8;
 pub mod int;
 pub mod nvfp4;
-pub mod read;
+pub mod scales;
 pub mod smoothquant;
 
 use crate::error::{Error, Result};

@@ -5,7 +5,7 @@
 use crate::error::{Error, Result};
 use crate::numerics::{e4m3_to_f32, f32_to_e4m3, E4M3_MAX};
 use crate::quant::fp8::{absmax, round_to_dtype};
-use crate::safetensors::Dtype;
+use crate::io::safetensors::Dtype;
 
 /// Elements per block (spec/algorithms.md §4.3; the Triton kernel always uses 16).
 pub const BLOCK: usize = 16;
@@ -205,4 +205,64 @@ pub fn fake_quant(x: &mut [f32], cols: usize, global_amax: f32) {
             }
         }
     }
+}
+
+/// `weight_global_scale` for ModelOpt's `weight_scale_2`. compressed-tensors dequantizes
+/// NVFP4 as `code · (f32(block scale) / global_scale)` (forward_helpers.py `_dequantize`) and
+/// computes `global_scale = 448·6 / amax` (helpers.py `generate_gparam`): the inverse of
+/// ModelOpt's `amax / (6·448)` (spec/export-formats.md §1.1). Of f32(1/ws2) and its nearest
+/// f32 neighbours, the first for which `s / gs == s · ws2` for every E4M3 block scale s is
+/// taken, so the dequantized weights equal the unified export's bit for bit; if none is,
+/// f32(1/ws2) (then they differ by at most an ulp).
+pub fn nvfp4_global_scale(ws2: f32) -> f32 {
+    invert(ws2, |gs| exact_inverse(ws2, gs))
+}
+
+/// Whether `s / gs == s · ws2` for every finite positive E4M3 value s.
+fn exact_inverse(ws2: f32, gs: f32) -> bool {
+    (1u8..0x7F).all(|c| e4m3_to_f32(c) / gs == e4m3_to_f32(c) * ws2)
+}
+
+/// Compressed-tensors mode (`ptq::quantize::Options::compressed_tensors`): an exact inverse of
+/// ModelOpt's `weight_scale_2` exists for only some values (tests: 34 of 200 sampled values),
+/// so the quantizer takes the f32 nearest `ws2` (within 64 ulps, a relative change below
+/// 8·10⁻⁶) for which [`nvfp4_global_scale`] finds one; `ws2` itself if none.
+pub fn invertible_scale_2(ws2: f32) -> f32 {
+    let bits = ws2.to_bits();
+    (0..=64u32)
+        .flat_map(|d| [bits.wrapping_add(d), bits.wrapping_sub(d)])
+        .map(f32::from_bits)
+        .find(|&w| w.is_finite() && w > 0.0 && exact_inverse(w, nvfp4_global_scale(w)))
+        .unwrap_or(ws2)
+}
+
+/// `input_global_scale` for ModelOpt's NVFP4 `input_scale` (vLLM multiplies the activation by
+/// it before the FP4 cast): the f32 near 1/s whose reciprocal is s again, so reading it back
+/// gives the unified export's activation amax.
+pub fn input_global_scale(input_scale: f32) -> f32 {
+    invert(input_scale, |g| 1.0 / g == input_scale)
+}
+
+/// Compressed-tensors mode: the f32 nearest the NVFP4 `input_scale` (within 64 ulps) whose
+/// [`input_global_scale`] inverts back to it exactly, so both layouts give one activation
+/// amax. A one-ulp difference matters: calibrated amaxes are model-dtype values, so block
+/// scales often sit exactly on E4M3 rounding ties (measured on rq-tiny: 1.2% perplexity).
+pub fn invertible_input_scale(s: f32) -> f32 {
+    let bits = s.to_bits();
+    (0..=64u32)
+        .flat_map(|d| [bits.wrapping_add(d), bits.wrapping_sub(d)])
+        .map(f32::from_bits)
+        .find(|&w| w.is_finite() && w > 0.0 && 1.0 / input_global_scale(w) == w)
+        .unwrap_or(s)
+}
+
+/// f32(1/x) or the nearest of its neighbours (up to 8 ulps) that satisfies `exact`.
+fn invert(x: f32, exact: impl Fn(f32) -> bool) -> f32 {
+    let first = 1.0 / x;
+    let bits = first.to_bits();
+    (0..=8u32)
+        .flat_map(|d| [bits.wrapping_add(d), bits.wrapping_sub(d)])
+        .map(f32::from_bits)
+        .find(|&g| g.is_finite() && g > 0.0 && exact(g))
+        .unwrap_or(first)
 }

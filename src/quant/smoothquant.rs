@@ -8,36 +8,11 @@
 //! return the fp32 value; `round_to_dtype` of it is the stored buffer.
 
 use crate::quant::fp8::round_to_dtype;
-use crate::safetensors::Dtype;
+use crate::quant::scales::{average_scales, one_minus, torch_pow, SCALE_MAX, SCALE_MIN};
+use crate::io::safetensors::Dtype;
 
 /// ModelOpt's "dead activation channel" threshold, `1.0 / (1 << 31)` (§5 step 3).
 const DEAD_CHANNEL: f32 = 1.0 / 2_147_483_648.0;
-/// Clamp range of every smoothing / AWQ scale (§5 step 3, §6.1 `get_scale`).
-pub(crate) const SCALE_MIN: f32 = 1e-4;
-pub(crate) const SCALE_MAX: f32 = 1e4;
-
-/// `1 - alpha` as ModelOpt's `tensor.pow(1 - alpha)` receives it: computed on Python floats
-/// (f64), then handed to the f32 kernel.
-pub(crate) fn one_minus(alpha: f32) -> f32 {
-    (1.0 - alpha as f64) as f32
-}
-
-/// `tensor.pow(e)` for a Python-scalar exponent, with PyTorch's special cases: `e == 0` fills
-/// ones (even for 0 and NaN bases), `e == 1` copies, `e == 0.5` is `sqrt` and `e == 2` is
-/// `x * x` (ATen `pow_out` and the CUDA `pow_tensor_scalar` kernel); anything else is `powf`.
-pub(crate) fn torch_pow(x: f32, e: f32) -> f32 {
-    if e == 0.0 {
-        1.0
-    } else if e == 1.0 {
-        x
-    } else if e == 0.5 {
-        x.sqrt()
-    } else if e == 2.0 {
-        x * x
-    } else {
-        x.powf(e)
-    }
-}
 
 /// The fp32 smoothing factor of each input channel, spec/algorithms.md §5 step 3:
 /// `p_j = w_j^(1-α) / a_j^α`, `w_j = max_i |W_ij|` over the `[out, inp]` weight.
@@ -144,7 +119,7 @@ pub fn resmooth_group(members: &mut [(&mut Vec<f32>, Vec<f32>)], inp: usize, dty
     }
     let p_avg = {
         let scales: Vec<&[f32]> = members.iter().map(|(_, p)| p.as_slice()).collect();
-        crate::quant::awq::average_scales(&scales, dtype)
+        average_scales(&scales, dtype)
     };
     for (w, p) in members.iter_mut() {
         if *p == p_avg {

@@ -6,73 +6,13 @@
 //! and the quantizer exports them under the same names (spec/export-formats.md §2.9: one
 //! module per expert and projection, each with the full per-linear suffix set).
 //!
-//! Which tokens each expert's quantizers see is the quantizer's business (src/quantize.rs):
+//! Which tokens each expert's quantizers see is the quantizer's business (src/ptq/quantize.rs):
 //! the forward pass hands every expert exactly the tokens routed to it, through
 //! [`Hooks::expert_input`].
 
-use crate::config::ModelConfig;
-use crate::error::{Error, Result};
-use crate::model::{Compute, Hooks, LinearKind, Model, Module};
-use crate::ops;
-use crate::quant::read;
-
-/// An expert's Linear modules inside `<block>.experts.{e}`: Mixtral's `w1` (gate), `w3` (up), `w2` (down).
-pub const MIXTRAL_EXPERT: &[Module] = &[
-    Module { name: "w1", kinds: &[LinearKind::Gate] },
-    Module { name: "w3", kinds: &[LinearKind::Up] },
-    Module { name: "w2", kinds: &[LinearKind::Down] },
-];
-
-/// Qwen3-MoE's expert modules.
-pub const QWEN3_MOE_EXPERT: &[Module] = &[
-    Module { name: "gate_proj", kinds: &[LinearKind::Gate] },
-    Module { name: "up_proj", kinds: &[LinearKind::Up] },
-    Module { name: "down_proj", kinds: &[LinearKind::Down] },
-];
-
-/// The MoE part of a model's config.
-#[derive(Clone, Debug, PartialEq)]
-pub struct MoeConfig {
-    /// The block's path inside a layer: `block_sparse_moe` (Mixtral) or `mlp` (Qwen3-MoE).
-    pub block: &'static str,
-    /// One expert's gate, up and down modules, in that order.
-    pub expert_modules: &'static [Module],
-    pub num_experts: usize,
-    /// `num_experts_per_tok`.
-    pub top_k: usize,
-    /// Each expert's intermediate size (Mixtral `intermediate_size`, Qwen3-MoE `moe_intermediate_size`).
-    pub intermediate_size: usize,
-    /// Renormalize the kept probabilities to sum 1 (Mixtral always; Qwen3-MoE `norm_topk_prob`).
-    pub norm_topk_prob: bool,
-    /// Per layer: an MoE block (true) or the dense MLP of `intermediate_size` (Qwen3-MoE
-    /// `mlp_only_layers` / `decoder_sparse_step`).
-    pub sparse: Vec<bool>,
-}
-
-impl MoeConfig {
-    pub fn is_sparse(&self, layer: usize) -> bool {
-        self.sparse.get(layer).copied().unwrap_or(false)
-    }
-
-    /// The router module (`model.layers.{l}.<block>.gate`), never quantized (spec/export-formats.md §2.4).
-    pub fn router(&self, layer: usize) -> String {
-        format!("model.layers.{layer}.{}.gate", self.block)
-    }
-
-    /// Module of expert `e`'s linear `kind` (Gate, Up or Down).
-    pub fn expert_module(&self, layer: usize, e: usize, kind: LinearKind) -> String {
-        let m = self.expert_modules.iter().find(|m| m.kinds.contains(&kind)).unwrap_or(&self.expert_modules[0]);
-        format!("model.layers.{layer}.{}.experts.{e}.{}", self.block, m.name)
-    }
-
-    /// `[out, in]` of an expert's linear `kind`.
-    pub fn expert_shape(&self, cfg: &ModelConfig, kind: LinearKind) -> [usize; 2] {
-        match kind {
-            LinearKind::Down => [cfg.hidden_size, self.intermediate_size],
-            _ => [self.intermediate_size, cfg.hidden_size],
-        }
-    }
-}
+use crate::compute::{cpu, Compute};
+use crate::model::config::{LinearKind, ModelConfig, MoeConfig};
+use crate::model::hooks::Hooks;
 
 /// Index of an expert's linear `kind` in `MoeBlock::experts`: gate, up, down.
 fn expert_slot(kind: LinearKind) -> usize {
@@ -86,31 +26,12 @@ fn expert_slot(kind: LinearKind) -> usize {
 /// One layer's MoE block, weights as f32.
 pub struct MoeBlock {
     /// `[num_experts, hidden]`.
-    router: Vec<f32>,
+    pub(crate) router: Vec<f32>,
     /// Per expert: gate, up, down, each `[out, in]`.
-    experts: Vec<[Vec<f32>; 3]>,
+    pub(crate) experts: Vec<[Vec<f32>; 3]>,
 }
 
 impl MoeBlock {
-    /// Layer `layer`'s router (unquantized) and experts (dequantized when stored quantized).
-    pub fn load(model: &Model, moe: &MoeConfig, layer: usize) -> Result<MoeBlock> {
-        let cfg = &model.config;
-        let name = format!("{}.weight", moe.router(layer));
-        let t = model.tensor(&name)?;
-        t.expect_shape(&[moe.num_experts, cfg.hidden_size])?;
-        let router = t.to_f32()?;
-        if let Some(i) = router.iter().position(|v| !v.is_finite()) {
-            return Err(Error::tensor(&name, format!("contains NaN/Inf at index {i} ({})", router[i])));
-        }
-        let experts = (0..moe.num_experts)
-            .map(|e| -> Result<[Vec<f32>; 3]> {
-                let w = |k| read::linear_weight(model, &moe.expert_module(layer, e, k), moe.expert_shape(cfg, k));
-                Ok([w(LinearKind::Gate)?, w(LinearKind::Up)?, w(LinearKind::Down)?])
-            })
-            .collect::<Result<_>>()?;
-        Ok(MoeBlock { router, experts })
-    }
-
     /// The router weight, `[num_experts, hidden]`.
     pub fn router_weight(&self) -> &[f32] {
         &self.router
@@ -141,7 +62,7 @@ impl MoeBlock {
     pub fn route(&self, moe: &MoeConfig, x: &[f32], seq: usize, c: Compute) -> Vec<Vec<(usize, f32)>> {
         let (n, h) = (self.num_experts(), x.len() / seq.max(1));
         let mut logits = vec![0f32; seq * n];
-        ops::matmul_bt(x, &self.router, seq, h, n, &mut logits);
+        cpu::matmul_bt(x, &self.router, seq, h, n, &mut logits);
         c.round(&mut logits);
         logits
             .chunks_exact(n)
@@ -191,7 +112,7 @@ impl MoeBlock {
                 let [n, k] = moe.expert_shape(cfg, kind);
                 hooks.expert_input(layer, e, kind, &mut x, k);
                 let mut y = vec![0f32; rows.len() * n];
-                ops::matmul_bt(&x, self.weight(e, kind), rows.len(), k, n, &mut y);
+                cpu::matmul_bt(&x, self.weight(e, kind), rows.len(), k, n, &mut y);
                 c.round(&mut y);
                 y
             };

@@ -6,11 +6,70 @@
 //! per-channel `[out, 1]` INT8 scales, `weight_global_scale` / `input_global_scale` divisors.
 
 use crate::error::{Error, Result};
-use crate::model::Model;
+use crate::io::safetensors::Checkpoint;
+use std::path::Path;
 use crate::numerics::{e4m3_to_f32, E4M3_MAX};
 use crate::quant::{int, nvfp4, ActKind};
-use crate::safetensors::{Dtype, TensorView};
+use crate::io::safetensors::{Dtype, TensorView};
 
+/// The checkpoint folders a model's tensors are read from, searched in order (the model
+/// folder, then a fallback).
+pub struct Weights {
+    sources: Vec<Checkpoint>,
+}
+
+impl Weights {
+    /// `dir` holds the weights; `fallback` is another checkpoint folder for tensors missing from
+    /// `dir` (reference exports leave out embed_tokens / lm_head).
+    pub fn open(dir: &Path, fallback: Option<&Path>) -> Result<Weights> {
+        let mut sources = vec![Checkpoint::open(dir)?];
+        if let Some(f) = fallback {
+            sources.push(Checkpoint::open(f)?);
+        }
+        Ok(Weights { sources })
+    }
+
+    /// The model folder (the first source).
+    pub fn dir(&self) -> &Path {
+        self.sources[0].dir()
+    }
+
+    /// The tensor names of the model folder, sorted.
+    pub fn weight_names(&self) -> Vec<String> {
+        self.sources[0].names().into_iter().map(String::from).collect()
+    }
+
+    /// Tensor `name` from the first source that has it, if any.
+    pub fn get(&self, name: &str) -> Option<TensorView<'_>> {
+        self.sources.iter().find_map(|c| c.get(name))
+    }
+
+    /// The first source's tensor `name`.
+    pub fn tensor(&self, name: &str) -> Result<TensorView<'_>> {
+        if let Some(t) = self.sources.iter().find_map(|c| c.get(name)) {
+            return Ok(t);
+        }
+        let dirs: Vec<String> = self.sources.iter().map(|c| c.dir().display().to_string()).collect();
+        Err(Error::tensor(name, format!("not found in {}", dirs.join(" or "))))
+    }
+
+    /// Tensor `name` as f32, after checking its shape and that every value is finite.
+    pub(crate) fn load(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let t = self.tensor(name)?;
+        t.expect_shape(shape)?;
+        let values = t.to_f32()?;
+        check_finite(name, &values, 0)?;
+        Ok(values)
+    }
+}
+
+/// Rejects NaN and ±Inf; `values` start at flat index `offset` of tensor `name`.
+pub(crate) fn check_finite(name: &str, values: &[f32], offset: usize) -> Result<()> {
+    match values.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(Error::tensor(name, format!("contains NaN/Inf at index {} ({})", offset + i, values[i]))),
+    }
+}
 /// How a linear's input is transformed before its matmul at evaluation.
 #[derive(Clone, Debug, Default)]
 pub struct InputQuant {
@@ -99,7 +158,7 @@ pub fn detect_packed(packed: &TensorView, scale: Option<&TensorView>) -> Option<
 }
 
 /// The weight tensor of `module` (`weight`, or compressed-tensors' `weight_packed`) and its format.
-fn weight_of<'a>(model: &'a Model, module: &str) -> Result<(String, TensorView<'a>, Option<(Stored, [usize; 2])>)> {
+fn weight_of<'a>(model: &'a Weights, module: &str) -> Result<(String, TensorView<'a>, Option<(Stored, [usize; 2])>)> {
     let scale = model.get(&format!("{module}.weight_scale"));
     let packed = format!("{module}.weight_packed");
     if let Some(p) = model.get(&packed) {
@@ -112,7 +171,7 @@ fn weight_of<'a>(model: &'a Model, module: &str) -> Result<(String, TensorView<'
     Ok((name, w, found))
 }
 
-fn stored(model: &Model, module: &str, shape: [usize; 2]) -> Result<Stored> {
+fn stored(model: &Weights, module: &str, shape: [usize; 2]) -> Result<Stored> {
     let (name, w, found) = weight_of(model, module)?;
     let scale = model.get(&format!("{module}.weight_scale"));
     match found {
@@ -134,7 +193,7 @@ fn stored(model: &Model, module: &str, shape: [usize; 2]) -> Result<Stored> {
 }
 
 /// A linear's weight as f32 `[out, in]`, dequantized if the checkpoint stores it quantized.
-pub fn linear_weight(model: &Model, module: &str, shape: [usize; 2]) -> Result<Vec<f32>> {
+pub fn linear_weight(model: &Weights, module: &str, shape: [usize; 2]) -> Result<Vec<f32>> {
     let [out, inp] = shape;
     let (name, w, _) = weight_of(model, module)?;
     let scale_name = format!("{module}.weight_scale");
@@ -158,7 +217,7 @@ pub fn linear_weight(model: &Model, module: &str, shape: [usize; 2]) -> Result<V
         }
         Stored::Int4 { group } if packed => {
             let s = model.tensor(&scale_name)?.to_f32()?;
-            let q = crate::export_ct::unpack_int4(w.data);
+            let q = int::unpack_int4(w.data);
             q.chunks_exact(group).zip(&s).flat_map(|(g, &s)| g.iter().map(move |&v| v as f32 * s)).collect()
         }
         Stored::Int4 { group } => {
@@ -187,7 +246,7 @@ pub fn linear_weight(model: &Model, module: &str, shape: [usize; 2]) -> Result<V
 
 /// The input transformation of a linear: its `pre_quant_scale` and, from `input_scale`, the
 /// activation quantizer of its format (FP8: amax = s·448, INT8: s·127, NVFP4: s·2688).
-pub fn input_quant(model: &Model, module: &str, shape: [usize; 2]) -> Result<InputQuant> {
+pub fn input_quant(model: &Weights, module: &str, shape: [usize; 2]) -> Result<InputQuant> {
     let pre_quant_scale = match model.get(&format!("{module}.pre_quant_scale")) {
         Some(t) => {
             t.expect_shape(&[shape[1]])?;
@@ -210,7 +269,7 @@ pub fn input_quant(model: &Model, module: &str, shape: [usize; 2]) -> Result<Inp
 
 /// KV-cache amax of layer `l` from `k_proj.k_scale` / `v_proj.v_scale` (amax/448, §2.8), or
 /// compressed-tensors' `self_attn.k_scale` / `v_scale` (same value).
-pub fn kv_amax(model: &Model, l: usize) -> Result<(Option<f32>, Option<f32>)> {
+pub fn kv_amax(model: &Weights, l: usize) -> Result<(Option<f32>, Option<f32>)> {
     let p = format!("model.layers.{l}.self_attn");
     let read = |unified: &str, ct: &str| -> Result<Option<f32>> {
         Ok(scalar(model, &format!("{p}.{unified}"))?.or(scalar(model, &format!("{p}.{ct}"))?).map(|s| s * E4M3_MAX))
@@ -219,7 +278,7 @@ pub fn kv_amax(model: &Model, l: usize) -> Result<(Option<f32>, Option<f32>)> {
 }
 
 /// A per-tensor scale (F32, shape [] or [1]), finite and positive, if present.
-pub fn scalar(model: &Model, name: &str) -> Result<Option<f32>> {
+pub fn scalar(model: &Weights, name: &str) -> Result<Option<f32>> {
     let Some(t) = model.get(name) else { return Ok(None) };
     let v = t.to_f32()?;
     match v.as_slice() {

@@ -1,23 +1,21 @@
 //! What the `rq-min` subcommands do, callable from tests without spawning the binary.
 
-use crate::backend::Device;
-use crate::calib::{self, Source};
+use crate::compute::Device;
+use crate::ptq::calib::{self, Source, DEFAULT_EVAL_TEXT};
 use crate::error::{Error, Result};
-use crate::export::{self, Output, QuantSpec};
-use crate::json::Json;
-use crate::model::{Compute, Model};
-use crate::pipeline;
-use crate::quantize;
-use crate::autoquant;
-use crate::progress::Progress;
+use crate::export::unified::{self, Output, QuantSpec};
+use crate::io::json::Json;
+use crate::compute::Compute;
+use crate::model::{Model};
+use crate::ptq::eval;
+use crate::ptq::quantize;
+use crate::ptq::autoquant;
+use crate::ptq::progress::Progress;
 use crate::quant::{Exclusions, QFormat};
-use crate::safetensors::{Checkpoint, Dtype, SafeTensors, TensorInfo};
+use crate::io::safetensors::{Checkpoint, Dtype, SafeTensors, TensorInfo};
 use crate::tokenizer::Tokenizer;
 use std::path::{Path, PathBuf};
 
-/// The built-in evaluation text (Rust documentation, MIT / Apache-2.0), the text of the
-/// reference perplexities in reference/README.md.
-pub const DEFAULT_EVAL_TEXT: &str = include_str!("calib/default_eval_rustdocs.txt");
 
 #[derive(Clone, Debug)]
 pub struct QuantizeArgs {
@@ -136,14 +134,14 @@ fn quantize_ct(a: &QuantizeArgs) -> Result<()> {
         None => a.qformat.split(',').map(|f| Ok(("--qformat".to_string(), QFormat::parse(f.trim())?))).collect::<Result<_>>()?,
     };
     for (module, f) in formats {
-        crate::export_ct::scheme(f).map_err(|e| Error::Unsupported(format!("{module}: {e}")))?;
+        crate::export::compressed_tensors::scheme(f).map_err(|e| Error::Unsupported(format!("{module}: {e}")))?;
     }
     if a.out.exists() && !a.force {
         return Err(Error::Usage(format!("output folder {} already exists; pass --force to replace it", a.out.display())));
     }
     let tmp = temp_beside(&a.out, "unified")?;
     let unified = QuantizeArgs { out: tmp.clone(), force: true, export: "hf".into(), no_eval: true, ..a.clone() };
-    let result = unified_export(&unified, true, Step::Intermediate).and_then(|()| crate::export_ct::convert(&tmp, &a.out, a.force));
+    let result = unified_export(&unified, true, Step::Intermediate).and_then(|()| crate::export::compressed_tensors::convert(&tmp, &a.out, a.force));
     let _ = std::fs::remove_dir_all(&tmp);
     result?;
     println!("exported compressed-tensors checkpoint -> {}", a.out.display());
@@ -165,7 +163,7 @@ fn quantize_ct(a: &QuantizeArgs) -> Result<()> {
 /// `--export trtllm` (a folder) or `--export qnemo` (the same checkpoint as a `.qnemo` tarball
 /// with the tokenizer, built in a temporary folder beside `out`).
 fn quantize_trtllm(a: &QuantizeArgs, qnemo: bool) -> Result<()> {
-    use crate::export_trtllm::{check_model, check_split, convert, write_qnemo, TrtllmOptions};
+    use crate::export::trtllm::{check_model, check_split, convert, write_qnemo, TrtllmOptions};
     if a.tp == 0 || a.pp == 0 {
         return Err(Error::Usage("--tp and --pp must be at least 1".into()));
     }
@@ -173,7 +171,7 @@ fn quantize_trtllm(a: &QuantizeArgs, qnemo: bool) -> Result<()> {
         return Err(Error::Usage(format!("output {} already exists; pass --force to replace it", a.out.display())));
     }
     // Fail on the model and the split before calibrating.
-    let cfg = crate::config::ModelConfig::from_dir(&a.model)?;
+    let cfg = crate::model::config::ModelConfig::from_dir(&a.model)?;
     check_model(&cfg)?;
     check_split(&cfg, a.tp, a.pp)?;
     if cfg.moe.is_some() && a.qformat.split(',').any(|f| f.trim() == "int8_sq") && a.layer_formats.is_none() {
@@ -295,7 +293,7 @@ fn unified_export(a: &QuantizeArgs, compressed_tensors: bool, step: Step) -> Res
     if !(0.0..=1.0).contains(&a.sq_alpha) {
         return Err(Error::Usage(format!("--sq-alpha must be in [0, 1], got {}", a.sq_alpha)));
     }
-    let mut out = Output::create(&a.model, &a.out, a.force, export::DEFAULT_SHARD_BYTES)?;
+    let mut out = Output::create(&a.model, &a.out, a.force, unified::DEFAULT_SHARD_BYTES)?;
     let summary = quantize::run(&model, &samples, &opts, &mut out, &progress)?;
     let spec = QuantSpec {
         kv_fp8: opts.kv_fp8,
@@ -331,11 +329,11 @@ fn unified_export(a: &QuantizeArgs, compressed_tensors: bool, step: Step) -> Res
     if !a.no_eval {
         let text = read_text(a.eval_text.as_deref())?;
         let tok = tok.as_ref().ok_or_else(|| Error::Usage("evaluation needs tokenizer.json".into()))?;
-        let windows = pipeline::eval_windows(&tok.encode(&text), a.eval_seq);
+        let windows = eval::eval_windows(&tok.encode(&text), a.eval_seq);
         let eval_progress = Progress::new("eval", a.quiet);
-        let before = pipeline::perplexity(&model, &windows, &eval_progress)?;
+        let before = eval::perplexity(&model, &windows, &eval_progress)?;
         let quantized = Model::open(&a.out, None)?;
-        let after = pipeline::perplexity(&quantized, &windows, &eval_progress)?;
+        let after = eval::perplexity(&quantized, &windows, &eval_progress)?;
         println!(
             "perplexity ({} windows x {} tokens): {:.3} -> {:.3} ({:+.2}%)",
             before.windows,
@@ -398,8 +396,8 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     };
     let tok = Tokenizer::from_dir(tok_dir)?;
     let text = read_text(a.text.as_deref())?;
-    let windows = pipeline::eval_windows(&tok.encode(&text), a.seq);
-    let p = pipeline::perplexity(&model, &windows, &Progress::new("eval", a.quiet))?;
+    let windows = eval::eval_windows(&tok.encode(&text), a.seq);
+    let p = eval::perplexity(&model, &windows, &Progress::new("eval", a.quiet))?;
     println!("perplexity {:.4} ({} windows x {} tokens, {} scored, {} compute)", p.ppl, p.windows, a.seq, p.count, a.dtype);
     Ok(())
 }
@@ -426,7 +424,7 @@ pub fn inspect(path: &Path) -> Result<()> {
         .map(|v| TensorInfo { name: v.name.to_string(), dtype: v.dtype, shape: v.shape.to_vec(), start: 0, end: v.data.len() })
         .collect();
     print_tensors(&rows);
-    let report = crate::inspect::check(path)?;
+    let report = crate::export::verify::check(path)?;
     println!("\n{:<14} {:>8} {:>14} {:>10}", "format", "linears", "parameters", "bits/param");
     for (name, g) in &report.groups {
         println!("{:<14} {:>8} {:>14} {:>10.3}", name, g.linears, g.params, g.bits());
@@ -446,27 +444,27 @@ pub fn inspect(path: &Path) -> Result<()> {
 /// positive scales, packed sizes, KV scales) and, given the original model, the dequantized
 /// weight error of every linear; non-zero exit on any finding.
 pub fn verify(dir: &Path, original: Option<&Path>) -> Result<()> {
-    let trtllm = crate::inspect::is_trtllm(dir);
+    let trtllm = crate::export::verify::is_trtllm(dir);
     if trtllm && original.is_some() {
         return Err(Error::Usage("--original is for unified checkpoints, not TensorRT-LLM ones".into()));
     }
-    let mut report = if trtllm { crate::inspect::check_trtllm(dir)? } else { crate::inspect::check(dir)? };
+    let mut report = if trtllm { crate::export::verify::check_trtllm(dir)? } else { crate::export::verify::check(dir)? };
     println!("{:<14} {:>8} {:>14} {:>10}", "format", "linears", "parameters", "bits/param");
     for (name, g) in &report.groups {
         println!("{:<14} {:>8} {:>14} {:>10.3}", name, g.linears, g.params, g.bits());
     }
     println!("{:<14} {:>8} {:>14} {:>10.3}", "overall", "", report.groups.values().map(|g| g.params).sum::<usize>(), report.overall_bits());
     if let Some(orig) = original {
-        let errors = crate::inspect::weight_errors(dir, orig)?;
+        let errors = crate::export::verify::weight_errors(dir, orig)?;
         println!("\n{:<40} {:>14}", "linear", "weight error");
         for e in &errors {
             println!("{:<40} {:>14.4}", e.module, e.relative);
-            if !(e.relative <= crate::inspect::MAX_WEIGHT_ERROR) {
+            if !(e.relative <= crate::export::verify::MAX_WEIGHT_ERROR) {
                 report.findings.push(format!(
                     "{}: dequantized weight differs from the original by {:.3} (relative Frobenius), more than {}",
                     e.module,
                     e.relative,
-                    crate::inspect::MAX_WEIGHT_ERROR
+                    crate::export::verify::MAX_WEIGHT_ERROR
                 ));
             }
         }

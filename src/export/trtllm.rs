@@ -58,15 +58,15 @@
 //!   different formats (one quant mode per MoE layer), and dense layers in an MoE model
 //!   (`mlp_only_layers`, `decoder_sparse_step` > 1: TRT-LLM's decoder layer is all-MoE).
 
-use crate::config::{Activation, ModelConfig, RopeScaling};
+use crate::model::config::{Activation, ModelConfig, RopeScaling};
 use crate::error::{Error, Result};
-use crate::export::{Staging, TOKENIZER_FILES};
-use crate::json::{obj, str, Json};
+use crate::export::unified::{Staging, TOKENIZER_FILES};
+use crate::io::json::{obj, str, Json};
 use crate::model::LinearKind;
-use crate::moe::MoeConfig;
-use crate::quant::read::{detect, Stored};
+use crate::model::config::MoeConfig;
+use crate::model::weights::{detect, Stored};
 use crate::quant::{fp8, QFormat};
-use crate::safetensors::{write_file, Checkpoint, Dtype, TensorView};
+use crate::io::safetensors::{write_file, Checkpoint, Dtype, TensorView};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -434,7 +434,7 @@ fn folded_scale(uni: &Checkpoint, orig: &Checkpoint, norm: &str, offset: bool) -
 }
 
 fn encode(values: &[f32], dtype: Dtype) -> Tn {
-    Tn { dtype, shape: vec![values.len()], data: crate::quantize::encode(values, dtype) }
+    Tn { dtype, shape: vec![values.len()], data: crate::io::safetensors::encode(values, dtype) }
 }
 
 fn dtype_name(d: Dtype) -> Result<&'static str> {
@@ -941,7 +941,7 @@ fn quant_cfg(layers: &[(String, QFormat)], kv_fp8: bool) -> Json {
         .iter()
         .map(|(m, f)| {
             let mut j = obj([("quant_algo", str(f.quant_algo()))]);
-            crate::export::format_keys(*f, &mut j);
+            crate::export::unified::format_keys(*f, &mut j);
             (m.clone(), j)
         })
         .collect();
@@ -982,7 +982,7 @@ pub fn write_qnemo(original: &Path, ckpt: &Path, out: &Path) -> Result<()> {
         let p = ckpt.join("tokenizer_config.yaml");
         std::fs::write(&p, yaml).map_err(|e| Error::io(&p, e))?;
     }
-    crate::tar_gz::write_tar_gz(ckpt, out)
+    crate::io::tar_gz::write_tar_gz(ckpt, out)
 }
 
 /// config.json, the manual-path keys of spec/export-formats.md §4.2, plus the keys TRT-LLM's
@@ -1008,7 +1008,7 @@ fn trtllm_config(
     };
     let mut quant = obj([("quant_algo", algo), ("kv_cache_quant_algo", if q.kv_fp8 { str("FP8") } else { Json::Null })]);
     if let (false, Some(f)) = (q.mixed, q.format) {
-        crate::export::format_keys(f, &mut quant);
+        crate::export::unified::format_keys(f, &mut quant);
         quant.set("exclude_modules", Json::Arr(q.excluded.iter().map(|s| str(s)).collect()));
     }
     let mut c = obj([

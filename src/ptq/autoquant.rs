@@ -16,17 +16,17 @@
 //! 4. Selection (§9.5): the exact 0/1 choice minimizing the total score under the budget
 //!    (dynamic programming over integer costs; deterministic).
 
-use crate::backward::{head_backward, layer_backward};
-use crate::config::ModelConfig;
+use crate::ptq::backward::{head_backward, layer_backward};
+use crate::model::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::json::{obj, str, Json};
+use crate::io::json::{obj, str, Json};
 use crate::model::{module_of, Hooks, LayerModule, LinearKind, Model, NoHooks};
-use crate::ops::{self, Rope};
-use crate::progress::Progress;
-use crate::quant::read::InputQuant;
+use crate::compute::cpu as ops;
+use crate::ptq::progress::Progress;
+use crate::model::weights::InputQuant;
 use crate::quant::{fp8, int, nvfp4, smoothquant, Exclusions, QFormat, WeightKind, INT4_GROUP};
-use crate::quantize::calibrate_layer;
-use crate::safetensors::Dtype;
+use crate::ptq::quantize::calibrate_layer;
+use crate::io::safetensors::Dtype;
 use std::collections::HashMap;
 
 /// One set of modules that gets one format.
@@ -389,7 +389,7 @@ pub fn search(
     let n = cfg.num_hidden_layers;
     let seg = (n as f64).sqrt().ceil().max(1.0) as usize;
     let max_len = samples.iter().map(Vec::len).max().unwrap_or(0);
-    let rope = Rope::from_config(cfg, max_len);
+    let rope = cfg.rope_table(max_len);
     let mut hidden: Vec<Vec<f32>> = samples.iter().map(|s| model.embed(s)).collect::<Result<_>>()?;
     let mut checkpoints: Vec<Vec<Vec<f32>>> = Vec::new();
     // inputs[l][module][format], modules as in `ModelConfig::layer_modules(l)`.

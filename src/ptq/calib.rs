@@ -7,13 +7,17 @@
 //! as ModelOpt's dataset utilities do with a dataset's records.
 
 use crate::error::{Error, Result};
-use crate::json::Json;
+use crate::io::json::Json;
 use crate::tokenizer::Tokenizer;
 use std::path::Path;
 
 /// The built-in calibration text: Rust language documentation (the Rust Reference), which is
 /// dual-licensed MIT / Apache-2.0 like the Rust project. Used when no calibration input is given.
 pub const DEFAULT_TEXT: &str = include_str!("calib/default_rustdocs.txt");
+
+/// The built-in evaluation text (Rust documentation, MIT / Apache-2.0), the text of the
+/// reference perplexities in reference/README.md.
+pub const DEFAULT_EVAL_TEXT: &str = include_str!("calib/default_eval_rustdocs.txt");
 
 /// Where calibration ids come from.
 pub enum Source<'a> {

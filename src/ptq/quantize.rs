@@ -14,13 +14,14 @@
 //! (`ModelConfig::layer_modules`); each expert's statistics come from the tokens routed to it.
 
 use crate::error::{Error, Result};
-use crate::export::Output;
+use crate::export::unified::Output;
+use crate::model::config::{row_fold, RowFold};
 use crate::model::{module_of, Hooks, LayerModule, Layer, LinearKind, Model, LLAMA_MODULES};
-use crate::ops::{self, Rope};
-use crate::progress::Progress;
+use crate::compute::cpu::{self as ops, Rope};
+use crate::ptq::progress::Progress;
 use crate::quant::awq::{self, ActMean, LiteSearch};
 use crate::quant::{fp8, int, nvfp4, smoothquant, ActKind, Exclusions, QFormat, WeightKind, INT4_GROUP};
-use crate::safetensors::Dtype;
+use crate::io::safetensors::{encode, Dtype};
 use std::collections::HashMap;
 
 /// Which format each module gets.
@@ -191,7 +192,7 @@ pub fn run(model: &Model, samples: &[Vec<u32>], opts: &Options, out: &mut Output
         }
     }
     let max_len = samples.iter().map(Vec::len).max().unwrap_or(0);
-    let rope = Rope::from_config(cfg, max_len);
+    let rope = cfg.rope_table(max_len);
     let mut hidden: Vec<Vec<f32>> = samples.iter().map(|s| model.embed(s)).collect::<Result<_>>()?;
     // lm_head (a Linear, listed even when tied) and the nn.Embedding carry quantizers but stay
     // unquantized (spec/export-formats.md §2.4).
@@ -237,7 +238,7 @@ pub fn run(model: &Model, samples: &[Vec<u32>], opts: &Options, out: &mut Output
 pub(crate) fn calibrate_layer<'a>(
     layer: &Layer,
     modules: &'a [LayerModule],
-    cfg: &crate::config::ModelConfig,
+    cfg: &crate::model::config::ModelConfig,
     rope: &Rope,
     hidden: &mut [Vec<f32>],
     samples: &[Vec<u32>],
@@ -342,7 +343,7 @@ fn quantize_lm_head(model: &Model, hidden: &[Vec<f32>], format: QFormat, dtype: 
 /// Refuses, before any work, a quantized linear whose shape the format cannot store:
 /// NVFP4 needs the input dim to be a multiple of 16 and INT4 a multiple of 128 with an even
 /// output dim (ModelOpt's export asserts the same; spec/export-formats.md §2.5).
-fn check_shapes(cfg: &crate::config::ModelConfig, opts: &Options) -> Result<()> {
+fn check_shapes(cfg: &crate::model::config::ModelConfig, opts: &Options) -> Result<()> {
     let mut linears: Vec<(String, [usize; 2])> = (0..cfg.num_hidden_layers)
         .flat_map(|l| cfg.layer_modules(l).into_iter().map(|m| (m.path, m.shape)))
         .collect();
@@ -384,7 +385,7 @@ fn foldable(
     k: usize,
     formats: &[Option<QFormat>],
     layer: &Layer,
-    cfg: &crate::config::ModelConfig,
+    cfg: &crate::model::config::ModelConfig,
 ) -> bool {
     let m = &modules[k];
     let reads = |x: &LayerModule, group: &[LinearKind]| x.kinds.iter().any(|k| group.contains(k));
@@ -392,45 +393,12 @@ fn foldable(
         let mut readers = modules.iter().zip(formats).filter(|(x, _)| x.expert.is_none() && reads(x, group));
         return m.expert.is_none() && readers.all(|(_, f)| *f == formats[k]);
     }
-    row_fold(modules, k, cfg).is_some_and(|f| formats[f.producer].is_some() && !f.biased(modules, layer))
+    row_fold(modules, k, cfg).is_some_and(|f| formats[f.producer].is_some() && !fold_biased(&f, modules, layer))
 }
 
-/// Where a consumer's input scale p can go instead of a `pre_quant_scale`: the output rows of
-/// the linear that produces its input, scaled by p before that linear is quantized.
-pub(crate) struct RowFold {
-    /// The producer module (index in the layer's modules).
-    pub producer: usize,
-    /// The producer's linear whose rows are the consumer's input channels.
-    pub kind: LinearKind,
-    /// Its first row inside the (fused) producer module: Phi3's up rows follow the gate rows.
-    pub offset: usize,
-    /// The rows take √p (relu²(√p·z) = p·relu²(z) for p > 0, Nemotron).
-    pub squared: bool,
-}
-
-impl RowFold {
-    /// A dense producer with a bias would need the bias scaled too (Qwen2's v_proj).
-    fn biased(&self, modules: &[LayerModule], layer: &Layer) -> bool {
-        modules[self.producer].expert.is_none() && layer.bias(self.kind).is_some()
-    }
-}
-
-/// The row fold of module `k` of a layer, if its family has one: down_proj (an expert's down)
-/// into up_proj's rows when the MLP is `act(gate)·up` (elementwise in up) or relu²(up) (√p);
-/// none for gelu_tanh(c_fc) (no per-channel scale commutes with it); o_proj into v_proj's rows
-/// only without GQA, where each o_proj input channel is one v_proj output row.
-pub(crate) fn row_fold(modules: &[LayerModule], k: usize, cfg: &crate::config::ModelConfig) -> Option<RowFold> {
-    use crate::config::Activation;
-    let m = &modules[k];
-    let (kind, squared) = match m.kinds {
-        [LinearKind::Down] if cfg.gated_mlp() || m.expert.is_some() => (LinearKind::Up, false),
-        [LinearKind::Down] if cfg.act == Activation::Relu2 => (LinearKind::Up, true),
-        [LinearKind::O] if cfg.num_attention_heads == cfg.num_key_value_heads => (LinearKind::V, false),
-        _ => return None,
-    };
-    let producer = module_of(modules, m.expert, kind)?;
-    let offset = modules[producer].kinds.iter().take_while(|&&x| x != kind).map(|x| x.shape(cfg)[0]).sum();
-    Some(RowFold { producer, kind, offset, squared })
+/// A dense producer with a bias would need the bias scaled too (Qwen2's v_proj).
+fn fold_biased(fold: &RowFold, modules: &[LayerModule], layer: &Layer) -> bool {
+    modules[fold.producer].expert.is_none() && layer.bias(fold.kind).is_some()
 }
 
 /// Fake-quantizes a whole `[out, in]` weight in place.
@@ -532,7 +500,7 @@ fn emit_layer(
         };
         let nvfp4_awq = [c, p].iter().all(|&i| linears[i].format == QFormat::Nvfp4Awq);
         let modelopt = nvfp4_awq && cfg.modules == LLAMA_MODULES && modules[k].expert.is_none();
-        if !(modelopt || opts.compressed_tensors) || fold.biased(&modules, layer) {
+        if !(modelopt || opts.compressed_tensors) || fold_biased(&fold, &modules, layer) {
             continue;
         }
         let Some(s) = linears[c].pqs.take() else { continue };
@@ -693,15 +661,6 @@ fn share_expert_scales(linears: &mut [Linear], dtype: Dtype) {
     }
 }
 
-/// Values in the model dtype's bytes (bf16 / f16 / f32).
-pub fn encode(values: &[f32], dtype: Dtype) -> Vec<u8> {
-    use crate::numerics::{f32_to_bf16, f32_to_f16};
-    match dtype {
-        Dtype::BF16 => values.iter().flat_map(|&v| f32_to_bf16(v).to_le_bytes()).collect(),
-        Dtype::F16 => values.iter().flat_map(|&v| f32_to_f16(v).to_le_bytes()).collect(),
-        _ => values.iter().flat_map(|&v| v.to_le_bytes()).collect(),
-    }
-}
 
 type OutTensor = (String, Dtype, Vec<usize>, Vec<u8>);
 
@@ -745,7 +704,7 @@ fn export_linear(lin: &Linear, dtype: Dtype, weight_amax: f32, compressed_tensor
         WeightKind::Nvfp4 => {
             let mut ws2 = nvfp4::weight_scale_2(weight_amax);
             if compressed_tensors {
-                ws2 = crate::export_ct::invertible_scale_2(ws2);
+                ws2 = nvfp4::invertible_scale_2(ws2);
             }
             let q = nvfp4::quantize_weight_scaled(&name, w, o, i, ws2)?;
             t.push((name, Dtype::U8, vec![o, i / 2], q.packed));
@@ -759,7 +718,7 @@ fn export_linear(lin: &Linear, dtype: Dtype, weight_amax: f32, compressed_tensor
         Some(ActKind::Nvfp4) => {
             let mut s = nvfp4::input_scale(lin.input_amax, dtype);
             if compressed_tensors {
-                s = crate::export_ct::invertible_input_scale(s);
+                s = nvfp4::invertible_input_scale(s);
             }
             t.push(scalar("input_scale", s));
         }

@@ -3,8 +3,22 @@
 //! `apply_rotary_pos_emb` in models/llama/modeling_llama.py for the rotation), and its partial
 //! form (Phi3, Nemotron: only the leading `rotary_dim` dims of each head rotate).
 
-use crate::config::{ModelConfig, RopeConfig, RopeScaling};
 use crate::numerics::round_bf16;
+
+/// Rotary embedding parameters: `rope_theta` and the `rope_type` with its keys.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RopeConfig {
+    pub theta: f64,
+    pub scaling: RopeScaling,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum RopeScaling {
+    /// `rope_type: "default"`: plain RoPE.
+    Default,
+    /// `rope_type: "llama3"` (Llama 3.1+): long wavelengths stretched by `factor`.
+    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: usize },
+}
 
 /// cos/sin of every (position, frequency) pair for positions `0..max_positions`.
 pub struct Rope {
@@ -17,11 +31,6 @@ pub struct Rope {
 }
 
 impl Rope {
-    /// The table for `cfg`'s attention heads, for sequences of up to `max_positions` tokens.
-    pub fn from_config(cfg: &ModelConfig, max_positions: usize) -> Rope {
-        Rope::partial(&cfg.rope, cfg.head_dim, cfg.rotary_dim, max_positions)
-    }
-
     /// `head_dim` must be even (ModelConfig checks it).
     pub fn new(rope: &RopeConfig, head_dim: usize, max_positions: usize) -> Rope {
         Rope::partial(rope, head_dim, head_dim, max_positions)

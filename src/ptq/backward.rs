@@ -18,10 +18,11 @@
 //! `[out, in]` with `y = x·Wᵀ + b`, so the input gradient is `dx = dy·W` (the bias does not
 //! enter it).
 
-use crate::config::{Activation, ModelConfig};
-use crate::model::{act_fn, Compute, Head, Layer, LinearKind};
-use crate::moe::{MoeBlock, MoeConfig};
-use crate::ops::{self, Attention, Rope};
+use crate::model::config::{Activation, ModelConfig};
+use crate::compute::{act_fn, Compute};
+use crate::model::{Head, Layer, LinearKind};
+use crate::model::{moe::MoeBlock, MoeConfig};
+use crate::compute::cpu::{self as ops, Attention, Rope};
 
 /// Memory for one block of logits (and their gradient, in place) in [`head_backward`]; blocks
 /// are as tall as this allows, up to `HEAD_MAX_ROWS` positions (as in `Head::nll`).
@@ -86,7 +87,7 @@ pub fn layer_backward(
 
     // Attention forward, f32.
     let mut x1 = vec![0f32; seq * h];
-    Compute::F32.norm(cfg, h_in, &layer.input_norm, layer.input_norm_bias.as_deref(), &mut x1);
+    Compute::F32.norm(cfg.norm_kind(), h_in, &layer.input_norm, layer.input_norm_bias.as_deref(), &mut x1);
     let mut q = dense(LinearKind::Q).forward(&x1, seq);
     let mut k = dense(LinearKind::K).forward(&x1, seq);
     let v = dense(LinearKind::V).forward(&x1, seq);
@@ -113,7 +114,7 @@ pub fn layer_backward(
 
     // MLP.
     let mut x2 = vec![0f32; seq * h];
-    Compute::F32.norm(cfg, &h_mid, &layer.post_norm, layer.post_norm_bias.as_deref(), &mut x2);
+    Compute::F32.norm(cfg.norm_kind(), &h_mid, &layer.post_norm, layer.post_norm_bias.as_deref(), &mut x2);
     let dx2 = match (layer.moe(), cfg.moe_layer(layer.index)) {
         (Some(block), Some(moe)) => moe_backward(block, moe, cfg, &x2, seq, dh_out, each),
         _ => {
@@ -362,7 +363,7 @@ pub fn head_backward(
     let inv_n = 1.0 / scored as f64;
     let mut normed = vec![0f32; seq * h];
     let cfg = head.config();
-    Compute::F32.norm(cfg, hidden, norm, head.norm_bias(), &mut normed);
+    Compute::F32.norm(cfg.norm_kind(), hidden, norm, head.norm_bias(), &mut normed);
     let mut d_normed = vec![0f32; seq * h];
     let mut loss = 0f64;
     let block = (HEAD_BLOCK_BYTES / (4 * vocab)).clamp(1, HEAD_MAX_ROWS);

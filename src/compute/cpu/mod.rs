@@ -20,5 +20,5 @@ pub use norm::{
     rms_norm_bf16,
     rms_norm_offset, rms_norm_offset_bf16, round_slice_bf16, silu, silu_mul,
 };
-pub use rope::Rope;
+pub use rope::{Rope, RopeConfig, RopeScaling};
 pub use threads::num_threads;

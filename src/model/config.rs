@@ -8,9 +8,9 @@
 //! `layer_norm`, `embed_scale`, `act`, `rotary_dim`, `modules`, `moe`), so the layer code never tests names.
 
 use crate::error::{Error, Result};
-use crate::json::Json;
-use crate::model::{Module, LLAMA_MODULES, NEMOTRON_MODULES, PHI3_MODULES, STARCODER2_MODULES};
-use crate::moe::{MoeConfig, MIXTRAL_EXPERT, QWEN3_MOE_EXPERT};
+use crate::io::json::Json;
+pub use crate::compute::{Activation, NormKind, RopeConfig, RopeScaling};
+use crate::compute::Rope;
 use std::path::{Path, PathBuf};
 
 /// `architectures[0]` values this runtime implements.
@@ -82,32 +82,6 @@ pub struct ModelConfig {
     pub modules: &'static [Module],
     /// Mixture-of-experts MLPs (Mixtral, Qwen3-MoE): which layers have them and their shape.
     pub moe: Option<MoeConfig>,
-}
-
-/// Activation of the MLP: `act_fn(gate_proj(x)) * up_proj(x)`, or `act_fn(up_proj(x))`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Activation {
-    /// `"silu"`: torch `F.silu`.
-    Silu,
-    /// `"gelu_pytorch_tanh"`: torch `F.gelu(x, approximate="tanh")` (HF `PytorchGELUTanh`).
-    GeluTanh,
-    /// `"relu2"`: HF `ReLUSquaredActivation`, `square(relu(x))` (Nemotron).
-    Relu2,
-}
-
-/// Rotary embedding parameters: `rope_theta` and the `rope_type` with its keys.
-#[derive(Clone, Debug, PartialEq)]
-pub struct RopeConfig {
-    pub theta: f64,
-    pub scaling: RopeScaling,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum RopeScaling {
-    /// `rope_type: "default"`: plain RoPE.
-    Default,
-    /// `rope_type: "llama3"` (Llama 3.1+): long wavelengths stretched by `factor`.
-    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: usize },
 }
 
 impl ModelConfig {
@@ -503,4 +477,269 @@ impl Reader<'_> {
         };
         Ok((RopeConfig { theta, scaling }, partial))
     }
+}
+
+/// The seven Linear layers of a (Llama) decoder layer, as the runtime runs them. A family
+/// without a gated MLP has no `Gate` (its MLP is `Down(act(Up(x)))`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinearKind {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl LinearKind {
+    /// In the order the forward pass runs them.
+    pub const ALL: [LinearKind; 7] = [
+        LinearKind::Q,
+        LinearKind::K,
+        LinearKind::V,
+        LinearKind::O,
+        LinearKind::Gate,
+        LinearKind::Up,
+        LinearKind::Down,
+    ];
+
+    /// The Llama module path inside a layer, as in the tensor names
+    /// (`model.layers.{i}.<module>.weight`); `ModelConfig::modules` has each family's.
+    pub fn module(self) -> &'static str {
+        LLAMA_MODULES[self as usize].name
+    }
+
+    /// Weight shape `[out_features, in_features]`.
+    pub fn shape(self, cfg: &ModelConfig) -> [usize; 2] {
+        let q = cfg.num_attention_heads * cfg.head_dim;
+        let kv = cfg.num_key_value_heads * cfg.head_dim;
+        match self {
+            LinearKind::Q => [q, cfg.hidden_size],
+            LinearKind::K | LinearKind::V => [kv, cfg.hidden_size],
+            LinearKind::O => [cfg.hidden_size, q],
+            LinearKind::Gate | LinearKind::Up => [cfg.intermediate_size, cfg.hidden_size],
+            LinearKind::Down => [cfg.hidden_size, cfg.intermediate_size],
+        }
+    }
+}
+
+/// A Linear module of a decoder layer as the checkpoint stores it: its path inside the layer
+/// and the runtime linears whose weights are its output rows, in order (Phi3's `qkv_proj` is
+/// q, k and v stacked; ModelOpt quantizes it as the one Linear it is).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Module {
+    pub name: &'static str,
+    pub kinds: &'static [LinearKind],
+}
+
+impl Module {
+    /// Part of the MLP (gate, up or down).
+    pub fn is_mlp(&self) -> bool {
+        self.kinds.iter().any(|k| matches!(k, LinearKind::Gate | LinearKind::Up | LinearKind::Down))
+    }
+
+    /// Weight shape `[out_features, in_features]`: the linears' rows stacked.
+    pub fn shape(&self, cfg: &ModelConfig) -> [usize; 2] {
+        let rows = self.kinds.iter().map(|k| k.shape(cfg)[0]).sum();
+        [rows, self.kinds[0].shape(cfg)[1]]
+    }
+}
+
+const fn module(name: &'static str, kinds: &'static [LinearKind]) -> Module {
+    Module { name, kinds }
+}
+
+/// HF `LlamaDecoderLayer` (and Mistral, Qwen2, Qwen3, Gemma): one module per linear, in `LinearKind` order.
+pub const LLAMA_MODULES: &[Module] = &[
+    module("self_attn.q_proj", &[LinearKind::Q]),
+    module("self_attn.k_proj", &[LinearKind::K]),
+    module("self_attn.v_proj", &[LinearKind::V]),
+    module("self_attn.o_proj", &[LinearKind::O]),
+    module("mlp.gate_proj", &[LinearKind::Gate]),
+    module("mlp.up_proj", &[LinearKind::Up]),
+    module("mlp.down_proj", &[LinearKind::Down]),
+];
+
+/// HF `Phi3Attention.qkv_proj` (q, k, v rows) and `Phi3MLP.gate_up_proj`
+/// (`gate, up = gate_up_proj(x).chunk(2, dim=-1)`: gate rows first).
+pub const PHI3_MODULES: &[Module] = &[
+    module("self_attn.qkv_proj", &[LinearKind::Q, LinearKind::K, LinearKind::V]),
+    module("self_attn.o_proj", &[LinearKind::O]),
+    module("mlp.gate_up_proj", &[LinearKind::Gate, LinearKind::Up]),
+    module("mlp.down_proj", &[LinearKind::Down]),
+];
+
+/// HF `Starcoder2MLP`: `c_proj(act(c_fc(x)))`.
+pub const STARCODER2_MODULES: &[Module] = &[
+    module("self_attn.q_proj", &[LinearKind::Q]),
+    module("self_attn.k_proj", &[LinearKind::K]),
+    module("self_attn.v_proj", &[LinearKind::V]),
+    module("self_attn.o_proj", &[LinearKind::O]),
+    module("mlp.c_fc", &[LinearKind::Up]),
+    module("mlp.c_proj", &[LinearKind::Down]),
+];
+
+/// HF `NemotronMLP`: `down_proj(act(up_proj(x)))`.
+pub const NEMOTRON_MODULES: &[Module] = &[
+    module("self_attn.q_proj", &[LinearKind::Q]),
+    module("self_attn.k_proj", &[LinearKind::K]),
+    module("self_attn.v_proj", &[LinearKind::V]),
+    module("self_attn.o_proj", &[LinearKind::O]),
+    module("mlp.up_proj", &[LinearKind::Up]),
+    module("mlp.down_proj", &[LinearKind::Down]),
+];
+
+impl ModelConfig {
+    /// The RoPE table of this family's attention heads, for sequences of up to `max_positions` tokens.
+    pub fn rope_table(&self, max_positions: usize) -> Rope {
+        Rope::partial(&self.rope, self.head_dim, self.rotary_dim, max_positions)
+    }
+
+    /// The family's norm (every norm of the model is of this kind).
+    pub fn norm_kind(&self) -> NormKind {
+        NormKind { layer_norm: self.layer_norm, offset: self.norm_offset, eps: self.rms_norm_eps }
+    }
+
+    /// The MLP is `act(gate(x)) * up(x)` (else `act(up(x))`).
+    pub fn gated_mlp(&self) -> bool {
+        self.modules.iter().any(|m| m.kinds.contains(&LinearKind::Gate))
+    }
+
+    /// The linears a layer of this family has, in forward order.
+    pub fn linear_kinds(&self) -> Vec<LinearKind> {
+        self.modules.iter().flat_map(|m| m.kinds.iter().copied()).collect()
+    }
+
+    /// The MoE config when layer `l` has an MoE block.
+    pub fn moe_layer(&self, l: usize) -> Option<&MoeConfig> {
+        self.moe.as_ref().filter(|m| m.is_sparse(l))
+    }
+
+    /// Every Linear module of decoder layer `l`, in forward order: `modules`, or in an MoE
+    /// layer the attention modules and then each expert's gate, up and down.
+    pub fn layer_modules(&self, l: usize) -> Vec<LayerModule> {
+        let dense = |m: &Module| LayerModule {
+            path: format!("model.layers.{l}.{}", m.name),
+            kinds: m.kinds,
+            expert: None,
+            shape: m.shape(self),
+        };
+        let Some(moe) = self.moe_layer(l) else { return self.modules.iter().map(dense).collect() };
+        let experts = (0..moe.num_experts).flat_map(|e| {
+            moe.expert_modules.iter().map(move |m| LayerModule {
+                path: moe.expert_module(l, e, m.kinds[0]),
+                kinds: m.kinds,
+                expert: Some(e),
+                shape: moe.expert_shape(self, m.kinds[0]),
+            })
+        });
+        self.modules.iter().filter(|m| !m.is_mlp()).map(dense).chain(experts).collect()
+    }
+}
+
+/// One Linear module of a decoder layer (see `ModelConfig::layer_modules`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LayerModule {
+    /// `model.layers.{l}.<module>`.
+    pub path: String,
+    /// The runtime linears whose weights are its output rows.
+    pub kinds: &'static [LinearKind],
+    /// The expert, for an MoE expert's projection.
+    pub expert: Option<usize>,
+    /// `[out, in]`.
+    pub shape: [usize; 2],
+}
+
+/// Index in `modules` of the module holding linear `kind` (of `expert` in an MoE block).
+pub fn module_of(modules: &[LayerModule], expert: Option<usize>, kind: LinearKind) -> Option<usize> {
+    modules.iter().position(|m| m.expert == expert && m.kinds.contains(&kind))
+}
+
+/// An expert's Linear modules inside `<block>.experts.{e}`: Mixtral's `w1` (gate), `w3` (up), `w2` (down).
+pub const MIXTRAL_EXPERT: &[Module] = &[
+    Module { name: "w1", kinds: &[LinearKind::Gate] },
+    Module { name: "w3", kinds: &[LinearKind::Up] },
+    Module { name: "w2", kinds: &[LinearKind::Down] },
+];
+
+/// Qwen3-MoE's expert modules.
+pub const QWEN3_MOE_EXPERT: &[Module] = &[
+    Module { name: "gate_proj", kinds: &[LinearKind::Gate] },
+    Module { name: "up_proj", kinds: &[LinearKind::Up] },
+    Module { name: "down_proj", kinds: &[LinearKind::Down] },
+];
+
+/// The MoE part of a model's config.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MoeConfig {
+    /// The block's path inside a layer: `block_sparse_moe` (Mixtral) or `mlp` (Qwen3-MoE).
+    pub block: &'static str,
+    /// One expert's gate, up and down modules, in that order.
+    pub expert_modules: &'static [Module],
+    pub num_experts: usize,
+    /// `num_experts_per_tok`.
+    pub top_k: usize,
+    /// Each expert's intermediate size (Mixtral `intermediate_size`, Qwen3-MoE `moe_intermediate_size`).
+    pub intermediate_size: usize,
+    /// Renormalize the kept probabilities to sum 1 (Mixtral always; Qwen3-MoE `norm_topk_prob`).
+    pub norm_topk_prob: bool,
+    /// Per layer: an MoE block (true) or the dense MLP of `intermediate_size` (Qwen3-MoE
+    /// `mlp_only_layers` / `decoder_sparse_step`).
+    pub sparse: Vec<bool>,
+}
+
+impl MoeConfig {
+    pub fn is_sparse(&self, layer: usize) -> bool {
+        self.sparse.get(layer).copied().unwrap_or(false)
+    }
+
+    /// The router module (`model.layers.{l}.<block>.gate`), never quantized (spec/export-formats.md §2.4).
+    pub fn router(&self, layer: usize) -> String {
+        format!("model.layers.{layer}.{}.gate", self.block)
+    }
+
+    /// Module of expert `e`'s linear `kind` (Gate, Up or Down).
+    pub fn expert_module(&self, layer: usize, e: usize, kind: LinearKind) -> String {
+        let m = self.expert_modules.iter().find(|m| m.kinds.contains(&kind)).unwrap_or(&self.expert_modules[0]);
+        format!("model.layers.{layer}.{}.experts.{e}.{}", self.block, m.name)
+    }
+
+    /// `[out, in]` of an expert's linear `kind`.
+    pub fn expert_shape(&self, cfg: &ModelConfig, kind: LinearKind) -> [usize; 2] {
+        match kind {
+            LinearKind::Down => [cfg.hidden_size, self.intermediate_size],
+            _ => [self.intermediate_size, cfg.hidden_size],
+        }
+    }
+}
+
+/// Where a consumer's input scale p can go instead of a `pre_quant_scale`: the output rows of
+/// the linear that produces its input, scaled by p before that linear is quantized.
+pub struct RowFold {
+    /// The producer module (index in the layer's modules).
+    pub producer: usize,
+    /// The producer's linear whose rows are the consumer's input channels.
+    pub kind: LinearKind,
+    /// Its first row inside the (fused) producer module: Phi3's up rows follow the gate rows.
+    pub offset: usize,
+    /// The rows take √p (relu²(√p·z) = p·relu²(z) for p > 0, Nemotron).
+    pub squared: bool,
+}
+
+/// The row fold of module `k` of a layer, if its family has one: down_proj (an expert's down)
+/// into up_proj's rows when the MLP is `act(gate)·up` (elementwise in up) or relu²(up) (√p);
+/// none for gelu_tanh(c_fc) (no per-channel scale commutes with it); o_proj into v_proj's rows
+/// only without GQA, where each o_proj input channel is one v_proj output row.
+pub fn row_fold(modules: &[LayerModule], k: usize, cfg: &ModelConfig) -> Option<RowFold> {
+    let m = &modules[k];
+    let (kind, squared) = match m.kinds {
+        [LinearKind::Down] if cfg.gated_mlp() || m.expert.is_some() => (LinearKind::Up, false),
+        [LinearKind::Down] if cfg.act == Activation::Relu2 => (LinearKind::Up, true),
+        [LinearKind::O] if cfg.num_attention_heads == cfg.num_key_value_heads => (LinearKind::V, false),
+        _ => return None,
+    };
+    let producer = module_of(modules, m.expert, kind)?;
+    let offset = modules[producer].kinds.iter().take_while(|&&x| x != kind).map(|x| x.shape(cfg)[0]).sum();
+    Some(RowFold { producer, kind, offset, squared })
 }

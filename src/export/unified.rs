@@ -6,10 +6,10 @@
 //! failure leaves nothing half-written; the input folder is never written.
 
 use crate::error::{Error, Result};
-use crate::json::{obj, str, Json};
+use crate::io::json::{obj, str, Json};
 use crate::model::Model;
 use crate::quant::{summarize_excludes, QFormat};
-use crate::safetensors::{Dtype, Writer};
+use crate::io::safetensors::{Dtype, Writer};
 use std::path::{Path, PathBuf};
 
 /// ModelOpt's `save_pretrained(max_shard_size="10GB")`.

@@ -2,11 +2,11 @@
 //! its config and its tensors disagree (as a loader would find them).
 
 use crate::error::Result;
-use crate::json::Json;
-use crate::export_ct::CtConfig;
-use crate::quant::read::{detect, detect_packed, Stored};
+use crate::io::json::Json;
+use crate::export::compressed_tensors::CtConfig;
+use crate::model::weights::{detect, detect_packed, Stored};
 use crate::quant::{fnmatch, QFormat};
-use crate::safetensors::{Checkpoint, TensorView};
+use crate::io::safetensors::{Checkpoint, TensorView};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -240,14 +240,14 @@ pub const MAX_WEIGHT_ERROR: f64 = 0.35;
 /// norm, the per-channel ratio of the exported to the original norm's scale (AWQ folds its
 /// scales there; `1 + weight` for the offset norms). NVFP4-AWQ exports of the Llama layout and
 /// compressed-tensors exports of every family also fold a consumer's scale p into its
-/// producer's output rows (`quantize::row_fold`: down_proj into up_proj, per expert too, √p
+/// producer's output rows (`model::config::row_fold`: down_proj into up_proj, per expert too, √p
 /// under relu²; o_proj into v_proj), which stores no tensor: the row factor is estimated as
 /// the least-squares ratio of the exported (norm ratio undone) to the original producer row,
 /// and the producer's rows are divided by it and the consumer's input columns multiplied by it
 /// (squared for relu²).
 pub fn weight_errors(dir: &Path, original: &Path) -> Result<Vec<WeightError>> {
     use crate::model::{LinearKind, Model};
-    use crate::quant::read::{input_quant, linear_weight};
+    use crate::model::weights::{input_quant, linear_weight};
     let q = Model::open(dir, Some(original))?;
     let o = Model::open(original, None)?;
     // NVFP4-AWQ and compressed-tensors exports fold scales into producer rows (see above).
@@ -273,7 +273,7 @@ pub fn weight_errors(dir: &Path, original: &Path) -> Result<Vec<WeightError>> {
         let mut row_div: Vec<Option<Vec<f32>>> = vec![None; modules.len()];
         let mut col_mul: Vec<Option<Vec<f32>>> = vec![None; modules.len()];
         for k in 0..modules.len() {
-            let Some(fold) = crate::quantize::row_fold(&modules, k, &o.config) else { continue };
+            let Some(fold) = crate::model::config::row_fold(&modules, k, &o.config) else { continue };
             let (c, p) = (&modules[k], &modules[fold.producer]);
             if !folds || input_quant(&q, &c.path, c.shape)?.pre_quant_scale.is_some() {
                 continue;
@@ -356,7 +356,7 @@ pub fn check_trtllm(path: &Path) -> Result<Report> {
         return check_trtllm_dir(path);
     }
     let bytes = std::fs::read(path).map_err(|e| crate::error::Error::io(path, e))?;
-    let members = crate::tar_gz::read_tar_gz(&bytes, path)?;
+    let members = crate::io::tar_gz::read_tar_gz(&bytes, path)?;
     let tmp = std::env::temp_dir().join(format!("rq-min-verify-{}-{}", std::process::id(), bytes.len()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| crate::error::Error::io(&tmp, e))?;
@@ -377,7 +377,7 @@ pub fn check_trtllm(path: &Path) -> Result<Report> {
 
 fn check_trtllm_dir(dir: &Path) -> Result<Report> {
     use crate::error::Error;
-    use crate::safetensors::{Dtype, SafeTensors};
+    use crate::io::safetensors::{Dtype, SafeTensors};
     let cp = dir.join("config.json");
     let c = Json::parse_file(&cp)?;
     let num = |k: &str| c.get(k).and_then(Json::as_usize).ok_or_else(|| Error::config(&cp, format!("missing or non-integer {k}")));
@@ -404,8 +404,8 @@ fn check_trtllm_dir(dir: &Path) -> Result<Report> {
     let share = c.get("share_embedding_table").and_then(Json::as_bool) == Some(true);
     // The family's TensorRT-LLM linears (other architectures: LLaMA's gated MLP).
     let arch = c.get("architecture").and_then(Json::as_str).unwrap_or("");
-    let family = crate::export_trtllm::trt_family(arch);
-    let linears = family.map_or(crate::export_trtllm::GATED_LINEARS, |f| f.linears);
+    let family = crate::export::trtllm::trt_family(arch);
+    let linears = family.map_or(crate::export::trtllm::GATED_LINEARS, |f| f.linears);
     // MoE families: every layer's MLP is the stacked experts of config.json's `moe` block.
     let experts = c.get("moe").and_then(|m| m.get("num_experts")).and_then(Json::as_usize).filter(|&n| n > 0);
     // LayerNorm families carry norm biases; GPT variants with `bias` one on every linear.

@@ -27,7 +27,7 @@ mod nfc_tables;
 mod pattern;
 
 use crate::error::{Error, Result};
-use crate::json::Json;
+use crate::io::json::Json;
 use bpe::Bpe;
 use pattern::SplitPattern;
 use std::collections::{HashMap, HashSet};

@@ -3,10 +3,10 @@
 
 use crate::error::{Error, Result};
 use crate::model::{module_of, Hooks, Layer, LayerModule, LinearKind, Model};
-use crate::ops::Rope;
-use crate::progress::Progress;
+use crate::compute::cpu::Rope;
+use crate::ptq::progress::Progress;
 use crate::quant::fp8;
-use crate::quant::read::{self, InputQuant};
+use crate::model::weights::{self as read, InputQuant};
 
 /// `model.layers.{i}.{self_attn.q_proj|...}` (the Llama module names, `LinearKind::module`).
 pub fn module_name(layer: usize, kind: LinearKind) -> String {
@@ -23,7 +23,7 @@ fn run_layers(
     mut each_layer: impl FnMut(usize, &Layer, &Rope, &mut [Vec<f32>]) -> Result<()>,
 ) -> Result<Vec<Vec<f32>>> {
     let max_len = samples.iter().map(Vec::len).max().unwrap_or(0);
-    let rope = Rope::from_config(&model.config, max_len);
+    let rope = model.config.rope_table(max_len);
     let mut hidden: Vec<Vec<f32>> = samples.iter().map(|s| model.embed(s)).collect::<Result<_>>()?;
     let n = model.config.num_hidden_layers;
     for l in 0..n {

@@ -32,13 +32,14 @@
 //!   while ModelOpt's W4A8 uses one static per-tensor FP8 scale; it is refused.
 
 use crate::error::{Error, Result};
-use crate::export::{Output, DEFAULT_SHARD_BYTES};
-use crate::json::{obj, str, Json};
-use crate::numerics::e4m3_to_f32;
+use crate::export::unified::{Output, DEFAULT_SHARD_BYTES};
+use crate::io::json::{obj, str, Json};
 use crate::quant::fp8::round_to_dtype;
-use crate::quant::read::{detect, Stored};
+use crate::model::weights::{detect, Stored};
+use crate::quant::int::pack_int4;
+use crate::quant::nvfp4::{input_global_scale, nvfp4_global_scale};
 use crate::quant::{int, QFormat, INT4_GROUP};
-use crate::safetensors::{Checkpoint, Dtype};
+use crate::io::safetensors::{Checkpoint, Dtype};
 use std::path::Path;
 
 /// The compressed-tensors scheme of a quantized linear.
@@ -225,88 +226,6 @@ fn vllm_layer(module: &str) -> Option<String> {
     }
 }
 
-/// compressed-tensors' INT4 packing (pack_quantized.py `pack_to_int32`, packed_dim 1): each
-/// code + 8 as an unsigned nibble, 8 consecutive input columns per int32, column 8j+k in bits
-/// 4k..4k+3. `q` is `[out, inp]` with `inp` a multiple of 8; result `[out, inp/8]` as LE bytes.
-pub fn pack_int4(q: &[i8], inp: usize) -> Vec<u8> {
-    debug_assert!(inp.is_multiple_of(8) && q.len().is_multiple_of(inp.max(1)));
-    q.chunks_exact(8)
-        .map(|c| c.iter().enumerate().fold(0u32, |w, (k, &v)| w | (((v + 8) as u32 & 0xF) << (4 * k))))
-        .flat_map(u32::to_le_bytes)
-        .collect()
-}
-
-/// Inverse of [`pack_int4`] (`unpack_from_int32`): LE int32 words back to signed codes.
-pub fn unpack_int4(packed: &[u8]) -> Vec<i8> {
-    packed
-        .chunks_exact(4)
-        .flat_map(|b| {
-            let w = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-            (0..8).map(move |k| ((w >> (4 * k)) & 0xF) as i8 - 8)
-        })
-        .collect()
-}
-
-/// `weight_global_scale` for ModelOpt's `weight_scale_2`. compressed-tensors dequantizes
-/// NVFP4 as `code · (f32(block scale) / global_scale)` (forward_helpers.py `_dequantize`) and
-/// computes `global_scale = 448·6 / amax` (helpers.py `generate_gparam`): the inverse of
-/// ModelOpt's `amax / (6·448)` (spec/export-formats.md §1.1). Of f32(1/ws2) and its nearest
-/// f32 neighbours, the first for which `s / gs == s · ws2` for every E4M3 block scale s is
-/// taken, so the dequantized weights equal the unified export's bit for bit; if none is,
-/// f32(1/ws2) (then they differ by at most an ulp).
-pub fn nvfp4_global_scale(ws2: f32) -> f32 {
-    invert(ws2, |gs| exact_inverse(ws2, gs))
-}
-
-/// Whether `s / gs == s · ws2` for every finite positive E4M3 value s.
-fn exact_inverse(ws2: f32, gs: f32) -> bool {
-    (1u8..0x7F).all(|c| e4m3_to_f32(c) / gs == e4m3_to_f32(c) * ws2)
-}
-
-/// Compressed-tensors mode (`quantize::Options::compressed_tensors`): an exact inverse of
-/// ModelOpt's `weight_scale_2` exists for only some values (tests: 34 of 200 sampled values),
-/// so the quantizer takes the f32 nearest `ws2` (within 64 ulps, a relative change below
-/// 8·10⁻⁶) for which [`nvfp4_global_scale`] finds one; `ws2` itself if none.
-pub fn invertible_scale_2(ws2: f32) -> f32 {
-    let bits = ws2.to_bits();
-    (0..=64u32)
-        .flat_map(|d| [bits.wrapping_add(d), bits.wrapping_sub(d)])
-        .map(f32::from_bits)
-        .find(|&w| w.is_finite() && w > 0.0 && exact_inverse(w, nvfp4_global_scale(w)))
-        .unwrap_or(ws2)
-}
-
-/// `input_global_scale` for ModelOpt's NVFP4 `input_scale` (vLLM multiplies the activation by
-/// it before the FP4 cast): the f32 near 1/s whose reciprocal is s again, so reading it back
-/// gives the unified export's activation amax.
-pub fn input_global_scale(input_scale: f32) -> f32 {
-    invert(input_scale, |g| 1.0 / g == input_scale)
-}
-
-/// Compressed-tensors mode: the f32 nearest the NVFP4 `input_scale` (within 64 ulps) whose
-/// [`input_global_scale`] inverts back to it exactly, so both layouts give one activation
-/// amax. A one-ulp difference matters: calibrated amaxes are model-dtype values, so block
-/// scales often sit exactly on E4M3 rounding ties (measured on rq-tiny: 1.2% perplexity).
-pub fn invertible_input_scale(s: f32) -> f32 {
-    let bits = s.to_bits();
-    (0..=64u32)
-        .flat_map(|d| [bits.wrapping_add(d), bits.wrapping_sub(d)])
-        .map(f32::from_bits)
-        .find(|&w| w.is_finite() && w > 0.0 && 1.0 / input_global_scale(w) == w)
-        .unwrap_or(s)
-}
-
-/// f32(1/x) or the nearest of its neighbours (up to 8 ulps) that satisfies `exact`.
-fn invert(x: f32, exact: impl Fn(f32) -> bool) -> f32 {
-    let first = 1.0 / x;
-    let bits = first.to_bits();
-    (0..=8u32)
-        .flat_map(|d| [bits.wrapping_add(d), bits.wrapping_sub(d)])
-        .map(f32::from_bits)
-        .find(|&g| g.is_finite() && g > 0.0 && exact(g))
-        .unwrap_or(first)
-}
-
 /// ModelOpt's KV-scale names (spec/export-formats.md §2.8) -> compressed-tensors' attention qparams.
 fn kv_name(name: &str) -> Option<String> {
     for (modelopt, ct) in [(".self_attn.k_proj.k_scale", ".self_attn.k_scale"), (".self_attn.v_proj.v_scale", ".self_attn.v_scale")] {
@@ -363,7 +282,7 @@ fn linear(ck: &Checkpoint, m: &str, scheme: Scheme, [o, i]: [usize; 2], dtype: D
             }
             let codes = int::int4_unpack(w.data, o, i);
             t.push((format!("{m}.weight_packed"), Dtype::I32, vec![o, i / 8], pack_int4(&codes, i)));
-            t.push((format!("{m}.weight_scale"), dtype, ws.shape.to_vec(), crate::quantize::encode(&scales, dtype)));
+            t.push((format!("{m}.weight_scale"), dtype, ws.shape.to_vec(), crate::io::safetensors::encode(&scales, dtype)));
             let shape: Vec<u8> = [o as i64, i as i64].iter().flat_map(|v| v.to_le_bytes()).collect();
             t.push((format!("{m}.weight_shape"), Dtype::I64, vec![2], shape));
         }

@@ -11,7 +11,7 @@
 //! below never index past the mapping.
 
 use crate::error::{Error, Result};
-use crate::json::{self, Json};
+use crate::io::json::{self, Json};
 use crate::numerics::{bf16_to_f32, e4m3_to_f32, f16_to_f32};
 use memmap2::Mmap;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -769,5 +769,15 @@ impl Writer {
         std::fs::write(&index_path, index.to_pretty(2) + "\n").map_err(|e| Error::io(&index_path, e))?;
         files.push(index_path);
         Ok(files)
+    }
+}
+
+/// Values in the model dtype's bytes (bf16 / f16 / f32).
+pub fn encode(values: &[f32], dtype: Dtype) -> Vec<u8> {
+    use crate::numerics::{f32_to_bf16, f32_to_f16};
+    match dtype {
+        Dtype::BF16 => values.iter().flat_map(|&v| f32_to_bf16(v).to_le_bytes()).collect(),
+        Dtype::F16 => values.iter().flat_map(|&v| f32_to_f16(v).to_le_bytes()).collect(),
+        _ => values.iter().flat_map(|&v| v.to_le_bytes()).collect(),
     }
 }

@@ -1,0 +1,113 @@
+//! The final norm and the language-model head: logits and the negative log-likelihood of a
+//! sequence, a block of positions at a time.
+
+use crate::compute::{cpu, Compute};
+use crate::model::config::ModelConfig;
+use crate::model::weights::InputQuant;
+
+/// Memory for one block of logits in [`Head::nll`]. Blocks are as tall as this allows (up to
+/// `NLL_MAX_ROWS`): every block packs all of lm_head again, so tall blocks amortize that.
+const NLL_BLOCK_BYTES: usize = 64 << 20;
+const NLL_MAX_ROWS: usize = 512;
+
+/// The final norm and the language-model head.
+pub struct Head {
+    /// For the kind of norm.
+    pub(crate) cfg: ModelConfig,
+    pub(crate) norm: Vec<f32>, // [hidden]
+    /// LayerNorm bias (`cfg.layer_norm`), `[hidden]`.
+    pub(crate) norm_bias: Option<Vec<f32>>,
+    pub(crate) lm_head: Vec<f32>, // [vocab, hidden]
+    pub(crate) compute: Compute,
+    /// What happens to lm_head's input (quantized lm_head of a mixed-precision checkpoint).
+    pub(crate) input: InputQuant,
+}
+
+impl Head {
+    fn hidden_size(&self) -> usize {
+        self.norm.len()
+    }
+
+    /// The output projection `[vocab, hidden]` (dequantized when stored quantized).
+    pub fn lm_head(&self) -> &[f32] {
+        &self.lm_head
+    }
+
+    /// The final norm's weight, `[hidden]`.
+    pub fn norm_weight(&self) -> &[f32] {
+        &self.norm
+    }
+
+    /// The final norm's epsilon.
+    pub fn eps(&self) -> f32 {
+        self.cfg.rms_norm_eps
+    }
+
+    /// The final norm's bias (LayerNorm families), `[hidden]`.
+    pub fn norm_bias(&self) -> Option<&[f32]> {
+        self.norm_bias.as_deref()
+    }
+
+    /// The config the head was loaded with (for the kind of norm).
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.lm_head.len() / self.norm.len()
+    }
+
+    /// The final-norm output (HF `hidden_states[num_layers]`): `[seq, hidden]`.
+    pub fn normed(&self, hidden: &[f32], seq: usize) -> Vec<f32> {
+        assert_eq!(hidden.len(), seq * self.hidden_size(), "Head: hidden is not [seq, hidden_size]");
+        let mut out = vec![0f32; hidden.len()];
+        self.compute.norm(self.cfg.norm_kind(), hidden, &self.norm, self.norm_bias.as_deref(), &mut out);
+        out
+    }
+
+    /// Max |x| of lm_head's input (the final-norm output) over `hidden` states (each
+    /// `[seq, hidden]`): its max calibration (spec/algorithms.md §3.1).
+    pub fn input_amax(&self, hidden: &[Vec<f32>]) -> f32 {
+        let normed = hidden.iter().map(|h| self.normed(h, h.len() / self.hidden_size()));
+        normed.fold(0f32, |m, x| x.iter().fold(m, |m, v| m.max(v.abs())))
+    }
+
+    /// `lm_head(norm(hidden))`: `[seq, vocab]`.
+    pub fn logits(&self, hidden: &[f32], seq: usize) -> Vec<f32> {
+        let mut normed = self.normed(hidden, seq);
+        self.input.apply(&mut normed, self.hidden_size());
+        let mut logits = vec![0f32; seq * self.vocab_size()];
+        cpu::matmul_bt(&normed, &self.lm_head, seq, self.hidden_size(), self.vocab_size(), &mut logits);
+        self.compute.round(&mut logits);
+        logits
+    }
+
+    /// Sum of `-log p(ids[t+1] | ids[..=t])` over t in `0..seq-1`, and the number of terms.
+    /// Logits are computed a block of positions at a time (64 MiB at most). Panics if an id is
+    /// outside the vocabulary (`Model::embed` has rejected those already).
+    pub fn nll(&self, hidden: &[f32], ids: &[u32]) -> (f64, usize) {
+        let (h, vocab) = (self.hidden_size(), self.vocab_size());
+        let seq = ids.len();
+        assert_eq!(hidden.len(), seq * h, "Head::nll: hidden is not [ids.len(), hidden_size]");
+        let scored = seq.saturating_sub(1);
+        let mut sum = 0f64;
+        let block = (NLL_BLOCK_BYTES / (4 * vocab)).clamp(1, NLL_MAX_ROWS);
+        for t0 in (0..scored).step_by(block) {
+            let rows = block.min(scored - t0);
+            let logits = self.logits(&hidden[t0 * h..(t0 + rows) * h], rows);
+            // Rows split over threads; partial sums added in a fixed order (deterministic).
+            let per = rows.div_ceil(cpu::num_threads());
+            let part = |r0: usize| -> f64 {
+                let end = (r0 + per).min(rows);
+                (r0..end).map(|r| cpu::log_softmax_nll(&logits[r * vocab..][..vocab], ids[t0 + r + 1] as usize)).sum()
+            };
+            let parts: Vec<f64> = std::thread::scope(|s| {
+                let handles: Vec<_> = (per..rows).step_by(per).map(|r0| s.spawn(move || part(r0))).collect();
+                let first = part(0);
+                std::iter::once(first).chain(handles.into_iter().map(|h| h.join().expect("nll worker"))).collect()
+            });
+            sum += parts.iter().sum::<f64>();
+        }
+        (sum, scored)
+    }
+}

@@ -1,0 +1,198 @@
+//! Layer-at-a-time runtime for Llama-family decoders (HF `LlamaForCausalLM`,
+//! `MistralForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM`, `GemmaForCausalLM`,
+//! `Phi3ForCausalLM`, `Starcoder2ForCausalLM`, `NemotronForCausalLM`; what sets them apart is in
+//! `ModelConfig`'s `qkv_bias`, `mlp_bias`, `qk_norm`, `norm_offset`, `layer_norm`, `embed_scale`,
+//! `act`, `rotary_dim` and `modules`), and `MixtralForCausalLM` / `Qwen3MoeForCausalLM`, whose MLP
+//! is a mixture-of-experts block (`ModelConfig::moe`, src/model/moe.rs).
+//!
+//! The checkpoint stays memory-mapped; only the layer being run is converted to f32, so a
+//! 70B model never needs to be in memory at once. A caller walks the model like this:
+//! ```text
+//! hidden = model.embed(ids)                    // [seq, hidden_size]
+//! for i in 0..num_hidden_layers: model.load_layer(i)?.forward(cfg, rope, &mut hidden, seq, hooks)
+//! head = model.load_head()?; head.nll(&hidden, ids)
+//! ```
+//! Calibration and fake-quant evaluation plug into the forward pass through [`Hooks`].
+
+pub mod config;
+pub mod head;
+pub mod hooks;
+pub mod layer;
+pub mod moe;
+pub mod weights;
+
+pub use config::{module_of, LayerModule, LinearKind, ModelConfig, Module, MoeConfig, LLAMA_MODULES};
+pub use head::Head;
+pub use hooks::{Hooks, NoHooks};
+pub use layer::Layer;
+
+use crate::compute::Compute;
+use crate::error::{Error, Result};
+use crate::io::safetensors::{Dtype, TensorView};
+use moe::MoeBlock;
+use weights::{check_finite, InputQuant, Weights};
+use std::path::Path;
+
+const EMBED_TOKENS: &str = "model.embed_tokens.weight";
+const FINAL_NORM: &str = "model.norm";
+const LM_HEAD: &str = "lm_head.weight";
+
+/// A model's config and the checkpoint folders its tensors are read from.
+pub struct Model {
+    pub config: ModelConfig,
+    /// Arithmetic of the layers and head loaded from now on.
+    pub compute: Compute,
+    /// The checkpoint folders (the model's, then the fallback).
+    pub weights: Weights,
+}
+
+/// A model is read through its weights: `model.tensor(name)`, `weights::linear_weight(&model, ..)`.
+impl std::ops::Deref for Model {
+    type Target = Weights;
+    fn deref(&self) -> &Weights {
+        &self.weights
+    }
+}
+
+impl Model {
+    /// `dir` holds config.json and the weights; `fallback` is another checkpoint folder for
+    /// tensors missing from `dir` (reference exports leave out embed_tokens / lm_head).
+    pub fn open(dir: &Path, fallback: Option<&Path>) -> Result<Model> {
+        let config = ModelConfig::from_dir(dir)?;
+        Ok(Model { config, compute: Compute::F32, weights: Weights::open(dir, fallback)? })
+    }
+
+    /// The model dtype: that of the embedding table (ModelOpt does its arithmetic in it).
+    pub fn dtype(&self) -> Result<Dtype> {
+        Ok(self.tensor(EMBED_TOKENS)?.dtype)
+    }
+
+    /// Embedding rows of `ids`: `[ids.len(), hidden_size]` (HF `embed_tokens(input_ids)`),
+    /// times `embed_scale` where the config has one (HF `GemmaModel.forward`:
+    /// `hidden * torch.tensor(hidden_size**0.5, dtype=hidden.dtype)`, so under `Compute::Bf16`
+    /// the factor and the product are bf16). Only those rows are read and converted.
+    pub fn embed(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        let (vocab, hidden) = (self.config.vocab_size, self.config.hidden_size);
+        let table = self.tensor(EMBED_TOKENS)?;
+        table.expect_shape(&[vocab, hidden])?;
+        let row_bytes = hidden * table.dtype.size();
+        let row_shape = [hidden];
+        let mut out = Vec::with_capacity(ids.len() * hidden);
+        for &id in ids {
+            let id = id as usize;
+            if id >= vocab {
+                return Err(Error::tensor(EMBED_TOKENS, format!("token id {id} is outside the vocabulary ({vocab})")));
+            }
+            let row = TensorView { shape: &row_shape, data: &table.data[id * row_bytes..][..row_bytes], ..table };
+            let values = row.to_f32()?;
+            check_finite(EMBED_TOKENS, &values, id * hidden)?;
+            out.extend_from_slice(&values);
+        }
+        if let Some(scale) = self.config.embed_scale {
+            let scale = if self.compute == Compute::Bf16 { crate::numerics::round_bf16(scale) } else { scale };
+            out.iter_mut().for_each(|v| *v *= scale);
+            self.compute.round(&mut out);
+        }
+        Ok(out)
+    }
+
+    /// Decoder layer `i`'s weights, as f32.
+    pub fn load_layer(&self, i: usize) -> Result<Layer> {
+        let cfg = &self.config;
+        if i >= cfg.num_hidden_layers {
+            return Err(Error::tensor(
+                format!("model.layers.{i}"),
+                format!("the model has {} layers", cfg.num_hidden_layers),
+            ));
+        }
+        let prefix = format!("model.layers.{i}");
+        let (input_norm, input_norm_bias) = self.load_norm(&format!("{prefix}.input_layernorm"))?;
+        let (post_norm, post_norm_bias) = self.load_norm(&format!("{prefix}.post_attention_layernorm"))?;
+        // An MoE layer has no dense MLP: its gate/up/down slots stay empty.
+        let moe = match &cfg.moe {
+            Some(m) if m.is_sparse(i) => Some(self.load_moe(m, i)?),
+            _ => None,
+        };
+        let mut linears: [Vec<f32>; 7] = Default::default();
+        let mut biases: [Option<Vec<f32>>; 7] = Default::default();
+        for m in cfg.modules.iter().filter(|m| moe.is_none() || !m.is_mlp()) {
+            let module = format!("{prefix}.{}", m.name);
+            let shape = m.shape(cfg);
+            let w = weights::linear_weight(self, &module, shape)?;
+            let name = format!("{module}.bias");
+            let required = m.kinds.iter().any(|k| match k {
+                LinearKind::Q | LinearKind::K | LinearKind::V => cfg.qkv_bias,
+                LinearKind::O => false,
+                LinearKind::Gate | LinearKind::Up | LinearKind::Down => cfg.mlp_bias,
+            });
+            let b = if required || self.get(&name).is_some() { Some(self.load(&name, &shape[..1])?) } else { None };
+            // A fused module's output rows are its linears' outputs one after the other.
+            let mut row = 0;
+            for &k in m.kinds {
+                let [rows, cols] = k.shape(cfg);
+                linears[k as usize] = w[row * cols..(row + rows) * cols].to_vec();
+                biases[k as usize] = b.as_ref().map(|b| b[row..row + rows].to_vec());
+                row += rows;
+            }
+        }
+        let qk_norm = if cfg.qk_norm {
+            let norm = |which: &str| self.load(&format!("{prefix}.self_attn.{which}.weight"), &[cfg.head_dim]);
+            Some((norm("q_norm")?, norm("k_norm")?))
+        } else {
+            None
+        };
+        Ok(Layer {
+            index: i,
+            input_norm,
+            input_norm_bias,
+            post_norm,
+            post_norm_bias,
+            linears,
+            biases,
+            qk_norm,
+            moe,
+            compute: self.compute,
+        })
+    }
+
+    /// The MoE block of layer `layer`: its router (unquantized) and experts (dequantized when stored quantized).
+    fn load_moe(&self, moe: &MoeConfig, layer: usize) -> Result<MoeBlock> {
+        let cfg = &self.config;
+        let name = format!("{}.weight", moe.router(layer));
+        let t = self.tensor(&name)?;
+        t.expect_shape(&[moe.num_experts, cfg.hidden_size])?;
+        let router = t.to_f32()?;
+        check_finite(&name, &router, 0)?;
+        let experts = (0..moe.num_experts)
+            .map(|e| -> Result<[Vec<f32>; 3]> {
+                let w = |k| weights::linear_weight(self, &moe.expert_module(layer, e, k), moe.expert_shape(cfg, k));
+                Ok([w(LinearKind::Gate)?, w(LinearKind::Up)?, w(LinearKind::Down)?])
+            })
+            .collect::<Result<_>>()?;
+        Ok(MoeBlock { router, experts })
+    }
+
+    /// Norm `module`'s weight and, for a LayerNorm, its bias (`[hidden]` each).
+    fn load_norm(&self, module: &str) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
+        let shape = [self.config.hidden_size];
+        let weight = self.load(&format!("{module}.weight"), &shape)?;
+        let bias = if self.config.layer_norm { Some(self.load(&format!("{module}.bias"), &shape)?) } else { None };
+        Ok((weight, bias))
+    }
+
+    /// The final norm and the output projection: `lm_head.weight` when the checkpoint has one
+    /// (dequantized, with its input quantization, if auto-quantize quantized it), else
+    /// `embed_tokens` when the embeddings are tied.
+    pub fn load_head(&self) -> Result<Head> {
+        let cfg = &self.config;
+        let (norm, norm_bias) = self.load_norm(FINAL_NORM)?;
+        let shape = [cfg.vocab_size, cfg.hidden_size];
+        let (lm_head, input) = if self.get(LM_HEAD).is_some() || !cfg.tie_word_embeddings {
+            (weights::linear_weight(self, "lm_head", shape)?, weights::input_quant(self, "lm_head", shape)?)
+        } else {
+            (self.load(EMBED_TOKENS, &shape)?, InputQuant::default())
+        };
+        Ok(Head { cfg: cfg.clone(), norm, norm_bias, lm_head, compute: self.compute, input })
+    }
+
+}
