@@ -43,7 +43,7 @@ fn greedy_ids(dir: &Path) -> Vec<u32> {
         for layer in &layers {
             layer.forward(cfg, &rope, &mut h, ids.len(), &mut NoHooks);
         }
-        let logits = head.logits(&h[(ids.len() - 1) * cfg.hidden_size..], 1);
+        let logits = head.logits(&h.rows(ids.len() - 1..ids.len(), cfg.hidden_size), 1).into_host();
         let best = (0..logits.len()).max_by(|&a, &b| logits[a].total_cmp(&logits[b]).then(b.cmp(&a))).unwrap();
         ids.push(best as u32);
     }

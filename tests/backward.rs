@@ -9,6 +9,7 @@ mod common;
 use rq_min::ptq::backward::{head_backward, layer_backward};
 use rq_min::model::config::ModelConfig;
 use rq_min::model::{Head, Hooks, Layer, LinearKind, Model, NoHooks};
+use rq_min::compute::{Rope, Tensor};
 use rq_min::io::safetensors::SafeTensors;
 use std::path::Path;
 
@@ -55,7 +56,7 @@ impl Fixture {
             layers,
             head: model.load_head().unwrap(),
             rope: cfg.rope_table(ids.len()),
-            h0: model.embed(&ids).unwrap(),
+            h0: model.embed(&ids).unwrap().into_host(),
             ids,
             cfg,
         }
@@ -63,7 +64,7 @@ impl Fixture {
 
     /// The mean next-token NLL from the first layer's input `h0`, by the forward pass.
     fn loss(&self, h0: &[f32]) -> f64 {
-        let mut hidden = h0.to_vec();
+        let mut hidden = Tensor::from(h0.to_vec());
         for layer in &self.layers {
             layer.forward(&self.cfg, &self.rope, &mut hidden, self.ids.len(), &mut NoHooks);
         }
@@ -76,9 +77,9 @@ impl Fixture {
         let seq = self.ids.len();
         let mut inputs = vec![self.h0.clone()];
         for layer in &self.layers {
-            let mut h = inputs.last().unwrap().clone();
+            let mut h = Tensor::from(inputs.last().unwrap().clone());
             layer.forward(&self.cfg, &self.rope, &mut h, seq, &mut NoHooks);
-            inputs.push(h);
+            inputs.push(h.into_host());
         }
         let (loss, mut g) = head_backward(&self.head, &inputs[self.layers.len()], &self.ids, &mut |_, _| {});
         let mut weight_grads = vec![Vec::new(); self.layers.len()];
@@ -284,7 +285,7 @@ impl Fixture {
     fn routing(&self, h0: &[f32]) -> Vec<usize> {
         struct Count(Vec<usize>, usize);
         impl Hooks for Count {
-            fn expert_input(&mut self, layer: usize, expert: usize, kind: LinearKind, x: &mut [f32], cols: usize) {
+            fn expert_input(&mut self, layer: usize, expert: usize, kind: LinearKind, x: &mut Tensor, cols: usize) {
                 if kind == LinearKind::Gate {
                     let i = layer * self.1 + expert;
                     self.0[i] += x.len() / cols;
@@ -293,7 +294,7 @@ impl Fixture {
         }
         let Some(moe) = &self.cfg.moe else { return vec![] };
         let mut count = Count(vec![0; self.layers.len() * moe.num_experts], moe.num_experts);
-        let mut hidden = h0.to_vec();
+        let mut hidden = Tensor::from(h0.to_vec());
         for layer in &self.layers {
             layer.forward(&self.cfg, &self.rope, &mut hidden, self.ids.len(), &mut count);
         }
@@ -304,21 +305,22 @@ impl Fixture {
 #[test]
 fn head_loss_and_gradients() {
     let fx = fixture();
-    let mut hidden = fx.h0.clone();
+    let mut state = Tensor::from(fx.h0.clone());
     for layer in &fx.layers {
-        layer.forward(&fx.cfg, &fx.rope, &mut hidden, SEQ, &mut NoHooks);
+        layer.forward(&fx.cfg, &fx.rope, &mut state, SEQ, &mut NoHooks);
     }
+    let hidden = state.to_host().into_owned();
     let vocab = fx.cfg.vocab_size;
     let mut calls = Vec::new();
     let (loss, grad) = head_backward(&fx.head, &hidden, &fx.ids, &mut |x, dz| calls.push((x.to_vec(), dz.to_vec())));
-    let (sum, count) = fx.head.nll(&hidden, &fx.ids);
+    let (sum, count) = fx.head.nll(&state, &fx.ids);
     assert!((loss - sum / count as f64).abs() <= 1e-12 * loss, "{loss} vs {}", sum / count as f64);
 
     // One block: x is the normed hidden state, dz = (softmax(z) − onehot) / n.
     assert_eq!(calls.len(), 1);
     let (x, dz) = &calls[0];
-    assert_eq!(x[..], fx.head.normed(&hidden, SEQ)[..(SEQ - 1) * fx.cfg.hidden_size]);
-    let logits = fx.head.logits(&hidden, SEQ);
+    assert_eq!(x[..], fx.head.normed(&state, SEQ).to_host()[..(SEQ - 1) * fx.cfg.hidden_size]);
+    let logits = fx.head.logits(&state, SEQ).into_host();
     let mut worst = 0f64;
     for t in 0..SEQ - 1 {
         let z = &logits[t * vocab..][..vocab];
@@ -334,7 +336,7 @@ fn head_loss_and_gradients() {
     assert!(worst <= 1e-7, "dL/dlogits max abs error {worst}");
 
     let fd = finite_differences(&hidden, 1e-2 * rms(&hidden), |h| {
-        let (sum, count) = fx.head.nll(h, &fx.ids);
+        let (sum, count) = fx.head.nll(&Tensor::from(h.to_vec()), &fx.ids);
         sum / count as f64
     });
     let (cos, rel) = compare(&grad, &fd);
@@ -354,7 +356,7 @@ fn head_blocks_of_positions_agree_with_one_block() {
     let (loss, grad) =
         head_backward(&fx.head, &hidden, &ids, &mut |x, dz| rows.push((x.len() / h, dz.len() / vocab as usize)));
     assert_eq!(rows, [(512, 512), (512, 512), (75, 75)]);
-    let (sum, count) = fx.head.nll(&hidden, &ids);
+    let (sum, count) = fx.head.nll(&Tensor::from(hidden.clone()), &ids);
     assert!((loss - sum / count as f64).abs() <= 1e-9 * loss, "{loss} vs {}", sum / count as f64);
     // A position's gradient only depends on its row and next id, scaled by 1/count: a window
     // around the first block boundary, run alone, gives the same rows.

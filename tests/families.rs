@@ -41,16 +41,16 @@ fn check_family(dir: &Path) -> f64 {
     for b in 0..batch {
         let ids = &ids[b * seq..(b + 1) * seq];
         let mut hidden = model.embed(ids).unwrap();
-        got[0].1.extend_from_slice(&hidden);
+        got[0].1.extend_from_slice(&hidden.to_host());
         for (l, layer) in layers.iter().enumerate() {
             layer.forward(cfg, &rope, &mut hidden, seq, &mut NoHooks);
             // HF's last hidden state is the final-norm output, not the last layer's.
             if l + 1 < n_layers {
-                got[l + 1].1.extend_from_slice(&hidden);
+                got[l + 1].1.extend_from_slice(&hidden.to_host());
             }
         }
-        got[n_layers].1.extend(head.normed(&hidden, seq));
-        let logits = head.logits(&hidden, seq);
+        got[n_layers].1.extend(head.normed(&hidden, seq).into_host());
+        let logits = head.logits(&hidden, seq).into_host();
         assert_eq!(logits.len(), seq * vocab);
 
         // The chunked NLL agrees with the logits it is made of.

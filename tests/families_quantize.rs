@@ -254,13 +254,13 @@ struct PooledAmax {
 }
 
 impl rq_min::model::Hooks for PooledAmax {
-    fn linear_input(&mut self, layer: usize, kind: LinearKind, x: &mut [f32], _cols: usize) {
+    fn linear_input(&mut self, layer: usize, kind: LinearKind, x: &mut rq_min::compute::Tensor, _cols: usize) {
         let slot = match kind {
             LinearKind::Gate => &mut self.gate[layer],
             LinearKind::Down => &mut self.down[layer],
             _ => return,
         };
-        *slot = x.iter().fold(*slot, |m, v| m.max(v.abs()));
+        *slot = x.amax(*slot);
     }
 }
 

@@ -2,6 +2,7 @@
 //! conversion, the fallback folder, tied heads, the errors for missing / misshapen /
 //! non-finite tensors and bad token ids, and what `Hooks` sees.
 
+use rq_min::compute::Tensor;
 use rq_min::model::{Hooks, LinearKind, Model, NoHooks};
 use rq_min::numerics::{bf16_to_f32, f32_to_bf16};
 use rq_min::io::safetensors::{write_file, Dtype};
@@ -107,13 +108,13 @@ fn loads_bf16_weights_and_runs() {
     }
     let ids = [1, 9, 0, 4, 4];
     let mut hidden = model.embed(&ids).unwrap();
-    assert_eq!(&hidden[HIDDEN..2 * HIDDEN], &values_of(&all, "model.embed_tokens.weight")[9 * HIDDEN..10 * HIDDEN]);
+    assert_eq!(&hidden.to_host()[HIDDEN..2 * HIDDEN], &values_of(&all, "model.embed_tokens.weight")[9 * HIDDEN..10 * HIDDEN]);
     let rope = model.config.rope_table(ids.len());
     for l in 0..LAYERS {
         model.load_layer(l).unwrap().forward(&model.config, &rope, &mut hidden, ids.len(), &mut NoHooks);
     }
     let head = model.load_head().unwrap();
-    let logits = head.logits(&hidden, ids.len());
+    let logits = head.logits(&hidden, ids.len()).into_host();
     assert_eq!(logits.len(), ids.len() * VOCAB);
     assert!(logits.iter().all(|v| v.is_finite()));
     let (nll, count) = head.nll(&hidden, &ids);
@@ -132,9 +133,9 @@ fn tied_head_is_the_embedding() {
     write_model(&dir.0, true, &all);
     let model = Model::open(&dir.0, None).unwrap();
     let head = model.load_head().unwrap();
-    let hidden: Vec<f32> = (0..2 * HIDDEN).map(|i| i as f32 * 0.1 - 0.7).collect();
-    let normed = head.normed(&hidden, 2);
-    let logits = head.logits(&hidden, 2);
+    let hidden = Tensor::from((0..2 * HIDDEN).map(|i| i as f32 * 0.1 - 0.7).collect::<Vec<f32>>());
+    let normed = head.normed(&hidden, 2).into_host();
+    let logits = head.logits(&hidden, 2).into_host();
     let embed = values_of(&all, "model.embed_tokens.weight");
     for t in 0..2 {
         for v in 0..VOCAB {
@@ -159,7 +160,7 @@ fn missing_tensors_come_from_the_fallback_folder() {
     assert!(msg.contains(&main.0.display().to_string()), "{msg}");
 
     let with = Model::open(&main.0, Some(&fallback.0)).unwrap();
-    assert_eq!(with.embed(&[2]).unwrap(), &values_of(&all, "model.embed_tokens.weight")[2 * HIDDEN..3 * HIDDEN]);
+    assert_eq!(with.embed(&[2]).unwrap().to_host()[..], values_of(&all, "model.embed_tokens.weight")[2 * HIDDEN..3 * HIDDEN]);
 }
 
 #[test]
@@ -193,13 +194,13 @@ struct Recorder {
 }
 
 impl Hooks for Recorder {
-    fn linear_input(&mut self, layer: usize, kind: LinearKind, x: &mut [f32], cols: usize) {
-        self.calls.push((layer, kind, cols, x.to_vec()));
+    fn linear_input(&mut self, layer: usize, kind: LinearKind, x: &mut Tensor, cols: usize) {
+        self.calls.push((layer, kind, cols, x.to_host().into_owned()));
         if kind == LinearKind::Q {
-            x.fill(0.0);
+            x.map_host(|x| x.fill(0.0));
         }
     }
-    fn kv(&mut self, layer: usize, k: &mut [f32], v: &mut [f32]) {
+    fn kv(&mut self, layer: usize, k: &mut Tensor, v: &mut Tensor) {
         self.kv.push((layer, k.len(), v.len()));
     }
 }
@@ -264,12 +265,13 @@ fn nll_over_several_logit_blocks_matches_the_logits() {
     // Longer than one block of positions (512 at most).
     let ids: Vec<u32> = (0..1100u32).map(|i| (i * 7 + i / 3) % VOCAB as u32).collect();
     let hidden: Vec<f32> = (0..ids.len() * HIDDEN).map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0).collect();
+    let hidden = Tensor::from(hidden);
     let (nll, count) = head.nll(&hidden, &ids);
-    let logits = head.logits(&hidden, ids.len());
+    let logits = head.logits(&hidden, ids.len()).into_host();
     let direct: f64 = (0..ids.len() - 1)
         .map(|t| rq_min::compute::cpu::log_softmax_nll(&logits[t * VOCAB..][..VOCAB], ids[t + 1] as usize))
         .sum();
     assert_eq!(count, ids.len() - 1);
     assert!((nll - direct).abs() <= 1e-9 * direct, "{nll} vs {direct}");
-    assert_eq!(head.nll(&hidden[..HIDDEN], &ids[..1]), (0.0, 0));
+    assert_eq!(head.nll(&hidden.rows(0..1, HIDDEN), &ids[..1]), (0.0, 0));
 }

@@ -57,7 +57,7 @@ for c in "${cases[@]}"; do
     out_name="$name"
     [[ "$name" == qnemo ]] && out_name="$name.qnemo"
     for side in base new; do
-        "$work/$side/rq-min" quantize "${common[@]}" "${args[@]}" --out "$work/$side/$out_name" 2>"$work/$side/$name.log" \
+        "$work/$side/rq-min" quantize "${common[@]}" "${args[@]}" --out "$work/$side/$out_name" >"$work/$side/$name.log" 2>&1 \
             || { echo "$name: $side failed: $(tail -1 "$work/$side/$name.log")"; status=1; continue 2; }
     done
     files=$(cd "$work/base" && find "$out_name" -type f | sort)

@@ -1,7 +1,8 @@
 //! The final norm and the language-model head: logits and the negative log-likelihood of a
 //! sequence, a block of positions at a time.
 
-use crate::compute::{cpu, Compute};
+use crate::compute::{cpu, Compute, Tensor};
+use std::borrow::Cow;
 use crate::model::config::ModelConfig;
 use crate::model::weights::InputQuant;
 
@@ -14,10 +15,10 @@ const NLL_MAX_ROWS: usize = 512;
 pub struct Head {
     /// For the kind of norm.
     pub(crate) cfg: ModelConfig,
-    pub(crate) norm: Vec<f32>, // [hidden]
+    pub(crate) norm: Tensor, // [hidden]
     /// LayerNorm bias (`cfg.layer_norm`), `[hidden]`.
-    pub(crate) norm_bias: Option<Vec<f32>>,
-    pub(crate) lm_head: Vec<f32>, // [vocab, hidden]
+    pub(crate) norm_bias: Option<Tensor>,
+    pub(crate) lm_head: Tensor, // [vocab, hidden]
     pub(crate) compute: Compute,
     /// What happens to lm_head's input (quantized lm_head of a mixed-precision checkpoint).
     pub(crate) input: InputQuant,
@@ -29,13 +30,13 @@ impl Head {
     }
 
     /// The output projection `[vocab, hidden]` (dequantized when stored quantized).
-    pub fn lm_head(&self) -> &[f32] {
-        &self.lm_head
+    pub fn lm_head(&self) -> Cow<'_, [f32]> {
+        self.lm_head.to_host()
     }
 
     /// The final norm's weight, `[hidden]`.
-    pub fn norm_weight(&self) -> &[f32] {
-        &self.norm
+    pub fn norm_weight(&self) -> Cow<'_, [f32]> {
+        self.norm.to_host()
     }
 
     /// The final norm's epsilon.
@@ -44,8 +45,8 @@ impl Head {
     }
 
     /// The final norm's bias (LayerNorm families), `[hidden]`.
-    pub fn norm_bias(&self) -> Option<&[f32]> {
-        self.norm_bias.as_deref()
+    pub fn norm_bias(&self) -> Option<Cow<'_, [f32]>> {
+        self.norm_bias.as_ref().map(Tensor::to_host)
     }
 
     /// The config the head was loaded with (for the kind of norm).
@@ -58,34 +59,31 @@ impl Head {
     }
 
     /// The final-norm output (HF `hidden_states[num_layers]`): `[seq, hidden]`.
-    pub fn normed(&self, hidden: &[f32], seq: usize) -> Vec<f32> {
+    pub fn normed(&self, hidden: &Tensor, seq: usize) -> Tensor {
         assert_eq!(hidden.len(), seq * self.hidden_size(), "Head: hidden is not [seq, hidden_size]");
-        let mut out = vec![0f32; hidden.len()];
-        self.compute.norm(self.cfg.norm_kind(), hidden, &self.norm, self.norm_bias.as_deref(), &mut out);
-        out
+        hidden.norm(self.compute, self.cfg.norm_kind(), &self.norm, self.norm_bias.as_ref())
     }
 
     /// Max |x| of lm_head's input (the final-norm output) over `hidden` states (each
     /// `[seq, hidden]`): its max calibration (spec/algorithms.md §3.1).
-    pub fn input_amax(&self, hidden: &[Vec<f32>]) -> f32 {
-        let normed = hidden.iter().map(|h| self.normed(h, h.len() / self.hidden_size()));
-        normed.fold(0f32, |m, x| x.iter().fold(m, |m, v| m.max(v.abs())))
+    pub fn input_amax(&self, hidden: &[Tensor]) -> f32 {
+        hidden.iter().fold(0f32, |m, h| self.normed(h, h.len() / self.hidden_size()).amax(m))
     }
 
     /// `lm_head(norm(hidden))`: `[seq, vocab]`.
-    pub fn logits(&self, hidden: &[f32], seq: usize) -> Vec<f32> {
+    pub fn logits(&self, hidden: &Tensor, seq: usize) -> Tensor {
         let mut normed = self.normed(hidden, seq);
-        self.input.apply(&mut normed, self.hidden_size());
-        let mut logits = vec![0f32; seq * self.vocab_size()];
-        cpu::matmul_bt(&normed, &self.lm_head, seq, self.hidden_size(), self.vocab_size(), &mut logits);
-        self.compute.round(&mut logits);
+        let h = self.hidden_size();
+        normed.map_host(|x| self.input.apply(x, h));
+        let mut logits = normed.matmul_bt(&self.lm_head, seq, h, self.vocab_size());
+        logits.round(self.compute);
         logits
     }
 
     /// Sum of `-log p(ids[t+1] | ids[..=t])` over t in `0..seq-1`, and the number of terms.
     /// Logits are computed a block of positions at a time (64 MiB at most). Panics if an id is
     /// outside the vocabulary (`Model::embed` has rejected those already).
-    pub fn nll(&self, hidden: &[f32], ids: &[u32]) -> (f64, usize) {
+    pub fn nll(&self, hidden: &Tensor, ids: &[u32]) -> (f64, usize) {
         let (h, vocab) = (self.hidden_size(), self.vocab_size());
         let seq = ids.len();
         assert_eq!(hidden.len(), seq * h, "Head::nll: hidden is not [ids.len(), hidden_size]");
@@ -94,7 +92,8 @@ impl Head {
         let block = (NLL_BLOCK_BYTES / (4 * vocab)).clamp(1, NLL_MAX_ROWS);
         for t0 in (0..scored).step_by(block) {
             let rows = block.min(scored - t0);
-            let logits = self.logits(&hidden[t0 * h..(t0 + rows) * h], rows);
+            let logits = self.logits(&hidden.rows(t0..t0 + rows, h), rows);
+            let logits = logits.to_host();
             // Rows split over threads; partial sums added in a fixed order (deterministic).
             let per = rows.div_ceil(cpu::num_threads());
             let part = |r0: usize| -> f64 {

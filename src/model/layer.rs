@@ -1,26 +1,28 @@
-//! One decoder layer: its weights (f32) and its forward pass, the same for every dense family
+//! One decoder layer: its weights (f32 tensors) and its forward pass, written once against
+//! `compute::Tensor`, the same for every dense family
 //! (the differences are fields of `ModelConfig`) and for MoE layers (src/model/moe.rs).
 
-use crate::compute::{act_fn, cpu, Attention, Compute, Rope};
+use crate::compute::{Attention, Compute, NormKind, Rope, Tensor};
+use std::borrow::Cow;
 use crate::model::config::{LayerModule, LinearKind, ModelConfig};
 use crate::model::hooks::Hooks;
 use crate::model::moe::MoeBlock;
 
-/// One decoder layer's weights, f32.
+/// One decoder layer's weights, f32 tensors on the backend the layer runs on.
 pub struct Layer {
     pub index: usize,
-    pub input_norm: Vec<f32>, // [hidden]
+    pub input_norm: Tensor, // [hidden]
     /// LayerNorm bias (`cfg.layer_norm`), `[hidden]`.
-    pub input_norm_bias: Option<Vec<f32>>,
-    pub post_norm: Vec<f32>, // [hidden]
-    pub post_norm_bias: Option<Vec<f32>>,
+    pub input_norm_bias: Option<Tensor>,
+    pub post_norm: Tensor, // [hidden]
+    pub post_norm_bias: Option<Tensor>,
     /// Indexed by `LinearKind as usize`, each `[out_features, in_features]` (empty for a
     /// linear the family does not have).
-    pub(crate) linears: [Vec<f32>; 7],
+    pub(crate) linears: [Tensor; 7],
     /// Indexed like `linears`, each `[out_features]` (`{module}.bias`, where the checkpoint has one).
-    pub(crate) biases: [Option<Vec<f32>>; 7],
+    pub(crate) biases: [Option<Tensor>; 7],
     /// Qwen3's `self_attn.q_norm` and `k_norm` weights, `[head_dim]` each.
-    pub(crate) qk_norm: Option<(Vec<f32>, Vec<f32>)>,
+    pub(crate) qk_norm: Option<(Tensor, Tensor)>,
     /// The MoE block replacing the dense MLP (Mixtral, Qwen3-MoE sparse layers).
     pub(crate) moe: Option<MoeBlock>,
     pub(crate) compute: Compute,
@@ -39,29 +41,22 @@ impl Layer {
     /// plain MLP `down(act(up(x)))` (`Starcoder2DecoderLayer`, `NemotronDecoderLayer`), RoPE of
     /// the leading `rotary_dim` dims of each head (Nemotron), an MoE block instead of the MLP
     /// (Mixtral, Qwen3-MoE). Phi3's fused modules are split at load, so it runs as Llama.
-    pub fn forward(&self, cfg: &ModelConfig, rope: &Rope, hidden: &mut [f32], seq: usize, hooks: &mut dyn Hooks) {
-        let h = cfg.hidden_size;
-        assert_eq!(hidden.len(), seq * h, "Layer::forward: hidden is not [seq, hidden_size]");
+    pub fn forward(&self, cfg: &ModelConfig, rope: &Rope, hidden: &mut Tensor, seq: usize, hooks: &mut dyn Hooks) {
+        assert_eq!(hidden.len(), seq * cfg.hidden_size, "Layer::forward: hidden is not [seq, hidden_size]");
         let c = self.compute;
-        let mut x = vec![0f32; seq * h];
 
-        c.norm(cfg.norm_kind(), hidden, &self.input_norm, self.input_norm_bias.as_deref(), &mut x);
+        let x = hidden.norm(c, cfg.norm_kind(), &self.input_norm, self.input_norm_bias.as_ref());
         let mut q = self.linear(cfg, LinearKind::Q, x.clone(), seq, hooks); // [seq, heads * hd]
         let mut k = self.linear(cfg, LinearKind::K, x.clone(), seq, hooks); // [seq, kv_heads * hd]
         let mut v = self.linear(cfg, LinearKind::V, x, seq, hooks); // [seq, kv_heads * hd]
         if let Some((q_norm, k_norm)) = &self.qk_norm {
             // Qwen3RMSNorm is LlamaRMSNorm, over rows of head_dim.
-            for (t, w) in [(&mut q, q_norm), (&mut k, k_norm)] {
-                let input = t.clone();
-                c.rms_norm(false, &input, w, cfg.rms_norm_eps, t);
-            }
+            let rms = NormKind { layer_norm: false, offset: false, eps: cfg.rms_norm_eps };
+            q = q.norm(c, rms, q_norm, None);
+            k = k.norm(c, rms, k_norm, None);
         }
-        for (t, heads) in [(&mut q, cfg.num_attention_heads), (&mut k, cfg.num_key_value_heads)] {
-            match c {
-                Compute::F32 => rope.apply(t, seq, heads),
-                Compute::Bf16 => rope.apply_bf16(t, seq, heads),
-            }
-        }
+        q.rope(c, rope, seq, cfg.num_attention_heads);
+        k.rope(c, rope, seq, cfg.num_key_value_heads);
         hooks.kv(self.index, &mut k, &mut v);
         let attention = Attention {
             n_heads: cfg.num_attention_heads,
@@ -70,55 +65,44 @@ impl Layer {
             sliding_window: cfg.sliding_window,
             flash_bf16: c == Compute::Bf16,
         };
-        let mut attn = vec![0f32; q.len()]; // [seq, heads * hd]
-        attention.forward(&q, &k, &v, seq, &mut attn);
-        c.round(&mut attn);
+        let mut attn = Tensor::attention(&attention, &q, &k, &v, seq); // [seq, heads * hd]
+        attn.round(c);
         let o = self.linear(cfg, LinearKind::O, attn, seq, hooks);
-        cpu::add_in_place(hidden, &o);
-        c.round(hidden);
+        hidden.add(&o);
+        hidden.round(c);
 
-        let mut x = vec![0f32; seq * h];
-        c.norm(cfg.norm_kind(), hidden, &self.post_norm, self.post_norm_bias.as_deref(), &mut x);
+        let x = hidden.norm(c, cfg.norm_kind(), &self.post_norm, self.post_norm_bias.as_ref());
         let down = if let (Some(block), Some(moe)) = (&self.moe, &cfg.moe) {
             block.forward(cfg, moe, self.index, &x, seq, c, hooks)
         } else {
             let mlp = if cfg.gated_mlp() {
                 let mut gate = self.linear(cfg, LinearKind::Gate, x.clone(), seq, hooks); // [seq, intermediate]
                 let up = self.linear(cfg, LinearKind::Up, x, seq, hooks); // [seq, intermediate]
-                c.gated_mul(cfg.act, &mut gate, &up);
+                gate.gated_mul(c, cfg.act, &up);
                 gate
             } else {
                 // One torch op on the up output: rounded once.
                 let mut up = self.linear(cfg, LinearKind::Up, x, seq, hooks);
-                let act = act_fn(cfg.act);
-                up.iter_mut().for_each(|v| *v = act(*v));
-                c.round(&mut up);
+                up.activate(cfg.act);
+                up.round(c);
                 up
             };
             self.linear(cfg, LinearKind::Down, mlp, seq, hooks)
         };
-        cpu::add_in_place(hidden, &down);
-        c.round(hidden);
+        hidden.add(&down);
+        hidden.round(c);
     }
 
     /// `kind`'s output for input `x` (`[seq, in_features]`), after the input hook; the bias,
     /// if any, is added before the output is rounded (torch `F.linear` rounds once).
-    fn linear(
-        &self,
-        cfg: &ModelConfig,
-        kind: LinearKind,
-        mut x: Vec<f32>,
-        seq: usize,
-        hooks: &mut dyn Hooks,
-    ) -> Vec<f32> {
+    fn linear(&self, cfg: &ModelConfig, kind: LinearKind, mut x: Tensor, seq: usize, hooks: &mut dyn Hooks) -> Tensor {
         let [n, k] = kind.shape(cfg);
         hooks.linear_input(self.index, kind, &mut x, k);
-        let mut out = vec![0f32; seq * n];
-        cpu::matmul_bt(&x, self.weight(kind), seq, k, n, &mut out);
-        if let Some(b) = self.bias(kind) {
-            out.chunks_exact_mut(n).for_each(|row| cpu::add_in_place(row, b));
+        let mut out = x.matmul_bt(&self.linears[kind as usize], seq, k, n);
+        if let Some(b) = &self.biases[kind as usize] {
+            out.add_row_bias(b);
         }
-        self.compute.round(&mut out);
+        out.round(self.compute);
         out
     }
 
@@ -127,7 +111,7 @@ impl Layer {
     pub fn set_weight(&mut self, kind: LinearKind, w: Vec<f32>) {
         let slot = &mut self.linears[kind as usize];
         assert_eq!(w.len(), slot.len(), "set_weight({kind:?}): wrong number of values");
-        *slot = w;
+        *slot = Tensor::from(w);
     }
 
     /// The MoE block of an MoE layer (its dense gate/up/down weights are then empty).
@@ -143,8 +127,8 @@ impl Layer {
     /// The weight of `m` (stacked rows of a fused module; an expert's from the MoE block).
     pub fn module_weight(&self, m: &LayerModule) -> Vec<f32> {
         match (m.expert, &self.moe) {
-            (Some(e), Some(block)) => block.weight(e, m.kinds[0]).to_vec(),
-            _ => m.kinds.iter().flat_map(|&k| self.weight(k).iter().copied()).collect(),
+            (Some(e), Some(block)) => block.weight(e, m.kinds[0]).into_owned(),
+            _ => m.kinds.iter().flat_map(|&k| self.weight(k).into_owned()).collect(),
         }
     }
 
@@ -153,12 +137,13 @@ impl Layer {
         if m.expert.is_some() {
             return None;
         }
-        m.kinds.iter().map(|&k| self.bias(k)).collect::<Option<Vec<_>>>().map(|b| b.concat())
+        let parts = m.kinds.iter().map(|&k| self.bias(k)).collect::<Option<Vec<_>>>()?;
+        Some(parts.iter().flat_map(|b| b.iter().copied()).collect())
     }
 
     /// Qwen3's per-head q and k RMSNorm weights (`[head_dim]` each), when the family has them.
-    pub fn qk_norm(&self) -> Option<(&[f32], &[f32])> {
-        self.qk_norm.as_ref().map(|(q, k)| (&q[..], &k[..]))
+    pub fn qk_norm(&self) -> Option<(Cow<'_, [f32]>, Cow<'_, [f32]>)> {
+        self.qk_norm.as_ref().map(|(q, k)| (q.to_host(), k.to_host()))
     }
 
     /// The arithmetic this layer was loaded with.
@@ -166,12 +151,13 @@ impl Layer {
         self.compute
     }
 
-    pub fn weight(&self, kind: LinearKind) -> &[f32] {
-        &self.linears[kind as usize]
+    /// `kind`'s weight, `[out_features, in_features]`.
+    pub fn weight(&self, kind: LinearKind) -> Cow<'_, [f32]> {
+        self.linears[kind as usize].to_host()
     }
 
     /// `kind`'s bias, `[out_features]`, when the checkpoint has one.
-    pub fn bias(&self, kind: LinearKind) -> Option<&[f32]> {
-        self.biases[kind as usize].as_deref()
+    pub fn bias(&self, kind: LinearKind) -> Option<Cow<'_, [f32]>> {
+        self.biases[kind as usize].as_ref().map(Tensor::to_host)
     }
 }

@@ -26,7 +26,7 @@ pub use head::Head;
 pub use hooks::{Hooks, NoHooks};
 pub use layer::Layer;
 
-use crate::compute::Compute;
+use crate::compute::{Compute, Tensor};
 use crate::error::{Error, Result};
 use crate::io::safetensors::{Dtype, TensorView};
 use moe::MoeBlock;
@@ -71,7 +71,7 @@ impl Model {
     /// times `embed_scale` where the config has one (HF `GemmaModel.forward`:
     /// `hidden * torch.tensor(hidden_size**0.5, dtype=hidden.dtype)`, so under `Compute::Bf16`
     /// the factor and the product are bf16). Only those rows are read and converted.
-    pub fn embed(&self, ids: &[u32]) -> Result<Vec<f32>> {
+    pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
         let (vocab, hidden) = (self.config.vocab_size, self.config.hidden_size);
         let table = self.tensor(EMBED_TOKENS)?;
         table.expect_shape(&[vocab, hidden])?;
@@ -93,7 +93,7 @@ impl Model {
             out.iter_mut().for_each(|v| *v *= scale);
             self.compute.round(&mut out);
         }
-        Ok(out)
+        Ok(Tensor::from(out))
     }
 
     /// Decoder layer `i`'s weights, as f32.
@@ -113,8 +113,8 @@ impl Model {
             Some(m) if m.is_sparse(i) => Some(self.load_moe(m, i)?),
             _ => None,
         };
-        let mut linears: [Vec<f32>; 7] = Default::default();
-        let mut biases: [Option<Vec<f32>>; 7] = Default::default();
+        let mut linears: [Tensor; 7] = Default::default();
+        let mut biases: [Option<Tensor>; 7] = Default::default();
         for m in cfg.modules.iter().filter(|m| moe.is_none() || !m.is_mlp()) {
             let module = format!("{prefix}.{}", m.name);
             let shape = m.shape(cfg);
@@ -130,14 +130,14 @@ impl Model {
             let mut row = 0;
             for &k in m.kinds {
                 let [rows, cols] = k.shape(cfg);
-                linears[k as usize] = w[row * cols..(row + rows) * cols].to_vec();
-                biases[k as usize] = b.as_ref().map(|b| b[row..row + rows].to_vec());
+                linears[k as usize] = Tensor::from(w[row * cols..(row + rows) * cols].to_vec());
+                biases[k as usize] = b.as_ref().map(|b| Tensor::from(b[row..row + rows].to_vec()));
                 row += rows;
             }
         }
         let qk_norm = if cfg.qk_norm {
             let norm = |which: &str| self.load(&format!("{prefix}.self_attn.{which}.weight"), &[cfg.head_dim]);
-            Some((norm("q_norm")?, norm("k_norm")?))
+            Some((Tensor::from(norm("q_norm")?), Tensor::from(norm("k_norm")?)))
         } else {
             None
         };
@@ -164,19 +164,19 @@ impl Model {
         let router = t.to_f32()?;
         check_finite(&name, &router, 0)?;
         let experts = (0..moe.num_experts)
-            .map(|e| -> Result<[Vec<f32>; 3]> {
+            .map(|e| -> Result<[Tensor; 3]> {
                 let w = |k| weights::linear_weight(self, &moe.expert_module(layer, e, k), moe.expert_shape(cfg, k));
-                Ok([w(LinearKind::Gate)?, w(LinearKind::Up)?, w(LinearKind::Down)?])
+                Ok([w(LinearKind::Gate)?, w(LinearKind::Up)?, w(LinearKind::Down)?].map(Tensor::from))
             })
             .collect::<Result<_>>()?;
-        Ok(MoeBlock { router, experts })
+        Ok(MoeBlock { router: Tensor::from(router), experts })
     }
 
     /// Norm `module`'s weight and, for a LayerNorm, its bias (`[hidden]` each).
-    fn load_norm(&self, module: &str) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
+    fn load_norm(&self, module: &str) -> Result<(Tensor, Option<Tensor>)> {
         let shape = [self.config.hidden_size];
-        let weight = self.load(&format!("{module}.weight"), &shape)?;
-        let bias = if self.config.layer_norm { Some(self.load(&format!("{module}.bias"), &shape)?) } else { None };
+        let weight = Tensor::from(self.load(&format!("{module}.weight"), &shape)?);
+        let bias = if self.config.layer_norm { Some(Tensor::from(self.load(&format!("{module}.bias"), &shape)?)) } else { None };
         Ok((weight, bias))
     }
 
@@ -192,7 +192,7 @@ impl Model {
         } else {
             (self.load(EMBED_TOKENS, &shape)?, InputQuant::default())
         };
-        Ok(Head { cfg: cfg.clone(), norm, norm_bias, lm_head, compute: self.compute, input })
+        Ok(Head { cfg: cfg.clone(), norm, norm_bias, lm_head: Tensor::from(lm_head), compute: self.compute, input })
     }
 
 }

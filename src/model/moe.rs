@@ -10,7 +10,8 @@
 //! the forward pass hands every expert exactly the tokens routed to it, through
 //! [`Hooks::expert_input`].
 
-use crate::compute::{cpu, Compute};
+use crate::compute::{Compute, Tensor};
+use std::borrow::Cow;
 use crate::model::config::{LinearKind, ModelConfig, MoeConfig};
 use crate::model::hooks::Hooks;
 
@@ -23,18 +24,18 @@ fn expert_slot(kind: LinearKind) -> usize {
     }
 }
 
-/// One layer's MoE block, weights as f32.
+/// One layer's MoE block, weights as f32 tensors.
 pub struct MoeBlock {
     /// `[num_experts, hidden]`.
-    pub(crate) router: Vec<f32>,
+    pub(crate) router: Tensor,
     /// Per expert: gate, up, down, each `[out, in]`.
-    pub(crate) experts: Vec<[Vec<f32>; 3]>,
+    pub(crate) experts: Vec<[Tensor; 3]>,
 }
 
 impl MoeBlock {
     /// The router weight, `[num_experts, hidden]`.
-    pub fn router_weight(&self) -> &[f32] {
-        &self.router
+    pub fn router_weight(&self) -> Cow<'_, [f32]> {
+        self.router.to_host()
     }
 
     pub fn num_experts(&self) -> usize {
@@ -42,8 +43,8 @@ impl MoeBlock {
     }
 
     /// Expert `e`'s weight of `kind` (Gate, Up or Down), `[out, in]`.
-    pub fn weight(&self, e: usize, kind: LinearKind) -> &[f32] {
-        &self.experts[e][expert_slot(kind)]
+    pub fn weight(&self, e: usize, kind: LinearKind) -> Cow<'_, [f32]> {
+        self.experts[e][expert_slot(kind)].to_host()
     }
 
     /// Replaces expert `e`'s weight of `kind` (Gate, Up or Down). Panics if `w` does not have
@@ -51,20 +52,20 @@ impl MoeBlock {
     pub fn set_weight(&mut self, e: usize, kind: LinearKind, w: Vec<f32>) {
         let slot = &mut self.experts[e][expert_slot(kind)];
         assert_eq!(w.len(), slot.len(), "set_weight(expert {e}, {kind:?}): wrong number of values");
-        *slot = w;
+        *slot = Tensor::from(w);
     }
 
     /// The experts each token goes to, with their weights: `[seq][top_k]` of (expert, weight).
     /// HF `MixtralTopKRouter` / `Qwen3MoeTopKRouter`: logits = `F.linear(x, gate)` in the model
     /// dtype, probabilities = softmax in f32, `torch.topk` (largest first; equal values keep the
     /// lower expert index first), divided by their sum when `norm_topk_prob`, then cast to the
-    /// model dtype for the weighted sum.
-    pub fn route(&self, moe: &MoeConfig, x: &[f32], seq: usize, c: Compute) -> Vec<Vec<(usize, f32)>> {
+    /// model dtype for the weighted sum. The top-k runs on the host: `[seq, num_experts]` values.
+    pub fn route(&self, moe: &MoeConfig, x: &Tensor, seq: usize, c: Compute) -> Vec<Vec<(usize, f32)>> {
         let (n, h) = (self.num_experts(), x.len() / seq.max(1));
-        let mut logits = vec![0f32; seq * n];
-        cpu::matmul_bt(x, &self.router, seq, h, n, &mut logits);
-        c.round(&mut logits);
+        let mut logits = x.matmul_bt(&self.router, seq, h, n);
+        logits.round(c);
         logits
+            .to_host()
             .chunks_exact(n)
             .map(|row| {
                 let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
@@ -93,38 +94,34 @@ impl MoeBlock {
         cfg: &ModelConfig,
         moe: &MoeConfig,
         layer: usize,
-        x: &[f32],
+        x: &Tensor,
         seq: usize,
         c: Compute,
         hooks: &mut dyn Hooks,
-    ) -> Vec<f32> {
+    ) -> Tensor {
         let h = cfg.hidden_size;
         let routes = self.route(moe, x, seq, c);
-        let mut out = vec![0f32; seq * h];
-        for e in 0..self.num_experts() {
+        let mut out = Tensor::from(vec![0f32; seq * h]);
+        for (e, weights) in self.experts.iter().enumerate() {
             let rows: Vec<(usize, f32)> =
                 routes.iter().enumerate().filter_map(|(t, r)| r.iter().find(|k| k.0 == e).map(|k| (t, k.1))).collect();
             if rows.is_empty() {
                 continue;
             }
-            let xe: Vec<f32> = rows.iter().flat_map(|&(t, _)| x[t * h..(t + 1) * h].iter().copied()).collect();
-            let mut linear = |kind: LinearKind, mut x: Vec<f32>| {
+            let tokens: Vec<usize> = rows.iter().map(|&(t, _)| t).collect();
+            let xe = x.gather_rows(&tokens, h);
+            let mut linear = |kind: LinearKind, mut x: Tensor| {
                 let [n, k] = moe.expert_shape(cfg, kind);
                 hooks.expert_input(layer, e, kind, &mut x, k);
-                let mut y = vec![0f32; rows.len() * n];
-                cpu::matmul_bt(&x, self.weight(e, kind), rows.len(), k, n, &mut y);
-                c.round(&mut y);
+                let mut y = x.matmul_bt(&weights[expert_slot(kind)], rows.len(), k, n);
+                y.round(c);
                 y
             };
             let mut gate = linear(LinearKind::Gate, xe.clone());
             let up = linear(LinearKind::Up, xe);
-            c.gated_mul(cfg.act, &mut gate, &up);
+            gate.gated_mul(c, cfg.act, &up);
             let down = linear(LinearKind::Down, gate);
-            for (&(t, w), y) in rows.iter().zip(down.chunks_exact(h)) {
-                for (o, &v) in out[t * h..(t + 1) * h].iter_mut().zip(y) {
-                    *o = c.round_one(*o + c.round_one(v * w));
-                }
-            }
+            out.index_add_weighted(c, &down, &rows, h);
         }
         out
     }

@@ -22,6 +22,7 @@ use crate::error::{Error, Result};
 use crate::io::json::{obj, str, Json};
 use crate::model::{module_of, Hooks, LayerModule, LinearKind, Model, NoHooks};
 use crate::compute::cpu as ops;
+use crate::compute::Tensor;
 use crate::ptq::progress::Progress;
 use crate::model::weights::InputQuant;
 use crate::quant::{fp8, int, nvfp4, smoothquant, Exclusions, QFormat, WeightKind, INT4_GROUP};
@@ -280,9 +281,9 @@ struct Amax {
 }
 
 impl Hooks for Amax {
-    fn linear_input(&mut self, _layer: usize, kind: LinearKind, x: &mut [f32], _cols: usize) {
+    fn linear_input(&mut self, _layer: usize, kind: LinearKind, x: &mut Tensor, _cols: usize) {
         let a = &mut self.amax[kind as usize];
-        *a = x.iter().fold(*a, |m, v| m.max(v.abs()));
+        *a = x.amax(*a);
     }
 }
 
@@ -390,8 +391,8 @@ pub fn search(
     let seg = (n as f64).sqrt().ceil().max(1.0) as usize;
     let max_len = samples.iter().map(Vec::len).max().unwrap_or(0);
     let rope = cfg.rope_table(max_len);
-    let mut hidden: Vec<Vec<f32>> = samples.iter().map(|s| model.embed(s)).collect::<Result<_>>()?;
-    let mut checkpoints: Vec<Vec<Vec<f32>>> = Vec::new();
+    let mut hidden: Vec<Tensor> = samples.iter().map(|s| model.embed(s)).collect::<Result<_>>()?;
+    let mut checkpoints: Vec<Vec<Tensor>> = Vec::new();
     // inputs[l][module][format], modules as in `ModelConfig::layer_modules(l)`.
     let mut inputs: Vec<Vec<Vec<InputQuant>>> = Vec::with_capacity(n);
     for l in 0..n {
@@ -439,15 +440,16 @@ pub fn search(
     let mut scores: HashMap<String, Vec<f64>> = HashMap::new();
     let head_formats: Vec<QFormat> = formats.iter().copied().filter(|&f| !has_algorithm(f)).collect();
     let head_shape = [cfg.vocab_size, cfg.hidden_size];
+    let head_w = head.lm_head();
     let head_wq: Vec<Vec<f32>> =
-        head_formats.iter().map(|&f| candidate_weight(f, head.lm_head(), head_shape, None, dtype)).collect::<Result<_>>()?;
+        head_formats.iter().map(|&f| candidate_weight(f, &head_w, head_shape, None, dtype)).collect::<Result<_>>()?;
     let head_inputs: Vec<InputQuant> =
         head_formats.iter().map(|f| InputQuant { pre_quant_scale: None, act: f.act().map(|a| (a, head_amax)) }).collect();
     let mut head_scores = vec![0f64; head_formats.len()];
     let mut dh: Vec<Vec<f32>> = Vec::with_capacity(score.len());
     for &i in score {
-        let (_, d) = head_backward(&head, &hidden[i], &samples[i], &mut |x, dz| {
-            let lin = Scored { w: head.lm_head(), wq: head_wq.iter().map(Vec::as_slice).collect(), inputs: &head_inputs, shape: head_shape };
+        let (_, d) = head_backward(&head, &hidden[i].to_host(), &samples[i], &mut |x, dz| {
+            let lin = Scored { w: &head_w, wq: head_wq.iter().map(Vec::as_slice).collect(), inputs: &head_inputs, shape: head_shape };
             score_linear(&lin, x, dz, &mut head_scores)
         });
         dh.push(d);
@@ -487,7 +489,7 @@ pub fn search(
                 );
             }
             for (j, &i) in score.iter().enumerate() {
-                let d = layer_backward(&layer, cfg, &rope, &x_in[j], samples[i].len(), &dh[j], &mut |kind, expert, x, dy| {
+                let d = layer_backward(&layer, cfg, &rope, &x_in[j].to_host(), samples[i].len(), &dh[j], &mut |kind, expert, x, dy| {
                     // A fused module's output is its linears' outputs stacked: Σ (g ⊙ Δ)² over it
                     // is the sum over the linears' rows of the fused module's candidates.
                     let k = module_of(&modules, expert, kind).expect("every linear of a layer is in a module");

@@ -23,6 +23,8 @@ use crate::compute::{act_fn, Compute};
 use crate::model::{Head, Layer, LinearKind};
 use crate::model::{moe::MoeBlock, MoeConfig};
 use crate::compute::cpu::{self as ops, Attention, Rope};
+use crate::compute::Tensor;
+use std::borrow::Cow;
 
 /// Memory for one block of logits (and their gradient, in place) in [`head_backward`]; blocks
 /// are as tall as this allows, up to `HEAD_MAX_ROWS` positions (as in `Head::nll`).
@@ -85,17 +87,21 @@ pub fn layer_backward(
     assert_eq!(dh_out.len(), seq * h, "layer_backward: dh_out is not [seq, hidden_size]");
     let dense = |kind: LinearKind| Linear { w: layer.weight(kind), b: layer.bias(kind), shape: kind.shape(cfg) };
 
+    let (input_norm, post_norm) = (layer.input_norm.to_host(), layer.post_norm.to_host());
+    let input_norm_bias = layer.input_norm_bias.as_ref().map(Tensor::to_host);
+    let post_norm_bias = layer.post_norm_bias.as_ref().map(Tensor::to_host);
+
     // Attention forward, f32.
     let mut x1 = vec![0f32; seq * h];
-    Compute::F32.norm(cfg.norm_kind(), h_in, &layer.input_norm, layer.input_norm_bias.as_deref(), &mut x1);
+    Compute::F32.norm(cfg.norm_kind(), h_in, &input_norm, input_norm_bias.as_deref(), &mut x1);
     let mut q = dense(LinearKind::Q).forward(&x1, seq);
     let mut k = dense(LinearKind::K).forward(&x1, seq);
     let v = dense(LinearKind::V).forward(&x1, seq);
     // Qwen3: the q/k projections before their per-head RMSNorm.
     let qk_pre = layer.qk_norm().map(|(wq, wk)| {
         let pre = (q.clone(), k.clone());
-        ops::rms_norm(&pre.0, wq, eps, &mut q);
-        ops::rms_norm(&pre.1, wk, eps, &mut k);
+        ops::rms_norm(&pre.0, &wq, eps, &mut q);
+        ops::rms_norm(&pre.1, &wk, eps, &mut k);
         pre
     });
     rope.apply(&mut q, seq, n_heads);
@@ -114,18 +120,18 @@ pub fn layer_backward(
 
     // MLP.
     let mut x2 = vec![0f32; seq * h];
-    Compute::F32.norm(cfg.norm_kind(), &h_mid, &layer.post_norm, layer.post_norm_bias.as_deref(), &mut x2);
+    Compute::F32.norm(cfg.norm_kind(), &h_mid, &post_norm, post_norm_bias.as_deref(), &mut x2);
     let dx2 = match (layer.moe(), cfg.moe_layer(layer.index)) {
         (Some(block), Some(moe)) => moe_backward(block, moe, cfg, &x2, seq, dh_out, each),
         _ => {
             let gate = cfg.gated_mlp().then(|| dense(LinearKind::Gate));
             let (up, down) = (dense(LinearKind::Up), dense(LinearKind::Down));
-            mlp_backward(gate, up, down, cfg.act, &x2, seq, dh_out, &mut |kind, x, dy| each(kind, None, x, dy)).0
+            mlp_backward(gate.as_ref(), &up, &down, cfg.act, &x2, seq, dh_out, &mut |kind, x, dy| each(kind, None, x, dy)).0
         }
     };
     drop(x2);
     let mut dh_mid = dh_out.to_vec();
-    norm_backward_add(cfg, &h_mid, &layer.post_norm, &dx2, &mut dh_mid);
+    norm_backward_add(cfg, &h_mid, &post_norm, &dx2, &mut dh_mid);
     drop((dx2, h_mid));
 
     // Attention backward.
@@ -137,7 +143,7 @@ pub fn layer_backward(
     rope_transpose(rope, &mut dy_q, seq, n_heads, cfg.head_dim, cfg.rotary_dim);
     rope_transpose(rope, &mut dy_k, seq, n_kv, cfg.head_dim, cfg.rotary_dim);
     if let (Some((q_pre, k_pre)), Some((wq, wk))) = (qk_pre, layer.qk_norm()) {
-        for (pre, w, dy) in [(&q_pre, wq, &mut dy_q), (&k_pre, wk, &mut dy_k)] {
+        for (pre, w, dy) in [(&q_pre, &wq[..], &mut dy_q), (&k_pre, &wk[..], &mut dy_k)] {
             let mut d = vec![0f32; dy.len()];
             rms_norm_backward_add(pre, w, eps, dy, &mut d);
             *dy = d;
@@ -150,15 +156,14 @@ pub fn layer_backward(
     ops::add_in_place(&mut dx1, &dense(LinearKind::K).input_grad(&dy_k, seq));
     ops::add_in_place(&mut dx1, &dense(LinearKind::V).input_grad(&dy_v, seq));
     let mut dh_in = dh_mid;
-    norm_backward_add(cfg, h_in, &layer.input_norm, &dx1, &mut dh_in);
+    norm_backward_add(cfg, h_in, &input_norm, &dx1, &mut dh_in);
     dh_in
 }
 
 /// One linear's weight `[out, in]` and bias.
-#[derive(Clone, Copy)]
 struct Linear<'a> {
-    w: &'a [f32],
-    b: Option<&'a [f32]>,
+    w: Cow<'a, [f32]>,
+    b: Option<Cow<'a, [f32]>>,
     shape: [usize; 2],
 }
 
@@ -167,8 +172,8 @@ impl Linear<'_> {
     fn forward(&self, x: &[f32], rows: usize) -> Vec<f32> {
         let [n, k] = self.shape;
         let mut y = vec![0f32; rows * n];
-        ops::matmul_bt(x, self.w, rows, k, n, &mut y);
-        if let Some(b) = self.b {
+        ops::matmul_bt(x, &self.w, rows, k, n, &mut y);
+        if let Some(b) = &self.b {
             y.chunks_exact_mut(n).for_each(|row| ops::add_in_place(row, b));
         }
         y
@@ -177,7 +182,7 @@ impl Linear<'_> {
     /// `dx = dy·W` (`matmul_bt` against a transposed copy of W, `[in, out]`).
     fn input_grad(&self, dy: &[f32], rows: usize) -> Vec<f32> {
         let [n_out, n_in] = self.shape;
-        let w_t = transpose(self.w, n_out, n_in);
+        let w_t = transpose(&self.w, n_out, n_in);
         let mut dx = vec![0f32; rows * n_in];
         ops::matmul_bt(dy, &w_t, rows, n_out, n_in, &mut dx);
         dx
@@ -213,9 +218,9 @@ fn act_grad(act: Activation, g: f32) -> f32 {
 /// ```
 #[allow(clippy::too_many_arguments)]
 fn mlp_backward(
-    gate: Option<Linear>,
-    up: Linear,
-    down: Linear,
+    gate: Option<&Linear>,
+    up: &Linear,
+    down: &Linear,
     act: Activation,
     x: &[f32],
     rows: usize,
@@ -271,7 +276,7 @@ fn moe_backward(
     each: &mut EachLinear,
 ) -> Vec<f32> {
     let (h, n) = (cfg.hidden_size, block.num_experts());
-    let routes = block.route(moe, x, seq, Compute::F32);
+    let routes = block.route(moe, &Tensor::from(x.to_vec()), seq, Compute::F32);
     let mut dx = vec![0f32; seq * h];
     // dL/dw per token and kept slot.
     let mut dw: Vec<Vec<f64>> = routes.iter().map(|r| vec![0.0; r.len()]).collect();
@@ -290,7 +295,7 @@ fn moe_backward(
         let lin = |kind| Linear { w: block.weight(e, kind), b: None, shape: moe.expert_shape(cfg, kind) };
         let (gate, up, down) = (lin(LinearKind::Gate), lin(LinearKind::Up), lin(LinearKind::Down));
         let (dxe, m) =
-            mlp_backward(Some(gate), up, down, cfg.act, &xe, rows.len(), &d_down, &mut |kind, x, dy| each(kind, Some(e), x, dy));
+            mlp_backward(Some(&gate), &up, &down, cfg.act, &xe, rows.len(), &d_down, &mut |kind, x, dy| each(kind, Some(e), x, dy));
         let y = down.forward(&m, rows.len());
         for (r, &(t, s, _)) in rows.iter().enumerate() {
             let d = &d_out[t * h..(t + 1) * h];
@@ -301,7 +306,7 @@ fn moe_backward(
     // Router logits' gradient, then dx += dl·W_router.
     let router = block.router_weight();
     let mut logits = vec![0f32; seq * n];
-    ops::matmul_bt(x, router, seq, h, n, &mut logits);
+    ops::matmul_bt(x, &router, seq, h, n, &mut logits);
     let mut dl = vec![0f32; seq * n];
     for ((route, dw), (z, dl)) in routes.iter().zip(&dw).zip(logits.chunks_exact(n).zip(dl.chunks_exact_mut(n))) {
         if moe.norm_topk_prob {
@@ -363,7 +368,7 @@ pub fn head_backward(
     let inv_n = 1.0 / scored as f64;
     let mut normed = vec![0f32; seq * h];
     let cfg = head.config();
-    Compute::F32.norm(cfg.norm_kind(), hidden, norm, head.norm_bias(), &mut normed);
+    Compute::F32.norm(cfg.norm_kind(), hidden, &norm, head.norm_bias().as_deref(), &mut normed);
     let mut d_normed = vec![0f32; seq * h];
     let mut loss = 0f64;
     let block = (HEAD_BLOCK_BYTES / (4 * vocab)).clamp(1, HEAD_MAX_ROWS);
@@ -372,7 +377,7 @@ pub fn head_backward(
         let rows = block.min(scored - t0);
         let x = &normed[t0 * h..(t0 + rows) * h];
         let mut z = vec![0f32; rows * vocab];
-        ops::matmul_bt(x, w_head, rows, h, vocab, &mut z);
+        ops::matmul_bt(x, &w_head, rows, h, vocab, &mut z);
         // Row by row, z becomes dL/dz: with nll = logsumexp(z) − z[target],
         // softmax(z)_j = exp(z_j − logsumexp(z)) = exp(z_j − nll − z[target]). Rows are split
         // over threads; the partial losses are added in a fixed order (deterministic).
@@ -423,7 +428,7 @@ pub fn head_backward(
             ops::add_in_place(dx, &part);
         }
     }
-    norm_backward_add(cfg, hidden, norm, &d_normed, &mut d_hidden);
+    norm_backward_add(cfg, hidden, &norm, &d_normed, &mut d_hidden);
     (loss * inv_n, d_hidden)
 }
 

@@ -3,7 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::model::{module_of, Hooks, Layer, LayerModule, LinearKind, Model};
-use crate::compute::cpu::Rope;
+use crate::compute::{Rope, Tensor};
 use crate::ptq::progress::Progress;
 use crate::quant::fp8;
 use crate::model::weights::{self as read, InputQuant};
@@ -20,11 +20,11 @@ fn run_layers(
     samples: &[Vec<u32>],
     progress: &Progress,
     task: &str,
-    mut each_layer: impl FnMut(usize, &Layer, &Rope, &mut [Vec<f32>]) -> Result<()>,
-) -> Result<Vec<Vec<f32>>> {
+    mut each_layer: impl FnMut(usize, &Layer, &Rope, &mut [Tensor]) -> Result<()>,
+) -> Result<Vec<Tensor>> {
     let max_len = samples.iter().map(Vec::len).max().unwrap_or(0);
     let rope = model.config.rope_table(max_len);
-    let mut hidden: Vec<Vec<f32>> = samples.iter().map(|s| model.embed(s)).collect::<Result<_>>()?;
+    let mut hidden: Vec<Tensor> = samples.iter().map(|s| model.embed(s)).collect::<Result<_>>()?;
     let n = model.config.num_hidden_layers;
     for l in 0..n {
         let layer = model.load_layer(l)?;
@@ -45,24 +45,24 @@ struct EvalHooks {
 }
 
 impl EvalHooks {
-    fn apply(&self, expert: Option<usize>, kind: LinearKind, x: &mut [f32], cols: usize) {
+    fn apply(&self, expert: Option<usize>, kind: LinearKind, x: &mut Tensor, cols: usize) {
         if let Some(i) = module_of(&self.modules, expert, kind) {
-            self.inputs[i].apply(x, cols);
+            x.map_host(|x| self.inputs[i].apply(x, cols));
         }
     }
 }
 
 impl Hooks for EvalHooks {
-    fn linear_input(&mut self, _layer: usize, kind: LinearKind, x: &mut [f32], cols: usize) {
+    fn linear_input(&mut self, _layer: usize, kind: LinearKind, x: &mut Tensor, cols: usize) {
         self.apply(None, kind, x, cols);
     }
-    fn expert_input(&mut self, _layer: usize, expert: usize, kind: LinearKind, x: &mut [f32], cols: usize) {
+    fn expert_input(&mut self, _layer: usize, expert: usize, kind: LinearKind, x: &mut Tensor, cols: usize) {
         self.apply(Some(expert), kind, x, cols);
     }
-    fn kv(&mut self, _layer: usize, k: &mut [f32], v: &mut [f32]) {
+    fn kv(&mut self, _layer: usize, k: &mut Tensor, v: &mut Tensor) {
         for (t, amax) in [(k, self.kv_amax.0), (v, self.kv_amax.1)] {
             if let Some(a) = amax {
-                fp8::fake_quant(t, a);
+                t.map_host(|t| fp8::fake_quant(t, a));
             }
         }
     }

@@ -17,7 +17,8 @@ use crate::error::{Error, Result};
 use crate::export::unified::Output;
 use crate::model::config::{row_fold, RowFold};
 use crate::model::{module_of, Hooks, LayerModule, Layer, LinearKind, Model, LLAMA_MODULES};
-use crate::compute::cpu::{self as ops, Rope};
+use crate::compute::cpu as ops;
+use crate::compute::{Rope, Tensor};
 use crate::ptq::progress::Progress;
 use crate::quant::awq::{self, ActMean, LiteSearch};
 use crate::quant::{fp8, int, nvfp4, smoothquant, ActKind, Exclusions, QFormat, WeightKind, INT4_GROUP};
@@ -87,38 +88,31 @@ pub(crate) struct StatsHooks<'a> {
 }
 
 impl StatsHooks<'_> {
-    fn observe(&mut self, expert: Option<usize>, kind: LinearKind, x: &[f32], cols: usize) {
+    fn observe(&mut self, expert: Option<usize>, kind: LinearKind, x: &Tensor, cols: usize) {
         let Some(k) = observed(self.modules, expert, kind) else { return };
-        if x.iter().any(|v| !v.is_finite()) {
+        if !x.all_finite() {
             self.non_finite.get_or_insert(k);
             return;
         }
-        self.amax[k] = x.iter().fold(self.amax[k], |m, v| m.max(v.abs()));
+        self.amax[k] = x.amax(self.amax[k]);
         if self.want_channels {
-            let ch = &mut self.channel_amax[k];
-            ch.resize(cols, 0.0);
-            for row in x.chunks_exact(cols) {
-                for (m, v) in ch.iter_mut().zip(row) {
-                    *m = m.max(v.abs());
-                }
-            }
+            x.channel_amax(cols, &mut self.channel_amax[k]);
         }
         if self.want_mean {
-            self.mean[k].get_or_insert_with(|| ActMean::new(cols, self.dtype)).observe(x);
+            self.mean[k].get_or_insert_with(|| ActMean::new(cols, self.dtype)).observe(&x.to_host());
         }
     }
 }
 
 impl Hooks for StatsHooks<'_> {
-    fn linear_input(&mut self, _layer: usize, kind: LinearKind, x: &mut [f32], cols: usize) {
+    fn linear_input(&mut self, _layer: usize, kind: LinearKind, x: &mut Tensor, cols: usize) {
         self.observe(None, kind, x, cols);
     }
-    fn expert_input(&mut self, _layer: usize, expert: usize, kind: LinearKind, x: &mut [f32], cols: usize) {
+    fn expert_input(&mut self, _layer: usize, expert: usize, kind: LinearKind, x: &mut Tensor, cols: usize) {
         self.observe(Some(expert), kind, x, cols);
     }
-    fn kv(&mut self, _layer: usize, k: &mut [f32], v: &mut [f32]) {
-        self.kv_amax.0 = k.iter().fold(self.kv_amax.0, |m, x| m.max(x.abs()));
-        self.kv_amax.1 = v.iter().fold(self.kv_amax.1, |m, x| m.max(x.abs()));
+    fn kv(&mut self, _layer: usize, k: &mut Tensor, v: &mut Tensor) {
+        self.kv_amax = (k.amax(self.kv_amax.0), v.amax(self.kv_amax.1));
     }
 }
 
@@ -132,27 +126,28 @@ struct SearchHooks<'a> {
 }
 
 impl SearchHooks<'_> {
-    fn observe(&mut self, expert: Option<usize>, kind: LinearKind, x: &[f32], cols: usize) {
+    fn observe(&mut self, expert: Option<usize>, kind: LinearKind, x: &Tensor, cols: usize) {
         let Some(k) = observed(self.modules, expert, kind) else { return };
         if let Some((w, bias, search)) = &mut self.searches[k] {
+            let x = x.to_host();
             let out = w.len() / cols;
             let tokens = x.len() / cols;
             let mut y = vec![0f32; tokens * out];
-            ops::matmul_bt(x, w, tokens, cols, out, &mut y);
+            ops::matmul_bt(&x, w, tokens, cols, out, &mut y);
             if let Some(b) = bias {
                 y.chunks_exact_mut(out).for_each(|row| ops::add_in_place(row, b));
             }
             self.layer.compute().round(&mut y);
-            search.observe(x, &y);
+            search.observe(&x, &y);
         }
     }
 }
 
 impl Hooks for SearchHooks<'_> {
-    fn linear_input(&mut self, _layer: usize, kind: LinearKind, x: &mut [f32], cols: usize) {
+    fn linear_input(&mut self, _layer: usize, kind: LinearKind, x: &mut Tensor, cols: usize) {
         self.observe(None, kind, x, cols);
     }
-    fn expert_input(&mut self, _layer: usize, expert: usize, kind: LinearKind, x: &mut [f32], cols: usize) {
+    fn expert_input(&mut self, _layer: usize, expert: usize, kind: LinearKind, x: &mut Tensor, cols: usize) {
         self.observe(Some(expert), kind, x, cols);
     }
 }
@@ -193,7 +188,7 @@ pub fn run(model: &Model, samples: &[Vec<u32>], opts: &Options, out: &mut Output
     }
     let max_len = samples.iter().map(Vec::len).max().unwrap_or(0);
     let rope = cfg.rope_table(max_len);
-    let mut hidden: Vec<Vec<f32>> = samples.iter().map(|s| model.embed(s)).collect::<Result<_>>()?;
+    let mut hidden: Vec<Tensor> = samples.iter().map(|s| model.embed(s)).collect::<Result<_>>()?;
     // lm_head (a Linear, listed even when tied) and the nn.Embedding carry quantizers but stay
     // unquantized (spec/export-formats.md §2.4).
     let mut summary = Summary { quantized: vec![], unquantized: vec!["lm_head".into(), "model.embed_tokens".into()] };
@@ -240,7 +235,7 @@ pub(crate) fn calibrate_layer<'a>(
     modules: &'a [LayerModule],
     cfg: &crate::model::config::ModelConfig,
     rope: &Rope,
-    hidden: &mut [Vec<f32>],
+    hidden: &mut [Tensor],
     samples: &[Vec<u32>],
     formats: &[Option<QFormat>],
     smooth: &[bool],
@@ -263,8 +258,8 @@ pub(crate) fn calibrate_layer<'a>(
         kv_amax: (0.0, 0.0),
         non_finite: None,
     };
-    let mut scratch: Vec<Vec<f32>>;
-    let states: &mut [Vec<f32>] = if awq {
+    let mut scratch: Vec<Tensor>;
+    let states: &mut [Tensor] = if awq {
         scratch = hidden.to_vec();
         &mut scratch
     } else {
@@ -313,7 +308,7 @@ pub(crate) fn calibrate_layer<'a>(
 /// lm_head in a max-calibrated format (FP8 or NVFP4; auto-quantize may pick it when nothing
 /// is excluded): its input is the final-norm output of every calibration sample. With tied
 /// embeddings the quantized copy is written as `lm_head.weight` beside the bf16 embedding.
-fn quantize_lm_head(model: &Model, hidden: &[Vec<f32>], format: QFormat, dtype: Dtype, out: &mut Output) -> Result<()> {
+fn quantize_lm_head(model: &Model, hidden: &[Tensor], format: QFormat, dtype: Dtype, out: &mut Output) -> Result<()> {
     if format.awq() || format == QFormat::Int8Sq {
         return Err(Error::Unsupported(format!(
             "lm_head in {}: only max-calibrated formats (fp8, nvfp4) are supported for lm_head",
@@ -482,9 +477,13 @@ fn emit_layer(
     out: &mut Output,
 ) -> Result<()> {
     let cfg = &model.config;
-    let mut input_norm = layer.input_norm.clone();
-    let mut post_norm = layer.post_norm.clone();
-    let (mut input_norm_bias, mut post_norm_bias) = (layer.input_norm_bias.clone(), layer.post_norm_bias.clone());
+    // The norms on the host: AWQ folds scales into them.
+    let host = |t: &Tensor| t.to_host().into_owned();
+    let (original_input_norm, original_post_norm) = (host(&layer.input_norm), host(&layer.post_norm));
+    let original_input_norm_bias = layer.input_norm_bias.as_ref().map(host);
+    let original_post_norm_bias = layer.post_norm_bias.as_ref().map(host);
+    let (mut input_norm, mut post_norm) = (original_input_norm.clone(), original_post_norm.clone());
+    let (mut input_norm_bias, mut post_norm_bias) = (original_input_norm_bias.clone(), original_post_norm_bias.clone());
     let find = |ls: &[Linear], k: LinearKind| ls.iter().position(|x| x.expert.is_none() && x.kinds.contains(&k));
 
     // 1. A consumer's scale into its producer's output rows (`row_fold`): in compressed-tensors
@@ -571,10 +570,10 @@ fn emit_layer(
         Ok(())
     };
     for (name, norm, original) in [
-        ("input_layernorm.weight", Some(&input_norm), Some(&layer.input_norm)),
-        ("post_attention_layernorm.weight", Some(&post_norm), Some(&layer.post_norm)),
-        ("input_layernorm.bias", input_norm_bias.as_ref(), layer.input_norm_bias.as_ref()),
-        ("post_attention_layernorm.bias", post_norm_bias.as_ref(), layer.post_norm_bias.as_ref()),
+        ("input_layernorm.weight", Some(&input_norm), Some(&original_input_norm)),
+        ("post_attention_layernorm.weight", Some(&post_norm), Some(&original_post_norm)),
+        ("input_layernorm.bias", input_norm_bias.as_ref(), original_input_norm_bias.as_ref()),
+        ("post_attention_layernorm.bias", post_norm_bias.as_ref(), original_post_norm_bias.as_ref()),
     ] {
         let (Some(norm), Some(original)) = (norm, original) else { continue };
         let full = format!("{prefix}.{name}");
