@@ -3,7 +3,7 @@
 //! architecture.
 //!
 //! The modules are the pipeline, bottom up; each uses only those listed before it
-//! (`tools/check-deps.sh` enforces it):
+//! (`tools/check_deps.py` enforces it):
 //! - `error`, `numerics`: the one error type; bf16 / f16 / FP8 / FP4 scalar conversions.
 //! - `io`: JSON, safetensors, tar + gzip.
 //! - `compute`: where the arithmetic runs: `Tensor` with CPU (and CUDA) storage, the ops a

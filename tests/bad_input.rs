@@ -246,3 +246,128 @@ fn binary_reports_errors_without_panicking() {
     assert_eq!(code, Some(1));
     assert!(err.contains("missing.safetensors"), "{err}");
 }
+
+/// Rewrites `model/model.safetensors` with the tensors `keep` accepts, plus `extra`.
+fn rewrite_weights(model: &Path, keep: impl Fn(&str) -> bool, extra: &[(&str, Vec<f32>)]) {
+    let file = model.join("model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    let header = rq_min::io::safetensors::parse_header(&bytes, &file).unwrap();
+    let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = header
+        .tensors
+        .iter()
+        .filter(|i| keep(&i.name))
+        .map(|i| {
+            let data = bytes[header.data_start + i.start..header.data_start + i.end].to_vec();
+            (i.name.clone(), i.dtype, i.shape.clone(), data)
+        })
+        .collect();
+    for (name, values) in extra {
+        tensors.push((name.to_string(), Dtype::F32, vec![values.len()], values.iter().flat_map(|v| v.to_le_bytes()).collect()));
+    }
+    let refs: Vec<(&str, Dtype, &[usize], &[u8])> =
+        tensors.iter().map(|(n, d, s, b)| (n.as_str(), *d, s.as_slice(), b.as_slice())).collect();
+    std::fs::remove_file(&file).unwrap();
+    rq_min::io::safetensors::write_file(&file, &refs, &[]).unwrap();
+}
+
+/// A config that lies about a dimension or the layer count, or a checkpoint that lacks a tensor
+/// the family needs, is refused before any work, with the key or tensor named, and nothing is
+/// written (hardening items 5, 8, 9).
+#[test]
+fn checkpoints_that_disagree_with_their_config_are_refused_up_front() {
+    let dir = scratch("complete");
+    type Breaker = Box<dyn Fn(&Path)>;
+    let cases: Vec<(&str, Breaker, &[&str])> = vec![
+        (
+            "a billion layers",
+            Box::new(|m: &Path| edit_config(m, |j| j.set("num_hidden_layers", Json::Int(1_000_000_000)))),
+            &["num_hidden_layers is 1000000000", "no tensor of model.layers.2"],
+        ),
+        (
+            "fewer layers than the file",
+            Box::new(|m: &Path| edit_config(m, |j| j.set("num_hidden_layers", Json::Int(1)))),
+            &["num_hidden_layers is 1", "up to model.layers.1"],
+        ),
+        (
+            "head_dim 1e12",
+            Box::new(|m: &Path| edit_config(m, |j| j.set("head_dim", Json::Int(1_000_000_000_000)))),
+            &["q_proj.weight", "expected"],
+        ),
+        (
+            "huge vocabulary",
+            Box::new(|m: &Path| edit_config(m, |j| j.set("vocab_size", Json::Int(1 << 40)))),
+            &["model.embed_tokens.weight"],
+        ),
+        (
+            "no final norm",
+            Box::new(|m: &Path| rewrite_weights(m, |n| n != "model.norm.weight", &[])),
+            &["model.norm.weight", "not found"],
+        ),
+        (
+            "untied without lm_head",
+            Box::new(|m: &Path| rewrite_weights(m, |n| n != "lm_head.weight", &[])),
+            &["lm_head.weight", "not found"],
+        ),
+    ];
+    for (what, break_it, expect) in cases {
+        let case = dir.join(what.replace(' ', "_"));
+        std::fs::create_dir_all(&case).unwrap();
+        let model = model_copy(&case);
+        break_it(&model);
+        let out = case.join("out");
+        let started = std::time::Instant::now();
+        let err = quantize(&args(&model, &out, &case.join("ids.json"))).unwrap_err().to_string();
+        for e in expect {
+            assert!(err.contains(e), "{what}: {err}");
+        }
+        assert!(started.elapsed().as_secs() < 20, "{what}: took {:?}", started.elapsed());
+        assert_no_output(&out);
+        // eval refuses it the same way.
+        let eval = rq_min::cli::EvalArgs {
+            model: model.clone(),
+            text: None,
+            seq: 16,
+            base: None,
+            dtype: "f32".into(),
+            device: "cpu".into(),
+            quiet: true,
+        };
+        let err = rq_min::cli::eval(&eval).unwrap_err().to_string();
+        assert!(err.contains(expect[0]), "{what} (eval): {err}");
+    }
+}
+
+/// `verify` finds what a loader would miss: a tensor the config implies, a tensor it does not
+/// imply, and hf_quant_config.json missing or disagreeing with config.json (item 8).
+#[test]
+fn verify_checks_completeness_and_the_two_configs() {
+    let dir = scratch("verify-complete");
+    let model = model_copy(&dir);
+    let out = dir.join("out");
+    quantize(&args(&model, &out, &dir.join("ids.json"))).unwrap();
+    rq_min::cli::verify(&out, None).unwrap();
+    let findings = |f: &dyn Fn(&Path)| -> String {
+        let copy = dir.join("copy");
+        let _ = std::fs::remove_dir_all(&copy);
+        std::fs::create_dir_all(&copy).unwrap();
+        for e in std::fs::read_dir(&out).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), copy.join(e.file_name())).unwrap();
+        }
+        f(&copy);
+        assert!(rq_min::cli::verify(&copy, None).is_err());
+        rq_min::export::verify::model_findings(&copy).join("\n")
+    };
+    let f = findings(&|c| rewrite_weights(c, |n| n != "model.norm.weight", &[]));
+    assert!(f.contains("model.norm.weight"), "{f}");
+    let f = findings(&|c| rewrite_weights(c, |_| true, &[("model.layers.0.mlp.extra.weight", vec![1.0; 4])]));
+    assert!(f.contains("model.layers.0.mlp.extra.weight") && f.contains("not implied"), "{f}");
+    let f = findings(&|c| std::fs::remove_file(c.join("hf_quant_config.json")).unwrap());
+    assert!(f.contains("hf_quant_config.json: missing"), "{f}");
+    let f = findings(&|c| {
+        let p = c.join("hf_quant_config.json");
+        let text = std::fs::read_to_string(&p).unwrap().replace("\"FP8\"", "\"NVFP4\"");
+        std::fs::write(&p, text).unwrap();
+    });
+    assert!(f.contains("quant_algo") && f.contains("NVFP4"), "{f}");
+}

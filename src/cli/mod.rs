@@ -173,6 +173,7 @@ fn quantize_trtllm(a: &QuantizeArgs, qnemo: bool) -> Result<()> {
     // Fail on the model and the split before calibrating.
     let cfg = crate::model::config::ModelConfig::from_dir(&a.model)?;
     check_model(&cfg)?;
+    Model::open(&a.model, None)?.check_complete()?;
     check_split(&cfg, a.tp, a.pp)?;
     if cfg.moe.is_some() && a.qformat.split(',').any(|f| f.trim() == "int8_sq") && a.layer_formats.is_none() {
         return Err(Error::Unsupported(
@@ -238,6 +239,7 @@ fn unified_export(a: &QuantizeArgs, compressed_tensors: bool, step: Step) -> Res
     }
     let progress = Progress::new("quantize", a.quiet);
     let model = Model::open(&a.model, None)?;
+    model.check_complete()?;
     let needs_tok = a.calib_ids.is_none() || !a.no_eval;
     let tok = if needs_tok { Some(Tokenizer::from_dir(&a.model)?) } else { None };
     let source = match (&a.calib_text, &a.calib_ids) {
@@ -385,6 +387,7 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
         return Err(Error::Usage("--seq must be at least 2".into()));
     }
     let mut model = Model::open(&a.model, a.base.as_deref())?;
+    model.check_complete()?;
     model.compute = match a.dtype.as_str() {
         "f32" => Compute::F32,
         "bf16" => Compute::Bf16,
@@ -449,6 +452,9 @@ pub fn verify(dir: &Path, original: Option<&Path>) -> Result<()> {
         return Err(Error::Usage("--original is for unified checkpoints, not TensorRT-LLM ones".into()));
     }
     let mut report = if trtllm { crate::export::verify::check_trtllm(dir)? } else { crate::export::verify::check(dir)? };
+    if !trtllm {
+        report.findings.extend(crate::export::verify::model_findings(dir));
+    }
     println!("{:<14} {:>8} {:>14} {:>10}", "format", "linears", "parameters", "bits/param");
     for (name, g) in &report.groups {
         println!("{:<14} {:>8} {:>14} {:>10.3}", name, g.linears, g.params, g.bits());

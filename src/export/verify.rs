@@ -2,6 +2,8 @@
 //! its config and its tensors disagree (as a loader would find them).
 
 use crate::error::Result;
+use crate::model::Model;
+use std::collections::BTreeSet;
 use crate::io::json::Json;
 use crate::export::compressed_tensors::CtConfig;
 use crate::model::weights::{detect, detect_packed, Stored};
@@ -333,6 +335,90 @@ fn check_scale(findings: &mut Vec<String>, module: &str, suffix: &str, t: &Tenso
     if suffix == "pre_quant_scale" && t.shape != [inp] {
         findings.push(format!("{module}.{suffix}: shape {:?}, expected [{inp}]", t.shape));
     }
+}
+
+/// What `verify` checks of a unified (or compressed-tensors) checkpoint beyond its linears:
+/// config.json is there and, with ModelOpt's `quant_method`, hf_quant_config.json too, the two
+/// naming the same `quant_algo` and `kv_cache_quant_algo` (spec/export-formats.md §2.2, §2.3);
+/// every tensor the config implies is present with its shape (`Model::incomplete`); and no
+/// tensor is there that the config does not imply (a leftover or a foreign module).
+pub fn model_findings(dir: &Path) -> Vec<String> {
+    let mut findings = Vec::new();
+    let config = match Json::parse_file(&dir.join("config.json")) {
+        Ok(c) => c,
+        Err(e) => return vec![e.to_string()],
+    };
+    let section = config.get("quantization_config");
+    let modelopt = section.and_then(|q| q.get("quant_method")).and_then(Json::as_str) == Some("modelopt");
+    let hf_path = dir.join("hf_quant_config.json");
+    match (modelopt, hf_path.exists()) {
+        (true, false) => findings.push(format!("{}: missing (config.json says quant_method modelopt)", hf_path.display())),
+        (false, true) => findings.push(format!("{}: present, but config.json has no ModelOpt quantization_config", hf_path.display())),
+        (true, true) => match Json::parse_file(&hf_path) {
+            Err(e) => findings.push(e.to_string()),
+            Ok(hf) => {
+                for key in ["quant_algo", "kv_cache_quant_algo"] {
+                    let a = hf.get("quantization").and_then(|q| q.get(key)).and_then(Json::as_str);
+                    let mut b = section.and_then(|q| q.get(key)).and_then(Json::as_str);
+                    if key == "kv_cache_quant_algo" && b.is_none() {
+                        // config.json spells the KV format as kv_cache_scheme (§2.3).
+                        b = section.and_then(|q| q.get("kv_cache_scheme")).map(|_| "FP8");
+                    }
+                    if a != b {
+                        findings.push(format!("hf_quant_config.json {key} is {a:?} but config.json says {b:?}"));
+                    }
+                }
+            }
+        },
+        (false, false) => {}
+    }
+    let model = match Model::open(dir, None) {
+        Ok(m) => m,
+        Err(e) => return [findings, vec![e.to_string()]].concat(),
+    };
+    findings.extend(model.incomplete());
+    findings.extend(unexpected_tensors(&model));
+    findings
+}
+
+/// Tensors of the checkpoint that its config does not imply: names other than the embeddings,
+/// the norms, the routers, and each module's weight with its scales.
+fn unexpected_tensors(model: &Model) -> Vec<String> {
+    let cfg = &model.config;
+    const LINEAR: [&str; 4] = ["weight", "bias", "weight_packed", "weight_shape"];
+    let mut known: BTreeSet<String> = ["model.embed_tokens.weight", "model.norm.weight", "model.norm.bias"]
+        .into_iter()
+        .map(String::from)
+        .collect();
+    let mut module = |m: &str| {
+        for s in LINEAR.iter().chain(SCALE_SUFFIXES.iter()) {
+            known.insert(format!("{m}.{s}"));
+        }
+    };
+    module("lm_head");
+    for l in 0..cfg.num_hidden_layers {
+        for m in cfg.layer_modules(l) {
+            module(&m.path);
+        }
+        if let Some(moe) = cfg.moe_layer(l) {
+            module(&moe.router(l));
+        }
+        let p = format!("model.layers.{l}");
+        for norm in ["input_layernorm", "post_attention_layernorm", "self_attn.q_norm", "self_attn.k_norm"] {
+            module(&format!("{p}.{norm}"));
+        }
+        // ModelOpt's KV-cache scales hang off k_proj / v_proj (§2.8), covered above; the
+        // compressed-tensors layout puts them on the attention module.
+        module(&format!("{p}.self_attn"));
+    }
+    let mut found: Vec<String> = model
+        .weight_names()
+        .into_iter()
+        .filter(|n| !known.contains(n))
+        .map(|n| format!("tensor {n}: not implied by config.json (unexpected in a {} checkpoint)", cfg.architecture))
+        .collect();
+    found.truncate(20);
+    found
 }
 
 /// Whether `path` is a TensorRT-LLM checkpoint: a `.qnemo` file, or a folder whose config.json

@@ -67,6 +67,84 @@ impl Model {
         Ok(self.tensor(EMBED_TOKENS)?.dtype)
     }
 
+    /// What the checkpoint lacks for the config, from the tensor headers alone: every tensor
+    /// the family needs (embeddings, each layer's norms, linears (plain or quantized) and
+    /// router, the final norm, lm_head unless tied) with the shape config.json implies, and no
+    /// decoder layer beyond `num_hidden_layers`. A config that lies about a dimension or the
+    /// layer count is caught here, before any work or any allocation sized by it. Empty when
+    /// complete; at most `MAX_FINDINGS` entries.
+    pub fn incomplete(&self) -> Vec<String> {
+        const MAX_FINDINGS: usize = 20;
+        let cfg = &self.config;
+        let mut found = Vec::new();
+        let check = |found: &mut Vec<String>, r: Result<()>| {
+            if let Err(e) = r {
+                found.push(e.to_string());
+            }
+        };
+        let n = cfg.num_hidden_layers;
+        let present: std::collections::BTreeSet<usize> = self.weight_names().iter().filter_map(|t| layer_of(t)).collect();
+        if let Some(&last) = present.iter().next_back().filter(|&&l| l >= n) {
+            check(&mut found, Err(Error::config(
+                &cfg.path,
+                format!("num_hidden_layers is {n} but the checkpoint holds decoder layers up to model.layers.{last}"),
+            )));
+        }
+        if let Some(l) = (0..n).find(|l| !present.contains(l)) {
+            // One finding for the whole gap: a lying layer count must not cost a lookup per layer.
+            check(&mut found, Err(Error::config(
+                &cfg.path,
+                format!("num_hidden_layers is {n} but the checkpoint has no tensor of model.layers.{l}"),
+            )));
+        }
+        let shape = |name: &str, shape: &[usize]| self.tensor(name).and_then(|t| t.expect_shape(shape));
+        check(&mut found, shape(EMBED_TOKENS, &[cfg.vocab_size, cfg.hidden_size]));
+        let norm = |module: &str| -> Result<()> {
+            shape(&format!("{module}.weight"), &[cfg.hidden_size])?;
+            if cfg.layer_norm {
+                shape(&format!("{module}.bias"), &[cfg.hidden_size])?;
+            }
+            Ok(())
+        };
+        for l in (0..n).filter(|l| present.contains(l)) {
+            let prefix = format!("model.layers.{l}");
+            check(&mut found, norm(&format!("{prefix}.input_layernorm")));
+            check(&mut found, norm(&format!("{prefix}.post_attention_layernorm")));
+            if cfg.qk_norm {
+                for which in ["q_norm", "k_norm"] {
+                    check(&mut found, shape(&format!("{prefix}.self_attn.{which}.weight"), &[cfg.head_dim]));
+                }
+            }
+            if let Some(moe) = cfg.moe_layer(l) {
+                check(&mut found, shape(&format!("{}.weight", moe.router(l)), &[moe.num_experts, cfg.hidden_size]));
+            }
+            for m in cfg.layer_modules(l) {
+                check(&mut found, weights::check_linear(self, &m.path, m.shape));
+            }
+            if found.len() >= MAX_FINDINGS {
+                break;
+            }
+        }
+        check(&mut found, norm(FINAL_NORM));
+        if self.get(LM_HEAD).is_some() || self.get("lm_head.weight_packed").is_some() || !cfg.tie_word_embeddings {
+            check(&mut found, weights::check_linear(self, "lm_head", [cfg.vocab_size, cfg.hidden_size]));
+        }
+        found.truncate(MAX_FINDINGS);
+        found
+    }
+
+    /// [`Model::incomplete`] as an error naming what is missing or mis-shaped.
+    pub fn check_complete(&self) -> Result<()> {
+        let found = self.incomplete();
+        if found.is_empty() {
+            return Ok(());
+        }
+        Err(Error::config(
+            &self.config.path,
+            format!("does not match the checkpoint in {}:\n  {}", self.dir().display(), found.join("\n  ")),
+        ))
+    }
+
     /// Embedding rows of `ids`: `[ids.len(), hidden_size]` (HF `embed_tokens(input_ids)`),
     /// times `embed_scale` where the config has one (HF `GemmaModel.forward`:
     /// `hidden * torch.tensor(hidden_size**0.5, dtype=hidden.dtype)`, so under `Compute::Bf16`
@@ -195,4 +273,9 @@ impl Model {
         Ok(Head { cfg: cfg.clone(), norm, norm_bias, lm_head: Tensor::from(lm_head), compute: self.compute, input })
     }
 
+}
+
+/// The decoder layer a tensor name belongs to (`model.layers.{l}.…`).
+fn layer_of(name: &str) -> Option<usize> {
+    name.strip_prefix("model.layers.")?.split('.').next()?.parse().ok()
 }

@@ -192,6 +192,12 @@ fn stored(model: &Weights, module: &str, shape: [usize; 2]) -> Result<Stored> {
     }
 }
 
+/// Checks from the headers alone that linear `module` is stored (plain or in a known format)
+/// with the logical shape `shape`.
+pub fn check_linear(model: &Weights, module: &str, shape: [usize; 2]) -> Result<()> {
+    stored(model, module, shape).map(|_| ())
+}
+
 /// A linear's weight as f32 `[out, in]`, dequantized if the checkpoint stores it quantized.
 pub fn linear_weight(model: &Weights, module: &str, shape: [usize; 2]) -> Result<Vec<f32>> {
     let [out, inp] = shape;
