@@ -98,6 +98,29 @@ fn nan_weight_is_named_and_nothing_is_written() {
     assert_no_output(&out);
 }
 
+/// A finite weight too large to compute with (3e38: every product overflows) is named where it
+/// is, not reported later as NaN activations of another module (hardening item 14).
+#[test]
+fn overflowing_weight_is_named_where_it_is() {
+    let dir = scratch("huge");
+    let model = model_copy(&dir);
+    let name = "model.layers.0.mlp.down_proj.weight";
+    let file = model.join("model.safetensors");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let (start, data_start) = {
+        let header = rq_min::io::safetensors::parse_header(&bytes, &file).unwrap();
+        let info = header.tensors.iter().find(|i| i.name == name).unwrap().clone();
+        (info.start, header.data_start)
+    };
+    let at = data_start + start + 4 * 5;
+    bytes[at..at + 4].copy_from_slice(&3e38f32.to_le_bytes());
+    std::fs::write(&file, &bytes).unwrap();
+    let out = dir.join("out");
+    let err = quantize(&args(&model, &out, &dir.join("ids.json"))).unwrap_err().to_string();
+    assert!(err.contains(name) && err.contains("index 5") && err.contains("too large"), "{err}");
+    assert_no_output(&out);
+}
+
 #[test]
 fn broken_files_give_one_clear_error() {
     let dir = scratch("broken");

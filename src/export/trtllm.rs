@@ -967,7 +967,7 @@ pub fn write_qnemo(original: &Path, ckpt: &Path, out: &Path) -> Result<()> {
         let src = original.join(f);
         if src.exists() {
             let dst = ckpt.join(f);
-            std::fs::copy(&src, &dst).map_err(|e| Error::io(&src, e))?;
+            crate::io::copy_file(&src, &dst)?;
             copied.push(*f);
         }
     }

@@ -70,7 +70,7 @@ impl Output {
         for f in COPIED_FILES.iter().chain(TOKENIZER_FILES) {
             let src = source.join(f);
             if src.exists() {
-                std::fs::copy(&src, staging.tmp.join(f)).map_err(|e| Error::io(&src, e))?;
+                crate::io::copy_file(&src, &staging.tmp.join(f))?;
             }
         }
         staging.commit()

@@ -64,12 +64,22 @@ impl Weights {
 }
 
 /// Rejects NaN and ±Inf; `values` start at flat index `offset` of tensor `name`.
+/// Also rejects finite values of magnitude `MAX_WEIGHT` or more: a product with any activation
+/// overflows f32 and the NaN it leads to would surface in a later, innocent tensor.
 pub(crate) fn check_finite(name: &str, values: &[f32], offset: usize) -> Result<()> {
-    match values.iter().position(|v| !v.is_finite()) {
+    match values.iter().position(|v| !(v.abs() < MAX_WEIGHT)) {
         None => Ok(()),
+        Some(i) if values[i].is_finite() => Err(Error::tensor(
+            name,
+            format!("value {:e} at index {} is too large to compute with (|w| >= 2^64)", values[i], offset + i),
+        )),
         Some(i) => Err(Error::tensor(name, format!("contains NaN/Inf at index {} ({})", offset + i, values[i]))),
     }
 }
+
+/// The largest weight magnitude the runtime takes, 2^64: real checkpoints stay below 1e4,
+/// and 2^64 times an activation of 2^64 is still finite in f32.
+const MAX_WEIGHT: f32 = 18_446_744_073_709_551_616.0;
 /// How a linear's input is transformed before its matmul at evaluation.
 #[derive(Clone, Debug, Default)]
 pub struct InputQuant {
@@ -244,9 +254,7 @@ pub fn linear_weight(model: &Weights, module: &str, shape: [usize; 2]) -> Result
             nvfp4::dequantize_weight(w.data, s.data, ws2, out, inp)
         }
     };
-    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-        return Err(Error::tensor(&name, format!("contains NaN/Inf at index {i} ({})", values[i])));
-    }
+    check_finite(&name, &values, 0)?;
     Ok(values)
 }
 
