@@ -112,15 +112,16 @@ pub fn quantize(a: &QuantizeArgs) -> Result<()> {
     }
 }
 
-/// A temporary path `.{name}.rq-min-{what}-{pid}` beside `out` (same file system, so the
-/// final rename stays atomic).
+/// A new, empty temporary folder `.{name}.rq-min-{what}-{random}` beside `out` (same file
+/// system, so the final rename stays atomic); created here so the name is ours and a planted
+/// symlink cannot take its place.
 fn temp_beside(out: &Path, what: &str) -> Result<PathBuf> {
-    let name = out.file_name().ok_or_else(|| Error::Usage(format!("--out {} has no folder name", out.display())))?;
-    let parent = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    Ok(parent.join(format!(".{}.rq-min-{what}-{}", name.to_string_lossy(), std::process::id())))
+    if out.file_name().is_none() {
+        return Err(Error::Usage(format!("--out {} has no folder name", out.display())));
+    }
+    let parent = crate::tmp::parent_of(out);
+    std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+    crate::tmp::temp_dir_beside(out, what).map_err(|e| Error::io(&parent, e))
 }
 
 /// `--export compressed-tensors`: the unified checkpoint, quantized in compressed-tensors mode

@@ -28,6 +28,7 @@ pub mod quant;
 pub mod quantize;
 pub mod safetensors;
 pub mod tar_gz;
+pub mod tmp;
 pub mod tokenizer;
 
 #[cfg(feature = "cuda")]

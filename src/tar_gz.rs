@@ -128,7 +128,7 @@ fn ustar_header(name: &str, size: u64, dir: bool) -> std::io::Result<[u8; BLOCK]
 
 /// Writes `dir`'s plain files as a `.tar.gz` at `out` the way `tarfile.add(dir, arcname="./")`
 /// does: a `./` directory member, then `./<name>` for each file in sorted order. The archive
-/// goes to a temporary file beside `out` that is renamed at the end.
+/// goes to a new temporary file beside `out` (`tmp::temp_file_beside`) that is renamed at the end.
 pub fn write_tar_gz(dir: &Path, out: &Path) -> Result<()> {
     let mut names: Vec<String> = Vec::new();
     for e in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
@@ -138,10 +138,13 @@ pub fn write_tar_gz(dir: &Path, out: &Path) -> Result<()> {
         }
     }
     names.sort();
-    let name = out.file_name().ok_or_else(|| Error::Usage(format!("--out {} has no file name", out.display())))?;
-    let tmp = out.with_file_name(format!(".{}.rq-min-tmp-{}", name.to_string_lossy(), std::process::id()));
+    if out.file_name().is_none() {
+        return Err(Error::Usage(format!("--out {} has no file name", out.display())));
+    }
+    // O_CREAT | O_EXCL | O_NOFOLLOW under a random name: a planted file or symlink is never written through.
+    let (tmp, file) = crate::tmp::temp_file_beside(out, "tmp").map_err(|e| Error::io(crate::tmp::parent_of(out), e))?;
     let result = (|| -> std::io::Result<()> {
-        let file = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+        let file = std::io::BufWriter::new(file);
         let mut gz = GzWriter::new(file)?;
         gz.write_all(&ustar_header("./", 0, true)?)?;
         for n in &names {

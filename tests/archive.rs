@@ -178,3 +178,85 @@ fn tar_members_outside_the_folder_links_and_devices_are_refused() {
         assert!(e.contains("evil.qnemo") && e.contains("refusing") && e.contains(name), "{name} ({}): {e}", kind as char);
     }
 }
+
+/// Item 1: `verify X.qnemo` no longer extracts into the predictable
+/// `/tmp/rq-min-verify-{pid}-{size}`; a file planted there stops nothing and is left alone.
+#[test]
+fn verify_extracts_into_a_private_folder() {
+    let dir = scratch("verify");
+    let (file, bytes) = small_archive(&dir);
+    let planted = std::env::temp_dir().join(format!("rq-min-verify-{}-{}", std::process::id(), bytes.len()));
+    std::fs::write(&planted, "planted").unwrap();
+    let result = rq_min::inspect::check_trtllm(&file);
+    let planted_after = std::fs::read_to_string(&planted);
+    let _ = std::fs::remove_file(&planted);
+    assert_eq!(planted_after.unwrap(), "planted", "the planted file was touched");
+    // The archive is not a real checkpoint: the check reports on its content, not on /tmp.
+    if let Err(e) = result {
+        assert!(!matches!(e, rq_min::Error::Io { .. }), "{e}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn private_dir_is_0700_random_and_never_follows_links() {
+    use std::os::unix::fs::PermissionsExt;
+    let a = rq_min::tmp::PrivateDir::new("rq-min-archive-test-").unwrap();
+    let b = rq_min::tmp::PrivateDir::new("rq-min-archive-test-").unwrap();
+    assert_ne!(a.path(), b.path());
+    assert_eq!(std::fs::metadata(a.path()).unwrap().permissions().mode() & 0o777, 0o700);
+    a.write("config.json", b"{}").unwrap();
+    assert_eq!(std::fs::metadata(a.path().join("config.json")).unwrap().permissions().mode() & 0o777, 0o600);
+    assert!(a.write("config.json", b"again").is_err(), "an existing file is not overwritten");
+    let victim = scratch("private-victim").join("victim");
+    std::fs::write(&victim, "precious").unwrap();
+    std::os::unix::fs::symlink(&victim, a.path().join("rank0.safetensors")).unwrap();
+    assert!(a.write("rank0.safetensors", b"evil").is_err(), "a planted symlink is not followed");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+    for bad in ["../x", "a/b", "..", ""] {
+        assert!(a.write(bad, b"x").is_err(), "{bad:?}");
+    }
+    let path = a.path().to_path_buf();
+    drop(a);
+    assert!(!path.exists(), "removed on drop");
+    std::fs::remove_dir_all(victim.parent().unwrap()).unwrap();
+}
+
+/// Item 2: the `.qnemo` temp file is never written through a planted symlink.
+#[test]
+fn write_tar_gz_does_not_follow_a_planted_temp_symlink() {
+    let dir = scratch("symlink");
+    let src = dir.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("config.json"), "{}").unwrap();
+    let victim = dir.join("victim");
+    std::fs::write(&victim, "precious").unwrap();
+    let out = dir.join("model.qnemo");
+    // The name the old code used, and a few guesses at others.
+    let old = dir.join(format!(".model.qnemo.rq-min-tmp-{}", std::process::id()));
+    std::os::unix::fs::symlink(&victim, &old).unwrap();
+    write_tar_gz(&src, &out).unwrap();
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious", "the symlink target was overwritten");
+    assert!(!std::fs::symlink_metadata(&out).unwrap().file_type().is_symlink());
+    let members = read_tar_gz(&std::fs::read(&out).unwrap(), &out).unwrap();
+    assert_eq!(members[0].name, "./config.json");
+    // Only the output, the source, the victim and the planted link are there.
+    let mut names: Vec<String> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+    names.sort();
+    assert_eq!(names.len(), 4, "{names:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn temp_names_beside_the_output_are_random_and_exclusive() {
+    let dir = scratch("names");
+    let out = dir.join("out");
+    let a = rq_min::tmp::temp_dir_beside(&out, "tmp").unwrap();
+    let b = rq_min::tmp::temp_dir_beside(&out, "tmp").unwrap();
+    assert_ne!(a, b);
+    let name = a.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(name.starts_with(".out.rq-min-tmp-") && !name.ends_with(&std::process::id().to_string()), "{name}");
+    let (f, _) = rq_min::tmp::temp_file_beside(&out, "tmp").unwrap();
+    assert!(rq_min::tmp::create_new_file(&f).is_err(), "O_EXCL");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
