@@ -27,6 +27,7 @@ pub mod progress;
 pub mod quant;
 pub mod quantize;
 pub mod safetensors;
+pub mod say;
 pub mod tar_gz;
 pub mod tmp;
 pub mod tokenizer;
