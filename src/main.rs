@@ -1,7 +1,7 @@
 //! The `rq-min` command: quantize, eval, inspect.
 
 use argh::FromArgs;
-use rq_min::cli;
+use rq_min::{cli, err, out};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -155,8 +155,33 @@ struct Inspect {
     path: PathBuf,
 }
 
+/// The command line, parsed as `argh::from_env` does but printing `--help` and usage errors
+/// with `out!` / `err!`, so a closed stdout or stderr cannot make it panic.
+fn parse_args() -> Result<Args, ExitCode> {
+    let strings = std::env::args_os().map(|a| a.into_string()).collect::<Result<Vec<String>, _>>().map_err(|a| {
+        err!("rq-min: error: argument {} is not valid UTF-8", a.to_string_lossy());
+        ExitCode::FAILURE
+    })?;
+    let cmd = strings.first().and_then(|s| std::path::Path::new(s).file_name()).map_or("rq-min".into(), |n| n.to_string_lossy());
+    let rest: Vec<&str> = strings.iter().skip(1).map(|s| s.as_str()).collect();
+    Args::from_args(&[&cmd], &rest).map_err(|early| match early.status {
+        Ok(()) => {
+            out!("{}", early.output);
+            ExitCode::SUCCESS
+        }
+        Err(()) => {
+            err!("{}\nRun {cmd} --help for more information.", early.output);
+            ExitCode::FAILURE
+        }
+    })
+}
+
 fn main() -> ExitCode {
-    let args: Args = argh::from_env();
+    rq_min::io::say::ensure_std_fds();
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
     let result = match args.cmd {
         Command::Quantize(q) => cli::quantize(&cli::QuantizeArgs {
             model: q.model,
@@ -198,7 +223,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("rq-min: error: {e}");
+            err!("rq-min: error: {e}");
             ExitCode::FAILURE
         }
     }

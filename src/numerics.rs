@@ -88,12 +88,16 @@ pub fn e4m3_to_f32(c: u8) -> f32 {
 
 /// f32 -> E4M3FN bits: round half to even, saturate to ±448 (`__NV_SATFINITE`), NaN -> NaN.
 /// spec/algorithms.md §4.2: "Implement: RNE + saturate".
+///
+/// Bit-for-bit NVIDIA's host conversion (`__nv_cvt_float_to_fp8`, `__NV_SATFINITE`, `__NV_E4M3`;
+/// tests/fp8_reference.rs checks all 2^32 inputs): every NaN, whatever its sign or payload,
+/// becomes the positive NaN code 0x7F, because NVIDIA canonicalizes NaN before converting.
 pub fn f32_to_e4m3(x: f32) -> u8 {
+    if x.is_nan() {
+        return 0x7F;
+    }
     let sign = ((x.to_bits() >> 24) & 0x80) as u8;
     let a = x.abs();
-    if a.is_nan() {
-        return sign | 0x7F;
-    }
     if a < (-6f32).exp2() {
         // Subnormals are multiples of 2^-9; code 8 (= 2^-6) is the smallest normal.
         return sign | (a * 512.0).round_ties_even() as u8;

@@ -110,15 +110,16 @@ pub fn quantize(a: &QuantizeArgs) -> Result<()> {
     }
 }
 
-/// A temporary path `.{name}.rq-min-{what}-{pid}` beside `out` (same file system, so the
-/// final rename stays atomic).
+/// A new, empty temporary folder `.{name}.rq-min-{what}-{random}` beside `out` (same file
+/// system, so the final rename stays atomic); created here so the name is ours and a planted
+/// symlink cannot take its place.
 fn temp_beside(out: &Path, what: &str) -> Result<PathBuf> {
-    let name = out.file_name().ok_or_else(|| Error::Usage(format!("--out {} has no folder name", out.display())))?;
-    let parent = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    Ok(parent.join(format!(".{}.rq-min-{what}-{}", name.to_string_lossy(), std::process::id())))
+    if out.file_name().is_none() {
+        return Err(Error::Usage(format!("--out {} has no folder name", out.display())));
+    }
+    let parent = crate::io::tmp::parent_of(out);
+    std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+    crate::io::tmp::temp_dir_beside(out, what).map_err(|e| Error::io(&parent, e))
 }
 
 /// `--export compressed-tensors`: the unified checkpoint, quantized in compressed-tensors mode
@@ -144,7 +145,7 @@ fn quantize_ct(a: &QuantizeArgs) -> Result<()> {
     let result = unified_export(&unified, true, Step::Intermediate).and_then(|()| crate::export::compressed_tensors::convert(&tmp, &a.out, a.force));
     let _ = std::fs::remove_dir_all(&tmp);
     result?;
-    println!("exported compressed-tensors checkpoint -> {}", a.out.display());
+    crate::out!("exported compressed-tensors checkpoint -> {}", a.out.display());
     if !a.no_eval {
         let args = EvalArgs {
             model: a.out.clone(),
@@ -203,7 +204,7 @@ fn quantize_trtllm(a: &QuantizeArgs, qnemo: bool) -> Result<()> {
     result?;
     let what = if a.qformat == "none" { "unquantized " } else { "" };
     let kind = if qnemo { ".qnemo" } else { "TensorRT-LLM checkpoint" };
-    println!("exported {what}{kind} (tp {}, pp {}) -> {}", a.tp, a.pp, a.out.display());
+    crate::out!("exported {what}{kind} (tp {}, pp {}) -> {}", a.tp, a.pp, a.out.display());
     Ok(())
 }
 
@@ -271,7 +272,8 @@ fn unified_export(a: &QuantizeArgs, compressed_tensors: bool, step: Step) -> Res
             let input = autoquant::SearchInput { samples: &samples, score: &score, sq_alpha: a.sq_alpha };
             let s = autoquant::search(&model, &input, &formats, bits, &exclusions, &progress)?;
             if !a.quiet {
-                eprint!("{}", s.table());
+                let table = s.table();
+                crate::err!("{}", table.strip_suffix('\n').unwrap_or(&table));
             }
             let map = s.module_formats();
             search = Some((s, score.len()));
@@ -310,7 +312,7 @@ fn unified_export(a: &QuantizeArgs, compressed_tensors: bool, step: Step) -> Res
         (None, Some(_)) => "per --layer-formats".to_string(),
         (None, None) => format.cli_name().to_string(),
     };
-    println!(
+    crate::out!(
         "quantized {} linears to {}{} ({} left unquantized) in {:.1}s{}",
         spec.quantized.len(),
         what,
@@ -336,7 +338,7 @@ fn unified_export(a: &QuantizeArgs, compressed_tensors: bool, step: Step) -> Res
         let before = eval::perplexity(&model, &windows, &eval_progress)?;
         let quantized = Model::open(&a.out, None)?;
         let after = eval::perplexity(&quantized, &windows, &eval_progress)?;
-        println!(
+        crate::out!(
             "perplexity ({} windows x {} tokens): {:.3} -> {:.3} ({:+.2}%)",
             before.windows,
             a.eval_seq,
@@ -401,7 +403,7 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     let text = read_text(a.text.as_deref())?;
     let windows = eval::eval_windows(&tok.encode(&text), a.seq);
     let p = eval::perplexity(&model, &windows, &Progress::new("eval", a.quiet))?;
-    println!("perplexity {:.4} ({} windows x {} tokens, {} scored, {} compute)", p.ppl, p.windows, a.seq, p.count, a.dtype);
+    crate::out!("perplexity {:.4} ({} windows x {} tokens, {} scored, {} compute)", p.ppl, p.windows, a.seq, p.count, a.dtype);
     Ok(())
 }
 
@@ -428,17 +430,17 @@ pub fn inspect(path: &Path) -> Result<()> {
         .collect();
     print_tensors(&rows);
     let report = crate::export::verify::check(path)?;
-    println!("\n{:<14} {:>8} {:>14} {:>10}", "format", "linears", "parameters", "bits/param");
+    crate::out!("\n{:<14} {:>8} {:>14} {:>10}", "format", "linears", "parameters", "bits/param");
     for (name, g) in &report.groups {
-        println!("{:<14} {:>8} {:>14} {:>10.3}", name, g.linears, g.params, g.bits());
+        crate::out!("{:<14} {:>8} {:>14} {:>10.3}", name, g.linears, g.params, g.bits());
     }
-    println!("{:<14} {:>8} {:>14} {:>10.3}", "overall", "", report.groups.values().map(|g| g.params).sum::<usize>(), report.overall_bits());
+    crate::out!("{:<14} {:>8} {:>14} {:>10.3}", "overall", "", report.groups.values().map(|g| g.params).sum::<usize>(), report.overall_bits());
     if report.findings.is_empty() {
-        println!("no findings: config and tensors agree");
+        crate::out!("no findings: config and tensors agree");
         return Ok(());
     }
     for f in &report.findings {
-        println!("finding: {f}");
+        crate::out!("finding: {f}");
     }
     Err(Error::Usage(format!("{}: {} finding(s)", path.display(), report.findings.len())))
 }
@@ -455,16 +457,16 @@ pub fn verify(dir: &Path, original: Option<&Path>) -> Result<()> {
     if !trtllm {
         report.findings.extend(crate::export::verify::model_findings(dir));
     }
-    println!("{:<14} {:>8} {:>14} {:>10}", "format", "linears", "parameters", "bits/param");
+    crate::out!("{:<14} {:>8} {:>14} {:>10}", "format", "linears", "parameters", "bits/param");
     for (name, g) in &report.groups {
-        println!("{:<14} {:>8} {:>14} {:>10.3}", name, g.linears, g.params, g.bits());
+        crate::out!("{:<14} {:>8} {:>14} {:>10.3}", name, g.linears, g.params, g.bits());
     }
-    println!("{:<14} {:>8} {:>14} {:>10.3}", "overall", "", report.groups.values().map(|g| g.params).sum::<usize>(), report.overall_bits());
+    crate::out!("{:<14} {:>8} {:>14} {:>10.3}", "overall", "", report.groups.values().map(|g| g.params).sum::<usize>(), report.overall_bits());
     if let Some(orig) = original {
         let errors = crate::export::verify::weight_errors(dir, orig)?;
-        println!("\n{:<40} {:>14}", "linear", "weight error");
+        crate::out!("\n{:<40} {:>14}", "linear", "weight error");
         for e in &errors {
-            println!("{:<40} {:>14.4}", e.module, e.relative);
+            crate::out!("{:<40} {:>14.4}", e.module, e.relative);
             if !(e.relative <= crate::export::verify::MAX_WEIGHT_ERROR) {
                 report.findings.push(format!(
                     "{}: dequantized weight differs from the original by {:.3} (relative Frobenius), more than {}",
@@ -476,10 +478,10 @@ pub fn verify(dir: &Path, original: Option<&Path>) -> Result<()> {
         }
     }
     for f in &report.findings {
-        println!("finding: {f}");
+        crate::out!("finding: {f}");
     }
     if report.findings.is_empty() {
-        println!("verified: no findings");
+        crate::out!("verified: no findings");
         Ok(())
     } else {
         Err(Error::Usage(format!("{}: {} finding(s)", dir.display(), report.findings.len())))
@@ -487,19 +489,19 @@ pub fn verify(dir: &Path, original: Option<&Path>) -> Result<()> {
 }
 
 fn summarize_config(path: &Path, j: &Json) {
-    println!("{}:", path.display());
+    crate::out!("{}:", path.display());
     let keys = ["architectures", "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
         "num_key_value_heads", "intermediate_size", "vocab_size", "dtype", "torch_dtype", "tie_word_embeddings"];
     for k in keys {
         if let Some(v) = j.get(k) {
-            println!("  {k}: {}", v.to_compact());
+            crate::out!("  {k}: {}", v.to_compact());
         }
     }
     for k in ["quantization_config", "quantization"] {
         if let Some(q) = j.get(k) {
             for sub in ["quant_algo", "kv_cache_quant_algo", "exclude_modules", "ignore"] {
                 if let Some(v) = q.get(sub) {
-                    println!("  {k}.{sub}: {}", v.to_compact());
+                    crate::out!("  {k}.{sub}: {}", v.to_compact());
                 }
             }
         }
@@ -510,12 +512,12 @@ fn print_tensors(rows: &[TensorInfo]) {
     let mut rows: Vec<&TensorInfo> = rows.iter().collect();
     rows.sort_by(|a, b| a.name.cmp(&b.name));
     let width = rows.iter().map(|r| r.name.len()).max().unwrap_or(4).max(4);
-    println!("{:width$}  {:8}  {:16}  {:>12}", "name", "dtype", "shape", "bytes");
+    crate::out!("{:width$}  {:8}  {:16}  {:>12}", "name", "dtype", "shape", "bytes");
     let mut total = 0usize;
     for r in &rows {
         let shape = format!("{:?}", r.shape);
-        println!("{:width$}  {:8}  {:16}  {:>12}", r.name, r.dtype.name(), shape, r.end - r.start);
+        crate::out!("{:width$}  {:8}  {:16}  {:>12}", r.name, r.dtype.name(), shape, r.end - r.start);
         total += r.end - r.start;
     }
-    println!("{} tensors, {} bytes", rows.len(), total);
+    crate::out!("{} tensors, {} bytes", rows.len(), total);
 }

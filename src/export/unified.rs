@@ -242,19 +242,13 @@ impl Staging {
                 )));
             }
         }
-        let name = out
-            .file_name()
-            .ok_or_else(|| Error::Usage(format!("--out {} has no folder name", out.display())))?;
-        let parent = match out.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
-        let tmp = parent.join(format!(".{}.rq-min-tmp-{}", name.to_string_lossy(), std::process::id()));
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        if out.file_name().is_none() {
+            return Err(Error::Usage(format!("--out {} has no folder name", out.display())));
         }
-        std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        let parent = crate::io::tmp::parent_of(out);
+        std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+        // A new folder under a random name (mkdir fails on anything planted there).
+        let tmp = crate::io::tmp::temp_dir_beside(out, "tmp").map_err(|e| Error::io(&parent, e))?;
         Ok(Staging { tmp, out: out.to_path_buf(), committed: false })
     }
 

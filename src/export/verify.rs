@@ -443,22 +443,17 @@ pub fn check_trtllm(path: &Path) -> Result<Report> {
     }
     let bytes = std::fs::read(path).map_err(|e| crate::error::Error::io(path, e))?;
     let members = crate::io::tar_gz::read_tar_gz(&bytes, path)?;
-    let tmp = std::env::temp_dir().join(format!("rq-min-verify-{}-{}", std::process::id(), bytes.len()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| crate::error::Error::io(&tmp, e))?;
-    let result = (|| {
-        for m in &members {
-            let name = m.name.trim_start_matches("./");
-            if name.is_empty() || name.contains('/') {
-                continue; // only the top level holds the checkpoint
-            }
-            let p = tmp.join(name);
-            std::fs::write(&p, &m.data).map_err(|e| crate::error::Error::io(&p, e))?;
+    // A private folder (mkdtemp, 0700) and files created relative to it with O_EXCL |
+    // O_NOFOLLOW: nothing another user plants in /tmp can redirect the writes.
+    let tmp = crate::io::tmp::PrivateDir::new("rq-min-verify-").map_err(|e| crate::error::Error::io(std::env::temp_dir(), e))?;
+    for m in &members {
+        let name = m.name.trim_start_matches("./");
+        if name.is_empty() || name.contains('/') {
+            continue; // only the top level holds the checkpoint
         }
-        check_trtllm_dir(&tmp)
-    })();
-    let _ = std::fs::remove_dir_all(&tmp);
-    result
+        tmp.write(name, &m.data).map_err(|e| crate::error::Error::io(tmp.path().join(name), e))?;
+    }
+    check_trtllm_dir(tmp.path())
 }
 
 fn check_trtllm_dir(dir: &Path) -> Result<Report> {

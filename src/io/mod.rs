@@ -1,9 +1,12 @@
 //! File formats, read and written here with no dependency: JSON, safetensors (single files,
-//! sharded checkpoints, the shard writer) and the tar + gzip of `.qnemo` archives.
+//! sharded checkpoints, the shard writer) and the tar + gzip of `.qnemo` archives; temporary
+//! files another user cannot redirect (`tmp`) and console output that never panics (`say`).
 
 pub mod json;
 pub mod safetensors;
+pub mod say;
 pub mod tar_gz;
+pub mod tmp;
 
 use crate::error::{Error, Result};
 use std::io::{Read, Write};

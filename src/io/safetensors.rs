@@ -456,6 +456,29 @@ impl std::fmt::Debug for Checkpoint {
     }
 }
 
+/// The shards of a `model.safetensors.index.json` (`text`, read from `index_path` in `dir`):
+/// shard file name -> (its path in `dir`, the tensor names the index puts in it). Checks that
+/// `weight_map` is an object of strings naming plain files inside `dir`; the shards
+/// themselves are not opened.
+pub fn parse_index(text: &[u8], dir: &Path, index_path: &Path) -> Result<BTreeMap<String, (PathBuf, Vec<String>)>> {
+    let root = Json::parse(text, &index_path.display().to_string())?;
+    let Some(map) = root.get("weight_map").and_then(Json::as_object) else {
+        return Err(Error::config(index_path, "no \"weight_map\" object"));
+    };
+    let mut files: BTreeMap<String, (PathBuf, Vec<String>)> = BTreeMap::new();
+    for (name, file) in map {
+        let Some(file) = file.as_str() else {
+            return Err(Error::config(index_path, format!("weight_map entry {name:?} is not a string")));
+        };
+        let shard = match files.entry(file.to_string()) {
+            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::btree_map::Entry::Vacant(e) => e.insert((shard_path(dir, index_path, file)?, Vec::new())),
+        };
+        shard.1.push(name.clone());
+    }
+    Ok(files)
+}
+
 /// `file` from an index, joined to `dir`, refusing anything but plain relative components.
 fn shard_path(dir: &Path, index_path: &Path, file: &str) -> Result<PathBuf> {
     let rel = Path::new(file);
@@ -491,28 +514,18 @@ impl Checkpoint {
     }
 
     fn open_sharded(dir: &Path, index_path: &Path) -> Result<Checkpoint> {
-        let root = Json::parse_file(index_path)?;
-        let Some(map) = root.get("weight_map").and_then(Json::as_object) else {
-            return Err(Error::config(index_path, "no \"weight_map\" object"));
-        };
-        let mut files: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-        for (name, file) in map {
-            let Some(file) = file.as_str() else {
-                return Err(Error::config(index_path, format!("weight_map entry {name:?} is not a string")));
-            };
-            files.entry(file).or_default().push(name);
-        }
+        let text = std::fs::read(index_path).map_err(|e| Error::io(index_path, e))?;
+        let files = parse_index(&text, dir, index_path)?;
         let mut shards = Vec::with_capacity(files.len());
         let mut index = BTreeMap::new();
-        for (file, names) in files {
-            let path = shard_path(dir, index_path, file)?;
+        for (file, (path, names)) in &files {
             if !path.is_file() {
                 return Err(Error::config(
                     index_path,
                     format!("shard {file} (holding {:?}) does not exist", names.first().map_or("", |n| n)),
                 ));
             }
-            let st = SafeTensors::open(&path)?;
+            let st = SafeTensors::open(path)?;
             for name in names {
                 if st.get(name).is_none() {
                     return Err(Error::config(

@@ -128,7 +128,7 @@ fn ustar_header(name: &str, size: u64, dir: bool) -> std::io::Result<[u8; BLOCK]
 
 /// Writes `dir`'s plain files as a `.tar.gz` at `out` the way `tarfile.add(dir, arcname="./")`
 /// does: a `./` directory member, then `./<name>` for each file in sorted order. The archive
-/// goes to a temporary file beside `out` that is renamed at the end.
+/// goes to a new temporary file beside `out` (`tmp::temp_file_beside`) that is renamed at the end.
 pub fn write_tar_gz(dir: &Path, out: &Path) -> Result<()> {
     let mut names: Vec<String> = Vec::new();
     for e in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
@@ -138,10 +138,13 @@ pub fn write_tar_gz(dir: &Path, out: &Path) -> Result<()> {
         }
     }
     names.sort();
-    let name = out.file_name().ok_or_else(|| Error::Usage(format!("--out {} has no file name", out.display())))?;
-    let tmp = out.with_file_name(format!(".{}.rq-min-tmp-{}", name.to_string_lossy(), std::process::id()));
+    if out.file_name().is_none() {
+        return Err(Error::Usage(format!("--out {} has no file name", out.display())));
+    }
+    // O_CREAT | O_EXCL | O_NOFOLLOW under a random name: a planted file or symlink is never written through.
+    let (tmp, file) = crate::io::tmp::temp_file_beside(out, "tmp").map_err(|e| Error::io(crate::io::tmp::parent_of(out), e))?;
     let result = (|| -> std::io::Result<()> {
-        let file = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+        let file = std::io::BufWriter::new(file);
         let mut gz = GzWriter::new(file)?;
         gz.write_all(&ustar_header("./", 0, true)?)?;
         for n in &names {
@@ -174,8 +177,8 @@ pub struct Member {
 
 /// The regular files of a `.tar.gz` (directories are skipped). `file` names errors.
 pub fn read_tar_gz(bytes: &[u8], file: &Path) -> Result<Vec<Member>> {
-    let tar = gunzip(bytes).map_err(|m| Error::config(file, format!("gzip: {m}")))?;
-    read_tar(&tar).map_err(|m| Error::config(file, format!("tar: {m}")))
+    let tar = gunzip(bytes).map_err(|m| Error::config(file, m))?;
+    read_tar(&tar).map_err(|m| Error::config(file, m))
 }
 
 fn octal_field(f: &[u8]) -> std::result::Result<u64, String> {
@@ -194,7 +197,18 @@ fn cstr(f: &[u8]) -> String {
     String::from_utf8_lossy(&f[..f.iter().position(|&b| b == 0).unwrap_or(f.len())]).into_owned()
 }
 
-/// Members of an uncompressed tar stream.
+/// Refuses a member name that could land outside the folder it is extracted to: an absolute
+/// path or one with a `..` component.
+fn check_member_name(name: &str, at: usize) -> std::result::Result<(), String> {
+    if name.starts_with('/') || name.split('/').any(|c| c == "..") {
+        return Err(format!("refusing tar member {name:?} at byte {at}: absolute path or '..' component"));
+    }
+    Ok(())
+}
+
+/// Members of an uncompressed tar stream: regular files are returned, directories and pax /
+/// GNU long-name records are understood, and anything else (hard or symbolic links, devices,
+/// FIFOs, unknown types) is refused, as are names with `..` or a leading `/`.
 pub fn read_tar(tar: &[u8]) -> std::result::Result<Vec<Member>, String> {
     let mut out = Vec::new();
     let mut at = 0;
@@ -204,13 +218,18 @@ pub fn read_tar(tar: &[u8]) -> std::result::Result<Vec<Member>, String> {
         if h.iter().all(|&b| b == 0) {
             return Ok(out);
         }
+        let corrupt = |what: &str| format!("corrupt tar header at byte {at}: {what}");
         let sum: u32 = h.iter().enumerate().map(|(i, &b)| if (148..156).contains(&i) { b' ' as u32 } else { b as u32 }).sum();
-        if octal_field(&h[148..156])? != sum as u64 {
-            return Err(format!("header at byte {at}: checksum mismatch"));
+        if octal_field(&h[148..156]).map_err(|m| corrupt(&format!("checksum: {m}")))? != sum as u64 {
+            return Err(corrupt("checksum mismatch"));
         }
-        let size = octal_field(&h[124..136])? as usize;
+        let size = octal_field(&h[124..136]).map_err(|m| corrupt(&format!("size: {m}")))?;
         let start = at + BLOCK;
-        let end = start.checked_add(size).filter(|&e| e <= tar.len()).ok_or(format!("member at byte {at} runs past the end"))?;
+        let end = usize::try_from(size)
+            .ok()
+            .and_then(|s| start.checked_add(s))
+            .filter(|&e| e <= tar.len())
+            .ok_or(format!("truncated tar: member at byte {at} ({size} bytes) runs past the end"))?;
         let data = &tar[start..end];
         let mut name = cstr(&h[..100]);
         if &h[257..262] == b"ustar" && h[345] != 0 {
@@ -227,44 +246,93 @@ pub fn read_tar(tar: &[u8]) -> std::result::Result<Vec<Member>, String> {
                     }
                 }
             }
-            b'0' | 0 => out.push(Member { name: long_name.take().unwrap_or(name), data: data.to_vec() }),
-            _ => long_name = None, // directories, links, global pax headers
+            b'0' | b'7' | 0 => {
+                let name = long_name.take().unwrap_or(name);
+                check_member_name(&name, at)?;
+                out.push(Member { name, data: data.to_vec() });
+            }
+            b'5' => check_member_name(&long_name.take().unwrap_or(name), at)?,
+            b'g' => long_name = None, // global pax header
+            t => {
+                let kind = match t {
+                    b'1' => "a hard link",
+                    b'2' => "a symbolic link",
+                    b'3' | b'4' => "a device",
+                    b'6' => "a FIFO",
+                    _ => "of an unsupported type",
+                };
+                return Err(format!("refusing tar member {:?} at byte {at}: it is {kind}", long_name.unwrap_or(name)));
+            }
         }
-        at = start + size.div_ceil(BLOCK) * BLOCK;
+        at = end + (BLOCK - (end - start) % BLOCK) % BLOCK;
     }
-    Err("no end-of-archive marker".into())
+    Err("truncated tar: no end-of-archive marker".into())
+}
+
+/// DEFLATE's largest expansion: 258 bytes from one length/distance pair of about 2 bits,
+/// i.e. about 1032 output bytes per input byte (zlib's "1032:1").
+const DEFLATE_MAX_RATIO: usize = 1032;
+
+/// The most output a gzip stream of `input_len` bytes whose trailer declares `isize` (the size
+/// mod 2^32) may decompress to: the largest length below DEFLATE's hard cap (1032 x input +
+/// 1 MiB) that is congruent to `isize`, so a bomb is stopped at its declared size and a lying
+/// trailer cannot raise the cap. None when even `isize` is above the cap.
+fn output_limit(input_len: usize, isize: u32) -> Option<usize> {
+    let cap = input_len.saturating_mul(DEFLATE_MAX_RATIO).saturating_add(1 << 20);
+    let isize = isize as usize;
+    cap.checked_sub(isize).map(|room| isize + room / (1 << 32) * (1 << 32))
 }
 
 /// The decompressed content of a gzip stream (one member), checked against its CRC-32 and size.
+/// The output is bounded by `output_limit` (the trailer's ISIZE, read from the last 4 bytes,
+/// and 1032 x the input), so a gzip bomb fails without allocating. Errors start with
+/// "truncated gzip" or "corrupt gzip".
 pub fn gunzip(b: &[u8]) -> std::result::Result<Vec<u8>, String> {
-    if b.len() < 18 || b[0] != 0x1f || b[1] != 0x8b || b[2] != 8 {
-        return Err("not a gzip stream (bad magic or method)".into());
+    if b.len() < 2 || b[..2] != [0x1f, 0x8b] {
+        return Err("corrupt gzip: bad magic (not a gzip stream)".into());
+    }
+    if b.len() < 18 {
+        return Err(format!("truncated gzip: {} bytes, less than a header and trailer", b.len()));
+    }
+    if b[2] != 8 {
+        return Err(format!("corrupt gzip: compression method {} is not deflate", b[2]));
     }
     let flg = b[3];
     let mut at = 10;
-    let past = |at: usize| if at > b.len() { Err("truncated header".to_string()) } else { Ok(at) };
+    let past = |at: usize| if at > b.len() { Err("truncated gzip: header ends early".to_string()) } else { Ok(at) };
     if flg & 4 != 0 {
         at = past(at + 2)?;
         at = past(at + u16::from_le_bytes([b[at - 2], b[at - 1]]) as usize)?;
     }
     for bit in [8u8, 16] {
         if flg & bit != 0 {
-            at += b.get(at..).and_then(|r| r.iter().position(|&c| c == 0)).ok_or("truncated header")? + 1;
+            at += b.get(at..).and_then(|r| r.iter().position(|&c| c == 0)).ok_or("truncated gzip: header ends early")? + 1;
         }
     }
     if flg & 2 != 0 {
         at = past(at + 2)?;
     }
-    let (data, used) = inflate(&b[at..])?;
+    let declared = u32::from_le_bytes(b[b.len() - 4..].try_into().unwrap_or_default());
+    let limit = output_limit(b.len(), declared).ok_or(format!(
+        "truncated or corrupt gzip: its last 4 bytes (the declared size) say {declared} bytes, more than {DEFLATE_MAX_RATIO} x the {} compressed bytes can hold",
+        b.len()
+    ))?;
+    let (data, used) = inflate(&b[at..], limit).map_err(|m| match m {
+        m if m.starts_with("truncated") => m,
+        m if m.starts_with(TOO_BIG) => format!(
+            "truncated or corrupt gzip: it {m}, the size its last 4 bytes declare ({declared} mod 2^32): the file is cut short or a gzip bomb"
+        ),
+        m => format!("corrupt gzip: {m}"),
+    })?;
     let t = at + used;
-    let trailer = b.get(t..t + 8).ok_or("truncated trailer")?;
+    let trailer = b.get(t..t + 8).ok_or("truncated gzip: no trailer")?;
     let crc = u32::from_le_bytes(trailer[..4].try_into().unwrap_or_default());
     let size = u32::from_le_bytes(trailer[4..].try_into().unwrap_or_default());
     if crc != crc32(0, &data) {
-        return Err("CRC-32 mismatch".into());
+        return Err("corrupt gzip: CRC-32 mismatch".into());
     }
     if size != data.len() as u32 {
-        return Err("size mismatch".into());
+        return Err("corrupt gzip: size mismatch".into());
     }
     Ok(data)
 }
@@ -279,7 +347,7 @@ struct Bits<'a> {
 impl Bits<'_> {
     fn bits(&mut self, need: u32) -> std::result::Result<u32, String> {
         while self.n < need {
-            let byte = *self.data.get(self.pos).ok_or("deflate stream ends early")?;
+            let byte = *self.data.get(self.pos).ok_or("truncated gzip: deflate stream ends early")?;
             self.acc |= (byte as u64) << self.n;
             self.pos += 1;
             self.n += 8;
@@ -345,8 +413,9 @@ const DIST_EXTRA: [u8; 30] = [0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7,
 /// Order of the code-length code lengths in a dynamic block header.
 const CL_ORDER: [usize; 19] = [16, 17, 18, 0, 8, 7, 9, 6, 10, 5, 11, 4, 12, 3, 13, 2, 14, 1, 15];
 
-/// Raw deflate (RFC 1951): the output and the number of input bytes used.
-pub fn inflate(data: &[u8]) -> std::result::Result<(Vec<u8>, usize), String> {
+/// Raw deflate (RFC 1951): the output and the number of input bytes used. Fails (without
+/// growing the output further) once the output would pass `limit` bytes.
+pub fn inflate(data: &[u8], limit: usize) -> std::result::Result<(Vec<u8>, usize), String> {
     let mut b = Bits { data, pos: 0, acc: 0, n: 0 };
     let mut out: Vec<u8> = Vec::new();
     loop {
@@ -354,20 +423,21 @@ pub fn inflate(data: &[u8]) -> std::result::Result<(Vec<u8>, usize), String> {
         match b.bits(2)? {
             0 => {
                 b.align();
-                let h = data.get(b.pos..b.pos + 4).ok_or("stored block header truncated")?;
+                let h = data.get(b.pos..b.pos + 4).ok_or("truncated gzip: stored block header ends early")?;
                 let len = u16::from_le_bytes([h[0], h[1]]);
                 if len != !u16::from_le_bytes([h[2], h[3]]) {
                     return Err("stored block length check fails".into());
                 }
                 let s = b.pos + 4;
-                out.extend_from_slice(data.get(s..s + len as usize).ok_or("stored block truncated")?);
+                check_room(&out, len as usize, limit)?;
+                out.extend_from_slice(data.get(s..s + len as usize).ok_or("truncated gzip: stored block ends early")?);
                 b.pos = s + len as usize;
             }
             1 => {
                 let mut l = [8u8; 288];
                 l[144..256].fill(9);
                 l[256..280].fill(7);
-                codes(&mut b, &mut out, &Huffman::new(&l), &Huffman::new(&[5u8; 30]))?;
+                codes(&mut b, &mut out, limit, &Huffman::new(&l), &Huffman::new(&[5u8; 30]))?;
             }
             2 => {
                 let nlen = b.bits(5)? as usize + 257;
@@ -393,7 +463,7 @@ pub fn inflate(data: &[u8]) -> std::result::Result<(Vec<u8>, usize), String> {
                         i += 1;
                     }
                 }
-                codes(&mut b, &mut out, &Huffman::new(&lengths[..nlen]), &Huffman::new(&lengths[nlen..]))?;
+                codes(&mut b, &mut out, limit, &Huffman::new(&lengths[..nlen]), &Huffman::new(&lengths[nlen..]))?;
             }
             _ => return Err("invalid block type 3".into()),
         }
@@ -403,11 +473,26 @@ pub fn inflate(data: &[u8]) -> std::result::Result<(Vec<u8>, usize), String> {
     }
 }
 
-fn codes(b: &mut Bits, out: &mut Vec<u8>, lit: &Huffman, dist: &Huffman) -> std::result::Result<(), String> {
+/// Start of the error of an inflate that reached its output limit.
+const TOO_BIG: &str = "decompresses to more than";
+
+/// Fails when `more` bytes added to `out` would pass `limit`.
+fn check_room(out: &[u8], more: usize, limit: usize) -> std::result::Result<(), String> {
+    if out.len() + more > limit {
+        return Err(format!("{TOO_BIG} {limit} bytes"));
+    }
+    Ok(())
+}
+
+/// Decodes one Huffman-coded block into `out` (at most `limit` bytes in all).
+fn codes(b: &mut Bits, out: &mut Vec<u8>, limit: usize, lit: &Huffman, dist: &Huffman) -> std::result::Result<(), String> {
     loop {
         let sym = lit.decode(b)? as usize;
         match sym {
-            0..=255 => out.push(sym as u8),
+            0..=255 => {
+                check_room(out, 1, limit)?;
+                out.push(sym as u8)
+            }
             256 => return Ok(()),
             _ => {
                 let i = sym - 257;
@@ -417,6 +502,7 @@ fn codes(b: &mut Bits, out: &mut Vec<u8>, lit: &Huffman, dist: &Huffman) -> std:
                 if back > out.len() {
                     return Err("distance before the start".into());
                 }
+                check_room(out, len, limit)?;
                 let from = out.len() - back;
                 for k in 0..len {
                     out.push(out[from + k]);

@@ -19,11 +19,11 @@ impl Progress {
         }
         let elapsed = self.start.elapsed().as_secs_f64();
         let eta = if done == 0 { 0.0 } else { elapsed / done as f64 * (total - done) as f64 };
-        eprintln!("{}: {what} {done}/{total}  elapsed {elapsed:.1}s  eta {eta:.1}s", self.task);
+        crate::err!("{}: {what} {done}/{total}  elapsed {elapsed:.1}s  eta {eta:.1}s", self.task);
     }
     pub fn note(&self, msg: &str) {
         if !self.quiet {
-            eprintln!("{}: {msg}", self.task);
+            crate::err!("{}: {msg}", self.task);
         }
     }
     pub fn elapsed(&self) -> f64 {

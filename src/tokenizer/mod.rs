@@ -68,6 +68,12 @@ impl Tokenizer {
             Some(path) => Some((path, Json::parse_file(path)?)),
             None => None,
         };
+        Tokenizer::from_json(&json, tokenizer_json, config.as_ref().map(|(p, c)| (*p, c)))
+    }
+
+    /// A tokenizer from an already parsed tokenizer.json (`json`, read from `tokenizer_json`,
+    /// which names errors) and tokenizer_config.json (with its path), without touching disk.
+    pub fn from_json(json: &Json, tokenizer_json: &Path, config: Option<(&Path, &Json)>) -> Result<Tokenizer> {
         let file = File {
             path: tokenizer_json,
         };
