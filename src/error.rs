@@ -22,6 +22,8 @@ pub enum Error {
     Unsupported(String),
     /// Bad command-line usage or an argument that does not make sense.
     Usage(String),
+    /// The run was stopped by this signal (SIGINT, SIGTERM, SIGHUP): nothing was published.
+    Interrupted(i32),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -59,6 +61,9 @@ impl fmt::Display for Error {
             Error::Tokenizer { file, msg } => write!(f, "{}: tokenizer: {msg}", file.display()),
             Error::Unsupported(msg) => write!(f, "unsupported: {msg}"),
             Error::Usage(msg) => write!(f, "{msg}"),
+            Error::Interrupted(sig) => {
+                write!(f, "interrupted by signal {sig}; temporary files removed, nothing written to the output")
+            }
         }
     }
 }

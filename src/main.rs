@@ -178,6 +178,7 @@ fn parse_args() -> Result<Args, ExitCode> {
 
 fn main() -> ExitCode {
     rq_min::io::say::ensure_std_fds();
+    rq_min::io::signal::install();
     let args = match parse_args() {
         Ok(a) => a,
         Err(code) => return code,
@@ -224,7 +225,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             err!("rq-min: error: {e}");
-            ExitCode::FAILURE
+            match e {
+                rq_min::Error::Interrupted(sig) => ExitCode::from(128u8.saturating_add(sig as u8)),
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }

@@ -96,7 +96,7 @@ fn small_archive(dir: &Path) -> (PathBuf, Vec<u8>) {
     std::fs::write(src.join("config.json"), br#"{"a": 1}"#).unwrap();
     std::fs::write(src.join("rank0.safetensors"), vec![7u8; 1500]).unwrap();
     let file = dir.join("small.qnemo");
-    write_tar_gz(&src, &file).unwrap();
+    write_tar_gz(&src, &rq_min::io::tmp::Target::new(&file, true).unwrap()).unwrap();
     let bytes = std::fs::read(&file).unwrap();
     (file, bytes)
 }
@@ -235,7 +235,7 @@ fn write_tar_gz_does_not_follow_a_planted_temp_symlink() {
     // The name the old code used, and a few guesses at others.
     let old = dir.join(format!(".model.qnemo.rq-min-tmp-{}", std::process::id()));
     std::os::unix::fs::symlink(&victim, &old).unwrap();
-    write_tar_gz(&src, &out).unwrap();
+    write_tar_gz(&src, &rq_min::io::tmp::Target::new(&out, true).unwrap()).unwrap();
     assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious", "the symlink target was overwritten");
     assert!(!std::fs::symlink_metadata(&out).unwrap().file_type().is_symlink());
     let members = read_tar_gz(&std::fs::read(&out).unwrap(), &out).unwrap();

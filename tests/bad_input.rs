@@ -394,3 +394,22 @@ fn verify_checks_completeness_and_the_two_configs() {
     });
     assert!(f.contains("quant_algo") && f.contains("NVFP4"), "{f}");
 }
+
+/// `--out` inside the input folder, or holding it, is refused before anything is written, for
+/// every export, `--force` or not (hardening item 4).
+#[test]
+fn out_inside_or_around_the_input_is_refused() {
+    let dir = scratch("out-in-input");
+    let model = model_copy(&dir);
+    for export in ["hf", "trtllm", "qnemo", "compressed-tensors"] {
+        for (out, what) in [(model.join("fp8"), "inside the input model folder"), (dir.clone(), "holds the input model folder")] {
+            let mut a = args(&model, &out, &dir.join("ids.json"));
+            a.force = true;
+            a.export = export.into();
+            let err = quantize(&a).unwrap_err().to_string();
+            assert!(err.contains(what), "{export} {}: {err}", out.display());
+        }
+    }
+    let names: Vec<_> = std::fs::read_dir(&model).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+}

@@ -150,7 +150,7 @@ fn made_seeds() -> (Vec<Vec<u8>>, Vec<Vec<u8>>, Vec<Vec<u8>>) {
     let small_st = std::fs::read(&st).unwrap();
     std::fs::write(dir.join("ckpt/config.json"), read("families-llama/config.json")).unwrap();
     let qnemo = dir.join("m.qnemo");
-    rq_min::io::tar_gz::write_tar_gz(&dir.join("ckpt"), &qnemo).unwrap();
+    rq_min::io::tar_gz::write_tar_gz(&dir.join("ckpt"), &rq_min::io::tmp::Target::new(&qnemo, true).unwrap()).unwrap();
     let stored = std::fs::read(&qnemo).unwrap();
     let plain_tar = rq_min::io::tar_gz::gunzip(&stored).unwrap();
     let mut gz = vec![stored];

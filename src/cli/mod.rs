@@ -93,6 +93,7 @@ pub struct EvalArgs {
 /// and is converted into a TensorRT-LLM checkpoint (`export_trtllm`); `qformat = "none"`
 /// (trtllm only) converts the original model unquantized.
 pub fn quantize(a: &QuantizeArgs) -> Result<()> {
+    crate::io::tmp::check_out_vs_input(&a.model, &a.out)?;
     match a.export.as_str() {
         "hf" => {
             if a.tp != 1 || a.pp != 1 {
@@ -137,12 +138,13 @@ fn quantize_ct(a: &QuantizeArgs) -> Result<()> {
     for (module, f) in formats {
         crate::export::compressed_tensors::scheme(f).map_err(|e| Error::Unsupported(format!("{module}: {e}")))?;
     }
-    if a.out.exists() && !a.force {
-        return Err(Error::Usage(format!("output folder {} already exists; pass --force to replace it", a.out.display())));
-    }
+    // What --out is now is what --force may replace; anything appearing later is refused.
+    crate::io::tmp::Target::new(&a.out, a.force)?;
+    let replace = a.force && crate::io::tmp::file_id(&a.out).is_some();
     let tmp = temp_beside(&a.out, "unified")?;
     let unified = QuantizeArgs { out: tmp.clone(), force: true, export: "hf".into(), no_eval: true, ..a.clone() };
-    let result = unified_export(&unified, true, Step::Intermediate).and_then(|()| crate::export::compressed_tensors::convert(&tmp, &a.out, a.force));
+    let result = unified_export(&unified, true, Step::Intermediate)
+        .and_then(|()| crate::export::compressed_tensors::convert(&tmp, &a.out, replace));
     let _ = std::fs::remove_dir_all(&tmp);
     result?;
     crate::out!("exported compressed-tensors checkpoint -> {}", a.out.display());
@@ -168,9 +170,9 @@ fn quantize_trtllm(a: &QuantizeArgs, qnemo: bool) -> Result<()> {
     if a.tp == 0 || a.pp == 0 {
         return Err(Error::Usage("--tp and --pp must be at least 1".into()));
     }
-    if a.out.exists() && !a.force {
-        return Err(Error::Usage(format!("output {} already exists; pass --force to replace it", a.out.display())));
-    }
+    // What --out is now is what --force may replace; anything appearing later is refused.
+    let target = crate::io::tmp::Target::new(&a.out, a.force)?;
+    let existed = crate::io::tmp::file_id(&a.out).is_some();
     // Fail on the model and the split before calibrating.
     let cfg = crate::model::config::ModelConfig::from_dir(&a.model)?;
     check_model(&cfg)?;
@@ -184,7 +186,7 @@ fn quantize_trtllm(a: &QuantizeArgs, qnemo: bool) -> Result<()> {
     let temp = |what: &str| temp_beside(&a.out, what);
     let (folder, opts) = match qnemo {
         true => (temp("trtllm")?, TrtllmOptions { tp: a.tp, pp: a.pp, force: true }),
-        false => (a.out.clone(), TrtllmOptions { tp: a.tp, pp: a.pp, force: a.force }),
+        false => (a.out.clone(), TrtllmOptions { tp: a.tp, pp: a.pp, force: a.force && existed }),
     };
     let unified = if a.qformat == "none" { None } else { Some(temp("unified")?) };
     let result = match &unified {
@@ -194,7 +196,7 @@ fn quantize_trtllm(a: &QuantizeArgs, qnemo: bool) -> Result<()> {
         }
         None => convert(&a.model, None, &folder, &opts),
     };
-    let result = result.and_then(|()| if qnemo { write_qnemo(&a.model, &folder, &a.out) } else { Ok(()) });
+    let result = result.and_then(|()| if qnemo { write_qnemo(&a.model, &folder, &target) } else { Ok(()) });
     if let Some(tmp) = &unified {
         let _ = std::fs::remove_dir_all(tmp);
     }

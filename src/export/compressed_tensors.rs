@@ -355,6 +355,7 @@ pub fn convert(unified: &Path, out: &Path, force: bool) -> Result<()> {
     // vLLM layer -> (first module, its scheme or None if unquantized).
     let mut layers: Vec<(String, String, Option<Scheme>)> = Vec::new();
     for name in ck.names() {
+        crate::io::signal::check()?;
         let t = ck.tensor(name)?;
         if name.ends_with(".pre_quant_scale") {
             return Err(Error::Unsupported(format!(

@@ -709,6 +709,7 @@ pub fn convert(original: &Path, unified: Option<&Path>, out: &Path, o: &TrtllmOp
         QKV_KINDS.iter().map(|k| cfg.modules.iter().find(|m| m.kinds == [*k]).map(|m| m.name)).collect();
 
     for l in 0..cfg.num_hidden_layers {
+        crate::io::signal::check()?;
         let (pp_rank, local) = (l / per_pp, l % per_pp);
         let hf = format!("model.layers.{l}");
         let trt = format!("transformer.layers.{local}");
@@ -961,7 +962,7 @@ fn quant_cfg(layers: &[(String, QFormat)], kv_fp8: bool) -> Json {
 /// with `model: tokenizer.model` when the folder has one (NeMo resolves it against the
 /// checkpoint), else `library: huggingface` with `type: .` (AutoTokenizer on the extracted
 /// folder, resolved against the working directory).
-pub fn write_qnemo(original: &Path, ckpt: &Path, out: &Path) -> Result<()> {
+pub fn write_qnemo(original: &Path, ckpt: &Path, out: &crate::io::tmp::Target) -> Result<()> {
     let mut copied = Vec::new();
     for f in TOKENIZER_FILES {
         let src = original.join(f);

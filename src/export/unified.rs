@@ -6,6 +6,7 @@
 //! failure leaves nothing half-written; the input folder is never written.
 
 use crate::error::{Error, Result};
+use crate::io::tmp::Target;
 use crate::io::json::{obj, str, Json};
 use crate::model::Model;
 use crate::quant::{summarize_excludes, QFormat};
@@ -221,42 +222,30 @@ fn quantization_config(spec: &QuantSpec) -> Json {
 /// A temporary output folder beside the target, removed on drop unless committed.
 pub(crate) struct Staging {
     pub(crate) tmp: PathBuf,
-    out: PathBuf,
+    target: Target,
     committed: bool,
 }
 
 impl Staging {
+    /// A staging folder beside `out`, which must not be or hold the `input` model; an existing
+    /// `out` is refused unless `force` (and then only that entry is replaced, at `commit`).
+    /// Temporary folders that runs which are gone left beside `out` are removed first.
     pub(crate) fn new(input: &Path, out: &Path, force: bool) -> Result<Staging> {
-        let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
-        if out.exists() {
-            if canon(out) == canon(input) || canon(input).starts_with(canon(out)) {
-                return Err(Error::Usage(format!(
-                    "--out {} is the input model folder (or holds it); refusing to overwrite it",
-                    out.display()
-                )));
-            }
-            if !force {
-                return Err(Error::Usage(format!(
-                    "output folder {} already exists; pass --force to replace it",
-                    out.display()
-                )));
-            }
-        }
-        if out.file_name().is_none() {
-            return Err(Error::Usage(format!("--out {} has no folder name", out.display())));
-        }
+        crate::io::tmp::check_out_vs_input(input, out)?;
+        let target = Target::new(out, force)?;
         let parent = crate::io::tmp::parent_of(out);
         std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+        for stale in crate::io::tmp::remove_stale_beside(out) {
+            crate::err!("rq-min: removed {}, left by a run that is gone", stale.display());
+        }
         // A new folder under a random name (mkdir fails on anything planted there).
         let tmp = crate::io::tmp::temp_dir_beside(out, "tmp").map_err(|e| Error::io(&parent, e))?;
-        Ok(Staging { tmp, out: out.to_path_buf(), committed: false })
+        Ok(Staging { tmp, target, committed: false })
     }
 
+    /// Publishes the finished folder onto `out` (`Target::publish`).
     pub(crate) fn commit(mut self) -> Result<()> {
-        if self.out.exists() {
-            std::fs::remove_dir_all(&self.out).map_err(|e| Error::io(&self.out, e))?;
-        }
-        std::fs::rename(&self.tmp, &self.out).map_err(|e| Error::io(&self.out, e))?;
+        self.target.publish(&self.tmp)?;
         self.committed = true;
         Ok(())
     }

@@ -5,6 +5,7 @@
 pub mod json;
 pub mod safetensors;
 pub mod say;
+pub mod signal;
 pub mod tar_gz;
 pub mod tmp;
 

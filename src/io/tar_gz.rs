@@ -128,8 +128,10 @@ fn ustar_header(name: &str, size: u64, dir: bool) -> std::io::Result<[u8; BLOCK]
 
 /// Writes `dir`'s plain files as a `.tar.gz` at `out` the way `tarfile.add(dir, arcname="./")`
 /// does: a `./` directory member, then `./<name>` for each file in sorted order. The archive
-/// goes to a new temporary file beside `out` (`tmp::temp_file_beside`) that is renamed at the end.
-pub fn write_tar_gz(dir: &Path, out: &Path) -> Result<()> {
+/// goes to a new temporary file beside the target (`tmp::temp_file_beside`) that is published
+/// onto it at the end (`Target::publish`: never over an entry that appeared meanwhile).
+pub fn write_tar_gz(dir: &Path, target: &crate::io::tmp::Target) -> Result<()> {
+    let out = target.path();
     let mut names: Vec<String> = Vec::new();
     for e in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
         let e = e.map_err(|e| Error::io(dir, e))?;
@@ -138,9 +140,6 @@ pub fn write_tar_gz(dir: &Path, out: &Path) -> Result<()> {
         }
     }
     names.sort();
-    if out.file_name().is_none() {
-        return Err(Error::Usage(format!("--out {} has no file name", out.display())));
-    }
     // O_CREAT | O_EXCL | O_NOFOLLOW under a random name: a planted file or symlink is never written through.
     let (tmp, file) = crate::io::tmp::temp_file_beside(out, "tmp").map_err(|e| Error::io(crate::io::tmp::parent_of(out), e))?;
     let result = (|| -> std::io::Result<()> {
@@ -164,7 +163,9 @@ pub fn write_tar_gz(dir: &Path, out: &Path) -> Result<()> {
         let _ = std::fs::remove_file(&tmp);
         return Err(Error::io(out, e));
     }
-    std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))
+    target.publish(&tmp).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
 }
 
 /// A regular-file member of an archive.

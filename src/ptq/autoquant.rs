@@ -396,6 +396,7 @@ pub fn search(
     // inputs[l][module][format], modules as in `ModelConfig::layer_modules(l)`.
     let mut inputs: Vec<Vec<Vec<InputQuant>>> = Vec::with_capacity(n);
     for l in 0..n {
+        crate::io::signal::check()?;
         if l % seg == 0 {
             checkpoints.push(score.iter().map(|&i| hidden[i].clone()).collect());
         }
@@ -466,6 +467,7 @@ pub fn search(
         // The score rows' inputs of layers a..b, recomputed from the checkpoint at a.
         let mut seg_inputs = vec![checkpoints.pop().expect("one checkpoint per segment")];
         for l in a..b - 1 {
+            crate::io::signal::check()?;
             let layer = model.load_layer(l)?;
             let mut next = seg_inputs[l - a].clone();
             for (h, &i) in next.iter_mut().zip(score) {
@@ -474,6 +476,7 @@ pub fn search(
             seg_inputs.push(next);
         }
         for l in (a..b).rev() {
+            crate::io::signal::check()?;
             let layer = model.load_layer(l)?;
             let x_in = seg_inputs.pop().expect("an input per layer of the segment");
             // Per module: its weight (a fused module's stacked rows) and each candidate's.

@@ -27,6 +27,7 @@ fn run_layers(
     let mut hidden: Vec<Tensor> = samples.iter().map(|s| model.embed(s)).collect::<Result<_>>()?;
     let n = model.config.num_hidden_layers;
     for l in 0..n {
+        crate::io::signal::check()?;
         let layer = model.load_layer(l)?;
         each_layer(l, &layer, &rope, &mut hidden)?;
         progress.step(&format!("{task} layer"), l + 1, n);

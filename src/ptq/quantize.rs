@@ -194,6 +194,7 @@ pub fn run(model: &Model, samples: &[Vec<u32>], opts: &Options, out: &mut Output
     let mut summary = Summary { quantized: vec![], unquantized: vec!["lm_head".into(), "model.embed_tokens".into()] };
     let n_layers = cfg.num_hidden_layers;
     for l in 0..n_layers {
+        crate::io::signal::check()?;
         let layer = model.load_layer(l)?;
         let modules = cfg.layer_modules(l);
         let formats: Vec<Option<QFormat>> = modules.iter().map(|m| opts.formats.of(&m.path)).collect();
