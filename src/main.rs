@@ -117,6 +117,10 @@ struct Quantize {
     /// pipeline-parallel size of --export trtllm/qnemo (default 1)
     #[argh(option, default = "1")]
     pp: usize,
+    /// an --exclude pattern or --layer-formats module that matches no module of the model is
+    /// an error (default: a warning naming the closest module names)
+    #[argh(switch)]
+    strict: bool,
 }
 
 /// Perplexity of a checkpoint (original, rq-min or ModelOpt FP8 export) on a text.
@@ -182,6 +186,7 @@ fn main() -> ExitCode {
             export: q.export,
             tp: q.tp,
             pp: q.pp,
+            strict: q.strict,
         }),
         Command::Eval(e) => cli::eval(&cli::EvalArgs {
             model: e.model,
