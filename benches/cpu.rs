@@ -106,7 +106,7 @@ fn pipeline() {
             qformat: qformat.into(),
             calib_ids: Some(ids.clone()),
             calib_size: 64,
-            calib_seq: 256,
+            calib_seq: Some(256),
             kv_cache: kv.into(),
             auto_bits: auto,
             exclude: if auto.is_some() { vec!["none".into()] } else { vec![] },

@@ -81,9 +81,10 @@ struct Quantize {
     /// number of calibration rows (default 128)
     #[argh(option, default = "128")]
     calib_size: usize,
-    /// tokens per calibration row (default 512)
-    #[argh(option, default = "512")]
-    calib_seq: usize,
+    /// tokens per calibration row (default 512, or the model's max_position_embeddings when
+    /// smaller; at most max_position_embeddings)
+    #[argh(option)]
+    calib_seq: Option<usize>,
     /// extra modules to leave unquantized: comma-separated fnmatch patterns (repeatable)
     #[argh(option)]
     exclude: Vec<String>,
@@ -117,6 +118,10 @@ struct Quantize {
     /// pipeline-parallel size of --export trtllm/qnemo (default 1)
     #[argh(option, default = "1")]
     pp: usize,
+    /// an --exclude pattern or --layer-formats module that matches no module of the model is
+    /// an error (default: a warning naming the closest module names)
+    #[argh(switch)]
+    strict: bool,
 }
 
 /// Perplexity of a checkpoint (original, rq-min or ModelOpt FP8 export) on a text.
@@ -208,6 +213,7 @@ fn main() -> ExitCode {
             export: q.export,
             tp: q.tp,
             pp: q.pp,
+            strict: q.strict,
         }),
         Command::Eval(e) => cli::eval(&cli::EvalArgs {
             model: e.model,

@@ -32,7 +32,7 @@ fn args(p: &Paths, out: &Path) -> QuantizeArgs {
         qformat: "nvfp4,fp8".into(),
         calib_ids: Some(p.reference.join("calib_ids.json")),
         calib_size: 64,
-        calib_seq: 256,
+        calib_seq: Some(256),
         no_eval: true,
         force: true,
         quiet: true,

@@ -94,7 +94,7 @@ fn auto_quantize_family(name: &str) {
         qformat: "nvfp4,fp8".into(),
         calib_ids: Some(ids.clone()),
         calib_size: 8,
-        calib_seq: 32,
+        calib_seq: Some(32),
         score_size: 8,
         exclude: vec!["none".into()],
         no_eval: true,

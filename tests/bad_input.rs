@@ -33,7 +33,7 @@ fn args(model: &Path, out: &Path, ids: &Path) -> QuantizeArgs {
     QuantizeArgs {
         calib_ids: Some(ids.to_path_buf()),
         calib_size: 8,
-        calib_seq: 8,
+        calib_seq: Some(8),
         no_eval: true,
         quiet: true,
         ..QuantizeArgs::new(model, out)

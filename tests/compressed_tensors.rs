@@ -50,7 +50,7 @@ fn args(model: &Path, qformat: &str, out: &Path, calib: &Path) -> QuantizeArgs {
         qformat: qformat.into(),
         calib_ids: Some(calib.to_path_buf()),
         calib_size: 4,
-        calib_seq: 16,
+        calib_seq: Some(16),
         kv_cache: "fp8".into(),
         no_eval: true,
         force: true,

@@ -33,7 +33,7 @@ fn run(qformat: &str, exclude: &[&str], name: &str) -> (rq_min::Result<()>, Path
         qformat: qformat.into(),
         calib_text: Some(text),
         calib_size: 8,
-        calib_seq: 64,
+        calib_seq: Some(64),
         exclude: exclude.iter().map(|s| s.to_string()).collect(),
         eval_seq: 64,
         no_eval: true,

@@ -35,7 +35,7 @@ fn small_args(model: &Path, out: &Path, ids: PathBuf) -> QuantizeArgs {
     QuantizeArgs {
         calib_ids: Some(ids),
         calib_size: 4,
-        calib_seq: 16,
+        calib_seq: Some(16),
         no_eval: true,
         force: true,
         quiet: true,

@@ -42,7 +42,7 @@ fn broken(name: &str, edit: impl Fn(&mut Vec<(String, Dtype, Vec<usize>, Vec<u8>
     quantize(&QuantizeArgs {
         calib_ids: Some(PathBuf::from(IDS)),
         calib_size: 8,
-        calib_seq: 16,
+        calib_seq: Some(16),
         eval_seq: 16,
         no_eval: true,
         force: true,

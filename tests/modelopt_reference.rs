@@ -38,7 +38,7 @@ fn quantize_to(p: &Paths, qformat: &str, kv: bool, out: &Path) {
         qformat: qformat.into(),
         calib_ids: Some(p.reference.join("calib_ids.json")),
         calib_size: 64,
-        calib_seq: 256,
+        calib_seq: Some(256),
         kv_cache: if kv { "fp8".into() } else { "none".into() },
         no_eval: true,
         force: true,

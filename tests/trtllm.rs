@@ -39,7 +39,7 @@ fn args_for(m: &Path, qformat: &str, out: &Path) -> QuantizeArgs {
         qformat: qformat.into(),
         calib_ids: Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/calib-ids-small.json")),
         calib_size: 8,
-        calib_seq: 16,
+        calib_seq: Some(16),
         no_eval: true,
         force: true,
         quiet: true,

@@ -16,7 +16,7 @@ fn export(qformat: &str, kv: &str, name: &str) -> PathBuf {
         kv_cache: kv.into(),
         calib_ids: Some(PathBuf::from(IDS)),
         calib_size: 8,
-        calib_seq: 16,
+        calib_seq: Some(16),
         no_eval: true,
         force: true,
         quiet: true,

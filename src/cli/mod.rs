@@ -11,7 +11,8 @@ use crate::ptq::eval;
 use crate::ptq::quantize;
 use crate::ptq::autoquant;
 use crate::ptq::progress::Progress;
-use crate::quant::{Exclusions, QFormat};
+use crate::model::config::ModelConfig;
+use crate::quant::{fnmatch, Exclusions, QFormat};
 use crate::io::safetensors::{Checkpoint, Dtype, SafeTensors, TensorInfo};
 use crate::tokenizer::Tokenizer;
 use std::path::{Path, PathBuf};
@@ -25,7 +26,8 @@ pub struct QuantizeArgs {
     pub calib_text: Option<PathBuf>,
     pub calib_ids: Option<PathBuf>,
     pub calib_size: usize,
-    pub calib_seq: usize,
+    /// Tokens per calibration row; None: 512, or the model's max_position_embeddings when smaller.
+    pub calib_seq: Option<usize>,
     pub exclude: Vec<String>,
     pub kv_cache: String,
     pub sq_alpha: f32,
@@ -45,6 +47,9 @@ pub struct QuantizeArgs {
     /// TensorRT-LLM tensor / pipeline parallel sizes (`--export trtllm` only).
     pub tp: usize,
     pub pp: usize,
+    /// `--strict`: an `--exclude` pattern or `--layer-formats` module that names no module of
+    /// the model is an error (by default a warning).
+    pub strict: bool,
 }
 
 impl QuantizeArgs {
@@ -57,7 +62,7 @@ impl QuantizeArgs {
             calib_text: None,
             calib_ids: None,
             calib_size: 128,
-            calib_seq: 512,
+            calib_seq: None,
             exclude: vec![],
             kv_cache: "none".into(),
             sq_alpha: 1.0,
@@ -74,6 +79,7 @@ impl QuantizeArgs {
             export: "hf".into(),
             tp: 1,
             pp: 1,
+            strict: false,
         }
     }
 }
@@ -93,6 +99,7 @@ pub struct EvalArgs {
 /// and is converted into a TensorRT-LLM checkpoint (`export_trtllm`); `qformat = "none"`
 /// (trtllm only) converts the original model unquantized.
 pub fn quantize(a: &QuantizeArgs) -> Result<()> {
+    check_folder("--model", &a.model)?;
     crate::io::tmp::check_out_vs_input(&a.model, &a.out)?;
     match a.export.as_str() {
         "hf" => {
@@ -240,9 +247,33 @@ fn unified_export(a: &QuantizeArgs, compressed_tensors: bool, step: Step) -> Res
     if a.calib_text.is_some() && a.calib_ids.is_some() {
         return Err(Error::Usage("give --calib-text or --calib-ids, not both".into()));
     }
+    if a.score_size == 0 {
+        return Err(Error::Usage("--score-size 0: auto-quantize needs at least 1 score row".into()));
+    }
     let progress = Progress::new("quantize", a.quiet);
     let model = Model::open(&a.model, None)?;
     model.check_complete()?;
+    let cfg = &model.config;
+    let calib_seq = match a.calib_seq {
+        Some(seq) if a.calib_ids.is_none() => check_seq("--calib-seq", seq, cfg).map(|()| seq)?,
+        Some(seq) => seq,
+        None => DEFAULT_CALIB_SEQ.min(cfg.max_position_embeddings),
+    };
+    if !a.no_eval {
+        check_seq("--eval-seq", a.eval_seq, cfg)?;
+    }
+    let modules: Vec<String> = (0..cfg.num_hidden_layers)
+        .flat_map(|l| cfg.layer_modules(l).into_iter().map(|m| m.path))
+        .chain(["lm_head".to_string()])
+        .collect();
+    let user_patterns = split_patterns(&a.exclude);
+    if user_patterns != ["none"] {
+        check_patterns("--exclude pattern", &user_patterns, &modules, a.strict)?;
+    }
+    if let Some(path) = &a.layer_formats {
+        let names: Vec<String> = layer_formats_file(path)?.into_keys().collect();
+        check_patterns(&format!("--layer-formats {} module", path.display()), &names, &modules, a.strict)?;
+    }
     let needs_tok = a.calib_ids.is_none() || !a.no_eval;
     let tok = if needs_tok { Some(Tokenizer::from_dir(&a.model)?) } else { None };
     let source = match (&a.calib_text, &a.calib_ids) {
@@ -250,16 +281,21 @@ fn unified_export(a: &QuantizeArgs, compressed_tensors: bool, step: Step) -> Res
         (_, Some(i)) => Source::Ids(i),
         _ => Source::Builtin,
     };
-    let samples = calib::load(source, tok.as_ref(), a.calib_size, a.calib_seq)?;
+    let samples = calib::load(source, tok.as_ref(), a.calib_size, calib_seq)?;
     let vocab = model.config.vocab_size;
     if let Some(bad) = samples.iter().flatten().find(|&&t| t as usize >= vocab) {
         return Err(Error::Usage(format!("calibration token id {bad} is outside the vocabulary ({vocab})")));
     }
-    progress.note(&format!(
-        "{} calibration rows, {} tokens",
-        samples.len(),
-        samples.iter().map(Vec::len).sum::<usize>()
-    ));
+    let max = model.config.max_position_embeddings;
+    if let Some((r, row)) = samples.iter().enumerate().find(|(_, s)| s.len() > max) {
+        return Err(Error::Usage(format!(
+            "calibration row {r} has {} tokens, more than the model's max_position_embeddings ({max})",
+            row.len()
+        )));
+    }
+    if !a.quiet {
+        eprintln!("calibration: {} samples, {} tokens", samples.len(), samples.iter().map(Vec::len).sum::<usize>());
+    }
 
     // ModelOpt calibrates the model in its own dtype; rounding like bf16 PyTorch does
     // reproduces its activation statistics (other dtypes calibrate in f32).
@@ -372,6 +408,86 @@ pub fn layer_formats_file(path: &Path) -> Result<std::collections::HashMap<Strin
     Ok(map)
 }
 
+/// `flag`'s path must be a folder: one that is missing, a file or a FIFO is named as such.
+fn check_folder(flag: &str, path: &Path) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let kind = match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => return Ok(()),
+        Ok(m) if m.file_type().is_fifo() => "a FIFO",
+        Ok(m) if m.is_file() => "a file",
+        Ok(_) => "a device or socket",
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::Usage(format!("{flag} {} does not exist", path.display())))
+        }
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    Err(Error::Usage(format!("{flag} {} is {kind}, not a checkpoint folder", path.display())))
+}
+
+/// A window of `seq` tokens must fit the model's `max_position_embeddings`: past it the
+/// positions are outside what the model was trained on, and a huge value (`--calib-seq
+/// 1000000`) would run for hours with quadratic attention.
+/// Tokens per calibration row unless `--calib-seq` says otherwise (capped at the model's
+/// max_position_embeddings).
+const DEFAULT_CALIB_SEQ: usize = 512;
+
+fn check_seq(flag: &str, seq: usize, cfg: &ModelConfig) -> Result<()> {
+    let max = cfg.max_position_embeddings;
+    if seq > max {
+        return Err(Error::Usage(format!(
+            "{flag} {seq} is more than the model's max_position_embeddings ({max}, {})",
+            cfg.path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Warns on stderr about each of `patterns` (fnmatch, as `Exclusions` matches them) that
+/// matches none of `modules`, naming up to 3 of the closest module names: such a pattern is
+/// most likely a typo and silently does nothing. With `strict` the first one is an error.
+fn check_patterns(what: &str, patterns: &[String], modules: &[String], strict: bool) -> Result<()> {
+    for p in patterns {
+        let hit = |m: &String| fnmatch(p, m) || fnmatch(p, &format!("{m}.weight_quantizer"));
+        if modules.iter().any(hit) {
+            continue;
+        }
+        let msg = format!("{what} '{p}' matches no module of the model; closest: {}", closest(p, modules, 3).join(", "));
+        if strict {
+            return Err(Error::Usage(format!("{msg} (--strict)")));
+        }
+        eprintln!("rq-min: warning: {msg}");
+    }
+    Ok(())
+}
+
+/// The `n` names nearest to `pattern` by edit distance (ties in `names` order). A leading /
+/// trailing `*` lets the pattern match inside a name for free (`*self_atn*` is 1 away from
+/// `model.layers.0.self_attn.q_proj`).
+fn closest<'a>(pattern: &str, names: &'a [String], n: usize) -> Vec<&'a str> {
+    let mut scored: Vec<(usize, &str)> = names.iter().map(|m| (pattern_distance(pattern, m), m.as_str())).collect();
+    scored.sort_by_key(|&(d, _)| d);
+    scored.into_iter().take(n).map(|(_, m)| m).collect()
+}
+
+/// Levenshtein distance from `pattern` (without its outer `*`) to a substring of `name`:
+/// a free start with a leading `*`, a free end with a trailing `*`.
+fn pattern_distance(pattern: &str, name: &str) -> usize {
+    let (free_start, free_end) = (pattern.starts_with('*'), pattern.ends_with('*'));
+    let p: Vec<char> = pattern.trim_matches('*').chars().collect();
+    let n: Vec<char> = name.chars().collect();
+    // row[j]: distance of the pattern so far to a name part ending at j.
+    let mut row: Vec<usize> = (0..=n.len()).map(|j| if free_start { 0 } else { j }).collect();
+    for (i, &pc) in p.iter().enumerate() {
+        let mut next = vec![i + 1; n.len() + 1];
+        for (j, &nc) in n.iter().enumerate() {
+            let sub = row[j] + usize::from(pc != nc && pc != '?');
+            next[j + 1] = sub.min(row[j + 1] + 1).min(next[j] + 1);
+        }
+        row = next;
+    }
+    if free_end { row.into_iter().min().unwrap_or(0) } else { row[n.len()] }
+}
+
 /// `--exclude` values: comma-separated patterns, repeatable.
 fn split_patterns(values: &[String]) -> Vec<String> {
     values.iter().flat_map(|s| s.split(',')).map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect()
@@ -390,8 +506,10 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     if a.seq < 2 {
         return Err(Error::Usage("--seq must be at least 2".into()));
     }
+    check_folder("--model", &a.model)?;
     let mut model = Model::open(&a.model, a.base.as_deref())?;
     model.check_complete()?;
+    check_seq("--seq", a.seq, &model.config)?;
     model.compute = match a.dtype.as_str() {
         "f32" => Compute::F32,
         "bf16" => Compute::Bf16,

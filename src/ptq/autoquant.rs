@@ -380,7 +380,8 @@ pub fn search(
     let lowest = lowest_bits(&groups, formats);
     if !(budget > 0.0 && budget <= 16.0) || budget < lowest - 1e-9 {
         return Err(Error::Usage(format!(
-            "--auto-bits {budget}: the lowest reachable effective bits with these formats and exclusions is {lowest:.3} \
+            "--auto-bits {budget} is outside the valid range {lowest:.3} to 16: the lowest reachable effective bits \
+             with these formats and exclusions is {lowest:.3}, 16 is all unquantized \
              (excluded modules such as lm_head count 16 bits; `--exclude none` searches them too)"
         )));
     }
