@@ -44,7 +44,7 @@ cases=(
     "nvfp4_awq|--qformat nvfp4_awq"
     "fp8_kv|--qformat fp8 --kv-cache fp8"
     "nvfp4_kv|--qformat nvfp4 --kv-cache fp8"
-    "auto_5bits|--qformat nvfp4,fp8 --auto-bits 5.0 --score-size 16"
+    "auto_5bits|--qformat nvfp4,fp8 --auto-bits 5.0 --exclude none --score-size 16"
     "trtllm_tp2|--qformat fp8 --export trtllm --tp 2"
     "qnemo|--qformat nvfp4 --export qnemo"
     "compressed_tensors|--qformat int4_awq --export compressed-tensors"
