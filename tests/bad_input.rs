@@ -40,6 +40,17 @@ fn args(model: &Path, out: &Path, ids: &Path) -> QuantizeArgs {
     }
 }
 
+/// Overwrites value `index` of the f32 tensor `name` of `model/model.safetensors` in place.
+fn poison(model: &Path, name: &str, index: usize, value: f32) {
+    let file = model.join("model.safetensors");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let header = rq_min::io::safetensors::parse_header(&bytes, &file).unwrap();
+    let info = header.tensors.iter().find(|i| i.name == name).unwrap();
+    let at = header.data_start + info.start + 4 * index;
+    bytes[at..at + 4].copy_from_slice(&value.to_le_bytes());
+    std::fs::write(&file, &bytes).unwrap();
+}
+
 /// Nothing was left beside `out`: neither it nor a temporary folder.
 fn assert_no_output(out: &Path) {
     assert!(!out.exists(), "{} was created", out.display());
@@ -77,18 +88,7 @@ fn nan_weight_is_named_and_nothing_is_written() {
     let dir = scratch("nan");
     let model = model_copy(&dir);
     let name = "model.layers.1.self_attn.v_proj.weight";
-    // Poison one value of one weight in place.
-    let file = model.join("model.safetensors");
-    let (start, data_start) = {
-        let bytes = std::fs::read(&file).unwrap();
-        let header = rq_min::io::safetensors::parse_header(&bytes, &file).unwrap();
-        let info = header.tensors.iter().find(|i| i.name == name).unwrap().clone();
-        (info.start, header.data_start)
-    };
-    let mut bytes = std::fs::read(&file).unwrap();
-    let at = data_start + start + 4 * 37;
-    bytes[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
-    std::fs::write(&file, &bytes).unwrap();
+    poison(&model, name, 37, f32::NAN);
 
     let out = dir.join("out");
     let err = quantize(&args(&model, &out, &dir.join("ids.json"))).unwrap_err();
@@ -105,16 +105,7 @@ fn overflowing_weight_is_named_where_it_is() {
     let dir = scratch("huge");
     let model = model_copy(&dir);
     let name = "model.layers.0.mlp.down_proj.weight";
-    let file = model.join("model.safetensors");
-    let mut bytes = std::fs::read(&file).unwrap();
-    let (start, data_start) = {
-        let header = rq_min::io::safetensors::parse_header(&bytes, &file).unwrap();
-        let info = header.tensors.iter().find(|i| i.name == name).unwrap().clone();
-        (info.start, header.data_start)
-    };
-    let at = data_start + start + 4 * 5;
-    bytes[at..at + 4].copy_from_slice(&3e38f32.to_le_bytes());
-    std::fs::write(&file, &bytes).unwrap();
+    poison(&model, name, 5, 3e38);
     let out = dir.join("out");
     let err = quantize(&args(&model, &out, &dir.join("ids.json"))).unwrap_err().to_string();
     assert!(err.contains(name) && err.contains("index 5") && err.contains("too large"), "{err}");

@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::Rng;
+
 use rq_min::numerics::round_bf16;
 use rq_min::quant::scales::average_scales;
 use rq_min::quant::awq::{
@@ -12,33 +14,6 @@ use rq_min::quant::awq::{
 };
 use rq_min::quant::smoothquant::{pre_quant_scale, resmooth_group, smooth_weight, smoothed_input_amax};
 use rq_min::io::safetensors::{Checkpoint, Dtype, SafeTensors};
-
-/// Deterministic xorshift64* generator.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    /// Uniform in [0, 1).
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn uniform(&mut self, lo: f64, hi: f64) -> f32 {
-        (lo + (hi - lo) * self.unit()) as f32
-    }
-    fn normal(&mut self) -> f32 {
-        let (u, v) = (self.unit().max(1e-300), self.unit());
-        ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
-    }
-    /// Log-uniform in [lo, hi].
-    fn log_uniform(&mut self, lo: f64, hi: f64) -> f32 {
-        (lo.ln() + (hi.ln() - lo.ln()) * self.unit()).exp() as f32
-    }
-}
 
 fn close(a: f64, b: f64, rel: f64, abs: f64) -> bool {
     (a - b).abs() <= rel * b.abs().max(a.abs()) + abs

@@ -10,6 +10,9 @@
 //! `fuzz_long` (`tools/fuzz`, `--ignored`): RQ_MIN_FUZZ_EXECS runs (default 1,000,000) and the
 //! table parser | executions | panics | over-cap allocations | peak bytes.
 
+mod common;
+
+use common::Rng;
 use rq_min::model::config::ModelConfig;
 use rq_min::io::json::Json;
 use rq_min::tokenizer::Tokenizer;
@@ -199,21 +202,6 @@ fn targets() -> Vec<Target> {
 }
 
 // ---- the mutator ----
-
-/// xorshift64* (Vigna): small, fast, and the same sequence for the same seed everywhere.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
 
 /// Numbers that overflow or stress the fields they land in.
 const BIG_TEXT: [&str; 12] = [

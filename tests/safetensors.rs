@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::Rng;
+
 use rq_min::io::json::Json;
 use rq_min::numerics::{bf16_to_f32, e4m3_to_f32, f16_to_f32};
 use rq_min::io::safetensors::*;
@@ -16,20 +18,6 @@ fn scratch(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-/// Deterministic xorshift64* bytes.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| (self.next() >> 32) as u8).collect()
-    }
 }
 
 const ALL_DTYPES: [Dtype; 14] = [

@@ -925,3 +925,31 @@ fn unsupported_parts_are_refused_by_name() {
         other => panic!("missing file gave {:?}", other.err()),
     }
 }
+
+/// A Llama-class tokenizer.json whose normalizer or pre-tokenizer the `tokenizers` library would
+/// refuse (unknown type, malformed regex) is refused, naming the step and the file, although
+/// transformers 5 does not use them for LlamaTokenizer (hardening item 9).
+#[test]
+fn llama_class_tokenizer_with_an_invalid_normalizer_or_regex_is_refused() {
+    let src = fixture_dir();
+    let json = Json::parse_file(&src.join("tokenizer.json")).unwrap();
+    let config = Json::parse_file(&src.join("tokenizer_config.json")).unwrap();
+    let load = |edit: &dyn Fn(&mut Json)| {
+        let mut j = json.clone();
+        edit(&mut j);
+        let path = src.join("tokenizer.json");
+        Tokenizer::from_json(&j, &path, Some((&src.join("tokenizer_config.json"), &config)))
+    };
+    assert!(load(&|_| {}).is_ok());
+    let parse = |s: &str| Json::parse(s.as_bytes(), "test").unwrap();
+    let cases: [(&str, &str, &str); 4] = [
+        ("normalizer", r#"{"type": "Bogus"}"#, "normalizer type \"Bogus\""),
+        ("normalizer", r#"{"type": "Sequence", "normalizers": [{"type": "Replace", "pattern": {"Regex": "(("}, "content": ""}]}"#, "unclosed `(`"),
+        ("pre_tokenizer", r#"{"type": "Split", "pattern": {"Regex": "*x"}, "behavior": "Isolated", "invert": false}"#, "nothing to repeat"),
+        ("normalizer", r#"{"prepend": "x"}"#, "without a `type`"),
+    ];
+    for (key, value, why) in cases {
+        let err = load(&|j: &mut Json| j.set(key, parse(value))).unwrap_err().to_string();
+        assert!(err.contains(why) && err.contains("tokenizer.json"), "{key} {value}: {err}");
+    }
+}

@@ -84,9 +84,14 @@ impl Tokenizer {
         let model = file.model(field(&json, "model"), llama.is_some())?;
 
         // transformers 5 ignores the file's normalizer, pre-tokenizer and decoder for the
-        // Llama classes (see `LlamaRebuild`), so they are not even read then.
+        // Llama classes (see `LlamaRebuild`), so they are not used then; a file the
+        // `tokenizers` library itself would refuse to load is still refused.
         let (normalizers, pre_tokenizers, decoders) = match &llama {
-            Some(llama) => (Vec::new(), llama.pre_tokenizers(), Some(llama.decoders())),
+            Some(llama) => {
+                file.check_steps(field(&json, "normalizer"), "normalizer", NORMALIZER_TYPES)?;
+                file.check_steps(field(&json, "pre_tokenizer"), "pre_tokenizer", PRE_TOKENIZER_TYPES)?;
+                (Vec::new(), llama.pre_tokenizers(), Some(llama.decoders()))
+            }
             None => (
                 match field(&json, "normalizer") {
                     Json::Null => Vec::new(),
@@ -862,6 +867,30 @@ impl File<'_> {
             .ok_or_else(|| self.err(format!("{what}: id is not an integer in 0..2^32")))
     }
 
+    /// A normalizer or pre-tokenizer that is not used but must still be one the `tokenizers`
+    /// library loads: every step (of a `Sequence` too) has a `type` among `known`, and every
+    /// `Regex` pattern is well-formed (`regex_syntax_error`).
+    fn check_steps(&self, json: &Json, what: &str, known: &[&str]) -> Result<()> {
+        if matches!(json, Json::Null) {
+            return Ok(());
+        }
+        let key = if what == "normalizer" { "normalizers" } else { "pretokenizers" };
+        for step in self.sequence(json, key, what)? {
+            match type_of(step) {
+                "" => return Err(self.err(format!("{what} without a `type`"))),
+                "Sequence" => self.check_steps(step, what, known)?,
+                t if !known.contains(&t) => return Err(self.err(format!("{what} type {t:?} does not exist in tokenizers"))),
+                _ => {}
+            }
+            if let Some(r) = field(field(step, "pattern"), "Regex").as_str() {
+                if let Some(e) = regex_syntax_error(r) {
+                    return Err(self.err(format!("{what} {}: regex {r:?} is invalid: {e}", type_of(step))));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Items of a `Sequence` under `key`, or the one item itself.
     fn sequence<'j>(&self, json: &'j Json, key: &str, what: &str) -> Result<Vec<&'j Json>> {
         if type_of(json) != "Sequence" {
@@ -1191,3 +1220,97 @@ enum Pattern<'a> {
     String(&'a str),
     Regex(&'a str),
 }
+
+/// Normalizer types of the `tokenizers` library (tokenizers/src/normalizers/mod.rs).
+const NORMALIZER_TYPES: &[&str] = &[
+    "BertNormalizer", "Strip", "StripAccents", "NFC", "NFD", "NFKC", "NFKD", "Sequence", "Lowercase", "Nmt",
+    "Precompiled", "Replace", "Prepend", "ByteLevel",
+];
+
+/// Pre-tokenizer types of the `tokenizers` library (tokenizers/src/pre_tokenizers/mod.rs).
+const PRE_TOKENIZER_TYPES: &[&str] = &[
+    "BertPreTokenizer", "ByteLevel", "CharDelimiterSplit", "Metaspace", "Whitespace", "WhitespaceSplit", "Sequence",
+    "Split", "Punctuation", "Digits", "UnicodeScripts", "FixedLength",
+];
+
+/// Why `r` is not a well-formed regular expression, if it is not: an unbalanced group or class,
+/// a trailing backslash, or a repetition with nothing to repeat. Only the syntax is checked.
+fn regex_syntax_error(r: &str) -> Option<String> {
+    let (mut depth, mut in_class, mut can_repeat) = (0usize, false, false);
+    let mut chars = r.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                if chars.next().is_none() {
+                    return Some("trailing backslash".into());
+                }
+                can_repeat = true;
+                continue;
+            }
+            ']' if in_class => in_class = false,
+            _ if in_class => {}
+            '[' => {
+                in_class = true;
+                // A leading `]` (or `^]`) is a literal inside the class.
+                chars.next_if_eq(&'^');
+                chars.next_if_eq(&']');
+            }
+            '(' => {
+                depth += 1;
+                chars.next_if_eq(&'?');
+                can_repeat = false;
+                continue;
+            }
+            ')' if depth == 0 => return Some("unmatched `)`".into()),
+            ')' => depth -= 1,
+            '|' => {
+                can_repeat = false;
+                continue;
+            }
+            '*' | '+' | '?' | '{' if !can_repeat => return Some(format!("`{c}` has nothing to repeat")),
+            '*' | '+' | '?' => {
+                chars.next_if(|&n| n == '?' || n == '+');
+                can_repeat = false;
+                continue;
+            }
+            '{' => {
+                let rest: String = chars.by_ref().take_while(|&n| n != '}').collect();
+                if !rest.split(',').all(|p| p.trim().chars().all(|d| d.is_ascii_digit())) {
+                    return Some(format!("bad repetition `{{{rest}}}`"));
+                }
+                can_repeat = false;
+                continue;
+            }
+            _ => {}
+        }
+        can_repeat = true;
+    }
+    match (in_class, depth) {
+        (true, _) => Some("unclosed `[`".into()),
+        (_, 0) => None,
+        _ => Some("unclosed `(`".into()),
+    }
+}
+
+#[cfg(test)]
+mod regex_tests {
+    use super::regex_syntax_error;
+
+    #[test]
+    fn regex_syntax() {
+        // The split patterns of GPT-2, Llama 3 and Qwen 2 and the Llama-2 normalizer's.
+        for ok in [
+            r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+",
+            r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+            r" {2,}",
+            r"[]a]+?",
+        ] {
+            assert_eq!(regex_syntax_error(ok), None, "{ok}");
+        }
+        for (bad, why) in [("((", "unclosed `(`"), ("a)", "unmatched"), ("[abc", "unclosed `[`"), ("*a", "nothing to repeat"), ("a|+", "nothing to repeat"), ("a{x}", "bad repetition"), ("a\\", "trailing")] {
+            let e = regex_syntax_error(bad).unwrap_or_default();
+            assert!(e.contains(why), "{bad}: {e:?}");
+        }
+    }
+}
+
