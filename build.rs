@@ -4,14 +4,63 @@
 //! into a static library, links the CUDA runtime statically (`cudart_static`, which loads
 //! the driver at run time, so the binary starts on machines without one) and generates the
 //! Rust bindings of `ffi/rq_cuda.h` into `$OUT_DIR/rq_cuda.rs`.
+//!
+//! With the `cuda-emu` feature instead, it compiles the same `cuda/*.cu` with the host C++
+//! compiler (g++, C++17, `-include cuda/emu/emu.h`, NVIDIA's headers from the toolchain of
+//! tools/cuda-toolchain.sh) together with the emulator runtime `cuda/emu/emu.cpp` and the
+//! emulator's self-test kernels `cuda/emu/selftest.cu`, and runs the same bindgen (plus one on
+//! `cuda/emu/selftest.h` for tests/cuda_emu.rs). `RQ_EMU_ASAN=1` builds them with
+//! AddressSanitizer. The two features are alternatives: enabling both is an error.
+
+#[cfg(all(feature = "cuda", feature = "cuda-emu"))]
+compile_error!(
+    "features `cuda` (nvcc, real GPU) and `cuda-emu` (g++, host emulator) are alternatives: enable one"
+);
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    #[cfg(feature = "cuda")]
+    #[cfg(all(feature = "cuda", not(feature = "cuda-emu")))]
     cuda::build();
+    #[cfg(all(feature = "cuda-emu", not(feature = "cuda")))]
+    emu::build();
 }
 
-#[cfg(feature = "cuda")]
+/// What both features share: the kernel sources and the bindings of their C ABI.
+#[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+mod common {
+    use std::path::{Path, PathBuf};
+
+    /// Every `*.cu` directly in `dir`, sorted.
+    pub fn cu_files(dir: &Path) -> Vec<PathBuf> {
+        let mut sources: Vec<PathBuf> = std::fs::read_dir(dir)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
+            .map(|entry| entry.expect("reading a cuda/ folder").path())
+            .filter(|path| path.extension().is_some_and(|ext| ext == "cu"))
+            .collect();
+        sources.sort();
+        sources
+    }
+
+    /// Rust bindings of the `rq_*` functions and types of `header` into `out`.
+    pub fn bindings(header: &Path, out: &Path) {
+        bindgen::Builder::default()
+            .header(header.to_str().expect("UTF-8 path of a header"))
+            .allowlist_function("rq_.*")
+            .allowlist_type("rq_.*")
+            .allowlist_var("RQ_EMU_.*")
+            .generate()
+            .unwrap_or_else(|_| {
+                panic!(
+                    "bindgen failed on {} (bindgen needs libclang: run tools/cuda-toolchain.sh)",
+                    header.display()
+                )
+            })
+            .write_to_file(out)
+            .unwrap_or_else(|e| panic!("writing {}: {e}", out.display()));
+    }
+}
+
+#[cfg(all(feature = "cuda", not(feature = "cuda-emu")))]
 mod cuda {
     use std::env;
     use std::path::{Path, PathBuf};
@@ -42,12 +91,7 @@ mod cuda {
         // cc takes nvcc from $NVCC (`Build::compiler` sets nvcc's host compiler, -ccbin, instead).
         env::set_var("NVCC", &nvcc);
 
-        let mut sources: Vec<PathBuf> = std::fs::read_dir(manifest.join("cuda"))
-            .expect("reading cuda/")
-            .map(|entry| entry.expect("reading cuda/").path())
-            .filter(|path| path.extension().is_some_and(|ext| ext == "cu"))
-            .collect();
-        sources.sort();
+        let sources = super::common::cu_files(&manifest.join("cuda"));
 
         // One library per file: with several .cu files in one Build, cc compiles them as
         // relocatable device code (--device-c), and the device link keeps only the SASS, which
@@ -73,14 +117,7 @@ mod cuda {
             println!("cargo:rustc-link-lib=dylib={lib}");
         }
 
-        bindgen::Builder::default()
-            .header(manifest.join("ffi/rq_cuda.h").to_str().expect("UTF-8 path of ffi/rq_cuda.h"))
-            .allowlist_function("rq_.*")
-            .allowlist_type("rq_.*")
-            .generate()
-            .expect("bindgen failed on ffi/rq_cuda.h (bindgen needs libclang: run tools/cuda-toolchain.sh)")
-            .write_to_file(out_dir.join("rq_cuda.rs"))
-            .expect("writing $OUT_DIR/rq_cuda.rs");
+        super::common::bindings(&manifest.join("ffi/rq_cuda.h"), &out_dir.join("rq_cuda.rs"));
     }
 
     /// nvcc from $NVCC, then $CUDA_HOME/bin/nvcc, then the toolchain that
@@ -126,5 +163,68 @@ mod cuda {
                 nvcc.display()
             )
         })
+    }
+}
+
+#[cfg(all(feature = "cuda-emu", not(feature = "cuda")))]
+mod emu {
+    use std::env;
+    use std::path::PathBuf;
+
+    /// NVIDIA's headers as tools/cuda-toolchain.sh installs them, relative to the manifest.
+    const LOCAL_INCLUDE: &str = ".cuda-toolchain/nvidia/cu13/include";
+
+    pub fn build() {
+        let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
+        let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR"));
+        for var in ["CUDA_HOME", "RQ_EMU_ASAN"] {
+            println!("cargo:rerun-if-env-changed={var}");
+        }
+        for dir in ["cuda", "cuda/emu", "ffi"] {
+            println!("cargo:rerun-if-changed={}", manifest.join(dir).display());
+        }
+
+        // cuda_runtime.h, cuda_fp8.h...: $CUDA_HOME/include, else the repository's toolchain.
+        let candidates = env::var_os("CUDA_HOME")
+            .map(|home| PathBuf::from(home).join("include"))
+            .into_iter()
+            .chain([manifest.join(LOCAL_INCLUDE)]);
+        let include = candidates.into_iter().find(|dir| dir.join("cuda_fp8.hpp").is_file()).unwrap_or_else(|| {
+            panic!(
+                "feature `cuda-emu`: NVIDIA's CUDA headers not found in $CUDA_HOME/include or {}. \
+                 Run tools/cuda-toolchain.sh (CUDA 13 from PyPI into .cuda-toolchain/), or set CUDA_HOME.",
+                manifest.join(LOCAL_INCLUDE).display()
+            )
+        });
+
+        let emu_dir = manifest.join("cuda/emu");
+        let mut build = cc::Build::new();
+        build
+            .cpp(true)
+            .std("c++17")
+            // .cu is not a suffix g++ knows; emu.h first, before NVIDIA's headers.
+            .flag("-x")
+            .flag("c++")
+            .flag("-include")
+            .flag(emu_dir.join("emu.h").to_str().expect("UTF-8 path of cuda/emu/emu.h"))
+            .flag("-isystem")
+            .flag(include.to_str().expect("UTF-8 path of the CUDA headers"))
+            .flag("-pthread")
+            .files(super::common::cu_files(&manifest.join("cuda")))
+            .file(emu_dir.join("selftest.cu"))
+            .file(emu_dir.join("emu.cpp"));
+        let asan = env::var("RQ_EMU_ASAN").is_ok_and(|v| v == "1");
+        if asan {
+            build.flag("-fsanitize=address").flag("-fno-omit-frame-pointer");
+        }
+        build.compile("rq_cuda_emu");
+        println!("cargo:rustc-link-lib=dylib=pthread");
+        if asan {
+            // Rust does not link the ASan runtime first; ASAN_OPTIONS=verify_asan_link_order=0.
+            println!("cargo:rustc-link-lib=dylib=asan");
+        }
+
+        super::common::bindings(&manifest.join("ffi/rq_cuda.h"), &out_dir.join("rq_cuda.rs"));
+        super::common::bindings(&emu_dir.join("selftest.h"), &out_dir.join("rq_cuda_emu_selftest.rs"));
     }
 }

@@ -6,6 +6,7 @@
 #include <stdint.h>
 
 #include "../ffi/rq_cuda.h"
+#include "launch.cuh"
 
 namespace {
 
@@ -51,7 +52,7 @@ template <typename T>
 int launch_absmax(const T* x, size_t n, float* out_amax) {
     cudaError_t e = cudaMemsetAsync(out_amax, 0, sizeof(float));
     if (e != cudaSuccess || n == 0) return e;
-    absmax_kernel<T><<<grid_for(n), kThreads>>>(x, n, reinterpret_cast<unsigned*>(out_amax));
+    RQ_LAUNCH(absmax_kernel<T>, grid_for(n), kThreads, 0, 0)(x, n, reinterpret_cast<unsigned*>(out_amax));
     return cudaGetLastError();
 }
 
@@ -94,7 +95,7 @@ extern "C" int rq_quantize_fp8_bf16(const uint16_t* w_bf16, size_t n, float scal
                                     uint8_t* out_codes) {
     if (n == 0) return cudaSuccess;
     const float scale_bf16 = __bfloat162float(__float2bfloat16_rn(scale));
-    quantize_fp8_bf16_kernel<<<grid_for(n), kThreads>>>(w_bf16, n, scale_bf16, out_codes);
+    RQ_LAUNCH(quantize_fp8_bf16_kernel, grid_for(n), kThreads, 0, 0)(w_bf16, n, scale_bf16, out_codes);
     return cudaGetLastError();
 }
 
@@ -102,6 +103,6 @@ extern "C" int rq_fake_quant_fp8_f32(float* x, size_t n, float amax) {
     if (n == 0) return cudaSuccess;
     const float s = 448.0f / amax;
     const float inv_s = 1.0f / s;
-    fake_quant_fp8_f32_kernel<<<grid_for(n), kThreads>>>(x, n, s, inv_s);
+    RQ_LAUNCH(fake_quant_fp8_f32_kernel, grid_for(n), kThreads, 0, 0)(x, n, s, inv_s);
     return cudaGetLastError();
 }

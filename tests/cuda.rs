@@ -3,7 +3,7 @@
 //! of LLM weight magnitudes. Output buffers are poisoned before each run so that an element
 //! the kernel did not write shows up. Without a driver or GPU each test prints
 //! "skipped: <reason>" and passes; `no_device_is_an_error_not_a_crash` checks that case.
-#![cfg(feature = "cuda")]
+#![cfg(any(feature = "cuda", feature = "cuda-emu"))]
 
 use std::io::Write;
 

@@ -8,7 +8,7 @@
 
 mod arith;
 pub mod cpu;
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", feature = "cuda-emu"))]
 pub mod cuda;
 mod tensor;
 
