@@ -38,7 +38,7 @@ impl Device {
     pub fn require_cpu(self) -> Result<()> {
         match self {
             Device::Cpu => Ok(()),
-            Device::Cuda if cfg!(feature = "cuda") => Err(Error::Unsupported(
+            Device::Cuda if cfg!(any(feature = "cuda", feature = "cuda-emu")) => Err(Error::Unsupported(
                 "--device cuda: this build has the CUDA kernels (see `cargo test --features cuda --test cuda`) \
                  but the quantize/eval pipeline runs on the CPU only so far; use --device cpu"
                     .into(),

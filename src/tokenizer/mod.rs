@@ -1241,8 +1241,15 @@ fn regex_syntax_error(r: &str) -> Option<String> {
     while let Some(c) = chars.next() {
         match c {
             '\\' => {
-                if chars.next().is_none() {
-                    return Some("trailing backslash".into());
+                match chars.next() {
+                    None => return Some("trailing backslash".into()),
+                    // `\p{L}`, `\x{263a}`: the braces belong to the escape.
+                    Some('p' | 'P' | 'x' | 'u') if chars.next_if_eq(&'{').is_some() => {
+                        if !chars.by_ref().any(|n| n == '}') {
+                            return Some("unclosed `{` of an escape".into());
+                        }
+                    }
+                    Some(_) => {}
                 }
                 can_repeat = true;
                 continue;

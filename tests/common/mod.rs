@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 /// The shared data folder (`../shared` next to the crate): models and reference outputs.
 /// None, after printing why, when it is absent, so a test using it skips; under `CI=true`
 /// its absence is a failure instead.
+#[allow(dead_code)]
 pub fn shared_dir() -> Option<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared");
     if dir.is_dir() {
