@@ -5,7 +5,7 @@
 # runtime loads the driver at run time, so it starts on machines without one) and runs the
 # CUDA tests, which on a machine without a GPU check that this is reported, not a crash.
 # Then the same kernels under the host emulator (feature cuda-emu, g++, cuda/emu/): tests/cuda.rs
-# for real (kernel vs CPU, no skip) and the emulator's self-tests, under two
+# and tests/cuda_forward.rs for real (kernel vs CPU, no skip) and the emulator's self-tests, under two
 # seeded schedules (RQ_EMU_SEED; the self-tests also run thread order themselves).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,11 +40,15 @@ fi
 
 echo "== tests/cuda.rs (skips with the reason where there is no GPU)"
 "$cuda_tests" --nocapture
+forward_tests="$(sed -n 's/^ *Executable tests\/cuda_forward.rs (\(.*\))$/\1/p' "$log")"
+[[ -n "$forward_tests" ]] || { echo "FAIL: no tests/cuda_forward.rs executable in the cargo output" >&2; exit 1; }
+echo "== tests/cuda_forward.rs (skips with the reason where there is no GPU)"
+"$forward_tests"
 
 echo "== cargo test --release --features cuda-emu (host emulator) --no-run"
-cargo test --release --features cuda-emu --test cuda --test cuda_emu --no-run 2>&1 | tee "$log"
+cargo test --release --features cuda-emu --test cuda --test cuda_forward --test cuda_emu --no-run 2>&1 | tee "$log"
 emu_tests=()
-for t in cuda cuda_emu; do
+for t in cuda cuda_forward cuda_emu; do
     exe="$(sed -n "s/^ *Executable tests\/$t.rs (\(.*\))$/\1/p" "$log")"
     [[ -n "$exe" ]] || { echo "FAIL: no tests/$t.rs executable in the cargo output" >&2; exit 1; }
     emu_tests+=("$exe")

@@ -52,6 +52,68 @@ int rq_quantize_fp8_bf16(const uint16_t* w_bf16, size_t n, float scale, uint8_t*
 /* ModelOpt's FP8 fake quant, in place: s = 448 / amax, x[i] = float(E4M3(x[i] * s)) * (1 / s). */
 int rq_fake_quant_fp8_f32(float* x, size_t n, float amax);
 
+/* ---- forward kernels of a decoder layer (cuda/forward.cu) ------------------------------------
+ * f32, row-major: activations [rows, cols], Linear weights [out_features, in_features]. Each is
+ * the twin of a CPU kernel of src/compute/cpu/ (tests/cuda_forward.rs). In-place kernels
+ * overwrite their first argument. */
+
+/* Activation codes of rq_gated_mul_f32 / rq_activate_f32 (compute::Activation). */
+#define RQ_ACT_SILU 0
+#define RQ_ACT_GELU_TANH 1
+#define RQ_ACT_RELU2 2
+
+/* RMSNorm of rows of cols values (cpu::rms_norm; offset: weight is 1 + weight, Gemma;
+ * bf16: rounded as rms_norm_bf16 / rms_norm_offset_bf16). Sum of squares in double. */
+int rq_rms_norm_f32(const float* x, size_t rows, size_t cols, const float* weight, float eps, int offset,
+                    int bf16, float* out);
+
+/* LayerNorm of rows of cols values (cpu::layer_norm); bias may be NULL. Mean and variance in
+ * double. */
+int rq_layer_norm_f32(const float* x, size_t rows, size_t cols, const float* weight, const float* bias,
+                      float eps, float* out);
+
+/* out[m, n] = x[m, k] . w[n, k]^T: tiled, one f32 FMA chain over k per output. */
+int rq_matmul_bt_f32(const float* x, const float* w, size_t m, size_t k, size_t n, float* out);
+
+/* The same product, one thread per output (the tiled kernel's reference in tests). */
+int rq_matmul_bt_naive_f32(const float* x, const float* w, size_t m, size_t k, size_t n, float* out);
+
+/* x[i] += bias[i % n] over total = rows * n values. */
+int rq_add_row_bias_f32(float* x, size_t total, const float* bias, size_t n);
+
+/* x[i] += y[i]. */
+int rq_add_f32(float* x, const float* y, size_t n);
+
+/* x[i] = bf16(x[i]) as f32 (round to nearest even; NaN stays NaN). */
+int rq_round_bf16_f32(float* x, size_t n);
+
+/* gate[i] = act(gate[i]) * up[i] (bf16: bf16(bf16(act(gate)) * up)), act an RQ_ACT_ code. */
+int rq_gated_mul_f32(float* gate, const float* up, size_t n, int act, int bf16);
+
+/* x[i] = act(x[i]). */
+int rq_activate_f32(float* x, size_t n, int act);
+
+/* RoPE in place on x = [seq, heads * head_dim] (rotate_half layout, the leading rotary_dim
+ * dims of each head), cos/sin tables [>= seq, rotary_dim / 2] (cpu::Rope); bf16 as
+ * Rope::apply_bf16. */
+int rq_rope_f32(float* x, const float* cos_table, const float* sin_table, size_t seq, size_t heads,
+                size_t head_dim, size_t rotary_dim, int bf16);
+
+/* Causal GQA attention, f32 online softmax: q, out [seq, n_heads * head_dim], k, v
+ * [seq, n_kv_heads * head_dim]; head_dim <= 256; sliding_window 0 = none, else a query sees
+ * itself and the sliding_window - 1 keys before it. */
+int rq_attention_f32(const float* q, const float* k, const float* v, size_t seq, size_t n_heads,
+                     size_t n_kv_heads, size_t head_dim, size_t sliding_window, float* out);
+
+/* acc[c] = max(acc[c], max_r |x[r, c]|) over x = [rows, cols]; acc holds cols amaxes (each
+ * >= +0 or NaN); NaN propagates. */
+int rq_channel_amax_f32(const float* x, size_t rows, size_t cols, float* acc);
+
+/* out_nll[r] = -log softmax(logits[r, :])[targets[r]] in double (cpu::log_softmax_nll); NaN
+ * for a row holding a NaN logit or a target >= vocab. */
+int rq_log_softmax_nll_f32(const float* logits, size_t rows, size_t vocab, const uint32_t* targets,
+                           double* out_nll);
+
 #ifdef __cplusplus
 }
 #endif

@@ -1,6 +1,8 @@
 //! CUDA path (feature `cuda`): a safe wrapper over the kernels of `cuda/*.cu`, whose C ABI is
-//! `ffi/rq_cuda.h`. Each kernel is the twin of CPU code in [`crate::numerics`] and gives
-//! bit-identical results (`tests/cuda.rs`).
+//! `ffi/rq_cuda.h`. The FP8 kernels are twins of CPU code in [`crate::numerics`] and give
+//! bit-identical results (`tests/cuda.rs`); the forward kernels of a decoder layer (norms,
+//! matmul, RoPE, attention, activations, statistics) are twins of [`crate::compute::cpu`]
+//! (`tests/cuda_forward.rs`, with each kernel's error bound).
 //!
 //! The CUDA runtime is linked statically and loads the driver at first use, so a binary built
 //! with this feature runs on a machine without a driver or GPU: there, [`device_info`] and
@@ -15,6 +17,7 @@ use std::marker::PhantomData;
 
 use bytemuck::Pod;
 
+use crate::compute::Activation;
 use crate::error::{Error, Result};
 
 mod ffi {
@@ -257,4 +260,279 @@ pub fn fake_quant_fp8(x: &mut [f32], amax: f32) -> Result<()> {
     let mut dev = in_kernel(kernel, n, DeviceBuffer::from_slice(x))?;
     fake_quant_fp8_device(&mut dev, amax)?;
     in_kernel(kernel, n, dev.copy_to_slice(x))
+}
+
+// ---- forward kernels of a decoder layer (cuda/forward.cu) -------------------------------------
+//
+// Each function checks the lengths of its buffers against the shape it is given (an
+// `Error::Usage` naming the kernel, never a launch on a wrong shape), launches the kernel and
+// waits for it. Arguments mean what they mean for the CPU twin in `compute::cpu`; results match
+// it within the bounds tests/cuda_forward.rs states (bit-identical for the element-wise ones).
+
+/// `Error::Usage` unless `buffer` holds `want` values (`want` None: the shape overflows).
+fn check_shape(kernel: &str, what: &str, have: usize, want: Option<usize>) -> Result<()> {
+    match want {
+        Some(want) if want == have => Ok(()),
+        Some(want) => Err(Error::Usage(format!("{kernel}: {what} holds {have} values, the shape needs {want}"))),
+        None => Err(Error::Usage(format!("{kernel}: the shape of {what} overflows"))),
+    }
+}
+
+/// Rows of `cols` values in `len` values: `Error::Usage` when `cols` is 0 or does not divide `len`.
+fn rows_of(kernel: &str, len: usize, cols: usize) -> Result<usize> {
+    if cols == 0 || !len.is_multiple_of(cols) {
+        return Err(Error::Usage(format!("{kernel}: {len} values are not rows of {cols}")));
+    }
+    Ok(len / cols)
+}
+
+/// The `RQ_ACT_` code of an activation (ffi/rq_cuda.h).
+fn act_code(act: Activation) -> c_int {
+    match act {
+        Activation::Silu => 0,
+        Activation::GeluTanh => 1,
+        Activation::Relu2 => 2,
+    }
+}
+
+/// RMSNorm of every row of `x` (rows of `weight.len()` values) into `out`: `cpu::rms_norm`,
+/// `rms_norm_bf16` (`bf16`), `rms_norm_offset` (`offset`: Gemma's `1 + weight`) or
+/// `rms_norm_offset_bf16`. The sum of squares is accumulated in f64 as on the CPU (one block
+/// per row, a fixed-order block reduction), the rest in f32 with the CPU's roundings.
+pub fn rms_norm(
+    x: &DeviceBuffer<f32>,
+    weight: &DeviceBuffer<f32>,
+    eps: f32,
+    offset: bool,
+    bf16: bool,
+    out: &mut DeviceBuffer<f32>,
+) -> Result<()> {
+    let kernel = "rq_rms_norm_f32";
+    let (cols, rows) = (weight.len, rows_of(kernel, x.len, weight.len)?);
+    check_shape(kernel, "out", out.len, Some(x.len))?;
+    // SAFETY: x and out hold rows * cols floats, weight cols, all device memory.
+    launched(kernel, x.len, unsafe {
+        ffi::rq_rms_norm_f32(x.as_ptr(), rows, cols, weight.as_ptr(), eps, c_int::from(offset), c_int::from(bf16), out.as_mut_ptr())
+    })
+}
+
+/// LayerNorm of every row of `x` (rows of `weight.len()` values) into `out`, `cpu::layer_norm`:
+/// mean and biased variance in f64, the rest in f32.
+pub fn layer_norm(
+    x: &DeviceBuffer<f32>,
+    weight: &DeviceBuffer<f32>,
+    bias: Option<&DeviceBuffer<f32>>,
+    eps: f32,
+    out: &mut DeviceBuffer<f32>,
+) -> Result<()> {
+    let kernel = "rq_layer_norm_f32";
+    let (cols, rows) = (weight.len, rows_of(kernel, x.len, weight.len)?);
+    check_shape(kernel, "out", out.len, Some(x.len))?;
+    if let Some(b) = bias {
+        check_shape(kernel, "bias", b.len, Some(cols))?;
+    }
+    let bias = bias.map_or(std::ptr::null(), |b| b.as_ptr());
+    // SAFETY: x and out hold rows * cols floats, weight and bias (or null) cols.
+    launched(kernel, x.len, unsafe {
+        ffi::rq_layer_norm_f32(x.as_ptr(), rows, cols, weight.as_ptr(), bias, eps, out.as_mut_ptr())
+    })
+}
+
+/// `out[rows×n] = x[rows×k] · w[n×k]ᵀ` (`cpu::matmul_bt`): a tiled SIMT kernel, each output one
+/// f32 FMA chain over k in order (bit-identical to the CPU's on a CPU with FMA).
+pub fn matmul_bt(
+    x: &DeviceBuffer<f32>,
+    w: &DeviceBuffer<f32>,
+    rows: usize,
+    k: usize,
+    n: usize,
+    out: &mut DeviceBuffer<f32>,
+) -> Result<()> {
+    matmul_checked("rq_matmul_bt_f32", x, w, rows, k, n, out, ffi::rq_matmul_bt_f32)
+}
+
+/// [`matmul_bt`] with one thread per output (no tiling): the tiled kernel's reference.
+pub fn matmul_bt_naive(
+    x: &DeviceBuffer<f32>,
+    w: &DeviceBuffer<f32>,
+    rows: usize,
+    k: usize,
+    n: usize,
+    out: &mut DeviceBuffer<f32>,
+) -> Result<()> {
+    matmul_checked("rq_matmul_bt_naive_f32", x, w, rows, k, n, out, ffi::rq_matmul_bt_naive_f32)
+}
+
+type MatmulLauncher = unsafe extern "C" fn(*const f32, *const f32, usize, usize, usize, *mut f32) -> c_int;
+
+#[allow(clippy::too_many_arguments)]
+fn matmul_checked(
+    kernel: &str,
+    x: &DeviceBuffer<f32>,
+    w: &DeviceBuffer<f32>,
+    rows: usize,
+    k: usize,
+    n: usize,
+    out: &mut DeviceBuffer<f32>,
+    launcher: MatmulLauncher,
+) -> Result<()> {
+    check_shape(kernel, "x", x.len, rows.checked_mul(k))?;
+    check_shape(kernel, "w", w.len, n.checked_mul(k))?;
+    check_shape(kernel, "out", out.len, rows.checked_mul(n))?;
+    // SAFETY: the three buffers hold rows*k, n*k and rows*n floats of device memory.
+    launched(kernel, out.len, unsafe { launcher(x.as_ptr(), w.as_ptr(), rows, k, n, out.as_mut_ptr()) })
+}
+
+/// Adds `bias` (`[n]`) to every row of `x` (`[rows, n]`), as `Tensor::add_row_bias`.
+pub fn add_row_bias(x: &mut DeviceBuffer<f32>, bias: &DeviceBuffer<f32>, n: usize) -> Result<()> {
+    let kernel = "rq_add_row_bias_f32";
+    check_shape(kernel, "bias", bias.len, Some(n))?;
+    rows_of(kernel, x.len, n)?;
+    // SAFETY: x holds x.len floats (rows of n), bias n.
+    launched(kernel, x.len, unsafe { ffi::rq_add_row_bias_f32(x.as_mut_ptr(), x.len, bias.as_ptr(), n) })
+}
+
+/// `x += y` (`cpu::add_in_place`).
+pub fn add(x: &mut DeviceBuffer<f32>, y: &DeviceBuffer<f32>) -> Result<()> {
+    let kernel = "rq_add_f32";
+    check_shape(kernel, "y", y.len, Some(x.len))?;
+    // SAFETY: x and y hold x.len floats each.
+    launched(kernel, x.len, unsafe { ffi::rq_add_f32(x.as_mut_ptr(), y.as_ptr(), x.len) })
+}
+
+/// Every value rounded to bf16 and back (`cpu::round_slice_bf16`: nearest even, NaN stays NaN).
+pub fn round_bf16(x: &mut DeviceBuffer<f32>) -> Result<()> {
+    // SAFETY: x holds x.len floats.
+    launched("rq_round_bf16_f32", x.len, unsafe { ffi::rq_round_bf16_f32(x.as_mut_ptr(), x.len) })
+}
+
+/// RoPE in place on `x` = `[seq, heads * head_dim]` (`Rope::apply`, or `Rope::apply_bf16`
+/// when `bf16`): the leading `rotary_dim` dims of each head rotate, rotate_half layout. `cos`
+/// and `sin` are device copies of [`crate::compute::Rope::tables`]
+/// (`[max_positions, rotary_dim / 2]`, `max_positions >= seq`).
+#[allow(clippy::too_many_arguments)]
+pub fn rope(
+    x: &mut DeviceBuffer<f32>,
+    cos: &DeviceBuffer<f32>,
+    sin: &DeviceBuffer<f32>,
+    seq: usize,
+    heads: usize,
+    head_dim: usize,
+    rotary_dim: usize,
+    bf16: bool,
+) -> Result<()> {
+    let kernel = "rq_rope_f32";
+    if !rotary_dim.is_multiple_of(2) || rotary_dim > head_dim {
+        return Err(Error::Usage(format!("{kernel}: rotary_dim {rotary_dim} is not even and <= head_dim {head_dim}")));
+    }
+    check_shape(kernel, "x", x.len, seq.checked_mul(heads).and_then(|v| v.checked_mul(head_dim)))?;
+    check_shape(kernel, "sin", sin.len, Some(cos.len))?;
+    let half = rotary_dim / 2;
+    if half > 0 && (!cos.len.is_multiple_of(half) || cos.len / half < seq) {
+        return Err(Error::Usage(format!(
+            "{kernel}: the cos/sin tables ({} values) are not [>= {seq} positions, {half}]",
+            cos.len
+        )));
+    }
+    // SAFETY: x holds seq*heads*head_dim floats, the tables at least seq*half each.
+    launched(kernel, x.len, unsafe {
+        ffi::rq_rope_f32(x.as_mut_ptr(), cos.as_ptr(), sin.as_ptr(), seq, heads, head_dim, rotary_dim, c_int::from(bf16))
+    })
+}
+
+/// Causal grouped-query attention (`cpu::Attention::forward` with `flash_bf16 = false`): `q`
+/// and `out` are `[seq, n_heads * head_dim]`, `k` and `v` `[seq, n_kv_heads * head_dim]`;
+/// `sliding_window` w: a query sees itself and the w - 1 keys before it. Flash-style: f32
+/// online softmax over key tiles in shared memory, no `seq × seq` buffer. `head_dim <= 256`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention(
+    q: &DeviceBuffer<f32>,
+    k: &DeviceBuffer<f32>,
+    v: &DeviceBuffer<f32>,
+    seq: usize,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    sliding_window: Option<usize>,
+    out: &mut DeviceBuffer<f32>,
+) -> Result<()> {
+    let kernel = "rq_attention_f32";
+    if n_kv_heads == 0 || !n_heads.is_multiple_of(n_kv_heads) || head_dim == 0 || head_dim > 256 {
+        return Err(Error::Usage(format!(
+            "{kernel}: {n_heads} heads over {n_kv_heads} kv heads of {head_dim} dims (needs a multiple, 1..=256 dims)"
+        )));
+    }
+    if sliding_window == Some(0) {
+        return Err(Error::Usage(format!("{kernel}: a sliding window of 0 keys")));
+    }
+    let q_len = seq.checked_mul(n_heads).and_then(|v| v.checked_mul(head_dim));
+    let kv_len = seq.checked_mul(n_kv_heads).and_then(|v| v.checked_mul(head_dim));
+    check_shape(kernel, "q", q.len, q_len)?;
+    check_shape(kernel, "k", k.len, kv_len)?;
+    check_shape(kernel, "v", v.len, kv_len)?;
+    check_shape(kernel, "out", out.len, q_len)?;
+    // SAFETY: the buffers hold the lengths just checked, in device memory.
+    launched(kernel, out.len, unsafe {
+        ffi::rq_attention_f32(
+            q.as_ptr(),
+            k.as_ptr(),
+            v.as_ptr(),
+            seq,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            sliding_window.unwrap_or(0),
+            out.as_mut_ptr(),
+        )
+    })
+}
+
+/// The gated MLP's `gate ← act(gate) * up` (`Compute::gated_mul`: `cpu::gated_mul`, or
+/// `gated_mul_bf16` when `bf16`).
+pub fn gated_mul(gate: &mut DeviceBuffer<f32>, up: &DeviceBuffer<f32>, act: Activation, bf16: bool) -> Result<()> {
+    let kernel = "rq_gated_mul_f32";
+    check_shape(kernel, "up", up.len, Some(gate.len))?;
+    // SAFETY: gate and up hold gate.len floats each.
+    launched(kernel, gate.len, unsafe {
+        ffi::rq_gated_mul_f32(gate.as_mut_ptr(), up.as_ptr(), gate.len, act_code(act), c_int::from(bf16))
+    })
+}
+
+/// `x ← act(x)` element-wise (`Tensor::activate`).
+pub fn activate(x: &mut DeviceBuffer<f32>, act: Activation) -> Result<()> {
+    // SAFETY: x holds x.len floats.
+    launched("rq_activate_f32", x.len, unsafe { ffi::rq_activate_f32(x.as_mut_ptr(), x.len, act_code(act)) })
+}
+
+/// `acc[c] = max(acc[c], max_r |x[r, c]|)` over `x` = `[rows, cols]` (`Tensor::channel_amax`;
+/// `acc` holds `cols` amaxes, each >= +0 or NaN). NaN propagates (the CPU's `f32::max` drops
+/// a NaN of x; here any NaN makes its column's amax NaN).
+pub fn channel_amax(x: &DeviceBuffer<f32>, cols: usize, acc: &mut DeviceBuffer<f32>) -> Result<()> {
+    let kernel = "rq_channel_amax_f32";
+    check_shape(kernel, "acc", acc.len, Some(cols))?;
+    let rows = rows_of(kernel, x.len, cols)?;
+    // SAFETY: x holds rows*cols floats, acc cols.
+    launched(kernel, x.len, unsafe { ffi::rq_channel_amax_f32(x.as_ptr(), rows, cols, acc.as_mut_ptr()) })
+}
+
+/// `out_nll[r] = -log softmax(logits[r])[targets[r]]` for `logits` = `[targets.len(), vocab]`,
+/// in f64 (`cpu::log_softmax_nll`, with exact exponentials). NaN for a row with a NaN logit
+/// or a target >= vocab.
+pub fn log_softmax_nll(
+    logits: &DeviceBuffer<f32>,
+    vocab: usize,
+    targets: &DeviceBuffer<u32>,
+    out_nll: &mut DeviceBuffer<f64>,
+) -> Result<()> {
+    let kernel = "rq_log_softmax_nll_f32";
+    let rows = targets.len;
+    if vocab == 0 && rows > 0 {
+        return Err(Error::Usage(format!("{kernel}: {rows} targets over an empty vocabulary")));
+    }
+    check_shape(kernel, "logits", logits.len, rows.checked_mul(vocab))?;
+    check_shape(kernel, "out_nll", out_nll.len, Some(rows))?;
+    // SAFETY: logits hold rows*vocab floats, targets and out_nll rows values each.
+    launched(kernel, logits.len, unsafe {
+        ffi::rq_log_softmax_nll_f32(logits.as_ptr(), rows, vocab, targets.as_ptr(), out_nll.as_mut_ptr())
+    })
 }

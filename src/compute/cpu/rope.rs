@@ -66,6 +66,17 @@ impl Rope {
         self.max_positions
     }
 
+    /// The cos and sin tables, each `[max_positions, rotary_dim / 2]` row-major (what a device
+    /// copy for the CUDA RoPE kernel holds).
+    pub fn tables(&self) -> (&[f32], &[f32]) {
+        (&self.cos, &self.sin)
+    }
+
+    /// Dims of each head (`head_dim`) and the leading ones that rotate (`rotary_dim`).
+    pub fn dims(&self) -> (usize, usize) {
+        (self.head_dim, self.rotary_dim)
+    }
+
     /// Rotates `x` = `[seq, n_heads * head_dim]` in place for positions `0..seq`, HF's
     /// `q * cos + rotate_half(q) * sin` with `rotate_half(x) = cat(-x2, x1)` (the two halves
     /// of each head, not interleaved pairs).

@@ -1,0 +1,492 @@
+// Forward kernels of a decoder layer on f32 device buffers (row-major, activations
+// `[rows, cols]`, Linear weights `[out_features, in_features]`), each the twin of a CPU kernel
+// in src/compute/cpu/ (norm.rs, matmul.rs, rope.rs, attention.rs) and checked against it by
+// tests/cuda_forward.rs.
+//
+// Rounding: every multiply and add whose rounding the CPU fixes is written with __fmul_rn /
+// __fadd_rn / __fmaf_rn, so nvcc does not contract it into an FMA the CPU does not do (and
+// the host emulator, which never contracts, computes the same bits). Reductions the CPU does
+// in f64 (norm statistics, the log-sum-exp of the NLL) are done in double here too: these
+// kernels are memory-bound, so the slow double units of consumer GPUs cost little.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdint.h>
+
+#include "../ffi/rq_cuda.h"
+#include "launch.cuh"
+
+namespace {
+
+constexpr int kThreads = 256;
+constexpr unsigned kFull = 0xFFFFFFFFu;
+constexpr size_t kMaxBlocks = 4096;
+
+unsigned grid_for(size_t n) {
+    size_t blocks = (n + kThreads - 1) / kThreads;
+    return static_cast<unsigned>(blocks < kMaxBlocks ? blocks : kMaxBlocks);
+}
+
+__device__ __forceinline__ float bf16_round(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
+
+// ---- block reductions (blockDim.x == kThreads) ---------------------------------------------
+
+// Sum of one double per thread over the block, returned to every thread. The order is fixed
+// (warp butterflies, then the warp sums in warp order), so the result is deterministic.
+__device__ double block_sum(double v) {
+    __shared__ double warp_sum[kThreads / 32];
+    __shared__ double total;
+    for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(kFull, v, o);
+    const unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    if (lane == 0) warp_sum[warp] = v;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double s = 0.0;
+        for (int w = 0; w < kThreads / 32; ++w) s += warp_sum[w];
+        total = s;
+    }
+    __syncthreads();
+    const double result = total;
+    __syncthreads();  // `total` and `warp_sum` may be reused by the next call
+    return result;
+}
+
+// Max of one float per thread (fmaxf: NaN is dropped, as f32::max on the CPU).
+__device__ float block_max(float v) {
+    __shared__ float warp_max[kThreads / 32];
+    __shared__ float total;
+    for (int o = 16; o > 0; o /= 2) v = fmaxf(v, __shfl_xor_sync(kFull, v, o));
+    const unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    if (lane == 0) warp_max[warp] = v;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float m = warp_max[0];
+        for (int w = 1; w < kThreads / 32; ++w) m = fmaxf(m, warp_max[w]);
+        total = m;
+    }
+    __syncthreads();
+    const float result = total;
+    __syncthreads();
+    return result;
+}
+
+// ---- RMSNorm / LayerNorm: one block per row ---------------------------------------------------
+
+// mode: 0 plain (weight * (x * inv_rms)), 1 plain bf16 (bf16(w * bf16(x * inv_rms))),
+// 2 offset ((1 + w) * (x * inv_rms)), 3 offset bf16 (bf16 of mode 2).
+__global__ void __launch_bounds__(kThreads)
+    rms_norm_kernel(const float* __restrict__ x, const float* __restrict__ weight, size_t cols, float eps,
+                    int mode, float* __restrict__ out) {
+    const float* row = x + size_t(blockIdx.x) * cols;
+    float* out_row = out + size_t(blockIdx.x) * cols;
+    double sum_sq = 0.0;
+    for (size_t i = threadIdx.x; i < cols; i += kThreads) {
+        const double v = row[i];
+        sum_sq += v * v;
+    }
+    sum_sq = block_sum(sum_sq);
+    const float variance = float(sum_sq / double(cols));
+    const float inv_rms = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(variance, eps)));
+    for (size_t i = threadIdx.x; i < cols; i += kThreads) {
+        const float normed = __fmul_rn(row[i], inv_rms);
+        const float w = weight[i];
+        float o;
+        switch (mode) {
+            case 0: o = __fmul_rn(w, normed); break;
+            case 1: o = bf16_round(__fmul_rn(w, bf16_round(normed))); break;
+            case 2: o = __fmul_rn(__fadd_rn(1.0f, w), normed); break;
+            default: o = bf16_round(__fmul_rn(__fadd_rn(1.0f, w), normed)); break;
+        }
+        out_row[i] = o;
+    }
+}
+
+// Mean, then the biased variance around it, both in double (two passes over the row).
+__global__ void __launch_bounds__(kThreads)
+    layer_norm_kernel(const float* __restrict__ x, const float* __restrict__ weight,
+                      const float* __restrict__ bias, size_t cols, float eps, float* __restrict__ out) {
+    const float* row = x + size_t(blockIdx.x) * cols;
+    float* out_row = out + size_t(blockIdx.x) * cols;
+    double sum = 0.0;
+    for (size_t i = threadIdx.x; i < cols; i += kThreads) sum += double(row[i]);
+    const double mean = block_sum(sum) / double(cols);
+    double sq = 0.0;
+    for (size_t i = threadIdx.x; i < cols; i += kThreads) {
+        const double d = double(row[i]) - mean;
+        sq += d * d;
+    }
+    const double var = block_sum(sq) / double(cols);
+    const float inv_std = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(float(var), eps)));
+    const float mean_f = float(mean);
+    for (size_t i = threadIdx.x; i < cols; i += kThreads) {
+        const float y = __fmul_rn(__fmul_rn(__fadd_rn(row[i], -mean_f), inv_std), weight[i]);
+        out_row[i] = __fadd_rn(y, bias != nullptr ? bias[i] : 0.0f);
+    }
+}
+
+// ---- matmul: out[m, n] = x[m, k] · w[n, k]ᵀ -------------------------------------------------------
+// 64 × 64 output tile per block of 256 threads, 4 × 4 outputs per thread, k in steps of 16
+// through static shared memory. Each output is one FMA chain over p = 0, 1, ..., k-1 in
+// order from 0, which is what the CPU's matmul_bt computes on a CPU with FMA.
+constexpr int kTileM = 64, kTileN = 64, kTileK = 16;
+
+__global__ void __launch_bounds__(kThreads)
+    matmul_bt_kernel(const float* __restrict__ x, const float* __restrict__ w, int m, int k, int n,
+                     float* __restrict__ out) {
+    // k-major tiles; +4 keeps the rows 16-byte aligned and spreads the transposed stores.
+    __shared__ float xs[kTileK][kTileM + 4];
+    __shared__ float ws[kTileK][kTileN + 4];
+    const int row0 = blockIdx.y * kTileM, col0 = blockIdx.x * kTileN;
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;  // outputs rows ty + 16 i, cols tx + 16 j
+    float acc[4][4] = {};
+    for (int p0 = 0; p0 < k; p0 += kTileK) {
+        // 64 rows × 16 k of each operand, 4 values per thread; consecutive threads read
+        // consecutive k of one row.
+        for (int e = threadIdx.x; e < kTileM * kTileK; e += kThreads) {
+            const int r = e / kTileK, p = e % kTileK;
+            const int gr = row0 + r, gc = col0 + r, gp = p0 + p;
+            xs[p][r] = (gr < m && gp < k) ? x[size_t(gr) * k + gp] : 0.0f;
+            ws[p][r] = (gc < n && gp < k) ? w[size_t(gc) * k + gp] : 0.0f;
+        }
+        __syncthreads();
+        const int steps = k - p0 < kTileK ? k - p0 : kTileK;  // no FMA with padding
+        for (int p = 0; p < steps; ++p) {
+            float a[4], b[4];
+            for (int i = 0; i < 4; ++i) a[i] = xs[p][ty + 16 * i];
+            for (int j = 0; j < 4; ++j) b[j] = ws[p][tx + 16 * j];
+            for (int i = 0; i < 4; ++i)
+                for (int j = 0; j < 4; ++j) acc[i][j] = __fmaf_rn(a[i], b[j], acc[i][j]);
+        }
+        __syncthreads();
+    }
+    for (int i = 0; i < 4; ++i) {
+        const int r = row0 + ty + 16 * i;
+        if (r >= m) continue;
+        for (int j = 0; j < 4; ++j) {
+            const int c = col0 + tx + 16 * j;
+            if (c < n) out[size_t(r) * n + c] = acc[i][j];
+        }
+    }
+}
+
+// One thread per output, the same FMA chain: the reference of the tiled kernel.
+__global__ void __launch_bounds__(kThreads)
+    matmul_bt_naive_kernel(const float* __restrict__ x, const float* __restrict__ w, int m, int k, int n,
+                           float* __restrict__ out) {
+    const size_t total = size_t(m) * n, stride = size_t(gridDim.x) * blockDim.x;
+    for (size_t e = size_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += stride) {
+        const size_t r = e / n, c = e % n;
+        float acc = 0.0f;
+        for (int p = 0; p < k; ++p) acc = __fmaf_rn(x[r * k + p], w[c * k + p], acc);
+        out[e] = acc;
+    }
+}
+
+// ---- element-wise ---------------------------------------------------------------------------------
+
+__global__ void __launch_bounds__(kThreads)
+    add_row_bias_kernel(float* __restrict__ x, const float* __restrict__ bias, size_t total, size_t n) {
+    const size_t stride = size_t(gridDim.x) * blockDim.x;
+    for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride)
+        x[i] = __fadd_rn(x[i], bias[i % n]);
+}
+
+__global__ void __launch_bounds__(kThreads) add_kernel(float* __restrict__ x, const float* __restrict__ y, size_t n) {
+    const size_t stride = size_t(gridDim.x) * blockDim.x;
+    for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) x[i] = __fadd_rn(x[i], y[i]);
+}
+
+__global__ void __launch_bounds__(kThreads) round_bf16_kernel(float* __restrict__ x, size_t n) {
+    const size_t stride = size_t(gridDim.x) * blockDim.x;
+    for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) x[i] = bf16_round(x[i]);
+}
+
+// Activations, as src/compute/cpu/norm.rs writes them (the same order of operations).
+__device__ __forceinline__ float act_fn(int act, float x) {
+    switch (act) {
+        case RQ_ACT_SILU:  // x / (1 + exp(-x))
+            return __fdiv_rn(x, __fadd_rn(1.0f, expf(-x)));
+        case RQ_ACT_GELU_TANH: {  // 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+            const float cube = __fmul_rn(__fmul_rn(__fmul_rn(0.044715f, x), x), x);
+            const float t = tanhf(__fmul_rn(0.7978846f, __fadd_rn(x, cube)));
+            return __fmul_rn(__fmul_rn(0.5f, x), __fadd_rn(1.0f, t));
+        }
+        default: {  // relu2: square(max(x, 0)); fmaxf(NaN, 0) = 0 as Rust's f32::max
+            const float r = fmaxf(x, 0.0f);
+            return __fmul_rn(r, r);
+        }
+    }
+}
+
+__global__ void __launch_bounds__(kThreads)
+    gated_mul_kernel(float* __restrict__ gate, const float* __restrict__ up, size_t n, int act, int bf16) {
+    const size_t stride = size_t(gridDim.x) * blockDim.x;
+    for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+        const float a = act_fn(act, gate[i]);
+        gate[i] = bf16 ? bf16_round(__fmul_rn(bf16_round(a), up[i])) : __fmul_rn(a, up[i]);
+    }
+}
+
+__global__ void __launch_bounds__(kThreads) activate_kernel(float* __restrict__ x, size_t n, int act) {
+    const size_t stride = size_t(gridDim.x) * blockDim.x;
+    for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) x[i] = act_fn(act, x[i]);
+}
+
+// ---- RoPE: one thread per (position, head, pair) ------------------------------------------------
+// x1' = r(r(a c) + r(-b s)), x2' = r(r(b c) + r(a s)) with r = bf16 rounding or identity, and
+// c, s rounded by r too (Rope::rotate).
+__global__ void __launch_bounds__(kThreads)
+    rope_kernel(float* __restrict__ x, const float* __restrict__ cos_t, const float* __restrict__ sin_t,
+                size_t seq, size_t heads, size_t head_dim, size_t half, int bf16) {
+    const size_t total = seq * heads * half, stride = size_t(gridDim.x) * blockDim.x;
+    for (size_t e = size_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += stride) {
+        const size_t i = e % half, head = (e / half) % heads, pos = e / (half * heads);
+        float* h = x + (pos * heads + head) * head_dim;
+        float c = cos_t[pos * half + i], s = sin_t[pos * half + i];
+        const float a = h[i], b = h[half + i];
+        if (bf16) {
+            c = bf16_round(c);
+            s = bf16_round(s);
+            h[i] = bf16_round(__fadd_rn(bf16_round(__fmul_rn(a, c)), bf16_round(__fmul_rn(-b, s))));
+            h[half + i] = bf16_round(__fadd_rn(bf16_round(__fmul_rn(b, c)), bf16_round(__fmul_rn(a, s))));
+        } else {
+            h[i] = __fadd_rn(__fmul_rn(a, c), __fmul_rn(-b, s));
+            h[half + i] = __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s));
+        }
+    }
+}
+
+// ---- attention: causal GQA, flash-style -----------------------------------------------------------
+// One block per (tile of kRows query rows, head); warp r owns query row t0 + r. Keys are walked
+// in tiles of kKeys through shared memory (K and V of the head's kv head); per tile lane j
+// scores key j (an FMA chain over d, then × scale, as the CPU's S = Q·Kᵀ then `*s *= scale`),
+// and the warp keeps FlashAttention's running max m, running sum l and unnormalized output
+// o (lane holds dims lane, lane + 32, ...), rescaled by exp(m_old - m_new) when m grows.
+// Memory: O(kKeys × head_dim) shared per block, no seq × seq buffer.
+constexpr int kRows = 8;  // warps per block
+
+template <int kMaxHd, int kKeys>
+__global__ void __launch_bounds__(kRows * 32)
+    attention_kernel(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v, int seq,
+                     int n_heads, int n_kv_heads, int hd, int window, float scale, float* __restrict__ out) {
+    __shared__ float qs[kRows][kMaxHd];
+    __shared__ float ks[kKeys][kMaxHd + 1];  // +1: lane j reads row j, rows on distinct banks
+    __shared__ float vs[kKeys][kMaxHd];
+    __shared__ float ps[kRows][kKeys];
+    constexpr int kDims = kMaxHd / 32;
+    const int head = blockIdx.y, g = head / (n_heads / n_kv_heads);
+    const int q_width = n_heads * hd, kv_width = n_kv_heads * hd;
+    const int lane = threadIdx.x % 32, r = threadIdx.x / 32;
+    const int t0 = blockIdx.x * kRows, t = t0 + r;
+    const bool active = t < seq;
+    // Keys first(t)..=t are visible from row t (window: the w - 1 keys before it and itself).
+    auto first = [&](int row) { return window > 0 && row + 1 > window ? row + 1 - window : 0; };
+    for (int d = lane; d < hd; d += 32) qs[r][d] = active ? q[size_t(t) * q_width + head * hd + d] : 0.0f;
+    float o[kDims];
+    for (int i = 0; i < kDims; ++i) o[i] = 0.0f;
+    float m = -INFINITY, l = 0.0f;
+    const int t_last = t0 + kRows - 1 < seq - 1 ? t0 + kRows - 1 : seq - 1;
+    const int lo = first(t0);
+    for (int k0 = lo; k0 <= t_last; k0 += kKeys) {
+        __syncthreads();  // previous tile fully used (and qs written, the first time)
+        for (int e = threadIdx.x; e < kKeys * hd; e += kRows * 32) {
+            const int j = e / hd, d = e % hd, key = k0 + j;
+            const bool in = key <= t_last;
+            ks[j][d] = in ? k[size_t(key) * kv_width + g * hd + d] : 0.0f;
+            vs[j][d] = in ? v[size_t(key) * kv_width + g * hd + d] : 0.0f;
+        }
+        __syncthreads();
+        // Score of key k0 + lane (lanes >= kKeys score nothing).
+        const int key = k0 + lane;
+        const bool visible = active && lane < kKeys && key >= first(t) && key <= t;
+        float s = -INFINITY;
+        if (visible) {
+            float acc = 0.0f;
+            for (int d = 0; d < hd; ++d) acc = __fmaf_rn(qs[r][d], ks[lane][d], acc);
+            s = __fmul_rn(acc, scale);
+        }
+        float tile_max = s;
+        for (int off = 16; off > 0; off /= 2) tile_max = fmaxf(tile_max, __shfl_xor_sync(kFull, tile_max, off));
+        const float m_new = fmaxf(m, tile_max);
+        // exp(-inf - -inf) is NaN: a row that saw no finite score yet keeps o = 0, l = 0.
+        const float corr = m == -INFINITY ? 0.0f : expf(__fadd_rn(m, -m_new));
+        const float p = visible ? expf(__fadd_rn(s, -m_new)) : 0.0f;
+        float p_sum = p;
+        for (int off = 16; off > 0; off /= 2) p_sum += __shfl_xor_sync(kFull, p_sum, off);
+        if (lane < kKeys) ps[r][lane] = p;
+        __syncwarp();
+        l = __fmaf_rn(l, corr, p_sum);
+        // Only the keys row t sees: a masked key's value (NaN, inf) never reaches the row.
+        const int j_lo = active && first(t) > k0 ? first(t) - k0 : 0;
+        const int j_end = !active ? 0 : t - k0 + 1 < kKeys ? t - k0 + 1 : kKeys;
+        for (int i = 0; i < kDims; ++i) {
+            const int d = lane + 32 * i;
+            if (d >= hd) break;
+            float acc = __fmul_rn(o[i], corr);
+            for (int j = j_lo; j < j_end; ++j) acc = __fmaf_rn(ps[r][j], vs[j][d], acc);
+            o[i] = acc;
+        }
+        m = m_new;
+        __syncwarp();  // ps[r] read by every lane before the next tile overwrites it
+    }
+    if (!active) return;
+    const float inv = __fdiv_rn(1.0f, l);
+    for (int i = 0; i < kDims; ++i) {
+        const int d = lane + 32 * i;
+        if (d >= hd) break;
+        out[size_t(t) * q_width + head * hd + d] = __fmul_rn(o[i], inv);
+    }
+}
+
+using attention_128 = decltype(&attention_kernel<128, 32>);
+using attention_256 = decltype(&attention_kernel<256, 16>);
+
+// ---- per-channel amax: acc[c] = max(acc[c], max_r |x[r, c]|) ------------------------------------
+// |x| as f32 bits: for non-negative floats the unsigned order is the numeric order, and NaN is
+// above +inf, so an unsigned atomicMax propagates NaN (as quant_fp8.cu's absmax).
+constexpr int kAmaxRowsPerBlock = 64;
+
+__global__ void __launch_bounds__(kThreads)
+    channel_amax_kernel(const float* __restrict__ x, size_t rows, size_t cols, unsigned* __restrict__ acc) {
+    const size_t c = size_t(blockIdx.x) * kThreads + threadIdx.x;
+    if (c >= cols) return;
+    const size_t r0 = size_t(blockIdx.y) * kAmaxRowsPerBlock;
+    const size_t r1 = r0 + kAmaxRowsPerBlock < rows ? r0 + kAmaxRowsPerBlock : rows;
+    unsigned m = 0;
+    for (size_t r = r0; r < r1; ++r) m = max(m, __float_as_uint(x[r * cols + c]) & 0x7FFFFFFFu);
+    atomicMax(acc + c, m);
+}
+
+// ---- -log softmax(row)[target], one block per row, in double -------------------------------------
+__global__ void __launch_bounds__(kThreads)
+    log_softmax_nll_kernel(const float* __restrict__ logits, size_t vocab, const uint32_t* __restrict__ targets,
+                           double* __restrict__ out) {
+    const float* row = logits + size_t(blockIdx.x) * vocab;
+    float mx = -INFINITY;
+    for (size_t i = threadIdx.x; i < vocab; i += kThreads) mx = fmaxf(mx, row[i]);
+    mx = block_max(mx);
+    double sum = 0.0;
+    // exp(NaN) is NaN: a NaN logit makes the row's NLL NaN.
+    for (size_t i = threadIdx.x; i < vocab; i += kThreads) sum += exp(double(__fadd_rn(row[i], -mx)));
+    sum = block_sum(sum);
+    if (threadIdx.x == 0) {
+        const uint32_t target = targets[blockIdx.x];
+        out[blockIdx.x] = target < vocab ? double(mx) + log(sum) - double(row[target]) : NAN;
+    }
+}
+
+unsigned rows_grid(size_t rows) { return static_cast<unsigned>(rows); }
+
+}  // namespace
+
+extern "C" int rq_rms_norm_f32(const float* x, size_t rows, size_t cols, const float* weight, float eps, int offset,
+                               int bf16, float* out) {
+    if (rows == 0 || cols == 0) return cudaSuccess;
+    if (rows > 0x7FFFFFFFu) return cudaErrorInvalidValue;
+    const int mode = (offset ? 2 : 0) + (bf16 ? 1 : 0);
+    RQ_LAUNCH(rms_norm_kernel, rows_grid(rows), kThreads, 0, 0)(x, weight, cols, eps, mode, out);
+    return cudaGetLastError();
+}
+
+extern "C" int rq_layer_norm_f32(const float* x, size_t rows, size_t cols, const float* weight, const float* bias,
+                                 float eps, float* out) {
+    if (rows == 0 || cols == 0) return cudaSuccess;
+    if (rows > 0x7FFFFFFFu) return cudaErrorInvalidValue;
+    RQ_LAUNCH(layer_norm_kernel, rows_grid(rows), kThreads, 0, 0)(x, weight, bias, cols, eps, out);
+    return cudaGetLastError();
+}
+
+extern "C" int rq_matmul_bt_f32(const float* x, const float* w, size_t m, size_t k, size_t n, float* out) {
+    if (m == 0 || n == 0) return cudaSuccess;
+    if (m > 65535u * kTileM || n > 0x7FFFFFFFu || k > 0x7FFFFFFFu) return cudaErrorInvalidValue;
+    const dim3 grid(static_cast<unsigned>((n + kTileN - 1) / kTileN), static_cast<unsigned>((m + kTileM - 1) / kTileM));
+    RQ_LAUNCH(matmul_bt_kernel, grid, kThreads, 0, 0)(x, w, int(m), int(k), int(n), out);
+    return cudaGetLastError();
+}
+
+extern "C" int rq_matmul_bt_naive_f32(const float* x, const float* w, size_t m, size_t k, size_t n, float* out) {
+    if (m == 0 || n == 0) return cudaSuccess;
+    if (m > 0x7FFFFFFFu || n > 0x7FFFFFFFu || k > 0x7FFFFFFFu) return cudaErrorInvalidValue;
+    RQ_LAUNCH(matmul_bt_naive_kernel, grid_for(m * n), kThreads, 0, 0)(x, w, int(m), int(k), int(n), out);
+    return cudaGetLastError();
+}
+
+extern "C" int rq_add_row_bias_f32(float* x, size_t total, const float* bias, size_t n) {
+    if (total == 0 || n == 0) return cudaSuccess;
+    RQ_LAUNCH(add_row_bias_kernel, grid_for(total), kThreads, 0, 0)(x, bias, total, n);
+    return cudaGetLastError();
+}
+
+extern "C" int rq_add_f32(float* x, const float* y, size_t n) {
+    if (n == 0) return cudaSuccess;
+    RQ_LAUNCH(add_kernel, grid_for(n), kThreads, 0, 0)(x, y, n);
+    return cudaGetLastError();
+}
+
+extern "C" int rq_round_bf16_f32(float* x, size_t n) {
+    if (n == 0) return cudaSuccess;
+    RQ_LAUNCH(round_bf16_kernel, grid_for(n), kThreads, 0, 0)(x, n);
+    return cudaGetLastError();
+}
+
+extern "C" int rq_gated_mul_f32(float* gate, const float* up, size_t n, int act, int bf16) {
+    if (act < RQ_ACT_SILU || act > RQ_ACT_RELU2) return cudaErrorInvalidValue;
+    if (n == 0) return cudaSuccess;
+    RQ_LAUNCH(gated_mul_kernel, grid_for(n), kThreads, 0, 0)(gate, up, n, act, bf16);
+    return cudaGetLastError();
+}
+
+extern "C" int rq_activate_f32(float* x, size_t n, int act) {
+    if (act < RQ_ACT_SILU || act > RQ_ACT_RELU2) return cudaErrorInvalidValue;
+    if (n == 0) return cudaSuccess;
+    RQ_LAUNCH(activate_kernel, grid_for(n), kThreads, 0, 0)(x, n, act);
+    return cudaGetLastError();
+}
+
+extern "C" int rq_rope_f32(float* x, const float* cos_table, const float* sin_table, size_t seq, size_t heads,
+                           size_t head_dim, size_t rotary_dim, int bf16) {
+    if (rotary_dim % 2 != 0 || rotary_dim > head_dim) return cudaErrorInvalidValue;
+    const size_t half = rotary_dim / 2;
+    if (seq == 0 || heads == 0 || half == 0) return cudaSuccess;
+    RQ_LAUNCH(rope_kernel, grid_for(seq * heads * half), kThreads, 0, 0)
+    (x, cos_table, sin_table, seq, heads, head_dim, half, bf16);
+    return cudaGetLastError();
+}
+
+extern "C" int rq_attention_f32(const float* q, const float* k, const float* v, size_t seq, size_t n_heads,
+                                size_t n_kv_heads, size_t head_dim, size_t sliding_window, float* out) {
+    if (n_kv_heads == 0 || n_heads % n_kv_heads != 0 || head_dim == 0 || head_dim > 256 || n_heads > 65535 ||
+        seq > 0x7FFFFFFFu - kRows || sliding_window > 0x7FFFFFFFu)
+        return cudaErrorInvalidValue;
+    if (seq == 0 || n_heads == 0) return cudaSuccess;
+    // scale = head_dim ** -0.5 as the CPU computes it: in f64, rounded to f32.
+    const float scale = float(pow(double(head_dim), -0.5));
+    const dim3 grid(static_cast<unsigned>((seq + kRows - 1) / kRows), static_cast<unsigned>(n_heads));
+    if (head_dim <= 128) {
+        attention_128 kernel = attention_kernel<128, 32>;
+        RQ_LAUNCH(kernel, grid, kRows * 32, 0, 0)
+        (q, k, v, int(seq), int(n_heads), int(n_kv_heads), int(head_dim), int(sliding_window), scale, out);
+    } else {
+        attention_256 kernel = attention_kernel<256, 16>;
+        RQ_LAUNCH(kernel, grid, kRows * 32, 0, 0)
+        (q, k, v, int(seq), int(n_heads), int(n_kv_heads), int(head_dim), int(sliding_window), scale, out);
+    }
+    return cudaGetLastError();
+}
+
+extern "C" int rq_channel_amax_f32(const float* x, size_t rows, size_t cols, float* acc) {
+    if (rows == 0 || cols == 0) return cudaSuccess;
+    const size_t row_blocks = (rows + kAmaxRowsPerBlock - 1) / kAmaxRowsPerBlock;
+    if (row_blocks > 65535u) return cudaErrorInvalidValue;
+    const dim3 grid(static_cast<unsigned>((cols + kThreads - 1) / kThreads), static_cast<unsigned>(row_blocks));
+    RQ_LAUNCH(channel_amax_kernel, grid, kThreads, 0, 0)(x, rows, cols, reinterpret_cast<unsigned*>(acc));
+    return cudaGetLastError();
+}
+
+extern "C" int rq_log_softmax_nll_f32(const float* logits, size_t rows, size_t vocab, const uint32_t* targets,
+                                      double* out_nll) {
+    if (rows == 0) return cudaSuccess;
+    if (vocab == 0 || rows > 0x7FFFFFFFu) return cudaErrorInvalidValue;
+    RQ_LAUNCH(log_softmax_nll_kernel, rows_grid(rows), kThreads, 0, 0)(logits, vocab, targets, out_nll);
+    return cudaGetLastError();
+}

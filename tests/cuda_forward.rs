@@ -1,0 +1,586 @@
+//! The forward kernels of cuda/forward.cu against their CPU twins (src/compute/cpu/), in the
+//! style of llm.c's dev/cuda: seeded random data, several shapes including odd ones (1 row,
+//! widths that are no multiple of a tile), every output buffer poisoned with NaN before the
+//! run (an element the kernel does not write fails), NaN inputs that must come out as NaN
+//! where the CPU's do, and a stated error bound per kernel. Each test prints its rows of the
+//! table `kernel | shapes | max err | bound`, where err is |gpu - cpu| / denom and denom is
+//! the kernel's scale (stated in the row): |cpu| for element-wise results, Σ|x·w| for a dot
+//! product, and so on. eps is f32's 2^-23; bf16 results are allowed one bf16 ulp (2^-7
+//! relative) where the CPU rounds, since a few-ulp f32 difference before a rounding may land
+//! on the neighbouring bf16 value. Under the host emulator (feature `cuda-emu`) most errors
+//! are 0: the kernels spell out every rounding the CPU does.
+//!
+//! Without a driver or GPU (feature `cuda`) each test prints "skipped: <reason>" and passes.
+#![cfg(any(feature = "cuda", feature = "cuda-emu"))]
+
+#[allow(dead_code)]
+mod common;
+
+use std::io::Write;
+use std::path::Path;
+
+use common::Rng;
+use rq_min::compute::cuda::{self, DeviceBuffer};
+use rq_min::compute::{act_fn, cpu, Activation, Attention, Rope, RopeConfig, RopeScaling};
+use rq_min::io::safetensors::SafeTensors;
+
+const EPS: f64 = f32::EPSILON as f64;
+const BF16_ULP: f64 = 1.0 / 128.0;
+
+/// Writes straight to stderr (the harness captures `eprintln!`, not this).
+#[allow(clippy::explicit_write)]
+fn say(text: &str) {
+    writeln!(std::io::stderr(), "{text}").unwrap();
+}
+
+/// True when a GPU (or the emulator) is usable; otherwise prints why the test is skipped.
+fn have_gpu() -> bool {
+    match cuda::device_info() {
+        Ok(_) => true,
+        Err(e) => {
+            say(&format!("skipped: {e}"));
+            false
+        }
+    }
+}
+
+fn dev<T: bytemuck::Pod>(host: &[T]) -> DeviceBuffer<T> {
+    DeviceBuffer::from_slice(host).unwrap()
+}
+
+/// A device buffer of `n` NaNs: what the kernel does not write stays NaN.
+fn poisoned(n: usize) -> DeviceBuffer<f32> {
+    dev(&vec![f32::NAN; n])
+}
+
+fn normals(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.normal() * scale).collect()
+}
+
+/// Rows of a kernel's table, printed at the end of its test.
+struct Table {
+    kernel: &'static str,
+    rows: Vec<String>,
+}
+
+impl Table {
+    fn new(kernel: &'static str) -> Table {
+        Table { kernel, rows: Vec::new() }
+    }
+
+    /// Compares `gpu` with `cpu` element-wise: NaN exactly where the CPU has NaN, otherwise
+    /// |gpu - cpu| / denom(i) <= bound (equal values, infinities included, are error 0).
+    /// Records the max error under `shape` and returns it.
+    fn check(&mut self, shape: &str, gpu: &[f32], cpu: &[f32], denom: impl Fn(usize) -> f64, bound: f64, what: &str) -> f64 {
+        assert_eq!(gpu.len(), cpu.len(), "{} {shape}: lengths", self.kernel);
+        let mut max_err = 0f64;
+        for i in 0..gpu.len() {
+            let (g, c) = (gpu[i], cpu[i]);
+            assert_eq!(g.is_nan(), c.is_nan(), "{} {shape}: element {i}: gpu {g}, cpu {c} (NaN where the other is not)", self.kernel);
+            if g.is_nan() || g == c {
+                continue;
+            }
+            let err = (f64::from(g) - f64::from(c)).abs() / denom(i).max(f64::MIN_POSITIVE);
+            assert!(err <= bound, "{} {shape}: element {i}: gpu {g}, cpu {c}, err {err:.3e} > bound {bound:.3e} ({what})", self.kernel);
+            max_err = max_err.max(err);
+        }
+        self.rows.push(format!("| {} | {shape} | {max_err:.2e} | {bound:.2e} ({what}) |", self.kernel));
+        max_err
+    }
+
+    fn note(&mut self, shape: &str, text: &str) {
+        self.rows.push(format!("| {} | {shape} | {text} | |", self.kernel));
+    }
+}
+
+impl Drop for Table {
+    fn drop(&mut self) {
+        if !self.rows.is_empty() {
+            say(&self.rows.join("\n"));
+        }
+    }
+}
+
+fn rel(c: &[f32]) -> impl Fn(usize) -> f64 + '_ {
+    |i| f64::from(c[i]).abs()
+}
+
+// ---- norms ---------------------------------------------------------------------------------------
+
+const NORM_SHAPES: [(usize, usize); 7] = [(1, 1), (1, 5), (3, 64), (37, 129), (3, 300), (2, 1000), (37, 5)];
+
+#[test]
+fn rms_norm_matches_cpu() {
+    if !have_gpu() {
+        return;
+    }
+    let mut rng = Rng(0x5EED_0001);
+    let mut table = Table::new("rms_norm");
+    for &(rows, cols) in &NORM_SHAPES {
+        let mut x = normals(&mut rng, rows * cols, 3.0);
+        let mut w: Vec<f32> = (0..cols).map(|_| 1.0 + 0.3 * rng.normal()).collect();
+        for nan in [false, true] {
+            if nan {
+                // A NaN in the last row's first value and in the last weight.
+                x[(rows - 1) * cols] = f32::NAN;
+                w[cols - 1] = f32::NAN;
+            }
+            for (offset, bf16) in [(false, false), (false, true), (true, false), (true, true)] {
+                let mut want = vec![0f32; x.len()];
+                match (offset, bf16) {
+                    (false, false) => cpu::rms_norm(&x, &w, 1e-5, &mut want),
+                    (false, true) => cpu::rms_norm_bf16(&x, &w, 1e-5, &mut want),
+                    (true, false) => cpu::rms_norm_offset(&x, &w, 1e-5, &mut want),
+                    (true, true) => cpu::rms_norm_offset_bf16(&x, &w, 1e-5, &mut want),
+                }
+                let mut out = poisoned(x.len());
+                cuda::rms_norm(&dev(&x), &dev(&w), 1e-5, offset, bf16, &mut out).unwrap();
+                let shape = format!("{rows}x{cols} offset={offset} bf16={bf16}{}", if nan { " NaN in" } else { "" });
+                // f64 sum of squares in another order: inv_rms may differ by an ulp.
+                let (bound, what) = if bf16 { (BF16_ULP, "rel, 1 bf16 ulp") } else { (4.0 * EPS, "rel, 4 eps") };
+                table.check(&shape, &out.to_vec().unwrap(), &want, rel(&want), bound, what);
+            }
+        }
+    }
+}
+
+#[test]
+fn layer_norm_matches_cpu() {
+    if !have_gpu() {
+        return;
+    }
+    let mut rng = Rng(0x5EED_0002);
+    let mut table = Table::new("layer_norm");
+    for &(rows, cols) in &NORM_SHAPES {
+        // An offset mean, so that x - mean cancels.
+        let mut x: Vec<f32> = (0..rows * cols).map(|_| 2.0 + rng.normal()).collect();
+        let w: Vec<f32> = (0..cols).map(|_| 1.0 + 0.3 * rng.normal()).collect();
+        let b = normals(&mut rng, cols, 0.5);
+        for nan in [false, true] {
+            if nan {
+                x[rows * cols - 1] = f32::NAN;
+            }
+            for with_bias in [false, true] {
+                let bias = with_bias.then_some(b.as_slice());
+                let mut want = vec![0f32; x.len()];
+                cpu::layer_norm(&x, &w, bias, 1e-5, &mut want);
+                let mut out = poisoned(x.len());
+                let b_dev = dev(&b);
+                cuda::layer_norm(&dev(&x), &dev(&w), with_bias.then_some(&b_dev), 1e-5, &mut out).unwrap();
+                // Scale: |out| plus |w| · |mean| · inv_std, the size of the term that cancels
+                // (an ulp of the f32 mean moves x - mean by that much).
+                let scale: Vec<f64> = (0..x.len())
+                    .map(|i| {
+                        let row = &x[i / cols * cols..][..cols];
+                        let mean = row.iter().map(|&v| f64::from(v)).sum::<f64>() / cols as f64;
+                        let var = row.iter().map(|&v| (f64::from(v) - mean).powi(2)).sum::<f64>() / cols as f64;
+                        f64::from(want[i]).abs() + f64::from(w[i % cols]).abs() * mean.abs() / (var + 1e-5).sqrt()
+                    })
+                    .collect();
+                let shape = format!("{rows}x{cols} bias={with_bias}{}", if nan { " NaN in" } else { "" });
+                table.check(&shape, &out.to_vec().unwrap(), &want, |i| scale[i], 4.0 * EPS, "|out| + |w·mean|/std, 4 eps");
+            }
+        }
+    }
+}
+
+// ---- matmul --------------------------------------------------------------------------------------
+
+#[test]
+fn matmul_bt_matches_cpu() {
+    if !have_gpu() {
+        return;
+    }
+    let mut rng = Rng(0x5EED_0003);
+    let mut table = Table::new("matmul_bt");
+    // (rows, k, n): single elements, k below / above / not a multiple of the 16-wide k tile,
+    // rows and n around the 64 × 64 output tile.
+    let shapes = [(1, 1, 1), (3, 5, 7), (1, 64, 129), (37, 129, 65), (64, 16, 64), (65, 17, 3), (5, 300, 70), (130, 257, 200)];
+    for &(m, k, n) in &shapes {
+        let mut x = normals(&mut rng, m * k, 1.0);
+        let w = normals(&mut rng, n * k, 0.05);
+        for nan in [false, true] {
+            if nan {
+                x[(m - 1) * k + k / 2] = f32::NAN; // the last row of out becomes NaN
+            }
+            let mut want = vec![0f32; m * n];
+            cpu::matmul_bt(&x, &w, m, k, n, &mut want);
+            let (xd, wd) = (dev(&x), dev(&w));
+            let mut out = poisoned(m * n);
+            cuda::matmul_bt(&xd, &wd, m, k, n, &mut out).unwrap();
+            let got = out.to_vec().unwrap();
+            let mut naive = poisoned(m * n);
+            cuda::matmul_bt_naive(&xd, &wd, m, k, n, &mut naive).unwrap();
+            let naive = naive.to_vec().unwrap();
+            // The standard dot-product bound: |error| <= c · eps · Σ|x w|; rounding errors of
+            // random sign grow like sqrt(k).
+            let abs_dot: Vec<f64> = (0..m * n)
+                .map(|e| {
+                    let (r, c) = (e / n, e % n);
+                    (0..k).map(|p| f64::from(x[r * k + p] * w[c * k + p]).abs()).sum()
+                })
+                .collect();
+            let bound = 4.0 * EPS * (k as f64).sqrt();
+            let shape = format!("{m}x{k}x{n}{}", if nan { " NaN in" } else { "" });
+            table.check(&shape, &got, &want, |i| abs_dot[i], bound, "Σ|x·w|, 4 eps sqrt(k)");
+            table.check(&format!("{shape} tiled vs naive kernel"), &got, &naive, |i| abs_dot[i], 0.0, "identical");
+        }
+    }
+}
+
+// ---- element-wise ----------------------------------------------------------------------------------
+
+#[test]
+fn elementwise_match_cpu() {
+    if !have_gpu() {
+        return;
+    }
+    let mut rng = Rng(0x5EED_0004);
+    let mut table = Table::new("add / add_row_bias / round_bf16");
+    for &(rows, cols) in &[(1, 1), (3, 5), (37, 129), (2, 1000)] {
+        let n = rows * cols;
+        let mut x = normals(&mut rng, n, 10.0);
+        let mut y = normals(&mut rng, n, 10.0);
+        let bias = normals(&mut rng, cols, 1.0);
+        x[0] = f32::NAN;
+        y[n - 1] = f32::INFINITY;
+        // add
+        let mut want = x.clone();
+        cpu::add_in_place(&mut want, &y);
+        let mut xd = dev(&x);
+        cuda::add(&mut xd, &dev(&y)).unwrap();
+        table.check(&format!("add {rows}x{cols}"), &xd.to_vec().unwrap(), &want, rel(&want), 0.0, "identical");
+        // add_row_bias
+        let mut want = x.clone();
+        want.chunks_exact_mut(cols).for_each(|row| cpu::add_in_place(row, &bias));
+        let mut xd = dev(&x);
+        cuda::add_row_bias(&mut xd, &dev(&bias), cols).unwrap();
+        table.check(&format!("add_row_bias {rows}x{cols}"), &xd.to_vec().unwrap(), &want, rel(&want), 0.0, "identical");
+        // round_bf16: values on both sides of bf16 ties, and tiny, huge and NaN values.
+        let mut r = x.clone();
+        for (i, v) in r.iter_mut().enumerate().skip(1) {
+            match i % 5 {
+                0 => *v = f32::from_bits((v.to_bits() & !0xFFFF) | 0x8000), // an exact tie
+                1 => *v = f32::from_bits(rng.next() as u32),
+                _ => {}
+            }
+        }
+        let mut want = r.clone();
+        cpu::round_slice_bf16(&mut want);
+        let mut xd = dev(&r);
+        cuda::round_bf16(&mut xd).unwrap();
+        table.check(&format!("round_bf16 {n}"), &xd.to_vec().unwrap(), &want, rel(&want), 0.0, "identical");
+    }
+}
+
+fn act_name(act: Activation) -> &'static str {
+    match act {
+        Activation::Silu => "silu",
+        Activation::GeluTanh => "gelu_tanh",
+        Activation::Relu2 => "relu2",
+    }
+}
+
+#[test]
+fn activations_match_cpu() {
+    if !have_gpu() {
+        return;
+    }
+    let mut rng = Rng(0x5EED_0005);
+    let mut table = Table::new("gated_mul / activate");
+    for n in [1, 5, 129, 1000] {
+        let mut gate = normals(&mut rng, n, 4.0);
+        let up = normals(&mut rng, n, 2.0);
+        gate[n - 1] = f32::NAN;
+        if n > 2 {
+            gate[0] = 30.0;
+            gate[1] = -30.0;
+        }
+        for act in [Activation::Silu, Activation::GeluTanh, Activation::Relu2] {
+            // The GPU's expf / tanhf are within 2 ulp, not correctly rounded: a few eps of
+            // |out|, plus for tanh-GELU |x|·eps (1 + tanh cancels for negative x). relu2 is exact.
+            let f = act_fn(act);
+            let scale_act: Vec<f64> = gate.iter().map(|&g| f64::from(f(g)).abs() + f64::from(g).abs()).collect();
+            for bf16 in [false, true] {
+                let mut want = gate.clone();
+                if bf16 {
+                    cpu::gated_mul_bf16(f, &mut want, &up);
+                } else {
+                    cpu::gated_mul(f, &mut want, &up);
+                }
+                let mut g = dev(&gate);
+                cuda::gated_mul(&mut g, &dev(&up), act, bf16).unwrap();
+                let (bound, what) = if bf16 {
+                    (BF16_ULP, "(|act(g)| + |g|)·|up|, 1 bf16 ulp")
+                } else {
+                    (8.0 * EPS, "(|act(g)| + |g|)·|up|, 8 eps")
+                };
+                let denom = |i: usize| scale_act[i] * f64::from(up[i]).abs();
+                let shape = format!("{} n={n} bf16={bf16}", act_name(act));
+                table.check(&shape, &g.to_vec().unwrap(), &want, denom, bound, what);
+            }
+            let want: Vec<f32> = gate.iter().map(|&v| f(v)).collect();
+            let mut g = dev(&gate);
+            cuda::activate(&mut g, act).unwrap();
+            let shape = format!("activate {} n={n}", act_name(act));
+            table.check(&shape, &g.to_vec().unwrap(), &want, |i| scale_act[i], 8.0 * EPS, "|act(x)| + |x|, 8 eps");
+        }
+    }
+    table.note("relu2(NaN)", "0 on both (Rust f32::max / CUDA fmaxf drop NaN; torch.relu keeps it)");
+}
+
+// ---- RoPE ------------------------------------------------------------------------------------------
+
+#[test]
+fn rope_matches_cpu() {
+    if !have_gpu() {
+        return;
+    }
+    let mut rng = Rng(0x5EED_0006);
+    let mut table = Table::new("rope");
+    let llama3 = RopeConfig {
+        theta: 500_000.0,
+        scaling: RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 16,
+        },
+    };
+    let plain = RopeConfig { theta: 10_000.0, scaling: RopeScaling::Default };
+    // (seq, heads, head_dim, rotary_dim)
+    for &(seq, heads, hd, rot) in &[(1, 1, 2, 2), (3, 2, 8, 8), (37, 3, 64, 64), (5, 2, 10, 4), (40, 1, 130, 130)] {
+        for (name, config) in [("default", &plain), ("llama3", &llama3)] {
+            let rope = Rope::partial(config, hd, rot, seq + 3);
+            let (cos, sin) = rope.tables();
+            let (cos, sin) = (dev(cos), dev(sin));
+            let mut x = normals(&mut rng, seq * heads * hd, 20.0);
+            let last = x.len() - 1 - (hd - rot);
+            x[last] = f32::NAN; // in the last rotated dim of the last head
+            for bf16 in [false, true] {
+                let mut want = x.clone();
+                if bf16 {
+                    rope.apply_bf16(&mut want, seq, heads);
+                } else {
+                    rope.apply(&mut want, seq, heads);
+                }
+                let mut xd = dev(&x);
+                cuda::rope(&mut xd, &cos, &sin, seq, heads, hd, rot, bf16).unwrap();
+                let shape = format!("{name} seq={seq} heads={heads} hd={hd} rot={rot} bf16={bf16}");
+                table.check(&shape, &xd.to_vec().unwrap(), &want, rel(&want), 0.0, "identical");
+            }
+        }
+    }
+}
+
+// ---- attention -------------------------------------------------------------------------------------
+
+#[test]
+fn attention_matches_cpu() {
+    if !have_gpu() {
+        return;
+    }
+    let mut rng = Rng(0x5EED_0007);
+    let mut table = Table::new("attention");
+    // (seq, n_heads, n_kv_heads, head_dim, sliding_window): one row, GQA groups, a query tile
+    // (8 rows) and key tiles (32 or 16 keys) that the sequence does not fill, odd head_dim,
+    // head_dim > 128 (the 16-key kernel), windows of 1 and of more than the sequence.
+    let shapes = [
+        (1, 1, 1, 8, None),
+        (3, 2, 2, 5, None),
+        (5, 4, 1, 16, Some(2)),
+        (37, 4, 2, 64, None),
+        (37, 4, 2, 64, Some(5)),
+        (40, 2, 1, 160, Some(17)),
+        (33, 3, 3, 32, Some(1)),
+        (20, 2, 1, 24, Some(100)),
+        (130, 4, 2, 128, None),
+        (130, 2, 2, 128, Some(50)),
+    ];
+    for &(seq, nh, nkv, hd, window) in &shapes {
+        let q = normals(&mut rng, seq * nh * hd, 1.5);
+        let k = normals(&mut rng, seq * nkv * hd, 1.5);
+        let v = normals(&mut rng, seq * nkv * hd, 1.0);
+        let attn = Attention { n_heads: nh, n_kv_heads: nkv, head_dim: hd, sliding_window: window, flash_bf16: false };
+        for nan in [None, Some('q'), Some('k'), Some('v')] {
+            let (mut q, mut k, mut v) = (q.clone(), k.clone(), v.clone());
+            // A NaN in the middle of the sequence, head 0 / kv head 0, dim 1 % hd.
+            let t = seq / 2;
+            match nan {
+                Some('q') => q[t * nh * hd + 1 % hd] = f32::NAN,
+                Some('k') => k[t * nkv * hd + 1 % hd] = f32::NAN,
+                Some('v') => v[t * nkv * hd + 1 % hd] = f32::NAN,
+                _ => {}
+            }
+            // The CPU multiplies masked keys' values by probability 0 (as HF's eager P·V
+            // does), so a NaN value reaches rows that do not see its key; on the GPU a row
+            // depends only on the keys it sees. Oracle: the CPU on v with that value 0, and
+            // NaN in that dim of the group's heads for the rows that see the key.
+            let mut v_cpu = v.clone();
+            if nan == Some('v') {
+                v_cpu[t * nkv * hd + 1 % hd] = 0.0;
+            }
+            let mut want = vec![0f32; q.len()];
+            attn.forward(&q, &k, &v_cpu, seq, &mut want);
+            if nan == Some('v') {
+                for row in 0..seq {
+                    let first = window.map_or(0, |w| (row + 1).saturating_sub(w));
+                    if first <= t && t <= row {
+                        for h in 0..nh / nkv {
+                            want[row * nh * hd + h * hd + 1 % hd] = f32::NAN;
+                        }
+                    }
+                }
+            }
+            let mut out = poisoned(q.len());
+            cuda::attention(&dev(&q), &dev(&k), &dev(&v), seq, nh, nkv, hd, window, &mut out).unwrap();
+            // Scale: max |v| of the output's (kv head, dim) column over the sequence (the
+            // output is a convex combination of those values). Online softmax and exp differ
+            // in the last bits, summed over up to seq keys.
+            let g_of = |i: usize| (i % (nh * hd)) / hd / (nh / nkv);
+            let vmax: Vec<f64> = (0..q.len())
+                .map(|i| {
+                    let (g, d) = (g_of(i), i % hd);
+                    (0..seq).map(|s| f64::from(v[s * nkv * hd + g * hd + d]).abs()).filter(|a| !a.is_nan()).fold(0.0, f64::max)
+                })
+                .collect();
+            let bound = 16.0 * EPS * (seq as f64).sqrt();
+            let shape = format!(
+                "seq={seq} heads={nh}/{nkv} hd={hd} window={window:?}{}",
+                nan.map_or(String::new(), |c| format!(" NaN in {c}"))
+            );
+            let got = out.to_vec().unwrap();
+            table.check(&shape, &got, &want, |i| vmax[i], bound, "max|v| of the column, 16 eps sqrt(seq)");
+            if nan.is_some() {
+                assert!(got.iter().any(|x| x.is_nan()), "{shape}: the NaN input vanished");
+            }
+        }
+    }
+}
+
+// ---- statistics -------------------------------------------------------------------------------------
+
+#[test]
+fn channel_amax_matches_cpu() {
+    if !have_gpu() {
+        return;
+    }
+    let mut rng = Rng(0x5EED_0008);
+    let mut table = Table::new("channel_amax");
+    for &(rows, cols) in &[(1, 1), (3, 5), (37, 129), (130, 64), (2, 300)] {
+        let mut x = normals(&mut rng, rows * cols, 5.0);
+        x[rows * cols / 2] = f32::NAN;
+        x[0] = f32::NEG_INFINITY;
+        // A running amax: half the columns already above anything in x.
+        let acc0: Vec<f32> = (0..cols).map(|c| if c % 2 == 0 { 0.0 } else { 100.0 }).collect();
+        // The oracle is Tensor::channel_amax's fold with NaN propagating (f32::max drops it).
+        let mut want = acc0.clone();
+        for row in x.chunks_exact(cols) {
+            for (m, &v) in want.iter_mut().zip(row) {
+                *m = if m.is_nan() || v.is_nan() { f32::NAN } else { m.max(v.abs()) };
+            }
+        }
+        let mut acc = dev(&acc0);
+        cuda::channel_amax(&dev(&x), cols, &mut acc).unwrap();
+        table.check(&format!("{rows}x{cols} (NaN, -inf in)"), &acc.to_vec().unwrap(), &want, rel(&want), 0.0, "identical");
+    }
+}
+
+#[test]
+fn log_softmax_nll_matches_cpu() {
+    if !have_gpu() {
+        return;
+    }
+    let mut rng = Rng(0x5EED_0009);
+    let mut table = Table::new("log_softmax_nll");
+    for &(rows, vocab) in &[(1, 1), (3, 5), (37, 129), (2, 1000), (4, 3001)] {
+        let logits = normals(&mut rng, rows * vocab, 6.0);
+        let targets: Vec<u32> = (0..rows).map(|_| rng.below(vocab) as u32).collect();
+        let want: Vec<f64> =
+            logits.chunks_exact(vocab).zip(&targets).map(|(row, &t)| cpu::log_softmax_nll(row, t as usize)).collect();
+        let mut out = dev(&vec![f64::NAN; rows]);
+        cuda::log_softmax_nll(&dev(&logits), vocab, &dev(&targets), &mut out).unwrap();
+        let got = out.to_vec().unwrap();
+        // The CPU's exponentials are within 2e-7 relative (exp_nonpositive), the GPU's exact in
+        // f64: |Δ nll| <= ~2e-7 absolute.
+        let mut max_err = 0f64;
+        for (r, (&g, &c)) in got.iter().zip(&want).enumerate() {
+            let err = (g - c).abs() / c.abs().max(1.0);
+            assert!(err <= 1e-6, "row {r} of {rows}x{vocab}: gpu {g}, cpu {c}, err {err:.2e}");
+            max_err = max_err.max(err);
+        }
+        table.rows.push(format!("| log_softmax_nll | {rows}x{vocab} | {max_err:.2e} | 1.00e-6 (abs, or rel above 1) |"));
+        // A NaN logit (not the target) makes its row NaN; the other rows are unchanged.
+        let mut with_nan = logits.clone();
+        with_nan[(rows - 1) * vocab + (targets[rows - 1] as usize + 1) % vocab] = f32::NAN;
+        cuda::log_softmax_nll(&dev(&with_nan), vocab, &dev(&targets), &mut out).unwrap();
+        let got_nan = out.to_vec().unwrap();
+        assert!(got_nan[rows - 1].is_nan(), "{rows}x{vocab}: a NaN logit gave nll {}", got_nan[rows - 1]);
+        assert_eq!(got_nan[..rows - 1], got[..rows - 1], "{rows}x{vocab}: rows without NaN changed");
+    }
+    // A target outside the vocabulary is NaN, not a read out of bounds.
+    let mut out = dev(&[0f64]);
+    cuda::log_softmax_nll(&dev(&[1.0f32, 2.0]), 2, &dev(&[2u32]), &mut out).unwrap();
+    assert!(out.to_vec().unwrap()[0].is_nan());
+    table.note("NaN logit", "NaN on the GPU (the CPU's exp_nonpositive maps NaN to e^-87)");
+}
+
+// ---- shape checks --------------------------------------------------------------------------------
+
+#[test]
+fn wrong_shapes_are_usage_errors() {
+    if !have_gpu() {
+        return;
+    }
+    let (a, b) = (dev(&[0f32; 6]), dev(&[0f32; 4]));
+    let mut out = poisoned(6);
+    assert!(cuda::rms_norm(&a, &b, 1e-5, false, false, &mut out).is_err(), "6 values are not rows of 4");
+    assert!(cuda::matmul_bt(&a, &b, 3, 2, 3, &mut out).is_err(), "w is not 3x2");
+    assert!(cuda::matmul_bt(&a, &b, 3, 2, 2, &mut out).is_ok(), "3x2 · (2x2)ᵀ");
+    let mut out4 = poisoned(4);
+    assert!(cuda::attention(&b, &b, &b, 2, 2, 1, 1, Some(0), &mut out4).is_err(), "a window of 0");
+    assert!(cuda::attention(&b, &b, &b, 1, 3, 2, 1, None, &mut out4).is_err(), "3 heads over 2 kv heads");
+    let mut x = dev(&[0f32; 4]);
+    assert!(cuda::rope(&mut x, &a, &a, 1, 1, 4, 3, false).is_err(), "odd rotary_dim");
+    assert!(cuda::rope(&mut x, &a, &a, 4, 1, 1, 0, false).is_ok(), "nothing rotates");
+    let mut acc = poisoned(3);
+    assert!(cuda::channel_amax(&a, 4, &mut acc).is_err(), "acc of 3 for 4 columns");
+}
+
+// ---- real weights ------------------------------------------------------------------------------------
+
+/// Layer 0 of tests/fixtures/families-llama (a tiny f32 Llama): input_layernorm then the
+/// q/k/v/o and MLP projections of random activations, GPU against CPU.
+#[test]
+fn llama_layer0_weights_match_cpu() {
+    if !have_gpu() {
+        return;
+    }
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/families-llama");
+    let st = SafeTensors::open(&dir.join("model.safetensors")).unwrap();
+    let get = |name: &str| st.tensor(&format!("model.layers.0.{name}")).unwrap().to_f32().unwrap();
+    let (hidden, rows) = (128, 19);
+    let mut rng = Rng(0x5EED_000A);
+    let mut table = Table::new("llama layer 0");
+    let x = normals(&mut rng, rows * hidden, 1.0);
+    let ln = get("input_layernorm.weight");
+    let mut want = vec![0f32; x.len()];
+    cpu::rms_norm(&x, &ln, 1e-5, &mut want);
+    let mut normed = poisoned(x.len());
+    cuda::rms_norm(&dev(&x), &dev(&ln), 1e-5, false, false, &mut normed).unwrap();
+    let normed_host = normed.to_vec().unwrap();
+    table.check(&format!("input_layernorm {rows}x{hidden}"), &normed_host, &want, rel(&want), 4.0 * EPS, "rel, 4 eps");
+    for proj in ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj"] {
+        let w = get(&format!("{proj}.weight"));
+        let n = w.len() / hidden;
+        let mut want = vec![0f32; rows * n];
+        cpu::matmul_bt(&normed_host, &w, rows, hidden, n, &mut want);
+        let mut out = poisoned(rows * n);
+        cuda::matmul_bt(&normed, &dev(&w), rows, hidden, n, &mut out).unwrap();
+        let abs_dot: Vec<f64> = (0..rows * n)
+            .map(|e| (0..hidden).map(|p| f64::from(normed_host[e / n * hidden + p] * w[e % n * hidden + p]).abs()).sum())
+            .collect();
+        let bound = 4.0 * EPS * (hidden as f64).sqrt();
+        table.check(&format!("{proj} {rows}x{hidden}x{n}"), &out.to_vec().unwrap(), &want, |i| abs_dot[i], bound, "Σ|x·w|, 4 eps sqrt(k)");
+    }
+}
