@@ -26,9 +26,10 @@ impl Device {
         match self {
             Device::Cpu => Ok(()),
             #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
-            Device::Cuda => crate::compute::cuda::device_info()
-                .map(|_| ())
-                .map_err(|e| Error::Unsupported(format!("--device cuda: {e}; use --device cpu"))),
+            Device::Cuda => crate::compute::cuda::device_info().map(|_| ()).map_err(|e| match e {
+                Error::Unsupported(why) => Error::Unsupported(format!("--device cuda: {why}; use --device cpu")),
+                other => other,
+            }),
             #[cfg(not(any(feature = "cuda", feature = "cuda-emu")))]
             Device::Cuda => Err(Error::Unsupported(
                 "--device cuda: this binary was built without the `cuda` feature \
