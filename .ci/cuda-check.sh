@@ -4,8 +4,9 @@
 # builds the tests, checks that no binary links a CUDA library dynamically (the static CUDA
 # runtime loads the driver at run time, so it starts on machines without one) and runs the
 # CUDA tests, which on a machine without a GPU check that this is reported, not a crash.
-# Then the same kernels under the host emulator (feature cuda-emu, g++, cuda/emu/): tests/cuda.rs
-# and tests/cuda_forward.rs for real (kernel vs CPU, no skip) and the emulator's self-tests, under two
+# Then the same kernels under the host emulator (feature cuda-emu, g++, cuda/emu/): tests/cuda.rs,
+# tests/cuda_forward.rs and tests/device_pipeline.rs (quantize/eval --device cuda against the
+# CPU) for real (no skip) and the emulator's self-tests, under two
 # seeded schedules (RQ_EMU_SEED; the self-tests also run thread order themselves).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,11 +45,15 @@ forward_tests="$(sed -n 's/^ *Executable tests\/cuda_forward.rs (\(.*\))$/\1/p' 
 [[ -n "$forward_tests" ]] || { echo "FAIL: no tests/cuda_forward.rs executable in the cargo output" >&2; exit 1; }
 echo "== tests/cuda_forward.rs (skips with the reason where there is no GPU)"
 "$forward_tests"
+pipeline_tests="$(sed -n 's/^ *Executable tests\/device_pipeline.rs (\(.*\))$/\1/p' "$log")"
+[[ -n "$pipeline_tests" ]] || { echo "FAIL: no tests/device_pipeline.rs executable in the cargo output" >&2; exit 1; }
+echo "== tests/device_pipeline.rs (--device cuda against --device cpu; skips where there is no GPU)"
+"$pipeline_tests"
 
 echo "== cargo test --release --features cuda-emu (host emulator) --no-run"
-cargo test --release --features cuda-emu --test cuda --test cuda_forward --test cuda_emu --no-run 2>&1 | tee "$log"
+cargo test --release --features cuda-emu --test cuda --test cuda_forward --test cuda_emu --test device_pipeline --no-run 2>&1 | tee "$log"
 emu_tests=()
-for t in cuda cuda_forward cuda_emu; do
+for t in cuda cuda_forward cuda_emu device_pipeline; do
     exe="$(sed -n "s/^ *Executable tests\/$t.rs (\(.*\))$/\1/p" "$log")"
     [[ -n "$exe" ]] || { echo "FAIL: no tests/$t.rs executable in the cargo output" >&2; exit 1; }
     emu_tests+=("$exe")

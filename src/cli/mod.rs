@@ -99,6 +99,12 @@ pub struct EvalArgs {
 /// and is converted into a TensorRT-LLM checkpoint (`export_trtllm`); `qformat = "none"`
 /// (trtllm only) converts the original model unquantized.
 pub fn quantize(a: &QuantizeArgs) -> Result<()> {
+    if Device::parse(&a.device)? == Device::Cuda && a.export != "hf" {
+        return Err(Error::Unsupported(format!(
+            "--device cuda: --export {} is not on the device yet (only --export hf); use --device cpu",
+            a.export
+        )));
+    }
     check_folder("--model", &a.model)?;
     crate::io::tmp::check_out_vs_input(&a.model, &a.out)?;
     match a.export.as_str() {
@@ -234,9 +240,42 @@ pub fn quantize_unified_with(a: &QuantizeArgs, compressed_tensors: bool) -> Resu
     unified_export(a, compressed_tensors, Step::Final)
 }
 
+/// The formats `--device cuda` quantizes: max-calibrated FP8 and NVFP4, and INT8 SmoothQuant
+/// (statistics on the device; AWQ's search and auto-quantize's gradients are host code).
+const DEVICE_FORMATS: [QFormat; 3] = [QFormat::Fp8, QFormat::Nvfp4, QFormat::Int8Sq];
+
+/// Refuses, by name, what `--device cuda` does not run yet.
+fn check_device_quantize(a: &QuantizeArgs, formats: &[QFormat]) -> Result<()> {
+    let refuse = |what: String| Err(Error::Unsupported(format!("--device cuda: {what} is not on the device yet; use --device cpu")));
+    if a.auto_bits.is_some() {
+        return refuse("auto-quantize (--auto-bits)".into());
+    }
+    if a.export != "hf" {
+        return refuse(format!("--export {}", a.export));
+    }
+    let mut all: Vec<QFormat> = formats.to_vec();
+    if let Some(path) = &a.layer_formats {
+        all.extend(layer_formats_file(path)?.into_values());
+    }
+    if let Some(f) = all.iter().find(|f| !DEVICE_FORMATS.contains(f)) {
+        let awq = if f.awq() { " (AWQ)" } else { "" };
+        return refuse(format!("{}{awq}", f.cli_name()));
+    }
+    Ok(())
+}
+
 fn unified_export(a: &QuantizeArgs, compressed_tensors: bool, step: Step) -> Result<()> {
-    Device::parse(&a.device)?.require_cpu()?;
+    let device = Device::parse(&a.device)?;
     let formats: Vec<QFormat> = a.qformat.split(',').map(|f| QFormat::parse(f.trim())).collect::<Result<_>>()?;
+    if device == Device::Cuda {
+        if compressed_tensors {
+            return Err(Error::Unsupported(
+                "--device cuda: --export compressed-tensors is not on the device yet; use --device cpu".into(),
+            ));
+        }
+        check_device_quantize(a, &formats)?;
+    }
+    device.check_available()?;
     let format = formats[0];
     if formats.len() > 1 && a.auto_bits.is_none() {
         return Err(Error::Usage("several --qformat values need --auto-bits (auto-quantize)".into()));
@@ -301,6 +340,7 @@ fn unified_export(a: &QuantizeArgs, compressed_tensors: bool, step: Step) -> Res
     // reproduces its activation statistics (other dtypes calibrate in f32).
     let mut model = model;
     model.compute = if model.dtype()? == Dtype::BF16 { Compute::Bf16 } else { Compute::F32 };
+    model.device = device;
     let exclusions = Exclusions::new(&split_patterns(&a.exclude));
     let mut search = None;
     let per_module = match (&a.layer_formats, a.auto_bits) {
@@ -374,7 +414,8 @@ fn unified_export(a: &QuantizeArgs, compressed_tensors: bool, step: Step) -> Res
         let windows = eval::eval_windows(&tok.encode(&text), a.eval_seq);
         let eval_progress = Progress::new("eval", a.quiet);
         let before = eval::perplexity(&model, &windows, &eval_progress)?;
-        let quantized = Model::open(&a.out, None)?;
+        let mut quantized = Model::open(&a.out, None)?;
+        quantized.device = device;
         let after = eval::perplexity(&quantized, &windows, &eval_progress)?;
         crate::out!(
             "perplexity ({} windows x {} tokens): {:.3} -> {:.3} ({:+.2}%)",
@@ -502,12 +543,14 @@ fn read_text(path: Option<&Path>) -> Result<String> {
 
 /// `rq-min eval`: perplexity with the protocol of reference/README.md.
 pub fn eval(a: &EvalArgs) -> Result<()> {
-    Device::parse(&a.device)?.require_cpu()?;
+    let device = Device::parse(&a.device)?;
+    device.check_available()?;
     if a.seq < 2 {
         return Err(Error::Usage("--seq must be at least 2".into()));
     }
     check_folder("--model", &a.model)?;
     let mut model = Model::open(&a.model, a.base.as_deref())?;
+    model.device = device;
     model.check_complete()?;
     check_seq("--seq", a.seq, &model.config)?;
     model.compute = match a.dtype.as_str() {

@@ -17,7 +17,7 @@ use std::marker::PhantomData;
 
 use bytemuck::Pod;
 
-use crate::compute::Activation;
+use crate::compute::arith::Activation;
 use crate::error::{Error, Result};
 
 mod ffi {

@@ -14,21 +14,67 @@
 //! the CPU kernels do. Statistics calibration takes (amax, per-channel amax, finiteness) are
 //! methods too, so they are computed where the data is; a hook that needs the values
 //! themselves reads them with `to_host` or edits them with `map_host`.
+//!
+//! Device tensors (features `cuda` / `cuda-emu`): each operation with a kernel runs it on the
+//! device; the others (`rows`, `gather_rows`, `index_add_weighted`, bf16 flash attention,
+//! LayerNorm with an offset weight, operands on different backends) go through one host
+//! fallback, [`Tensor::via_host`], which downloads the operands, runs the CPU arm and uploads
+//! the result, so their math stays the CPU's. The methods are infallible: the first device
+//! error is kept in a per-thread sticky error (as CUDA keeps one per context), every later
+//! device step is skipped, and the layer loops report it through
+//! [`crate::compute::take_device_error`]. After an error, downloads read zeros and new tensors
+//! stay on the host, so shapes stay consistent and nothing panics before it is reported.
 
 use crate::compute::arith::{act_fn, Activation, Compute, NormKind};
 use crate::compute::cpu::{self, Attention, Rope};
+#[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+use crate::compute::cuda::{self, DeviceBuffer};
+use crate::compute::device::Device;
 use std::borrow::Cow;
 
 /// An f32 tensor on one backend.
-#[derive(Clone, Debug, PartialEq)]
+#[cfg_attr(not(any(feature = "cuda", feature = "cuda-emu")), derive(Clone, Debug, PartialEq))]
 pub struct Tensor {
     storage: Storage,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[cfg_attr(not(any(feature = "cuda", feature = "cuda-emu")), derive(Clone, Debug, PartialEq))]
 enum Storage {
     /// Host memory: the CPU backend (src/compute/cpu).
     Cpu(Vec<f32>),
+    /// Device memory: the kernels of cuda/ (src/compute/cuda.rs).
+    #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+    Cuda(DeviceBuffer<f32>),
+}
+
+#[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+impl Clone for Tensor {
+    /// A copy on the same backend (a device tensor is copied through the host: there is no
+    /// device-to-device copy in cuda/ yet).
+    fn clone(&self) -> Tensor {
+        match &self.storage {
+            Storage::Cpu(v) => Tensor::from(v.clone()),
+            Storage::Cuda(_) => Tensor::on(self.to_host().into_owned(), Device::Cuda),
+        }
+    }
+}
+
+#[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+impl std::fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.storage {
+            Storage::Cpu(v) => f.debug_tuple("Cpu").field(v).finish(),
+            Storage::Cuda(b) => write!(f, "Cuda({} values)", b.len()),
+        }
+    }
+}
+
+#[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+impl PartialEq for Tensor {
+    /// Same values (wherever they are).
+    fn eq(&self, other: &Tensor) -> bool {
+        self.to_host() == other.to_host()
+    }
 }
 
 impl Default for Tensor {
@@ -45,17 +91,121 @@ impl From<Vec<f32>> for Tensor {
     }
 }
 
+/// Device steps: run unless an earlier one failed, the first failure kept (sticky).
+#[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+mod dev {
+    use super::{Storage, Tensor};
+    use crate::compute::cuda::DeviceBuffer;
+    use crate::compute::device::{device_failed, record_device_error};
+    use crate::error::Result;
+
+    /// Runs one device step unless the sticky error is set; records its error.
+    pub(super) fn step(f: impl FnOnce() -> Result<()>) {
+        if device_failed() {
+            return;
+        }
+        if let Err(e) = f() {
+            record_device_error(e);
+        }
+    }
+
+    /// A new device tensor of `n` values written by `f` (a kernel); after a device error a
+    /// host tensor of zeros.
+    pub(super) fn output(n: usize, f: impl FnOnce(&mut DeviceBuffer<f32>) -> Result<()>) -> Tensor {
+        if !device_failed() {
+            match DeviceBuffer::alloc(n) {
+                Ok(mut b) => {
+                    step(|| f(&mut b));
+                    return Tensor { storage: Storage::Cuda(b) };
+                }
+                Err(e) => record_device_error(e),
+            }
+        }
+        Tensor::from(vec![0f32; n])
+    }
+
+    /// The values of `b` on the host (zeros after a device error).
+    pub(super) fn download(b: &DeviceBuffer<f32>) -> Vec<f32> {
+        let mut v = vec![0f32; b.len()];
+        step(|| b.copy_to_slice(&mut v));
+        v
+    }
+
+    /// max |x| on the device (NaN if any x is NaN; 0 after a device error).
+    pub(super) fn absmax(x: &DeviceBuffer<f32>) -> f32 {
+        let mut out = [0f32];
+        step(|| {
+            let mut amax = DeviceBuffer::alloc(1)?;
+            crate::compute::cuda::absmax_f32_device(x, &mut amax)?;
+            amax.copy_to_slice(&mut out)
+        });
+        out[0]
+    }
+}
+
 impl Tensor {
+    /// A tensor holding `values` on `device` (on the CPU: no copy). A device upload that fails
+    /// is recorded as the sticky device error and the tensor stays on the host.
+    pub fn on(values: Vec<f32>, device: Device) -> Tensor {
+        match device {
+            Device::Cpu => Tensor::from(values),
+            #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+            Device::Cuda => {
+                if !crate::compute::device::device_failed() {
+                    match DeviceBuffer::from_slice(&values) {
+                        Ok(b) => return Tensor { storage: Storage::Cuda(b) },
+                        Err(e) => crate::compute::device::record_device_error(e),
+                    }
+                }
+                Tensor::from(values)
+            }
+            #[cfg(not(any(feature = "cuda", feature = "cuda-emu")))]
+            Device::Cuda => {
+                crate::compute::device::record_device_error(crate::error::Error::Unsupported(
+                    "--device cuda: this binary was built without the `cuda` feature".into(),
+                ));
+                Tensor::from(values)
+            }
+        }
+    }
+
+    /// The backend the values are on.
+    pub fn device(&self) -> Device {
+        match &self.storage {
+            Storage::Cpu(_) => Device::Cpu,
+            #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+            Storage::Cuda(_) => Device::Cuda,
+        }
+    }
+
     /// `n` zeros on the backend of `self`.
     fn zeros_like(&self, n: usize) -> Tensor {
         match &self.storage {
             Storage::Cpu(_) => Tensor::from(vec![0f32; n]),
+            #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+            Storage::Cuda(_) => Tensor::on(vec![0f32; n], Device::Cuda),
         }
+    }
+
+    /// The host fallback of an operation without a kernel (or with operands on different
+    /// backends): `op` runs the CPU arm on host copies ([`Tensor::host_copy`]) and its result
+    /// goes to `device`.
+    #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+    fn via_host(device: Device, op: impl FnOnce() -> Tensor) -> Tensor {
+        Tensor::on(op().into_host(), device)
+    }
+
+    /// A host tensor with the values of `self`.
+    #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+    fn host_copy(&self) -> Tensor {
+        Tensor::from(self.to_host().into_owned())
     }
 
     pub fn len(&self) -> usize {
         match &self.storage {
             Storage::Cpu(v) => v.len(),
+            #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+            Storage::Cuda(b) => b.len(),
         }
     }
 
@@ -63,10 +213,13 @@ impl Tensor {
         self.len() == 0
     }
 
-    /// The values, borrowed where they already are in host memory.
+    /// The values, borrowed where they already are in host memory (a device tensor is
+    /// downloaded).
     pub fn to_host(&self) -> Cow<'_, [f32]> {
         match &self.storage {
             Storage::Cpu(v) => Cow::Borrowed(v),
+            #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+            Storage::Cuda(b) => Cow::Owned(dev::download(b)),
         }
     }
 
@@ -74,6 +227,8 @@ impl Tensor {
     pub fn into_host(self) -> Vec<f32> {
         match self.storage {
             Storage::Cpu(v) => v,
+            #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+            Storage::Cuda(b) => dev::download(&b),
         }
     }
 
@@ -82,14 +237,29 @@ impl Tensor {
     pub fn map_host(&mut self, f: impl FnOnce(&mut [f32])) {
         match &mut self.storage {
             Storage::Cpu(v) => f(v),
+            #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+            Storage::Cuda(b) => {
+                let mut v = dev::download(b);
+                f(&mut v);
+                dev::step(|| b.copy_from_slice(&v));
+            }
         }
     }
 
     /// `self · wᵀ`: `self` is `[rows, k]`, `w` is `[n, k]` (a Linear weight); result `[rows, n]`.
     pub fn matmul_bt(&self, w: &Tensor, rows: usize, k: usize, n: usize) -> Tensor {
+        match (&self.storage, &w.storage) {
+            (Storage::Cpu(_), Storage::Cpu(_)) => {}
+            #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+            (Storage::Cuda(x), Storage::Cuda(w)) => return dev::output(rows * n, |o| cuda::matmul_bt(x, w, rows, k, n, o)),
+            #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+            _ => return Tensor::via_host(self.device(), || self.host_copy().matmul_bt(&w.host_copy(), rows, k, n)),
+        }
         let mut out = self.zeros_like(rows * n);
         match (&self.storage, &w.storage, &mut out.storage) {
             (Storage::Cpu(x), Storage::Cpu(w), Storage::Cpu(o)) => cpu::matmul_bt(x, w, rows, k, n, o),
+            #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+            _ => unreachable!("matmul_bt: host operands"),
         }
         out
     }
@@ -98,6 +268,17 @@ impl Tensor {
     pub fn add_row_bias(&mut self, bias: &Tensor) {
         match (&mut self.storage, &bias.storage) {
             (Storage::Cpu(x), Storage::Cpu(b)) => x.chunks_exact_mut(b.len()).for_each(|row| cpu::add_in_place(row, b)),
+            #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+            (Storage::Cuda(x), Storage::Cuda(b)) => dev::step(|| cuda::add_row_bias(x, b, b.len())),
+            #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+            _ => {
+                let t = Tensor::via_host(self.device(), || {
+                    let mut h = self.host_copy();
+                    h.add_row_bias(&bias.host_copy());
+                    h
+                });
+                *self = t;
+            }
         }
     }
 
@@ -105,6 +286,17 @@ impl Tensor {
     pub fn add(&mut self, other: &Tensor) {
         match (&mut self.storage, &other.storage) {
             (Storage::Cpu(x), Storage::Cpu(y)) => cpu::add_in_place(x, y),
+            #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+            (Storage::Cuda(x), Storage::Cuda(y)) => dev::step(|| cuda::add(x, y)),
+            #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+            _ => {
+                let t = Tensor::via_host(self.device(), || {
+                    let mut h = self.host_copy();
+                    h.add(&other.host_copy());
+                    h
+                });
+                *self = t;
+            }
         }
     }
 
@@ -112,15 +304,47 @@ impl Tensor {
     pub fn round(&mut self, c: Compute) {
         match &mut self.storage {
             Storage::Cpu(x) => c.round(x),
+            #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+            Storage::Cuda(x) => {
+                if c == Compute::Bf16 {
+                    dev::step(|| cuda::round_bf16(x));
+                }
+            }
         }
     }
 
     /// The norm `norm` of every row of `self` (`[rows, weight.len()]`), rounded as `c` does.
     pub fn norm(&self, c: Compute, norm: NormKind, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
+        #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+        if let (Storage::Cuda(x), Storage::Cuda(w)) = (&self.storage, &weight.storage) {
+            let bf16 = c == Compute::Bf16;
+            match (norm.layer_norm, norm.offset, bias.map(|b| &b.storage)) {
+                (false, _, None) => return dev::output(x.len(), |o| cuda::rms_norm(x, w, norm.eps, norm.offset, bf16, o)),
+                (true, false, None) => {
+                    let mut out = dev::output(x.len(), |o| cuda::layer_norm(x, w, None, norm.eps, o));
+                    out.round(c);
+                    return out;
+                }
+                (true, false, Some(Storage::Cuda(b))) => {
+                    let mut out = dev::output(x.len(), |o| cuda::layer_norm(x, w, Some(b), norm.eps, o));
+                    out.round(c);
+                    return out;
+                }
+                _ => {}
+            }
+        }
+        #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+        if self.device() != Device::Cpu || weight.device() != Device::Cpu || bias.is_some_and(|b| b.device() != Device::Cpu) {
+            return Tensor::via_host(self.device(), || {
+                self.host_copy().norm(c, norm, &weight.host_copy(), bias.map(Tensor::host_copy).as_ref())
+            });
+        }
         let mut out = self.zeros_like(self.len());
         match (&self.storage, &weight.storage, bias.map(|b| &b.storage), &mut out.storage) {
             (Storage::Cpu(x), Storage::Cpu(w), None, Storage::Cpu(o)) => c.norm(norm, x, w, None, o),
             (Storage::Cpu(x), Storage::Cpu(w), Some(Storage::Cpu(b)), Storage::Cpu(o)) => c.norm(norm, x, w, Some(b), o),
+            #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+            _ => unreachable!("norm: host operands"),
         }
         out
     }
@@ -132,15 +356,41 @@ impl Tensor {
                 Compute::F32 => rope.apply(x, seq, heads),
                 Compute::Bf16 => rope.apply_bf16(x, seq, heads),
             },
+            // The tables are uploaded per call (`[max_positions, rotary_dim / 2]`: small).
+            #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+            Storage::Cuda(x) => dev::step(|| {
+                let (cos, sin) = rope.tables();
+                let (head_dim, rotary_dim) = rope.dims();
+                let (cos, sin) = (DeviceBuffer::from_slice(cos)?, DeviceBuffer::from_slice(sin)?);
+                cuda::rope(x, &cos, &sin, seq, heads, head_dim, rotary_dim, c == Compute::Bf16)
+            }),
         }
     }
 
     /// Causal attention of `q` over `k`, `v` (`[seq, heads * head_dim]` each, as `attention`
     /// describes them); result like `q`, not rounded.
     pub fn attention(attention: &Attention, q: &Tensor, k: &Tensor, v: &Tensor, seq: usize) -> Tensor {
+        match (&q.storage, &k.storage, &v.storage) {
+            (Storage::Cpu(_), Storage::Cpu(_), Storage::Cpu(_)) => {}
+            #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+            (Storage::Cuda(qb), Storage::Cuda(kb), Storage::Cuda(vb)) if !attention.flash_bf16 => {
+                let a = attention;
+                return dev::output(qb.len(), |o| {
+                    cuda::attention(qb, kb, vb, seq, a.n_heads, a.n_kv_heads, a.head_dim, a.sliding_window, o)
+                });
+            }
+            #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+            _ => {
+                return Tensor::via_host(q.device(), || {
+                    Tensor::attention(attention, &q.host_copy(), &k.host_copy(), &v.host_copy(), seq)
+                })
+            }
+        }
         let mut out = q.zeros_like(q.len());
         match (&q.storage, &k.storage, &v.storage, &mut out.storage) {
             (Storage::Cpu(q), Storage::Cpu(k), Storage::Cpu(v), Storage::Cpu(o)) => attention.forward(q, k, v, seq, o),
+            #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+            _ => unreachable!("attention: host operands"),
         }
         out
     }
@@ -149,6 +399,17 @@ impl Tensor {
     pub fn gated_mul(&mut self, c: Compute, act: Activation, up: &Tensor) {
         match (&mut self.storage, &up.storage) {
             (Storage::Cpu(g), Storage::Cpu(u)) => c.gated_mul(act, g, u),
+            #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+            (Storage::Cuda(g), Storage::Cuda(u)) => dev::step(|| cuda::gated_mul(g, u, act, c == Compute::Bf16)),
+            #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+            _ => {
+                let t = Tensor::via_host(self.device(), || {
+                    let mut h = self.host_copy();
+                    h.gated_mul(c, act, &up.host_copy());
+                    h
+                });
+                *self = t;
+            }
         }
     }
 
@@ -157,6 +418,8 @@ impl Tensor {
         let f = act_fn(act);
         match &mut self.storage {
             Storage::Cpu(x) => x.iter_mut().for_each(|v| *v = f(*v)),
+            #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+            Storage::Cuda(x) => dev::step(|| cuda::activate(x, act)),
         }
     }
 
@@ -164,6 +427,8 @@ impl Tensor {
     pub fn rows(&self, range: std::ops::Range<usize>, cols: usize) -> Tensor {
         match &self.storage {
             Storage::Cpu(x) => Tensor::from(x[range.start * cols..range.end * cols].to_vec()),
+            #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+            Storage::Cuda(_) => Tensor::via_host(self.device(), || self.host_copy().rows(range, cols)),
         }
     }
 
@@ -171,6 +436,8 @@ impl Tensor {
     pub fn gather_rows(&self, rows: &[usize], cols: usize) -> Tensor {
         match &self.storage {
             Storage::Cpu(x) => Tensor::from(rows.iter().flat_map(|&t| x[t * cols..(t + 1) * cols].iter().copied()).collect::<Vec<f32>>()),
+            #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+            Storage::Cuda(_) => Tensor::via_host(self.device(), || self.host_copy().gather_rows(rows, cols)),
         }
     }
 
@@ -185,13 +452,32 @@ impl Tensor {
                     }
                 }
             }
+            #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+            _ => {
+                let t = Tensor::via_host(self.device(), || {
+                    let mut h = self.host_copy();
+                    h.index_add_weighted(c, &src.host_copy(), rows, cols);
+                    h
+                });
+                *self = t;
+            }
         }
     }
 
-    /// Max |x| over the tensor, folded into `acc` (per-tensor max calibration, §3.1).
+    /// Max |x| over the tensor, folded into `acc` (per-tensor max calibration, §3.1). On the
+    /// device a NaN of the tensor makes the result NaN.
     pub fn amax(&self, acc: f32) -> f32 {
         match &self.storage {
             Storage::Cpu(x) => x.iter().fold(acc, |m, v| m.max(v.abs())),
+            #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+            Storage::Cuda(x) => {
+                let a = dev::absmax(x);
+                if a.is_nan() {
+                    a
+                } else {
+                    acc.max(a)
+                }
+            }
         }
     }
 
@@ -206,6 +492,12 @@ impl Tensor {
                     }
                 }
             }
+            #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+            Storage::Cuda(x) => dev::step(|| {
+                let mut d = DeviceBuffer::from_slice(acc)?;
+                cuda::channel_amax(x, cols, &mut d)?;
+                d.copy_to_slice(acc)
+            }),
         }
     }
 
@@ -213,6 +505,8 @@ impl Tensor {
     pub fn all_finite(&self) -> bool {
         match &self.storage {
             Storage::Cpu(x) => x.iter().all(|v| v.is_finite()),
+            #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+            Storage::Cuda(x) => dev::absmax(x).is_finite(),
         }
     }
 }

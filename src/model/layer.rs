@@ -111,7 +111,7 @@ impl Layer {
     pub fn set_weight(&mut self, kind: LinearKind, w: Vec<f32>) {
         let slot = &mut self.linears[kind as usize];
         assert_eq!(w.len(), slot.len(), "set_weight({kind:?}): wrong number of values");
-        *slot = Tensor::from(w);
+        *slot = Tensor::on(w, slot.device());
     }
 
     /// The MoE block of an MoE layer (its dense gate/up/down weights are then empty).

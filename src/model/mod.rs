@@ -26,7 +26,7 @@ pub use head::Head;
 pub use hooks::{Hooks, NoHooks};
 pub use layer::Layer;
 
-use crate::compute::{Compute, Tensor};
+use crate::compute::{Compute, Device, Tensor};
 use crate::error::{Error, Result};
 use crate::io::safetensors::{Dtype, TensorView};
 use moe::MoeBlock;
@@ -44,6 +44,9 @@ pub struct Model {
     pub compute: Compute,
     /// The checkpoint folders (the model's, then the fallback).
     pub weights: Weights,
+    /// Where the tensors of the layers and head loaded from now on live (and so where their
+    /// forward pass runs).
+    pub device: Device,
 }
 
 /// A model is read through its weights: `model.tensor(name)`, `weights::linear_weight(&model, ..)`.
@@ -59,7 +62,7 @@ impl Model {
     /// tensors missing from `dir` (reference exports leave out embed_tokens / lm_head).
     pub fn open(dir: &Path, fallback: Option<&Path>) -> Result<Model> {
         let config = ModelConfig::from_dir(dir)?;
-        Ok(Model { config, compute: Compute::F32, weights: Weights::open(dir, fallback)? })
+        Ok(Model { config, compute: Compute::F32, weights: Weights::open(dir, fallback)?, device: Device::Cpu })
     }
 
     /// The model dtype: that of the embedding table (ModelOpt does its arithmetic in it).
@@ -171,7 +174,9 @@ impl Model {
             out.iter_mut().for_each(|v| *v *= scale);
             self.compute.round(&mut out);
         }
-        Ok(Tensor::from(out))
+        let out = Tensor::on(out, self.device);
+        crate::compute::take_device_error()?;
+        Ok(out)
     }
 
     /// Decoder layer `i`'s weights, as f32.
@@ -208,17 +213,18 @@ impl Model {
             let mut row = 0;
             for &k in m.kinds {
                 let [rows, cols] = k.shape(cfg);
-                linears[k as usize] = Tensor::from(w[row * cols..(row + rows) * cols].to_vec());
-                biases[k as usize] = b.as_ref().map(|b| Tensor::from(b[row..row + rows].to_vec()));
+                linears[k as usize] = Tensor::on(w[row * cols..(row + rows) * cols].to_vec(), self.device);
+                biases[k as usize] = b.as_ref().map(|b| Tensor::on(b[row..row + rows].to_vec(), self.device));
                 row += rows;
             }
         }
         let qk_norm = if cfg.qk_norm {
             let norm = |which: &str| self.load(&format!("{prefix}.self_attn.{which}.weight"), &[cfg.head_dim]);
-            Some((Tensor::from(norm("q_norm")?), Tensor::from(norm("k_norm")?)))
+            Some((Tensor::on(norm("q_norm")?, self.device), Tensor::on(norm("k_norm")?, self.device)))
         } else {
             None
         };
+        crate::compute::take_device_error()?;
         Ok(Layer {
             index: i,
             input_norm,
@@ -244,17 +250,17 @@ impl Model {
         let experts = (0..moe.num_experts)
             .map(|e| -> Result<[Tensor; 3]> {
                 let w = |k| weights::linear_weight(self, &moe.expert_module(layer, e, k), moe.expert_shape(cfg, k));
-                Ok([w(LinearKind::Gate)?, w(LinearKind::Up)?, w(LinearKind::Down)?].map(Tensor::from))
+                Ok([w(LinearKind::Gate)?, w(LinearKind::Up)?, w(LinearKind::Down)?].map(|w| Tensor::on(w, self.device)))
             })
             .collect::<Result<_>>()?;
-        Ok(MoeBlock { router: Tensor::from(router), experts })
+        Ok(MoeBlock { router: Tensor::on(router, self.device), experts })
     }
 
     /// Norm `module`'s weight and, for a LayerNorm, its bias (`[hidden]` each).
     fn load_norm(&self, module: &str) -> Result<(Tensor, Option<Tensor>)> {
         let shape = [self.config.hidden_size];
-        let weight = Tensor::from(self.load(&format!("{module}.weight"), &shape)?);
-        let bias = if self.config.layer_norm { Some(Tensor::from(self.load(&format!("{module}.bias"), &shape)?)) } else { None };
+        let weight = Tensor::on(self.load(&format!("{module}.weight"), &shape)?, self.device);
+        let bias = if self.config.layer_norm { Some(Tensor::on(self.load(&format!("{module}.bias"), &shape)?, self.device)) } else { None };
         Ok((weight, bias))
     }
 
@@ -270,7 +276,9 @@ impl Model {
         } else {
             (self.load(EMBED_TOKENS, &shape)?, InputQuant::default())
         };
-        Ok(Head { cfg: cfg.clone(), norm, norm_bias, lm_head: Tensor::from(lm_head), compute: self.compute, input })
+        let lm_head = Tensor::on(lm_head, self.device);
+        crate::compute::take_device_error()?;
+        Ok(Head { cfg: cfg.clone(), norm, norm_bias, lm_head, compute: self.compute, input })
     }
 
 }

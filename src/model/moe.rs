@@ -52,7 +52,7 @@ impl MoeBlock {
     pub fn set_weight(&mut self, e: usize, kind: LinearKind, w: Vec<f32>) {
         let slot = &mut self.experts[e][expert_slot(kind)];
         assert_eq!(w.len(), slot.len(), "set_weight(expert {e}, {kind:?}): wrong number of values");
-        *slot = Tensor::from(w);
+        *slot = Tensor::on(w, slot.device());
     }
 
     /// The experts each token goes to, with their weights: `[seq][top_k]` of (expert, weight).
@@ -101,7 +101,7 @@ impl MoeBlock {
     ) -> Tensor {
         let h = cfg.hidden_size;
         let routes = self.route(moe, x, seq, c);
-        let mut out = Tensor::from(vec![0f32; seq * h]);
+        let mut out = Tensor::on(vec![0f32; seq * h], x.device());
         for (e, weights) in self.experts.iter().enumerate() {
             let rows: Vec<(usize, f32)> =
                 routes.iter().enumerate().filter_map(|(t, r)| r.iter().find(|k| k.0 == e).map(|k| (t, k.1))).collect();

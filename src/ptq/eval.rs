@@ -30,6 +30,7 @@ fn run_layers(
         crate::io::signal::check()?;
         let layer = model.load_layer(l)?;
         each_layer(l, &layer, &rope, &mut hidden)?;
+        crate::compute::take_device_error()?;
         progress.step(&format!("{task} layer"), l + 1, n);
     }
     Ok(hidden)
@@ -105,6 +106,7 @@ pub fn perplexity(model: &Model, windows: &[Vec<u32>], progress: &Progress) -> R
         nll += s;
         count += c;
     }
+    crate::compute::take_device_error()?;
     if count == 0 {
         return Err(Error::Usage("evaluation text is shorter than one window".into()));
     }

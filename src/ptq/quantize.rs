@@ -215,6 +215,7 @@ pub fn run(model: &Model, samples: &[Vec<u32>], opts: &Options, out: &mut Output
         let (stats, linears) =
             calibrate_layer(&layer, &modules, cfg, &rope, &mut hidden, samples, &formats, &smooth, opts.sq_alpha, dtype)?;
         emit_layer(model, l, linears, &layer, opts, dtype, &stats, out)?;
+        crate::compute::take_device_error()?;
         progress.step("layer", l + 1, n_layers);
     }
     if let Some(format) = lm_head_format {
@@ -268,6 +269,7 @@ pub(crate) fn calibrate_layer<'a>(
     };
     for (s, (h, ids)) in states.iter_mut().zip(samples).enumerate() {
         layer.forward(cfg, rope, h, ids.len(), &mut stats);
+        crate::compute::take_device_error()?;
         if let Some(k) = stats.non_finite {
             return Err(Error::tensor(&modules[k].path, format!("input activations hold NaN/Inf (calibration sample {s})")));
         }
@@ -296,6 +298,7 @@ pub(crate) fn calibrate_layer<'a>(
         }
         for (h, ids) in hidden.iter_mut().zip(samples) {
             layer.forward(cfg, rope, h, ids.len(), &mut search);
+            crate::compute::take_device_error()?;
         }
         for (b, s) in best.iter_mut().zip(&search.searches) {
             *b = s.as_ref().and_then(|(_, _, s)| s.best()).map(|(_, s)| s);
@@ -319,6 +322,7 @@ fn quantize_lm_head(model: &Model, hidden: &[Tensor], format: QFormat, dtype: Dt
     let head = model.load_head()?;
     let cfg = &model.config;
     let amax = head.input_amax(hidden);
+    crate::compute::take_device_error()?;
     let lin = Linear {
         kinds: &[],
         expert: None,
