@@ -4,15 +4,22 @@
 # builds the tests, checks that no binary links a CUDA library dynamically (the static CUDA
 # runtime loads the driver at run time, so it starts on machines without one) and runs the
 # CUDA tests, which on a machine without a GPU check that this is reported, not a crash.
-# Then the same kernels under the host emulator (feature cuda-emu, g++, cuda/emu/): tests/cuda.rs,
-# tests/cuda_forward.rs and tests/device_pipeline.rs (quantize/eval --device cuda against the
-# CPU) for real (no skip) and the emulator's self-tests, under two
-# seeded schedules (RQ_EMU_SEED; the self-tests also run thread order themselves).
+# Then the same kernels under the host emulator (feature cuda-emu, g++, cuda/emu/): every test
+# file built for the CUDA features (kernels against the CPU, --device cuda against --device cpu,
+# the emulator's self-tests) for real (no skip), under two seeded schedules (RQ_EMU_SEED; the
+# self-tests also run thread order themselves), then once more built with AddressSanitizer.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 nvcc="$(bash tools/cuda-toolchain.sh | tail -n 1)"
 echo "== nvcc: $nvcc"
+
+# The CUDA test files: every tests/*.rs built only with feature cuda or cuda-emu.
+emu_names=()
+for f in $(grep -l '^#!\[cfg(any(feature = "cuda", feature = "cuda-emu"))\]' tests/*.rs); do
+    emu_names+=("$(basename "$f" .rs)")
+done
+echo "== CUDA test files: ${emu_names[*]}"
 
 echo "== cargo build --release --features cuda"
 cargo build --release --features cuda
@@ -21,8 +28,14 @@ echo "== cargo test --release --features cuda --no-run"
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 cargo test --release --features cuda --no-run 2>&1 | tee "$log"
-cuda_tests="$(sed -n 's/^ *Executable tests\/cuda.rs (\(.*\))$/\1/p' "$log")"
-[[ -n "$cuda_tests" ]] || { echo "FAIL: no tests/cuda.rs executable in the cargo output" >&2; exit 1; }
+# The executable of tests/$1.rs in the cargo output in $log.
+test_exe() {
+    local exe
+    exe="$(sed -n "s/^ *Executable tests\/$1.rs (\(.*\))$/\1/p" "$log")"
+    [[ -n "$exe" ]] || { echo "FAIL: no tests/$1.rs executable in the cargo output" >&2; exit 1; }
+    echo "$exe"
+}
+cuda_tests="$(test_exe cuda)"
 
 # The test executable holds the kernels; the binary too once main uses them.
 for exe in "${CARGO_TARGET_DIR:-target}/release/rq-min" "$cuda_tests"; do
@@ -39,30 +52,39 @@ if ! nm "$cuda_tests" | grep ' rq_quantize_fp8_bf16$' > /dev/null; then
     exit 1
 fi
 
-echo "== tests/cuda.rs (skips with the reason where there is no GPU)"
-"$cuda_tests" --nocapture
-forward_tests="$(sed -n 's/^ *Executable tests\/cuda_forward.rs (\(.*\))$/\1/p' "$log")"
-[[ -n "$forward_tests" ]] || { echo "FAIL: no tests/cuda_forward.rs executable in the cargo output" >&2; exit 1; }
-echo "== tests/cuda_forward.rs (skips with the reason where there is no GPU)"
-"$forward_tests"
-pipeline_tests="$(sed -n 's/^ *Executable tests\/device_pipeline.rs (\(.*\))$/\1/p' "$log")"
-[[ -n "$pipeline_tests" ]] || { echo "FAIL: no tests/device_pipeline.rs executable in the cargo output" >&2; exit 1; }
-echo "== tests/device_pipeline.rs (--device cuda against --device cpu; skips where there is no GPU)"
-"$pipeline_tests"
+for t in "${emu_names[@]}"; do
+    exe="$(test_exe "$t")"
+    echo "== tests/$t.rs with feature cuda (each test skips with the reason where there is no GPU)"
+    "$exe"
+done
+
+# Builds the emulator tests (extra environment in "$@"), lists their executables in emu_tests.
+build_emu_tests() {
+    local args=()
+    for t in "${emu_names[@]}"; do args+=(--test "$t"); done
+    env "$@" cargo test --release --features cuda-emu "${args[@]}" --no-run 2>&1 | tee "$log"
+    emu_tests=()
+    for t in "${emu_names[@]}"; do
+        exe="$(test_exe "$t")"
+        emu_tests+=("$exe")
+    done
+}
 
 echo "== cargo test --release --features cuda-emu (host emulator) --no-run"
-cargo test --release --features cuda-emu --test cuda --test cuda_forward --test cuda_emu --test device_pipeline --no-run 2>&1 | tee "$log"
-emu_tests=()
-for t in cuda cuda_forward cuda_emu device_pipeline; do
-    exe="$(sed -n "s/^ *Executable tests\/$t.rs (\(.*\))$/\1/p" "$log")"
-    [[ -n "$exe" ]] || { echo "FAIL: no tests/$t.rs executable in the cargo output" >&2; exit 1; }
-    emu_tests+=("$exe")
-done
+build_emu_tests
 for seed in 1 2; do
     echo "== emulator tests, RQ_EMU_SEED=$seed"
     for exe in "${emu_tests[@]}"; do
         RQ_EMU_SEED="$seed" "$exe"
     done
+done
+
+# Once more with AddressSanitizer on the emulator and the kernels (device memory is host heap
+# memory there, so an out-of-bounds access of a kernel is reported); its own target dir.
+echo "== emulator tests under AddressSanitizer (RQ_EMU_ASAN=1), RQ_EMU_SEED=3"
+build_emu_tests RQ_EMU_ASAN=1 CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}/asan"
+for exe in "${emu_tests[@]}"; do
+    ASAN_OPTIONS=verify_asan_link_order=0:detect_leaks=0 RQ_EMU_SEED=3 "$exe"
 done
 
 echo "== CUDA check passed"
