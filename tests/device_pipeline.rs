@@ -1,7 +1,8 @@
 //! `--device cuda` end to end against `--device cpu`: quantize (fp8, nvfp4, int8_sq, fp8 + FP8
-//! KV cache) and perplexity of two tiny models, the f32 Llama of tests/fixtures/families-llama
-//! (no tokenizer: calibration ids from a file, ids for the eval windows) and the bf16
-//! stories260K (its tokenizer; bf16 calibration, where attention takes the host fallback).
+//! KV cache) and perplexity: the f32 Llama of tests/fixtures/families-llama (no tokenizer:
+//! calibration ids from a file, ids for the eval windows), the bf16 stories260K (its tokenizer;
+//! bf16 calibration), every family of shared/reference/families the CPU path supports, and
+//! rq-tiny with 4 x 64 calibration tokens (the last two need ../shared).
 //!
 //! What must agree: every exported tensor byte for byte, except the activation and KV-cache
 //! scales (`input_scale`, `k_scale`, `v_scale`), which come from device statistics and may be
@@ -18,6 +19,8 @@
 //! Under the host emulator (feature `cuda-emu`) this runs the real kernels; with feature
 //! `cuda` and no driver or GPU each test prints "skipped: <reason>" and passes.
 #![cfg(any(feature = "cuda", feature = "cuda-emu"))]
+
+mod common;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -80,12 +83,20 @@ fn write_ids(path: &Path, rows: &[Vec<u32>]) {
     std::fs::write(path, format!("[{}]", text.join(", "))).unwrap();
 }
 
-fn quantize_on(model: &Path, out: &Path, ids: &Path, qformat: &str, kv: &str, device: &str, exclude: &[&str]) {
+/// The calibration of a case: `rows` sequences of `len` ids.
+#[derive(Clone, Copy)]
+struct Calib {
+    rows: usize,
+    len: usize,
+}
+
+fn quantize_on(model: &Path, out: &Path, ids: &Path, calib: Calib, case: (&str, &str), device: &str, exclude: &[&str]) {
+    let (qformat, kv) = case;
     let a = QuantizeArgs {
         exclude: exclude.iter().map(|s| s.to_string()).collect(),
         calib_ids: Some(ids.to_path_buf()),
-        calib_size: 3,
-        calib_seq: Some(24),
+        calib_size: calib.rows,
+        calib_seq: Some(calib.len),
         qformat: qformat.into(),
         kv_cache: kv.into(),
         device: device.into(),
@@ -162,17 +173,22 @@ fn check_ppl(dir: &Path, windows: &[Vec<u32>], what: &str) {
 /// Quantizes `model` in each case on both devices and compares exports and perplexities.
 /// `exclude`: modules NVFP4 cannot store (an input dim that is no multiple of 16).
 fn pipeline(model: &Path, name: &str, vocab: u32, windows: &[Vec<u32>], nvfp4_exclude: &[&str]) {
+    pipeline_with(model, name, vocab, Calib { rows: 3, len: 24 }, windows, nvfp4_exclude);
+}
+
+/// [`pipeline`] with calibration `calib`.
+fn pipeline_with(model: &Path, name: &str, vocab: u32, calib: Calib, windows: &[Vec<u32>], nvfp4_exclude: &[&str]) {
     let dir = scratch(name);
     let ids_file = dir.join("ids.json");
-    write_ids(&ids_file, &ids(3, 24, vocab, 7));
+    write_ids(&ids_file, &ids(calib.rows, calib.len, vocab, 7));
     let started = std::time::Instant::now();
     check_ppl(model, windows, &format!("{name} unquantized"));
     for (qformat, kv) in [("fp8", "none"), ("nvfp4", "none"), ("int8_sq", "none"), ("fp8", "fp8")] {
         let what = format!("{name} {qformat} kv {kv}");
         let (cpu, dev) = (dir.join(format!("{qformat}-{kv}-cpu")), dir.join(format!("{qformat}-{kv}-cuda")));
         let exclude = if qformat == "nvfp4" { nvfp4_exclude } else { &[] };
-        quantize_on(model, &cpu, &ids_file, qformat, kv, "cpu", exclude);
-        quantize_on(model, &dev, &ids_file, qformat, kv, "cuda", exclude);
+        quantize_on(model, &cpu, &ids_file, calib, (qformat, kv), "cpu", exclude);
+        quantize_on(model, &dev, &ids_file, calib, (qformat, kv), "cuda", exclude);
         let (n, worst, codes) = compare_exports(&cpu, &dev, &what, qformat == "int8_sq");
         say(&format!(
             "{what:<40} {n} tensors identical but scales (largest scale difference {worst:.2e}, {codes} INT8 codes one apart)"
@@ -203,6 +219,40 @@ fn stories260k_cpu_and_device_agree() {
     let windows = eval::eval_windows(&tok.encode(text), 32);
     assert!(windows.len() >= 2, "the eval text is shorter than 2 windows of 32 tokens");
     pipeline(Path::new(STORIES), "stories260K", 512, &windows[..2], &["*down_proj*"]);
+}
+
+/// Every family of shared/reference/families the CPU path supports (tiny f32 models with each
+/// family's features: biases, q/k norms, Gemma's offset norm, Phi3's fused projections,
+/// Starcoder2's LayerNorm and plain MLP, Nemotron's relu2, sliding windows, MoE routing).
+#[test]
+fn every_family_cpu_and_device_agree() {
+    if !have_device() {
+        return;
+    }
+    let Some(shared) = common::shared_dir() else { return };
+    for family in
+        ["llama", "llama3-rope-scaling", "mistral", "qwen2", "qwen3", "gemma", "phi3", "starcoder2", "nemotron", "mixtral", "qwen3_moe"]
+    {
+        let model = shared.join("reference/families").join(family);
+        pipeline(&model, family, 512, &ids(2, 32, 512, 11), &[]);
+    }
+}
+
+/// rq-tiny (the trained 14.5 M Llama, bf16, 8 layers), 4 x 64 calibration tokens, eval on two
+/// windows of 64 tokens of the evaluation text.
+#[test]
+fn rq_tiny_cpu_and_device_agree() {
+    if !have_device() {
+        return;
+    }
+    let Some(shared) = common::shared_dir() else { return };
+    let model = shared.join("models/rq-tiny");
+    let tok = rq_min::tokenizer::Tokenizer::from_dir(&model).unwrap();
+    let text = std::fs::read_to_string(shared.join("data/tinystories_eval.txt")).unwrap();
+    let windows = eval::eval_windows(&tok.encode(&text.chars().take(4000).collect::<String>()), 64);
+    assert!(windows.len() >= 2, "the eval text is shorter than 2 windows of 64 tokens");
+    let vocab = Model::open(&model, None).unwrap().config.vocab_size as u32;
+    pipeline_with(&model, "rq-tiny", vocab, Calib { rows: 4, len: 64 }, &windows[..2], &[]);
 }
 
 /// What the device does not run yet is refused by name, before any work.
