@@ -43,4 +43,8 @@ extern "C" int rq_memcpy_dtoh(void* host_dst, const void* src, size_t bytes) {
     return cudaMemcpy(host_dst, src, bytes, cudaMemcpyDeviceToHost);
 }
 
+extern "C" int rq_memcpy_dtod(void* dst, const void* src, size_t bytes) {
+    return cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToDevice);
+}
+
 extern "C" int rq_synchronize(void) { return cudaDeviceSynchronize(); }

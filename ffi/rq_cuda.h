@@ -33,6 +33,7 @@ int rq_malloc(void** host_ptr, size_t bytes);
 int rq_free(void* ptr);
 int rq_memcpy_htod(void* dst, const void* host_src, size_t bytes);
 int rq_memcpy_dtoh(void* host_dst, const void* src, size_t bytes);
+int rq_memcpy_dtod(void* dst, const void* src, size_t bytes);
 
 /* Waits for all queued work; returns the first error of a kernel that failed. */
 int rq_synchronize(void);
@@ -113,6 +114,16 @@ int rq_channel_amax_f32(const float* x, size_t rows, size_t cols, float* acc);
  * for a row holding a NaN logit or a target >= vocab. */
 int rq_log_softmax_nll_f32(const float* logits, size_t rows, size_t vocab, const uint32_t* targets,
                            double* out_nll);
+
+/* ---- row movement (cuda/rows.cu) ------------------------------------------------------------ */
+
+/* out[r, :] = x[rows[r], :] for r < n_rows (rows of cols values; every rows[r] a row of x). */
+int rq_gather_rows_f32(const float* x, size_t cols, const uint32_t* rows, size_t n_rows, float* out);
+
+/* out[rows[r], :] += src[r, :] * weights[r] for r < n_rows, the product and the sum each rounded
+ * to bf16 when bf16 != 0 (torch index_add_ of weighted rows); the rows[r] must be distinct. */
+int rq_index_add_weighted_f32(float* out, const float* src, size_t cols, const uint32_t* rows,
+                              const float* weights, size_t n_rows, int bf16);
 
 #ifdef __cplusplus
 }

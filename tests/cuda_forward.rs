@@ -525,6 +525,76 @@ fn log_softmax_nll_matches_cpu() {
     table.note("NaN logit", "NaN on the GPU (the CPU's exp_nonpositive maps NaN to e^-87)");
 }
 
+// ---- row movement ------------------------------------------------------------------------------------
+
+/// Copies, gathers and the MoE block's weighted scatter-add (cuda/rows.cu, and device-to-device
+/// copies) through `Tensor`, device against CPU: bit-identical (same operations, same order).
+#[test]
+fn row_movement_matches_cpu() {
+    if !have_gpu() {
+        return;
+    }
+    use rq_min::compute::{take_device_error, Compute, Device, Tensor};
+    let mut rng = Rng(0x5EED_000A);
+    let mut table = Table::new("rows");
+    for &(rows, cols) in &[(1, 1), (5, 3), (37, 129), (64, 300)] {
+        let x = normals(&mut rng, rows * cols, 2.0);
+        let (h, d) = (Tensor::from(x.clone()), Tensor::on(x.clone(), Device::Cuda));
+        assert_eq!(d.device(), Device::Cuda);
+        let shape = format!("{rows}x{cols}");
+        // clone and a range of rows: device-to-device copies.
+        assert_eq!(d.clone().into_host(), x, "{shape}: clone");
+        let range = rows / 3..rows - rows / 4;
+        assert_eq!(d.rows(range.clone(), cols).into_host(), h.rows(range, cols).into_host(), "{shape}: rows");
+        // gather (the embedding lookup, the tokens routed to an expert): repeats and any order.
+        let picks: Vec<usize> = (0..rows + 3).map(|_| rng.below(rows)).collect();
+        assert_eq!(d.gather_rows(&picks, cols).into_host(), h.gather_rows(&picks, cols).into_host(), "{shape}: gather");
+        // index_add_weighted into distinct rows, f32 and bf16 rounding.
+        let mut targets: Vec<usize> = (0..rows).collect();
+        for i in (1..rows).rev() {
+            targets.swap(i, rng.below(i + 1));
+        }
+        let routed: Vec<(usize, f32)> = targets[..rows.div_ceil(2)].iter().map(|&t| (t, rng.uniform(0.0, 1.0))).collect();
+        let src = normals(&mut rng, routed.len() * cols, 1.0);
+        for c in [Compute::F32, Compute::Bf16] {
+            let (mut oh, mut od) = (h.clone(), d.clone());
+            oh.index_add_weighted(c, &Tensor::from(src.clone()), &routed, cols);
+            od.index_add_weighted(c, &Tensor::on(src.clone(), Device::Cuda), &routed, cols);
+            assert_eq!(od.device(), Device::Cuda);
+            assert_eq!(od.into_host(), oh.into_host(), "{shape}: index_add_weighted {c:?}");
+        }
+        table.note(&shape, "clone, rows, gather_rows, index_add_weighted (f32, bf16): bit-identical");
+    }
+    take_device_error().unwrap();
+    // Bad indices are errors before any launch.
+    let x = dev(&[0f32; 6]);
+    let mut out = poisoned(2);
+    assert!(cuda::gather_rows(&x, 2, &[3], &mut out).is_err(), "row 3 of 3 rows");
+    let mut acc = dev(&[0f32; 6]);
+    assert!(cuda::index_add_weighted(&mut acc, &dev(&[0f32; 4]), 2, &[(1, 1.0), (1, 1.0)], false).is_err(), "a repeated row");
+    assert!(cuda::index_add_weighted(&mut acc, &dev(&[0f32; 2]), 2, &[(3, 1.0)], false).is_err(), "row 3 of 3 rows");
+    let mut short = poisoned(4);
+    assert!(short.copy_from_device(&x, 3).is_err(), "4 values from 3 of 6");
+}
+
+/// `Tensor::log_softmax_nll` (the head's perplexity terms) on the device against the CPU.
+#[test]
+fn tensor_nll_matches_cpu() {
+    if !have_gpu() {
+        return;
+    }
+    use rq_min::compute::{Device, Tensor};
+    let mut rng = Rng(0x5EED_000B);
+    let (rows, vocab) = (33, 517);
+    let logits = normals(&mut rng, rows * vocab, 5.0);
+    let targets: Vec<u32> = (0..rows).map(|_| rng.below(vocab) as u32).collect();
+    let cpu_nll = Tensor::from(logits.clone()).log_softmax_nll(vocab, &targets);
+    let dev_nll = Tensor::on(logits, Device::Cuda).log_softmax_nll(vocab, &targets);
+    for (r, (c, g)) in cpu_nll.iter().zip(&dev_nll).enumerate() {
+        assert!((c - g).abs() <= 1e-6 * c.abs().max(1.0), "row {r}: cpu {c} device {g}");
+    }
+}
+
 // ---- shape checks --------------------------------------------------------------------------------
 
 #[test]

@@ -3,7 +3,8 @@
 //! RMSNorm against f64 recomputations of the HF formulas.
 
 use rq_min::model::config::{RopeConfig, RopeScaling};
-use rq_min::compute::cpu::{self as ops, matmul_bt, matmul_bt_naive, Attention, Rope};
+use rq_min::compute::cpu::{self as ops, matmul_bt, matmul_bt_naive, Attention};
+use rq_min::compute::Rope;
 
 /// Deterministic values in [-1, 1) (xorshift64; no RNG dependency).
 fn values(len: usize, seed: u64) -> Vec<f32> {

@@ -99,6 +99,12 @@ pub struct DeviceBuffer<T: Pod> {
     _values: PhantomData<T>,
 }
 
+// SAFETY: the buffer is an allocation of the process's CUDA context, which every host thread
+// may use (the runtime API is thread-safe); `&self` methods only read it.
+unsafe impl<T: Pod> Send for DeviceBuffer<T> {}
+// SAFETY: as above.
+unsafe impl<T: Pod> Sync for DeviceBuffer<T> {}
+
 impl<T: Pod> DeviceBuffer<T> {
     /// Device memory for `len` values, not initialized.
     pub fn alloc(len: usize) -> Result<Self> {
@@ -157,6 +163,25 @@ impl<T: Pod> DeviceBuffer<T> {
         let mut host = vec![T::zeroed(); self.len];
         self.copy_to_slice(&mut host)?;
         Ok(host)
+    }
+
+    /// Overwrites the whole buffer with `self.len()` values of `src` from `src_start` on
+    /// (a device-to-device copy).
+    pub fn copy_from_device(&mut self, src: &DeviceBuffer<T>, src_start: usize) -> Result<()> {
+        if src_start.checked_add(self.len).is_none_or(|end| end > src.len) {
+            return Err(Error::Usage(format!(
+                "device copy of {} values from {src_start} of a buffer of {}",
+                self.len, src.len
+            )));
+        }
+        if self.len == 0 {
+            return Ok(());
+        }
+        let bytes = self.len * size_of::<T>();
+        // SAFETY: `self.ptr` holds `bytes` bytes of device memory, `src` at least as many from
+        // `src_start` on (checked above); the buffers are distinct allocations.
+        let status = unsafe { ffi::rq_memcpy_dtod(self.ptr, src.as_ptr().add(src_start).cast(), bytes) };
+        check(status, || format!("device-to-device copy of {bytes} bytes"))
     }
 
     fn check_len(&self, host_len: usize) -> Result<()> {
@@ -534,5 +559,55 @@ pub fn log_softmax_nll(
     // SAFETY: logits hold rows*vocab floats, targets and out_nll rows values each.
     launched(kernel, logits.len, unsafe {
         ffi::rq_log_softmax_nll_f32(logits.as_ptr(), rows, vocab, targets.as_ptr(), out_nll.as_mut_ptr())
+    })
+}
+
+/// `out[r] = x[rows[r]]` for `x` = `[_, cols]` (`Tensor::gather_rows`); every row index is
+/// checked against `x` before the launch.
+pub fn gather_rows(x: &DeviceBuffer<f32>, cols: usize, rows: &[usize], out: &mut DeviceBuffer<f32>) -> Result<()> {
+    let kernel = "rq_gather_rows_f32";
+    let x_rows = rows_of(kernel, x.len, cols)?;
+    check_shape(kernel, "out", out.len, rows.len().checked_mul(cols))?;
+    let index = rows.iter().map(|&r| u32::try_from(r).ok().filter(|&r| (r as usize) < x_rows)).collect::<Option<Vec<u32>>>();
+    let index = index.ok_or_else(|| Error::Usage(format!("{kernel}: a row index outside the {x_rows} rows")))?;
+    let rows = DeviceBuffer::from_slice(&index)?;
+    // SAFETY: x holds x_rows*cols floats and every row index is below x_rows; out holds
+    // rows.len*cols floats.
+    launched(kernel, out.len, unsafe { ffi::rq_gather_rows_f32(x.as_ptr(), cols, rows.as_ptr(), rows.len, out.as_mut_ptr()) })
+}
+
+/// `out[rows[r]] += src[r] · weights[r]` for `out` = `[_, cols]`, each product and sum rounded
+/// to bf16 when `bf16` (`Tensor::index_add_weighted`). The rows must be distinct and inside
+/// `out` (checked).
+pub fn index_add_weighted(
+    out: &mut DeviceBuffer<f32>,
+    src: &DeviceBuffer<f32>,
+    cols: usize,
+    rows: &[(usize, f32)],
+    bf16: bool,
+) -> Result<()> {
+    let kernel = "rq_index_add_weighted_f32";
+    let out_rows = rows_of(kernel, out.len, cols)?;
+    check_shape(kernel, "src", src.len, rows.len().checked_mul(cols))?;
+    let mut seen = vec![false; out_rows];
+    for &(r, _) in rows {
+        if r >= out_rows || std::mem::replace(&mut seen[r], true) {
+            return Err(Error::Usage(format!("{kernel}: row {r} is repeated or outside {out_rows} rows")));
+        }
+    }
+    let index = DeviceBuffer::from_slice(&rows.iter().map(|&(r, _)| r as u32).collect::<Vec<u32>>())?;
+    let weights = DeviceBuffer::from_slice(&rows.iter().map(|&(_, w)| w).collect::<Vec<f32>>())?;
+    // SAFETY: out holds out_rows*cols floats and every index is a distinct row below out_rows;
+    // src holds rows.len()*cols floats, index and weights rows.len() values each.
+    launched(kernel, src.len, unsafe {
+        ffi::rq_index_add_weighted_f32(
+            out.as_mut_ptr(),
+            src.as_ptr(),
+            cols,
+            index.as_ptr(),
+            weights.as_ptr(),
+            index.len,
+            c_int::from(bf16),
+        )
     })
 }

@@ -1,7 +1,7 @@
 //! Where the arithmetic of the forward pass runs, and how it rounds.
 //!
 //! `cpu` holds the kernels on host slices: the reference every other backend is checked
-//! against. `cuda` (feature `cuda`) holds the FFI wrappers of the kernels in cuda/.
+//! against. `rope` holds the rotary tables (and their device copy) with the CPU rotation. `cuda` (feature `cuda`) holds the FFI wrappers of the kernels in cuda/.
 //! `Compute` says how a forward pass rounds (f32, or bf16 where PyTorch materializes a bf16
 //! tensor), `NormKind` and `Activation` which norm and activation a family uses, `Device`
 //! which backend the command line asked for.
@@ -11,9 +11,11 @@ pub mod cpu;
 #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
 pub mod cuda;
 mod device;
+mod rope;
 mod tensor;
 
 pub use arith::{act_fn, Activation, Compute, NormKind};
-pub use cpu::{Attention, Rope, RopeConfig, RopeScaling};
+pub use cpu::Attention;
+pub use rope::{Rope, RopeConfig, RopeScaling};
 pub use device::{take_device_error, Device};
 pub use tensor::Tensor;

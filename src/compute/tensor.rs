@@ -16,9 +16,8 @@
 //! themselves reads them with `to_host` or edits them with `map_host`.
 //!
 //! Device tensors (features `cuda` / `cuda-emu`): each operation with a kernel runs it on the
-//! device; the others (`rows`, `gather_rows`, `index_add_weighted`, bf16 flash attention,
-//! LayerNorm with an offset weight, operands on different backends) go through one host
-//! fallback, [`Tensor::via_host`], which downloads the operands, runs the CPU arm and uploads
+//! device; the others (bf16 flash attention, LayerNorm with an offset weight, operands on
+//! different backends) go through one host fallback, [`Tensor::via_host`], which downloads the operands, runs the CPU arm and uploads
 //! the result, so their math stays the CPU's. The methods are infallible: the first device
 //! error is kept in a per-thread sticky error (as CUDA keeps one per context), every later
 //! device step is skipped, and the layer loops report it through
@@ -26,7 +25,8 @@
 //! stay on the host, so shapes stay consistent and nothing panics before it is reported.
 
 use crate::compute::arith::{act_fn, Activation, Compute, NormKind};
-use crate::compute::cpu::{self, Attention, Rope};
+use crate::compute::cpu::{self, Attention};
+use crate::compute::rope::Rope;
 #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
 use crate::compute::cuda::{self, DeviceBuffer};
 use crate::compute::device::Device;
@@ -49,12 +49,11 @@ enum Storage {
 
 #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
 impl Clone for Tensor {
-    /// A copy on the same backend (a device tensor is copied through the host: there is no
-    /// device-to-device copy in cuda/ yet).
+    /// A copy on the same backend.
     fn clone(&self) -> Tensor {
         match &self.storage {
             Storage::Cpu(v) => Tensor::from(v.clone()),
-            Storage::Cuda(_) => Tensor::on(self.to_host().into_owned(), Device::Cuda),
+            Storage::Cuda(b) => dev::output(b.len(), |o| o.copy_from_device(b, 0)),
         }
     }
 }
@@ -356,13 +355,11 @@ impl Tensor {
                 Compute::F32 => rope.apply(x, seq, heads),
                 Compute::Bf16 => rope.apply_bf16(x, seq, heads),
             },
-            // The tables are uploaded per call (`[max_positions, rotary_dim / 2]`: small).
             #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
             Storage::Cuda(x) => dev::step(|| {
-                let (cos, sin) = rope.tables();
+                let (cos, sin) = rope.device_tables()?;
                 let (head_dim, rotary_dim) = rope.dims();
-                let (cos, sin) = (DeviceBuffer::from_slice(cos)?, DeviceBuffer::from_slice(sin)?);
-                cuda::rope(x, &cos, &sin, seq, heads, head_dim, rotary_dim, c == Compute::Bf16)
+                cuda::rope(x, cos, sin, seq, heads, head_dim, rotary_dim, c == Compute::Bf16)
             }),
         }
     }
@@ -428,7 +425,7 @@ impl Tensor {
         match &self.storage {
             Storage::Cpu(x) => Tensor::from(x[range.start * cols..range.end * cols].to_vec()),
             #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
-            Storage::Cuda(_) => Tensor::via_host(self.device(), || self.host_copy().rows(range, cols)),
+            Storage::Cuda(x) => dev::output(range.len() * cols, |o| o.copy_from_device(x, range.start * cols)),
         }
     }
 
@@ -437,7 +434,7 @@ impl Tensor {
         match &self.storage {
             Storage::Cpu(x) => Tensor::from(rows.iter().flat_map(|&t| x[t * cols..(t + 1) * cols].iter().copied()).collect::<Vec<f32>>()),
             #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
-            Storage::Cuda(_) => Tensor::via_host(self.device(), || self.host_copy().gather_rows(rows, cols)),
+            Storage::Cuda(x) => dev::output(rows.len() * cols, |o| cuda::gather_rows(x, cols, rows, o)),
         }
     }
 
@@ -453,6 +450,10 @@ impl Tensor {
                 }
             }
             #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+            (Storage::Cuda(out), Storage::Cuda(y)) => {
+                dev::step(|| cuda::index_add_weighted(out, y, cols, rows, c == Compute::Bf16))
+            }
+            #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
             _ => {
                 let t = Tensor::via_host(self.device(), || {
                     let mut h = self.host_copy();
@@ -460,6 +461,39 @@ impl Tensor {
                     h
                 });
                 *self = t;
+            }
+        }
+    }
+
+    /// `-log softmax(row r)[targets[r]]` of every row of `self` (`[targets.len(), vocab]`
+    /// logits), in f64 ([`cpu::log_softmax_nll`]; on the CPU the rows are split over threads).
+    /// A target outside the vocabulary panics on the CPU and gives NaN on the device.
+    pub fn log_softmax_nll(&self, vocab: usize, targets: &[u32]) -> Vec<f64> {
+        assert_eq!(self.len(), targets.len() * vocab, "log_softmax_nll: logits are not [targets, vocab]");
+        match &self.storage {
+            Storage::Cpu(logits) => {
+                let rows = targets.len();
+                let per = rows.div_ceil(cpu::num_threads()).max(1);
+                let part = |r0: usize| -> Vec<f64> {
+                    (r0..(r0 + per).min(rows)).map(|r| cpu::log_softmax_nll(&logits[r * vocab..][..vocab], targets[r] as usize)).collect()
+                };
+                std::thread::scope(|s| {
+                    let handles: Vec<_> = (per..rows).step_by(per).map(|r0| s.spawn(move || part(r0))).collect();
+                    let mut out = part(0);
+                    handles.into_iter().for_each(|h| out.extend(h.join().expect("log_softmax_nll worker")));
+                    out
+                })
+            }
+            #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+            Storage::Cuda(logits) => {
+                let mut out = vec![0f64; targets.len()];
+                dev::step(|| {
+                    let targets = DeviceBuffer::from_slice(targets)?;
+                    let mut nll = DeviceBuffer::alloc(out.len())?;
+                    cuda::log_softmax_nll(logits, vocab, &targets, &mut nll)?;
+                    nll.copy_to_slice(&mut out)
+                });
+                out
             }
         }
     }

@@ -1,7 +1,7 @@
 //! The final norm and the language-model head: logits and the negative log-likelihood of a
 //! sequence, a block of positions at a time.
 
-use crate::compute::{cpu, Compute, Tensor};
+use crate::compute::{Compute, Tensor};
 use std::borrow::Cow;
 use crate::model::config::ModelConfig;
 use crate::model::weights::InputQuant;
@@ -93,19 +93,7 @@ impl Head {
         for t0 in (0..scored).step_by(block) {
             let rows = block.min(scored - t0);
             let logits = self.logits(&hidden.rows(t0..t0 + rows, h), rows);
-            let logits = logits.to_host();
-            // Rows split over threads; partial sums added in a fixed order (deterministic).
-            let per = rows.div_ceil(cpu::num_threads());
-            let part = |r0: usize| -> f64 {
-                let end = (r0 + per).min(rows);
-                (r0..end).map(|r| cpu::log_softmax_nll(&logits[r * vocab..][..vocab], ids[t0 + r + 1] as usize)).sum()
-            };
-            let parts: Vec<f64> = std::thread::scope(|s| {
-                let handles: Vec<_> = (per..rows).step_by(per).map(|r0| s.spawn(move || part(r0))).collect();
-                let first = part(0);
-                std::iter::once(first).chain(handles.into_iter().map(|h| h.join().expect("nll worker"))).collect()
-            });
-            sum += parts.iter().sum::<f64>();
+            sum += logits.log_softmax_nll(vocab, &ids[t0 + 1..t0 + rows + 1]).iter().sum::<f64>();
         }
         (sum, scored)
     }

@@ -22,7 +22,8 @@ use crate::model::config::{Activation, ModelConfig};
 use crate::compute::{act_fn, Compute};
 use crate::model::{Head, Layer, LinearKind};
 use crate::model::{moe::MoeBlock, MoeConfig};
-use crate::compute::cpu::{self as ops, Attention, Rope};
+use crate::compute::cpu::{self as ops, Attention};
+use crate::compute::Rope;
 use crate::compute::Tensor;
 use std::borrow::Cow;
 

@@ -8,7 +8,6 @@
 mod attention;
 mod matmul;
 mod norm;
-mod rope;
 mod simd;
 mod threads;
 
@@ -20,5 +19,4 @@ pub use norm::{
     rms_norm_bf16,
     rms_norm_offset, rms_norm_offset_bf16, round_slice_bf16, silu, silu_mul,
 };
-pub use rope::{Rope, RopeConfig, RopeScaling};
 pub use threads::num_threads;

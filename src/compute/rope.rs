@@ -3,6 +3,10 @@
 //! `apply_rotary_pos_emb` in models/llama/modeling_llama.py for the rotation), and its partial
 //! form (Phi3, Nemotron: only the leading `rotary_dim` dims of each head rotate).
 
+#[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+use crate::compute::cuda::DeviceBuffer;
+#[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+use crate::error::Result;
 use crate::numerics::round_bf16;
 
 /// Rotary embedding parameters: `rope_theta` and the `rope_type` with its keys.
@@ -28,6 +32,9 @@ pub struct Rope {
     max_positions: usize,
     cos: Vec<f32>, // [max_positions, rotary_dim / 2]
     sin: Vec<f32>, // [max_positions, rotary_dim / 2]
+    /// `cos` and `sin` in device memory, uploaded at the first rotation on the device.
+    #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+    device: std::sync::OnceLock<(DeviceBuffer<f32>, DeviceBuffer<f32>)>,
 }
 
 impl Rope {
@@ -59,7 +66,25 @@ impl Rope {
                 sin.push(angle.sin() as f32);
             }
         }
-        Rope { head_dim, rotary_dim, max_positions, cos, sin }
+        Rope {
+            head_dim,
+            rotary_dim,
+            max_positions,
+            cos,
+            sin,
+            #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+            device: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The cos and sin tables in device memory (uploaded once, at the first call).
+    #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+    pub(crate) fn device_tables(&self) -> Result<&(DeviceBuffer<f32>, DeviceBuffer<f32>)> {
+        if let Some(tables) = self.device.get() {
+            return Ok(tables);
+        }
+        let tables = (DeviceBuffer::from_slice(&self.cos)?, DeviceBuffer::from_slice(&self.sin)?);
+        Ok(self.device.get_or_init(|| tables))
     }
 
     pub fn max_positions(&self) -> usize {
