@@ -19,6 +19,8 @@ compile_error!(
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    // Set by the emulator build with RQ_EMU_ASAN=1 (tests/cuda_emu.rs checks that ASan fires).
+    println!("cargo::rustc-check-cfg=cfg(rq_emu_asan)");
     #[cfg(all(feature = "cuda", not(feature = "cuda-emu")))]
     cuda::build();
     #[cfg(all(feature = "cuda-emu", not(feature = "cuda")))]
@@ -222,6 +224,7 @@ mod emu {
         if asan {
             // Rust does not link the ASan runtime first; ASAN_OPTIONS=verify_asan_link_order=0.
             println!("cargo:rustc-link-lib=dylib=asan");
+            println!("cargo:rustc-cfg=rq_emu_asan");
         }
 
         super::common::bindings(&manifest.join("ffi/rq_cuda.h"), &out_dir.join("rq_cuda.rs"));

@@ -1,7 +1,8 @@
 //! The CUDA host emulator itself (feature `cuda-emu`, cuda/emu/): schedules (a shared-memory
 //! race gives different bytes under two seeds, the same bytes under one seed twice), deadlock
 //! reports (naming the kernel, the block and the lanes) and warp operations against their
-//! definitions. The kernels are in cuda/emu/selftest.cu, their launchers in
+//! definitions; built with AddressSanitizer (RQ_EMU_ASAN=1), an out-of-bounds write of a
+//! kernel is reported. The kernels are in cuda/emu/selftest.cu, their launchers in
 //! cuda/emu/selftest.h.
 #![cfg(feature = "cuda-emu")]
 
@@ -122,4 +123,33 @@ fn warp_operations_match_their_definitions() {
         assert_eq!(counters[0] as usize, n, "atomicAdd(unsigned)");
         assert_eq!(f32::from_bits(counters[1]), n as f32 * 0.5, "atomicAdd(float)");
     }
+}
+
+/// Under AddressSanitizer (RQ_EMU_ASAN=1: CI's ASan pass) a kernel writing one float past its
+/// device buffer aborts the process with ASan's report: the test runs itself as a child that
+/// launches that kernel. Without ASan it only says that it was skipped.
+#[test]
+fn out_of_bounds_write_is_reported_under_asan() {
+    const CHILD: &str = "RQ_EMU_OOB_CHILD";
+    if std::env::var_os(CHILD).is_some() {
+        // SAFETY: writes one float past a buffer of 64: what ASan must report.
+        let status = unsafe { ffi::rq_emu_selftest_out_of_bounds(64) };
+        panic!("the out-of-bounds launch returned {status} instead of an ASan abort");
+    }
+    if !cfg!(rq_emu_asan) {
+        eprintln!("skipped: built without RQ_EMU_ASAN=1 (CI's AddressSanitizer pass runs this)");
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "out_of_bounds_write_is_reported_under_asan", "--nocapture"])
+        .env(CHILD, "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the child succeeded: {stderr}");
+    assert!(
+        stderr.contains("AddressSanitizer: heap-buffer-overflow") && stderr.contains("WRITE of size 4"),
+        "no ASan report of the write: {stderr}"
+    );
+    assert!(!stderr.contains("instead of an ASan abort"), "{stderr}");
 }

@@ -57,6 +57,10 @@ __global__ void warp_ops_kernel(uint32_t* out, uint32_t* counters) {
     atomicAdd(reinterpret_cast<float*>(&counters[1]), 0.5f);
 }
 
+// Thread i of one block writes out[i]: with more threads than out has values, the last ones
+// write past its end.
+__global__ void out_of_bounds_kernel(float* out) { out[threadIdx.x] = 1.0f; }
+
 // Runs one launch under `seed` (see selftest.h) and returns its status.
 template <typename Launch>
 int with_schedule(long long seed, Launch launch) {
@@ -83,4 +87,13 @@ extern "C" int rq_emu_selftest_mismatched_collectives(uint32_t* out, long long s
 extern "C" int rq_emu_selftest_warp_ops(uint32_t* out, uint32_t* counters, unsigned blocks, unsigned threads,
                                         long long seed) {
     return with_schedule(seed, [&] { RQ_LAUNCH(warp_ops_kernel, blocks, threads, 0, 0)(out, counters); });
+}
+
+extern "C" int rq_emu_selftest_out_of_bounds(unsigned n) {
+    float* out = nullptr;
+    if (cudaMalloc(reinterpret_cast<void**>(&out), n * sizeof(float)) != cudaSuccess) return cudaGetLastError();
+    RQ_LAUNCH(out_of_bounds_kernel, 1, n + 1, 0, 0)(out);
+    const int status = cudaGetLastError();
+    cudaFree(out);
+    return status;
 }

@@ -37,6 +37,11 @@ int rq_emu_selftest_mismatched_collectives(uint32_t* out, long long seed);
 int rq_emu_selftest_warp_ops(uint32_t* out, uint32_t* counters, unsigned blocks, unsigned threads,
                              long long seed);
 
+/* An out-of-bounds write: a kernel of n + 1 threads writes one float each into a device buffer of
+ * n floats. Only for builds with AddressSanitizer (RQ_EMU_ASAN=1), which must abort on it with a
+ * heap-buffer-overflow report; elsewhere it corrupts the heap. */
+int rq_emu_selftest_out_of_bounds(unsigned n);
+
 #ifdef __cplusplus
 }
 #endif
