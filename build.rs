@@ -7,8 +7,9 @@
 //!
 //! With the `cuda-emu` feature instead, it compiles the same `cuda/*.cu` with the host C++
 //! compiler (g++, C++17, `-include cuda/emu/emu.h`, NVIDIA's headers from the toolchain of
-//! tools/cuda-toolchain.sh) together with the emulator runtime `cuda/emu/emu.cpp` and the
-//! emulator's self-test kernels `cuda/emu/selftest.cu`, and runs the same bindgen (plus one on
+//! tools/cuda-toolchain.sh) together with the emulator runtime `cuda/emu/emu.cpp`, its twin of
+//! the tensor-core mma `cuda/emu/mma.cpp` and the emulator's self-test kernels
+//! `cuda/emu/selftest.cu`, and runs the same bindgen (plus one on
 //! `cuda/emu/selftest.h` for tests/cuda_emu.rs). `RQ_EMU_ASAN=1` builds them with
 //! AddressSanitizer. The two features are alternatives: enabling both is an error.
 
@@ -214,7 +215,8 @@ mod emu {
             .flag("-pthread")
             .files(super::common::cu_files(&manifest.join("cuda")))
             .file(emu_dir.join("selftest.cu"))
-            .file(emu_dir.join("emu.cpp"));
+            .file(emu_dir.join("emu.cpp"))
+            .file(emu_dir.join("mma.cpp"));
         let asan = env::var("RQ_EMU_ASAN").is_ok_and(|v| v == "1");
         if asan {
             build.flag("-fsanitize=address").flag("-fno-omit-frame-pointer");

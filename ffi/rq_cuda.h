@@ -125,6 +125,14 @@ int rq_gather_rows_f32(const float* x, size_t cols, const uint32_t* rows, size_t
 int rq_index_add_weighted_f32(float* out, const float* src, size_t cols, const uint32_t* rows,
                               const float* weights, size_t n_rows, int bf16);
 
+/* ---- tensor-core GEMM (cuda/gemm.cu) ---------------------------------------------------- */
+
+/* out[m, n] = x[m, k] . w[n, k]^T on tensor cores (mma.sync m16n8k16, sm_80+): x and w rounded
+ * to bf16 (nearest even; exact for bf16-representable values), products summed in f32 in the
+ * tensor core's order: within k * 2^-23 * sum_p |x[i, p] w[j, p]| of an exact dot product. NaN
+ * and Inf propagate; k == 0 gives zeros. */
+int rq_matmul_bt_bf16_f32(const float* x, const float* w, size_t m, size_t k, size_t n, float* out);
+
 #ifdef __cplusplus
 }
 #endif

@@ -1,9 +1,9 @@
 //! The CUDA host emulator itself (feature `cuda-emu`, cuda/emu/): schedules (a shared-memory
 //! race gives different bytes under two seeds, the same bytes under one seed twice), deadlock
-//! reports (naming the kernel, the block and the lanes) and warp operations against their
-//! definitions; built with AddressSanitizer (RQ_EMU_ASAN=1), an out-of-bounds write of a
-//! kernel is reported. The kernels are in cuda/emu/selftest.cu, their launchers in
-//! cuda/emu/selftest.h.
+//! reports (naming the kernel, the block and the lanes; for the tensor-core mma too) and warp
+//! operations against their definitions; built with AddressSanitizer (RQ_EMU_ASAN=1), an
+//! out-of-bounds write of a kernel is reported. The kernels are in cuda/emu/selftest.cu, their
+//! launchers in cuda/emu/selftest.h.
 #![cfg(feature = "cuda-emu")]
 
 use std::ffi::{c_int, CStr};
@@ -70,6 +70,24 @@ fn shfl_after_lanes_exited_is_a_deadlock_naming_kernel_and_lanes() {
     }
     // The error was the launch's: the next launch on this thread succeeds.
     assert_eq!(race(2, IN_ORDER), [255, 255]);
+}
+
+#[test]
+fn mma_with_lanes_exited_is_a_deadlock() {
+    for seed in [IN_ORDER, 7] {
+        let mut out = vec![0f32; 16];
+        // SAFETY: 16 floats.
+        let status = unsafe { ffi::rq_emu_selftest_mma_after_exit(out.as_mut_ptr(), seed) };
+        assert_ne!(status, 0, "the deadlocked launch succeeded");
+        let msg = error_string(status);
+        for want in [
+            "deadlock in kernel mma_after_exit_kernel",
+            "lanes 0-15 wait in mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32(mask 0xffffffff)",
+            "lanes 16-31 have exited",
+        ] {
+            assert!(msg.contains(want), "{want:?} not in {msg:?}");
+        }
+    }
 }
 
 #[test]

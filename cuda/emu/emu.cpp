@@ -265,6 +265,7 @@ const char* op_name(Op op) {
         case Op::ReduceAddI: return "__reduce_add_sync(int)";
         case Op::ReduceMinI: return "__reduce_min_sync(int)";
         case Op::ReduceMaxI: return "__reduce_max_sync(int)";
+        case Op::MmaM16N8K16Bf16: return "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32";
     }
     return "?";
 }
@@ -463,7 +464,11 @@ struct Worker {
         auto value = [&](unsigned j) { return lanes[base + j].coll->value; };
         const Op op = lanes[base + unsigned(__builtin_ctz(mask))].coll->op;
         uint64_t all = 0;  // the vote / reduction over the mask
-        if (op == Op::Ballot || op == Op::All || op == Op::Any) {
+        if (op == Op::MmaM16N8K16Bf16) {  // the mask is the full warp
+            MmaFragments* frags[32];
+            for (unsigned j = 0; j < 32; ++j) frags[j] = lanes[base + j].coll->mma;
+            mma_m16n8k16_bf16(frags);
+        } else if (op == Op::Ballot || op == Op::All || op == Op::Any) {
             for (unsigned j = 0; j < 32; ++j) {
                 if (mask >> j & 1 && value(j)) all |= 1ull << j;
             }

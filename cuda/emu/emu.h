@@ -20,6 +20,10 @@
 //    is there. A wait that can never complete (a lane of the mask exited, lanes wait in
 //    different collectives or at the barrier) fails the launch with cudaErrorLaunchFailure and
 //    a message naming the kernel, the block and the lanes (cudaGetErrorString).
+//  - The warp-level MMA of cuda/mma.cuh (mma.sync m16n8k16 bf16 -> f32) is a warp collective
+//    too: every lane deposits its fragments, and once all 32 have arrived each gets its 4
+//    outputs computed from the whole A and B (the fragment layouts of the PTX ISA, exact
+//    products summed in k order by fmaf; cuda/emu/mma.cpp).
 //  - Atomics are real atomics on host memory (__atomic builtins), safe across blocks.
 //  - Conversions (cuda_fp16/bf16/fp8.h) are NVIDIA's own host code paths: the headers have
 //    host implementations when not compiled by nvcc; they are bit-exact with the hardware's.
@@ -30,8 +34,11 @@
 //
 // Limits (what differs from a GPU)
 //  - No device code generation: g++ compiles the kernels for the CPU, so nvcc-only code (inline
-//    PTX, tensor cores / wmma / mma, cooperative groups, textures, clock()/timing, dynamic
-//    parallelism, __constant__ banks) does not compile or is not emulated.
+//    PTX, tensor cores / wmma / ldmatrix, cooperative groups, textures, clock()/timing, dynamic
+//    parallelism, __constant__ banks) does not compile or is not emulated; the one exception is
+//    cuda/mma.cuh's mma. Its sums are exact-product fmaf chains, while a tensor core adds with
+//    its own internal precision and order: results agree within the bound of a dot product,
+//    not bit for bit.
 //  - Floating point: g++ (-std=c++17, ISO mode) never contracts a * b + c into an FMA, nvcc does
 //    by default (--fmad=true); write __fmaf_rn / __fmul_rn / __fadd_rn where the rounding
 //    matters. The approximate intrinsics (__expf, __logf, rsqrtf, __fdividef) use the correctly
@@ -91,6 +98,17 @@ namespace rq_emu {
 enum class Op : int {
     Shfl, ShflUp, ShflDown, ShflXor, Ballot, All, Any, SyncWarp,
     ReduceAddU, ReduceMinU, ReduceMaxU, ReduceAddI, ReduceMinI, ReduceMaxI,
+    MmaM16N8K16Bf16,
+};
+
+// One lane's operands and result of mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32, in
+// the PTX ISA's registers: a0..a7 in a[0..4], b0..b3 in b[0..2] (two bf16 per word, the
+// lower-numbered element in the low half), c0..c3 and d0..d3.
+struct MmaFragments {
+    uint32_t a[4];
+    uint32_t b[2];
+    float c[4];
+    float d[4];
 };
 
 // One lane's part of a collective: it lives on the lane's stack while the lane waits; the
@@ -102,6 +120,7 @@ struct Collective {
     int width;  // segment width of the shuffles, a power of two <= 32
     uint64_t value;
     uint64_t result;
+    MmaFragments* mma = nullptr;  // MmaM16N8K16Bf16: the lane's fragments, d written by the scheduler
 };
 
 // Waits, as the calling emulated thread, until every lane of c.mask arrived; then c.result is
@@ -109,6 +128,9 @@ struct Collective {
 void warp_collective(Collective& c);
 // __syncthreads.
 void sync_threads();
+// The arithmetic of a completed MmaM16N8K16Bf16 (cuda/emu/mma.cpp): lanes[j] holds lane j's
+// fragments; writes every lane's d.
+void mma_m16n8k16_bf16(MmaFragments* const lanes[32]);
 // Runs thread_body(ctx) as every thread of a grid (the emulated launch) and records a failure
 // for cudaGetLastError / cudaDeviceSynchronize of the calling host thread.
 void run_grid(const char* kernel, dim3 grid, dim3 block, size_t smem, void (*thread_body)(void*),
@@ -187,6 +209,13 @@ T atomic_float_rmw(T* address, F f) {
         next = to_bits(f(from_bits<T>(old)));
     } while (!__atomic_compare_exchange_n(bits, &old, next, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
     return from_bits<T>(old);
+}
+
+// The warp-wide mma of cuda/mma.cuh: waits until all 32 lanes of the warp have deposited
+// their fragments (a missing lane is a deadlock, as for __shfl_sync), then f.d is set.
+inline void warp_mma_m16n8k16_bf16(MmaFragments& f) {
+    Collective c{Op::MmaM16N8K16Bf16, 0xFFFFFFFFu, 0, 32, 0, 0, &f};
+    warp_collective(c);
 }
 
 }  // namespace rq_emu

@@ -5,6 +5,7 @@
 #include <stdint.h>
 
 #include "../launch.cuh"
+#include "../mma.cuh"
 #include "selftest.h"
 
 namespace {
@@ -21,6 +22,15 @@ __global__ void race_kernel(uint32_t* out) {
 __global__ void shfl_after_exit_kernel(uint32_t* out) {
     if (threadIdx.x >= 16) return;
     out[threadIdx.x] = __shfl_sync(kFull, threadIdx.x, 0);
+}
+
+__global__ void mma_after_exit_kernel(float* out) {
+    if (threadIdx.x >= 16) return;
+    const uint32_t a[4] = {}, b[2] = {};
+    const float c[4] = {};
+    float d[4];
+    mma_m16n8k16_bf16(d, a, b, c);
+    out[threadIdx.x] = d[0];
 }
 
 __global__ void mismatched_collectives_kernel(uint32_t* out) {
@@ -78,6 +88,10 @@ extern "C" int rq_emu_selftest_race(uint32_t* out, unsigned blocks, long long se
 
 extern "C" int rq_emu_selftest_shfl_after_exit(uint32_t* out, long long seed) {
     return with_schedule(seed, [&] { RQ_LAUNCH(shfl_after_exit_kernel, 1, 32, 0, 0)(out); });
+}
+
+extern "C" int rq_emu_selftest_mma_after_exit(float* out, long long seed) {
+    return with_schedule(seed, [&] { RQ_LAUNCH(mma_after_exit_kernel, 1, 32, 0, 0)(out); });
 }
 
 extern "C" int rq_emu_selftest_mismatched_collectives(uint32_t* out, long long seed) {

@@ -26,6 +26,10 @@ int rq_emu_selftest_race(uint32_t* out, unsigned blocks, long long seed);
  * the full mask. Must fail, naming the kernel and the lanes. */
 int rq_emu_selftest_shfl_after_exit(uint32_t* out, long long seed);
 
+/* Deadlock: as rq_emu_selftest_shfl_after_exit, with the warp-wide mma of cuda/mma.cuh in place
+ * of __shfl_sync (out: 16 floats). */
+int rq_emu_selftest_mma_after_exit(float* out, long long seed);
+
 /* Deadlock: lanes 0-15 call __shfl_sync, lanes 16-31 __ballot_sync, both with the full mask. */
 int rq_emu_selftest_mismatched_collectives(uint32_t* out, long long seed);
 

@@ -2,7 +2,8 @@
 //! `ffi/rq_cuda.h`. The FP8 kernels are twins of CPU code in [`crate::numerics`] and give
 //! bit-identical results (`tests/cuda.rs`); the forward kernels of a decoder layer (norms,
 //! matmul, RoPE, attention, activations, statistics) are twins of [`crate::compute::cpu`]
-//! (`tests/cuda_forward.rs`, with each kernel's error bound).
+//! (`tests/cuda_forward.rs`, with each kernel's error bound); [`matmul_bt_bf16`] is a
+//! tensor-core GEMM on bf16 operands (`tests/cuda_gemm.rs`).
 //!
 //! The CUDA runtime is linked statically and loads the driver at first use, so a binary built
 //! with this feature runs on a machine without a driver or GPU: there, [`device_info`] and
@@ -386,6 +387,21 @@ pub fn matmul_bt_naive(
     out: &mut DeviceBuffer<f32>,
 ) -> Result<()> {
     matmul_checked("rq_matmul_bt_naive_f32", x, w, rows, k, n, out, ffi::rq_matmul_bt_naive_f32)
+}
+
+/// [`matmul_bt`] on tensor cores (`cuda/gemm.cu`): `x` and `w` rounded to bf16 (exact for
+/// bf16-representable values, as in a model computed in bf16), exact products summed in f32 in
+/// the tensor core's order, so within `k · 2⁻²³ · Σ|x·w|` of the exact dot product rather than
+/// bit-identical to the CPU. NaN and infinities propagate.
+pub fn matmul_bt_bf16(
+    x: &DeviceBuffer<f32>,
+    w: &DeviceBuffer<f32>,
+    rows: usize,
+    k: usize,
+    n: usize,
+    out: &mut DeviceBuffer<f32>,
+) -> Result<()> {
+    matmul_checked("rq_matmul_bt_bf16_f32", x, w, rows, k, n, out, ffi::rq_matmul_bt_bf16_f32)
 }
 
 type MatmulLauncher = unsafe extern "C" fn(*const f32, *const f32, usize, usize, usize, *mut f32) -> c_int;
