@@ -80,7 +80,28 @@ __global__ void __launch_bounds__(kThreads)
     }
 }
 
+// *out = 0 when some x[i] is not a bf16 value (low 16 bits not zero); a NaN counts as one (it
+// stays NaN through the product either way). The launcher sets *out = 1 first.
+__global__ void __launch_bounds__(kThreads) all_bf16_kernel(const float* __restrict__ x, size_t n, int* out) {
+    const size_t stride = size_t(gridDim.x) * blockDim.x;
+    bool exact = true;
+    for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+        const uint32_t bits = __float_as_uint(x[i]);
+        exact = exact && ((bits & 0xFFFFu) == 0 || (bits & 0x7FFFFFFFu) > 0x7F800000u);  // or NaN
+    }
+    if (!exact) atomicExch(out, 0);
+}
+
 }  // namespace
+
+extern "C" int rq_all_bf16_f32(const float* x, size_t n, int* out) {
+    const int one = 1;
+    cudaError_t e = cudaMemcpy(out, &one, sizeof one, cudaMemcpyHostToDevice);
+    if (e != cudaSuccess || n == 0) return e;
+    const size_t blocks = (n + kThreads - 1) / kThreads;
+    RQ_LAUNCH(all_bf16_kernel, static_cast<unsigned>(blocks < 1024 ? blocks : 1024), kThreads, 0, 0)(x, n, out);
+    return cudaGetLastError();
+}
 
 extern "C" int rq_matmul_bt_bf16_f32(const float* x, const float* w, size_t m, size_t k, size_t n, float* out) {
     if (m == 0 || n == 0) return cudaSuccess;

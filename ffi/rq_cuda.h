@@ -133,6 +133,10 @@ int rq_index_add_weighted_f32(float* out, const float* src, size_t cols, const u
  * and Inf propagate; k == 0 gives zeros. */
 int rq_matmul_bt_bf16_f32(const float* x, const float* w, size_t m, size_t k, size_t n, float* out);
 
+/* *out = 1 when every x[i] is a bf16 value held in an f32 (its low 16 bits are zero, or it is
+ * NaN), else 0: whether rq_matmul_bt_bf16_f32 is exact in its operands. */
+int rq_all_bf16_f32(const float* x, size_t n, int* out);
+
 #ifdef __cplusplus
 }
 #endif

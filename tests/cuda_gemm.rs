@@ -165,3 +165,27 @@ fn wrong_lengths_are_usage_errors() {
     let err = cuda::matmul_bt_bf16(&x, &w, 3, 3, 2, &mut out).unwrap_err().to_string();
     assert!(err.contains("rq_matmul_bt_bf16_f32: x holds 6 values, the shape needs 9"), "{err}");
 }
+
+/// `all_bf16`, which sends a product to the tensor cores only when rounding the operands to
+/// bf16 changes nothing.
+#[test]
+fn all_bf16_detects_any_value_that_is_not_bf16() {
+    if !have_gpu() {
+        return;
+    }
+    let mut rng = Rng(0x5EED_0C0C);
+    let exact: Vec<f32> = (0..5000).map(|_| round_bf16(rng.normal() * 3.0)).collect();
+    assert!(cuda::all_bf16(&dev(&exact)).unwrap(), "bf16 values");
+    assert!(cuda::all_bf16(&dev(&[])).unwrap(), "no values");
+    let mut special = exact.clone();
+    special[17] = f32::NAN;
+    special[18] = f32::from_bits(0x7FC0_1234); // a NaN whose payload is below the bf16 bits
+    special[19] = f32::INFINITY;
+    special[20] = -0.0;
+    assert!(cuda::all_bf16(&dev(&special)).unwrap(), "NaN, Inf and -0 are bf16 values");
+    for at in [0, 2047, 4999] {
+        let mut one_off = exact.clone();
+        one_off[at] = f32::from_bits(one_off[at].to_bits() | 1); // one ulp of f32 away
+        assert!(!cuda::all_bf16(&dev(&one_off)).unwrap(), "an f32 value at {at}");
+    }
+}

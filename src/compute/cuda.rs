@@ -404,6 +404,16 @@ pub fn matmul_bt_bf16(
     matmul_checked("rq_matmul_bt_bf16_f32", x, w, rows, k, n, out, ffi::rq_matmul_bt_bf16_f32)
 }
 
+/// Whether every value of `x` is a bf16 value (NaN included): then [`matmul_bt_bf16`] takes
+/// it without rounding.
+pub fn all_bf16(x: &DeviceBuffer<f32>) -> Result<bool> {
+    let kernel = "rq_all_bf16_f32";
+    let mut flag = DeviceBuffer::<c_int>::alloc(1)?;
+    // SAFETY: x holds x.len floats, flag one int.
+    launched(kernel, x.len, unsafe { ffi::rq_all_bf16_f32(x.as_ptr(), x.len, flag.as_mut_ptr()) })?;
+    Ok(flag.to_vec()?[0] == 1)
+}
+
 type MatmulLauncher = unsafe extern "C" fn(*const f32, *const f32, usize, usize, usize, *mut f32) -> c_int;
 
 #[allow(clippy::too_many_arguments)]

@@ -249,8 +249,20 @@ impl Tensor {
     pub fn matmul_bt(&self, w: &Tensor, rows: usize, k: usize, n: usize) -> Tensor {
         match (&self.storage, &w.storage) {
             (Storage::Cpu(_), Storage::Cpu(_)) => {}
+            // Tensor cores when both operands are bf16 values (a model computed in bf16: the
+            // products are exact, only the order of the f32 sums differs from the f32 kernel);
+            // the f32 kernel for anything else (f32 models, dequantized or fake-quantized
+            // operands at evaluation).
             #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
-            (Storage::Cuda(x), Storage::Cuda(w)) => return dev::output(rows * n, |o| cuda::matmul_bt(x, w, rows, k, n, o)),
+            (Storage::Cuda(x), Storage::Cuda(w)) => {
+                return dev::output(rows * n, |o| {
+                    if cuda::all_bf16(w)? && cuda::all_bf16(x)? {
+                        cuda::matmul_bt_bf16(x, w, rows, k, n, o)
+                    } else {
+                        cuda::matmul_bt(x, w, rows, k, n, o)
+                    }
+                })
+            }
             #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
             _ => return Tensor::via_host(self.device(), || self.host_copy().matmul_bt(&w.host_copy(), rows, k, n)),
         }
