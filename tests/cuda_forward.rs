@@ -525,6 +525,35 @@ fn log_softmax_nll_matches_cpu() {
     table.note("NaN logit", "NaN on the GPU (the CPU's exp_nonpositive maps NaN to e^-87)");
 }
 
+/// `Tensor::norm` on the device for every norm a family uses (RMSNorm, Gemma's offset RMSNorm,
+/// LayerNorm with and without bias, Nemotron's LayerNorm1P), f32 and bf16 arithmetic: as the
+/// CPU's, bit for bit.
+#[test]
+fn every_norm_kind_runs_on_the_device() {
+    if !have_gpu() {
+        return;
+    }
+    use rq_min::compute::{take_device_error, Compute, Device, NormKind, Tensor};
+    let mut rng = Rng(0x5EED_000C);
+    let (rows, cols) = (7, 96);
+    let x = normals(&mut rng, rows * cols, 3.0);
+    let w = normals(&mut rng, cols, 0.5);
+    let b = normals(&mut rng, cols, 0.1);
+    for (layer_norm, offset, bias) in [(false, false, false), (false, true, false), (true, false, false), (true, false, true), (true, true, true)] {
+        let norm = NormKind { layer_norm, offset, eps: 1e-5 };
+        for c in [Compute::F32, Compute::Bf16] {
+            let what = format!("layer_norm {layer_norm} offset {offset} bias {bias} {c:?}");
+            let host_bias = bias.then(|| Tensor::from(b.clone()));
+            let want = Tensor::from(x.clone()).norm(c, norm, &Tensor::from(w.clone()), host_bias.as_ref());
+            let dev_bias = bias.then(|| Tensor::on(b.clone(), Device::Cuda));
+            let got = Tensor::on(x.clone(), Device::Cuda).norm(c, norm, &Tensor::on(w.clone(), Device::Cuda), dev_bias.as_ref());
+            assert_eq!(got.device(), Device::Cuda, "{what}");
+            assert_eq!(got.into_host(), want.into_host(), "{what}");
+        }
+    }
+    take_device_error().unwrap();
+}
+
 // ---- row movement ------------------------------------------------------------------------------------
 
 /// Copies, gathers and the MoE block's weighted scatter-add (cuda/rows.cu, and device-to-device

@@ -16,8 +16,8 @@
 //! themselves reads them with `to_host` or edits them with `map_host`.
 //!
 //! Device tensors (features `cuda` / `cuda-emu`): each operation with a kernel runs it on the
-//! device; the others (bf16 flash attention, LayerNorm with an offset weight, operands on
-//! different backends) go through one host fallback, [`Tensor::via_host`], which downloads the operands, runs the CPU arm and uploads
+//! device; the others (bf16 flash attention, operands on different backends) go through one
+//! host fallback, [`Tensor::via_host`], which downloads the operands, runs the CPU arm and uploads
 //! the result, so their math stays the CPU's. The methods are infallible: the first device
 //! error is kept in a per-thread sticky error (as CUDA keeps one per context), every later
 //! device step is skipped, and the layer loops report it through
@@ -329,19 +329,30 @@ impl Tensor {
         #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
         if let (Storage::Cuda(x), Storage::Cuda(w)) = (&self.storage, &weight.storage) {
             let bf16 = c == Compute::Bf16;
-            match (norm.layer_norm, norm.offset, bias.map(|b| &b.storage)) {
-                (false, _, None) => return dev::output(x.len(), |o| cuda::rms_norm(x, w, norm.eps, norm.offset, bf16, o)),
-                (true, false, None) => {
-                    let mut out = dev::output(x.len(), |o| cuda::layer_norm(x, w, None, norm.eps, o));
-                    out.round(c);
-                    return out;
+            // A bias on the host (never, in practice) takes the fallback below.
+            let device_bias = match bias.map(|b| &b.storage) {
+                None => Some(None),
+                Some(Storage::Cuda(b)) => Some(Some(b)),
+                Some(_) => None,
+            };
+            if let Some(b) = device_bias {
+                if !norm.layer_norm {
+                    return dev::output(x.len(), |o| cuda::rms_norm(x, w, norm.eps, norm.offset, bf16, o));
                 }
-                (true, false, Some(Storage::Cuda(b))) => {
-                    let mut out = dev::output(x.len(), |o| cuda::layer_norm(x, w, Some(b), norm.eps, o));
-                    out.round(c);
-                    return out;
-                }
-                _ => {}
+                // NemotronLayerNorm1P's weight: 1 + weight in the model dtype (Compute::norm).
+                let one_plus = norm.offset.then(|| {
+                    let mut one_plus = Tensor::on(vec![1.0; w.len()], Device::Cuda);
+                    one_plus.add(weight);
+                    one_plus.round(c);
+                    one_plus
+                });
+                let mut out = match one_plus.as_ref().map(|t| &t.storage) {
+                    None => dev::output(x.len(), |o| cuda::layer_norm(x, w, b, norm.eps, o)),
+                    Some(Storage::Cuda(w1)) => dev::output(x.len(), |o| cuda::layer_norm(x, w1, b, norm.eps, o)),
+                    Some(Storage::Cpu(_)) => dev::output(x.len(), |_| Ok(())), // only after a device error
+                };
+                out.round(c);
+                return out;
             }
         }
         #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
