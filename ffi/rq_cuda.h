@@ -52,6 +52,26 @@ int rq_quantize_fp8_bf16(const uint16_t* w_bf16, size_t n, float scale, uint8_t*
 /* ModelOpt's FP8 fake quant, in place: s = 448 / amax, x[i] = float(E4M3(x[i] * s)) * (1 / s). */
 int rq_fake_quant_fp8_f32(float* x, size_t n, float amax);
 
+/* ---- NVFP4 kernels (cuda/quant_nvfp4.cu) ------------------------------------------------
+ * Twins of src/quant/nvfp4.rs, bit-identical to it (tests/cuda_quant.rs). */
+
+/* NVFP4 weight export (nvfp4::quantize_weight_scaled) of w = [out, inp] floats, inp a multiple of
+ * 16 (else cudaErrorInvalidValue): per block of 16, s = amax / (6 * weight_scale_2) (0 -> 1),
+ * out_block_scales[block] = E4M3 of max(s, 2^-9), and the 16 E2M1 codes of w / (f32(scale) *
+ * weight_scale_2) into out_packed (8 bytes, element 2j in the low nibble). out_packed holds
+ * out * inp / 2 bytes, out_block_scales out * inp / 16. */
+int rq_quantize_nvfp4_f32(const float* w, size_t out, size_t inp, float weight_scale_2, uint8_t* out_packed,
+                          uint8_t* out_block_scales);
+
+/* NVFP4 fake quant in place (nvfp4::fake_quant) of x = [rows, cols]: blocks of 16 per row (the
+ * last one may be partial), global scale global_amax / 2688, block scales below 1e-5 become 1. */
+int rq_fake_quant_nvfp4_f32(float* x, size_t rows, size_t cols, float global_amax);
+
+/* out[r * nb + b] = max |x[r, b * block .. (b + 1) * block]| over x = [rows, cols], nb =
+ * ceil(cols / block) blocks per row (the last one may be partial); NaN if any value of the
+ * block is NaN. block == 0 is cudaErrorInvalidValue. */
+int rq_block_amax_f32(const float* x, size_t rows, size_t cols, size_t block, float* out);
+
 /* ---- forward kernels of a decoder layer (cuda/forward.cu) ------------------------------------
  * f32, row-major: activations [rows, cols], Linear weights [out_features, in_features]. Each is
  * the twin of a CPU kernel of src/compute/cpu/ (tests/cuda_forward.rs). In-place kernels
