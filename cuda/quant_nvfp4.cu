@@ -46,10 +46,10 @@ __device__ __forceinline__ unsigned e2m1_index(float a) {
 // that rounds to 0 gets code 8), then the index of |v|.
 __device__ __forceinline__ unsigned e2m1_code(float v) { return (v < 0.0f ? 8u : 0u) | e2m1_index(fabsf(v)); }
 
-// nvfp4::E2M1_VALUES[0..8].
+// nvfp4::E2M1_VALUES[index] for index 0..=7, {0, 0.5, 1, 1.5, 2, 3, 4, 6} (exact; no table in
+// local memory).
 __device__ __forceinline__ float e2m1_magnitude(unsigned index) {
-    constexpr float kValues[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
-    return kValues[index];
+    return index < 4 ? 0.5f * float(index) : index == 7 ? 6.0f : float(index - 2);
 }
 
 // fp8::absmax: fold from 0 with f32::max(m, |x|) (a NaN value is dropped).
