@@ -119,11 +119,13 @@ int rq_activate_f32(float* x, size_t n, int act);
 int rq_rope_f32(float* x, const float* cos_table, const float* sin_table, size_t seq, size_t heads,
                 size_t head_dim, size_t rotary_dim, int bf16);
 
-/* Causal GQA attention, f32 online softmax: q, out [seq, n_heads * head_dim], k, v
- * [seq, n_kv_heads * head_dim]; head_dim <= 256; sliding_window 0 = none, else a query sees
- * itself and the sliding_window - 1 keys before it. */
+/* Causal GQA attention: q, out [seq, n_heads * head_dim], k, v [seq, n_kv_heads * head_dim];
+ * head_dim <= 256; sliding_window 0 = none, else a query sees itself and the sliding_window - 1
+ * keys before it. flash_bf16 0: f32 online softmax (cpu::Attention, flash_bf16 false); 1:
+ * FlashAttention-2's softmax on a bf16 model, probabilities rounded to bf16 in blocks of 128
+ * keys (softmax_visible_flash_bf16). */
 int rq_attention_f32(const float* q, const float* k, const float* v, size_t seq, size_t n_heads,
-                     size_t n_kv_heads, size_t head_dim, size_t sliding_window, float* out);
+                     size_t n_kv_heads, size_t head_dim, size_t sliding_window, int flash_bf16, float* out);
 
 /* acc[c] = max(acc[c], max_r |x[r, c]|) over x = [rows, cols]; acc holds cols amaxes (each
  * >= +0 or NaN); NaN propagates. */

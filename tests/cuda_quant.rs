@@ -97,13 +97,14 @@ fn check_quantize(what: &str, w: &[f32], out: usize, inp: usize, ws2: f32) -> us
         cuda::quantize_nvfp4_device(&wd, out, inp, ws2, &mut packed, &mut scales).unwrap();
         let (packed, scales) = (packed.to_vec().unwrap(), scales.to_vec().unwrap());
         for (b, (&g, &c)) in scales.iter().zip(&want.block_scales).enumerate() {
-            assert_eq!(g, c, "{what} [{out}, {inp}] ws2 {ws2:e}: block scale {b}: gpu {g:#04x}, cpu {c:#04x} (poison {poison:#04x})");
+            assert_eq!(g, c, "{what} [{out}, {inp}] ws2 {ws2:e} poison {poison:#04x}: block scale {b}: gpu {g:#04x}, cpu {c:#04x}");
         }
         for (i, (&g, &c)) in packed.iter().zip(&want.packed).enumerate() {
             let block = &w[i / (BLOCK / 2) * BLOCK..][..BLOCK];
             assert_eq!(
                 g, c,
-                "{what} [{out}, {inp}] ws2 {ws2:e}: packed byte {i} (values {:?}, block {block:?}): gpu {g:#04x}, cpu {c:#04x} (poison {poison:#04x})",
+                "{what} [{out}, {inp}] ws2 {ws2:e} poison {poison:#04x}: packed byte {i} (values {:?}, block {block:?}): \
+                 gpu {g:#04x}, cpu {c:#04x}",
                 &w[2 * i..2 * i + 2]
             );
         }
@@ -156,7 +157,16 @@ fn quantize_rq_tiny_weights_match_cpu() {
     let Some(shared) = common::shared_dir() else { return };
     let ckpt = Checkpoint::open(&shared.join("models/rq-tiny")).unwrap();
     let mut blocks = 0;
-    for proj in ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"] {
+    let projs = [
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    ];
+    for proj in projs {
         let name = format!("model.layers.0.{proj}.weight");
         let t = ckpt.get(&name).unwrap();
         let (out, inp) = (t.shape[0], t.shape[1]);

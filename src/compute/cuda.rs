@@ -507,10 +507,12 @@ pub fn rope(
     })
 }
 
-/// Causal grouped-query attention (`cpu::Attention::forward` with `flash_bf16 = false`): `q`
-/// and `out` are `[seq, n_heads * head_dim]`, `k` and `v` `[seq, n_kv_heads * head_dim]`;
-/// `sliding_window` w: a query sees itself and the w - 1 keys before it. Flash-style: f32
-/// online softmax over key tiles in shared memory, no `seq × seq` buffer. `head_dim <= 256`.
+/// Causal grouped-query attention (`cpu::Attention::forward`): `q` and `out` are
+/// `[seq, n_heads * head_dim]`, `k` and `v` `[seq, n_kv_heads * head_dim]`; `sliding_window` w:
+/// a query sees itself and the w - 1 keys before it. Flash-style, key tiles in shared memory,
+/// no `seq × seq` buffer; `head_dim <= 256`. `flash_bf16` false: f32 online softmax; true:
+/// FlashAttention-2's softmax on a bf16 model (`Attention::flash_bf16`: probabilities rounded
+/// to bf16 in blocks of 128 keys, each computed as the CPU does).
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     q: &DeviceBuffer<f32>,
@@ -521,6 +523,7 @@ pub fn attention(
     n_kv_heads: usize,
     head_dim: usize,
     sliding_window: Option<usize>,
+    flash_bf16: bool,
     out: &mut DeviceBuffer<f32>,
 ) -> Result<()> {
     let kernel = "rq_attention_f32";
@@ -549,6 +552,7 @@ pub fn attention(
             n_kv_heads,
             head_dim,
             sliding_window.unwrap_or(0),
+            c_int::from(flash_bf16),
             out.as_mut_ptr(),
         )
     })
