@@ -341,6 +341,120 @@ __global__ void __launch_bounds__(kRows * 32)
 using attention_128 = decltype(&attention_kernel<128, 32>);
 using attention_256 = decltype(&attention_kernel<256, 16>);
 
+// ---- attention with bf16 probabilities (FlashAttention-2 on a bf16 model) -------------------------
+// The twin of cpu::Attention with flash_bf16 (softmax_visible_flash_bf16 after the unscaled
+// S = Q·Kᵀ): row t's visible keys are cut into blocks of kFlashKeys = 128 (FLASH_BLOCK_KEYS)
+// aligned to multiples of 128, walked from the last block to the first with the running max m_b
+// (max over the visible keys of this block and the later ones, NaN dropped); with m the row's max
+// and c = scale·log2e: p = exp2(fma(s, c, -(m_b·c))), rescale_b = exp2((m_b - m)·c),
+// sum += p·rescale_b in that walk order (keys ascending within a block), and the key's weight is
+// (bf16(p)·rescale_b)·(1/sum). m and sum are needed before the weights, so the blocks are walked
+// three times, each walk recomputing a block's scores into shared memory (sc): walk 0 finds m,
+// walk 1 sums, walk 2 writes the weights and accumulates O = P·V, per output dim an FMA chain over
+// keys ascending within a block. The CPU's P·V chain runs over all keys ascending: identical for
+// rows that see one block, a different summation order (f32 rounding) for rows that see more.
+// Layout as attention_kernel: a warp per query row, K / V tiles of kKeys keys (dividing 128).
+constexpr int kFlashKeys = 128;
+
+template <int kMaxHd, int kKeys>
+__global__ void __launch_bounds__(kRows * 32)
+    attention_flash_bf16_kernel(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
+                                int seq, int n_heads, int n_kv_heads, int hd, int window, float c,
+                                float* __restrict__ out) {
+    static_assert(kFlashKeys % kKeys == 0, "a key tile lies in one 128-key block");
+    __shared__ float qs[kRows][kMaxHd];
+    __shared__ float ks[kKeys][kMaxHd + 1];  // +1: lane j reads row j, rows on distinct banks
+    __shared__ float vs[kKeys][kMaxHd];
+    __shared__ float sc[kRows][kFlashKeys];  // a block's scores, then p·rescale_b or the weights
+    constexpr int kDims = kMaxHd / 32;
+    const int head = blockIdx.y, g = head / (n_heads / n_kv_heads);
+    const int q_width = n_heads * hd, kv_width = n_kv_heads * hd;
+    const int lane = threadIdx.x % 32, r = threadIdx.x / 32;
+    const int t0 = blockIdx.x * kRows, t = t0 + r;
+    const bool active = t < seq;
+    auto first = [&](int row) { return window > 0 && row + 1 > window ? row + 1 - window : 0; };
+    for (int d = lane; d < hd; d += 32) qs[r][d] = active ? q[size_t(t) * q_width + head * hd + d] : 0.0f;
+    const int t_last = t0 + kRows - 1 < seq - 1 ? t0 + kRows - 1 : seq - 1;
+    const int lo = first(t0), tile_lo = lo / kKeys * kKeys;
+    // Row t sees keys row_first..row_last (none for a row past the sequence).
+    const int row_first = active ? first(t) : 1, row_last = active ? t : 0;
+    // Loads keys key0..key0 + kKeys - 1 of the kv head's rows of src (0 outside lo..t_last).
+    auto load = [&](const float* src, int key0, float* dst, int dst_stride) {
+        for (int e = threadIdx.x; e < kKeys * hd; e += kRows * 32) {
+            const int j = e / hd, d = e % hd, key = key0 + j;
+            dst[j * dst_stride + d] = key >= lo && key <= t_last ? src[size_t(key) * kv_width + g * hd + d] : 0.0f;
+        }
+    };
+    float m = -INFINITY, inv = 0.0f, sum = 0.0f;
+    float o[kDims];
+    for (int i = 0; i < kDims; ++i) o[i] = 0.0f;
+    for (int walk = 0; walk < 3; ++walk) {
+        float m_run = -INFINITY;
+        for (int b0 = t_last / kFlashKeys * kFlashKeys; b0 + kFlashKeys > lo; b0 -= kFlashKeys) {
+            // Row t's keys in this block: b0 + j_lo ..= b0 + j_hi (none when j_lo > j_hi).
+            const int j_lo = (row_first > b0 ? row_first : b0) - b0;
+            const int j_hi = (row_last < b0 + kFlashKeys - 1 ? row_last : b0 + kFlashKeys - 1) - b0;
+            const int k_begin = tile_lo > b0 ? tile_lo : b0;
+            // Scores of the block (an FMA chain over d, unscaled as the CPU's S = Q·Kᵀ).
+            float block_max = -INFINITY;
+            for (int k0 = k_begin; k0 < b0 + kFlashKeys && k0 <= t_last; k0 += kKeys) {
+                __syncthreads();  // the previous tile (and qs, sc) fully used / written
+                load(k, k0, &ks[0][0], kMaxHd + 1);
+                __syncthreads();
+                const int j = k0 - b0 + lane;
+                if (lane < kKeys && j >= j_lo && j <= j_hi) {
+                    float acc = 0.0f;
+                    for (int d = 0; d < hd; ++d) acc = __fmaf_rn(qs[r][d], ks[lane][d], acc);
+                    sc[r][j] = acc;
+                    block_max = fmaxf(block_max, acc);  // fmaxf drops NaN, as f32::max
+                }
+            }
+            for (int off = 16; off > 0; off /= 2) block_max = fmaxf(block_max, __shfl_xor_sync(kFull, block_max, off));
+            __syncwarp();  // sc[r] written by every lane
+            const float m_b = fmaxf(m_run, block_max);
+            m_run = m_b;
+            if (walk == 0) continue;
+            const float max_scaled = __fmul_rn(m_b, c);
+            const float rescale = exp2f(__fmul_rn(__fadd_rn(m_b, -m), c));
+            for (int j = j_lo + lane; j <= j_hi; j += 32) {
+                const float p = exp2f(__fmaf_rn(sc[r][j], c, -max_scaled));
+                sc[r][j] = walk == 1 ? __fmul_rn(p, rescale) : __fmul_rn(__fmul_rn(bf16_round(p), rescale), inv);
+            }
+            __syncwarp();
+            if (walk == 1) {
+                for (int j = j_lo; j <= j_hi; ++j) sum = __fadd_rn(sum, sc[r][j]);  // every lane, in key order
+                continue;
+            }
+            // O += P·V over the block's V tiles; only the keys row t sees.
+            for (int k0 = k_begin; k0 < b0 + kFlashKeys && k0 <= t_last; k0 += kKeys) {
+                __syncthreads();
+                load(v, k0, &vs[0][0], kMaxHd);
+                __syncthreads();
+                const int jj_lo = j_lo - (k0 - b0) > 0 ? j_lo - (k0 - b0) : 0;
+                const int jj_end = j_hi - (k0 - b0) + 1 < kKeys ? j_hi - (k0 - b0) + 1 : kKeys;
+                for (int i = 0; i < kDims; ++i) {
+                    const int d = lane + 32 * i;
+                    if (d >= hd) break;
+                    float acc = o[i];
+                    for (int jj = jj_lo; jj < jj_end; ++jj) acc = __fmaf_rn(sc[r][k0 - b0 + jj], vs[jj][d], acc);
+                    o[i] = acc;
+                }
+            }
+        }
+        if (walk == 0) m = m_run;
+        if (walk == 1) inv = __fdiv_rn(1.0f, sum);
+    }
+    if (!active) return;
+    for (int i = 0; i < kDims; ++i) {
+        const int d = lane + 32 * i;
+        if (d >= hd) break;
+        out[size_t(t) * q_width + head * hd + d] = o[i];
+    }
+}
+
+using attention_flash_128 = decltype(&attention_flash_bf16_kernel<128, 32>);
+using attention_flash_256 = decltype(&attention_flash_bf16_kernel<256, 16>);
+
 // ---- per-channel amax: acc[c] = max(acc[c], max_r |x[r, c]|) ------------------------------------
 // |x| as f32 bits: for non-negative floats the unsigned order is the numeric order, and NaN is
 // above +inf, so an unsigned atomicMax propagates NaN (as quant_fp8.cu's absmax).
@@ -454,15 +568,26 @@ extern "C" int rq_rope_f32(float* x, const float* cos_table, const float* sin_ta
 }
 
 extern "C" int rq_attention_f32(const float* q, const float* k, const float* v, size_t seq, size_t n_heads,
-                                size_t n_kv_heads, size_t head_dim, size_t sliding_window, float* out) {
+                                size_t n_kv_heads, size_t head_dim, size_t sliding_window, int flash_bf16, float* out) {
     if (n_kv_heads == 0 || n_heads % n_kv_heads != 0 || head_dim == 0 || head_dim > 256 || n_heads > 65535 ||
-        seq > 0x7FFFFFFFu - kRows || sliding_window > 0x7FFFFFFFu)
+        seq > 0x7FFFFFFFu - kFlashKeys || sliding_window > 0x7FFFFFFFu)
         return cudaErrorInvalidValue;
     if (seq == 0 || n_heads == 0) return cudaSuccess;
     // scale = head_dim ** -0.5 as the CPU computes it: in f64, rounded to f32.
     const float scale = float(pow(double(head_dim), -0.5));
     const dim3 grid(static_cast<unsigned>((seq + kRows - 1) / kRows), static_cast<unsigned>(n_heads));
-    if (head_dim <= 128) {
+    if (flash_bf16) {
+        const float c = scale * 1.44269504088896340736f;  // scale * f32 LOG2_E
+        if (head_dim <= 128) {
+            attention_flash_128 kernel = attention_flash_bf16_kernel<128, 32>;
+            RQ_LAUNCH(kernel, grid, kRows * 32, 0, 0)
+            (q, k, v, int(seq), int(n_heads), int(n_kv_heads), int(head_dim), int(sliding_window), c, out);
+        } else {
+            attention_flash_256 kernel = attention_flash_bf16_kernel<256, 16>;
+            RQ_LAUNCH(kernel, grid, kRows * 32, 0, 0)
+            (q, k, v, int(seq), int(n_heads), int(n_kv_heads), int(head_dim), int(sliding_window), c, out);
+        }
+    } else if (head_dim <= 128) {
         attention_128 kernel = attention_kernel<128, 32>;
         RQ_LAUNCH(kernel, grid, kRows * 32, 0, 0)
         (q, k, v, int(seq), int(n_heads), int(n_kv_heads), int(head_dim), int(sliding_window), scale, out);

@@ -53,6 +53,26 @@ int rq_quantize_fp8_bf16(const uint16_t* w_bf16, size_t n, float scale, uint8_t*
 /* ModelOpt's FP8 fake quant, in place: s = 448 / amax, x[i] = float(E4M3(x[i] * s)) * (1 / s). */
 int rq_fake_quant_fp8_f32(float* x, size_t n, float amax);
 
+/* ---- NVFP4 kernels (cuda/quant_nvfp4.cu) ------------------------------------------------
+ * Twins of src/quant/nvfp4.rs, bit-identical to it (tests/cuda_quant.rs). */
+
+/* NVFP4 weight export (nvfp4::quantize_weight_scaled) of w = [out, inp] floats, inp a multiple of
+ * 16 (else cudaErrorInvalidValue): per block of 16, s = amax / (6 * weight_scale_2) (0 -> 1),
+ * out_block_scales[block] = E4M3 of max(s, 2^-9), and the 16 E2M1 codes of w / (f32(scale) *
+ * weight_scale_2) into out_packed (8 bytes, element 2j in the low nibble). out_packed holds
+ * out * inp / 2 bytes, out_block_scales out * inp / 16. */
+int rq_quantize_nvfp4_f32(const float* w, size_t out, size_t inp, float weight_scale_2, uint8_t* out_packed,
+                          uint8_t* out_block_scales);
+
+/* NVFP4 fake quant in place (nvfp4::fake_quant) of x = [rows, cols]: blocks of 16 per row (the
+ * last one may be partial), global scale global_amax / 2688, block scales below 1e-5 become 1. */
+int rq_fake_quant_nvfp4_f32(float* x, size_t rows, size_t cols, float global_amax);
+
+/* out[r * nb + b] = max |x[r, b * block .. (b + 1) * block]| over x = [rows, cols], nb =
+ * ceil(cols / block) blocks per row (the last one may be partial); NaN if any value of the
+ * block is NaN. block == 0 is cudaErrorInvalidValue. */
+int rq_block_amax_f32(const float* x, size_t rows, size_t cols, size_t block, float* out);
+
 /* ---- forward kernels of a decoder layer (cuda/forward.cu) ------------------------------------
  * f32, row-major: activations [rows, cols], Linear weights [out_features, in_features]. Each is
  * the twin of a CPU kernel of src/compute/cpu/ (tests/cuda_forward.rs). In-place kernels
@@ -100,11 +120,13 @@ int rq_activate_f32(float* x, size_t n, int act);
 int rq_rope_f32(float* x, const float* cos_table, const float* sin_table, size_t seq, size_t heads,
                 size_t head_dim, size_t rotary_dim, int bf16);
 
-/* Causal GQA attention, f32 online softmax: q, out [seq, n_heads * head_dim], k, v
- * [seq, n_kv_heads * head_dim]; head_dim <= 256; sliding_window 0 = none, else a query sees
- * itself and the sliding_window - 1 keys before it. */
+/* Causal GQA attention: q, out [seq, n_heads * head_dim], k, v [seq, n_kv_heads * head_dim];
+ * head_dim <= 256; sliding_window 0 = none, else a query sees itself and the sliding_window - 1
+ * keys before it. flash_bf16 0: f32 online softmax (cpu::Attention, flash_bf16 false); 1:
+ * FlashAttention-2's softmax on a bf16 model, probabilities rounded to bf16 in blocks of 128
+ * keys (softmax_visible_flash_bf16). */
 int rq_attention_f32(const float* q, const float* k, const float* v, size_t seq, size_t n_heads,
-                     size_t n_kv_heads, size_t head_dim, size_t sliding_window, float* out);
+                     size_t n_kv_heads, size_t head_dim, size_t sliding_window, int flash_bf16, float* out);
 
 /* acc[c] = max(acc[c], max_r |x[r, c]|) over x = [rows, cols]; acc holds cols amaxes (each
  * >= +0 or NaN); NaN propagates. */

@@ -375,33 +375,27 @@ fn rope_matches_cpu() {
 
 // ---- attention -------------------------------------------------------------------------------------
 
-#[test]
-fn attention_matches_cpu() {
-    if !have_gpu() {
-        return;
-    }
-    let mut rng = Rng(0x5EED_0007);
-    let mut table = Table::new("attention");
-    // (seq, n_heads, n_kv_heads, head_dim, sliding_window): one row, GQA groups, a query tile
-    // (8 rows) and key tiles (32 or 16 keys) that the sequence does not fill, odd head_dim,
-    // head_dim > 128 (the 16-key kernel), windows of 1 and of more than the sequence.
-    let shapes = [
-        (1, 1, 1, 8, None),
-        (3, 2, 2, 5, None),
-        (5, 4, 1, 16, Some(2)),
-        (37, 4, 2, 64, None),
-        (37, 4, 2, 64, Some(5)),
-        (40, 2, 1, 160, Some(17)),
-        (33, 3, 3, 32, Some(1)),
-        (20, 2, 1, 24, Some(100)),
-        (130, 4, 2, 128, None),
-        (130, 2, 2, 128, Some(50)),
-    ];
-    for &(seq, nh, nkv, hd, window) in &shapes {
-        let q = normals(&mut rng, seq * nh * hd, 1.5);
-        let k = normals(&mut rng, seq * nkv * hd, 1.5);
-        let v = normals(&mut rng, seq * nkv * hd, 1.0);
-        let attn = Attention { n_heads: nh, n_kv_heads: nkv, head_dim: hd, sliding_window: window, flash_bf16: false };
+/// (seq, n_heads, n_kv_heads, head_dim, sliding_window)
+type AttentionShape = (usize, usize, usize, usize, Option<usize>);
+
+/// The device attention against `cpu::Attention::forward` (the same `flash_bf16`) on random
+/// data of each shape, without NaN and with a NaN in q, k or v; `bound(seq)` is the error bound
+/// relative to max |v| of the output's column. Returns (outputs, outputs bit-identical to the
+/// CPU's, outputs of rows whose visible keys lie in one 128-key block and that differ).
+fn attention_cases(
+    table: &mut Table,
+    rng: &mut Rng,
+    shapes: &[AttentionShape],
+    flash_bf16: bool,
+    bound: impl Fn(usize) -> (f64, &'static str),
+) -> (usize, usize, usize) {
+    let (mut total, mut equal, mut one_block_differ) = (0, 0, 0);
+    for &(seq, nh, nkv, hd, window) in shapes {
+        let q = normals(rng, seq * nh * hd, 1.5);
+        let k = normals(rng, seq * nkv * hd, 1.5);
+        let v = normals(rng, seq * nkv * hd, 1.0);
+        let attn = Attention { n_heads: nh, n_kv_heads: nkv, head_dim: hd, sliding_window: window, flash_bf16 };
+        let first = |row: usize| window.map_or(0, |w| (row + 1).saturating_sub(w));
         for nan in [None, Some('q'), Some('k'), Some('v')] {
             let (mut q, mut k, mut v) = (q.clone(), k.clone(), v.clone());
             // A NaN in the middle of the sequence, head 0 / kv head 0, dim 1 % hd.
@@ -424,8 +418,7 @@ fn attention_matches_cpu() {
             attn.forward(&q, &k, &v_cpu, seq, &mut want);
             if nan == Some('v') {
                 for row in 0..seq {
-                    let first = window.map_or(0, |w| (row + 1).saturating_sub(w));
-                    if first <= t && t <= row {
+                    if first(row) <= t && t <= row {
                         for h in 0..nh / nkv {
                             want[row * nh * hd + h * hd + 1 % hd] = f32::NAN;
                         }
@@ -433,10 +426,9 @@ fn attention_matches_cpu() {
                 }
             }
             let mut out = poisoned(q.len());
-            cuda::attention(&dev(&q), &dev(&k), &dev(&v), seq, nh, nkv, hd, window, &mut out).unwrap();
+            cuda::attention(&dev(&q), &dev(&k), &dev(&v), seq, nh, nkv, hd, window, flash_bf16, &mut out).unwrap();
             // Scale: max |v| of the output's (kv head, dim) column over the sequence (the
-            // output is a convex combination of those values). Online softmax and exp differ
-            // in the last bits, summed over up to seq keys.
+            // output is a convex combination of those values).
             let g_of = |i: usize| (i % (nh * hd)) / hd / (nh / nkv);
             let vmax: Vec<f64> = (0..q.len())
                 .map(|i| {
@@ -444,17 +436,91 @@ fn attention_matches_cpu() {
                     (0..seq).map(|s| f64::from(v[s * nkv * hd + g * hd + d]).abs()).filter(|a| !a.is_nan()).fold(0.0, f64::max)
                 })
                 .collect();
-            let bound = 16.0 * EPS * (seq as f64).sqrt();
             let shape = format!(
                 "seq={seq} heads={nh}/{nkv} hd={hd} window={window:?}{}",
                 nan.map_or(String::new(), |c| format!(" NaN in {c}"))
             );
             let got = out.to_vec().unwrap();
-            table.check(&shape, &got, &want, |i| vmax[i], bound, "max|v| of the column, 16 eps sqrt(seq)");
+            let (bound, what) = bound(seq);
+            table.check(&shape, &got, &want, |i| vmax[i], bound, what);
             if nan.is_some() {
                 assert!(got.iter().any(|x| x.is_nan()), "{shape}: the NaN input vanished");
             }
+            for (i, (&g, &c)) in got.iter().zip(&want).enumerate() {
+                let row = i / (nh * hd);
+                let same = g.to_bits() == c.to_bits() || (g.is_nan() && c.is_nan());
+                total += 1;
+                equal += usize::from(same);
+                one_block_differ += usize::from(!same && first(row) / 128 == row / 128);
+            }
         }
+    }
+    (total, equal, one_block_differ)
+}
+
+#[test]
+fn attention_matches_cpu() {
+    if !have_gpu() {
+        return;
+    }
+    let mut rng = Rng(0x5EED_0007);
+    let mut table = Table::new("attention");
+    // One row, GQA groups, a query tile (8 rows) and key tiles (32 or 16 keys) that the sequence
+    // does not fill, odd head_dim, head_dim > 128 (the 16-key kernel), windows of 1 and of more
+    // than the sequence.
+    let shapes = [
+        (1, 1, 1, 8, None),
+        (3, 2, 2, 5, None),
+        (5, 4, 1, 16, Some(2)),
+        (37, 4, 2, 64, None),
+        (37, 4, 2, 64, Some(5)),
+        (40, 2, 1, 160, Some(17)),
+        (33, 3, 3, 32, Some(1)),
+        (20, 2, 1, 24, Some(100)),
+        (130, 4, 2, 128, None),
+        (130, 2, 2, 128, Some(50)),
+    ];
+    // Online softmax and exp differ in the last bits, summed over up to seq keys.
+    let bound = |seq: usize| (16.0 * EPS * (seq as f64).sqrt(), "max|v| of the column, 16 eps sqrt(seq)");
+    attention_cases(&mut table, &mut rng, &shapes, false, bound);
+}
+
+/// FlashAttention-2's softmax on a bf16 model (`flash_bf16`): the probabilities of each 128-key
+/// block rounded to bf16. On a GPU, exp2f may differ from the CPU's by an ulp and flip a bf16
+/// rounding: bound one bf16 ulp of max |v|. Under the emulator exp2f is the CPU's, every
+/// probability is the CPU's, and only the order of the P·V sums differs for rows that see more
+/// than one block: the f32 bound, and rows within one block bit-identical.
+#[test]
+fn attention_flash_bf16_matches_cpu() {
+    if !have_gpu() {
+        return;
+    }
+    let mut rng = Rng(0x5EED_000B);
+    let mut table = Table::new("attention flash_bf16");
+    // Several 128-key blocks (seq > 128), windows that start blocks mid-way, GQA, odd head_dim,
+    // head_dim > 128 (16-key tiles), a window of 1, one row.
+    let shapes = [
+        (1, 1, 1, 8, None),
+        (37, 4, 2, 64, None),
+        (200, 4, 2, 64, None),
+        (300, 6, 2, 33, Some(150)),
+        (260, 2, 1, 160, Some(100)),
+        (129, 2, 2, 128, Some(1)),
+        (300, 4, 1, 16, Some(200)),
+    ];
+    let emu = cfg!(feature = "cuda-emu");
+    let bound = |seq: usize| {
+        if emu {
+            (16.0 * EPS * (seq as f64).sqrt(), "max|v| of the column, 16 eps sqrt(seq) (emulator)")
+        } else {
+            (BF16_ULP, "max|v| of the column, 1 bf16 ulp")
+        }
+    };
+    let (total, equal, one_block_differ) = attention_cases(&mut table, &mut rng, &shapes, true, bound);
+    let share = 100.0 * equal as f64 / total as f64;
+    table.note("all shapes", &format!("{equal} of {total} outputs bit-identical ({share:.1}%)"));
+    if emu {
+        assert_eq!(one_block_differ, 0, "outputs of rows that see one 128-key block differ from the CPU's");
     }
 }
 
@@ -637,8 +703,8 @@ fn wrong_shapes_are_usage_errors() {
     assert!(cuda::matmul_bt(&a, &b, 3, 2, 3, &mut out).is_err(), "w is not 3x2");
     assert!(cuda::matmul_bt(&a, &b, 3, 2, 2, &mut out).is_ok(), "3x2 · (2x2)ᵀ");
     let mut out4 = poisoned(4);
-    assert!(cuda::attention(&b, &b, &b, 2, 2, 1, 1, Some(0), &mut out4).is_err(), "a window of 0");
-    assert!(cuda::attention(&b, &b, &b, 1, 3, 2, 1, None, &mut out4).is_err(), "3 heads over 2 kv heads");
+    assert!(cuda::attention(&b, &b, &b, 2, 2, 1, 1, Some(0), false, &mut out4).is_err(), "a window of 0");
+    assert!(cuda::attention(&b, &b, &b, 1, 3, 2, 1, None, true, &mut out4).is_err(), "3 heads over 2 kv heads");
     let mut x = dev(&[0f32; 4]);
     assert!(cuda::rope(&mut x, &a, &a, 1, 1, 4, 3, false).is_err(), "odd rotary_dim");
     assert!(cuda::rope(&mut x, &a, &a, 4, 1, 1, 0, false).is_ok(), "nothing rotates");

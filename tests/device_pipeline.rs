@@ -1,8 +1,9 @@
 //! `--device cuda` end to end against `--device cpu`: quantize (fp8, nvfp4, int8_sq, fp8 + FP8
 //! KV cache) and perplexity: the f32 Llama of tests/fixtures/families-llama (no tokenizer:
 //! calibration ids from a file, ids for the eval windows), the bf16 stories260K (its tokenizer;
-//! bf16 calibration), every family of shared/reference/families the CPU path supports, and
-//! rq-tiny with 4 x 64 calibration tokens (the last two need ../shared).
+//! bf16 calibration, with FlashAttention-2's bf16 softmax), every family of
+//! shared/reference/families the CPU path supports, and rq-tiny with 4 x 64 calibration tokens
+//! (the last two need ../shared).
 //!
 //! What must agree: every exported tensor byte for byte, except the activation and KV-cache
 //! scales (`input_scale`, `k_scale`, `v_scale`), which come from device statistics and may be
@@ -14,7 +15,11 @@
 //! differs from the CPU's in the last ulps, so after the first attention of an f32 model the
 //! statistics, hence `pre_quant_scale`, the smoothed weight's `weight_scale` and a few INT8
 //! codes, can differ: those are held to one bf16 step (scales) and one code (weights). With
-//! bf16 compute (stories260K) attention runs on the host and everything is byte-identical.
+//! bf16 compute (stories260K) the device's attention rounds the probabilities to bf16 as the
+//! CPU's `flash_bf16` softmax does, from the same f32 values where exp2f is the CPU's: under the
+//! emulator every stories260K export is byte-identical (its calibration rows see one 128-key
+//! block); on a GPU exp2f may differ in an ulp and flip a bf16 rounding, so the same tolerances
+//! hold for bf16 models.
 //!
 //! Under the host emulator (feature `cuda-emu`) this runs the real kernels; with feature
 //! `cuda` and no driver or GPU each test prints "skipped: <reason>" and passes.

@@ -1,6 +1,7 @@
 //! CUDA path (feature `cuda`): a safe wrapper over the kernels of `cuda/*.cu`, whose C ABI is
 //! `ffi/rq_cuda.h`. The FP8 kernels are twins of CPU code in [`crate::numerics`] and give
-//! bit-identical results (`tests/cuda.rs`); the forward kernels of a decoder layer (norms,
+//! bit-identical results (`tests/cuda.rs`), as do the NVFP4 kernels, twins of `quant::nvfp4`
+//! (`tests/cuda_quant.rs`); the forward kernels of a decoder layer (norms,
 //! matmul, RoPE, attention, activations, statistics) are twins of [`crate::compute::cpu`]
 //! (`tests/cuda_forward.rs`, with each kernel's error bound); [`matmul_bt_bf16`] is a
 //! tensor-core GEMM on bf16 operands (`tests/cuda_gemm.rs`).
@@ -288,6 +289,72 @@ pub fn fake_quant_fp8(x: &mut [f32], amax: f32) -> Result<()> {
     in_kernel(kernel, n, dev.copy_to_slice(x))
 }
 
+// ---- NVFP4 kernels (cuda/quant_nvfp4.cu) -----------------------------------------------------
+//
+// Twins of `quant::nvfp4`, bit-identical to it (tests/cuda_quant.rs). Shapes are checked as for
+// the forward kernels below (an `Error::Usage` naming the kernel, never a launch on a wrong shape).
+
+/// Values per NVFP4 block (`quant::nvfp4::BLOCK`).
+const NVFP4_BLOCK: usize = 16;
+
+/// NVFP4 weight export of `w` = `[out, inp]` (`quant::nvfp4::quantize_weight_scaled` for this
+/// `weight_scale_2`): `packed` gets the `out × inp/2` bytes of E2M1 codes (element 2j in the low
+/// nibble), `block_scales` the `out × inp/16` E4M3 block scales. `inp` must be a multiple of 16.
+pub fn quantize_nvfp4_device(
+    w: &DeviceBuffer<f32>,
+    out: usize,
+    inp: usize,
+    weight_scale_2: f32,
+    packed: &mut DeviceBuffer<u8>,
+    block_scales: &mut DeviceBuffer<u8>,
+) -> Result<()> {
+    let kernel = "rq_quantize_nvfp4_f32";
+    if !inp.is_multiple_of(NVFP4_BLOCK) {
+        return Err(Error::Usage(format!(
+            "{kernel}: shape [{out}, {inp}]: the input dimension {inp} is not a multiple of the NVFP4 block size {NVFP4_BLOCK}"
+        )));
+    }
+    check_shape(kernel, "w", w.len, out.checked_mul(inp))?;
+    check_shape(kernel, "packed", packed.len, Some(w.len / 2))?;
+    check_shape(kernel, "block_scales", block_scales.len, Some(w.len / NVFP4_BLOCK))?;
+    // SAFETY: w holds out*inp floats, packed out*inp/2 bytes, block_scales out*inp/16, all device memory.
+    launched(kernel, w.len, unsafe {
+        ffi::rq_quantize_nvfp4_f32(w.as_ptr(), out, inp, weight_scale_2, packed.as_mut_ptr(), block_scales.as_mut_ptr())
+    })
+}
+
+/// NVFP4 fake quant in place of `x` = `[rows, cols]` (`quant::nvfp4::fake_quant`): blocks of 16
+/// along each row, the last one possibly partial.
+pub fn fake_quant_nvfp4_device(x: &mut DeviceBuffer<f32>, cols: usize, global_amax: f32) -> Result<()> {
+    let kernel = "rq_fake_quant_nvfp4_f32";
+    let rows = rows_of(kernel, x.len, cols)?;
+    // SAFETY: x holds rows*cols floats of device memory.
+    launched(kernel, x.len, unsafe { ffi::rq_fake_quant_nvfp4_f32(x.as_mut_ptr(), rows, cols, global_amax) })
+}
+
+/// `out[r · nb + b]` = max |x| over block b of row r of `x` = `[rows, cols]`, blocks of `block`
+/// values (the last of a row may be partial, nb = ceil(cols / block)). NaN propagates.
+pub fn block_amax_device(x: &DeviceBuffer<f32>, cols: usize, block: usize, out: &mut DeviceBuffer<f32>) -> Result<()> {
+    let kernel = "rq_block_amax_f32";
+    if block == 0 {
+        return Err(Error::Usage(format!("{kernel}: blocks of 0 values")));
+    }
+    let rows = rows_of(kernel, x.len, cols)?;
+    check_shape(kernel, "out", out.len, Some(rows * cols.div_ceil(block)))?;
+    // SAFETY: x holds rows*cols floats, out rows*nb, device memory.
+    launched(kernel, x.len, unsafe { ffi::rq_block_amax_f32(x.as_ptr(), rows, cols, block, out.as_mut_ptr()) })
+}
+
+/// NVFP4 codes and block scales of host weights on the GPU; see [`quantize_nvfp4_device`].
+pub fn quantize_nvfp4(w: &[f32], out: usize, inp: usize, weight_scale_2: f32) -> Result<(Vec<u8>, Vec<u8>)> {
+    let (kernel, n) = ("rq_quantize_nvfp4_f32", w.len());
+    let w = in_kernel(kernel, n, DeviceBuffer::from_slice(w))?;
+    let mut packed = in_kernel(kernel, n, DeviceBuffer::alloc(n / 2))?;
+    let mut block_scales = in_kernel(kernel, n, DeviceBuffer::alloc(n / NVFP4_BLOCK))?;
+    quantize_nvfp4_device(&w, out, inp, weight_scale_2, &mut packed, &mut block_scales)?;
+    Ok((in_kernel(kernel, n, packed.to_vec())?, in_kernel(kernel, n, block_scales.to_vec())?))
+}
+
 // ---- forward kernels of a decoder layer (cuda/forward.cu) -------------------------------------
 //
 // Each function checks the lengths of its buffers against the shape it is given (an
@@ -491,10 +558,12 @@ pub fn rope(
     })
 }
 
-/// Causal grouped-query attention (`cpu::Attention::forward` with `flash_bf16 = false`): `q`
-/// and `out` are `[seq, n_heads * head_dim]`, `k` and `v` `[seq, n_kv_heads * head_dim]`;
-/// `sliding_window` w: a query sees itself and the w - 1 keys before it. Flash-style: f32
-/// online softmax over key tiles in shared memory, no `seq × seq` buffer. `head_dim <= 256`.
+/// Causal grouped-query attention (`cpu::Attention::forward`): `q` and `out` are
+/// `[seq, n_heads * head_dim]`, `k` and `v` `[seq, n_kv_heads * head_dim]`; `sliding_window` w:
+/// a query sees itself and the w - 1 keys before it. Flash-style, key tiles in shared memory,
+/// no `seq × seq` buffer; `head_dim <= 256`. `flash_bf16` false: f32 online softmax; true:
+/// FlashAttention-2's softmax on a bf16 model (`Attention::flash_bf16`: probabilities rounded
+/// to bf16 in blocks of 128 keys, each computed as the CPU does).
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     q: &DeviceBuffer<f32>,
@@ -505,6 +574,7 @@ pub fn attention(
     n_kv_heads: usize,
     head_dim: usize,
     sliding_window: Option<usize>,
+    flash_bf16: bool,
     out: &mut DeviceBuffer<f32>,
 ) -> Result<()> {
     let kernel = "rq_attention_f32";
@@ -533,6 +603,7 @@ pub fn attention(
             n_kv_heads,
             head_dim,
             sliding_window.unwrap_or(0),
+            c_int::from(flash_bf16),
             out.as_mut_ptr(),
         )
     })

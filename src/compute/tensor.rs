@@ -16,13 +16,13 @@
 //! themselves reads them with `to_host` or edits them with `map_host`.
 //!
 //! Device tensors (features `cuda` / `cuda-emu`): each operation with a kernel runs it on the
-//! device; the others (bf16 flash attention, operands on different backends) go through one
-//! host fallback, [`Tensor::via_host`], which downloads the operands, runs the CPU arm and uploads
-//! the result, so their math stays the CPU's. The methods are infallible: the first device
-//! error is kept in a per-thread sticky error (as CUDA keeps one per context), every later
-//! device step is skipped, and the layer loops report it through
-//! [`crate::compute::take_device_error`]. After an error, downloads read zeros and new tensors
-//! stay on the host, so shapes stay consistent and nothing panics before it is reported.
+//! device; the others (operands on different backends) go through one host fallback,
+//! [`Tensor::via_host`], which downloads the operands, runs the CPU arm and uploads the result,
+//! so their math stays the CPU's. The methods are infallible: the first device error is kept in
+//! a per-thread sticky error (as CUDA keeps one per context), every later device step is
+//! skipped, and the layer loops report it through [`crate::compute::take_device_error`]. After
+//! an error, downloads read zeros and new tensors stay on the host, so shapes stay consistent
+//! and nothing panics before it is reported.
 
 use crate::compute::arith::{act_fn, Activation, Compute, NormKind};
 use crate::compute::cpu::{self, Attention};
@@ -393,10 +393,10 @@ impl Tensor {
         match (&q.storage, &k.storage, &v.storage) {
             (Storage::Cpu(_), Storage::Cpu(_), Storage::Cpu(_)) => {}
             #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
-            (Storage::Cuda(qb), Storage::Cuda(kb), Storage::Cuda(vb)) if !attention.flash_bf16 => {
+            (Storage::Cuda(qb), Storage::Cuda(kb), Storage::Cuda(vb)) => {
                 let a = attention;
                 return dev::output(qb.len(), |o| {
-                    cuda::attention(qb, kb, vb, seq, a.n_heads, a.n_kv_heads, a.head_dim, a.sliding_window, o)
+                    cuda::attention(qb, kb, vb, seq, a.n_heads, a.n_kv_heads, a.head_dim, a.sliding_window, a.flash_bf16, o)
                 });
             }
             #[cfg(any(feature = "cuda", feature = "cuda-emu"))]

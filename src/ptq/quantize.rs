@@ -18,7 +18,7 @@ use crate::export::unified::Output;
 use crate::model::config::{row_fold, RowFold};
 use crate::model::{module_of, Hooks, LayerModule, Layer, LinearKind, Model, LLAMA_MODULES};
 use crate::compute::cpu as ops;
-use crate::compute::{Rope, Tensor};
+use crate::compute::{Device, Rope, Tensor};
 use crate::ptq::progress::Progress;
 use crate::quant::awq::{self, ActMean, LiteSearch};
 use crate::quant::{fp8, int, nvfp4, smoothquant, ActKind, Exclusions, QFormat, WeightKind, INT4_GROUP};
@@ -334,7 +334,7 @@ fn quantize_lm_head(model: &Model, hidden: &[Tensor], format: QFormat, dtype: Dt
         input_amax: amax,
         weight_amax: None,
     };
-    for (name, dt, shape, data) in export_linear(&lin, dtype, fp8::absmax(&lin.weight), false)? {
+    for (name, dt, shape, data) in export_linear(&lin, dtype, fp8::absmax(&lin.weight), false, model.device)? {
         out.add(&name, dt, &shape, data)?;
     }
     Ok(())
@@ -592,7 +592,7 @@ fn emit_layer(
     }
     for lin in &linears {
         let wamax = lin.weight_amax.unwrap_or_else(|| fp8::absmax(&lin.weight));
-        for (name, dt, shape, data) in export_linear(lin, dtype, wamax, opts.compressed_tensors)? {
+        for (name, dt, shape, data) in export_linear(lin, dtype, wamax, opts.compressed_tensors, model.device)? {
             add(out, name, dt, &shape, data)?;
         }
     }
@@ -673,8 +673,15 @@ type OutTensor = (String, Dtype, Vec<usize>, Vec<u8>);
 /// shares it: NVFP4 `weight_scale_2`, W4A8's FP8 stage; FP8 `weight_scale` only for the gate
 /// and up of one MoE expert). `compressed_tensors` (that mode): INT4 group scales are rounded to
 /// the model dtype before the codes are computed, and NVFP4's `weight_scale_2` moves by a few
-/// ulps to one whose inverse is exact (export_ct.rs).
-fn export_linear(lin: &Linear, dtype: Dtype, weight_amax: f32, compressed_tensors: bool) -> Result<Vec<OutTensor>> {
+/// ulps to one whose inverse is exact (export_ct.rs). `device`: where NVFP4 weights are
+/// quantized (the codes are the same bytes on both).
+fn export_linear(
+    lin: &Linear,
+    dtype: Dtype,
+    weight_amax: f32,
+    compressed_tensors: bool,
+    device: Device,
+) -> Result<Vec<OutTensor>> {
     let (m, format) = (&lin.module, lin.format);
     let [o, i] = lin.shape;
     let w = &lin.weight;
@@ -710,10 +717,10 @@ fn export_linear(lin: &Linear, dtype: Dtype, weight_amax: f32, compressed_tensor
             if compressed_tensors {
                 ws2 = nvfp4::invertible_scale_2(ws2);
             }
-            let q = nvfp4::quantize_weight_scaled(&name, w, o, i, ws2)?;
-            t.push((name, Dtype::U8, vec![o, i / 2], q.packed));
-            t.push((format!("{m}.weight_scale"), Dtype::F8E4M3, vec![o, i / nvfp4::BLOCK], q.block_scales));
-            t.push(scalar("weight_scale_2", q.weight_scale_2));
+            let (packed, block_scales) = quantize_nvfp4(&name, w, [o, i], ws2, device)?;
+            t.push((name, Dtype::U8, vec![o, i / 2], packed));
+            t.push((format!("{m}.weight_scale"), Dtype::F8E4M3, vec![o, i / nvfp4::BLOCK], block_scales));
+            t.push(scalar("weight_scale_2", ws2));
         }
     }
     match format.act() {
@@ -732,6 +739,18 @@ fn export_linear(lin: &Linear, dtype: Dtype, weight_amax: f32, compressed_tensor
         t.push((format!("{m}.pre_quant_scale"), dtype, vec![i], encode(p, dtype)));
     }
     Ok(t)
+}
+
+/// NVFP4 codes and block scales of the weight `name` (`nvfp4::quantize_weight_scaled`), on
+/// `device`: the CUDA kernel is its bit-identical twin (tests/cuda_quant.rs).
+#[cfg_attr(not(any(feature = "cuda", feature = "cuda-emu")), allow(unused_variables))]
+fn quantize_nvfp4(name: &str, w: &[f32], [o, i]: [usize; 2], ws2: f32, device: Device) -> Result<(Vec<u8>, Vec<u8>)> {
+    #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+    if device == Device::Cuda {
+        return crate::compute::cuda::quantize_nvfp4(w, o, i, ws2).map_err(|e| Error::tensor(name, e.to_string()));
+    }
+    let q = nvfp4::quantize_weight_scaled(name, w, o, i, ws2)?;
+    Ok((q.packed, q.block_scales))
 }
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {

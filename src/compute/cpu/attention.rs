@@ -111,7 +111,7 @@ impl Block<'_> {
             for (r, row) in scores.chunks_exact_mut(n_keys).enumerate() {
                 let t = t0 + r;
                 if a.flash_bf16 {
-                    softmax_visible_flash_bf16(row, first(t) - lo, t - lo, scale);
+                    softmax_visible_flash_bf16(row, lo, first(t) - lo, t - lo, scale);
                 } else {
                     softmax_visible(row, first(t) - lo, t - lo, scale);
                 }
@@ -162,14 +162,16 @@ const FLASH_BLOCK_KEYS: usize = 128;
 /// casts p to bf16 for the P·V product; earlier blocks are rescaled by `exp2((m_old − m)·…)`
 /// when the maximum grows. Here each key's weight is `bf16(p) · rescale / sum`, which is the
 /// same arithmetic up to f32 rounding, so the bf16 activations ModelOpt calibrates on are
-/// reproduced far more often than with an exact softmax.
-fn softmax_visible_flash_bf16(row: &mut [f32], from: usize, to: usize, scale: f32) {
+/// reproduced far more often than with an exact softmax. `row[0]` is key `key0`: the blocks
+/// are aligned to multiples of 128 in absolute key positions, as FlashAttention-2's (with a
+/// sliding window too). cuda/forward.cu's attention_flash_bf16_kernel is the device twin.
+fn softmax_visible_flash_bf16(row: &mut [f32], key0: usize, from: usize, to: usize, scale: f32) {
     let scale_log2 = scale * std::f32::consts::LOG2_E;
     let mut blocks: Vec<(usize, usize, f32)> = Vec::new(); // (start, end, running max after it)
     let mut m = f32::NEG_INFINITY;
     let mut end = to + 1;
     while end > from {
-        let start = ((end - 1) / FLASH_BLOCK_KEYS * FLASH_BLOCK_KEYS).max(from);
+        let start = ((key0 + end - 1) / FLASH_BLOCK_KEYS * FLASH_BLOCK_KEYS).max(key0 + from) - key0;
         m = row[start..end].iter().copied().fold(m, f32::max);
         blocks.push((start, end, m));
         end = start;
