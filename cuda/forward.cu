@@ -256,14 +256,35 @@ __global__ void __launch_bounds__(kThreads)
     }
 }
 
-// ---- attention: causal GQA, flash-style -----------------------------------------------------------
+// ---- attention: causal GQA, the CPU's operation order ----------------------------------------------
+// The twin of cpu::Attention without flash_bf16, bit for bit: S = Q·Kᵀ (an FMA chain over d per
+// score), `*s *= scale`, the row max, e = exp_softmax(s - max) summed in key order, inv = 1 / sum,
+// p = e · inv, then O = P·V (an FMA chain over the keys in order per output).
 // One block per (tile of kRows query rows, head); warp r owns query row t0 + r. Keys are walked
-// in tiles of kKeys through shared memory (K and V of the head's kv head); per tile lane j
-// scores key j (an FMA chain over d, then × scale, as the CPU's S = Q·Kᵀ then `*s *= scale`),
-// and the warp keeps FlashAttention's running max m, running sum l and unnormalized output
-// o (lane holds dims lane, lane + 32, ...), rescaled by exp(m_old - m_new) when m grows.
-// Memory: O(kKeys × head_dim) shared per block, no seq × seq buffer.
+// in tiles of kKeys through shared memory (K and V of the head's kv head), three times: for the
+// row max, for the sum (lane 0 adds the tile's e in key order), and for P·V; each pass
+// recomputes the scores rather than keeping a seq-long row. Memory: O(kKeys × head_dim)
+// shared per block, no seq × seq buffer.
 constexpr int kRows = 8;  // warps per block
+
+// e^x for the softmax's x = s - max <= 0: cpu::exp_nonpositive operation for operation (each
+// op rounded, no contraction), so the device gives the CPU's bits; NaN stays NaN
+// (attention.rs exp_softmax).
+__device__ __forceinline__ float exp_softmax(float x) {
+    if (x != x) return x;
+    x = fmaxf(x, -87.0f);
+    const float n = roundf(__fmul_rn(x, 1.44269504088896340736f));
+    // ln 2 split in two (Cody-Waite), as the CPU.
+    const float r = __fadd_rn(__fadd_rn(x, -__fmul_rn(n, 0.69314575f)), -__fmul_rn(n, 1.4286068e-6f));
+    float p = __fmul_rn(r, 1.0f / 720.0f);
+    p = __fmul_rn(r, __fadd_rn(1.0f / 120.0f, p));
+    p = __fmul_rn(r, __fadd_rn(1.0f / 24.0f, p));
+    p = __fmul_rn(r, __fadd_rn(1.0f / 6.0f, p));
+    p = __fmul_rn(r, __fadd_rn(0.5f, p));
+    p = __fmul_rn(r, __fadd_rn(1.0f, p));
+    p = __fadd_rn(1.0f, p);
+    return __fmul_rn(p, __int_as_float((int(n) + 127) << 23));
+}
 
 template <int kMaxHd, int kKeys>
 __global__ void __launch_bounds__(kRows * 32)
@@ -282,59 +303,72 @@ __global__ void __launch_bounds__(kRows * 32)
     // Keys first(t)..=t are visible from row t (window: the w - 1 keys before it and itself).
     auto first = [&](int row) { return window > 0 && row + 1 > window ? row + 1 - window : 0; };
     for (int d = lane; d < hd; d += 32) qs[r][d] = active ? q[size_t(t) * q_width + head * hd + d] : 0.0f;
-    float o[kDims];
-    for (int i = 0; i < kDims; ++i) o[i] = 0.0f;
-    float m = -INFINITY, l = 0.0f;
     const int t_last = t0 + kRows - 1 < seq - 1 ? t0 + kRows - 1 : seq - 1;
     const int lo = first(t0);
-    for (int k0 = lo; k0 <= t_last; k0 += kKeys) {
+    // Loads the tile of keys k0.. (and their values when `values`) into ks / vs.
+    auto load = [&](int k0, bool values) {
         __syncthreads();  // previous tile fully used (and qs written, the first time)
         for (int e = threadIdx.x; e < kKeys * hd; e += kRows * 32) {
             const int j = e / hd, d = e % hd, key = k0 + j;
             const bool in = key <= t_last;
             ks[j][d] = in ? k[size_t(key) * kv_width + g * hd + d] : 0.0f;
-            vs[j][d] = in ? v[size_t(key) * kv_width + g * hd + d] : 0.0f;
+            if (values) vs[j][d] = in ? v[size_t(key) * kv_width + g * hd + d] : 0.0f;
         }
         __syncthreads();
-        // Score of key k0 + lane (lanes >= kKeys score nothing).
-        const int key = k0 + lane;
-        const bool visible = active && lane < kKeys && key >= first(t) && key <= t;
-        float s = -INFINITY;
-        if (visible) {
-            float acc = 0.0f;
-            for (int d = 0; d < hd; ++d) acc = __fmaf_rn(qs[r][d], ks[lane][d], acc);
-            s = __fmul_rn(acc, scale);
-        }
-        float tile_max = s;
-        for (int off = 16; off > 0; off /= 2) tile_max = fmaxf(tile_max, __shfl_xor_sync(kFull, tile_max, off));
-        const float m_new = fmaxf(m, tile_max);
-        // exp(-inf - -inf) is NaN: a row that saw no finite score yet keeps o = 0, l = 0.
-        const float corr = m == -INFINITY ? 0.0f : expf(__fadd_rn(m, -m_new));
-        const float p = visible ? expf(__fadd_rn(s, -m_new)) : 0.0f;
-        float p_sum = p;
-        for (int off = 16; off > 0; off /= 2) p_sum += __shfl_xor_sync(kFull, p_sum, off);
-        if (lane < kKeys) ps[r][lane] = p;
+    };
+    // Whether row t sees key k0 + lane, and its scaled score (FMA chain over d, then × scale).
+    auto visible = [&](int k0) { return active && lane < kKeys && k0 + lane >= first(t) && k0 + lane <= t; };
+    auto score = [&]() {
+        float acc = 0.0f;
+        for (int d = 0; d < hd; ++d) acc = __fmaf_rn(qs[r][d], ks[lane][d], acc);
+        return __fmul_rn(acc, scale);
+    };
+    // The keys of the tile at k0 row t sees: j_lo..j_end (a masked key's value, NaN or inf,
+    // never reaches the row).
+    auto j_range = [&](int k0, int& j_lo, int& j_end) {
+        j_lo = active && first(t) > k0 ? first(t) - k0 : 0;
+        j_end = !active ? 0 : t - k0 + 1 < kKeys ? t - k0 + 1 : kKeys;
+    };
+
+    float m = -INFINITY;  // pass 1: the row max (fmaxf skips NaN, as f32::max)
+    for (int k0 = lo; k0 <= t_last; k0 += kKeys) {
+        load(k0, false);
+        float s = visible(k0) ? score() : -INFINITY;
+        for (int off = 16; off > 0; off /= 2) s = fmaxf(s, __shfl_xor_sync(kFull, s, off));
+        m = fmaxf(m, s);
+    }
+    float sum = 0.0f;  // pass 2: Σ e in key order (lane 0)
+    for (int k0 = lo; k0 <= t_last; k0 += kKeys) {
+        load(k0, false);
+        if (visible(k0)) ps[r][lane] = exp_softmax(__fadd_rn(score(), -m));
         __syncwarp();
-        l = __fmaf_rn(l, corr, p_sum);
-        // Only the keys row t sees: a masked key's value (NaN, inf) never reaches the row.
-        const int j_lo = active && first(t) > k0 ? first(t) - k0 : 0;
-        const int j_end = !active ? 0 : t - k0 + 1 < kKeys ? t - k0 + 1 : kKeys;
+        int j_lo, j_end;
+        j_range(k0, j_lo, j_end);
+        if (lane == 0)
+            for (int j = j_lo; j < j_end; ++j) sum = __fadd_rn(sum, ps[r][j]);
+        __syncwarp();  // ps[r] read before the next tile overwrites it
+    }
+    const float inv = __fdiv_rn(1.0f, __shfl_sync(kFull, sum, 0));
+    float o[kDims];  // pass 3: O = P·V, p = e · inv
+    for (int i = 0; i < kDims; ++i) o[i] = 0.0f;
+    for (int k0 = lo; k0 <= t_last; k0 += kKeys) {
+        load(k0, true);
+        if (visible(k0)) ps[r][lane] = __fmul_rn(exp_softmax(__fadd_rn(score(), -m)), inv);
+        __syncwarp();
+        int j_lo, j_end;
+        j_range(k0, j_lo, j_end);
         for (int i = 0; i < kDims; ++i) {
             const int d = lane + 32 * i;
             if (d >= hd) break;
-            float acc = __fmul_rn(o[i], corr);
-            for (int j = j_lo; j < j_end; ++j) acc = __fmaf_rn(ps[r][j], vs[j][d], acc);
-            o[i] = acc;
+            for (int j = j_lo; j < j_end; ++j) o[i] = __fmaf_rn(ps[r][j], vs[j][d], o[i]);
         }
-        m = m_new;
-        __syncwarp();  // ps[r] read by every lane before the next tile overwrites it
+        __syncwarp();
     }
     if (!active) return;
-    const float inv = __fdiv_rn(1.0f, l);
     for (int i = 0; i < kDims; ++i) {
         const int d = lane + 32 * i;
         if (d >= hd) break;
-        out[size_t(t) * q_width + head * hd + d] = __fmul_rn(o[i], inv);
+        out[size_t(t) * q_width + head * hd + d] = o[i];
     }
 }
 

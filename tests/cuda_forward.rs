@@ -480,9 +480,9 @@ fn attention_matches_cpu() {
         (130, 4, 2, 128, None),
         (130, 2, 2, 128, Some(50)),
     ];
-    // Online softmax and exp differ in the last bits, summed over up to seq keys.
-    let bound = |seq: usize| (16.0 * EPS * (seq as f64).sqrt(), "max|v| of the column, 16 eps sqrt(seq)");
-    attention_cases(&mut table, &mut rng, &shapes, false, bound);
+    // The kernel repeats the CPU's operations in the CPU's order (exp_nonpositive for exp):
+    // bit-identical, on the emulator and on a GPU.
+    attention_cases(&mut table, &mut rng, &shapes, false, |_| (0.0, "bit-identical"));
 }
 
 /// FlashAttention-2's softmax on a bf16 model (`flash_bf16`): the probabilities of each 128-key
