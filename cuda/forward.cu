@@ -191,6 +191,14 @@ __global__ void __launch_bounds__(kThreads)
         x[i] = __fadd_rn(x[i], bias[i % n]);
 }
 
+// x[i] *= scale[i % n]: SmoothQuant's pre_quant_scale on rows of n (InputQuant::apply).
+__global__ void __launch_bounds__(kThreads)
+    mul_cols_kernel(float* __restrict__ x, const float* __restrict__ scale, size_t total, size_t n) {
+    const size_t stride = size_t(gridDim.x) * blockDim.x;
+    for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride)
+        x[i] = __fmul_rn(x[i], scale[i % n]);
+}
+
 __global__ void __launch_bounds__(kThreads) add_kernel(float* __restrict__ x, const float* __restrict__ y, size_t n) {
     const size_t stride = size_t(gridDim.x) * blockDim.x;
     for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) x[i] = __fadd_rn(x[i], y[i]);
@@ -562,6 +570,12 @@ extern "C" int rq_matmul_bt_naive_f32(const float* x, const float* w, size_t m, 
 extern "C" int rq_add_row_bias_f32(float* x, size_t total, const float* bias, size_t n) {
     if (total == 0 || n == 0) return cudaSuccess;
     RQ_LAUNCH(add_row_bias_kernel, grid_for(total), kThreads, 0, 0)(x, bias, total, n);
+    return cudaGetLastError();
+}
+
+extern "C" int rq_mul_cols_f32(float* x, size_t total, const float* scale, size_t n) {
+    if (total == 0 || n == 0) return cudaSuccess;
+    RQ_LAUNCH(mul_cols_kernel, grid_for(total), kThreads, 0, 0)(x, scale, total, n);
     return cudaGetLastError();
 }
 

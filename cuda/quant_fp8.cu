@@ -81,6 +81,17 @@ __global__ void __launch_bounds__(kThreads)
     }
 }
 
+// quant::int::int8_fake_quant: y = clamp(rint(x · s), -128, 127) / s, s = 127 / amax (the
+// comparisons keep a NaN, as Rust's clamp does).
+__global__ void __launch_bounds__(kThreads) fake_quant_int8_f32_kernel(float* __restrict__ x, size_t n, float s) {
+    const size_t stride = size_t(gridDim.x) * blockDim.x;
+    for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+        float q = rintf(__fmul_rn(x[i], s));
+        q = q < -128.0f ? -128.0f : q > 127.0f ? 127.0f : q;
+        x[i] = __fdiv_rn(q, s);
+    }
+}
+
 }  // namespace
 
 extern "C" int rq_absmax_f32(const float* x, size_t n, float* out_amax) {
@@ -104,5 +115,13 @@ extern "C" int rq_fake_quant_fp8_f32(float* x, size_t n, float amax) {
     const float s = 448.0f / amax;
     const float inv_s = 1.0f / s;
     RQ_LAUNCH(fake_quant_fp8_f32_kernel, grid_for(n), kThreads, 0, 0)(x, n, s, inv_s);
+    return cudaGetLastError();
+}
+
+extern "C" int rq_fake_quant_int8_f32(float* x, size_t n, float amax) {
+    if (n == 0) return cudaSuccess;
+    // amax < 2^-24 (int.rs MIN_AMAX): every value becomes 0 (a NaN amax goes on, as on the CPU).
+    if (amax < 1.0f / 16777216.0f) return cudaMemset(x, 0, n * sizeof(float));
+    RQ_LAUNCH(fake_quant_int8_f32_kernel, grid_for(n), kThreads, 0, 0)(x, n, __fdiv_rn(127.0f, amax));
     return cudaGetLastError();
 }

@@ -53,6 +53,10 @@ int rq_quantize_fp8_bf16(const uint16_t* w_bf16, size_t n, float scale, uint8_t*
 /* ModelOpt's FP8 fake quant, in place: s = 448 / amax, x[i] = float(E4M3(x[i] * s)) * (1 / s). */
 int rq_fake_quant_fp8_f32(float* x, size_t n, float amax);
 
+/* INT8 per-tensor fake quant in place (quant::int::int8_fake_quant): amax < 2^-24 gives zeros;
+ * else s = 127 / amax, x[i] = clamp(rint(x[i] * s), -128, 127) / s. */
+int rq_fake_quant_int8_f32(float* x, size_t n, float amax);
+
 /* ---- NVFP4 kernels (cuda/quant_nvfp4.cu) ------------------------------------------------
  * Twins of src/quant/nvfp4.rs, bit-identical to it (tests/cuda_quant.rs). */
 
@@ -101,6 +105,9 @@ int rq_matmul_bt_naive_f32(const float* x, const float* w, size_t m, size_t k, s
 
 /* x[i] += bias[i % n] over total = rows * n values. */
 int rq_add_row_bias_f32(float* x, size_t total, const float* bias, size_t n);
+
+/* x[i] *= scale[i % n] over total = rows * n values (SmoothQuant's pre_quant_scale). */
+int rq_mul_cols_f32(float* x, size_t total, const float* scale, size_t n);
 
 /* x[i] += y[i]. */
 int rq_add_f32(float* x, const float* y, size_t n);

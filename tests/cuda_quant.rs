@@ -283,3 +283,50 @@ fn wrong_shapes_are_errors() {
     assert!(cuda::block_amax_device(&x, 5, 3, &mut out).is_ok(), "2 rows of 2 blocks");
     assert!(cuda::block_amax_device(&x, 5, 2, &mut out).is_err(), "2 rows of 3 blocks");
 }
+
+/// Activation fake quantization as evaluation applies it (`InputQuant::apply`: SmoothQuant's
+/// `pre_quant_scale`, then FP8 / INT8 / NVFP4 fake quant) on a device tensor, through the
+/// kernels (`rq_mul_cols_f32`, `rq_fake_quant_{fp8,int8,nvfp4}_f32`): bit-identical to the
+/// CPU's formulas, including values beyond amax, NaN, a zero and a NaN amax.
+#[test]
+fn input_quant_on_the_device_matches_cpu() {
+    if !have_gpu() {
+        return;
+    }
+    use rq_min::compute::{take_device_error, Device, Tensor};
+    use rq_min::model::weights::InputQuant;
+    use rq_min::quant::ActKind;
+    let mut rng = Rng(0x5EED_00F0);
+    let (rows, cols) = (9, 80);
+    let mut x = weights(&mut rng, rows * cols, 1.0);
+    x[3] = 40.0; // beyond every amax below: saturates / clamps
+    x[100] = -1e-9; // underflows
+    x[200] = f32::NAN;
+    // Ties of the INT8 rounding at amax 127 (s = 1): rint rounds them to even.
+    x[300..306].copy_from_slice(&[0.5, 1.5, 2.5, -0.5, -2.5, 126.5]);
+    let scale: Vec<f32> = (0..cols).map(|_| rng.uniform(0.25, 4.0)).collect();
+    let mut cases = 0;
+    for act in [ActKind::Fp8, ActKind::Int8, ActKind::Nvfp4] {
+        for amax in [2.5f32, 127.0, 0.0, 1e-30, f32::NAN] {
+            for pre in [None, Some(scale.clone())] {
+                let q = InputQuant { pre_quant_scale: pre.clone(), act: Some((act, amax)) };
+                let mut want = Tensor::from(x.clone());
+                q.apply(&mut want, cols);
+                let mut got = Tensor::on(x.clone(), Device::Cuda);
+                q.apply(&mut got, cols);
+                assert_eq!(got.device(), Device::Cuda);
+                let (want, got) = (want.into_host(), got.into_host());
+                for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+                    assert!(
+                        w.to_bits() == g.to_bits() || (w.is_nan() && g.is_nan()),
+                        "{act:?} amax {amax} pre_quant_scale {}: element {i}: cpu {w} device {g}",
+                        pre.is_some()
+                    );
+                }
+                cases += 1;
+            }
+        }
+    }
+    take_device_error().unwrap();
+    say(&format!("| input quant | {rows}x{cols} | {cases} cases bit-identical (FP8, INT8, NVFP4; amax 2.5, 127, 0, 1e-30, NaN; with and without pre_quant_scale) |"));
+}

@@ -708,3 +708,17 @@ pub fn index_add_weighted(
         )
     })
 }
+
+/// INT8 fake quant of `x` in place (`quant::int::int8_fake_quant`, bit for bit).
+pub fn fake_quant_int8_device(x: &mut DeviceBuffer<f32>, amax: f32) -> Result<()> {
+    // SAFETY: x holds x.len floats of device memory.
+    launched("rq_fake_quant_int8_f32", x.len, unsafe { ffi::rq_fake_quant_int8_f32(x.as_mut_ptr(), x.len, amax) })
+}
+
+/// `x[r, c] *= scale[c]` for `x` = `[_, scale.len()]` (SmoothQuant's `pre_quant_scale`).
+pub fn mul_cols(x: &mut DeviceBuffer<f32>, scale: &DeviceBuffer<f32>) -> Result<()> {
+    let kernel = "rq_mul_cols_f32";
+    rows_of(kernel, x.len, scale.len)?;
+    // SAFETY: x holds a whole number of rows of scale.len floats.
+    launched(kernel, x.len, unsafe { ffi::rq_mul_cols_f32(x.as_mut_ptr(), x.len, scale.as_ptr(), scale.len) })
+}

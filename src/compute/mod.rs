@@ -18,4 +18,4 @@ pub use arith::{act_fn, Activation, Compute, NormKind};
 pub use cpu::Attention;
 pub use rope::{Rope, RopeConfig, RopeScaling};
 pub use device::{take_device_error, Device};
-pub use tensor::Tensor;
+pub use tensor::{DeviceTwin, Tensor};

@@ -32,6 +32,19 @@ use crate::compute::cuda::{self, DeviceBuffer};
 use crate::compute::device::Device;
 use std::borrow::Cow;
 
+/// A transform whose formula belongs to a later stage (quant/), named with the kernel that is
+/// its device twin, for [`Tensor::map_twin`]. Each twin is tested bit-identical to its formula
+/// (tests/cuda.rs, tests/cuda_quant.rs).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum DeviceTwin {
+    /// `quant::fp8::fake_quant(x, amax)` (nothing when amax <= 0).
+    FakeQuantFp8 { amax: f32 },
+    /// `quant::int::int8_fake_quant(x, amax)`.
+    FakeQuantInt8 { amax: f32 },
+    /// `quant::nvfp4::fake_quant(x, cols, global_amax)` on rows of `cols`.
+    FakeQuantNvfp4 { cols: usize, global_amax: f32 },
+}
+
 /// An f32 tensor on one backend.
 #[cfg_attr(not(any(feature = "cuda", feature = "cuda-emu")), derive(Clone, Debug, PartialEq))]
 pub struct Tensor {
@@ -242,6 +255,30 @@ impl Tensor {
                 f(&mut v);
                 dev::step(|| b.copy_from_slice(&v));
             }
+        }
+    }
+
+    /// Applies a formula of a later stage: `host` (the formula) on a host tensor, its device
+    /// twin `twin` on a device tensor, in place.
+    pub fn map_twin(&mut self, twin: DeviceTwin, host: impl FnOnce(&mut [f32])) {
+        match &mut self.storage {
+            Storage::Cpu(x) => host(x),
+            #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+            Storage::Cuda(x) => dev::step(|| match twin {
+                DeviceTwin::FakeQuantFp8 { amax } if amax <= 0.0 => Ok(()),
+                DeviceTwin::FakeQuantFp8 { amax } => cuda::fake_quant_fp8_device(x, amax),
+                DeviceTwin::FakeQuantInt8 { amax } => cuda::fake_quant_int8_device(x, amax),
+                DeviceTwin::FakeQuantNvfp4 { cols, global_amax } => cuda::fake_quant_nvfp4_device(x, cols, global_amax),
+            }),
+        }
+    }
+
+    /// `self[r, c] *= scale[c]` for `self` = `[_, scale.len()]` (SmoothQuant's `pre_quant_scale`).
+    pub fn scale_columns(&mut self, scale: &[f32]) {
+        match &mut self.storage {
+            Storage::Cpu(x) => x.chunks_exact_mut(scale.len()).for_each(|row| row.iter_mut().zip(scale).for_each(|(v, s)| *v *= s)),
+            #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+            Storage::Cuda(x) => dev::step(|| cuda::mul_cols(x, &DeviceBuffer::from_slice(scale)?)),
         }
     }
 

@@ -74,7 +74,7 @@ impl Head {
     pub fn logits(&self, hidden: &Tensor, seq: usize) -> Tensor {
         let mut normed = self.normed(hidden, seq);
         let h = self.hidden_size();
-        normed.map_host(|x| self.input.apply(x, h));
+        self.input.apply(&mut normed, h);
         let mut logits = normed.matmul_bt(&self.lm_head, seq, h, self.vocab_size());
         logits.round(self.compute);
         logits

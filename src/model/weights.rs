@@ -5,6 +5,7 @@
 //! compressed-tensors checkpoints (export_ct.rs) are read too: `weight_packed` INT4 / NVFP4,
 //! per-channel `[out, 1]` INT8 scales, `weight_global_scale` / `input_global_scale` divisors.
 
+use crate::compute::{DeviceTwin, Tensor};
 use crate::error::{Error, Result};
 use crate::io::safetensors::Checkpoint;
 use std::path::Path;
@@ -90,16 +91,17 @@ pub struct InputQuant {
 }
 
 impl InputQuant {
-    pub fn apply(&self, x: &mut [f32], cols: usize) {
+    /// Transforms `x` (`[_, cols]`) where it is: on the device with each formula's kernel twin.
+    pub fn apply(&self, x: &mut Tensor, cols: usize) {
         if let Some(p) = &self.pre_quant_scale {
-            for row in x.chunks_exact_mut(cols) {
-                row.iter_mut().zip(p).for_each(|(v, s)| *v *= s);
-            }
+            x.scale_columns(p);
         }
         match self.act {
-            Some((ActKind::Fp8, amax)) => crate::quant::fp8::fake_quant(x, amax),
-            Some((ActKind::Int8, amax)) => int::int8_fake_quant(x, amax),
-            Some((ActKind::Nvfp4, amax)) => nvfp4::fake_quant(x, cols, amax),
+            Some((ActKind::Fp8, amax)) => x.map_twin(DeviceTwin::FakeQuantFp8 { amax }, |x| crate::quant::fp8::fake_quant(x, amax)),
+            Some((ActKind::Int8, amax)) => x.map_twin(DeviceTwin::FakeQuantInt8 { amax }, |x| int::int8_fake_quant(x, amax)),
+            Some((ActKind::Nvfp4, amax)) => {
+                x.map_twin(DeviceTwin::FakeQuantNvfp4 { cols, global_amax: amax }, |x| nvfp4::fake_quant(x, cols, amax))
+            }
             None => {}
         }
     }

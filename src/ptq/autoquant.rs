@@ -343,9 +343,9 @@ fn score_linear(lin: &Scored, x: &[f32], dy: &[f32], scores: &mut [f64]) {
     ops::matmul_bt(x, lin.w, rows, inp, out, &mut y);
     let mut yq = vec![0f32; rows * out];
     for ((q, input), s) in lin.wq.iter().zip(lin.inputs).zip(scores.iter_mut()) {
-        let mut xq = x.to_vec();
+        let mut xq = Tensor::from(x.to_vec());
         input.apply(&mut xq, inp);
-        ops::matmul_bt(&xq, q, rows, inp, out, &mut yq);
+        ops::matmul_bt(&xq.to_host(), q, rows, inp, out, &mut yq);
         *s += yq.iter().zip(&y).zip(dy).map(|((a, b), g)| (((a - b) * g) as f64).powi(2)).sum::<f64>();
     }
 }

@@ -3,7 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::model::{module_of, Hooks, Layer, LayerModule, LinearKind, Model};
-use crate::compute::{Rope, Tensor};
+use crate::compute::{DeviceTwin, Rope, Tensor};
 use crate::ptq::progress::Progress;
 use crate::quant::fp8;
 use crate::model::weights::{self as read, InputQuant};
@@ -49,7 +49,7 @@ struct EvalHooks {
 impl EvalHooks {
     fn apply(&self, expert: Option<usize>, kind: LinearKind, x: &mut Tensor, cols: usize) {
         if let Some(i) = module_of(&self.modules, expert, kind) {
-            x.map_host(|x| self.inputs[i].apply(x, cols));
+            self.inputs[i].apply(x, cols);
         }
     }
 }
@@ -64,7 +64,7 @@ impl Hooks for EvalHooks {
     fn kv(&mut self, _layer: usize, k: &mut Tensor, v: &mut Tensor) {
         for (t, amax) in [(k, self.kv_amax.0), (v, self.kv_amax.1)] {
             if let Some(a) = amax {
-                t.map_host(|t| fp8::fake_quant(t, a));
+                t.map_twin(DeviceTwin::FakeQuantFp8 { amax: a }, |t| fp8::fake_quant(t, a));
             }
         }
     }
