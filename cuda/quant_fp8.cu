@@ -122,6 +122,6 @@ extern "C" int rq_fake_quant_int8_f32(float* x, size_t n, float amax) {
     if (n == 0) return cudaSuccess;
     // amax < 2^-24 (int.rs MIN_AMAX): every value becomes 0 (a NaN amax goes on, as on the CPU).
     if (amax < 1.0f / 16777216.0f) return cudaMemset(x, 0, n * sizeof(float));
-    RQ_LAUNCH(fake_quant_int8_f32_kernel, grid_for(n), kThreads, 0, 0)(x, n, __fdiv_rn(127.0f, amax));
+    RQ_LAUNCH(fake_quant_int8_f32_kernel, grid_for(n), kThreads, 0, 0)(x, n, 127.0f / amax);
     return cudaGetLastError();
 }

@@ -260,6 +260,7 @@ impl Tensor {
 
     /// Applies a formula of a later stage: `host` (the formula) on a host tensor, its device
     /// twin `twin` on a device tensor, in place.
+    #[cfg_attr(not(any(feature = "cuda", feature = "cuda-emu")), allow(unused_variables))]
     pub fn map_twin(&mut self, twin: DeviceTwin, host: impl FnOnce(&mut [f32])) {
         match &mut self.storage {
             Storage::Cpu(x) => host(x),

@@ -691,7 +691,7 @@ fn export_linear(
     match format.weight() {
         WeightKind::Fp8 => {
             let scale = fp8::scale_from_amax(weight_amax);
-            t.push((name, Dtype::F8E4M3, vec![o, i], fp8::quantize(w, scale, dtype)));
+            t.push((name.clone(), Dtype::F8E4M3, vec![o, i], quantize_fp8(&name, w, scale, dtype, device)?));
             t.push(scalar("weight_scale", scale));
         }
         WeightKind::Int8Rows => {
@@ -739,6 +739,19 @@ fn export_linear(
         t.push((format!("{m}.pre_quant_scale"), dtype, vec![i], encode(p, dtype)));
     }
     Ok(t)
+}
+
+/// FP8 codes of the weight `name` (`fp8::quantize`), on `device` for a bf16 model whose weights
+/// are bf16 values (the kernel's input; anything else on the host): the CUDA kernel is its
+/// bit-identical twin (tests/cuda.rs).
+#[cfg_attr(not(any(feature = "cuda", feature = "cuda-emu")), allow(unused_variables))]
+fn quantize_fp8(name: &str, w: &[f32], scale: f32, dtype: Dtype, device: Device) -> Result<Vec<u8>> {
+    #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+    if device == Device::Cuda && dtype == Dtype::BF16 && w.iter().all(|v| v.to_bits() & 0xFFFF == 0) {
+        let bits: Vec<u16> = w.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
+        return crate::compute::cuda::quantize_fp8_bf16(&bits, scale).map_err(|e| Error::tensor(name, e.to_string()));
+    }
+    Ok(fp8::quantize(w, scale, dtype))
 }
 
 /// NVFP4 codes and block scales of the weight `name` (`nvfp4::quantize_weight_scaled`), on
