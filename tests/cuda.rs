@@ -5,29 +5,13 @@
 //! "skipped: <reason>" and passes; `no_device_is_an_error_not_a_crash` checks that case.
 #![cfg(any(feature = "cuda", feature = "cuda-emu"))]
 
-use std::io::Write;
+mod common;
+
+use common::{have_gpu, say};
 
 use rq_min::compute::cuda::{self, DeviceBuffer};
 use rq_min::numerics::{bf16_to_f32, e4m3_to_f32, f32_to_bf16, f32_to_e4m3, round_bf16, E4M3_MAX};
 use rq_min::Error;
-
-/// Prints "skipped: <reason>". `eprintln!` would be captured by the test harness; a direct
-/// write to stderr shows in `cargo test` output.
-#[allow(clippy::explicit_write)]
-fn report_skip(reason: &str) {
-    writeln!(std::io::stderr(), "skipped: {reason}").unwrap();
-}
-
-/// True when a GPU is usable; otherwise reports why the test is skipped.
-fn have_gpu() -> bool {
-    match cuda::device_info() {
-        Ok(_) => true,
-        Err(e) => {
-            report_skip(&e.to_string());
-            false
-        }
-    }
-}
 
 /// SplitMix64: deterministic test data without a dependency.
 struct Rng(u64);
@@ -152,7 +136,7 @@ fn no_device_is_an_error_not_a_crash() {
     assert!(err.contains("rq_absmax_f32 on 3 elements"), "{err}");
     let err = cuda::quantize_fp8_bf16(&[0x3F80; 5], 1.0).unwrap_err().to_string();
     assert!(err.contains("rq_quantize_fp8_bf16 on 5 elements"), "{err}");
-    report_skip(&format!("{e} (and the kernels report it: {err})"));
+    say(&format!("skipped: {e} (and the kernels report it: {err})"));
 }
 
 #[test]

@@ -16,42 +16,15 @@
 #[allow(dead_code)]
 mod common;
 
-use std::io::Write;
 use std::path::Path;
 
-use common::Rng;
-use rq_min::compute::cuda::{self, DeviceBuffer};
+use common::{Rng, dev, have_gpu, poisoned, say};
+use rq_min::compute::cuda;
 use rq_min::compute::{act_fn, cpu, Activation, Attention, Rope, RopeConfig, RopeScaling};
 use rq_min::io::safetensors::SafeTensors;
 
 const EPS: f64 = f32::EPSILON as f64;
 const BF16_ULP: f64 = 1.0 / 128.0;
-
-/// Writes straight to stderr (the harness captures `eprintln!`, not this).
-#[allow(clippy::explicit_write)]
-fn say(text: &str) {
-    writeln!(std::io::stderr(), "{text}").unwrap();
-}
-
-/// True when a GPU (or the emulator) is usable; otherwise prints why the test is skipped.
-fn have_gpu() -> bool {
-    match cuda::device_info() {
-        Ok(_) => true,
-        Err(e) => {
-            say(&format!("skipped: {e}"));
-            false
-        }
-    }
-}
-
-fn dev<T: bytemuck::Pod>(host: &[T]) -> DeviceBuffer<T> {
-    DeviceBuffer::from_slice(host).unwrap()
-}
-
-/// A device buffer of `n` NaNs: what the kernel does not write stays NaN.
-fn poisoned(n: usize) -> DeviceBuffer<f32> {
-    dev(&vec![f32::NAN; n])
-}
 
 fn normals(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
     (0..n).map(|_| rng.normal() * scale).collect()

@@ -19,40 +19,13 @@
 #[allow(dead_code)]
 mod common;
 
-use std::io::Write;
 
-use common::Rng;
+use common::{Rng, dev, have_gpu, poisoned, say};
 use rq_min::compute::cpu;
-use rq_min::compute::cuda::{self, DeviceBuffer};
+use rq_min::compute::cuda;
 use rq_min::numerics::round_bf16;
 
 const EPS: f64 = f32::EPSILON as f64;
-
-/// Writes straight to stderr (the harness captures `eprintln!`, not this).
-#[allow(clippy::explicit_write)]
-fn say(text: &str) {
-    writeln!(std::io::stderr(), "{text}").unwrap();
-}
-
-/// True when a GPU (or the emulator) is usable; otherwise prints why the test is skipped.
-fn have_gpu() -> bool {
-    match cuda::device_info() {
-        Ok(_) => true,
-        Err(e) => {
-            say(&format!("skipped: {e}"));
-            false
-        }
-    }
-}
-
-fn dev(host: &[f32]) -> DeviceBuffer<f32> {
-    DeviceBuffer::from_slice(host).unwrap()
-}
-
-/// A device buffer of `n` NaNs: what the kernel does not write stays NaN.
-fn poisoned(n: usize) -> DeviceBuffer<f32> {
-    dev(&vec![f32::NAN; n])
-}
 
 /// `out` of the tensor-core GEMM, from a poisoned buffer.
 fn gemm(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {

@@ -17,34 +17,12 @@
 #[allow(dead_code)]
 mod common;
 
-use std::io::Write;
 
-use common::Rng;
-use rq_min::compute::cuda::{self, DeviceBuffer};
+use common::{Rng, dev, have_gpu, say};
+use rq_min::compute::cuda;
 use rq_min::io::safetensors::Checkpoint;
 use rq_min::quant::fp8::absmax;
 use rq_min::quant::nvfp4::{self, BLOCK};
-
-/// Writes straight to stderr (the harness captures `eprintln!`, not this).
-#[allow(clippy::explicit_write)]
-fn say(text: &str) {
-    writeln!(std::io::stderr(), "{text}").unwrap();
-}
-
-/// True when a GPU (or the emulator) is usable; otherwise prints why the test is skipped.
-fn have_gpu() -> bool {
-    match cuda::device_info() {
-        Ok(_) => true,
-        Err(e) => {
-            say(&format!("skipped: {e}"));
-            false
-        }
-    }
-}
-
-fn dev<T: bytemuck::Pod>(host: &[T]) -> DeviceBuffer<T> {
-    DeviceBuffer::from_slice(host).unwrap()
-}
 
 /// Test weights of `n` values around `std`: normal values with every 97th an outlier 30x larger,
 /// every 11th from a set of specials (zeros, tiny, subnormal), every 13th an arbitrary bit

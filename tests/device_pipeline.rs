@@ -25,11 +25,12 @@
 
 mod common;
 
-use std::io::Write;
+use common::{have_gpu, say};
+
 use std::path::{Path, PathBuf};
 
 use rq_min::cli::{quantize, QuantizeArgs};
-use rq_min::compute::{cuda, Device};
+use rq_min::compute::Device;
 use rq_min::io::safetensors::{Checkpoint, Dtype};
 use rq_min::model::Model;
 use rq_min::ptq::eval;
@@ -39,22 +40,6 @@ const LLAMA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/familie
 const STORIES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/stories260K-hf");
 const SCALE_TOLERANCE: f64 = 1.0 / 128.0;
 const PPL_TOLERANCE: f64 = 1e-3;
-
-/// Writes straight to stderr (the harness captures `eprintln!`, not this).
-#[allow(clippy::explicit_write)]
-fn say(text: &str) {
-    writeln!(std::io::stderr(), "{text}").unwrap();
-}
-
-fn have_device() -> bool {
-    match cuda::device_info() {
-        Ok(_) => true,
-        Err(e) => {
-            say(&format!("skipped: {e}"));
-            false
-        }
-    }
-}
 
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("rq-min-device-{}-{name}", std::process::id()));
@@ -207,7 +192,7 @@ fn pipeline_with(model: &Path, name: &str, vocab: u32, calib: Calib, windows: &[
 
 #[test]
 fn families_llama_cpu_and_device_agree() {
-    if !have_device() {
+    if !have_gpu() {
         return;
     }
     pipeline(Path::new(LLAMA), "families-llama", 512, &ids(2, 32, 512, 11), &[]);
@@ -215,7 +200,7 @@ fn families_llama_cpu_and_device_agree() {
 
 #[test]
 fn stories260k_cpu_and_device_agree() {
-    if !have_device() {
+    if !have_gpu() {
         return;
     }
     let tok = rq_min::tokenizer::Tokenizer::from_dir(Path::new(STORIES)).unwrap();
@@ -232,7 +217,7 @@ fn stories260k_cpu_and_device_agree() {
 /// Starcoder2's LayerNorm and plain MLP, Nemotron's relu2, sliding windows, MoE routing).
 #[test]
 fn every_family_cpu_and_device_agree() {
-    if !have_device() {
+    if !have_gpu() {
         return;
     }
     let Some(shared) = common::shared_dir() else { return };
@@ -248,7 +233,7 @@ fn every_family_cpu_and_device_agree() {
 /// windows of 64 tokens of the evaluation text.
 #[test]
 fn rq_tiny_cpu_and_device_agree() {
-    if !have_device() {
+    if !have_gpu() {
         return;
     }
     let Some(shared) = common::shared_dir() else { return };
@@ -264,7 +249,7 @@ fn rq_tiny_cpu_and_device_agree() {
 /// What the device does not run yet is refused by name, before any work.
 #[test]
 fn device_refuses_what_it_does_not_run() {
-    if !have_device() {
+    if !have_gpu() {
         return;
     }
     let dir = scratch("refuse");
@@ -296,7 +281,7 @@ fn device_refuses_what_it_does_not_run() {
 /// `take_device_error` reports it once, with the kernel's message; then the device works again.
 #[test]
 fn a_device_error_is_sticky_and_reported_once() {
-    if !have_device() {
+    if !have_gpu() {
         return;
     }
     use rq_min::compute::{take_device_error, Tensor};
@@ -326,7 +311,7 @@ fn a_device_error_is_sticky_and_reported_once() {
 /// error, not a crash (checked here only where a device answers).
 #[test]
 fn eval_command_runs_on_the_device() {
-    if !have_device() {
+    if !have_gpu() {
         return;
     }
     let dir = scratch("eval-cmd");

@@ -57,3 +57,39 @@ impl Rng {
     }
 }
 
+
+/// Writes straight to stderr (the harness captures `eprintln!`, not this): tables and skip
+/// reasons show in `cargo test` output.
+#[allow(dead_code, clippy::explicit_write)]
+pub fn say(text: &str) {
+    use std::io::Write;
+    writeln!(std::io::stderr(), "{text}").unwrap();
+}
+
+/// True when a CUDA device (or the emulator) is usable; otherwise prints "skipped: <reason>",
+/// so a test of the CUDA features passes without a GPU after saying why it did nothing.
+#[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+#[allow(dead_code)]
+pub fn have_gpu() -> bool {
+    match rq_min::compute::cuda::device_info() {
+        Ok(_) => true,
+        Err(e) => {
+            say(&format!("skipped: {e}"));
+            false
+        }
+    }
+}
+
+/// A device copy of `host`.
+#[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+#[allow(dead_code)]
+pub fn dev<T: bytemuck::Pod>(host: &[T]) -> rq_min::compute::cuda::DeviceBuffer<T> {
+    rq_min::compute::cuda::DeviceBuffer::from_slice(host).unwrap()
+}
+
+/// A device buffer of `n` NaNs: what a kernel does not write stays NaN.
+#[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+#[allow(dead_code)]
+pub fn poisoned(n: usize) -> rq_min::compute::cuda::DeviceBuffer<f32> {
+    dev(&vec![f32::NAN; n])
+}
