@@ -590,13 +590,17 @@ impl SplitMix {
 }
 
 /// Standard normal samples by the ziggurat method (Marsaglia & Tsang 2000) with 256 layers, as
-/// `rand_distr::StandardNormal` draws them: layer `i` from the low 8 bits, a signed uniform from
-/// the high 52, the exact tail beyond `R` by Marsaglia's 1964 method.
+/// `rand_distr::StandardNormal` draws them but from 32 random bits per attempt (two samples per
+/// 64-bit draw): the layer from the low 8 bits, a signed uniform from the high 24 (the output is
+/// bf16, whose 8-bit mantissa is far coarser), the exact tail beyond `R` by Marsaglia's 1964
+/// method.
 struct Ziggurat {
     /// Layer edges, `x[0] = V / f(R)` (the base strip with the tail), `x[1] = R`, ..., `x[256] = 0`.
     x: [f64; 257],
     /// `f(x[i])`, `f(x) = exp(-x²/2)`.
     f: [f64; 257],
+    /// `x` in f32, for the fast path.
+    x32: [f32; 257],
 }
 
 impl Ziggurat {
@@ -612,33 +616,40 @@ impl Ziggurat {
         for i in 2..256 {
             x[i] = (-2.0 * (Self::V / x[i - 1] + pdf(x[i - 1])).ln()).sqrt();
         }
-        let f = x.map(pdf);
-        Ziggurat { x, f }
+        Ziggurat { x, f: x.map(pdf), x32: x.map(|v| v as f32) }
     }
 
-    fn sample(&self, rng: &mut SplitMix) -> f64 {
+    /// One sample; `bits` are the first attempt's random bits, `rng` gives any further ones.
+    #[inline]
+    fn sample(&self, mut bits: u32, rng: &mut SplitMix) -> f32 {
         loop {
-            let bits = rng.next_u64();
             let i = (bits & 0xff) as usize;
-            let u = ((bits >> 12) as f64 * (1.0 / (1u64 << 52) as f64)) * 2.0 - 1.0;
-            let x = u * self.x[i];
-            if x.abs() < self.x[i + 1] {
+            let u = ((bits >> 8) as i32 - (1 << 23)) as f32 * (1.0 / (1 << 23) as f32);
+            let x = u * self.x32[i];
+            if x.abs() < self.x32[i + 1] {
                 return x;
             }
-            if i == 0 {
-                // The tail beyond R.
-                let (mut t, mut y) = (1.0f64, 0.0f64);
-                while -2.0 * y < t * t {
-                    t = rng.open01().ln() / Self::R;
-                    y = rng.open01().ln();
-                }
-                return if u < 0.0 { t - Self::R } else { Self::R - t };
-            }
-            let y = self.f[i + 1] + (self.f[i] - self.f[i + 1]) * rng.open01();
-            if y < (-0.5 * x * x).exp() {
+            if let Some(x) = self.slow(i, u, rng) {
                 return x;
             }
+            bits = rng.next_u64() as u32;
         }
+    }
+
+    /// The rare cases: the tail beyond R (layer 0), or the wedge of layer `i` under the curve.
+    #[cold]
+    fn slow(&self, i: usize, u: f32, rng: &mut SplitMix) -> Option<f32> {
+        let x = f64::from(u) * self.x[i];
+        if i == 0 {
+            let (mut t, mut y) = (1.0f64, 0.0f64);
+            while -2.0 * y < t * t {
+                t = rng.open01().ln() / Self::R;
+                y = rng.open01().ln();
+            }
+            return Some((if u < 0.0 { t - Self::R } else { Self::R - t }) as f32);
+        }
+        let y = self.f[i + 1] + (self.f[i] - self.f[i + 1]) * rng.open01();
+        (y < (-0.5 * x * x).exp()).then_some(x as f32)
     }
 }
 
@@ -650,8 +661,12 @@ fn fill_chunk(spec: &Spec, seed: u64, chunk: usize, len: usize, zig: &Ziggurat) 
         Init::Normal => {
             let mut rng = SplitMix::for_chunk(seed, &spec.name, chunk as u64);
             let mut out = vec![0u16; len];
-            for v in &mut out {
-                *v = f32_to_bf16((zig.sample(&mut rng) * f64::from(INIT_STD)) as f32).to_le();
+            for pair in out.chunks_mut(2) {
+                let bits = rng.next_u64();
+                for (k, v) in pair.iter_mut().enumerate() {
+                    let z = zig.sample((bits >> (32 * k)) as u32, &mut rng);
+                    *v = f32_to_bf16(z * INIT_STD).to_le();
+                }
             }
             out
         }
@@ -771,7 +786,8 @@ mod tests {
         let n = 2_000_000;
         let (mut s1, mut s2, mut s4, mut over2, mut over3) = (0.0, 0.0, 0.0, 0usize, 0usize);
         for _ in 0..n {
-            let z = zig.sample(&mut rng);
+            let bits = rng.next_u64() as u32;
+            let z = f64::from(zig.sample(bits, &mut rng));
             s1 += z;
             s2 += z * z;
             s4 += z * z * z * z;
