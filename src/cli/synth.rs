@@ -604,7 +604,7 @@ struct Ziggurat {
 }
 
 impl Ziggurat {
-    const R: f64 = 3.654_152_885_361_008_8;
+    const R: f64 = 3.654_152_885_361_009;
     /// Area of each layer.
     const V: f64 = 0.004_928_673_233_99;
 
