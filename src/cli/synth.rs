@@ -127,12 +127,15 @@ pub fn synth(a: &SynthArgs) -> Result<()> {
     }
     check_free_space(&parent, total)?;
     let tmp = temp_dir_beside(&a.out, "synth").map_err(|e| Error::io(&parent, e))?;
-    let guard = RemoveOnDrop(Some(tmp.clone()));
+    let mut guard = RemoveOnDrop(Some(tmp.clone()));
 
+    let layers = match cfg.num_hidden_layers {
+        1 => "1 layer".to_string(),
+        n => format!("{n} layers"),
+    };
     progress.note(&format!(
-        "{} with {} layers: {:.2}B parameters, {:.2} GB in {} shard(s), {} threads",
+        "{} with {layers}: {:.2}B parameters, {:.2} GB in {} shard(s), {} threads",
         a.shape,
-        cfg.num_hidden_layers,
         params as f64 / 1e9,
         total as f64 / 1e9,
         shards.len(),
@@ -156,11 +159,10 @@ pub fn synth(a: &SynthArgs) -> Result<()> {
     }
     write_index(&tmp, &weight_map, total)?;
     target.publish(&tmp)?;
-    std::mem::forget(guard);
+    guard.0 = None;
     crate::out!(
-        "wrote {} ({} layers, {:.2}B parameters, {:.2} GB in {n} shard(s), seed {}) in {:.1}s -> {}",
+        "wrote {} ({layers}, {:.2}B parameters, {:.2} GB in {n} shard(s), seed {}) in {:.1}s -> {}",
         a.shape,
-        cfg.num_hidden_layers,
         params as f64 / 1e9,
         total as f64 / 1e9,
         a.seed,
@@ -170,7 +172,7 @@ pub fn synth(a: &SynthArgs) -> Result<()> {
     Ok(())
 }
 
-/// Removes the temporary folder unless forgotten (published).
+/// Removes the temporary folder on drop unless emptied (published).
 struct RemoveOnDrop(Option<PathBuf>);
 
 impl Drop for RemoveOnDrop {
