@@ -1,4 +1,4 @@
-//! The `rq-min` command: quantize, eval, inspect.
+//! The `rq-min` command: quantize, eval, inspect, verify, synth.
 
 use argh::FromArgs;
 use rq_min::{cli, err, out};
@@ -19,6 +19,33 @@ enum Command {
     Eval(Eval),
     Inspect(Inspect),
     Verify(Verify),
+    Synth(Synth),
+}
+
+/// Write a random-weight Hugging Face checkpoint of a real model's shape (bf16, sharded
+/// safetensors, config.json, a stand-in byte-level tokenizer) for benchmarking.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "synth")]
+struct Synth {
+    /// llama3-8b (Llama 3.1 8B), llama3-1b (Llama 3.2 1B), llama3-70b (Llama 3.1 70B) or
+    /// qwen3-30b-a3b (Qwen3-30B-A3B)
+    #[argh(option)]
+    shape: String,
+    /// output folder (written via a temporary folder beside it, renamed at the end)
+    #[argh(option)]
+    out: PathBuf,
+    /// number of decoder layers (default: the model's own), for small checkpoints of a real width
+    #[argh(option)]
+    layers: Option<usize>,
+    /// seed of the random weights (default 1234); the same seed gives the same bytes
+    #[argh(option, default = "rq_min::cli::synth::DEFAULT_SEED")]
+    seed: u64,
+    /// replace --out if it exists
+    #[argh(switch)]
+    force: bool,
+    /// no progress output on stderr
+    #[argh(switch)]
+    quiet: bool,
 }
 
 /// Check a quantized checkpoint as a loader would (config vs tensors, scales, packed sizes);
@@ -226,6 +253,14 @@ fn main() -> ExitCode {
         }),
         Command::Inspect(i) => cli::inspect(&i.path),
         Command::Verify(v) => cli::verify(&v.path, v.original.as_deref()),
+        Command::Synth(s) => cli::synth(&cli::SynthArgs {
+            shape: s.shape,
+            out: s.out,
+            layers: s.layers,
+            seed: s.seed,
+            force: s.force,
+            quiet: s.quiet,
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

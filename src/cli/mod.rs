@@ -17,6 +17,9 @@ use crate::io::safetensors::{Checkpoint, Dtype, SafeTensors, TensorInfo};
 use crate::tokenizer::Tokenizer;
 use std::path::{Path, PathBuf};
 
+pub mod synth;
+pub use synth::{synth, SynthArgs};
+
 
 #[derive(Clone, Debug)]
 pub struct QuantizeArgs {

@@ -597,33 +597,43 @@ fn json_int(x: usize, path: &Path) -> Result<Json> {
         .map_err(|_| Error::safetensors(path, format!("value {x} does not fit a JSON integer")))
 }
 
-/// Writes one safetensors file: tensors in name order, compact header padded with spaces to a
-/// multiple of 8, `__metadata__` first when non-empty. `tensors` must already be checked with
-/// `check_entry`; duplicate names are refused here.
-fn write_tensors(
+/// The start of a safetensors file whose data section holds `tensors` in the given order: the
+/// 8-byte little-endian header length, then the compact JSON header (`__metadata__` first when
+/// non-empty) padded with spaces to a multiple of 8. A streaming writer appends each tensor's
+/// bytes after it, in the same order. Refuses the reserved name, a name or metadata key given
+/// twice, a size that overflows and a header over `MAX_HEADER_SIZE`.
+pub fn header_bytes(
     path: &Path,
-    tensors: &[(&str, Dtype, &[usize], &[u8])],
+    tensors: &[(&str, Dtype, &[usize])],
     metadata: &[(String, String)],
-) -> Result<()> {
-    let mut order: Vec<&(&str, Dtype, &[usize], &[u8])> = tensors.iter().collect();
-    order.sort_by(|a, b| a.0.cmp(b.0));
-    if let Some(w) = order.windows(2).find(|w| w[0].0 == w[1].0) {
-        return Err(Error::tensor(w[0].0, format!("written twice to {}", path.display())));
+) -> Result<Vec<u8>> {
+    let mut names = HashSet::new();
+    for &(name, dtype, shape) in tensors {
+        if name == METADATA_KEY {
+            return Err(Error::tensor(name, "this name is reserved for the header metadata"));
+        }
+        if !names.insert(name) {
+            return Err(Error::tensor(name, format!("written twice to {}", path.display())));
+        }
+        if checked_nbytes(dtype, shape).is_none() {
+            return Err(Error::tensor(name, format!("shape {shape:?} ({}) overflows the byte count", dtype.name())));
+        }
     }
     let mut seen = HashSet::new();
     if let Some((k, _)) = metadata.iter().find(|(k, _)| !seen.insert(k.as_str())) {
         return Err(Error::safetensors(path, format!("metadata key {k:?} given twice")));
     }
 
-    let mut entries = Vec::with_capacity(order.len() + 1);
+    let mut entries = Vec::with_capacity(tensors.len() + 1);
     if !metadata.is_empty() {
         let map = metadata.iter().map(|(k, v)| (k.clone(), Json::Str(v.clone()))).collect();
         entries.push((METADATA_KEY.to_string(), Json::Obj(map)));
     }
     let mut offset = 0usize;
-    for &&(name, dtype, shape, data) in &order {
+    for &(name, dtype, shape) in tensors {
+        let len = checked_nbytes(dtype, shape).unwrap_or(usize::MAX);
         let end = offset
-            .checked_add(data.len())
+            .checked_add(len)
             .ok_or_else(|| Error::safetensors(path, "data section size overflows"))?;
         let dims = shape.iter().map(|&d| json_int(d, path)).collect::<Result<Vec<Json>>>()?;
         let info = json::obj([
@@ -642,11 +652,27 @@ fn write_tensors(
             format!("header of {} bytes exceeds the {MAX_HEADER_SIZE}-byte limit", header.len()),
         ));
     }
+    let mut out = Vec::with_capacity(8 + header.len());
+    out.extend_from_slice(&(header.len() as u64).to_le_bytes());
+    out.extend_from_slice(&header);
+    Ok(out)
+}
+
+/// Writes one safetensors file: tensors in name order, header as `header_bytes` makes it.
+/// `tensors` must already be checked with `check_entry`; duplicate names are refused.
+fn write_tensors(
+    path: &Path,
+    tensors: &[(&str, Dtype, &[usize], &[u8])],
+    metadata: &[(String, String)],
+) -> Result<()> {
+    let mut order: Vec<&(&str, Dtype, &[usize], &[u8])> = tensors.iter().collect();
+    order.sort_by(|a, b| a.0.cmp(b.0));
+    let layout: Vec<(&str, Dtype, &[usize])> = order.iter().map(|&&(n, d, s, _)| (n, d, s)).collect();
+    let header = header_bytes(path, &layout, metadata)?;
 
     let io = |e| Error::io(path, e);
     let file = File::create(path).map_err(io)?;
     let mut w = BufWriter::with_capacity(1 << 20, file);
-    w.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
     w.write_all(&header).map_err(io)?;
     for (_, _, _, data) in order {
         w.write_all(data).map_err(io)?;
@@ -770,19 +796,25 @@ impl Writer {
             files.push(to);
         }
         remove_stale(self.dir.join(SINGLE_FILE))?;
-        let total = i64::try_from(self.total_size).unwrap_or(i64::MAX);
-        let index = json::obj([
-            ("metadata", json::obj([("total_size", Json::Int(total))])),
-            (
-                "weight_map",
-                Json::Obj(weight_map.into_iter().map(|(k, f)| (k.to_string(), Json::Str(f))).collect()),
-            ),
-        ]);
-        let index_path = self.dir.join(INDEX_FILE);
-        std::fs::write(&index_path, index.to_pretty(2) + "\n").map_err(|e| Error::io(&index_path, e))?;
-        files.push(index_path);
+        files.push(write_index(&self.dir, &weight_map, self.total_size)?);
         Ok(files)
     }
+}
+
+/// Writes `dir/model.safetensors.index.json`: `metadata.total_size` (the tensors' bytes) and
+/// `weight_map` (tensor name -> shard file name, in name order). Returns its path.
+pub fn write_index(dir: &Path, weight_map: &BTreeMap<&str, String>, total_size: u64) -> Result<PathBuf> {
+    let total = i64::try_from(total_size).unwrap_or(i64::MAX);
+    let index = json::obj([
+        ("metadata", json::obj([("total_size", Json::Int(total))])),
+        (
+            "weight_map",
+            Json::Obj(weight_map.iter().map(|(k, f)| (k.to_string(), Json::Str(f.clone()))).collect()),
+        ),
+    ]);
+    let index_path = dir.join(INDEX_FILE);
+    std::fs::write(&index_path, index.to_pretty(2) + "\n").map_err(|e| Error::io(&index_path, e))?;
+    Ok(index_path)
 }
 
 /// Values in the model dtype's bytes (bf16 / f16 / f32).

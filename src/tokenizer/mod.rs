@@ -30,6 +30,8 @@ use crate::error::{Error, Result};
 use crate::io::json::Json;
 use bpe::Bpe;
 use pattern::SplitPattern;
+/// The pre-tokenizer regexes rq-min recognises, by their exact text in a tokenizer.json.
+pub use pattern::{GPT2_REGEX, LLAMA3_REGEX, QWEN2_REGEX};
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::path::Path;
@@ -686,7 +688,7 @@ impl PreTokenizer {
 
 /// GPT-2's `bytes_to_unicode`: printable Latin-1 bytes stand for themselves, the other 68 bytes
 /// get the characters from U+0100 on, in byte order.
-const BYTE_CHARS: [char; 256] = {
+pub const BYTE_CHARS: [char; 256] = {
     let mut map = ['\0'; 256];
     let mut next = 0x100;
     let mut b = 0;
