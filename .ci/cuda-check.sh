@@ -7,7 +7,8 @@
 # Then the same kernels under the host emulator (feature cuda-emu, g++, cuda/emu/): every test
 # file built for the CUDA features (kernels against the CPU, --device cuda against --device cpu,
 # the emulator's self-tests) for real (no skip), under two seeded schedules (RQ_EMU_SEED; the
-# self-tests also run thread order themselves), then once more built with AddressSanitizer.
+# self-tests also run thread order themselves; the whole-model comparisons under one), then
+# once more built with AddressSanitizer.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -72,22 +73,25 @@ build_emu_tests() {
 
 echo "== cargo test --release --features cuda-emu (host emulator) --no-run"
 build_emu_tests
-for seed in 1 2; do
-    echo "== emulator tests, RQ_EMU_SEED=$seed"
-    for exe in "${emu_tests[@]}"; do
-        RQ_EMU_SEED="$seed" "$exe"
-    done
+# The whole-model comparisons (minutes) run under one schedule; every kernel runs under both in
+# the other tests, and once more under ASan below.
+whole_models=(--skip every_family_cpu_and_device_agree --skip rq_tiny_cpu_and_device_agree)
+echo "== emulator tests, RQ_EMU_SEED=1"
+for exe in "${emu_tests[@]}"; do
+    RQ_EMU_SEED=1 "$exe"
+done
+echo "== emulator tests but the whole-model comparisons, RQ_EMU_SEED=2"
+for exe in "${emu_tests[@]}"; do
+    RQ_EMU_SEED=2 "$exe" "${whole_models[@]}"
 done
 
 # Once more with AddressSanitizer on the emulator and the kernels (device memory is host heap
 # memory there, so an out-of-bounds access of a kernel is reported; tests/cuda_emu.rs shows it
-# firing); its own target dir. Every kernel runs in the other tests: the two whole-model
-# comparisons (minutes under ASan) are left to the passes above.
+# firing); its own target dir; without the whole-model comparisons.
 echo "== emulator tests under AddressSanitizer (RQ_EMU_ASAN=1), RQ_EMU_SEED=3"
 build_emu_tests RQ_EMU_ASAN=1 CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target}/asan"
 for exe in "${emu_tests[@]}"; do
-    ASAN_OPTIONS=verify_asan_link_order=0:detect_leaks=0 RQ_EMU_SEED=3 "$exe" \
-        --skip every_family_cpu_and_device_agree --skip rq_tiny_cpu_and_device_agree
+    ASAN_OPTIONS=verify_asan_link_order=0:detect_leaks=0 RQ_EMU_SEED=3 "$exe" "${whole_models[@]}"
 done
 
 echo "== CUDA check passed"
