@@ -16,8 +16,6 @@
 #[allow(dead_code)]
 mod common;
 
-use std::path::Path;
-
 use common::{Rng, dev, have_gpu, poisoned, say};
 use rq_min::compute::cuda;
 use rq_min::compute::{act_fn, cpu, Activation, Attention, Rope, RopeConfig, RopeScaling};
@@ -694,7 +692,7 @@ fn llama_layer0_weights_match_cpu() {
     if !have_gpu() {
         return;
     }
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/families-llama");
+    let dir = common::repo_dir().join("tests/fixtures/families-llama");
     let st = SafeTensors::open(&dir.join("model.safetensors")).unwrap();
     let get = |name: &str| st.tensor(&format!("model.layers.0.{name}")).unwrap().to_f32().unwrap();
     let (hidden, rows) = (128, 19);

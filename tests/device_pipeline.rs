@@ -36,8 +36,17 @@ use rq_min::model::Model;
 use rq_min::ptq::eval;
 use rq_min::ptq::progress::Progress;
 
-const LLAMA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/families-llama");
-const STORIES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/stories260K-hf");
+/// tests/fixtures/families-llama of the repository (`common::repo_dir`: `$RQ_REPO_DIR` on
+/// another machine).
+fn llama() -> PathBuf {
+    common::repo_dir().join("tests/fixtures/families-llama")
+}
+
+/// tests/fixtures/stories260K-hf of the repository.
+fn stories() -> PathBuf {
+    common::repo_dir().join("tests/fixtures/stories260K-hf")
+}
+
 const SCALE_TOLERANCE: f64 = 1.0 / 128.0;
 const PPL_TOLERANCE: f64 = 1e-3;
 
@@ -197,7 +206,7 @@ fn families_llama_cpu_and_device_agree() {
     if !have_gpu() {
         return;
     }
-    pipeline(Path::new(LLAMA), "families-llama", 512, &ids(2, 32, 512, 11), &[]);
+    pipeline(&llama(), "families-llama", 512, &ids(2, 32, 512, 11), &[]);
 }
 
 #[test]
@@ -205,13 +214,13 @@ fn stories260k_cpu_and_device_agree() {
     if !have_gpu() {
         return;
     }
-    let tok = rq_min::tokenizer::Tokenizer::from_dir(Path::new(STORIES)).unwrap();
+    let tok = rq_min::tokenizer::Tokenizer::from_dir(&stories()).unwrap();
     let text = "Once upon a time, there was a little girl named Lily. She loved to play outside in the sun. \
                 One day, she saw a big red ball in the park. She ran to the ball and kicked it very hard. \
                 The ball flew over the tree and into the pond. Lily was sad, but her friend Tom helped her.";
     let windows = eval::eval_windows(&tok.encode(text), 32);
     assert!(windows.len() >= 2, "the eval text is shorter than 2 windows of 32 tokens");
-    pipeline(Path::new(STORIES), "stories260K", 512, &windows[..2], &["*down_proj*"]);
+    pipeline(&stories(), "stories260K", 512, &windows[..2], &["*down_proj*"]);
 }
 
 /// Every family of shared/reference/families the CPU path supports (tiny f32 models with each
@@ -266,7 +275,7 @@ fn device_refuses_what_it_does_not_run() {
             device: "cuda".into(),
             no_eval: true,
             quiet: true,
-            ..QuantizeArgs::new(Path::new(LLAMA), &out)
+            ..QuantizeArgs::new(&llama(), &out)
         };
         let err = quantize(&a).unwrap_err().to_string();
         assert!(err.contains(expect) && err.contains("--device cpu"), "{qformat} {export}: {err}");
@@ -321,7 +330,7 @@ fn eval_command_runs_on_the_device() {
     std::fs::write(&text, "Once upon a time, there was a little girl named Lily. She loved to play outside in the sun. \
                            One day, she saw a big red ball in the park. She ran to the ball and kicked it.").unwrap();
     let a = rq_min::cli::EvalArgs {
-        model: PathBuf::from(STORIES),
+        model: stories(),
         text: Some(text),
         seq: 32,
         base: None,

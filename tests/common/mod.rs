@@ -1,15 +1,30 @@
 //! Helpers shared by the integration tests.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-/// The shared data folder (`../shared` next to the crate): models and reference outputs.
-/// None, after printing why, when it is absent, so a test using it skips; under `CI=true`
-/// its absence is a failure instead.
+/// The repository root: `$RQ_REPO_DIR` when set (a test executable run on another machine,
+/// where the path compiled in does not exist: tools/gpu-check.sh sets it), else the crate
+/// folder it was built in (`CARGO_MANIFEST_DIR`).
+#[allow(dead_code)]
+pub fn repo_dir() -> PathBuf {
+    match std::env::var_os("RQ_REPO_DIR") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+        _ => PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+    }
+}
+
+/// The shared data folder (`../shared` next to the repository, or `shared/` inside it):
+/// models and reference outputs. None, after printing why, when it is absent, so a test using
+/// it skips; under `CI=true` its absence is a failure instead.
 #[allow(dead_code)]
 pub fn shared_dir() -> Option<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared");
+    let repo = repo_dir();
+    let dir = repo.join("../shared");
     if dir.is_dir() {
         return Some(dir);
+    }
+    if repo.join("shared").is_dir() {
+        return Some(repo.join("shared"));
     }
     if std::env::var("CI").as_deref() == Ok("true") {
         panic!("CI=true but the shared data folder {} is missing", dir.display());
