@@ -15,12 +15,16 @@ cd "$(dirname "$0")/.."
 nvcc="$(bash tools/cuda-toolchain.sh | tail -n 1)"
 echo "== nvcc: $nvcc"
 
-# The CUDA test files: every tests/*.rs built only with feature cuda or cuda-emu.
-emu_names=()
+# The CUDA test files: every tests/*.rs built only with feature cuda or cuda-emu (cuda_names),
+# and the emulator's: those plus the ones built only with cuda-emu (its self-tests).
+cuda_names=() emu_names=()
 for f in $(grep -l '^#!\[cfg(any(feature = "cuda", feature = "cuda-emu"))\]' tests/*.rs); do
+    cuda_names+=("$(basename "$f" .rs)")
+done
+for f in $(grep -l '^#!\[cfg(.*feature = "cuda-emu".*)\]' tests/*.rs); do
     emu_names+=("$(basename "$f" .rs)")
 done
-echo "== CUDA test files: ${emu_names[*]}"
+echo "== CUDA test files: ${cuda_names[*]}; under the emulator: ${emu_names[*]}"
 
 echo "== cargo build --release --features cuda"
 cargo build --release --features cuda
@@ -53,7 +57,7 @@ if ! nm "$cuda_tests" | grep ' rq_quantize_fp8_bf16$' > /dev/null; then
     exit 1
 fi
 
-for t in "${emu_names[@]}"; do
+for t in "${cuda_names[@]}"; do
     exe="$(test_exe "$t")"
     echo "== tests/$t.rs with feature cuda (each test skips with the reason where there is no GPU)"
     "$exe"
