@@ -166,6 +166,22 @@ int rq_matmul_bt_bf16_f32(const float* x, const float* w, size_t m, size_t k, si
  * NaN), else 0: whether rq_matmul_bt_bf16_f32 is exact in its operands. */
 int rq_all_bf16_f32(const float* x, size_t n, int* out);
 
+/* ---- AWQ search (cuda/awq.cu) -----------------------------------------------------------
+ * Twins of src/quant/awq.rs and compute::cpu::sq_err_row, bit-identical (tests/cuda_awq.rs). */
+
+/* out[c] = f32(sum_r |x[r, c]| / rows) of x = [rows, cols], the sum in double over r in order
+ * (awq::ActMean). rows == 0 with cols > 0: cudaErrorInvalidValue. */
+int rq_col_abs_mean_f32(const float* x, size_t rows, size_t cols, float* out);
+
+/* out[r] = sum_c d * d in double, d = y[r, c] - ref[r, c] (rounded to bf16 when bf16), for
+ * y, ref = [rows, cols]: 32 strided partial sums per row, then a xor butterfly. */
+int rq_sq_err_rows_f32(const float* y, const float* ref, size_t rows, size_t cols, int bf16, double* out);
+
+/* INT4 fake quant in place (quant::int::int4_fake_quant) of w = [out, inp], groups of `group`
+ * along the input (the last may be partial): amax < 2^-24 gives zeros, else s = 7 / amax,
+ * w = clamp(rint(w * s), -8, 7) / s. */
+int rq_fake_quant_int4_f32(float* w, size_t out, size_t inp, size_t group);
+
 #ifdef __cplusplus
 }
 #endif

@@ -6,6 +6,7 @@ mod common;
 
 use common::Rng;
 
+use rq_min::compute::{Device, Tensor};
 use rq_min::numerics::round_bf16;
 use rq_min::quant::scales::average_scales;
 use rq_min::quant::awq::{
@@ -279,12 +280,12 @@ fn act_mean_is_the_mean_of_batch_means() {
     let sizes = [5usize, 17, 1];
     for &t in &sizes {
         let x: Vec<f32> = (0..t * inp).map(|_| rng.normal() * 3.0).collect();
-        m.observe(&x);
+        m.observe(&Tensor::from(x.clone()));
         for j in 0..inp {
             want[j] += x.chunks_exact(inp).map(|r| r[j].abs() as f64).sum::<f64>() / t as f64;
         }
     }
-    m.observe(&[]); // an empty batch does not count
+    m.observe(&Tensor::from(vec![])); // an empty batch does not count
     let got = m.finish().expect("batches seen");
     for j in 0..inp {
         let w = want[j] / sizes.len() as f64;
@@ -292,10 +293,10 @@ fn act_mean_is_the_mean_of_batch_means() {
     }
     // bf16: each batch mean is rounded to bf16 before the f32 sum.
     let mut b = ActMean::new(2, Dtype::BF16);
-    b.observe(&[1.0, 0.0, 1.0 + 2f32.powi(-8), 0.0]); // mean 1 + 2^-9 -> bf16 1.0
+    b.observe(&Tensor::from(vec![1.0, 0.0, 1.0 + 2f32.powi(-8), 0.0])); // mean 1 + 2^-9 -> bf16 1.0
     assert_eq!(b.finish(), Some(vec![1.0, 0.0]));
     let mut nan = ActMean::new(1, Dtype::F32);
-    nan.observe(&[f32::NAN]);
+    nan.observe(&Tensor::from(vec![f32::NAN]));
     assert!(nan.finish().is_none(), "NaN disables the search");
 }
 
@@ -370,16 +371,17 @@ fn lite_case() -> LiteCase {
 fn lite_search_picks_a_scale_that_protects_the_outlier_channel() {
     let LiteCase { w, out, inp, batches } = lite_case();
     let mut am = ActMean::new(inp, Dtype::F32);
-    batches.iter().for_each(|x| am.observe(x));
+    batches.iter().for_each(|x| am.observe(&Tensor::from(x.clone())));
     let xbar = am.finish().expect("batches");
     let wbar = weight_mean(&w, out, inp, Some(128), Dtype::F32);
     let fq = int4_g128_dynamic(inp);
-    let mut search = LiteSearch::new(&w, out, inp, &xbar, &wbar, Dtype::F32, &fq);
+    let fqt = |t: &mut Tensor| t.map_host(|h| fq(h));
+    let mut search = LiteSearch::new(&w, out, inp, &xbar, &wbar, Dtype::F32, Device::Cpu, &fqt);
     assert!(search.best().is_none(), "nothing searched yet");
     let refs: Vec<Vec<f32>> =
         batches.iter().map(|x| linear_f64(x, &w, inp).iter().map(|&v| v as f32).collect()).collect();
     for (x, r) in batches.iter().zip(&refs) {
-        search.observe(x, r);
+        search.observe(&Tensor::from(x.clone()), &Tensor::from(r.clone()));
     }
     let losses = *search.losses();
 
@@ -412,21 +414,22 @@ fn lite_search_picks_a_scale_that_protects_the_outlier_channel() {
 fn lite_search_ties_go_to_the_first_alpha() {
     let LiteCase { w, out, inp, batches } = lite_case();
     let mut am = ActMean::new(inp, Dtype::BF16);
-    am.observe(&batches[0]);
+    am.observe(&Tensor::from(batches[0].clone()));
     let xbar = am.finish().expect("batch");
     let wbar = weight_mean(&w, out, inp, Some(128), Dtype::BF16);
     let fq = int4_g128_dynamic(inp);
-    let mut search = LiteSearch::new(&w, out, inp, &xbar, &wbar, Dtype::BF16, &fq);
+    let fqt = |t: &mut Tensor| t.map_host(|h| fq(h));
+    let mut search = LiteSearch::new(&w, out, inp, &xbar, &wbar, Dtype::BF16, Device::Cpu, &fqt);
     // Zero inputs: every alpha's output equals the reference exactly, all losses are 0.
-    search.observe(&vec![0.0; 5 * inp], &vec![0.0; 5 * out]);
+    search.observe(&Tensor::from(vec![0.0; 5 * inp]), &Tensor::from(vec![0.0; 5 * out]));
     assert_eq!(*search.losses(), [0.0; 11]);
     assert_eq!(search.best().map(|b| b.0), Some(0.0));
 
     // A bias shifts both outputs alike: still all-zero losses.
     let bias: Vec<f32> = (0..out).map(|o| o as f32 * 0.25).collect();
-    let mut search = LiteSearch::new(&w, out, inp, &xbar, &wbar, Dtype::BF16, &fq).with_bias(&bias);
+    let mut search = LiteSearch::new(&w, out, inp, &xbar, &wbar, Dtype::BF16, Device::Cpu, &fqt).with_bias(&bias);
     let r: Vec<f32> = (0..3 * out).map(|i| bias[i % out]).collect();
-    search.observe(&vec![0.0; 3 * inp], &r);
+    search.observe(&Tensor::from(vec![0.0; 3 * inp]), &Tensor::from(r));
     assert_eq!(*search.losses(), [0.0; 11]);
 }
 

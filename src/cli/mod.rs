@@ -243,26 +243,13 @@ pub fn quantize_unified_with(a: &QuantizeArgs, compressed_tensors: bool) -> Resu
     unified_export(a, compressed_tensors, Step::Final)
 }
 
-/// The formats `--device cuda` quantizes: max-calibrated FP8 and NVFP4, and INT8 SmoothQuant
-/// (statistics on the device; AWQ's search and auto-quantize's gradients are host code).
-const DEVICE_FORMATS: [QFormat; 3] = [QFormat::Fp8, QFormat::Nvfp4, QFormat::Int8Sq];
-
-/// Refuses, by name, what `--device cuda` does not run yet.
-fn check_device_quantize(a: &QuantizeArgs, formats: &[QFormat]) -> Result<()> {
+/// Refuses, by name, what `--device cuda` does not run yet: the TensorRT-LLM export (every
+/// format runs there: the statistics and AWQ's search on the device; auto-quantize's forward
+/// on the device, its gradient passes on the host).
+fn check_device_quantize(a: &QuantizeArgs) -> Result<()> {
     let refuse = |what: String| Err(Error::Unsupported(format!("--device cuda: {what} is not on the device yet; use --device cpu")));
-    if a.auto_bits.is_some() {
-        return refuse("auto-quantize (--auto-bits)".into());
-    }
     if a.export != "hf" {
         return refuse(format!("--export {}", a.export));
-    }
-    let mut all: Vec<QFormat> = formats.to_vec();
-    if let Some(path) = &a.layer_formats {
-        all.extend(layer_formats_file(path)?.into_values());
-    }
-    if let Some(f) = all.iter().find(|f| !DEVICE_FORMATS.contains(f)) {
-        let awq = if f.awq() { " (AWQ)" } else { "" };
-        return refuse(format!("{}{awq}", f.cli_name()));
     }
     Ok(())
 }
@@ -276,7 +263,7 @@ fn unified_export(a: &QuantizeArgs, compressed_tensors: bool, step: Step) -> Res
                 "--device cuda: --export compressed-tensors is not on the device yet; use --device cpu".into(),
             ));
         }
-        check_device_quantize(a, &formats)?;
+        check_device_quantize(a)?;
     }
     device.check_available()?;
     let format = formats[0];

@@ -722,3 +722,47 @@ pub fn mul_cols(x: &mut DeviceBuffer<f32>, scale: &DeviceBuffer<f32>) -> Result<
     // SAFETY: x holds a whole number of rows of scale.len floats.
     launched(kernel, x.len, unsafe { ffi::rq_mul_cols_f32(x.as_mut_ptr(), x.len, scale.as_ptr(), scale.len) })
 }
+
+/// `out[c]` = mean |x[r, c]| over the rows of `x` = `[rows, cols]` (`cpu::col_abs_mean`, bit
+/// for bit: the sum in f64 over the rows in order).
+pub fn col_abs_mean(x: &DeviceBuffer<f32>, cols: usize, out: &mut DeviceBuffer<f32>) -> Result<()> {
+    let kernel = "rq_col_abs_mean_f32";
+    let rows = rows_of(kernel, x.len, cols)?;
+    check_shape(kernel, "out", out.len, Some(cols))?;
+    if rows == 0 {
+        return Err(Error::Usage(format!("{kernel}: the mean of 0 rows")));
+    }
+    // SAFETY: x holds rows*cols floats, out cols.
+    launched(kernel, x.len, unsafe { ffi::rq_col_abs_mean_f32(x.as_ptr(), rows, cols, out.as_mut_ptr()) })
+}
+
+/// `out[r]` = Σ_c (y[r, c] − reference[r, c])², each difference rounded to bf16 when `bf16`,
+/// in f64 (`cpu::sq_err_row`, bit for bit), for `y`, `reference` = `[rows, cols]`.
+pub fn sq_err_rows(
+    y: &DeviceBuffer<f32>,
+    reference: &DeviceBuffer<f32>,
+    cols: usize,
+    bf16: bool,
+    out: &mut DeviceBuffer<f64>,
+) -> Result<()> {
+    let kernel = "rq_sq_err_rows_f32";
+    let rows = rows_of(kernel, y.len, cols)?;
+    check_shape(kernel, "reference", reference.len, Some(y.len))?;
+    check_shape(kernel, "out", out.len, Some(rows))?;
+    // SAFETY: y and reference hold rows*cols floats, out rows doubles.
+    launched(kernel, y.len, unsafe {
+        ffi::rq_sq_err_rows_f32(y.as_ptr(), reference.as_ptr(), rows, cols, c_int::from(bf16), out.as_mut_ptr())
+    })
+}
+
+/// INT4 fake quant in place of `w` = `[_, inp]` in groups of `group` inputs
+/// (`quant::int::int4_fake_quant` with the groups' own amax, bit for bit).
+pub fn fake_quant_int4_device(w: &mut DeviceBuffer<f32>, inp: usize, group: usize) -> Result<()> {
+    let kernel = "rq_fake_quant_int4_f32";
+    let out = rows_of(kernel, w.len, inp)?;
+    if group == 0 {
+        return Err(Error::Usage(format!("{kernel}: group size 0")));
+    }
+    // SAFETY: w holds out*inp floats.
+    launched(kernel, w.len, unsafe { ffi::rq_fake_quant_int4_f32(w.as_mut_ptr(), out, inp, group) })
+}

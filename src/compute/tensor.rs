@@ -43,6 +43,8 @@ pub enum DeviceTwin {
     FakeQuantInt8 { amax: f32 },
     /// `quant::nvfp4::fake_quant(x, cols, global_amax)` on rows of `cols`.
     FakeQuantNvfp4 { cols: usize, global_amax: f32 },
+    /// `quant::int::int4_fake_quant(x, _, cols, group, None)` on rows of `cols`.
+    FakeQuantInt4 { cols: usize, group: usize },
 }
 
 /// An f32 tensor on one backend.
@@ -270,6 +272,7 @@ impl Tensor {
                 DeviceTwin::FakeQuantFp8 { amax } => cuda::fake_quant_fp8_device(x, amax),
                 DeviceTwin::FakeQuantInt8 { amax } => cuda::fake_quant_int8_device(x, amax),
                 DeviceTwin::FakeQuantNvfp4 { cols, global_amax } => cuda::fake_quant_nvfp4_device(x, cols, global_amax),
+                DeviceTwin::FakeQuantInt4 { cols, group } => cuda::fake_quant_int4_device(x, cols, group),
             }),
         }
     }
@@ -593,6 +596,45 @@ impl Tensor {
                 cuda::channel_amax(x, cols, &mut d)?;
                 d.copy_to_slice(acc)
             }),
+        }
+    }
+
+    /// The mean |x| of every column of `self` (`[rows, cols]`, rows >= 1), [`cpu::col_abs_mean`].
+    pub fn col_abs_mean(&self, cols: usize) -> Vec<f32> {
+        let mut out = vec![0f32; cols];
+        match &self.storage {
+            Storage::Cpu(x) => cpu::col_abs_mean(x, cols, &mut out),
+            #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+            Storage::Cuda(x) => dev::step(|| {
+                let mut d = DeviceBuffer::alloc(cols)?;
+                cuda::col_abs_mean(x, cols, &mut d)?;
+                d.copy_to_slice(&mut out)
+            }),
+        }
+        out
+    }
+
+    /// Per row of `self` and `reference` (both `[rows, cols]`), the f64 sum of the squared
+    /// differences, each difference rounded as `c` stores tensors ([`cpu::sq_err_row`]).
+    pub fn sq_err_rows(&self, reference: &Tensor, cols: usize, c: Compute) -> Vec<f64> {
+        assert!(cols > 0 && self.len() == reference.len() && self.len().is_multiple_of(cols), "sq_err_rows: shapes differ");
+        match (&self.storage, &reference.storage) {
+            (Storage::Cpu(y), Storage::Cpu(r)) => {
+                let round = |d: f32| if c == Compute::Bf16 { crate::numerics::round_bf16(d) } else { d };
+                y.chunks_exact(cols).zip(r.chunks_exact(cols)).map(|(y, r)| cpu::sq_err_row(y, r, round)).collect()
+            }
+            #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+            (Storage::Cuda(y), Storage::Cuda(r)) => {
+                let mut out = vec![0f64; y.len() / cols];
+                dev::step(|| {
+                    let mut d = DeviceBuffer::alloc(out.len())?;
+                    cuda::sq_err_rows(y, r, cols, c == Compute::Bf16, &mut d)?;
+                    d.copy_to_slice(&mut out)
+                });
+                out
+            }
+            #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+            _ => self.host_copy().sq_err_rows(&reference.host_copy(), cols, c),
         }
     }
 

@@ -17,8 +17,7 @@ use crate::error::{Error, Result};
 use crate::export::unified::Output;
 use crate::model::config::{row_fold, RowFold};
 use crate::model::{module_of, Hooks, LayerModule, Layer, LinearKind, Model, LLAMA_MODULES};
-use crate::compute::cpu as ops;
-use crate::compute::{Device, Rope, Tensor};
+use crate::compute::{Device, DeviceTwin, Rope, Tensor};
 use crate::ptq::progress::Progress;
 use crate::quant::awq::{self, ActMean, LiteSearch};
 use crate::quant::{fp8, int, nvfp4, smoothquant, ActKind, Exclusions, QFormat, WeightKind, INT4_GROUP};
@@ -99,7 +98,7 @@ impl StatsHooks<'_> {
             x.channel_amax(cols, &mut self.channel_amax[k]);
         }
         if self.want_mean {
-            self.mean[k].get_or_insert_with(|| ActMean::new(cols, self.dtype)).observe(&x.to_host());
+            self.mean[k].get_or_insert_with(|| ActMean::new(cols, self.dtype)).observe(x);
         }
     }
 }
@@ -117,28 +116,25 @@ impl Hooks for StatsHooks<'_> {
 }
 
 /// awq_lite's search pass: every quantized module's loss per alpha (spec/algorithms.md §6.1),
-/// indexed like the layer's modules: (module weight, bias, search). An expert's loss is summed
-/// over the tokens routed to it.
+/// indexed like the layer's modules: (module weight, bias, search), on the layer inputs'
+/// device. An expert's loss is summed over the tokens routed to it.
 struct SearchHooks<'a> {
     layer: &'a Layer,
     modules: &'a [LayerModule],
-    searches: Vec<Option<(Vec<f32>, Option<Vec<f32>>, LiteSearch)>>,
+    searches: Vec<Option<(Tensor, Option<Tensor>, LiteSearch)>>,
 }
 
 impl SearchHooks<'_> {
     fn observe(&mut self, expert: Option<usize>, kind: LinearKind, x: &Tensor, cols: usize) {
         let Some(k) = observed(self.modules, expert, kind) else { return };
         if let Some((w, bias, search)) = &mut self.searches[k] {
-            let x = x.to_host();
             let out = w.len() / cols;
-            let tokens = x.len() / cols;
-            let mut y = vec![0f32; tokens * out];
-            ops::matmul_bt(&x, w, tokens, cols, out, &mut y);
+            let mut y = x.matmul_bt(w, x.len() / cols, cols, out);
             if let Some(b) = bias {
-                y.chunks_exact_mut(out).for_each(|row| ops::add_in_place(row, b));
+                y.add_row_bias(b);
             }
-            self.layer.compute().round(&mut y);
-            search.observe(&x, &y);
+            y.round(self.layer.compute());
+            search.observe(x, &y);
         }
     }
 }
@@ -247,7 +243,7 @@ pub(crate) fn calibrate_layer<'a>(
     let any = |pred: fn(QFormat) -> bool| formats.iter().flatten().any(|&f| pred(f));
     let awq = any(QFormat::awq);
 
-    // Pass 1: statistics (on a copy of the inputs when a search pass follows).
+    // Pass 1: statistics.
     let n = modules.len();
     let mut stats = StatsHooks {
         modules,
@@ -260,14 +256,16 @@ pub(crate) fn calibrate_layer<'a>(
         kv_amax: (0.0, 0.0),
         non_finite: None,
     };
-    let mut scratch: Vec<Tensor>;
-    let states: &mut [Tensor] = if awq {
-        scratch = hidden.to_vec();
-        &mut scratch
-    } else {
-        hidden
-    };
-    for (s, (h, ids)) in states.iter_mut().zip(samples).enumerate() {
+    for (s, (h, ids)) in hidden.iter_mut().zip(samples).enumerate() {
+        // With a search pass to follow, each sample's input is copied (one at a time) and the
+        // copy advanced, so the inputs stay for the search.
+        let mut copy;
+        let h = if awq {
+            copy = h.clone();
+            &mut copy
+        } else {
+            h
+        };
         layer.forward(cfg, rope, h, ids.len(), &mut stats);
         crate::compute::take_device_error()?;
         if let Some(k) = stats.non_finite {
@@ -278,6 +276,7 @@ pub(crate) fn calibrate_layer<'a>(
     // Pass 2 (AWQ): the alpha search, advancing the hidden states.
     let mut best: Vec<Option<Vec<f32>>> = vec![None; n];
     if awq {
+        let device = hidden.first().map_or(Device::Cpu, Tensor::device);
         let mut search = SearchHooks { layer, modules, searches: (0..n).map(|_| None).collect() };
         for (k, ((m, f), &smooth)) in modules.iter().zip(formats).zip(smooth).enumerate() {
             let Some(format) = f.filter(|f| f.awq() && smooth) else { continue };
@@ -289,11 +288,12 @@ pub(crate) fn calibrate_layer<'a>(
                 let block = if format.weight() == WeightKind::Int4Groups { INT4_GROUP } else { nvfp4::BLOCK };
                 let wbar = awq::weight_mean(&w, o, i, Some(block), dtype);
                 let fq = search_quantizer(format, o, i, dtype);
-                let mut s = LiteSearch::new(&w, o, i, &xbar, &wbar, dtype, &*fq);
+                let mut s = LiteSearch::new(&w, o, i, &xbar, &wbar, dtype, device, &*fq);
                 if let Some(b) = &bias {
                     s = s.with_bias(b);
                 }
-                search.searches[k] = Some((w, bias, s));
+                let bias = bias.map(|b| Tensor::on(b, device));
+                search.searches[k] = Some((Tensor::on(w, device), bias, s));
             }
         }
         for (h, ids) in hidden.iter_mut().zip(samples) {
@@ -401,23 +401,24 @@ fn fold_biased(fold: &RowFold, modules: &[LayerModule], layer: &Layer) -> bool {
     modules[fold.producer].expert.is_none() && layer.bias(fold.kind).is_some()
 }
 
-/// Fake-quantizes a whole `[out, in]` weight in place.
-type WeightQuantizer = Box<dyn Fn(&mut [f32])>;
+/// Fake-quantizes a whole `[out, in]` weight in place, on its device.
+type WeightQuantizer = Box<dyn Fn(&mut Tensor)>;
 
 /// The weight fake-quantizer used in the AWQ search: the format's weight quantizer with its
 /// amax recomputed from the weight it is given, result in the model dtype (§6.1). For W4A8
 /// only the INT4 stage: ModelOpt's W4A8 and INT4 exports of rq-tiny have identical AWQ
 /// weights and scales, so its FP8 stage does not take part in the search.
 fn search_quantizer(format: QFormat, out: usize, inp: usize, dtype: Dtype) -> WeightQuantizer {
-    let round = move |w: &mut [f32]| w.iter_mut().for_each(|v| *v = fp8::round_to_dtype(*v, dtype));
     match format.weight() {
-        WeightKind::Nvfp4 => Box::new(move |w: &mut [f32]| {
-            nvfp4::fake_quant(w, inp, fp8::absmax(w));
-            round(w);
+        WeightKind::Nvfp4 => Box::new(move |w: &mut Tensor| {
+            let global_amax = w.amax(0.0);
+            w.map_twin(DeviceTwin::FakeQuantNvfp4 { cols: inp, global_amax }, |h| nvfp4::fake_quant(h, inp, global_amax));
+            awq::round_tensor(w, dtype);
         }),
-        _ => Box::new(move |w: &mut [f32]| {
-            int::int4_fake_quant(w, out, inp, INT4_GROUP, None);
-            round(w);
+        _ => Box::new(move |w: &mut Tensor| {
+            let twin = DeviceTwin::FakeQuantInt4 { cols: inp, group: INT4_GROUP };
+            w.map_twin(twin, |h| int::int4_fake_quant(h, out, inp, INT4_GROUP, None));
+            awq::round_tensor(w, dtype);
         }),
     }
 }

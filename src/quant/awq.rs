@@ -6,10 +6,13 @@
 //! INT4 stage, which is all ModelOpt uses during AWQ, §4.5) and NVFP4: the caller passes a
 //! fake-quantizer that rounds its output to the model dtype, as ModelOpt's kernels do (§1).
 //!
-//! Every product goes through `ops::matmul_bt` (deterministic, independent of the thread
-//! count), so the searches are deterministic.
+//! awq_lite's search runs on the layer's device through `Tensor` (the 11 candidate weights,
+//! their products and the per-row errors; cuda/awq.cu repeats the CPU's summation order), the
+//! clip search on the host; every product is deterministic and independent of the thread
+//! count, so the searches are too.
 
-use crate::compute::cpu::matmul_bt;
+use crate::compute::cpu::{matmul_bt, sq_err_row};
+use crate::compute::{Compute, Device, Tensor};
 use crate::quant::fp8::round_to_dtype;
 use crate::quant::scales::{one_minus, torch_pow, SCALE_MAX, SCALE_MIN};
 use crate::io::safetensors::Dtype;
@@ -88,25 +91,18 @@ impl ActMean {
         ActMean { sum: vec![0.0; inp], batches: 0, dtype }
     }
 
-    /// One batch, `[tokens, inp]` row-major. An empty batch is skipped, as ModelOpt skips
-    /// `input.numel() == 0` (MoE experts that got no token).
+    /// One batch, `[tokens, inp]` row-major, on any device. An empty batch is skipped, as
+    /// ModelOpt skips `input.numel() == 0` (MoE experts that got no token).
     ///
     /// Panics if `x.len()` is not a multiple of `inp` (a caller bug).
-    pub fn observe(&mut self, x: &[f32]) {
+    pub fn observe(&mut self, x: &Tensor) {
         let inp = self.sum.len();
         if x.is_empty() || inp == 0 {
             return;
         }
         assert!(x.len().is_multiple_of(inp), "ActMean: {} values are not [tokens, {inp}]", x.len());
-        let tokens = x.len() / inp;
-        let mut acc = vec![0f64; inp];
-        for row in x.chunks_exact(inp) {
-            for (a, &v) in acc.iter_mut().zip(row) {
-                *a += v.abs() as f64;
-            }
-        }
-        for (s, a) in self.sum.iter_mut().zip(acc) {
-            *s += round_to_dtype((a / tokens as f64) as f32, self.dtype);
+        for (s, m) in self.sum.iter_mut().zip(x.col_abs_mean(inp)) {
+            *s += round_to_dtype(m, self.dtype);
         }
         self.batches += 1;
     }
@@ -141,6 +137,29 @@ pub fn awq_scale(xbar: &[f32], wbar: &[f32], alpha: f32) -> Vec<f32> {
     s.iter().map(|&v| v / norm).collect()
 }
 
+/// Rounds every value of `t` to `dtype` (bf16 and f32 on the tensor's device, f16 on the host).
+pub fn round_tensor(t: &mut Tensor, dtype: Dtype) {
+    match dtype {
+        Dtype::BF16 => t.round(Compute::Bf16),
+        Dtype::F16 => t.map_host(|x| x.iter_mut().for_each(|v| *v = round_to_dtype(*v, dtype))),
+        _ => {}
+    }
+}
+
+/// Per row of `y` and `reference` (`[rows, cols]`), the f64 sum of the squared differences,
+/// each rounded to `dtype` ([`crate::compute::cpu::sq_err_row`]).
+fn sq_err_rows(y: &Tensor, reference: &Tensor, cols: usize, dtype: Dtype) -> Vec<f64> {
+    match dtype {
+        Dtype::BF16 => y.sq_err_rows(reference, cols, Compute::Bf16),
+        Dtype::F16 => {
+            let (y, r) = (y.to_host(), reference.to_host());
+            let round = |d: f32| round_to_dtype(d, dtype);
+            y.chunks_exact(cols).zip(r.chunks_exact(cols)).map(|(y, r)| sq_err_row(y, r, round)).collect()
+        }
+        _ => y.sq_err_rows(reference, cols, Compute::F32),
+    }
+}
+
 /// One alpha of the search: its scale and what the search forward uses.
 #[derive(Clone, Debug)]
 struct Candidate {
@@ -148,8 +167,9 @@ struct Candidate {
     s: Vec<f32>,
     /// The input pre_quant_scale `1/s`, in the model dtype.
     inv_s: Vec<f32>,
-    /// `Q(W ⊙ s)` with `s` in the model dtype and the product rounded to it.
-    wq: Vec<f32>,
+    /// `Q(W ⊙ s)` with `s` in the model dtype and the product rounded to it, on the device
+    /// the search runs on.
+    wq: Tensor,
 }
 
 /// awq_lite's search for one linear (§6.1 pass 2): for each alpha of `ALPHAS`, the sum over
@@ -166,7 +186,7 @@ pub struct LiteSearch {
     out: usize,
     inp: usize,
     dtype: Dtype,
-    bias: Option<Vec<f32>>,
+    bias: Option<Tensor>,
     candidates: Vec<Candidate>,
     losses: [f32; 11],
     batches: usize,
@@ -174,10 +194,12 @@ pub struct LiteSearch {
 
 impl LiteSearch {
     /// `w`: the original `[out, inp]` weight; `xbar`: `ActMean::finish`; `wbar`: `weight_mean`
-    /// of `w`; `fake_quant`: fake-quantizes a whole `[out, inp]` weight in place, amax
+    /// of `w`; `device`: where the candidates live and the search runs (the layer inputs'
+    /// device); `fake_quant`: fake-quantizes a whole `[out, inp]` weight in place, amax
     /// recomputed from what it is given, result in the model dtype.
     ///
     /// Panics if a length does not match `out`/`inp` (a caller bug).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         w: &[f32],
         out: usize,
@@ -185,20 +207,23 @@ impl LiteSearch {
         xbar: &[f32],
         wbar: &[f32],
         dtype: Dtype,
-        fake_quant: &dyn Fn(&mut [f32]),
+        device: Device,
+        fake_quant: &dyn Fn(&mut Tensor),
     ) -> LiteSearch {
         assert_eq!(w.len(), out * inp, "LiteSearch: weight is not [{out}, {inp}]");
         assert_eq!(xbar.len(), inp, "LiteSearch: {} activation means for {inp} inputs", xbar.len());
+        let original = Tensor::on(w.to_vec(), device);
         let candidates = ALPHAS
             .iter()
             .map(|&alpha| {
                 let s = awq_scale(xbar, wbar, alpha);
                 let s_w: Vec<f32> = s.iter().map(|&v| round_to_dtype(v, dtype)).collect();
                 let inv_s = s.iter().map(|&v| round_to_dtype(1.0 / v, dtype)).collect();
-                let mut wq: Vec<f32> = w
-                    .chunks_exact(inp.max(1))
-                    .flat_map(|row| row.iter().zip(&s_w).map(|(&x, &k)| round_to_dtype(x * k, dtype)))
-                    .collect();
+                let mut wq = original.clone();
+                if inp > 0 {
+                    wq.scale_columns(&s_w);
+                }
+                round_tensor(&mut wq, dtype);
                 fake_quant(&mut wq);
                 Candidate { s, inv_s, wq }
             })
@@ -212,16 +237,20 @@ impl LiteSearch {
     /// Panics if `bias.len() != out` (a caller bug).
     pub fn with_bias(mut self, bias: &[f32]) -> LiteSearch {
         assert_eq!(bias.len(), self.out, "LiteSearch: bias of {} for {} outputs", bias.len(), self.out);
-        self.bias = Some(bias.to_vec());
+        let device = self.candidates[0].wq.device();
+        self.bias = Some(Tensor::on(bias.to_vec(), device));
         self
     }
 
     /// One batch: `x` `[tokens, inp]`, the layer input; `out_ref` `[tokens, out]`, the exact
-    /// output (as the model computes it: model dtype, bias included). Adds one MSE per alpha.
-    /// An empty batch is skipped, as in ModelOpt.
+    /// output (as the model computes it: model dtype, bias included), both on the search's
+    /// device. Adds one MSE per alpha: per candidate, the input scaled by `1/s` (model dtype),
+    /// its product with the candidate weight, bias, rounding, and the per-row squared errors
+    /// ([`crate::compute::cpu::sq_err_row`]) summed over the rows in f64. An empty batch is
+    /// skipped, as in ModelOpt.
     ///
     /// Panics if the lengths do not match the shapes (a caller bug).
-    pub fn observe(&mut self, x: &[f32], out_ref: &[f32]) {
+    pub fn observe(&mut self, x: &Tensor, out_ref: &Tensor) {
         let (inp, out, dtype) = (self.inp, self.out, self.dtype);
         if x.is_empty() || inp == 0 || out == 0 {
             return;
@@ -229,24 +258,17 @@ impl LiteSearch {
         assert!(x.len().is_multiple_of(inp), "LiteSearch: {} values are not [tokens, {inp}]", x.len());
         let tokens = x.len() / inp;
         assert_eq!(out_ref.len(), tokens * out, "LiteSearch: reference output is not [{tokens}, {out}]");
-        let mut xs = vec![0f32; x.len()];
-        let mut y = vec![0f32; tokens * out];
         for (c, loss) in self.candidates.iter().zip(self.losses.iter_mut()) {
-            for (xr, sr) in x.chunks_exact(inp).zip(xs.chunks_exact_mut(inp)) {
-                for ((d, &v), &k) in sr.iter_mut().zip(xr).zip(&c.inv_s) {
-                    *d = round_to_dtype(v * k, dtype);
-                }
+            let mut xs = x.clone();
+            xs.scale_columns(&c.inv_s);
+            round_tensor(&mut xs, dtype);
+            let mut y = xs.matmul_bt(&c.wq, tokens, inp, out);
+            if let Some(b) = &self.bias {
+                y.add_row_bias(b);
             }
-            matmul_bt(&xs, &c.wq, tokens, inp, out, &mut y);
-            let mut acc = 0f64;
-            for (yr, rr) in y.chunks_exact(out).zip(out_ref.chunks_exact(out)) {
-                for (o, (&v, &r)) in yr.iter().zip(rr).enumerate() {
-                    let v = self.bias.as_ref().map_or(v, |b| v + b[o]);
-                    let d = round_to_dtype(round_to_dtype(v, dtype) - r, dtype) as f64;
-                    acc += d * d;
-                }
-            }
-            *loss += (acc / (tokens * out) as f64) as f32;
+            round_tensor(&mut y, dtype);
+            let rows = sq_err_rows(&y, out_ref, out, dtype);
+            *loss += (rows.iter().sum::<f64>() / (tokens * out) as f64) as f32;
         }
         self.batches += 1;
     }

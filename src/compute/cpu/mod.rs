@@ -8,6 +8,7 @@
 mod attention;
 mod matmul;
 mod norm;
+mod reduce;
 mod simd;
 mod threads;
 
@@ -19,4 +20,5 @@ pub use norm::{
     rms_norm_bf16,
     rms_norm_offset, rms_norm_offset_bf16, round_slice_bf16, silu, silu_mul,
 };
+pub use reduce::{col_abs_mean, sq_err_row};
 pub use threads::num_threads;

@@ -1,0 +1,66 @@
+//! Reductions of AWQ's search (spec/algorithms.md §6.1), in the order the device kernels
+//! (cuda/awq.cu) repeat, so both give the same bits.
+
+/// The mean |x| of every column of `x` (`[rows, cols]`) into `out` (`cols` values): per column
+/// a sequential f64 sum over the rows, divided by the row count, then cast to f32.
+///
+/// Panics if `x` is not whole rows of `cols` or `out.len() != cols` (a caller bug).
+pub fn col_abs_mean(x: &[f32], cols: usize, out: &mut [f32]) {
+    assert!(cols > 0 && x.len().is_multiple_of(cols) && out.len() == cols, "col_abs_mean: {} values, {cols} columns", x.len());
+    let rows = x.len() / cols;
+    let mut acc = vec![0f64; cols];
+    for row in x.chunks_exact(cols) {
+        for (a, &v) in acc.iter_mut().zip(row) {
+            *a += f64::from(v.abs());
+        }
+    }
+    for (o, a) in out.iter_mut().zip(acc) {
+        *o = (a / rows as f64) as f32;
+    }
+}
+
+/// `Σ_c round(y[c] − reference[c])²` in f64, the order of one warp of the device kernel: lane
+/// `j` sums the columns `j, j + 32, …`, then the 32 partial sums are combined by a xor
+/// butterfly (each step adds the partial `off` lanes away, for off = 16, 8, 4, 2, 1).
+///
+/// Panics if the lengths differ (a caller bug).
+pub fn sq_err_row(y: &[f32], reference: &[f32], round: impl Fn(f32) -> f32) -> f64 {
+    assert_eq!(y.len(), reference.len(), "sq_err_row: {} outputs, {} reference values", y.len(), reference.len());
+    let mut p = [0f64; 32];
+    for (c, (&a, &b)) in y.iter().zip(reference).enumerate() {
+        let d = f64::from(round(a - b));
+        p[c % 32] += d * d;
+    }
+    for off in [16, 8, 4, 2, 1] {
+        let q = p;
+        for (j, v) in p.iter_mut().enumerate() {
+            *v = q[j] + q[j ^ off];
+        }
+    }
+    p[0]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sq_err_row_is_the_sum_of_squares() {
+        let y: Vec<f32> = (0..77).map(|i| (i as f32 * 0.37).sin()).collect();
+        let r: Vec<f32> = (0..77).map(|i| (i as f32 * 0.11).cos()).collect();
+        let exact: f64 = y.iter().zip(&r).map(|(&a, &b)| f64::from(a - b).powi(2)).sum();
+        let got = sq_err_row(&y, &r, |d| d);
+        assert!((got - exact).abs() <= 1e-12 * exact, "{got} vs {exact}");
+        assert_eq!(sq_err_row(&[], &[], |d| d), 0.0);
+        assert!(sq_err_row(&[f32::NAN], &[0.0], |d| d).is_nan());
+    }
+
+    #[test]
+    fn col_abs_mean_is_the_mean_of_magnitudes() {
+        let x = [1.0, -2.0, -3.0, 4.0, 0.5, f32::NAN];
+        let mut out = [0f32; 2];
+        col_abs_mean(&x, 2, &mut out);
+        assert_eq!(out[0], 1.5);
+        assert!(out[1].is_nan());
+    }
+}
