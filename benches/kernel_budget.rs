@@ -347,10 +347,15 @@ fn memory_table() {
     row("RoPE cos / sin tables".into(), mib(rope), String::new(), "once per run".into());
     let note = format!("{}, {} headroom (CUDA context, allocator)", share(total), mib(BUDGET_BYTES.saturating_sub(total)));
     row("**total: weights + hidden + largest temporaries + tables**".into(), format!("**{}**", mib(total)), mib(total / 2), note);
-    let awq = total + hidden;
+    // AWQ (calibrate_layer): the statistics pass advances one row's copy at a time; the search
+    // holds the layer's weights again and 11 candidates (`LiteSearch`), and per linear a row's
+    // scaled input, a candidate's output and the exact output.
+    let widest = INTERMEDIATE.max(HIDDEN);
+    let awq_extra = 12 * weights + SEQ * HIDDEN * F32 + SEQ * (HIDDEN + widest + 2 * widest) * F32;
+    let awq = total + awq_extra;
     let verdict = if awq > BUDGET_BYTES { "**exceeds the budget**" } else { "within the budget" };
-    let what = "AWQ search pass, if it came to the device as on the CPU (`calibrate_layer` copies `hidden`)".to_string();
-    row(what, format!("+{}", mib(hidden)), String::new(), format!("total {}: {verdict}", mib(awq)));
+    let what = "AWQ search (`LiteSearch`): the layer's weights again + 11 candidates, one row's copy and products".to_string();
+    row(what, format!("+{}", mib(awq_extra)), format!("+{}", mib(awq_extra / 2)), format!("total {}: {verdict}", mib(awq)));
     println!();
     let rows_fit = (BUDGET_BYTES - weights - mlp - rope) / (SEQ * HIDDEN * F32);
     println!("Hidden states grow with rows × seq: with f32 they fill the 8 GiB by themselves at {} rows of {SEQ} tokens \

@@ -28,6 +28,12 @@ extern "C" int rq_device_props(int device, char* host_name, size_t host_len, int
     return cudaSuccess;
 }
 
+extern "C" int rq_mem_info(size_t* host_free, size_t* host_total) {
+    *host_free = 0;
+    *host_total = 0;
+    return cudaMemGetInfo(host_free, host_total);
+}
+
 extern "C" int rq_malloc(void** host_ptr, size_t bytes) {
     *host_ptr = nullptr;
     return cudaMalloc(host_ptr, bytes);

@@ -29,6 +29,9 @@ int rq_device_count(int* host_count);
 int rq_device_props(int device, char* host_name, size_t host_len, int* host_major,
                     int* host_minor);
 
+/* Free and total memory of the current device in bytes (cudaMemGetInfo). */
+int rq_mem_info(size_t* host_free, size_t* host_total);
+
 int rq_malloc(void** host_ptr, size_t bytes);
 int rq_free(void* ptr);
 int rq_memcpy_htod(void* dst, const void* host_src, size_t bytes);

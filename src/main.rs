@@ -149,6 +149,10 @@ struct Quantize {
     /// an error (default: a warning naming the closest module names)
     #[argh(switch)]
     strict: bool,
+    /// print the peak device and host memory the run will need (and whether the GPU has it),
+    /// then stop: nothing is calibrated or written
+    #[argh(switch)]
+    dry_run: bool,
 }
 
 /// Perplexity of a checkpoint (original, rq-min or ModelOpt FP8 export) on a text.
@@ -241,6 +245,7 @@ fn main() -> ExitCode {
             tp: q.tp,
             pp: q.pp,
             strict: q.strict,
+            dry_run: q.dry_run,
         }),
         Command::Eval(e) => cli::eval(&cli::EvalArgs {
             model: e.model,

@@ -279,3 +279,60 @@ fn fifo_inputs_are_named_as_fifos() {
     assert!(err.contains("--model") && err.contains("missing does not exist"), "{err}");
     assert!(!out.exists());
 }
+
+/// `--dry-run` prints the memory estimate of the run and writes nothing; the estimate's items
+/// are the shapes' arithmetic (families-llama: hidden 128, intermediate 256, 4 heads and 2 KV
+/// heads of 32, vocabulary 512).
+#[test]
+fn dry_run_prints_the_memory_estimate_and_writes_nothing() {
+    use rq_min::compute::Device;
+    use rq_min::model::Model;
+    use rq_min::ptq::memory::{estimate, peak, Phase, Plan};
+    let llama = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/families-llama");
+    let model = Model::open(&llama, None).unwrap();
+    let plan = |awq: bool, eval_seq: Option<usize>| Plan {
+        rows: 3,
+        seq: 16,
+        awq,
+        auto_quantize: None,
+        eval_seq,
+        device: Device::Cpu,
+        shard_bytes: 1 << 30,
+    };
+    // q 128x128, k and v 64x128, o 128x128, gate and up 256x128, down 128x256, f32.
+    let layer = (2 * 128 * 128 + 2 * 64 * 128 + 3 * 256 * 128) * 4u64;
+    let hidden = 3 * 16 * 128 * 4u64;
+    let row = 16 * (128 + 2 * 256) * 4u64;
+    let input: u64 = std::fs::metadata(llama.join("model.safetensors")).unwrap().len();
+    let e = estimate(&model, &plan(false, None)).unwrap();
+    let bytes: Vec<u64> = e.host.iter().map(|i| i.2).collect();
+    assert!(e.device.is_empty());
+    assert_eq!(bytes[..3], [layer, hidden, row]);
+    // The pending shard: the input's tensor bytes (the file less its header).
+    assert!(bytes[3] < input && bytes[3] > input - 4096, "pending {} of a {input}-byte file", bytes[3]);
+    assert_eq!(peak(&e.host), bytes.iter().sum::<u64>());
+    // AWQ adds the weights again and 11 candidates; evaluation is its own phase.
+    let e = estimate(&model, &plan(true, Some(32))).unwrap();
+    assert!(e.host.iter().any(|i| i.2 == 12 * layer));
+    let eval: u64 = e.host.iter().filter(|i| i.0 == Phase::Evaluation).map(|i| i.2).sum();
+    assert_eq!(eval, layer + (512 * 128 + 32 * 512) * 4 + row);
+
+    // The command: the table on stdout, exit 0, no --out.
+    let dir = scratch("dry-run");
+    let out = dir.join("out");
+    let ids = dir.join("ids.json");
+    let row: Vec<String> = (0..16).map(|i| (i * 7 % 512).to_string()).collect();
+    std::fs::write(&ids, format!("[[{0}],[{0}],[{0}]]", row.join(","))).unwrap();
+    let run = Command::new(env!("CARGO_BIN_EXE_rq-min"))
+        .args(["quantize", "--model", llama.to_str().unwrap(), "--out", out.to_str().unwrap()])
+        .args(["--calib-ids", ids.to_str().unwrap(), "--no-eval"])
+        .args(["--qformat", "int4_awq", "--calib-size", "3", "--calib-seq", "16", "--dry-run", "--quiet"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(run.status.success(), "{stdout}{}", String::from_utf8_lossy(&run.stderr));
+    for want in ["hidden states of 3 calibration rows x 16 tokens", "AWQ search", "peak host memory", "nothing written"] {
+        assert!(stdout.contains(want), "{want:?} missing from:\n{stdout}");
+    }
+    assert!(!out.exists(), "--dry-run wrote {}", out.display());
+}

@@ -326,6 +326,48 @@ fn auto_quantize_on_the_device_matches_the_cpu() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A run whose estimate exceeds the device's free memory stops before any work with the
+/// estimate in the error; `--dry-run` says it does not fit. The emulator plays an 8 MB GPU
+/// (RQ_EMU_DEVICE_MEMORY, set for the child process only); on a GPU the test says it skips.
+#[test]
+fn a_run_the_device_cannot_hold_stops_before_any_work() {
+    if !have_gpu() {
+        return;
+    }
+    if !cfg!(feature = "cuda-emu") {
+        say("skipped: needs the emulator's RQ_EMU_DEVICE_MEMORY to play a small GPU");
+        return;
+    }
+    let dir = scratch("small-gpu");
+    let out = dir.join("out");
+    let ids_file = dir.join("ids.json");
+    write_ids(&ids_file, &ids(64, 128, 512, 9));
+    let run = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_rq-min"))
+            .env("RQ_EMU_DEVICE_MEMORY", "8000000")
+            .args(["quantize", "--model", llama().to_str().unwrap(), "--out", out.to_str().unwrap()])
+            .args(["--calib-ids", ids_file.to_str().unwrap(), "--calib-size", "64"])
+            .args(["--qformat", "int4_awq", "--device", "cuda", "--quiet"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    // 64 x 128 x 128 f32 hidden states are 4 MiB, the AWQ candidates of a layer 6 MiB.
+    let r = run(&["--no-eval"]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success(), "the run went on: {err}");
+    for want in ["the run needs about", "7.6 MiB free", "AWQ search", "--calib-size"] {
+        assert!(err.contains(want), "{want:?} missing from: {err}");
+    }
+    assert!(!err.contains("layer 1/"), "calibration started: {err}");
+    assert!(!out.exists());
+    let r = run(&["--dry-run", "--no-eval"]);
+    let text = String::from_utf8_lossy(&r.stdout);
+    assert!(r.status.success() && text.contains("it does NOT fit") && text.contains("peak device memory"), "{text}");
+    assert!(!out.exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// What the device does not run yet is refused by name, before any work.
 #[test]
 fn device_refuses_what_it_does_not_run() {

@@ -796,6 +796,16 @@ cudaError_t cudaGetDeviceProperties(cudaDeviceProp* prop, int device) {
     return cudaSuccess;
 }
 
+// The emulator does not count its allocations: free = total = RQ_EMU_DEVICE_MEMORY (bytes,
+// read at each call, so tests can play a small GPU) or else the host's physical memory.
+cudaError_t cudaMemGetInfo(size_t* free, size_t* total) {
+    const char* env = std::getenv("RQ_EMU_DEVICE_MEMORY");
+    *total = env && *env ? size_t(std::strtoull(env, nullptr, 10))
+                         : size_t(sysconf(_SC_PHYS_PAGES)) * size_t(sysconf(_SC_PAGESIZE));
+    *free = *total;
+    return cudaSuccess;
+}
+
 cudaError_t cudaMalloc(void** ptr, size_t bytes) {
     *ptr = nullptr;
     if (bytes == 0) return cudaSuccess;

@@ -8,6 +8,7 @@ use crate::io::json::Json;
 use crate::compute::Compute;
 use crate::model::{Model};
 use crate::ptq::eval;
+use crate::ptq::memory;
 use crate::ptq::quantize;
 use crate::ptq::autoquant;
 use crate::ptq::progress::Progress;
@@ -53,6 +54,9 @@ pub struct QuantizeArgs {
     /// `--strict`: an `--exclude` pattern or `--layer-formats` module that names no module of
     /// the model is an error (by default a warning).
     pub strict: bool,
+    /// `--dry-run`: print the memory estimate (`ptq::memory`) and stop before any calibration;
+    /// nothing is written.
+    pub dry_run: bool,
 }
 
 impl QuantizeArgs {
@@ -83,6 +87,7 @@ impl QuantizeArgs {
             tp: 1,
             pp: 1,
             strict: false,
+            dry_run: false,
         }
     }
 }
@@ -110,6 +115,10 @@ pub fn quantize(a: &QuantizeArgs) -> Result<()> {
     }
     check_folder("--model", &a.model)?;
     crate::io::tmp::check_out_vs_input(&a.model, &a.out)?;
+    if a.dry_run {
+        // The estimate of the calibration every export runs; nothing is written.
+        return unified_export(&QuantizeArgs { no_eval: a.no_eval || a.export != "hf", ..a.clone() }, false, Step::Final);
+    }
     match a.export.as_str() {
         "hf" => {
             if a.tp != 1 || a.pp != 1 {
@@ -254,6 +263,34 @@ fn check_device_quantize(a: &QuantizeArgs) -> Result<()> {
     Ok(())
 }
 
+/// Checks the estimate against the device's free memory: an error naming both (with the
+/// estimate's table) when a device run cannot fit, unless `dry_run`; returns a line saying how
+/// much the device has.
+fn check_memory(estimate: &memory::Estimate, device: Device, dry_run: bool) -> Result<String> {
+    let need = memory::peak(&estimate.device);
+    let (free, total) = match device.memory() {
+        Ok(Some(m)) => m,
+        Ok(None) => return Ok(String::new()),
+        Err(e) if dry_run => return Ok(format!("device memory: unknown ({e})")),
+        Err(e) => return Err(e),
+    };
+    let line = format!("device memory: {} free of {}", memory::gib(free), memory::gib(total));
+    if need <= free {
+        return Ok(format!("{line}: the run fits"));
+    }
+    if dry_run {
+        return Ok(format!("{line}: the run needs about {}, it does NOT fit", memory::gib(need)));
+    }
+    Err(Error::Unsupported(format!(
+        "--device cuda: the run needs about {} of device memory, the GPU has {} free of {}; \
+         use fewer or shorter calibration rows (--calib-size, --calib-seq) or --device cpu\n{}",
+        memory::gib(need),
+        memory::gib(free),
+        memory::gib(total),
+        estimate.table().trim_end()
+    )))
+}
+
 fn unified_export(a: &QuantizeArgs, compressed_tensors: bool, step: Step) -> Result<()> {
     let device = Device::parse(&a.device)?;
     let formats: Vec<QFormat> = a.qformat.split(',').map(|f| QFormat::parse(f.trim())).collect::<Result<_>>()?;
@@ -265,7 +302,9 @@ fn unified_export(a: &QuantizeArgs, compressed_tensors: bool, step: Step) -> Res
         }
         check_device_quantize(a)?;
     }
-    device.check_available()?;
+    if !a.dry_run {
+        device.check_available()?;
+    }
     let format = formats[0];
     if formats.len() > 1 && a.auto_bits.is_none() {
         return Err(Error::Usage("several --qformat values need --auto-bits (auto-quantize)".into()));
@@ -331,6 +370,23 @@ fn unified_export(a: &QuantizeArgs, compressed_tensors: bool, step: Step) -> Res
     let mut model = model;
     model.compute = if model.dtype()? == Dtype::BF16 { Compute::Bf16 } else { Compute::F32 };
     model.device = device;
+    let awq = formats.iter().any(|f| f.awq())
+        || a.layer_formats.as_ref().map(|p| layer_formats_file(p)).transpose()?.is_some_and(|m| m.values().any(|f| f.awq()));
+    let plan = memory::Plan {
+        rows: samples.len(),
+        seq: samples.iter().map(Vec::len).max().unwrap_or(0),
+        awq,
+        auto_quantize: a.auto_bits.map(|_| a.score_size.min(samples.len())),
+        eval_seq: (!a.no_eval).then_some(a.eval_seq),
+        device,
+        shard_bytes: unified::DEFAULT_SHARD_BYTES,
+    };
+    let estimate = memory::estimate(&model, &plan)?;
+    let room = check_memory(&estimate, device, a.dry_run)?;
+    if a.dry_run {
+        crate::out!("{}{room}\ndry run: nothing calibrated, nothing written", estimate.table());
+        return Ok(());
+    }
     let exclusions = Exclusions::new(&split_patterns(&a.exclude));
     let mut search = None;
     let per_module = match (&a.layer_formats, a.auto_bits) {

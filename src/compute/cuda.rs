@@ -92,6 +92,14 @@ pub fn device_info() -> Result<String> {
     Ok(format!("{count} CUDA device(s): {}", devices.join(", ")))
 }
 
+/// (free, total) bytes of the current device's memory.
+pub fn memory_info() -> Result<(u64, u64)> {
+    let (mut free, mut total) = (0usize, 0usize);
+    // SAFETY: both are valid host size_t.
+    check(unsafe { ffi::rq_mem_info(&mut free, &mut total) }, || "device memory info".into())?;
+    Ok((free as u64, total as u64))
+}
+
 /// `len` values of `T` in device memory, freed on drop. Contents start uninitialized
 /// ([`DeviceBuffer::alloc`]) or copied from the host ([`DeviceBuffer::from_slice`]).
 pub struct DeviceBuffer<T: Pod> {

@@ -40,6 +40,19 @@ impl Device {
     }
 }
 
+impl Device {
+    /// (free, total) bytes of the device's memory; None for the CPU.
+    pub fn memory(self) -> Result<Option<(u64, u64)>> {
+        match self {
+            Device::Cpu => Ok(None),
+            #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+            Device::Cuda => crate::compute::cuda::memory_info().map(Some),
+            #[cfg(not(any(feature = "cuda", feature = "cuda-emu")))]
+            Device::Cuda => self.check_available().map(|()| None),
+        }
+    }
+}
+
 thread_local! {
     /// The first device error of this thread since the last [`take_device_error`] (sticky, as
     /// CUDA's): `Tensor` methods are infallible, so they record it here and skip later
