@@ -16,6 +16,7 @@
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::marker::PhantomData;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 use bytemuck::Pod;
 
@@ -51,11 +52,37 @@ fn in_kernel<T>(kernel: &str, n: usize, result: Result<T>) -> Result<T> {
     })
 }
 
-/// Checks a launcher's status, then waits for the kernel and checks how it ended.
+/// Whether every launch is waited for (`RQ_CUDA_SYNC=1`, as CUDA_LAUNCH_BLOCKING): a kernel's
+/// failure is then reported with its name; by default kernels queue on the stream and a
+/// failure surfaces at the next copy to the host or [`synchronize`] (after each calibration
+/// row and layer), without the name.
+fn sync_each_launch() -> bool {
+    static SYNC: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SYNC.get_or_init(|| std::env::var_os("RQ_CUDA_SYNC").is_some_and(|v| v != "0" && !v.is_empty()))
+}
+
+/// Checks a launcher's status; with `RQ_CUDA_SYNC` also waits for the kernel and checks how
+/// it ended.
 fn launched(kernel: &str, n: usize, status: c_int) -> Result<()> {
     check(status, || format!("{kernel} on {n} elements: launch"))?;
+    if !sync_each_launch() {
+        return Ok(());
+    }
     // SAFETY: no arguments; waits for the work queued so far.
     check(unsafe { ffi::rq_synchronize() }, || format!("{kernel} on {n} elements: kernel"))
+}
+
+/// Whether this process has allocated device memory (so kernels may be queued).
+static USED: AtomicBool = AtomicBool::new(false);
+
+/// Waits for every queued kernel and reports a failure among them; nothing when the process
+/// never used the device (a CPU run of a CUDA build must not need a driver).
+pub fn synchronize() -> Result<()> {
+    if !USED.load(Ordering::Relaxed) {
+        return Ok(());
+    }
+    // SAFETY: no arguments; waits for the work queued so far.
+    check(unsafe { ffi::rq_synchronize() }, || "a queued kernel (RQ_CUDA_SYNC=1 names it)".into())
 }
 
 /// The CUDA devices, as "N CUDA device(s): 0: <name> (sm_XY), ...", or
@@ -106,8 +133,15 @@ pub struct DeviceBuffer<T: Pod> {
     /// Null when `len` is 0 (nothing is allocated).
     ptr: *mut c_void,
     len: usize,
+    /// [`all_bf16`]'s answer since the last write (`BF16_*`): a weight is checked once, not
+    /// at every product.
+    bf16: AtomicU8,
     _values: PhantomData<T>,
 }
+
+const BF16_UNKNOWN: u8 = 0;
+const BF16_YES: u8 = 1;
+const BF16_NO: u8 = 2;
 
 // SAFETY: the buffer is an allocation of the process's CUDA context, which every host thread
 // may use (the runtime API is thread-safe); `&self` methods only read it.
@@ -123,10 +157,11 @@ impl<T: Pod> DeviceBuffer<T> {
             let bytes = len.checked_mul(size_of::<T>()).ok_or_else(|| {
                 Error::Unsupported(format!("CUDA allocation of {len} x {} bytes overflows", size_of::<T>()))
             })?;
+            USED.store(true, Ordering::Relaxed);
             // SAFETY: `ptr` is a valid host location for the device pointer.
             check(unsafe { ffi::rq_malloc(&mut ptr, bytes) }, || format!("cudaMalloc of {bytes} bytes"))?;
         }
-        Ok(DeviceBuffer { ptr, len, _values: PhantomData })
+        Ok(DeviceBuffer { ptr, len, bf16: AtomicU8::new(BF16_UNKNOWN), _values: PhantomData })
     }
 
     /// Device memory holding a copy of `host`.
@@ -151,6 +186,7 @@ impl<T: Pod> DeviceBuffer<T> {
             return Ok(());
         }
         let bytes = size_of_val(host);
+        self.written();
         // SAFETY: `self.ptr` holds `bytes` bytes of device memory, `host` as many on the host.
         let status = unsafe { ffi::rq_memcpy_htod(self.ptr, host.as_ptr().cast(), bytes) };
         check(status, || format!("copy of {bytes} bytes to the device"))
@@ -188,6 +224,7 @@ impl<T: Pod> DeviceBuffer<T> {
             return Ok(());
         }
         let bytes = self.len * size_of::<T>();
+        self.written();
         // SAFETY: `self.ptr` holds `bytes` bytes of device memory, `src` at least as many from
         // `src_start` on (checked above); the buffers are distinct allocations.
         let status = unsafe { ffi::rq_memcpy_dtod(self.ptr, src.as_ptr().add(src_start).cast(), bytes) };
@@ -208,8 +245,15 @@ impl<T: Pod> DeviceBuffer<T> {
         self.ptr.cast()
     }
 
+    /// For a kernel that writes the buffer.
     fn as_mut_ptr(&mut self) -> *mut T {
+        self.written();
         self.ptr.cast()
+    }
+
+    /// Forgets what is known of the contents.
+    fn written(&mut self) {
+        *self.bf16.get_mut() = BF16_UNKNOWN;
     }
 }
 
@@ -482,11 +526,18 @@ pub fn matmul_bt_bf16(
 /// Whether every value of `x` is a bf16 value (NaN included): then [`matmul_bt_bf16`] takes
 /// it without rounding.
 pub fn all_bf16(x: &DeviceBuffer<f32>) -> Result<bool> {
+    match x.bf16.load(Ordering::Relaxed) {
+        BF16_YES => return Ok(true),
+        BF16_NO => return Ok(false),
+        _ => {}
+    }
     let kernel = "rq_all_bf16_f32";
     let mut flag = DeviceBuffer::<c_int>::alloc(1)?;
     // SAFETY: x holds x.len floats, flag one int.
     launched(kernel, x.len, unsafe { ffi::rq_all_bf16_f32(x.as_ptr(), x.len, flag.as_mut_ptr()) })?;
-    Ok(flag.to_vec()?[0] == 1)
+    let yes = flag.to_vec()?[0] == 1;
+    x.bf16.store(if yes { BF16_YES } else { BF16_NO }, Ordering::Relaxed);
+    Ok(yes)
 }
 
 type MatmulLauncher = unsafe extern "C" fn(*const f32, *const f32, usize, usize, usize, *mut f32) -> c_int;

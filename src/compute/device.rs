@@ -77,6 +77,14 @@ pub(crate) fn device_failed() -> bool {
 /// loops call it after each layer, so a device failure surfaces with CUDA's message instead
 /// of as wrong numbers.
 pub fn take_device_error() -> Result<()> {
+    // Kernels queue without waiting (cuda.rs `launched`): wait here, so a failure among them
+    // is reported now.
+    #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+    if !device_failed() {
+        if let Err(e) = crate::compute::cuda::synchronize() {
+            record_device_error(e);
+        }
+    }
     match DEVICE_ERROR.with(|d| d.borrow_mut().take()) {
         Some(e) => Err(e),
         None => Ok(()),
