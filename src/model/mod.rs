@@ -180,6 +180,28 @@ impl Model {
     }
 
     /// Decoder layer `i`'s weights, as f32.
+    /// Calls `f` with each decoder layer in order while a reader thread loads the next one
+    /// (reads it from the mapped shards, converts it and, on the device, uploads it): reading
+    /// layer l + 1 overlaps computing layer l, at the cost of one more layer in memory. Stops at
+    /// the first error of a load or of `f`.
+    pub fn each_layer(&self, mut f: impl FnMut(usize, Layer) -> Result<()>) -> Result<()> {
+        let n = self.config.num_hidden_layers;
+        // A load on the reader thread reports its device error there (the sticky error is per
+        // thread), as the load's result.
+        let load = |l: usize| self.load_layer(l).and_then(|layer| crate::compute::take_device_error().map(|()| layer));
+        std::thread::scope(|s| {
+            let mut next = (n > 0).then(|| s.spawn(move || load(0)));
+            for l in 0..n {
+                let layer = next.take().expect("a load per layer").join().expect("layer reader thread")?;
+                if l + 1 < n {
+                    next = Some(s.spawn(move || load(l + 1)));
+                }
+                f(l, layer)?;
+            }
+            Ok(())
+        })
+    }
+
     pub fn load_layer(&self, i: usize) -> Result<Layer> {
         let cfg = &self.config;
         if i >= cfg.num_hidden_layers {

@@ -13,8 +13,8 @@ pub fn module_name(layer: usize, kind: LinearKind) -> String {
     format!("model.layers.{layer}.{}", kind.module())
 }
 
-/// Embeds every sequence, then for each layer loads it (dequantizing quantized weights) and
-/// hands it with all hidden states to `each_layer`. Returns the final hidden states.
+/// Embeds every sequence, then for each layer loads it (dequantizing quantized weights; the next
+/// one is read ahead, `Model::each_layer`) and hands it with all hidden states to `each_layer`. Returns the final hidden states.
 fn run_layers(
     model: &Model,
     samples: &[Vec<u32>],
@@ -26,13 +26,13 @@ fn run_layers(
     let rope = model.config.rope_table(max_len);
     let mut hidden: Vec<Tensor> = samples.iter().map(|s| model.embed(s)).collect::<Result<_>>()?;
     let n = model.config.num_hidden_layers;
-    for l in 0..n {
+    model.each_layer(|l, layer| {
         crate::io::signal::check()?;
-        let layer = model.load_layer(l)?;
         each_layer(l, &layer, &rope, &mut hidden)?;
         crate::compute::take_device_error()?;
         progress.step(&format!("{task} layer"), l + 1, n);
-    }
+        Ok(())
+    })?;
     Ok(hidden)
 }
 

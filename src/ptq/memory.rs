@@ -4,12 +4,13 @@
 //! allocation failure in layer 20).
 //!
 //! The estimate follows what the driver holds (`quantize::run`, `calibrate_layer`,
-//! `autoquant::search`): every tensor is f32; one decoder layer's weights at a time; the hidden
-//! states of every calibration row between layers; one row's temporaries at a time (the MLP's
-//! gate and up, or the attention's q, k, v and output); with AWQ, the layer's weights again plus
+//! `autoquant::search`): every tensor is f32; one decoder layer's weights at a time and the next
+//! one read ahead; the hidden states of every calibration row between layers; one row's
+//! temporaries at a time (the MLP's gate and up, or the attention's q, k, v and output); with
+//! AWQ, the layer's weights again plus
 //! 11 candidates for the search and one row's copy for the statistics pass; with auto-quantize,
 //! a calibration copy of the hidden states and the score rows' segment checkpoints. Evaluation
-//! after the export holds one layer, one window's hidden state and the head with one window's
+//! after the export holds two layers, one window's hidden state and the head with one window's
 //! logits. On the host a device run holds one layer's f32 weights as it uploads them and the
 //! export's pending shard; the checkpoint's shards are mapped files (their pages are the page
 //! cache's, not counted).
@@ -107,6 +108,7 @@ pub fn estimate(model: &Model, plan: &Plan) -> Result<Estimate> {
     use Phase::*;
     let mut work: Vec<Item> = vec![
         (Calibration, "one decoder layer's weights".into(), params * F32),
+        (Calibration, "the next layer's weights, read ahead (`Model::each_layer`)".into(), params * F32),
         (Calibration, format!("hidden states of {rows} calibration rows x {seq} tokens"), rows * seq * hidden * F32),
         (Calibration, "one row's temporaries (MLP gate + up, or attention q, k, v, out)".into(), per_row),
     ];
@@ -124,7 +126,7 @@ pub fn estimate(model: &Model, plan: &Plan) -> Result<Estimate> {
     if let Some(eval_seq) = plan.eval_seq {
         let e = eval_seq as u64;
         let vocab = cfg.vocab_size as u64;
-        work.push((Evaluation, "one decoder layer's weights".into(), params * F32));
+        work.push((Evaluation, "one decoder layer's weights and the next, read ahead".into(), 2 * params * F32));
         work.push((Evaluation, format!("the head ({vocab} x {hidden}) and one window's logits"), (vocab * hidden + e * vocab) * F32));
         work.push((Evaluation, "one window's hidden state and temporaries".into(), per_row.max(e * hidden * F32 * 2)));
     }

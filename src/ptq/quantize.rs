@@ -189,9 +189,9 @@ pub fn run(model: &Model, samples: &[Vec<u32>], opts: &Options, out: &mut Output
     // unquantized (spec/export-formats.md §2.4).
     let mut summary = Summary { quantized: vec![], unquantized: vec!["lm_head".into(), "model.embed_tokens".into()] };
     let n_layers = cfg.num_hidden_layers;
-    for l in 0..n_layers {
+    // The next layer is read while this one calibrates (`Model::each_layer`).
+    model.each_layer(|l, layer| {
         crate::io::signal::check()?;
-        let layer = model.load_layer(l)?;
         let modules = cfg.layer_modules(l);
         let formats: Vec<Option<QFormat>> = modules.iter().map(|m| opts.formats.of(&m.path)).collect();
         for (m, f) in modules.iter().zip(&formats) {
@@ -213,7 +213,8 @@ pub fn run(model: &Model, samples: &[Vec<u32>], opts: &Options, out: &mut Output
         emit_layer(model, l, linears, &layer, opts, dtype, &stats, out)?;
         crate::compute::take_device_error()?;
         progress.step("layer", l + 1, n_layers);
-    }
+        Ok(())
+    })?;
     if let Some(format) = lm_head_format {
         quantize_lm_head(model, &hidden, format, dtype, out)?;
         summary.unquantized.retain(|m| m != "lm_head");
