@@ -169,6 +169,19 @@ int rq_matmul_bt_bf16_f32(const float* x, const float* w, size_t m, size_t k, si
  * NaN), else 0: whether rq_matmul_bt_bf16_f32 is exact in its operands. */
 int rq_all_bf16_f32(const float* x, size_t n, int* out);
 
+/* ---- INT8 / INT4 weight export (cuda/quant_int.cu) ---------------------------------------
+ * Twins of src/quant/int.rs, bit-identical (tests/cuda_quant.rs); q = clamp(rint(w / s)) with a
+ * correctly rounded division, NaN -> 0. */
+
+/* out_codes[o, c] = q(w[o, c], scales[o]) in -128..127 (int::int8_quantize_rows), w = [out, inp]. */
+int rq_quantize_int8_rows_f32(const float* w, size_t out, size_t inp, const float* scales, int8_t* out_codes);
+
+/* out_packed[j, c] = q[2j, c] & 0xF | (q[2j + 1, c] & 0xF) << 4, q = q(w, scales[o, c / group]) in
+ * -8..7 (int::int4_quantize_with_scales), w = [out, inp], scales [out, inp / group], out_packed
+ * [out / 2, inp]; out odd or inp not a multiple of group: cudaErrorInvalidValue. */
+int rq_quantize_int4_f32(const float* w, size_t out, size_t inp, size_t group, const float* scales,
+                         uint8_t* out_packed);
+
 /* ---- AWQ search (cuda/awq.cu) -----------------------------------------------------------
  * Twins of src/quant/awq.rs and compute::cpu::sq_err_row, bit-identical (tests/cuda_awq.rs). */
 

@@ -407,6 +407,67 @@ pub fn quantize_nvfp4(w: &[f32], out: usize, inp: usize, weight_scale_2: f32) ->
     Ok((in_kernel(kernel, n, packed.to_vec())?, in_kernel(kernel, n, block_scales.to_vec())?))
 }
 
+// ---- INT8 / INT4 weight export (cuda/quant_int.cu) --------------------------------------------
+
+/// INT8 codes of `w` = `[out, inp]` for per-row `scales` (`int::int8_quantize_rows`'s codes, bit
+/// for bit), into `codes` (`[out, inp]`).
+pub fn quantize_int8_rows_device(
+    w: &DeviceBuffer<f32>,
+    out: usize,
+    inp: usize,
+    scales: &DeviceBuffer<f32>,
+    codes: &mut DeviceBuffer<i8>,
+) -> Result<()> {
+    let kernel = "rq_quantize_int8_rows_f32";
+    check_shape(kernel, "w", w.len, out.checked_mul(inp))?;
+    check_shape(kernel, "scales", scales.len, Some(out))?;
+    check_shape(kernel, "codes", codes.len, Some(w.len))?;
+    // SAFETY: w and codes hold out*inp values, scales out floats.
+    launched(kernel, w.len, unsafe { ffi::rq_quantize_int8_rows_f32(w.as_ptr(), out, inp, scales.as_ptr(), codes.as_mut_ptr()) })
+}
+
+/// Packed INT4 codes `[out / 2, inp]` of `w` = `[out, inp]` for group `scales` `[out, inp /
+/// group]` (`int::int4_quantize_with_scales`, bit for bit), into `packed`; `out` even, `inp` a
+/// multiple of `group`.
+pub fn quantize_int4_device(
+    w: &DeviceBuffer<f32>,
+    out: usize,
+    inp: usize,
+    group: usize,
+    scales: &DeviceBuffer<f32>,
+    packed: &mut DeviceBuffer<u8>,
+) -> Result<()> {
+    let kernel = "rq_quantize_int4_f32";
+    check_shape(kernel, "w", w.len, out.checked_mul(inp))?;
+    if !out.is_multiple_of(2) || group == 0 || !inp.is_multiple_of(group) {
+        return Err(Error::Usage(format!("{kernel}: [{out}, {inp}] in groups of {group}: out must be even, inp a multiple")));
+    }
+    check_shape(kernel, "scales", scales.len, Some(out * (inp / group)))?;
+    check_shape(kernel, "packed", packed.len, Some(w.len / 2))?;
+    // SAFETY: w holds out*inp floats, scales out*inp/group, packed out/2*inp bytes.
+    launched(kernel, w.len, unsafe {
+        ffi::rq_quantize_int4_f32(w.as_ptr(), out, inp, group, scales.as_ptr(), packed.as_mut_ptr())
+    })
+}
+
+/// [`quantize_int8_rows_device`] from and to host memory.
+pub fn quantize_int8_rows(w: &[f32], out: usize, inp: usize, scales: &[f32]) -> Result<Vec<i8>> {
+    let (kernel, n) = ("rq_quantize_int8_rows_f32", w.len());
+    let (w, s) = (in_kernel(kernel, n, DeviceBuffer::from_slice(w))?, in_kernel(kernel, n, DeviceBuffer::from_slice(scales))?);
+    let mut codes = in_kernel(kernel, n, DeviceBuffer::alloc(n))?;
+    quantize_int8_rows_device(&w, out, inp, &s, &mut codes)?;
+    in_kernel(kernel, n, codes.to_vec())
+}
+
+/// [`quantize_int4_device`] from and to host memory.
+pub fn quantize_int4(w: &[f32], out: usize, inp: usize, group: usize, scales: &[f32]) -> Result<Vec<u8>> {
+    let (kernel, n) = ("rq_quantize_int4_f32", w.len());
+    let (w, s) = (in_kernel(kernel, n, DeviceBuffer::from_slice(w))?, in_kernel(kernel, n, DeviceBuffer::from_slice(scales))?);
+    let mut packed = in_kernel(kernel, n, DeviceBuffer::alloc(n / 2))?;
+    quantize_int4_device(&w, out, inp, group, &s, &mut packed)?;
+    in_kernel(kernel, n, packed.to_vec())
+}
+
 // ---- forward kernels of a decoder layer (cuda/forward.cu) -------------------------------------
 //
 // Each function checks the lengths of its buffers against the shape it is given (an

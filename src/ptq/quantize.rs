@@ -697,7 +697,7 @@ fn export_linear(
             t.push(scalar("weight_scale", scale));
         }
         WeightKind::Int8Rows => {
-            let (codes, scales) = int::int8_quantize_rows(&name, w, o, i, dtype)?;
+            let (codes, scales) = quantize_int8(&name, w, [o, i], dtype, device)?;
             t.push((name, Dtype::I8, vec![o, i], bytemuck::cast_slice(&codes).to_vec()));
             t.push((format!("{m}.weight_scale"), Dtype::F32, vec![o], f32_bytes(&scales)));
         }
@@ -706,7 +706,7 @@ fn export_linear(
             if compressed_tensors {
                 scales.iter_mut().for_each(|s| *s = fp8::round_to_dtype(*s, dtype));
             }
-            let packed = int::int4_quantize_with_scales(&name, w, o, i, INT4_GROUP, &scales)?;
+            let packed = quantize_int4(&name, w, [o, i], &scales, device)?;
             t.push((name, Dtype::U8, vec![o / 2, i], packed));
             t.push((format!("{m}.weight_scale"), Dtype::F32, vec![o, i / INT4_GROUP], f32_bytes(&scales)));
             if format == QFormat::W4a8Awq {
@@ -766,6 +766,30 @@ fn quantize_nvfp4(name: &str, w: &[f32], [o, i]: [usize; 2], ws2: f32, device: D
     }
     let q = nvfp4::quantize_weight_scaled(name, w, o, i, ws2)?;
     Ok((q.packed, q.block_scales))
+}
+
+/// INT8 codes and row scales of the weight `name` (`int::int8_quantize_rows`): the scales on
+/// the host, the codes on `device` (the kernel is their bit-identical twin, tests/cuda_quant.rs).
+#[cfg_attr(not(any(feature = "cuda", feature = "cuda-emu")), allow(unused_variables))]
+fn quantize_int8(name: &str, w: &[f32], [o, i]: [usize; 2], dtype: Dtype, device: Device) -> Result<(Vec<i8>, Vec<f32>)> {
+    #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+    if device == Device::Cuda && w.len() == o * i {
+        let scales = int::int8_row_scales(w, o, i, dtype);
+        let codes = crate::compute::cuda::quantize_int8_rows(w, o, i, &scales).map_err(|e| Error::tensor(name, e.to_string()))?;
+        return Ok((codes, scales));
+    }
+    int::int8_quantize_rows(name, w, o, i, dtype)
+}
+
+/// Packed INT4 codes of the weight `name` for its group scales (`int::int4_quantize_with_scales`),
+/// on `device` (the kernel is its bit-identical twin, tests/cuda_quant.rs).
+#[cfg_attr(not(any(feature = "cuda", feature = "cuda-emu")), allow(unused_variables))]
+fn quantize_int4(name: &str, w: &[f32], [o, i]: [usize; 2], scales: &[f32], device: Device) -> Result<Vec<u8>> {
+    #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+    if device == Device::Cuda && w.len() == o * i && scales.len() == o * (i / INT4_GROUP) {
+        return crate::compute::cuda::quantize_int4(w, o, i, INT4_GROUP, scales).map_err(|e| Error::tensor(name, e.to_string()));
+    }
+    int::int4_quantize_with_scales(name, w, o, i, INT4_GROUP, scales)
 }
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {

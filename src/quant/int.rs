@@ -42,17 +42,20 @@ pub fn int8_quantize_rows(name: &str, w: &[f32], out: usize, inp: usize, dtype: 
     if w.len() != out * inp {
         return Err(Error::tensor(name, format!("{} values for shape [{out}, {inp}]", w.len())));
     }
+    let scales = int8_row_scales(w, out, inp, dtype);
     let mut codes = Vec::with_capacity(w.len());
-    let mut scales = Vec::with_capacity(out);
-    if inp == 0 {
-        return Ok((codes, vec![1.0; out]));
-    }
-    for row in w.chunks_exact(inp) {
-        let s = export_scale(round_to_dtype(absmax(row), dtype), INT8_MAX, INV_INT8_MAX);
-        scales.push(s);
+    for (row, &s) in w.chunks_exact(inp.max(1)).zip(&scales) {
         codes.extend(row.iter().map(|&x| (x / s).round_ties_even().clamp(-128.0, 127.0) as i8));
     }
     Ok((codes, scales))
+}
+
+/// The F32 per-row scales of [`int8_quantize_rows`] (`amax × f32(1/127)`, zero row → 1.0), `[out]`.
+pub fn int8_row_scales(w: &[f32], out: usize, inp: usize, dtype: Dtype) -> Vec<f32> {
+    if inp == 0 {
+        return vec![1.0; out];
+    }
+    w.chunks_exact(inp).map(|row| export_scale(round_to_dtype(absmax(row), dtype), INT8_MAX, INV_INT8_MAX)).collect()
 }
 
 /// Per-tensor INT8 fake quantization of activations in place, the kernel formula of
