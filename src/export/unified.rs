@@ -34,8 +34,9 @@ const COPIED_FILES: &[&str] = &["generation_config.json", "chat_template.jinja"]
 /// The checkpoint being written: tensors stream into a sharding writer inside a staging
 /// folder; `finish` adds the configs and copied files and renames the folder into place.
 pub struct Output {
-    staging: Staging,
+    // Dropped first: a failed run's writer thread finishes before the staging folder goes.
     writer: Writer,
+    staging: Staging,
 }
 
 impl Output {

@@ -700,9 +700,13 @@ struct Pending {
     data: Vec<u8>,
 }
 
+/// A shard being written on the writer thread: its temporary path and tensor names.
+type ShardWrite = std::thread::JoinHandle<Result<(PathBuf, Vec<String>)>>;
+
 /// Streaming writer with size-based sharding. Tensors are buffered until adding the next one
 /// would push the shard past `max_shard_bytes` (a larger tensor gets a shard of its own);
-/// full shards go to temporary files that `finish` renames to their Hugging Face names.
+/// full shards go to temporary files, written by a thread while the caller goes on (one shard
+/// at a time: at most two shards in memory), that `finish` renames to their Hugging Face names.
 pub struct Writer {
     dir: PathBuf,
     max_shard_bytes: usize,
@@ -711,6 +715,8 @@ pub struct Writer {
     pending_bytes: usize,
     /// Shards already on disk: temporary path and tensor names.
     written: Vec<(PathBuf, Vec<String>)>,
+    /// The shard the writer thread is writing.
+    in_flight: Option<ShardWrite>,
     names: HashSet<String>,
     total_size: u64,
 }
@@ -724,6 +730,7 @@ impl Writer {
             pending: Vec::new(),
             pending_bytes: 0,
             written: Vec::new(),
+            in_flight: None,
             names: HashSet::new(),
             total_size: 0,
         }
@@ -747,20 +754,35 @@ impl Writer {
         Ok(())
     }
 
-    /// Writes the pending tensors as the next shard, under a temporary name.
+    /// Hands the pending tensors to the writer thread as the next shard, under a temporary
+    /// name, once the previous shard is on disk (its error, if any, is returned here).
     fn flush_shard(&mut self) -> Result<()> {
+        self.wait()?;
         if self.written.is_empty() {
             std::fs::create_dir_all(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
         }
         let path = self.dir.join(format!("model-{:05}.safetensors.tmp", self.written.len() + 1));
         let pending = std::mem::take(&mut self.pending);
         self.pending_bytes = 0;
-        let refs: Vec<(&str, Dtype, &[usize], &[u8])> = pending
-            .iter()
-            .map(|p| (p.name.as_str(), p.dtype, p.shape.as_slice(), p.data.as_slice()))
-            .collect();
-        write_tensors(&path, &refs, &self.metadata)?;
-        self.written.push((path, pending.into_iter().map(|p| p.name).collect()));
+        let metadata = self.metadata.clone();
+        self.in_flight = Some(std::thread::spawn(move || {
+            let refs: Vec<(&str, Dtype, &[usize], &[u8])> = pending
+                .iter()
+                .map(|p| (p.name.as_str(), p.dtype, p.shape.as_slice(), p.data.as_slice()))
+                .collect();
+            write_tensors(&path, &refs, &metadata)?;
+            Ok((path, pending.into_iter().map(|p| p.name).collect()))
+        }));
+        Ok(())
+    }
+
+    /// Waits for the shard being written and records it.
+    fn wait(&mut self) -> Result<()> {
+        if let Some(h) = self.in_flight.take() {
+            let panicked = || Error::io(&self.dir, std::io::Error::other("the shard writer thread panicked"));
+            let shard = h.join().map_err(|_| panicked())??;
+            self.written.push(shard);
+        }
         Ok(())
     }
 
@@ -769,9 +791,10 @@ impl Writer {
     /// A leftover file of the other layout in the folder (an old index next to a new single
     /// file, or the reverse) is removed so `Checkpoint::open` reads what was just written.
     pub fn finish(mut self) -> Result<Vec<PathBuf>> {
-        if !self.pending.is_empty() || self.written.is_empty() {
+        if !self.pending.is_empty() || (self.written.is_empty() && self.in_flight.is_none()) {
             self.flush_shard()?;
         }
+        self.wait()?;
         let n = self.written.len();
         let rename = |from: &Path, to: &Path| std::fs::rename(from, to).map_err(|e| Error::io(to, e));
         let remove_stale = |path: PathBuf| match std::fs::remove_file(&path) {
@@ -798,6 +821,16 @@ impl Writer {
         remove_stale(self.dir.join(SINGLE_FILE))?;
         files.push(write_index(&self.dir, &weight_map, self.total_size)?);
         Ok(files)
+    }
+}
+
+impl Drop for Writer {
+    /// A writer dropped before `finish` (a failed run) waits for its thread, so nothing is
+    /// written into the staging folder after it is removed.
+    fn drop(&mut self) {
+        if let Some(h) = self.in_flight.take() {
+            let _ = h.join();
+        }
     }
 }
 

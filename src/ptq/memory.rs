@@ -11,9 +11,9 @@
 //! 11 candidates for the search and one row's copy for the statistics pass; with auto-quantize,
 //! a calibration copy of the hidden states and the score rows' segment checkpoints. Evaluation
 //! after the export holds two layers, one window's hidden state and the head with one window's
-//! logits. On the host a device run holds one layer's f32 weights as it uploads them and the
-//! export's pending shard; the checkpoint's shards are mapped files (their pages are the page
-//! cache's, not counted).
+//! logits. On the host a device run holds one layer's f32 weights as it uploads them, the
+//! export's pending shard and the one being written; the checkpoint's shards are mapped files
+//! (their pages are the page cache's, not counted).
 
 use crate::compute::Device;
 use crate::error::Result;
@@ -131,7 +131,8 @@ pub fn estimate(model: &Model, plan: &Plan) -> Result<Estimate> {
         work.push((Evaluation, "one window's hidden state and temporaries".into(), per_row.max(e * hidden * F32 * 2)));
     }
     let input_bytes: u64 = model.weight_names().iter().map(|n| model.tensor(n).map(|t| t.data.len() as u64)).sum::<Result<u64>>()?;
-    let pending = (Calibration, "the export's pending shard".to_string(), input_bytes.min(plan.shard_bytes as u64));
+    let shards = "the export's pending shard and the one being written".to_string();
+    let pending = (Calibration, shards, input_bytes.min(2 * plan.shard_bytes as u64));
     Ok(match plan.device {
         Device::Cpu => {
             work.push(pending);
