@@ -20,12 +20,8 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr unsigned kFull = 0xFFFFFFFFu;
-constexpr size_t kMaxBlocks = 4096;
 
-unsigned grid_for(size_t n) {
-    size_t blocks = (n + kThreads - 1) / kThreads;
-    return static_cast<unsigned>(blocks < kMaxBlocks ? blocks : kMaxBlocks);
-}
+unsigned grid_for(size_t n) { return rq_grid_stride_blocks(n, kThreads); }
 
 __device__ __forceinline__ float bf16_round(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
 

@@ -18,4 +18,13 @@
 #error "cuda/*.cu are compiled by nvcc, or by g++ with -include cuda/emu/emu.h (feature cuda-emu)"
 #endif
 
+#include <stddef.h>
+
+// Blocks of `threads` threads for a grid-stride loop over n items: enough to fill the largest
+// GPUs several times over, at most 4096.
+inline unsigned rq_grid_stride_blocks(size_t n, int threads) {
+    const size_t blocks = (n + threads - 1) / threads;
+    return static_cast<unsigned>(blocks < 4096 ? blocks : 4096);
+}
+
 #endif  // RQ_LAUNCH_CUH

@@ -11,13 +11,8 @@
 namespace {
 
 constexpr int kThreads = 256;
-// Enough blocks to fill the largest GPUs several times over; the loops are grid-stride.
-constexpr size_t kMaxBlocks = 4096;
 
-unsigned grid_for(size_t n) {
-    size_t blocks = (n + kThreads - 1) / kThreads;
-    return static_cast<unsigned>(blocks < kMaxBlocks ? blocks : kMaxBlocks);
-}
+unsigned grid_for(size_t n) { return rq_grid_stride_blocks(n, kThreads); }
 
 // |x| as f32 bits. For non-negative floats the unsigned order of the bits is the numeric
 // order, and every NaN (exponent all ones, mantissa non-zero) is above +inf, so an unsigned

@@ -14,12 +14,8 @@
 namespace {
 
 constexpr int kThreads = 256;
-constexpr size_t kMaxBlocks = 4096;
 
-unsigned grid_for(size_t n) {
-    size_t blocks = (n + kThreads - 1) / kThreads;
-    return static_cast<unsigned>(blocks < kMaxBlocks ? blocks : kMaxBlocks);
-}
+unsigned grid_for(size_t n) { return rq_grid_stride_blocks(n, kThreads); }
 
 // clamp(rint(w / s), lo, hi) as an integer; NaN -> 0.
 __device__ __forceinline__ int code(float w, float s, float lo, float hi) {

@@ -17,7 +17,6 @@
 namespace {
 
 constexpr int kThreads = 256;
-constexpr size_t kMaxBlocks = 4096;
 constexpr int kBlock = 16;            // nvfp4::BLOCK
 constexpr float kE2m1Max = 6.0f;      // nvfp4::E2M1_MAX
 constexpr float kE4m3Max = 448.0f;    // numerics::E4M3_MAX
@@ -25,10 +24,7 @@ constexpr float kE4m3Max = 448.0f;    // numerics::E4M3_MAX
 constexpr float kInvGlobalMax = 1.0f / (kE2m1Max * kE4m3Max);
 constexpr float kE4m3MinSubnormal = 1.0f / 512.0f;  // nvfp4::E4M3_MIN_SUBNORMAL
 
-unsigned grid_for(size_t n) {
-    size_t blocks = (n + kThreads - 1) / kThreads;
-    return static_cast<unsigned>(blocks < kMaxBlocks ? blocks : kMaxBlocks);
-}
+unsigned grid_for(size_t n) { return rq_grid_stride_blocks(n, kThreads); }
 
 __device__ __forceinline__ uint8_t to_e4m3(float x) { return __nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E4M3); }
 __device__ __forceinline__ float from_e4m3(uint8_t c) {
