@@ -615,26 +615,34 @@ impl Tensor {
     }
 
     /// Per row of `self` and `reference` (both `[rows, cols]`), the f64 sum of the squared
-    /// differences, each difference rounded as `c` stores tensors ([`cpu::sq_err_row`]).
-    pub fn sq_err_rows(&self, reference: &Tensor, cols: usize, c: Compute) -> Vec<f64> {
+    /// differences, each difference rounded as `c` stores tensors and then multiplied by the
+    /// matching value of `weight` when given ([`cpu::sq_err_row`]).
+    pub fn sq_err_rows(&self, reference: &Tensor, weight: Option<&Tensor>, cols: usize, c: Compute) -> Vec<f64> {
         assert!(cols > 0 && self.len() == reference.len() && self.len().is_multiple_of(cols), "sq_err_rows: shapes differ");
-        match (&self.storage, &reference.storage) {
-            (Storage::Cpu(y), Storage::Cpu(r)) => {
+        assert!(weight.is_none_or(|w| w.len() == self.len()), "sq_err_rows: weights are not one per value");
+        match (&self.storage, &reference.storage, weight.map(|w| &w.storage)) {
+            (Storage::Cpu(y), Storage::Cpu(r), None | Some(Storage::Cpu(_))) => {
+                let w = weight.map(Tensor::to_host);
                 let round = |d: f32| if c == Compute::Bf16 { crate::numerics::round_bf16(d) } else { d };
-                y.chunks_exact(cols).zip(r.chunks_exact(cols)).map(|(y, r)| cpu::sq_err_row(y, r, round)).collect()
+                let rows = y.chunks_exact(cols).zip(r.chunks_exact(cols)).enumerate();
+                rows.map(|(i, (y, r))| cpu::sq_err_row(y, r, w.as_ref().map(|w| &w[i * cols..(i + 1) * cols]), round)).collect()
             }
             #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
-            (Storage::Cuda(y), Storage::Cuda(r)) => {
+            (Storage::Cuda(y), Storage::Cuda(r), None | Some(Storage::Cuda(_))) => {
+                let w = match weight.map(|w| &w.storage) {
+                    Some(Storage::Cuda(w)) => Some(w),
+                    _ => None,
+                };
                 let mut out = vec![0f64; y.len() / cols];
                 dev::step(|| {
                     let mut d = DeviceBuffer::alloc(out.len())?;
-                    cuda::sq_err_rows(y, r, cols, c == Compute::Bf16, &mut d)?;
+                    cuda::sq_err_rows(y, r, w, cols, c == Compute::Bf16, &mut d)?;
                     d.copy_to_slice(&mut out)
                 });
                 out
             }
             #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
-            _ => self.host_copy().sq_err_rows(&reference.host_copy(), cols, c),
+            _ => self.host_copy().sq_err_rows(&reference.host_copy(), weight.map(Tensor::host_copy).as_ref(), cols, c),
         }
     }
 

@@ -150,13 +150,13 @@ pub fn round_tensor(t: &mut Tensor, dtype: Dtype) {
 /// each rounded to `dtype` ([`crate::compute::cpu::sq_err_row`]).
 fn sq_err_rows(y: &Tensor, reference: &Tensor, cols: usize, dtype: Dtype) -> Vec<f64> {
     match dtype {
-        Dtype::BF16 => y.sq_err_rows(reference, cols, Compute::Bf16),
+        Dtype::BF16 => y.sq_err_rows(reference, None, cols, Compute::Bf16),
         Dtype::F16 => {
             let (y, r) = (y.to_host(), reference.to_host());
             let round = |d: f32| round_to_dtype(d, dtype);
-            y.chunks_exact(cols).zip(r.chunks_exact(cols)).map(|(y, r)| sq_err_row(y, r, round)).collect()
+            y.chunks_exact(cols).zip(r.chunks_exact(cols)).map(|(y, r)| sq_err_row(y, r, None, round)).collect()
         }
-        _ => y.sq_err_rows(reference, cols, Compute::F32),
+        _ => y.sq_err_rows(reference, None, cols, Compute::F32),
     }
 }
 

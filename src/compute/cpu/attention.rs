@@ -156,7 +156,7 @@ pub(crate) fn softmax_visible(row: &mut [f32], from: usize, to: usize, scale: f3
 /// e^x for the softmax's `x = s - max <= 0`: [`exp_nonpositive`] (relative error below 2e-7),
 /// whose fixed sequence of f32 operations the CUDA kernel repeats, so the device's attention
 /// gives these bits; NaN stays NaN.
-fn exp_softmax(x: f32) -> f32 {
+pub(super) fn exp_softmax(x: f32) -> f32 {
     if x.is_nan() {
         x
     } else {

@@ -6,6 +6,7 @@
 //! reproduces, so a mismatch can be traced to one formula.
 
 mod attention;
+mod grad;
 mod matmul;
 mod norm;
 mod reduce;
@@ -20,5 +21,6 @@ pub use norm::{
     rms_norm_bf16,
     rms_norm_offset, rms_norm_offset_bf16, round_slice_bf16, silu, silu_mul,
 };
-pub use reduce::{col_abs_mean, sq_err_row};
+pub use grad::{act_grad_mul, attention_ds, copy_columns, norm_backward_add, scale_rows, softmax_rows, swap_rotary_halves, transpose, xent_grad_row};
+pub use reduce::{col_abs_mean, sq_err_row, warp_sum};
 pub use threads::num_threads;

@@ -1,5 +1,6 @@
-//! Reductions of AWQ's search (spec/algorithms.md §6.1), in the order the device kernels
-//! (cuda/awq.cu) repeat, so both give the same bits.
+//! Reductions of AWQ's search (spec/algorithms.md §6.1) and of auto-quantize's score (§9.3),
+//! in the order the device kernels (cuda/awq.cu, cuda/backward.cu) repeat, so both give the
+//! same bits.
 
 /// The mean |x| of every column of `x` (`[rows, cols]`) into `out` (`cols` values): per column
 /// a sequential f64 sum over the rows, divided by the row count, then cast to f32.
@@ -19,17 +20,27 @@ pub fn col_abs_mean(x: &[f32], cols: usize, out: &mut [f32]) {
     }
 }
 
-/// `Σ_c round(y[c] − reference[c])²` in f64, the order of one warp of the device kernel: lane
-/// `j` sums the columns `j, j + 32, …`, then the 32 partial sums are combined by a xor
-/// butterfly (each step adds the partial `off` lanes away, for off = 16, 8, 4, 2, 1).
+/// `Σ_c (round(y[c] − reference[c]) · weight[c])²` in f64 (no weight: 1), in the order of
+/// one warp of the device kernel ([`warp_sum`]).
 ///
 /// Panics if the lengths differ (a caller bug).
-pub fn sq_err_row(y: &[f32], reference: &[f32], round: impl Fn(f32) -> f32) -> f64 {
+pub fn sq_err_row(y: &[f32], reference: &[f32], weight: Option<&[f32]>, round: impl Fn(f32) -> f32) -> f64 {
     assert_eq!(y.len(), reference.len(), "sq_err_row: {} outputs, {} reference values", y.len(), reference.len());
+    assert!(weight.is_none_or(|w| w.len() == y.len()), "sq_err_row: weights are not one per output");
+    warp_sum(y.iter().zip(reference).enumerate().map(|(c, (&a, &b))| {
+        let d = round(a - b);
+        let d = f64::from(weight.map_or(d, |w| d * w[c]));
+        d * d
+    }))
+}
+
+/// A sum of f64 values in the order of one warp of a device kernel: lane `j` sums the items
+/// `j, j + 32, …` in order, then the 32 partial sums are combined by a xor butterfly (each
+/// step adds the partial `off` lanes away, for off = 16, 8, 4, 2, 1).
+pub fn warp_sum(values: impl IntoIterator<Item = f64>) -> f64 {
     let mut p = [0f64; 32];
-    for (c, (&a, &b)) in y.iter().zip(reference).enumerate() {
-        let d = f64::from(round(a - b));
-        p[c % 32] += d * d;
+    for (c, v) in values.into_iter().enumerate() {
+        p[c % 32] += v;
     }
     for off in [16, 8, 4, 2, 1] {
         let q = p;
@@ -49,10 +60,14 @@ mod tests {
         let y: Vec<f32> = (0..77).map(|i| (i as f32 * 0.37).sin()).collect();
         let r: Vec<f32> = (0..77).map(|i| (i as f32 * 0.11).cos()).collect();
         let exact: f64 = y.iter().zip(&r).map(|(&a, &b)| f64::from(a - b).powi(2)).sum();
-        let got = sq_err_row(&y, &r, |d| d);
+        let got = sq_err_row(&y, &r, None, |d| d);
         assert!((got - exact).abs() <= 1e-12 * exact, "{got} vs {exact}");
-        assert_eq!(sq_err_row(&[], &[], |d| d), 0.0);
-        assert!(sq_err_row(&[f32::NAN], &[0.0], |d| d).is_nan());
+        assert_eq!(sq_err_row(&[], &[], None, |d| d), 0.0);
+        assert!(sq_err_row(&[f32::NAN], &[0.0], None, |d| d).is_nan());
+        let w: Vec<f32> = (0..77).map(|i| i as f32 * 0.01).collect();
+        let exact: f64 = y.iter().zip(&r).zip(&w).map(|((&a, &b), &w)| f64::from((a - b) * w).powi(2)).sum();
+        let got = sq_err_row(&y, &r, Some(&w), |d| d);
+        assert!((got - exact).abs() <= 1e-12 * exact, "{got} vs {exact}");
     }
 
     #[test]
