@@ -6,7 +6,7 @@
 
 mod common;
 
-use rq_min::ptq::backward::{head_backward, layer_backward};
+use rq_min::ptq::backward::{head_backward, LayerGrad};
 use rq_min::model::config::ModelConfig;
 use rq_min::model::{Head, Hooks, Layer, LinearKind, Model, NoHooks};
 use rq_min::compute::{Rope, Tensor};
@@ -81,10 +81,13 @@ impl Fixture {
             layer.forward(&self.cfg, &self.rope, &mut h, seq, &mut NoHooks);
             inputs.push(h.into_host());
         }
-        let (loss, mut g) = head_backward(&self.head, &inputs[self.layers.len()], &self.ids, &mut |_, _| {});
+        let last = Tensor::from(inputs[self.layers.len()].clone());
+        let (loss, mut g) = head_backward(&self.head, &last, &self.ids, &mut |_, _| {});
         let mut weight_grads = vec![Vec::new(); self.layers.len()];
         for (l, layer) in self.layers.iter().enumerate().rev() {
-            g = layer_backward(layer, &self.cfg, &self.rope, &inputs[l], seq, &g, &mut |kind, expert, x, dy| {
+            let grad = LayerGrad::new(layer, &self.cfg, &self.rope);
+            g = grad.backward(&Tensor::from(inputs[l].clone()), seq, &g, &mut |kind, expert, x, dy| {
+                let (x, dy) = (x.to_host(), dy.to_host());
                 let [n_out, n_in] = match (expert, &self.cfg.moe) {
                     (Some(_), Some(moe)) => moe.expert_shape(&self.cfg, kind),
                     _ => kind.shape(&self.cfg),
@@ -104,7 +107,7 @@ impl Fixture {
                 weight_grads[l].push((kind, expert, dw));
             });
         }
-        Gradients { loss, input: g, weights: weight_grads }
+        Gradients { loss, input: g.into_host(), weights: weight_grads }
     }
 }
 
@@ -113,7 +116,7 @@ struct Gradients {
     loss: f64,
     /// dL/dh0, `[seq, hidden]`.
     input: Vec<f32>,
-    /// Per layer, in the order `layer_backward` reports them: each linear's (kind, expert, dL/dW).
+    /// Per layer, in the order `LayerGrad::backward` reports them: each linear's (kind, expert, dL/dW).
     weights: Vec<Vec<(LinearKind, Option<usize>, Vec<f64>)>>,
 }
 
@@ -210,7 +213,7 @@ fn linear_output_gradients_match_weight_finite_differences() {
     check_weight_gradients(&mut fixture());
 }
 
-/// dL/dW = Σ_t dy_tᵀ·x_t from the `dy` that `layer_backward` reports for every linear of every
+/// dL/dW = Σ_t dy_tᵀ·x_t from the `dy` that `LayerGrad::backward` reports for every linear of every
 /// layer, against central differences of the loss in the four largest entries.
 fn check_weight_gradients(fx: &mut Fixture) {
     let weight_grads = fx.backward().weights;
@@ -268,8 +271,8 @@ fn check_linears(fx: &mut Fixture, grads: &[Vec<(LinearKind, Option<usize>, Vec<
 impl Fixture {
     fn weight(&self, l: usize, kind: LinearKind, expert: Option<usize>) -> Vec<f32> {
         match expert {
-            Some(e) => self.layers[l].moe().unwrap().weight(e, kind).to_vec(),
-            None => self.layers[l].weight(kind).to_vec(),
+            Some(e) => self.layers[l].moe().unwrap().weight(e, kind).to_host().into_owned(),
+            None => self.layers[l].weight(kind).to_host().into_owned(),
         }
     }
 
@@ -312,7 +315,8 @@ fn head_loss_and_gradients() {
     let hidden = state.to_host().into_owned();
     let vocab = fx.cfg.vocab_size;
     let mut calls = Vec::new();
-    let (loss, grad) = head_backward(&fx.head, &hidden, &fx.ids, &mut |x, dz| calls.push((x.to_vec(), dz.to_vec())));
+    let (loss, grad) = head_backward(&fx.head, &state, &fx.ids, &mut |x, dz| calls.push((x.to_host().into_owned(), dz.to_host().into_owned())));
+    let grad = grad.into_host();
     let (sum, count) = fx.head.nll(&state, &fx.ids);
     assert!((loss - sum / count as f64).abs() <= 1e-12 * loss, "{loss} vs {}", sum / count as f64);
 
@@ -354,14 +358,16 @@ fn head_blocks_of_positions_agree_with_one_block() {
     let hidden: Vec<f32> = (0..ids.len() * h).map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0).collect();
     let mut rows = Vec::new();
     let (loss, grad) =
-        head_backward(&fx.head, &hidden, &ids, &mut |x, dz| rows.push((x.len() / h, dz.len() / vocab as usize)));
+        head_backward(&fx.head, &Tensor::from(hidden.clone()), &ids, &mut |x, dz| rows.push((x.len() / h, dz.len() / vocab as usize)));
+    let grad = grad.into_host();
     assert_eq!(rows, [(512, 512), (512, 512), (75, 75)]);
     let (sum, count) = fx.head.nll(&Tensor::from(hidden.clone()), &ids);
     assert!((loss - sum / count as f64).abs() <= 1e-9 * loss, "{loss} vs {}", sum / count as f64);
     // A position's gradient only depends on its row and next id, scaled by 1/count: a window
     // around the first block boundary, run alone, gives the same rows.
     let (a, b) = (505, 520);
-    let (_, window) = head_backward(&fx.head, &hidden[a * h..b * h], &ids[a..b], &mut |_, _| {});
+    let (_, window) = head_backward(&fx.head, &Tensor::from(hidden[a * h..b * h].to_vec()), &ids[a..b], &mut |_, _| {});
+    let window = window.into_host();
     let scale = (b - a - 1) as f32 / count as f32;
     for t in 0..b - a - 1 {
         for j in 0..h {
@@ -372,8 +378,8 @@ fn head_blocks_of_positions_agree_with_one_block() {
     // The last position predicts nothing.
     assert!(grad[(ids.len() - 1) * h..].iter().all(|&v| v == 0.0));
     // Fewer than two tokens: no term.
-    let (loss, grad) = head_backward(&fx.head, &hidden[..h], &ids[..1], &mut |_, _| panic!("no block expected"));
-    assert_eq!((loss, grad), (0.0, vec![0.0; h]));
+    let (loss, grad) = head_backward(&fx.head, &Tensor::from(hidden[..h].to_vec()), &ids[..1], &mut |_, _| panic!("no block expected"));
+    assert_eq!((loss, grad.into_host()), (0.0, vec![0.0; h]));
 }
 
 /// Central differences of the loss in every coordinate of h0, with step `eps` (quartered where a

@@ -104,7 +104,7 @@ fn loads_bf16_weights_and_runs() {
     let layer = model.load_layer(1).unwrap();
     assert_eq!(layer.index, 1);
     for kind in LinearKind::ALL {
-        assert_eq!(layer.weight(kind), values_of(&all, &format!("model.layers.1.{}.weight", kind.module())));
+        assert_eq!(&layer.weight(kind).to_host()[..], values_of(&all, &format!("model.layers.1.{}.weight", kind.module())));
     }
     let ids = [1, 9, 0, 4, 4];
     let mut hidden = model.embed(&ids).unwrap();
@@ -249,7 +249,7 @@ fn set_weight_replaces_a_linear() {
     // With o_proj and down_proj zero the layer adds nothing to the residual stream.
     layer.set_weight(LinearKind::O, vec![0.0; HIDDEN * HIDDEN]);
     layer.set_weight(LinearKind::Down, vec![0.0; HIDDEN * INTERMEDIATE]);
-    assert!(layer.weight(LinearKind::Down).iter().all(|&w| w == 0.0));
+    assert!(layer.weight(LinearKind::Down).to_host().iter().all(|&w| w == 0.0));
     let start = model.embed(&[5, 6]).unwrap();
     let mut hidden = start.clone();
     layer.forward(cfg, &rope, &mut hidden, 2, &mut NoHooks);

@@ -2,7 +2,6 @@
 //! sequence, a block of positions at a time.
 
 use crate::compute::{Compute, Tensor};
-use std::borrow::Cow;
 use crate::model::config::ModelConfig;
 use crate::model::weights::InputQuant;
 
@@ -30,13 +29,13 @@ impl Head {
     }
 
     /// The output projection `[vocab, hidden]` (dequantized when stored quantized).
-    pub fn lm_head(&self) -> Cow<'_, [f32]> {
-        self.lm_head.to_host()
+    pub fn lm_head(&self) -> &Tensor {
+        &self.lm_head
     }
 
     /// The final norm's weight, `[hidden]`.
-    pub fn norm_weight(&self) -> Cow<'_, [f32]> {
-        self.norm.to_host()
+    pub fn norm_weight(&self) -> &Tensor {
+        &self.norm
     }
 
     /// The final norm's epsilon.
@@ -45,8 +44,8 @@ impl Head {
     }
 
     /// The final norm's bias (LayerNorm families), `[hidden]`.
-    pub fn norm_bias(&self) -> Option<Cow<'_, [f32]>> {
-        self.norm_bias.as_ref().map(Tensor::to_host)
+    pub fn norm_bias(&self) -> Option<&Tensor> {
+        self.norm_bias.as_ref()
     }
 
     /// The config the head was loaded with (for the kind of norm).

@@ -3,7 +3,6 @@
 //! (the differences are fields of `ModelConfig`) and for MoE layers (src/model/moe.rs).
 
 use crate::compute::{Attention, Compute, NormKind, Rope, Tensor};
-use std::borrow::Cow;
 use crate::model::config::{LayerModule, LinearKind, ModelConfig};
 use crate::model::hooks::Hooks;
 use crate::model::moe::MoeBlock;
@@ -127,8 +126,8 @@ impl Layer {
     /// The weight of `m` (stacked rows of a fused module; an expert's from the MoE block).
     pub fn module_weight(&self, m: &LayerModule) -> Vec<f32> {
         match (m.expert, &self.moe) {
-            (Some(e), Some(block)) => block.weight(e, m.kinds[0]).into_owned(),
-            _ => m.kinds.iter().flat_map(|&k| self.weight(k).into_owned()).collect(),
+            (Some(e), Some(block)) => block.weight(e, m.kinds[0]).to_host().into_owned(),
+            _ => m.kinds.iter().flat_map(|&k| self.weight(k).to_host().into_owned()).collect(),
         }
     }
 
@@ -137,13 +136,13 @@ impl Layer {
         if m.expert.is_some() {
             return None;
         }
-        let parts = m.kinds.iter().map(|&k| self.bias(k)).collect::<Option<Vec<_>>>()?;
+        let parts = m.kinds.iter().map(|&k| self.bias(k).map(Tensor::to_host)).collect::<Option<Vec<_>>>()?;
         Some(parts.iter().flat_map(|b| b.iter().copied()).collect())
     }
 
     /// Qwen3's per-head q and k RMSNorm weights (`[head_dim]` each), when the family has them.
-    pub fn qk_norm(&self) -> Option<(Cow<'_, [f32]>, Cow<'_, [f32]>)> {
-        self.qk_norm.as_ref().map(|(q, k)| (q.to_host(), k.to_host()))
+    pub fn qk_norm(&self) -> Option<(&Tensor, &Tensor)> {
+        self.qk_norm.as_ref().map(|(q, k)| (q, k))
     }
 
     /// The arithmetic this layer was loaded with.
@@ -152,12 +151,12 @@ impl Layer {
     }
 
     /// `kind`'s weight, `[out_features, in_features]`.
-    pub fn weight(&self, kind: LinearKind) -> Cow<'_, [f32]> {
-        self.linears[kind as usize].to_host()
+    pub fn weight(&self, kind: LinearKind) -> &Tensor {
+        &self.linears[kind as usize]
     }
 
     /// `kind`'s bias, `[out_features]`, when the checkpoint has one.
-    pub fn bias(&self, kind: LinearKind) -> Option<Cow<'_, [f32]>> {
-        self.biases[kind as usize].as_ref().map(Tensor::to_host)
+    pub fn bias(&self, kind: LinearKind) -> Option<&Tensor> {
+        self.biases[kind as usize].as_ref()
     }
 }

@@ -11,7 +11,6 @@
 //! [`Hooks::expert_input`].
 
 use crate::compute::{Compute, Tensor};
-use std::borrow::Cow;
 use crate::model::config::{LinearKind, ModelConfig, MoeConfig};
 use crate::model::hooks::Hooks;
 
@@ -34,8 +33,8 @@ pub struct MoeBlock {
 
 impl MoeBlock {
     /// The router weight, `[num_experts, hidden]`.
-    pub fn router_weight(&self) -> Cow<'_, [f32]> {
-        self.router.to_host()
+    pub fn router_weight(&self) -> &Tensor {
+        &self.router
     }
 
     pub fn num_experts(&self) -> usize {
@@ -43,8 +42,8 @@ impl MoeBlock {
     }
 
     /// Expert `e`'s weight of `kind` (Gate, Up or Down), `[out, in]`.
-    pub fn weight(&self, e: usize, kind: LinearKind) -> Cow<'_, [f32]> {
-        self.experts[e][expert_slot(kind)].to_host()
+    pub fn weight(&self, e: usize, kind: LinearKind) -> &Tensor {
+        &self.experts[e][expert_slot(kind)]
     }
 
     /// Replaces expert `e`'s weight of `kind` (Gate, Up or Down). Panics if `w` does not have

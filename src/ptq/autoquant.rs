@@ -16,13 +16,12 @@
 //! 4. Selection (§9.5): the exact 0/1 choice minimizing the total score under the budget
 //!    (dynamic programming over integer costs; deterministic).
 
-use crate::ptq::backward::{head_backward, layer_backward};
+use crate::ptq::backward::{head_backward, LayerGrad};
 use crate::model::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::io::json::{obj, str, Json};
-use crate::model::{module_of, Hooks, LayerModule, LinearKind, Model, NoHooks};
-use crate::compute::cpu as ops;
-use crate::compute::Tensor;
+use crate::model::{Hooks, LayerModule, LinearKind, Model, NoHooks};
+use crate::compute::{Compute, Device, Tensor};
 use crate::ptq::progress::Progress;
 use crate::model::weights::InputQuant;
 use crate::quant::{fp8, int, nvfp4, smoothquant, Exclusions, QFormat, WeightKind, INT4_GROUP};
@@ -326,27 +325,39 @@ fn candidate_weight(f: QFormat, w: &[f32], [out, inp]: [usize; 2], pqs: Option<&
     Ok(q)
 }
 
-/// One linear as the score sees it: its weight `[out, in]` and, per candidate format, the
-/// fake-quantized weight and what happens to the input.
-struct Scored<'a> {
-    w: &'a [f32],
-    wq: Vec<&'a [f32]>,
-    inputs: &'a [InputQuant],
+/// One linear as the score sees it, on the score's backend: its weight `[out, in]` and, per
+/// candidate format, the fake-quantized weight (a fused module's linear: its rows of the
+/// module's candidates).
+struct Scored {
+    w: Tensor,
+    wq: Vec<Tensor>,
     shape: [usize; 2],
 }
 
-/// Adds `Σ (dy ⊙ (y_r − y))²` for every candidate to `scores` (`[formats]`).
-fn score_linear(lin: &Scored, x: &[f32], dy: &[f32], scores: &mut [f64]) {
-    let [out, inp] = lin.shape;
-    let rows = x.len() / inp;
-    let mut y = vec![0f32; rows * out];
-    ops::matmul_bt(x, lin.w, rows, inp, out, &mut y);
-    let mut yq = vec![0f32; rows * out];
-    for ((q, input), s) in lin.wq.iter().zip(lin.inputs).zip(scores.iter_mut()) {
-        let mut xq = Tensor::from(x.to_vec());
-        input.apply(&mut xq, inp);
-        ops::matmul_bt(&xq.to_host(), q, rows, inp, out, &mut yq);
-        *s += yq.iter().zip(&y).zip(dy).map(|((a, b), g)| (((a - b) * g) as f64).powi(2)).sum::<f64>();
+impl Scored {
+    /// Rows `rows` of a module's weight `w` and of its candidates `wq` (`[_, inp]`), on `device`.
+    fn new(w: &[f32], wq: &[Vec<f32>], rows: std::ops::Range<usize>, inp: usize, device: Device) -> Scored {
+        let span = rows.start * inp..rows.end * inp;
+        Scored {
+            w: Tensor::on(w[span.clone()].to_vec(), device),
+            wq: wq.iter().map(|q| Tensor::on(q[span.clone()].to_vec(), device)).collect(),
+            shape: [rows.len(), inp],
+        }
+    }
+
+    /// Adds `Σ (dy ⊙ (y_r − y))²` for every candidate r to `scores` (`[formats]`), given the
+    /// linear's input x (`[rows, in]`), dy (`[rows, out]`) and what each candidate does to the
+    /// input. Per row in f64 ([`Tensor::sq_err_rows`]), the rows added in order.
+    fn score(&self, inputs: &[InputQuant], x: &Tensor, dy: &Tensor, scores: &mut [f64]) {
+        let [out, inp] = self.shape;
+        let rows = x.len() / inp;
+        let y = x.matmul_bt(&self.w, rows, inp, out);
+        for ((q, input), s) in self.wq.iter().zip(inputs).zip(scores.iter_mut()) {
+            let mut xq = x.clone();
+            input.apply(&mut xq, inp);
+            let yq = xq.matmul_bt(q, rows, inp, out);
+            *s += yq.sq_err_rows(&y, Some(dy), out, Compute::F32).iter().sum::<f64>();
+        }
     }
 }
 
@@ -442,20 +453,22 @@ pub fn search(
     let mut scores: HashMap<String, Vec<f64>> = HashMap::new();
     let head_formats: Vec<QFormat> = formats.iter().copied().filter(|&f| !has_algorithm(f)).collect();
     let head_shape = [cfg.vocab_size, cfg.hidden_size];
-    let head_w = head.lm_head();
+    let device = model.device;
+    let head_w = head.lm_head().to_host();
     let head_wq: Vec<Vec<f32>> =
         head_formats.iter().map(|&f| candidate_weight(f, &head_w, head_shape, None, dtype)).collect::<Result<_>>()?;
+    let head_lin = Scored::new(&head_w, &head_wq, 0..head_shape[0], head_shape[1], device);
+    drop((head_w, head_wq));
     let head_inputs: Vec<InputQuant> =
         head_formats.iter().map(|f| InputQuant { pre_quant_scale: None, act: f.act().map(|a| (a, head_amax)) }).collect();
     let mut head_scores = vec![0f64; head_formats.len()];
-    let mut dh: Vec<Vec<f32>> = Vec::with_capacity(score.len());
+    let mut dh: Vec<Tensor> = Vec::with_capacity(score.len());
     for &i in score {
-        let (_, d) = head_backward(&head, &hidden[i].to_host(), &samples[i], &mut |x, dz| {
-            let lin = Scored { w: &head_w, wq: head_wq.iter().map(Vec::as_slice).collect(), inputs: &head_inputs, shape: head_shape };
-            score_linear(&lin, x, dz, &mut head_scores)
-        });
+        let (_, d) = head_backward(&head, &hidden[i], &samples[i], &mut |x, dz| head_lin.score(&head_inputs, x, dz, &mut head_scores));
+        crate::compute::take_device_error()?;
         dh.push(d);
     }
+    drop(head_lin);
     let mut lm_head = vec![0f64; nf];
     for (f, s) in head_formats.iter().zip(head_scores) {
         lm_head[formats.iter().position(|x| x == f).expect("a listed format")] = s;
@@ -480,36 +493,32 @@ pub fn search(
             crate::io::signal::check()?;
             let layer = model.load_layer(l)?;
             let x_in = seg_inputs.pop().expect("an input per layer of the segment");
-            // Per module: its weight (a fused module's stacked rows) and each candidate's.
+            // Per linear (keyed by expert and kind): its weight and each candidate's, from its
+            // module's (a fused module's candidates are made over the stacked rows).
             let modules = cfg.layer_modules(l);
-            let weights: Vec<Vec<f32>> = modules.iter().map(|m| layer.module_weight(m)).collect();
-            let mut wq: Vec<Vec<Vec<f32>>> = Vec::with_capacity(modules.len());
-            for ((m, w), iqs) in modules.iter().zip(&weights).zip(&inputs[l]) {
+            let mut linears: HashMap<(Option<usize>, usize), (usize, Scored)> = HashMap::new();
+            for (k, (m, iqs)) in modules.iter().zip(&inputs[l]).enumerate() {
+                let w = layer.module_weight(m);
                 let per_format = formats.iter().zip(iqs);
-                wq.push(
-                    per_format
-                        .map(|(&f, iq)| candidate_weight(f, w, m.shape, iq.pre_quant_scale.as_deref(), dtype))
-                        .collect::<Result<_>>()?,
-                );
+                let wq: Vec<Vec<f32>> =
+                    per_format.map(|(&f, iq)| candidate_weight(f, &w, m.shape, iq.pre_quant_scale.as_deref(), dtype)).collect::<Result<_>>()?;
+                let inp = m.shape[1];
+                let mut r0 = 0;
+                for &kind in m.kinds {
+                    let rows = if m.expert.is_some() { m.shape[0] } else { kind.shape(cfg)[0] };
+                    linears.insert((m.expert, kind as usize), (k, Scored::new(&w, &wq, r0..r0 + rows, inp, device)));
+                    r0 += rows;
+                }
             }
+            let grad = LayerGrad::new(&layer, cfg, &rope);
             for (j, &i) in score.iter().enumerate() {
-                let d = layer_backward(&layer, cfg, &rope, &x_in[j].to_host(), samples[i].len(), &dh[j], &mut |kind, expert, x, dy| {
+                let d = grad.backward(&x_in[j], samples[i].len(), &dh[j], &mut |kind, expert, x, dy| {
                     // A fused module's output is its linears' outputs stacked: Σ (g ⊙ Δ)² over it
-                    // is the sum over the linears' rows of the fused module's candidates.
-                    let k = module_of(&modules, expert, kind).expect("every linear of a layer is in a module");
-                    let m = &modules[k];
-                    let inp = m.shape[1];
-                    let rows = |k: LinearKind| if m.expert.is_some() { m.shape[0] } else { k.shape(cfg)[0] };
-                    let r0: usize = m.kinds.iter().take_while(|&&x| x != kind).map(|&x| rows(x)).sum();
-                    let span = r0 * inp..(r0 + rows(kind)) * inp;
-                    let lin = Scored {
-                        w: &weights[k][span.clone()],
-                        wq: wq[k].iter().map(|q| &q[span.clone()]).collect(),
-                        inputs: &inputs[l][k],
-                        shape: [rows(kind), inp],
-                    };
-                    score_linear(&lin, x, dy, scores.entry(m.path.clone()).or_insert_with(|| vec![0.0; nf]));
+                    // is the sum over its linears.
+                    let (k, lin) = linears.get(&(expert, kind as usize)).expect("every linear of a layer is in a module");
+                    lin.score(&inputs[l][*k], x, dy, scores.entry(modules[*k].path.clone()).or_insert_with(|| vec![0.0; nf]));
                 });
+                crate::compute::take_device_error()?;
                 dh[j] = d;
             }
             progress.step("auto-quantize backward layer", n - l, n);

@@ -330,7 +330,7 @@ fn quantize_lm_head(model: &Model, hidden: &[Tensor], format: QFormat, dtype: Dt
         shape: [cfg.vocab_size, cfg.hidden_size],
         module: "lm_head".into(),
         format,
-        weight: head.lm_head().to_vec(),
+        weight: head.lm_head().to_host().into_owned(),
         pqs: None,
         input_amax: amax,
         weight_amax: None,

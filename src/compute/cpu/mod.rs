@@ -14,7 +14,6 @@ mod simd;
 mod threads;
 
 pub use attention::Attention;
-pub(crate) use attention::softmax_visible;
 pub use matmul::{matmul_bt, matmul_bt_naive};
 pub use norm::{
     add_in_place, exp_nonpositive, gated_mul, gated_mul_bf16, gelu_tanh, layer_norm, log_softmax_nll, relu2, rms_norm,

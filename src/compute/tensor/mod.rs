@@ -32,6 +32,8 @@ use crate::compute::cuda::{self, DeviceBuffer};
 use crate::compute::device::Device;
 use std::borrow::Cow;
 
+mod grad;
+
 /// A transform whose formula belongs to a later stage (quant/), named with the kernel that is
 /// its device twin, for [`Tensor::map_twin`]. Each twin is tested bit-identical to its formula
 /// (tests/cuda.rs, tests/cuda_quant.rs).
@@ -209,6 +211,15 @@ impl Tensor {
         Tensor::on(op().into_host(), device)
     }
 
+    /// The host fallback of an in-place operation: `op` runs on a host copy of `self`, which
+    /// then replaces `self` on its backend.
+    #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+    fn update_via_host(&mut self, op: impl FnOnce(&mut Tensor)) {
+        let mut h = self.host_copy();
+        op(&mut h);
+        *self = Tensor::on(h.into_host(), self.device());
+    }
+
     /// A host tensor with the values of `self`.
     #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
     fn host_copy(&self) -> Tensor {
@@ -323,14 +334,7 @@ impl Tensor {
             #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
             (Storage::Cuda(x), Storage::Cuda(b)) => dev::step(|| cuda::add_row_bias(x, b, b.len())),
             #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
-            _ => {
-                let t = Tensor::via_host(self.device(), || {
-                    let mut h = self.host_copy();
-                    h.add_row_bias(&bias.host_copy());
-                    h
-                });
-                *self = t;
-            }
+            _ => self.update_via_host(|h| h.add_row_bias(&bias.host_copy())),
         }
     }
 
@@ -341,14 +345,7 @@ impl Tensor {
             #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
             (Storage::Cuda(x), Storage::Cuda(y)) => dev::step(|| cuda::add(x, y)),
             #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
-            _ => {
-                let t = Tensor::via_host(self.device(), || {
-                    let mut h = self.host_copy();
-                    h.add(&other.host_copy());
-                    h
-                });
-                *self = t;
-            }
+            _ => self.update_via_host(|h| h.add(&other.host_copy())),
         }
     }
 
@@ -463,14 +460,7 @@ impl Tensor {
             #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
             (Storage::Cuda(g), Storage::Cuda(u)) => dev::step(|| cuda::gated_mul(g, u, act, c == Compute::Bf16)),
             #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
-            _ => {
-                let t = Tensor::via_host(self.device(), || {
-                    let mut h = self.host_copy();
-                    h.gated_mul(c, act, &up.host_copy());
-                    h
-                });
-                *self = t;
-            }
+            _ => self.update_via_host(|h| h.gated_mul(c, act, &up.host_copy())),
         }
     }
 
@@ -518,14 +508,7 @@ impl Tensor {
                 dev::step(|| cuda::index_add_weighted(out, y, cols, rows, c == Compute::Bf16))
             }
             #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
-            _ => {
-                let t = Tensor::via_host(self.device(), || {
-                    let mut h = self.host_copy();
-                    h.index_add_weighted(c, &src.host_copy(), rows, cols);
-                    h
-                });
-                *self = t;
-            }
+            _ => self.update_via_host(|h| h.index_add_weighted(c, &src.host_copy(), rows, cols)),
         }
     }
 
