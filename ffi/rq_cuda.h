@@ -1,5 +1,5 @@
 /* C ABI of rq-min's CUDA kernels (the .cu files of cuda/), bound to Rust by bindgen in build.rs and
- * wrapped safely in src/cuda.rs.
+ * wrapped safely in src/compute/cuda.rs.
  *
  * Every function returns an int status: 0 on success, otherwise the cudaError_t value;
  * rq_error_string(status) describes it. Launchers only enqueue work on the default stream
@@ -189,9 +189,11 @@ int rq_quantize_int4_f32(const float* w, size_t out, size_t inp, size_t group, c
  * (awq::ActMean). rows == 0 with cols > 0: cudaErrorInvalidValue. */
 int rq_col_abs_mean_f32(const float* x, size_t rows, size_t cols, float* out);
 
-/* out[r] = sum_c d * d in double, d = y[r, c] - ref[r, c] (rounded to bf16 when bf16), for
- * y, ref = [rows, cols]: 32 strided partial sums per row, then a xor butterfly. */
-int rq_sq_err_rows_f32(const float* y, const float* ref, size_t rows, size_t cols, int bf16, double* out);
+/* out[r] = sum_c d * d in double, d = y[r, c] - ref[r, c] (rounded to bf16 when bf16), times
+ * weight[r, c] when weight is not NULL, for y, ref, weight = [rows, cols]: 32 strided partial sums
+ * per row, then a xor butterfly. */
+int rq_sq_err_rows_f32(const float* y, const float* ref, const float* weight, size_t rows, size_t cols, int bf16,
+                       double* out);
 
 /* INT4 fake quant in place (quant::int::int4_fake_quant) of w = [out, inp], groups of `group`
  * along the input (the last may be partial): amax < 2^-24 gives zeros, else s = 7 / amax,

@@ -856,11 +856,13 @@ pub fn col_abs_mean(x: &DeviceBuffer<f32>, cols: usize, out: &mut DeviceBuffer<f
     launched(kernel, x.len, unsafe { ffi::rq_col_abs_mean_f32(x.as_ptr(), rows, cols, out.as_mut_ptr()) })
 }
 
-/// `out[r]` = Σ_c (y[r, c] − reference[r, c])², each difference rounded to bf16 when `bf16`,
-/// in f64 (`cpu::sq_err_row`, bit for bit), for `y`, `reference` = `[rows, cols]`.
+/// `out[r]` = Σ_c (d · weight[r, c])² in f64 with d = y[r, c] − reference[r, c] rounded to bf16
+/// when `bf16`, no weight: 1 (`cpu::sq_err_row`, bit for bit), for `y`, `reference` and `weight`
+/// = `[rows, cols]`.
 pub fn sq_err_rows(
     y: &DeviceBuffer<f32>,
     reference: &DeviceBuffer<f32>,
+    weight: Option<&DeviceBuffer<f32>>,
     cols: usize,
     bf16: bool,
     out: &mut DeviceBuffer<f64>,
@@ -868,10 +870,14 @@ pub fn sq_err_rows(
     let kernel = "rq_sq_err_rows_f32";
     let rows = rows_of(kernel, y.len, cols)?;
     check_shape(kernel, "reference", reference.len, Some(y.len))?;
+    if let Some(w) = weight {
+        check_shape(kernel, "weight", w.len, Some(y.len))?;
+    }
     check_shape(kernel, "out", out.len, Some(rows))?;
-    // SAFETY: y and reference hold rows*cols floats, out rows doubles.
+    let weight = weight.map_or(std::ptr::null(), |w| w.as_ptr());
+    // SAFETY: y, reference and weight (or null) hold rows*cols floats, out rows doubles.
     launched(kernel, y.len, unsafe {
-        ffi::rq_sq_err_rows_f32(y.as_ptr(), reference.as_ptr(), rows, cols, c_int::from(bf16), out.as_mut_ptr())
+        ffi::rq_sq_err_rows_f32(y.as_ptr(), reference.as_ptr(), weight, rows, cols, c_int::from(bf16), out.as_mut_ptr())
     })
 }
 
