@@ -30,12 +30,13 @@ __global__ void __launch_bounds__(kThreads)
     out[c] = float(acc / double(rows));
 }
 
-// out[r] = Σ_c d², d = y[r, c] - ref[r, c] (rounded to bf16 when bf16), one warp per row:
-// lane j sums the columns j, j + 32, ... in f64, then the 32 partial sums meet in a xor
-// butterfly (cpu::sq_err_row). A row of warps returns together, so the shuffle sees all lanes.
+// out[r] = Σ_c d², d = y[r, c] - ref[r, c] (rounded to bf16 when bf16), times weight[r, c] when
+// weight is not null, one warp per row: lane j sums the columns j, j + 32, ... in f64, then the
+// 32 partial sums meet in a xor butterfly (cpu::sq_err_row). A row of warps returns together,
+// so the shuffle sees all lanes.
 __global__ void __launch_bounds__(kThreads)
-    sq_err_rows_kernel(const float* __restrict__ y, const float* __restrict__ ref, size_t rows, size_t cols,
-                       int bf16, double* __restrict__ out) {
+    sq_err_rows_kernel(const float* __restrict__ y, const float* __restrict__ ref, const float* __restrict__ weight,
+                       size_t rows, size_t cols, int bf16, double* __restrict__ out) {
     const size_t r = size_t(blockIdx.x) * kWarps + threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
     if (r >= rows) return;
@@ -45,6 +46,7 @@ __global__ void __launch_bounds__(kThreads)
     for (size_t c = lane; c < cols; c += 32) {
         float d = __fadd_rn(yr[c], -rr[c]);
         if (bf16) d = bf16_round(d);
+        if (weight != nullptr) d = __fmul_rn(d, weight[r * cols + c]);
         p = __dadd_rn(p, __dmul_rn(double(d), double(d)));
     }
     for (int off = 16; off > 0; off /= 2) p = __dadd_rn(p, __shfl_xor_sync(kFull, p, off));
@@ -96,12 +98,12 @@ extern "C" int rq_col_abs_mean_f32(const float* x, size_t rows, size_t cols, flo
     return cudaGetLastError();
 }
 
-extern "C" int rq_sq_err_rows_f32(const float* y, const float* ref, size_t rows, size_t cols, int bf16,
-                                  double* out) {
+extern "C" int rq_sq_err_rows_f32(const float* y, const float* ref, const float* weight, size_t rows, size_t cols,
+                                  int bf16, double* out) {
     if (rows == 0) return cudaSuccess;
     const unsigned blocks = warp_blocks(rows);
     if (blocks == 0) return cudaErrorInvalidValue;
-    RQ_LAUNCH(sq_err_rows_kernel, blocks, kThreads, 0, 0)(y, ref, rows, cols, bf16, out);
+    RQ_LAUNCH(sq_err_rows_kernel, blocks, kThreads, 0, 0)(y, ref, weight, rows, cols, bf16, out);
     return cudaGetLastError();
 }
 

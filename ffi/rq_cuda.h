@@ -1,5 +1,5 @@
 /* C ABI of rq-min's CUDA kernels (the .cu files of cuda/), bound to Rust by bindgen in build.rs and
- * wrapped safely in src/cuda.rs.
+ * wrapped safely in src/compute/cuda.rs.
  *
  * Every function returns an int status: 0 on success, otherwise the cudaError_t value;
  * rq_error_string(status) describes it. Launchers only enqueue work on the default stream
@@ -189,14 +189,61 @@ int rq_quantize_int4_f32(const float* w, size_t out, size_t inp, size_t group, c
  * (awq::ActMean). rows == 0 with cols > 0: cudaErrorInvalidValue. */
 int rq_col_abs_mean_f32(const float* x, size_t rows, size_t cols, float* out);
 
-/* out[r] = sum_c d * d in double, d = y[r, c] - ref[r, c] (rounded to bf16 when bf16), for
- * y, ref = [rows, cols]: 32 strided partial sums per row, then a xor butterfly. */
-int rq_sq_err_rows_f32(const float* y, const float* ref, size_t rows, size_t cols, int bf16, double* out);
+/* out[r] = sum_c d * d in double, d = y[r, c] - ref[r, c] (rounded to bf16 when bf16), times
+ * weight[r, c] when weight is not NULL, for y, ref, weight = [rows, cols]: 32 strided partial sums
+ * per row, then a xor butterfly. */
+int rq_sq_err_rows_f32(const float* y, const float* ref, const float* weight, size_t rows, size_t cols, int bf16,
+                       double* out);
 
 /* INT4 fake quant in place (quant::int::int4_fake_quant) of w = [out, inp], groups of `group`
  * along the input (the last may be partial): amax < 2^-24 gives zeros, else s = 7 / amax,
  * w = clamp(rint(w * s), -8, 7) / s. */
 int rq_fake_quant_int4_f32(float* w, size_t out, size_t inp, size_t group);
+
+/* ---- backward kernels of auto-quantize's gradient score (cuda/backward.cu) -------------------
+ * Twins of src/compute/cpu/grad.rs, bit-identical to it (tests/cuda_backward.rs; on a GPU up to
+ * the libm of expf, tanhf and log). f32, row-major; in-place kernels overwrite their first
+ * argument. Every f64 sum is cpu::warp_sum's: one warp per row, 32 strided partial sums, then a
+ * xor butterfly. */
+
+/* out[c * rows + r] = a[r * cols + c]: the [cols, rows] transpose of a = [rows, cols]. */
+int rq_transpose_f32(const float* a, size_t rows, size_t cols, float* out);
+
+/* dst[r * dst_width + dst_c0 + j] = src[r * src_width + src_c0 + j] for r < rows, j < n; columns
+ * outside a row: cudaErrorInvalidValue. */
+int rq_copy_columns_f32(const float* src, size_t src_width, size_t src_c0, float* dst, size_t dst_width,
+                        size_t dst_c0, size_t rows, size_t n);
+
+/* Swaps the two halves of the leading rotary_dim values of each of the heads of head_dim values in
+ * x (RoPE's x1 <-> x2); rotary_dim odd or > head_dim: cudaErrorInvalidValue. */
+int rq_swap_rotary_halves_f32(float* x, size_t heads, size_t head_dim, size_t rotary_dim);
+
+/* x[r, c] = w[r] * x[r, c] for x = [rows, cols]. */
+int rq_scale_rows_f32(float* x, size_t rows, size_t cols, const float* w);
+
+/* out[i] = (dm[i] * u[i]) * act'(x[i]), or dm[i] * act'(x[i]) when u is NULL (cpu::act_grad_mul),
+ * act an RQ_ACT_ code. */
+int rq_act_grad_mul_f32(const float* x, const float* dm, const float* u, size_t n, int act, float* out);
+
+/* acc += dL/dx of the norm of x = [rows, n] given dy = dL/d(output) (cpu::norm_backward_add):
+ * RMSNorm, or LayerNorm when layer_norm; the weight ([n]) is 1 + weight when offset. n == 0 with
+ * rows > 0: cudaErrorInvalidValue. */
+int rq_norm_backward_add_f32(float* acc, const float* x, const float* weight, const float* dy, size_t rows,
+                             size_t n, int layer_norm, int offset, float eps);
+
+/* p = [rows, n_keys] scores of the queries t = t0 + r against the keys lo .. lo + n_keys; row r
+ * becomes softmax(scale * row) over the keys first ..= t it sees, first = t + 1 - window saturated
+ * at 0 (window SIZE_MAX: no sliding window), and 0 elsewhere (cpu::softmax_rows, one thread per
+ * row). A row seeing keys outside the block: cudaErrorInvalidValue. */
+int rq_softmax_rows_f32(float* p, size_t rows, size_t n_keys, size_t t0, size_t lo, size_t window, float scale);
+
+/* ds = scale * p * (ds - c) per row of n_keys, c = f32(sum_j p_j * ds_j) (cpu::attention_ds). */
+int rq_attention_ds_f32(float* ds, const float* p, size_t rows, size_t n_keys, float scale);
+
+/* Row r of z = [rows, vocab] becomes scale * (softmax(z[r]) - onehot(targets[r])) and nll[r] =
+ * logsumexp(z[r]) - z[r, targets[r]] in double (cpu::xent_grad_row); a target >= vocab makes
+ * nll[r] and the row NaN. vocab == 0 with rows > 0: cudaErrorInvalidValue. */
+int rq_xent_grad_rows_f32(float* z, size_t rows, size_t vocab, const uint32_t* targets, float scale, double* nll);
 
 #ifdef __cplusplus
 }

@@ -77,9 +77,9 @@ fn sq_err_rows_match_the_cpu_bit_for_bit() {
         r[cols / 2] = f32::NAN; // row 0 is NaN
         for bf16 in [false, true] {
             let round = |d: f32| if bf16 { round_bf16(d) } else { d };
-            let want: Vec<f64> = y.chunks_exact(cols).zip(r.chunks_exact(cols)).map(|(a, b)| sq_err_row(a, b, round)).collect();
+            let want: Vec<f64> = y.chunks_exact(cols).zip(r.chunks_exact(cols)).map(|(a, b)| sq_err_row(a, b, None, round)).collect();
             let mut got = dev(&vec![f64::NAN; rows]);
-            cuda::sq_err_rows(&dev(&y), &dev(&r), cols, bf16, &mut got).unwrap();
+            cuda::sq_err_rows(&dev(&y), &dev(&r), None, cols, bf16, &mut got).unwrap();
             let got = got.to_vec().unwrap();
             assert!(want[0].is_nan() && got[0].is_nan(), "a NaN difference makes its row NaN");
             for (i, (a, b)) in want.iter().zip(&got).enumerate().skip(1) {

@@ -3,8 +3,9 @@
 //! bit-identical results (`tests/cuda.rs`), as do the NVFP4 kernels, twins of `quant::nvfp4`
 //! (`tests/cuda_quant.rs`); the forward kernels of a decoder layer (norms,
 //! matmul, RoPE, attention, activations, statistics) are twins of [`crate::compute::cpu`]
-//! (`tests/cuda_forward.rs`, with each kernel's error bound); [`matmul_bt_bf16`] is a
-//! tensor-core GEMM on bf16 operands (`tests/cuda_gemm.rs`).
+//! (`tests/cuda_forward.rs`, with each kernel's error bound), as are the backward kernels of
+//! auto-quantize's gradient score (`tests/cuda_backward.rs`, bit for bit); [`matmul_bt_bf16`] is
+//! a tensor-core GEMM on bf16 operands (`tests/cuda_gemm.rs`).
 //!
 //! The CUDA runtime is linked statically and loads the driver at first use, so a binary built
 //! with this feature runs on a machine without a driver or GPU: there, [`device_info`] and
@@ -20,7 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 use bytemuck::Pod;
 
-use crate::compute::arith::Activation;
+use crate::compute::arith::{Activation, NormKind};
 use crate::error::{Error, Result};
 
 mod ffi {
@@ -856,11 +857,13 @@ pub fn col_abs_mean(x: &DeviceBuffer<f32>, cols: usize, out: &mut DeviceBuffer<f
     launched(kernel, x.len, unsafe { ffi::rq_col_abs_mean_f32(x.as_ptr(), rows, cols, out.as_mut_ptr()) })
 }
 
-/// `out[r]` = Σ_c (y[r, c] − reference[r, c])², each difference rounded to bf16 when `bf16`,
-/// in f64 (`cpu::sq_err_row`, bit for bit), for `y`, `reference` = `[rows, cols]`.
+/// `out[r]` = Σ_c (d · weight[r, c])² in f64 with d = y[r, c] − reference[r, c] rounded to bf16
+/// when `bf16`, no weight: 1 (`cpu::sq_err_row`, bit for bit), for `y`, `reference` and `weight`
+/// = `[rows, cols]`.
 pub fn sq_err_rows(
     y: &DeviceBuffer<f32>,
     reference: &DeviceBuffer<f32>,
+    weight: Option<&DeviceBuffer<f32>>,
     cols: usize,
     bf16: bool,
     out: &mut DeviceBuffer<f64>,
@@ -868,10 +871,14 @@ pub fn sq_err_rows(
     let kernel = "rq_sq_err_rows_f32";
     let rows = rows_of(kernel, y.len, cols)?;
     check_shape(kernel, "reference", reference.len, Some(y.len))?;
+    if let Some(w) = weight {
+        check_shape(kernel, "weight", w.len, Some(y.len))?;
+    }
     check_shape(kernel, "out", out.len, Some(rows))?;
-    // SAFETY: y and reference hold rows*cols floats, out rows doubles.
+    let weight = weight.map_or(std::ptr::null(), |w| w.as_ptr());
+    // SAFETY: y, reference and weight (or null) hold rows*cols floats, out rows doubles.
     launched(kernel, y.len, unsafe {
-        ffi::rq_sq_err_rows_f32(y.as_ptr(), reference.as_ptr(), rows, cols, c_int::from(bf16), out.as_mut_ptr())
+        ffi::rq_sq_err_rows_f32(y.as_ptr(), reference.as_ptr(), weight, rows, cols, c_int::from(bf16), out.as_mut_ptr())
     })
 }
 
@@ -885,4 +892,194 @@ pub fn fake_quant_int4_device(w: &mut DeviceBuffer<f32>, inp: usize, group: usiz
     }
     // SAFETY: w holds out*inp floats.
     launched(kernel, w.len, unsafe { ffi::rq_fake_quant_int4_f32(w.as_mut_ptr(), out, inp, group) })
+}
+
+// ---- backward kernels of auto-quantize's gradient score (cuda/backward.cu) --------------------
+//
+// Twins of `compute::cpu`'s grad.rs, bit for bit (tests/cuda_backward.rs; on a GPU up to the libm
+// of exp, tanh and ln). Shapes are checked as for the forward kernels: where the CPU twin panics
+// on a caller bug, these return `Error::Usage` naming the kernel.
+
+/// `out[c·rows + r] = a[r·cols + c]`: the `[cols, rows]` transpose of `a` = `[rows, cols]`
+/// (`cpu::transpose`).
+pub fn transpose(a: &DeviceBuffer<f32>, rows: usize, cols: usize, out: &mut DeviceBuffer<f32>) -> Result<()> {
+    let kernel = "rq_transpose_f32";
+    check_shape(kernel, "a", a.len, rows.checked_mul(cols))?;
+    check_shape(kernel, "out", out.len, Some(a.len))?;
+    // SAFETY: a and out hold rows*cols floats each.
+    launched(kernel, a.len, unsafe { ffi::rq_transpose_f32(a.as_ptr(), rows, cols, out.as_mut_ptr()) })
+}
+
+/// `dst[r, dst_c0 + j] = src[r, src_c0 + j]` for j < n, `src` whole rows of `src_width` values and
+/// `dst` as many rows of `dst_width` (`cpu::copy_columns`).
+pub fn copy_columns(
+    src: &DeviceBuffer<f32>,
+    src_width: usize,
+    src_c0: usize,
+    dst: &mut DeviceBuffer<f32>,
+    dst_width: usize,
+    dst_c0: usize,
+    n: usize,
+) -> Result<()> {
+    let kernel = "rq_copy_columns_f32";
+    let inside = |c0: usize, width: usize| c0.checked_add(n).is_some_and(|end| end <= width);
+    if !inside(src_c0, src_width) || !inside(dst_c0, dst_width) {
+        return Err(Error::Usage(format!(
+            "{kernel}: {n} columns from {src_c0} of rows of {src_width} to {dst_c0} of rows of {dst_width}"
+        )));
+    }
+    let rows = rows_of(kernel, src.len, src_width)?;
+    check_shape(kernel, "dst", dst.len, rows.checked_mul(dst_width))?;
+    // SAFETY: src holds rows*src_width floats, dst rows*dst_width, and the n columns lie inside
+    // both rows (checked).
+    launched(kernel, rows * n, unsafe {
+        ffi::rq_copy_columns_f32(src.as_ptr(), src_width, src_c0, dst.as_mut_ptr(), dst_width, dst_c0, rows, n)
+    })
+}
+
+/// `x[offset..offset + y.len()] += y` (`cpu::add_in_place` on a part of `x`).
+pub fn add_at(x: &mut DeviceBuffer<f32>, offset: usize, y: &DeviceBuffer<f32>) -> Result<()> {
+    let kernel = "rq_add_f32";
+    if offset.checked_add(y.len).is_none_or(|end| end > x.len) {
+        return Err(Error::Usage(format!("{kernel}: {} values at {offset} of a buffer of {}", y.len, x.len)));
+    }
+    let at = x.as_mut_ptr().wrapping_add(offset);
+    // SAFETY: x holds at least offset + y.len floats (checked), y y.len.
+    launched(kernel, y.len, unsafe { ffi::rq_add_f32(at, y.as_ptr(), y.len) })
+}
+
+/// The attention backward's softmax in place (`cpu::softmax_rows`): `p` holds `[rows, n_keys]`
+/// scores of the queries `t0..t0 + rows` against the keys `lo..lo + n_keys`; row r (query t)
+/// becomes `softmax(scale · scores)` over the keys `first(t)..=t` it sees (`first(t) = t + 1 −
+/// w` under a sliding window w, else 0) and 0 elsewhere. One thread per row, in key order.
+/// `Error::Usage` when a row sees keys outside the block (the CPU panics).
+pub fn softmax_rows(
+    p: &mut DeviceBuffer<f32>,
+    n_keys: usize,
+    t0: usize,
+    lo: usize,
+    window: Option<usize>,
+    scale: f32,
+) -> Result<()> {
+    let kernel = "rq_softmax_rows_f32";
+    let rows = rows_of(kernel, p.len, n_keys)?;
+    // first(t) and t grow with t: the first row's first key and the last row bound the block.
+    let first = window.map_or(0, |w| t0.saturating_add(1).saturating_sub(w));
+    let last = t0.checked_add(rows.saturating_sub(1));
+    if rows > 0 && (first < lo || t0 < lo || last.is_none_or(|t| t - lo >= n_keys)) {
+        return Err(Error::Usage(format!(
+            "{kernel}: the queries {t0}..{} see keys outside {lo}..{} (window {window:?})",
+            t0.saturating_add(rows),
+            lo.saturating_add(n_keys)
+        )));
+    }
+    // SAFETY: p holds rows*n_keys floats and every row's visible keys lie in it (checked).
+    launched(kernel, p.len, unsafe {
+        ffi::rq_softmax_rows_f32(p.as_mut_ptr(), rows, n_keys, t0, lo, window.unwrap_or(usize::MAX), scale)
+    })
+}
+
+/// The attention softmax's backward in place (`cpu::attention_ds`): `ds` holds dP (`[rows,
+/// n_keys]`) and becomes `scale · P ⊙ (dP − c)`, c = Σ_j P_j·dP_j per row (f64, one warp per row).
+pub fn attention_ds(ds: &mut DeviceBuffer<f32>, p: &DeviceBuffer<f32>, n_keys: usize, scale: f32) -> Result<()> {
+    let kernel = "rq_attention_ds_f32";
+    let rows = rows_of(kernel, ds.len, n_keys)?;
+    check_shape(kernel, "p", p.len, Some(ds.len))?;
+    // SAFETY: ds and p hold rows*n_keys floats each.
+    launched(kernel, ds.len, unsafe { ffi::rq_attention_ds_f32(ds.as_mut_ptr(), p.as_ptr(), rows, n_keys, scale) })
+}
+
+/// `acc += dL/dx` of `norm` over rows of `weight.len()` values, given its input `x` and `dy` =
+/// dL/d(output) (`cpu::norm_backward_add`; one warp per row, the means in f64).
+pub fn norm_backward_add(
+    acc: &mut DeviceBuffer<f32>,
+    x: &DeviceBuffer<f32>,
+    weight: &DeviceBuffer<f32>,
+    dy: &DeviceBuffer<f32>,
+    norm: NormKind,
+) -> Result<()> {
+    let kernel = "rq_norm_backward_add_f32";
+    let (n, rows) = (weight.len, rows_of(kernel, x.len, weight.len)?);
+    check_shape(kernel, "dy", dy.len, Some(x.len))?;
+    check_shape(kernel, "acc", acc.len, Some(x.len))?;
+    // SAFETY: acc, x and dy hold rows*n floats, weight n.
+    launched(kernel, x.len, unsafe {
+        ffi::rq_norm_backward_add_f32(
+            acc.as_mut_ptr(),
+            x.as_ptr(),
+            weight.as_ptr(),
+            dy.as_ptr(),
+            rows,
+            n,
+            c_int::from(norm.layer_norm),
+            c_int::from(norm.offset),
+            norm.eps,
+        )
+    })
+}
+
+/// `out = (dm ⊙ u) ⊙ act'(x)`, or `dm ⊙ act'(x)` without `u` (`cpu::act_grad_mul`).
+pub fn act_grad_mul(
+    x: &DeviceBuffer<f32>,
+    dm: &DeviceBuffer<f32>,
+    u: Option<&DeviceBuffer<f32>>,
+    act: Activation,
+    out: &mut DeviceBuffer<f32>,
+) -> Result<()> {
+    let kernel = "rq_act_grad_mul_f32";
+    check_shape(kernel, "dm", dm.len, Some(x.len))?;
+    if let Some(u) = u {
+        check_shape(kernel, "u", u.len, Some(x.len))?;
+    }
+    check_shape(kernel, "out", out.len, Some(x.len))?;
+    let u = u.map_or(std::ptr::null(), |u| u.as_ptr());
+    // SAFETY: x, dm, u (or null) and out hold x.len floats each.
+    launched(kernel, x.len, unsafe {
+        ffi::rq_act_grad_mul_f32(x.as_ptr(), dm.as_ptr(), u, x.len, act_code(act), out.as_mut_ptr())
+    })
+}
+
+/// Swaps the two halves of the leading `rotary_dim` values of every head of `head_dim` values
+/// (`cpu::swap_rotary_halves`: the transpose of RoPE with RoPE around it).
+pub fn swap_rotary_halves(x: &mut DeviceBuffer<f32>, head_dim: usize, rotary_dim: usize) -> Result<()> {
+    let kernel = "rq_swap_rotary_halves_f32";
+    if !rotary_dim.is_multiple_of(2) || rotary_dim > head_dim {
+        return Err(Error::Usage(format!("{kernel}: rotary_dim {rotary_dim} is not even and <= head_dim {head_dim}")));
+    }
+    let heads = rows_of(kernel, x.len, head_dim)?;
+    // SAFETY: x holds heads*head_dim floats.
+    launched(kernel, x.len, unsafe { ffi::rq_swap_rotary_halves_f32(x.as_mut_ptr(), heads, head_dim, rotary_dim) })
+}
+
+/// Per row r of the logits `z` = `[targets.len(), vocab]` (`cpu::xent_grad_row`, one warp per
+/// row): `z[r]` becomes `scale · (softmax(z[r]) − onehot(targets[r]))` and `nll[r]` =
+/// logsumexp(z[r]) − z[r, targets[r]] in f64. A target >= vocab (the CPU panics) makes `nll[r]`
+/// and the whole row NaN.
+pub fn xent_grad_rows(
+    z: &mut DeviceBuffer<f32>,
+    vocab: usize,
+    targets: &DeviceBuffer<u32>,
+    scale: f32,
+    nll: &mut DeviceBuffer<f64>,
+) -> Result<()> {
+    let kernel = "rq_xent_grad_rows_f32";
+    let rows = targets.len;
+    if vocab == 0 && rows > 0 {
+        return Err(Error::Usage(format!("{kernel}: {rows} targets over an empty vocabulary")));
+    }
+    check_shape(kernel, "z", z.len, rows.checked_mul(vocab))?;
+    check_shape(kernel, "nll", nll.len, Some(rows))?;
+    // SAFETY: z holds rows*vocab floats, targets and nll rows values each; the kernel checks
+    // each target against vocab.
+    launched(kernel, z.len, unsafe {
+        ffi::rq_xent_grad_rows_f32(z.as_mut_ptr(), rows, vocab, targets.as_ptr(), scale, nll.as_mut_ptr())
+    })
+}
+
+/// `x[r, ·] *= w[r]` for `x` = `[w.len(), cols]` (`cpu::scale_rows`).
+pub fn scale_rows(x: &mut DeviceBuffer<f32>, cols: usize, w: &DeviceBuffer<f32>) -> Result<()> {
+    let kernel = "rq_scale_rows_f32";
+    check_shape(kernel, "x", x.len, w.len.checked_mul(cols))?;
+    // SAFETY: x holds w.len*cols floats, w w.len.
+    launched(kernel, x.len, unsafe { ffi::rq_scale_rows_f32(x.as_mut_ptr(), w.len, cols, w.as_ptr()) })
 }
