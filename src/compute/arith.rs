@@ -1,7 +1,9 @@
 //! How a forward pass rounds (`Compute`: f32, or bf16 where PyTorch materializes a bf16
-//! tensor) and which norm and activation a family uses, as the CPU kernels apply them.
+//! tensor) and which norm and activation a family uses (`NormKind`, `Activation`, defined beside
+//! the CPU kernels they select), as the CPU kernels apply them.
 
 use crate::compute::cpu;
+pub use crate::compute::cpu::{Activation, NormKind};
 
 /// Arithmetic of the forward pass. `F32` computes everything in f32. `Bf16` also rounds every
 /// intermediate tensor to bf16 where PyTorch materializes one when it runs a bf16 model
@@ -76,22 +78,3 @@ pub fn act_fn(act: Activation) -> fn(f32) -> f32 {
     }
 }
 
-/// Activation of the MLP: `act_fn(gate_proj(x)) * up_proj(x)`, or `act_fn(up_proj(x))`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Activation {
-    /// `"silu"`: torch `F.silu`.
-    Silu,
-    /// `"gelu_pytorch_tanh"`: torch `F.gelu(x, approximate="tanh")` (HF `PytorchGELUTanh`).
-    GeluTanh,
-    /// `"relu2"`: HF `ReLUSquaredActivation`, `square(relu(x))` (Nemotron).
-    Relu2,
-}
-
-/// A family's norm: RMSNorm or LayerNorm (with bias), the weight stored as an offset from 1
-/// or not, and its epsilon (used in f32, as torch adds it to an f32 tensor).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct NormKind {
-    pub layer_norm: bool,
-    pub offset: bool,
-    pub eps: f32,
-}

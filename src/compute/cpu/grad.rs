@@ -7,7 +7,7 @@
 
 use super::attention::{exp_softmax, softmax_visible};
 use super::reduce::warp_sum;
-use crate::compute::arith::{Activation, NormKind};
+use super::norm::{Activation, NormKind};
 
 /// The derivative of the MLP activation:
 /// * silu(g) = g·σ(g): `σ(g)·(1 + g·(1 − σ(g)))`;
@@ -25,7 +25,8 @@ pub fn act_grad(act: Activation, g: f32) -> f32 {
             let t = (C * (g + 0.044715 * g * g * g)).tanh();
             0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * C * (1.0 + 3.0 * 0.044715 * g * g)
         }
-        Activation::Relu2 => 2.0 * g.max(0.0),
+        // NaN and −0 give +0, as the device's `g > 0 ? g : 0`.
+        Activation::Relu2 => 2.0 * if g > 0.0 { g } else { 0.0 },
     }
 }
 

@@ -15,11 +15,13 @@ mod threads;
 
 pub use attention::Attention;
 pub use matmul::{matmul_bt, matmul_bt_naive};
+pub use grad::{
+    act_grad_mul, attention_ds, copy_columns, norm_backward_add, scale_rows, softmax_rows, swap_rotary_halves, transpose,
+    xent_grad_row,
+};
 pub use norm::{
     add_in_place, exp_nonpositive, gated_mul, gated_mul_bf16, gelu_tanh, layer_norm, log_softmax_nll, relu2, rms_norm,
-    rms_norm_bf16,
-    rms_norm_offset, rms_norm_offset_bf16, round_slice_bf16, silu, silu_mul,
+    rms_norm_bf16, rms_norm_offset, rms_norm_offset_bf16, round_slice_bf16, silu, silu_mul, Activation, NormKind,
 };
-pub use grad::{act_grad_mul, attention_ds, copy_columns, norm_backward_add, scale_rows, softmax_rows, swap_rotary_halves, transpose, xent_grad_row};
 pub use reduce::{col_abs_mean, sq_err_row, warp_sum};
 pub use threads::num_threads;

@@ -168,3 +168,23 @@ pub fn exp_nonpositive(x: f32) -> f32 {
     let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
     p * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
+
+/// Activation of the MLP: `act_fn(gate_proj(x)) * up_proj(x)`, or `act_fn(up_proj(x))`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// `"silu"`: torch `F.silu`.
+    Silu,
+    /// `"gelu_pytorch_tanh"`: torch `F.gelu(x, approximate="tanh")` (HF `PytorchGELUTanh`).
+    GeluTanh,
+    /// `"relu2"`: HF `ReLUSquaredActivation`, `square(relu(x))` (Nemotron).
+    Relu2,
+}
+
+/// A family's norm: RMSNorm or LayerNorm (with bias), the weight stored as an offset from 1
+/// or not, and its epsilon (used in f32, as torch adds it to an f32 tensor).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct NormKind {
+    pub layer_norm: bool,
+    pub offset: bool,
+    pub eps: f32,
+}
