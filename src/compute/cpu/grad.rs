@@ -185,7 +185,7 @@ pub fn swap_rotary_halves(x: &mut [f32], head_dim: usize, rotary_dim: usize) {
 pub fn scale_rows(x: &mut [f32], cols: usize, w: &[f32]) {
     assert_eq!(x.len(), w.len() * cols, "scale_rows: not [w.len(), cols]");
     for (row, &s) in x.chunks_exact_mut(cols.max(1)).zip(w) {
-        row.iter_mut().for_each(|v| *v = s * *v);
+        row.iter_mut().for_each(|v| *v *= s);
     }
 }
 
@@ -237,7 +237,7 @@ mod tests {
                     .collect()
             };
             let mut acc = vec![0f32; x.len()];
-            norm_backward_add(norm, &x, &w, &dy, &mut acc);
+            norm_backward_add(norm, &x, w, &dy, &mut acc);
             close(&acc, &numeric_grad(f, &x, &dy), 1e-5);
         }
     }
