@@ -317,6 +317,15 @@ fn dry_run_prints_the_memory_estimate_and_writes_nothing() {
     assert!(e.host.iter().any(|i| i.2 == 12 * layer));
     let eval: u64 = e.host.iter().filter(|i| i.0 == Phase::Evaluation).map(|i| i.2).sum();
     assert_eq!(eval, 2 * layer + (512 * 128 + 32 * 512) * 4 + row);
+    // Auto-quantize with 2 score rows and 3 formats (2 layers: one segment of 2): the score's
+    // backward is its own phase.
+    let e = estimate(&model, &Plan { auto_quantize: Some((2, 3)), ..plan(false, None) }).unwrap();
+    let score: u64 = e.host.iter().filter(|i| i.0 == Phase::Score).map(|i| i.2).sum();
+    let state = 2 * 16 * 128 * 4u64;
+    let temps = 16 * (8 * 128 + 6 * 256 + 3 * 128 + 4 * 64) * 4 + 6 * 128 * 16 * 4;
+    let head = 4 * 512 * 128 * 4 + 512 * 512 * 4 + 512 * 128 * 4;
+    assert_eq!(score, 5 * layer + state + 3 * state + temps + head);
+    assert_eq!(peak(&e.host), score.max(e.host.iter().filter(|i| i.0 == Phase::Calibration).map(|i| i.2).sum()));
 
     // The command: the table on stdout, exit 0, no --out.
     let dir = scratch("dry-run");

@@ -376,7 +376,7 @@ fn unified_export(a: &QuantizeArgs, compressed_tensors: bool, step: Step) -> Res
         rows: samples.len(),
         seq: samples.iter().map(Vec::len).max().unwrap_or(0),
         awq,
-        auto_quantize: a.auto_bits.map(|_| a.score_size.min(samples.len())),
+        auto_quantize: a.auto_bits.map(|_| (a.score_size.min(samples.len()), formats.len())),
         eval_seq: (!a.no_eval).then_some(a.eval_seq),
         device,
         shard_bytes: unified::DEFAULT_SHARD_BYTES,

@@ -27,6 +27,7 @@ use crate::model::weights::InputQuant;
 use crate::quant::{fp8, int, nvfp4, smoothquant, Exclusions, QFormat, WeightKind, INT4_GROUP};
 use crate::ptq::quantize::calibrate_layer;
 use crate::io::safetensors::Dtype;
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 /// One set of modules that gets one format.
@@ -328,18 +329,19 @@ fn candidate_weight(f: QFormat, w: &[f32], [out, inp]: [usize; 2], pqs: Option<&
 /// One linear as the score sees it, on the score's backend: its weight `[out, in]` and, per
 /// candidate format, the fake-quantized weight (a fused module's linear: its rows of the
 /// module's candidates).
-struct Scored {
-    w: Tensor,
+struct Scored<'a> {
+    w: Cow<'a, Tensor>,
     wq: Vec<Tensor>,
     shape: [usize; 2],
 }
 
-impl Scored {
-    /// Rows `rows` of a module's weight `w` and of its candidates `wq` (`[_, inp]`), on `device`.
-    fn new(w: &[f32], wq: &[Vec<f32>], rows: std::ops::Range<usize>, inp: usize, device: Device) -> Scored {
+impl<'a> Scored<'a> {
+    /// The linear `w` (`[rows.len(), inp]`: the model's tensor, or rows `rows` of a fused
+    /// module's host weight `module`) and rows `rows` of the module's candidates `wq`, on `device`.
+    fn new(w: Option<&'a Tensor>, module: &[f32], wq: &[Vec<f32>], rows: std::ops::Range<usize>, inp: usize, device: Device) -> Scored<'a> {
         let span = rows.start * inp..rows.end * inp;
         Scored {
-            w: Tensor::on(w[span.clone()].to_vec(), device),
+            w: w.map_or_else(|| Cow::Owned(Tensor::on(module[span.clone()].to_vec(), device)), Cow::Borrowed),
             wq: wq.iter().map(|q| Tensor::on(q[span.clone()].to_vec(), device)).collect(),
             shape: [rows.len(), inp],
         }
@@ -454,11 +456,11 @@ pub fn search(
     let head_formats: Vec<QFormat> = formats.iter().copied().filter(|&f| !has_algorithm(f)).collect();
     let head_shape = [cfg.vocab_size, cfg.hidden_size];
     let device = model.device;
-    let head_w = head.lm_head().to_host();
-    let head_wq: Vec<Vec<f32>> =
-        head_formats.iter().map(|&f| candidate_weight(f, &head_w, head_shape, None, dtype)).collect::<Result<_>>()?;
-    let head_lin = Scored::new(&head_w, &head_wq, 0..head_shape[0], head_shape[1], device);
-    drop((head_w, head_wq));
+    let head_lin = {
+        let w = head.lm_head().to_host();
+        let wq: Vec<Vec<f32>> = head_formats.iter().map(|&f| candidate_weight(f, &w, head_shape, None, dtype)).collect::<Result<_>>()?;
+        Scored::new(Some(head.lm_head()), &w, &wq, 0..head_shape[0], head_shape[1], device)
+    };
     let head_inputs: Vec<InputQuant> =
         head_formats.iter().map(|f| InputQuant { pre_quant_scale: None, act: f.act().map(|a| (a, head_amax)) }).collect();
     let mut head_scores = vec![0f64; head_formats.len()];
@@ -506,7 +508,12 @@ pub fn search(
                 let mut r0 = 0;
                 for &kind in m.kinds {
                     let rows = if m.expert.is_some() { m.shape[0] } else { kind.shape(cfg)[0] };
-                    linears.insert((m.expert, kind as usize), (k, Scored::new(&w, &wq, r0..r0 + rows, inp, device)));
+                    // A linear of its own is the layer's tensor; a fused module's, its rows.
+                    let own = match (m.expert, layer.moe()) {
+                        (Some(e), Some(block)) => Some(block.weight(e, kind)),
+                        _ => (m.kinds.len() == 1).then(|| layer.weight(kind)),
+                    };
+                    linears.insert((m.expert, kind as usize), (k, Scored::new(own, &w, &wq, r0..r0 + rows, inp, device)));
                     r0 += rows;
                 }
             }

@@ -9,7 +9,10 @@
 //! temporaries at a time (the MLP's gate and up, or the attention's q, k, v and output); with
 //! AWQ, the layer's weights again plus
 //! 11 candidates for the search and one row's copy for the statistics pass; with auto-quantize,
-//! a calibration copy of the hidden states and the score rows' segment checkpoints. Evaluation
+//! a calibration copy of the hidden states and the score rows' segment checkpoints, then the
+//! score's backward (its own phase): a layer, its transpose and its candidates, the score rows'
+//! gradients and layer inputs, one row's backward temporaries, and the head with its
+//! candidates and a block of logits. Evaluation
 //! after the export holds two layers, one window's hidden state and the head with one window's
 //! logits. On the host a device run holds one layer's f32 weights as it uploads them, the
 //! export's pending shard and the one being written; the checkpoint's shards are mapped files
@@ -26,8 +29,8 @@ pub struct Plan {
     pub seq: usize,
     /// Some format runs AWQ-lite's search.
     pub awq: bool,
-    /// Auto-quantize with this many score rows.
-    pub auto_quantize: Option<usize>,
+    /// Auto-quantize with this many score rows and candidate formats.
+    pub auto_quantize: Option<(usize, usize)>,
     /// Evaluation after the export, windows of this many tokens.
     pub eval_seq: Option<usize>,
     pub device: Device,
@@ -39,6 +42,8 @@ pub struct Plan {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Phase {
     Calibration,
+    /// Auto-quantize's gradient score.
+    Score,
     Evaluation,
 }
 
@@ -51,10 +56,10 @@ pub struct Estimate {
     pub host: Vec<Item>,
 }
 
-/// The most a phase holds at once: the larger of the two phases' sums.
+/// The most a phase holds at once: the largest of the phases' sums.
 pub fn peak(items: &[Item]) -> u64 {
     let sum = |p: Phase| items.iter().filter(|i| i.0 == p).map(|i| i.2).sum::<u64>();
-    sum(Phase::Calibration).max(sum(Phase::Evaluation))
+    [Phase::Calibration, Phase::Score, Phase::Evaluation].map(sum).into_iter().max().unwrap_or(0)
 }
 
 /// `bytes` in GiB with two decimals, or in MiB below 1 GiB.
@@ -76,10 +81,14 @@ impl Estimate {
             }
             s += &format!("{place} memory (estimate, f32 tensors):\n");
             for (phase, what, bytes) in items.iter() {
-                let phase = if *phase == Phase::Calibration { "calibration" } else { "evaluation" };
+                let phase = match phase {
+                    Phase::Calibration => "calibration",
+                    Phase::Score => "score",
+                    Phase::Evaluation => "evaluation",
+                };
                 s += &format!("  {:>10}  {phase:<11}  {what}\n", gib(*bytes));
             }
-            s += &format!("  {:>10}  peak {place} memory (the larger phase)\n", gib(peak(items)));
+            s += &format!("  {:>10}  peak {place} memory (the largest phase)\n", gib(peak(items)));
         }
         s
     }
@@ -117,11 +126,27 @@ pub fn estimate(model: &Model, plan: &Plan) -> Result<Estimate> {
         let temps = seq * (hidden + widest_in + 2 * widest_out) * F32;
         work.push((Calibration, "AWQ: one row's input copy and a candidate's products".into(), temps));
     }
-    if let Some(score) = plan.auto_quantize {
+    if let Some((score, formats)) = plan.auto_quantize {
+        let (score, formats) = (score as u64, formats as u64);
         let n = cfg.num_hidden_layers as u64;
-        let segments = n.div_ceil((n as f64).sqrt().ceil().max(1.0) as u64);
+        let seg = ((n as f64).sqrt().ceil() as u64).max(1);
+        let segments = n.div_ceil(seg);
+        let checkpoints = score * seq * hidden * F32 * segments;
         work.push((Calibration, "auto-quantize: a candidate's calibration copy of the hidden states".into(), rows * seq * hidden * F32));
-        work.push((Calibration, format!("auto-quantize: {score} score rows at {segments} segment starts"), score as u64 * seq * hidden * F32 * segments));
+        work.push((Calibration, format!("auto-quantize: {score} score rows at {segments} segment starts"), checkpoints));
+        // The score (autoquant::search, ptq/backward.rs).
+        let vocab = cfg.vocab_size as u64;
+        let states = score * seq * hidden * F32 * (seg + 1);
+        let attention_block = 6 * 128 * seq * F32; // P, dS, their transposes and products (ATTENTION_ROWS = 128)
+        let temps = seq * (8 * hidden + 6 * intermediate + 3 * q_dim + 4 * kv_dim) * F32 + attention_block;
+        let logits = (64u64 << 20).min(512 * vocab * F32) + (64u64 << 20).min(vocab * hidden * F32);
+        work.extend([
+            (Score, format!("auto-quantize score: a layer, its transpose and {formats} candidates"), (2 + formats) * params * F32),
+            (Score, "auto-quantize score: the segment checkpoints".into(), checkpoints),
+            (Score, format!("auto-quantize score: {score} rows' gradients and the segment's layer inputs"), states),
+            (Score, "auto-quantize score: one row's backward temporaries".into(), temps),
+            (Score, format!("auto-quantize score: the head, {formats} candidates, a block of logits"), (1 + formats) * vocab * hidden * F32 + logits),
+        ]);
     }
     if let Some(eval_seq) = plan.eval_seq {
         let e = eval_seq as u64;
