@@ -108,7 +108,8 @@ mod cuda {
             for gencode in GENCODE {
                 build.flag("-gencode").flag(gencode);
             }
-            build.flag("-O3").flag("--std=c++17").flag("-cudart").flag("static");
+            // Each host thread queues on its own default stream (cuda/runtime.cu says why).
+            build.flag("-O3").flag("--std=c++17").flag("-cudart").flag("static").flag("--default-stream").flag("per-thread");
             build.compile(&format!("rq_cuda_{stem}"));
         }
 

@@ -2,8 +2,9 @@
  * wrapped safely in src/compute/cuda.rs.
  *
  * Every function returns an int status: 0 on success, otherwise the cudaError_t value;
- * rq_error_string(status) describes it. Launchers only enqueue work on the default stream
- * (errors of the kernel itself surface at the next rq_synchronize or copy).
+ * rq_error_string(status) describes it. Launchers only enqueue work on the calling thread's
+ * default stream (per-thread default streams; errors of the kernel itself surface at the next
+ * rq_synchronize or copy).
  * Every pointer is a device pointer unless its name starts with host_.
  */
 #ifndef RQ_CUDA_H
@@ -32,13 +33,15 @@ int rq_device_props(int device, char* host_name, size_t host_len, int* host_majo
 /* Free and total memory of the current device in bytes (cudaMemGetInfo). */
 int rq_mem_info(size_t* host_free, size_t* host_total);
 
+/* Device memory from the stream-ordered pool; freed in the calling thread's stream order. */
 int rq_malloc(void** host_ptr, size_t bytes);
 int rq_free(void* ptr);
+/* Returns when the bytes are on the device (large copies go through pinned staging). */
 int rq_memcpy_htod(void* dst, const void* host_src, size_t bytes);
 int rq_memcpy_dtoh(void* host_dst, const void* src, size_t bytes);
 int rq_memcpy_dtod(void* dst, const void* src, size_t bytes);
 
-/* Waits for all queued work; returns the first error of a kernel that failed. */
+/* Waits for the work the calling thread queued; returns the first error of a kernel that failed. */
 int rq_synchronize(void);
 
 /* ---- FP8 kernels (cuda/quant_fp8.cu) -------------------------------------------------- */

@@ -306,3 +306,28 @@ fn device_buffers_round_trip_and_check_lengths() {
     let err = cuda::quantize_fp8_bf16_device(&w, 1.0, &mut short).unwrap_err().to_string();
     assert!(err.contains("rq_quantize_fp8_bf16 on 4 elements"), "{err}");
 }
+
+/// Uploads of 1 MiB and more go through pinned staging in 8 MiB chunks (cuda/runtime.cu): sizes
+/// on both sides of the threshold and of a chunk boundary, from four threads at once (each on
+/// its own stream, staging sets shared), arrive whole and come back bit for bit.
+#[test]
+fn uploads_through_pinned_staging_arrive_whole() {
+    if !have_gpu() {
+        return;
+    }
+    let sizes = [(1 << 18) - 1, 1 << 18, (2 << 20) + 3, 5 << 20];
+    std::thread::scope(|s| {
+        for t in 0..4u64 {
+            s.spawn(move || {
+                for &n in &sizes {
+                    let mut rng = Rng(t * 1000 + n as u64);
+                    let host: Vec<u32> = (0..n).map(|_| rng.next_u64() as u32).collect();
+                    let back = DeviceBuffer::from_slice(&host).unwrap().to_vec().unwrap();
+                    assert!(back == host, "thread {t}: {n} values came back changed");
+                }
+                cuda::synchronize().unwrap();
+            });
+        }
+    });
+    say(&format!("pinned staging: {sizes:?} u32 values from 4 threads, bit for bit"));
+}

@@ -821,6 +821,28 @@ cudaError_t cudaFree(void* ptr) {
     return cudaSuccess;
 }
 
+// The stream-ordered pool and pinned host memory: plain allocations (every call is synchronous).
+cudaError_t cudaMallocAsync(void** ptr, size_t bytes, cudaStream_t) { return cudaMalloc(ptr, bytes); }
+
+cudaError_t cudaFreeAsync(void* ptr, cudaStream_t) { return cudaFree(ptr); }
+
+cudaError_t cudaDeviceGetDefaultMemPool(cudaMemPool_t* pool, int device) {
+    *pool = nullptr;
+    return device == 0 ? cudaSuccess : fail(cudaErrorInvalidDevice);
+}
+
+cudaError_t cudaMemPoolSetAttribute(cudaMemPool_t, enum cudaMemPoolAttr, void*) { return cudaSuccess; }
+
+cudaError_t cudaMallocHost(void** ptr, size_t bytes) {
+    *ptr = std::malloc(bytes > 0 ? bytes : 1);
+    return *ptr ? cudaSuccess : fail(cudaErrorMemoryAllocation);
+}
+
+cudaError_t cudaFreeHost(void* ptr) {
+    std::free(ptr);
+    return cudaSuccess;
+}
+
 cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind) {
     if (unsigned(kind) > unsigned(cudaMemcpyDefault)) return fail(cudaErrorInvalidMemcpyDirection);
     if (bytes > 0) std::memmove(dst, src, bytes);
@@ -851,6 +873,8 @@ cudaError_t cudaEventCreate(cudaEvent_t* event) {
     *event = nullptr;
     return cudaSuccess;
 }
+
+cudaError_t cudaEventCreateWithFlags(cudaEvent_t* event, unsigned int) { return cudaEventCreate(event); }
 
 cudaError_t cudaEventDestroy(cudaEvent_t) { return cudaSuccess; }
 
