@@ -25,3 +25,4 @@ pub use norm::{
 };
 pub use reduce::{col_abs_mean, sq_err_row, warp_sum};
 pub use threads::num_threads;
+pub(crate) use threads::{map_pieces, rows_per_piece};

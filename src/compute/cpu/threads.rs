@@ -26,3 +26,22 @@ pub(crate) fn run_workers(n: usize, work: impl Fn() + Sync) {
         work();
     });
 }
+
+/// `f` of every piece, the pieces on threads of their own (the caller's takes the first), the
+/// results concatenated in the pieces' order. For row-wise work split with [`rows_per_piece`].
+pub(crate) fn map_pieces<P: Send, T: Send>(pieces: impl IntoIterator<Item = P>, f: impl Fn(P) -> Vec<T> + Sync) -> Vec<T> {
+    let mut pieces = pieces.into_iter();
+    let first = pieces.next();
+    let f = &f;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = pieces.map(|p| s.spawn(move || f(p))).collect();
+        let mut out = first.map(f).unwrap_or_default();
+        handles.into_iter().for_each(|h| out.extend(h.join().expect("worker thread")));
+        out
+    })
+}
+
+/// Rows per piece when `rows` rows are split over the kernel threads (at least 1).
+pub(crate) fn rows_per_piece(rows: usize) -> usize {
+    rows.div_ceil(num_threads()).max(1)
+}

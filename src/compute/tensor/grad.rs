@@ -148,18 +148,9 @@ impl Tensor {
         assert_eq!(self.len(), targets.len() * vocab, "xent_grad_rows: logits are not [targets, vocab]");
         match &mut self.storage {
             Storage::Cpu(z) => {
-                let per = targets.len().div_ceil(cpu::num_threads()).max(1);
-                let part = |(z, t): (&mut [f32], &[u32])| -> Vec<f64> {
-                    z.chunks_exact_mut(vocab).zip(t).map(|(row, &t)| cpu::xent_grad_row(row, t as usize, scale)).collect()
-                };
-                let mut pieces = z.chunks_mut(per * vocab).zip(targets.chunks(per));
-                let first = pieces.next();
-                std::thread::scope(|s| {
-                    let handles: Vec<_> = pieces.map(|p| s.spawn(move || part(p))).collect();
-                    let mut out = first.map(part).unwrap_or_default();
-                    handles.into_iter().for_each(|h| out.extend(h.join().expect("xent_grad_rows worker")));
-                    out
-                })
+                let per = cpu::rows_per_piece(targets.len());
+                let pieces = z.chunks_mut((per * vocab).max(1)).zip(targets.chunks(per));
+                cpu::map_pieces(pieces, |(z, t)| z.chunks_exact_mut(vocab).zip(t).map(|(row, &t)| cpu::xent_grad_row(row, t as usize, scale)).collect())
             }
             #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
             Storage::Cuda(z) => {

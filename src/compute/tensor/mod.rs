@@ -519,17 +519,9 @@ impl Tensor {
         assert_eq!(self.len(), targets.len() * vocab, "log_softmax_nll: logits are not [targets, vocab]");
         match &self.storage {
             Storage::Cpu(logits) => {
-                let rows = targets.len();
-                let per = rows.div_ceil(cpu::num_threads()).max(1);
-                let part = |r0: usize| -> Vec<f64> {
-                    (r0..(r0 + per).min(rows)).map(|r| cpu::log_softmax_nll(&logits[r * vocab..][..vocab], targets[r] as usize)).collect()
-                };
-                std::thread::scope(|s| {
-                    let handles: Vec<_> = (per..rows).step_by(per).map(|r0| s.spawn(move || part(r0))).collect();
-                    let mut out = part(0);
-                    handles.into_iter().for_each(|h| out.extend(h.join().expect("log_softmax_nll worker")));
-                    out
-                })
+                let per = cpu::rows_per_piece(targets.len());
+                let pieces = logits.chunks((per * vocab).max(1)).zip(targets.chunks(per));
+                cpu::map_pieces(pieces, |(z, t)| z.chunks_exact(vocab).zip(t).map(|(row, &t)| cpu::log_softmax_nll(row, t as usize)).collect())
             }
             #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
             Storage::Cuda(logits) => {
