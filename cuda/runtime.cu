@@ -106,6 +106,61 @@ void give_staging(Staging* s) {
     staging_free.push_back(s);
 }
 
+// Small uploads (scales, row indices, targets) are queued without waiting: a pageable
+// cudaMemcpy would first wait for every kernel the thread queued. The bytes go into the next
+// slot of a pinned ring and are copied from there in stream order; a slot is reused once the
+// copy out of it has completed (its event). Rings are kept for reuse when a thread ends.
+constexpr int kRingSlots = 64;
+constexpr size_t kRingSlot = size_t(64) << 10;
+
+struct Ring {
+    char* slots = nullptr;
+    cudaEvent_t copied[kRingSlots] = {};
+    int next = 0;
+};
+
+std::mutex ring_lock;
+std::vector<Ring*> ring_free;
+
+// The calling thread's ring (nullptr when pinned memory cannot be had).
+struct ThreadRing {
+    Ring* ring = nullptr;
+    bool tried = false;
+    ~ThreadRing() {
+        if (!ring) return;
+        std::lock_guard<std::mutex> guard(ring_lock);
+        ring_free.push_back(ring);
+    }
+};
+thread_local ThreadRing thread_ring;
+
+Ring* this_thread_ring() {
+    if (thread_ring.tried) return thread_ring.ring;
+    thread_ring.tried = true;
+    {
+        std::lock_guard<std::mutex> guard(ring_lock);
+        if (!ring_free.empty()) {
+            thread_ring.ring = ring_free.back();
+            ring_free.pop_back();
+            return thread_ring.ring;
+        }
+    }
+    Ring* r = new Ring;
+    bool ok = cudaMallocHost(reinterpret_cast<void**>(&r->slots), kRingSlots * kRingSlot) == cudaSuccess;
+    for (int i = 0; ok && i < kRingSlots; ++i)
+        ok = cudaEventCreateWithFlags(&r->copied[i], cudaEventDisableTiming) == cudaSuccess;
+    if (!ok) {
+        for (int i = 0; i < kRingSlots; ++i)
+            if (r->copied[i]) cudaEventDestroy(r->copied[i]);
+        if (r->slots) cudaFreeHost(r->slots);
+        delete r;
+        cudaGetLastError();  // handled: small uploads go pageable
+        return nullptr;
+    }
+    thread_ring.ring = r;
+    return r;
+}
+
 }  // namespace
 
 extern "C" int rq_malloc(void** host_ptr, size_t bytes) {
@@ -119,9 +174,22 @@ extern "C" int rq_malloc(void** host_ptr, size_t bytes) {
 // still read the buffer.
 extern "C" int rq_free(void* ptr) { return cudaFreeAsync(ptr, cudaStreamPerThread); }
 
-// Large uploads go through pinned chunks (the copy into chunk i overlaps the DMA out of the
-// other); returns when the data is on the device, as cudaMemcpy does.
+// Uploads of at most 64 KiB are queued in stream order without waiting (the host bytes are
+// copied into the pinned ring first, so the caller may free them at once); large ones go
+// through pinned chunks (the copy into chunk i overlaps the DMA out of the other) and return
+// when the data is on the device, as cudaMemcpy does.
 extern "C" int rq_memcpy_htod(void* dst, const void* host_src, size_t bytes) {
+    Ring* ring = bytes > 0 && bytes <= kRingSlot ? this_thread_ring() : nullptr;
+    if (ring) {
+        const int i = ring->next;
+        ring->next = (i + 1) % kRingSlots;
+        cudaError_t e = cudaEventSynchronize(ring->copied[i]);
+        if (e != cudaSuccess) return e;
+        char* slot = ring->slots + size_t(i) * kRingSlot;
+        memcpy(slot, host_src, bytes);
+        e = cudaMemcpyAsync(dst, slot, bytes, cudaMemcpyHostToDevice, cudaStreamPerThread);
+        return e != cudaSuccess ? e : cudaEventRecord(ring->copied[i], cudaStreamPerThread);
+    }
     Staging* s = bytes >= kStagingMin ? take_staging() : nullptr;
     if (!s) return cudaMemcpy(dst, host_src, bytes, cudaMemcpyHostToDevice);
     cudaError_t e = cudaSuccess;

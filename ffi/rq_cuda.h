@@ -36,7 +36,9 @@ int rq_mem_info(size_t* host_free, size_t* host_total);
 /* Device memory from the stream-ordered pool; freed in the calling thread's stream order. */
 int rq_malloc(void** host_ptr, size_t bytes);
 int rq_free(void* ptr);
-/* Returns when the bytes are on the device (large copies go through pinned staging). */
+/* The host bytes may be reused on return. Up to 64 KiB: queued on the calling thread's stream
+ * (later work of the thread sees the data; rq_synchronize waits for it); larger: returns when
+ * the bytes are on the device (through pinned staging from 1 MiB). */
 int rq_memcpy_htod(void* dst, const void* host_src, size_t bytes);
 int rq_memcpy_dtoh(void* host_dst, const void* src, size_t bytes);
 int rq_memcpy_dtod(void* dst, const void* src, size_t bytes);

@@ -6,7 +6,7 @@ mod common;
 
 use common::Rng;
 
-use rq_min::compute::{Device, Tensor};
+use rq_min::compute::Tensor;
 use rq_min::numerics::round_bf16;
 use rq_min::quant::scales::average_scales;
 use rq_min::quant::awq::{
@@ -376,7 +376,7 @@ fn lite_search_picks_a_scale_that_protects_the_outlier_channel() {
     let wbar = weight_mean(&w, out, inp, Some(128), Dtype::F32);
     let fq = int4_g128_dynamic(inp);
     let fqt = |t: &mut Tensor| t.map_host(|h| fq(h));
-    let mut search = LiteSearch::new(&w, out, inp, &xbar, &wbar, Dtype::F32, Device::Cpu, &fqt);
+    let mut search = LiteSearch::new(&Tensor::from(w.clone()), out, inp, &xbar, &wbar, Dtype::F32, &fqt);
     assert!(search.best().is_none(), "nothing searched yet");
     let refs: Vec<Vec<f32>> =
         batches.iter().map(|x| linear_f64(x, &w, inp).iter().map(|&v| v as f32).collect()).collect();
@@ -419,7 +419,7 @@ fn lite_search_ties_go_to_the_first_alpha() {
     let wbar = weight_mean(&w, out, inp, Some(128), Dtype::BF16);
     let fq = int4_g128_dynamic(inp);
     let fqt = |t: &mut Tensor| t.map_host(|h| fq(h));
-    let mut search = LiteSearch::new(&w, out, inp, &xbar, &wbar, Dtype::BF16, Device::Cpu, &fqt);
+    let mut search = LiteSearch::new(&Tensor::from(w.clone()), out, inp, &xbar, &wbar, Dtype::BF16, &fqt);
     // Zero inputs: every alpha's output equals the reference exactly, all losses are 0.
     search.observe(&Tensor::from(vec![0.0; 5 * inp]), &Tensor::from(vec![0.0; 5 * out]));
     assert_eq!(*search.losses(), [0.0; 11]);
@@ -427,7 +427,7 @@ fn lite_search_ties_go_to_the_first_alpha() {
 
     // A bias shifts both outputs alike: still all-zero losses.
     let bias: Vec<f32> = (0..out).map(|o| o as f32 * 0.25).collect();
-    let mut search = LiteSearch::new(&w, out, inp, &xbar, &wbar, Dtype::BF16, Device::Cpu, &fqt).with_bias(&bias);
+    let mut search = LiteSearch::new(&Tensor::from(w.clone()), out, inp, &xbar, &wbar, Dtype::BF16, &fqt).with_bias(&bias);
     let r: Vec<f32> = (0..3 * out).map(|i| bias[i % out]).collect();
     search.observe(&Tensor::from(vec![0.0; 3 * inp]), &Tensor::from(r));
     assert_eq!(*search.losses(), [0.0; 11]);

@@ -307,27 +307,37 @@ fn device_buffers_round_trip_and_check_lengths() {
     assert!(err.contains("rq_quantize_fp8_bf16 on 4 elements"), "{err}");
 }
 
-/// Uploads of 1 MiB and more go through pinned staging in 8 MiB chunks (cuda/runtime.cu): sizes
-/// on both sides of the threshold and of a chunk boundary, from four threads at once (each on
-/// its own stream, staging sets shared), arrive whole and come back bit for bit.
+/// Uploads of at most 64 KiB are queued through a pinned ring of 64 slots without waiting, and
+/// those of 1 MiB and more go through pinned staging in 8 MiB chunks (cuda/runtime.cu): sizes on
+/// both sides of each threshold and of a chunk boundary, 150 small uploads in a row (the ring
+/// wraps: a slot is reused only after its copy), from four threads at once (each on its own
+/// stream; staging sets shared), each overwritten right after the call: every buffer comes back
+/// bit for bit.
 #[test]
-fn uploads_through_pinned_staging_arrive_whole() {
+fn uploads_through_pinned_memory_arrive_whole() {
     if !have_gpu() {
         return;
     }
-    let sizes = [(1 << 18) - 1, 1 << 18, (2 << 20) + 3, 5 << 20];
+    let sizes = [1, 1000, 1 << 14, (1 << 14) + 1, (1 << 18) - 1, 1 << 18, (2 << 20) + 3, 5 << 20];
     std::thread::scope(|s| {
         for t in 0..4u64 {
             s.spawn(move || {
-                for &n in &sizes {
-                    let mut rng = Rng(t * 1000 + n as u64);
-                    let host: Vec<u32> = (0..n).map(|_| rng.next_u64() as u32).collect();
-                    let back = DeviceBuffer::from_slice(&host).unwrap().to_vec().unwrap();
-                    assert!(back == host, "thread {t}: {n} values came back changed");
+                let mut rng = Rng(t * 1000 + 7);
+                let mut check = |n: usize| {
+                    let mut host: Vec<u32> = (0..n).map(|_| rng.next_u64() as u32).collect();
+                    let want = host.clone();
+                    let buffer = DeviceBuffer::from_slice(&host).unwrap();
+                    host.iter_mut().for_each(|v| *v = !*v); // the caller may reuse its bytes at once
+                    assert!(buffer.to_vec().unwrap() == want, "thread {t}: {n} values came back changed");
+                };
+                sizes.iter().for_each(|&n| check(n));
+                let small: Vec<DeviceBuffer<u32>> = (0..150u32).map(|i| DeviceBuffer::from_slice(&[i, !i]).unwrap()).collect();
+                for (i, b) in small.iter().enumerate() {
+                    assert_eq!(b.to_vec().unwrap(), [i as u32, !(i as u32)], "thread {t}: small upload {i}");
                 }
                 cuda::synchronize().unwrap();
             });
         }
     });
-    say(&format!("pinned staging: {sizes:?} u32 values from 4 threads, bit for bit"));
+    say(&format!("pinned ring and staging: {sizes:?} u32 values and 150 small uploads from 4 threads, bit for bit"));
 }

@@ -156,7 +156,7 @@ fn search_on(device: Device, w: &[f32], bias: Option<&[f32]>, batches: &[Vec<f32
     let xbar = mean.finish().expect("batches");
     let wbar = weight_mean(w, out, inp, Some(if nvfp4 { 16 } else { 128 }), dtype);
     let fq = quantizer(nvfp4, out, inp, dtype);
-    let mut search = LiteSearch::new(w, out, inp, &xbar, &wbar, dtype, device, &fq);
+    let mut search = LiteSearch::new(&Tensor::on(w.to_vec(), device), out, inp, &xbar, &wbar, dtype, &fq);
     if let Some(b) = bias {
         search = search.with_bias(b);
     }

@@ -14,7 +14,7 @@
 mod common;
 
 use common::{have_gpu, say};
-use rq_min::compute::{take_device_error, Device, Tensor};
+use rq_min::compute::{take_device_error, Device};
 use rq_min::io::safetensors::SafeTensors;
 use rq_min::model::{Model, NoHooks};
 use rq_min::ptq::backward::{head_backward, LayerGrad};

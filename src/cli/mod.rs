@@ -338,8 +338,10 @@ fn unified_export(a: &QuantizeArgs, compressed_tensors: bool, step: Step) -> Res
     if user_patterns != ["none"] {
         check_patterns("--exclude pattern", &user_patterns, &modules, a.strict)?;
     }
-    if let Some(path) = &a.layer_formats {
-        let names: Vec<String> = layer_formats_file(path)?.into_keys().collect();
+    // The --layer-formats file, read once.
+    let layer_formats = a.layer_formats.as_ref().map(|p| layer_formats_file(p)).transpose()?;
+    if let (Some(path), Some(per_module)) = (&a.layer_formats, &layer_formats) {
+        let names: Vec<String> = per_module.keys().cloned().collect();
         check_patterns(&format!("--layer-formats {} module", path.display()), &names, &modules, a.strict)?;
     }
     let needs_tok = a.calib_ids.is_none() || !a.no_eval;
@@ -371,7 +373,7 @@ fn unified_export(a: &QuantizeArgs, compressed_tensors: bool, step: Step) -> Res
     model.compute = if model.dtype()? == Dtype::BF16 { Compute::Bf16 } else { Compute::F32 };
     model.device = device;
     let awq = formats.iter().any(|f| f.awq())
-        || a.layer_formats.as_ref().map(|p| layer_formats_file(p)).transpose()?.is_some_and(|m| m.values().any(|f| f.awq()));
+        || layer_formats.as_ref().is_some_and(|m| m.values().any(|f| f.awq()));
     let plan = memory::Plan {
         rows: samples.len(),
         seq: samples.iter().map(Vec::len).max().unwrap_or(0),
@@ -389,8 +391,8 @@ fn unified_export(a: &QuantizeArgs, compressed_tensors: bool, step: Step) -> Res
     }
     let exclusions = Exclusions::new(&split_patterns(&a.exclude));
     let mut search = None;
-    let per_module = match (&a.layer_formats, a.auto_bits) {
-        (Some(path), _) => Some(layer_formats_file(path)?),
+    let per_module = match (layer_formats, a.auto_bits) {
+        (Some(per_module), _) => Some(per_module),
         (None, Some(bits)) => {
             let score = autoquant::score_indices(samples.len(), a.score_size, a.seed);
             let input = autoquant::SearchInput { samples: &samples, score: &score, sq_alpha: a.sq_alpha };

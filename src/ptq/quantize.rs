@@ -289,12 +289,13 @@ pub(crate) fn calibrate_layer<'a>(
                 let block = if format.weight() == WeightKind::Int4Groups { INT4_GROUP } else { nvfp4::BLOCK };
                 let wbar = awq::weight_mean(&w, o, i, Some(block), dtype);
                 let fq = search_quantizer(format, o, i, dtype);
-                let mut s = LiteSearch::new(&w, o, i, &xbar, &wbar, dtype, device, &*fq);
+                let w = Tensor::on(w, device);
+                let mut s = LiteSearch::new(&w, o, i, &xbar, &wbar, dtype, &*fq);
                 if let Some(b) = &bias {
                     s = s.with_bias(b);
                 }
                 let bias = bias.map(|b| Tensor::on(b, device));
-                search.searches[k] = Some((Tensor::on(w, device), bias, s));
+                search.searches[k] = Some((w, bias, s));
             }
         }
         for (h, ids) in hidden.iter_mut().zip(samples) {

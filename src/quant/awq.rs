@@ -12,7 +12,7 @@
 //! count, so the searches are too.
 
 use crate::compute::cpu::{matmul_bt, sq_err_row};
-use crate::compute::{Compute, Device, Tensor};
+use crate::compute::{Compute, Tensor};
 use crate::quant::fp8::round_to_dtype;
 use crate::quant::scales::{one_minus, torch_pow, SCALE_MAX, SCALE_MIN};
 use crate::io::safetensors::Dtype;
@@ -193,33 +193,31 @@ pub struct LiteSearch {
 }
 
 impl LiteSearch {
-    /// `w`: the original `[out, inp]` weight; `xbar`: `ActMean::finish`; `wbar`: `weight_mean`
-    /// of `w`; `device`: where the candidates live and the search runs (the layer inputs'
-    /// device); `fake_quant`: fake-quantizes a whole `[out, inp]` weight in place, amax
-    /// recomputed from what it is given, result in the model dtype.
+    /// `w`: the original `[out, inp]` weight, where the candidates live and the search runs (the
+    /// layer inputs' device); `xbar`: `ActMean::finish`; `wbar`: `weight_mean` of `w`;
+    /// `fake_quant`: fake-quantizes a whole `[out, inp]` weight in place, amax recomputed from
+    /// what it is given, result in the model dtype.
     ///
     /// Panics if a length does not match `out`/`inp` (a caller bug).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        w: &[f32],
+        w: &Tensor,
         out: usize,
         inp: usize,
         xbar: &[f32],
         wbar: &[f32],
         dtype: Dtype,
-        device: Device,
         fake_quant: &dyn Fn(&mut Tensor),
     ) -> LiteSearch {
         assert_eq!(w.len(), out * inp, "LiteSearch: weight is not [{out}, {inp}]");
         assert_eq!(xbar.len(), inp, "LiteSearch: {} activation means for {inp} inputs", xbar.len());
-        let original = Tensor::on(w.to_vec(), device);
         let candidates = ALPHAS
             .iter()
             .map(|&alpha| {
                 let s = awq_scale(xbar, wbar, alpha);
                 let s_w: Vec<f32> = s.iter().map(|&v| round_to_dtype(v, dtype)).collect();
                 let inv_s = s.iter().map(|&v| round_to_dtype(1.0 / v, dtype)).collect();
-                let mut wq = original.clone();
+                let mut wq = w.clone();
                 if inp > 0 {
                     wq.scale_columns(&s_w);
                 }
