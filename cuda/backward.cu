@@ -10,6 +10,7 @@
 #include <stdint.h>
 
 #include "../ffi/rq_cuda.h"
+#include "exp.cuh"
 #include "launch.cuh"
 
 namespace {
@@ -30,23 +31,6 @@ __device__ __forceinline__ size_t warp_row_stride() { return size_t(gridDim.x) *
 __device__ __forceinline__ double warp_sum(double p) {
     for (int off = 16; off > 0; off /= 2) p = __dadd_rn(p, __shfl_xor_sync(kFull, p, off));
     return p;
-}
-
-// e^x for x <= 0: cuda/forward.cu's exp_softmax (cpu::exp_softmax), operation for operation.
-__device__ __forceinline__ float exp_softmax(float x) {
-    if (x != x) return x;
-    x = fmaxf(x, -87.0f);
-    const float n = roundf(__fmul_rn(x, 1.44269504088896340736f));
-    // ln 2 split in two (Cody-Waite), as the CPU.
-    const float r = __fadd_rn(__fadd_rn(x, -__fmul_rn(n, 0.69314575f)), -__fmul_rn(n, 1.4286068e-6f));
-    float p = __fmul_rn(r, 1.0f / 720.0f);
-    p = __fmul_rn(r, __fadd_rn(1.0f / 120.0f, p));
-    p = __fmul_rn(r, __fadd_rn(1.0f / 24.0f, p));
-    p = __fmul_rn(r, __fadd_rn(1.0f / 6.0f, p));
-    p = __fmul_rn(r, __fadd_rn(0.5f, p));
-    p = __fmul_rn(r, __fadd_rn(1.0f, p));
-    p = __fadd_rn(1.0f, p);
-    return __fmul_rn(p, __int_as_float((int(n) + 127) << 23));
 }
 
 // ---- layout ---------------------------------------------------------------------------------

@@ -14,6 +14,7 @@
 #include <stdint.h>
 
 #include "../ffi/rq_cuda.h"
+#include "exp.cuh"
 #include "launch.cuh"
 
 namespace {
@@ -270,25 +271,6 @@ __global__ void __launch_bounds__(kThreads)
 // recomputes the scores rather than keeping a seq-long row. Memory: O(kKeys × head_dim)
 // shared per block, no seq × seq buffer.
 constexpr int kRows = 8;  // warps per block
-
-// e^x for the softmax's x = s - max <= 0: cpu::exp_nonpositive operation for operation (each
-// op rounded, no contraction), so the device gives the CPU's bits; NaN stays NaN
-// (attention.rs exp_softmax).
-__device__ __forceinline__ float exp_softmax(float x) {
-    if (x != x) return x;
-    x = fmaxf(x, -87.0f);
-    const float n = roundf(__fmul_rn(x, 1.44269504088896340736f));
-    // ln 2 split in two (Cody-Waite), as the CPU.
-    const float r = __fadd_rn(__fadd_rn(x, -__fmul_rn(n, 0.69314575f)), -__fmul_rn(n, 1.4286068e-6f));
-    float p = __fmul_rn(r, 1.0f / 720.0f);
-    p = __fmul_rn(r, __fadd_rn(1.0f / 120.0f, p));
-    p = __fmul_rn(r, __fadd_rn(1.0f / 24.0f, p));
-    p = __fmul_rn(r, __fadd_rn(1.0f / 6.0f, p));
-    p = __fmul_rn(r, __fadd_rn(0.5f, p));
-    p = __fmul_rn(r, __fadd_rn(1.0f, p));
-    p = __fadd_rn(1.0f, p);
-    return __fmul_rn(p, __int_as_float((int(n) + 127) << 23));
-}
 
 template <int kMaxHd, int kKeys>
 __global__ void __launch_bounds__(kRows * 32)

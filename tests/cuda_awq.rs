@@ -15,7 +15,7 @@
 #[allow(dead_code)]
 mod common;
 
-use common::{dev, have_gpu, poisoned, say, Rng};
+use common::{dev, have_gpu, poisoned, same_bits, say, values, Rng};
 use rq_min::compute::cpu::{col_abs_mean, sq_err_row};
 use rq_min::compute::{cuda, Device, DeviceTwin, Tensor};
 use rq_min::io::safetensors::{Checkpoint, Dtype};
@@ -23,23 +23,7 @@ use rq_min::numerics::round_bf16;
 use rq_min::quant::awq::{round_tensor, weight_mean, ActMean, LiteSearch, ALPHAS};
 use rq_min::quant::{int, nvfp4};
 
-/// `n` values around `std` with every 29th an outlier 40x larger and every 17th a zero.
-fn values(rng: &mut Rng, n: usize, std: f32) -> Vec<f32> {
-    (0..n)
-        .map(|i| match (i % 29, i % 17) {
-            (0, _) => rng.normal() * std * 40.0,
-            (_, 0) => 0.0,
-            _ => rng.normal() * std,
-        })
-        .collect()
-}
 
-fn same_bits(a: &[f32], b: &[f32], what: &str) {
-    assert_eq!(a.len(), b.len(), "{what}: lengths");
-    for (i, (x, y)) in a.iter().zip(b).enumerate() {
-        assert!(x.to_bits() == y.to_bits(), "{what}[{i}]: cpu {x:e} device {y:e}");
-    }
-}
 
 #[test]
 fn col_abs_mean_matches_the_cpu_bit_for_bit() {

@@ -14,7 +14,7 @@
 #[allow(dead_code)]
 mod common;
 
-use common::{dev, have_gpu, poisoned, Rng};
+use common::{dev, have_gpu, poisoned, same_bits, values, Rng};
 use rq_min::compute::cpu::{
     act_grad_mul, add_in_place, attention_ds, copy_columns, norm_backward_add, scale_rows, softmax_rows, sq_err_row,
     swap_rotary_halves, transpose, warp_sum, xent_grad_row,
@@ -26,23 +26,7 @@ use rq_min::numerics::round_bf16;
 const SHAPES: [(usize, usize); 6] = [(1, 1), (5, 31), (17, 33), (3, 77), (1, 300), (9, 2)];
 const ACTS: [Activation; 3] = [Activation::Silu, Activation::GeluTanh, Activation::Relu2];
 
-/// `n` normal values times `std`, every 29th an outlier 40x larger and every 17th a zero.
-fn values(rng: &mut Rng, n: usize, std: f32) -> Vec<f32> {
-    (0..n)
-        .map(|i| match (i % 29, i % 17) {
-            (0, _) => rng.normal() * std * 40.0,
-            (_, 0) => 0.0,
-            _ => rng.normal() * std,
-        })
-        .collect()
-}
 
-fn same_bits(want: &[f32], got: &[f32], what: &str) {
-    assert_eq!(want.len(), got.len(), "{what}: lengths");
-    for (i, (a, b)) in want.iter().zip(got).enumerate() {
-        assert!(a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()), "{what}[{i}]: cpu {a:e} device {b:e}");
-    }
-}
 
 fn same_bits_f64(want: &[f64], got: &[f64], what: &str) {
     assert_eq!(want.len(), got.len(), "{what}: lengths");

@@ -108,3 +108,24 @@ pub fn dev<T: bytemuck::Pod>(host: &[T]) -> rq_min::compute::cuda::DeviceBuffer<
 pub fn poisoned(n: usize) -> rq_min::compute::cuda::DeviceBuffer<f32> {
     dev(&vec![f32::NAN; n])
 }
+
+/// `n` normal values times `std`, every 29th an outlier 40x larger and every 17th a zero.
+#[allow(dead_code)]
+pub fn values(rng: &mut Rng, n: usize, std: f32) -> Vec<f32> {
+    (0..n)
+        .map(|i| match (i % 29, i % 17) {
+            (0, _) => rng.normal() * std * 40.0,
+            (_, 0) => 0.0,
+            _ => rng.normal() * std,
+        })
+        .collect()
+}
+
+/// `got` has the bits of `want` (NaN where `want` has NaN).
+#[allow(dead_code)]
+pub fn same_bits(want: &[f32], got: &[f32], what: &str) {
+    assert_eq!(want.len(), got.len(), "{what}: lengths");
+    for (i, (a, b)) in want.iter().zip(got).enumerate() {
+        assert!(a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()), "{what}[{i}]: cpu {a:e} device {b:e}");
+    }
+}
