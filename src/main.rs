@@ -165,6 +165,14 @@ struct Eval {
     /// text file to score (default: the built-in Rust docs evaluation text)
     #[argh(option)]
     text: Option<PathBuf>,
+    /// token ids to score instead of text (no tokenizer needed): a JSON array of rows of ids,
+    /// each row one window (--seq does not apply)
+    #[argh(option)]
+    ids: Option<PathBuf>,
+    /// write the f32 logits to this .safetensors file (tensor `logits`, [rows, seq, vocab]; rows
+    /// of one length)
+    #[argh(option)]
+    logits: Option<PathBuf>,
     /// tokens per window (default 256)
     #[argh(option, default = "256")]
     seq: usize,
@@ -250,6 +258,8 @@ fn main() -> ExitCode {
         Command::Eval(e) => cli::eval(&cli::EvalArgs {
             model: e.model,
             text: e.text,
+            ids: e.ids,
+            logits: e.logits,
             seq: e.seq,
             base: e.base,
             dtype: e.dtype,

@@ -340,6 +340,8 @@ fn checkpoints_that_disagree_with_their_config_are_refused_up_front() {
         let eval = rq_min::cli::EvalArgs {
             model: model.clone(),
             text: None,
+            ids: None,
+            logits: None,
             seq: 16,
             base: None,
             dtype: "f32".into(),

@@ -136,6 +136,8 @@ fn windows_past_max_position_embeddings_are_refused() {
     let e = rq_min::cli::EvalArgs {
         model: PathBuf::from(MODEL),
         text: None,
+        ids: None,
+        logits: None,
         seq: 100_000,
         base: None,
         dtype: "f32".into(),

@@ -441,6 +441,8 @@ fn eval_command_runs_on_the_device() {
     let a = rq_min::cli::EvalArgs {
         model: stories(),
         text: Some(text),
+        ids: None,
+        logits: None,
         seq: 32,
         base: None,
         dtype: "f32".into(),

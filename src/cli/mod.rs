@@ -95,6 +95,10 @@ impl QuantizeArgs {
 pub struct EvalArgs {
     pub model: PathBuf,
     pub text: Option<PathBuf>,
+    /// Token ids to score instead of text: a JSON array of rows, one window per row.
+    pub ids: Option<PathBuf>,
+    /// Where to write the f32 logits (`logits`, `[rows, seq, vocab]`).
+    pub logits: Option<PathBuf>,
     pub seq: usize,
     pub base: Option<PathBuf>,
     pub dtype: String,
@@ -177,6 +181,8 @@ fn quantize_ct(a: &QuantizeArgs) -> Result<()> {
         let args = EvalArgs {
             model: a.out.clone(),
             text: a.eval_text.clone(),
+            ids: None,
+            logits: None,
             seq: a.eval_seq,
             base: None,
             dtype: "f32".into(),
@@ -606,16 +612,91 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
         "bf16" => Compute::Bf16,
         other => return Err(Error::Usage(format!("unknown --dtype '{other}'; supported: f32, bf16"))),
     };
-    let tok_dir = match &a.base {
-        Some(b) if !a.model.join("tokenizer.json").exists() => b.as_path(),
-        _ => a.model.as_path(),
+    let windows = match (&a.ids, &a.text) {
+        (Some(_), Some(_)) => return Err(Error::Usage("give --text or --ids, not both".into())),
+        (Some(path), None) => eval_ids(path, &model.config)?,
+        (None, text) => {
+            let tok_dir = match &a.base {
+                Some(b) if !a.model.join("tokenizer.json").exists() => b.as_path(),
+                _ => a.model.as_path(),
+            };
+            let tok = Tokenizer::from_dir(tok_dir)?;
+            eval::eval_windows(&tok.encode(&read_text(text.as_deref())?), a.seq)
+        }
     };
-    let tok = Tokenizer::from_dir(tok_dir)?;
-    let text = read_text(a.text.as_deref())?;
-    let windows = eval::eval_windows(&tok.encode(&text), a.seq);
-    let p = eval::perplexity(&model, &windows, &Progress::new("eval", a.quiet))?;
-    crate::out!("perplexity {:.4} ({} windows x {} tokens, {} scored, {} compute)", p.ppl, p.windows, a.seq, p.count, a.dtype);
+    if let Some(out) = &a.logits {
+        check_logits_out(out, &windows, model.config.vocab_size)?;
+    }
+    let (p, logits) = eval::evaluate(&model, &windows, &Progress::new("eval", a.quiet), a.logits.is_some())?;
+    let shape = match &a.ids {
+        Some(_) => format!("{} rows of {}", p.windows, windows[0].len()),
+        None => format!("{} windows x {} tokens", p.windows, a.seq),
+    };
+    crate::out!("perplexity {:.4} ({shape}, {} scored, {} compute)", p.ppl, p.count, a.dtype);
+    if let Some(out) = &a.logits {
+        write_logits(out, &logits, windows[0].len(), model.config.vocab_size)?;
+        crate::out!("logits [{}, {}, {}] f32 -> {}", windows.len(), windows[0].len(), model.config.vocab_size, out.display());
+    }
     Ok(())
+}
+
+/// `eval --ids`: the rows of the file, each at least 2 tokens (one scored position) and at
+/// most the model's positions.
+fn eval_ids(path: &Path, cfg: &ModelConfig) -> Result<Vec<Vec<u32>>> {
+    let rows = calib::ids_file(path)?;
+    if rows.is_empty() {
+        return Err(Error::config(path, "no rows: --ids needs a JSON array of rows of token ids"));
+    }
+    for (r, row) in rows.iter().enumerate() {
+        if row.len() < 2 {
+            return Err(Error::config(path, format!("row {r} has {} token(s); a scored row needs at least 2", row.len())));
+        }
+        check_seq(&format!("--ids row {r} of"), row.len(), cfg)?;
+    }
+    Ok(rows)
+}
+
+/// The most `eval --logits` writes (the logits are held in memory until written).
+const MAX_LOGITS_BYTES: u64 = 8 << 30;
+
+/// `eval --logits OUT`: rows of one length (the tensor is `[rows, seq, vocab]`), at most
+/// `MAX_LOGITS_BYTES`, and OUT not a folder. Checked before any work.
+fn check_logits_out(out: &Path, windows: &[Vec<u32>], vocab: usize) -> Result<()> {
+    if out.is_dir() {
+        return Err(Error::Usage(format!("--logits {}: is a folder; give a .safetensors file path", out.display())));
+    }
+    let seq = windows[0].len();
+    if let Some(r) = windows.iter().position(|w| w.len() != seq) {
+        return Err(Error::Usage(format!(
+            "--logits: row {r} has {} tokens, row 0 has {seq}; the logits tensor [rows, seq, vocab] needs rows of one length",
+            windows[r].len()
+        )));
+    }
+    let bytes = windows.len() as u64 * seq as u64 * vocab as u64 * 4;
+    if bytes > MAX_LOGITS_BYTES {
+        return Err(Error::Usage(format!(
+            "--logits: [{}, {seq}, {vocab}] f32 is {:.1} GiB, more than the {} GiB rq-min holds for them; score fewer rows",
+            windows.len(),
+            bytes as f64 / (1u64 << 30) as f64,
+            MAX_LOGITS_BYTES >> 30
+        )));
+    }
+    Ok(())
+}
+
+/// Writes `logits` (one `[seq, vocab]` block per row) as the tensor `logits` of a safetensors
+/// file: to a temporary file beside `out`, renamed over it when complete.
+fn write_logits(out: &Path, logits: &[Vec<f32>], seq: usize, vocab: usize) -> Result<()> {
+    let data: Vec<u8> = logits.iter().flat_map(|row| row.iter().flat_map(|v| v.to_le_bytes())).collect();
+    let (tmp, file) = crate::io::tmp::temp_file_beside(out, "logits").map_err(|e| Error::io(out, e))?;
+    drop(file);
+    let shape = [logits.len(), seq, vocab];
+    let written = crate::io::safetensors::write_file(&tmp, &[("logits", Dtype::F32, &shape, &data)], &[])
+        .and_then(|()| std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e)));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 /// `rq-min inspect`: tensor table, config summary, bits per parameter by format, and the

@@ -90,6 +90,12 @@ pub fn eval_windows(ids: &[u32], seq: usize) -> Vec<Vec<u32>> {
 
 /// Perplexity of `model` (original or quantized checkpoint) over `windows`.
 pub fn perplexity(model: &Model, windows: &[Vec<u32>], progress: &Progress) -> Result<Perplexity> {
+    evaluate(model, windows, progress, false).map(|(p, _)| p)
+}
+
+/// Perplexity of `model` over `windows` and, with `keep_logits`, every window's logits
+/// (`[window len, vocab]` f32 each, in window order; empty otherwise).
+pub fn evaluate(model: &Model, windows: &[Vec<u32>], progress: &Progress, keep_logits: bool) -> Result<(Perplexity, Vec<Vec<f32>>)> {
     let hidden = run_layers(model, windows, progress, "eval", |l, layer, rope, hidden| {
         let modules = model.config.layer_modules(l);
         let inputs = modules.iter().map(|m| read::input_quant(model, &m.path, m.shape)).collect::<Result<_>>()?;
@@ -101,14 +107,18 @@ pub fn perplexity(model: &Model, windows: &[Vec<u32>], progress: &Progress) -> R
     })?;
     let head = model.load_head()?;
     let (mut nll, mut count) = (0.0f64, 0usize);
+    let mut logits = Vec::new();
     for (h, ids) in hidden.iter().zip(windows) {
         let (s, c) = head.nll(h, ids);
         nll += s;
         count += c;
+        if keep_logits {
+            logits.push(head.logits(h, ids.len()).into_host());
+        }
     }
     crate::compute::take_device_error()?;
     if count == 0 {
         return Err(Error::Usage("evaluation text is shorter than one window".into()));
     }
-    Ok(Perplexity { ppl: (nll / count as f64).exp(), nll, count, windows: windows.len() })
+    Ok((Perplexity { ppl: (nll / count as f64).exp(), nll, count, windows: windows.len() }, logits))
 }
