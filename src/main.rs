@@ -149,6 +149,10 @@ struct Quantize {
     /// an error (default: a warning naming the closest module names)
     #[argh(switch)]
     strict: bool,
+    /// leave unquantized (in the model dtype) the linears whose shape the format cannot store
+    /// (NVFP4: input dim a multiple of 16; INT4: of 128, output dim even) instead of refusing
+    #[argh(switch)]
+    auto_exclude: bool,
     /// print the peak device and host memory the run will need (and whether the GPU has it),
     /// then stop: nothing is calibrated or written
     #[argh(switch)]
@@ -253,6 +257,7 @@ fn main() -> ExitCode {
             tp: q.tp,
             pp: q.pp,
             strict: q.strict,
+            auto_exclude: q.auto_exclude,
             dry_run: q.dry_run,
         }),
         Command::Eval(e) => cli::eval(&cli::EvalArgs {

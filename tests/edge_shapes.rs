@@ -1,6 +1,8 @@
 //! stories260K (hidden 64, intermediate 172): dims that do not divide NVFP4's block of 16 or
-//! INT4's group of 128 give a clear error naming the tensor before any work, never wrong
-//! output; excluding those layers works; formats without a block constraint quantize it.
+//! INT4's group of 128 give one clear error listing every such tensor with its shape and the
+//! `--exclude` patterns that leave them unquantized, before any work, never wrong output;
+//! excluding those layers works, and `--auto-exclude` writes the same export; formats without a
+//! block constraint quantize it.
 
 use rq_min::cli::{quantize, QuantizeArgs};
 use rq_min::io::json::Json;
@@ -23,6 +25,10 @@ They found a small dog with a blue collar. The dog was lost and sad. Lily and To
 find its home. The dog's owner was very happy and thanked them. Lily and Tom felt proud and happy.";
 
 fn run(qformat: &str, exclude: &[&str], name: &str) -> (rq_min::Result<()>, PathBuf) {
+    run_with(qformat, exclude, false, name)
+}
+
+fn run_with(qformat: &str, exclude: &[&str], auto_exclude: bool, name: &str) -> (rq_min::Result<()>, PathBuf) {
     let dir = std::env::temp_dir().join(format!("rq-min-edge-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -35,6 +41,7 @@ fn run(qformat: &str, exclude: &[&str], name: &str) -> (rq_min::Result<()>, Path
         calib_size: 8,
         calib_seq: Some(64),
         exclude: exclude.iter().map(|s| s.to_string()).collect(),
+        auto_exclude,
         eval_seq: 64,
         no_eval: true,
         force: true,
@@ -51,18 +58,37 @@ fn story_ppl(dir: &Path) -> f64 {
 }
 
 #[test]
-fn blocks_that_do_not_divide_are_refused_by_name() {
-    for (qformat, tensor, block) in [
-        ("nvfp4", "model.layers.0.mlp.down_proj.weight", "16"),
-        ("nvfp4_awq", "model.layers.0.mlp.down_proj.weight", "16"),
-        ("int4_awq", "model.layers.0.self_attn.q_proj.weight", "128"),
-        ("w4a8_awq", "model.layers.0.self_attn.q_proj.weight", "128"),
+fn blocks_that_do_not_divide_are_refused_together() {
+    let projections = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"];
+    let every = projections.map(|p| format!("model.layers.*.{p}")).join(",");
+    for (qformat, count, listed, patterns) in [
+        ("nvfp4", 5, "model.layers.4.mlp.down_proj.weight [64, 172] as nvfp4: the input dim must be a multiple of 16", "model.layers.*.mlp.down_proj".to_string()),
+        ("nvfp4_awq", 5, "model.layers.2.mlp.down_proj.weight [64, 172] as nvfp4_awq", "model.layers.*.mlp.down_proj".to_string()),
+        ("int4_awq", 35, "model.layers.0.self_attn.q_proj.weight [64, 64] as int4_awq: the input dim must be a multiple of 128 and the output dim even", every.clone()),
+        ("w4a8_awq", 35, "... and 23 more", every.clone()),
     ] {
         let (r, out) = run(qformat, &[], qformat);
         let msg = r.expect_err(qformat).to_string();
-        assert!(msg.contains(tensor) && msg.contains(block) && msg.contains("--exclude"), "{qformat}: {msg}");
+        assert!(msg.contains(&format!("{count} linear(s) cannot be stored")), "{qformat}: {msg}");
+        assert!(msg.contains(listed), "{qformat}: {listed:?} not in {msg}");
+        assert!(msg.contains(&format!("--exclude {patterns} (or --auto-exclude)")), "{qformat}: {msg}");
         assert!(!out.exists(), "{qformat}: output written");
     }
+}
+
+#[test]
+fn auto_exclude_writes_what_the_patterns_write() {
+    let (r, by_hand) = run("nvfp4", &["model.layers.*.mlp.down_proj"], "nvfp4-hand");
+    r.unwrap();
+    let (r, auto_dir) = run_with("nvfp4", &[], true, "nvfp4-auto");
+    r.unwrap();
+    let (hand, auto) = (Checkpoint::open(&by_hand).unwrap(), Checkpoint::open(&auto_dir).unwrap());
+    assert_eq!(hand.names(), auto.names());
+    for name in hand.names() {
+        assert!(hand.tensor(name).unwrap().data == auto.tensor(name).unwrap().data, "{name} differs");
+    }
+    let hf = |d: &Path| std::fs::read_to_string(d.join("hf_quant_config.json")).unwrap();
+    assert_eq!(hf(&by_hand), hf(&auto_dir));
 }
 
 #[test]

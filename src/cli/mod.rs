@@ -54,6 +54,9 @@ pub struct QuantizeArgs {
     /// `--strict`: an `--exclude` pattern or `--layer-formats` module that names no module of
     /// the model is an error (by default a warning).
     pub strict: bool,
+    /// `--auto-exclude`: leave unquantized the linears whose shape their format cannot store
+    /// (`quantize::unstorable`) instead of refusing the run, and say which.
+    pub auto_exclude: bool,
     /// `--dry-run`: print the memory estimate (`ptq::memory`) and stop before any calibration;
     /// nothing is written.
     pub dry_run: bool,
@@ -87,6 +90,7 @@ impl QuantizeArgs {
             tp: 1,
             pp: 1,
             strict: false,
+            auto_exclude: false,
             dry_run: false,
         }
     }
@@ -395,7 +399,41 @@ fn unified_export(a: &QuantizeArgs, compressed_tensors: bool, step: Step) -> Res
         crate::out!("{}{room}\ndry run: nothing calibrated, nothing written", estimate.table());
         return Ok(());
     }
-    let exclusions = Exclusions::new(&split_patterns(&a.exclude));
+    let mut exclusions = Exclusions::new(&split_patterns(&a.exclude));
+    let mut layer_formats = layer_formats;
+    if a.auto_exclude {
+        // Every format the run may give a linear: the --layer-formats file's, else each --qformat.
+        let bad: Vec<quantize::Unstorable> = match &mut layer_formats {
+            Some(map) => {
+                let bad = quantize::unstorable(&model.config, &quantize::Formats::PerModule(map.clone()));
+                for b in &bad {
+                    map.remove(&b.module);
+                }
+                bad
+            }
+            None => {
+                let mut bad: Vec<quantize::Unstorable> = Vec::new();
+                for &f in &formats {
+                    for b in quantize::unstorable(&model.config, &quantize::Formats::Uniform(f, exclusions.clone())) {
+                        if !bad.iter().any(|x| x.module == b.module) {
+                            bad.push(b);
+                        }
+                    }
+                }
+                bad
+            }
+        };
+        if !bad.is_empty() {
+            let patterns = quantize::exclude_patterns(&model.config, &bad);
+            exclusions = exclusions.with(&patterns);
+            crate::err!(
+                "--auto-exclude: {} linear(s) left unquantized ({}), their shape cannot be stored in the format: --exclude {}",
+                bad.len(),
+                model.dtype()?.name(),
+                patterns.join(",")
+            );
+        }
+    }
     let mut search = None;
     let per_module = match (layer_formats, a.auto_bits) {
         (Some(per_module), _) => Some(per_module),

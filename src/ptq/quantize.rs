@@ -342,34 +342,91 @@ fn quantize_lm_head(model: &Model, hidden: &[Tensor], format: QFormat, dtype: Dt
     Ok(())
 }
 
-/// Refuses, before any work, a quantized linear whose shape the format cannot store:
-/// NVFP4 needs the input dim to be a multiple of 16 and INT4 a multiple of 128 with an even
-/// output dim (ModelOpt's export asserts the same; spec/export-formats.md §2.5).
-fn check_shapes(cfg: &crate::model::config::ModelConfig, opts: &Options) -> Result<()> {
+/// A linear whose shape its format cannot store.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Unstorable {
+    pub module: String,
+    pub shape: [usize; 2],
+    pub format: QFormat,
+}
+
+impl std::fmt::Display for Unstorable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let [o, i] = self.shape;
+        let (block, even) = storage_multiples(self.format).unwrap_or((1, false));
+        write!(f, "{}.weight [{o}, {i}] as {}: the input dim must be a multiple of {block}", self.module, self.format.cli_name())?;
+        if even {
+            write!(f, " and the output dim even")?;
+        }
+        Ok(())
+    }
+}
+
+/// What a format needs of a weight's shape: the input dim a multiple of the block (NVFP4: 16;
+/// INT4: its group of 128) and, for INT4's packed pairs, an even output dim (ModelOpt's export
+/// asserts the same; spec/export-formats.md §2.5). None: any shape.
+fn storage_multiples(format: QFormat) -> Option<(usize, bool)> {
+    match format.weight() {
+        WeightKind::Nvfp4 => Some((nvfp4::BLOCK, false)),
+        WeightKind::Int4Groups => Some((INT4_GROUP, true)),
+        _ => None,
+    }
+}
+
+/// Every linear of `cfg` (decoder layers, then lm_head) that `formats` quantizes in a format
+/// that cannot store its shape.
+pub fn unstorable(cfg: &crate::model::config::ModelConfig, formats: &Formats) -> Vec<Unstorable> {
     let mut linears: Vec<(String, [usize; 2])> = (0..cfg.num_hidden_layers)
         .flat_map(|l| cfg.layer_modules(l).into_iter().map(|m| (m.path, m.shape)))
         .collect();
     linears.push(("lm_head".into(), [cfg.vocab_size, cfg.hidden_size]));
-    for (m, [o, i]) in linears {
-        let Some(format) = opts.formats.of(&m) else { continue };
-        let (block, out_multiple) = match format.weight() {
-            WeightKind::Nvfp4 => (nvfp4::BLOCK, 1),
-            WeightKind::Int4Groups => (INT4_GROUP, 2),
-            _ => continue,
-        };
-        if i % block != 0 || o % out_multiple != 0 {
-            return Err(Error::tensor(
-                format!("{m}.weight"),
-                format!(
-                    "shape [{o}, {i}] cannot be stored as {}: the input dim must be a multiple of {block}{}; \
-                     leave such layers unquantized with --exclude",
-                    format.cli_name(),
-                    if out_multiple > 1 { " and the output dim even" } else { "" }
-                ),
-            ));
+    linears
+        .into_iter()
+        .filter_map(|(module, shape)| {
+            let format = formats.of(&module)?;
+            let (block, even) = storage_multiples(format)?;
+            (shape[1] % block != 0 || (even && shape[0] % 2 != 0)).then_some(Unstorable { module, shape, format })
+        })
+        .collect()
+}
+
+/// `--exclude` patterns that leave exactly the `bad` linears unquantized: a linear's path with
+/// its layer index as `*` where every linear that pattern matches is in `bad` (one pattern for
+/// the same projection of every layer), else the path itself. In first-seen order.
+pub fn exclude_patterns(cfg: &crate::model::config::ModelConfig, bad: &[Unstorable]) -> Vec<String> {
+    let all: Vec<String> =
+        (0..cfg.num_hidden_layers).flat_map(|l| cfg.layer_modules(l).into_iter().map(|m| m.path)).chain(["lm_head".into()]).collect();
+    let is_bad = |m: &str| bad.iter().any(|b| b.module == m);
+    let mut patterns: Vec<String> = Vec::new();
+    for b in bad {
+        let wild = b.module.split('.').map(|part| if part.bytes().all(|c| c.is_ascii_digit()) { "*" } else { part }).collect::<Vec<_>>().join(".");
+        let matched: Vec<&String> = all.iter().filter(|m| crate::quant::fnmatch(&wild, m)).collect();
+        let pattern = if matched.iter().all(|m| is_bad(m)) { wild } else { b.module.clone() };
+        if !patterns.contains(&pattern) {
+            patterns.push(pattern);
         }
     }
-    Ok(())
+    patterns
+}
+
+/// Refuses, before any work, the linears whose shape their format cannot store: all of them in
+/// one error, with the `--exclude` patterns that would leave them unquantized.
+fn check_shapes(cfg: &crate::model::config::ModelConfig, opts: &Options) -> Result<()> {
+    const SHOWN: usize = 12;
+    let bad = unstorable(cfg, &opts.formats);
+    if bad.is_empty() {
+        return Ok(());
+    }
+    let mut list: Vec<String> = bad.iter().take(SHOWN).map(|b| format!("  {b}")).collect();
+    if bad.len() > SHOWN {
+        list.push(format!("  ... and {} more", bad.len() - SHOWN));
+    }
+    Err(Error::Usage(format!(
+        "{} linear(s) cannot be stored in their format:\n{}\nleave them unquantized with --exclude {} (or --auto-exclude)",
+        bad.len(),
+        list.join("\n"),
+        exclude_patterns(cfg, &bad).join(",")
+    )))
 }
 
 /// The linears sharing one norm: its readers fold a common scale into it (§2.7 point 2).

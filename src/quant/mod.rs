@@ -154,6 +154,12 @@ impl Exclusions {
         patterns.extend(user.iter().cloned());
         Exclusions { patterns }
     }
+    /// These exclusions and `extra` patterns.
+    pub fn with(mut self, extra: &[String]) -> Exclusions {
+        self.patterns.extend(extra.iter().cloned());
+        self
+    }
+
     pub fn is_excluded(&self, module: &str) -> bool {
         let wq = format!("{module}.weight_quantizer");
         self.patterns.iter().any(|p| fnmatch(p, module) || fnmatch(p, &wq))
