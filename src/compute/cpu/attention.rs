@@ -157,10 +157,12 @@ pub(crate) fn softmax_visible(row: &mut [f32], from: usize, to: usize, scale: f3
 /// whose fixed sequence of f32 operations the CUDA kernel repeats, so the device's attention
 /// gives these bits; NaN stays NaN.
 pub(super) fn exp_softmax(x: f32) -> f32 {
+    // A select, not a branch, so loops over it vectorize.
+    let e = exp_nonpositive(x);
     if x.is_nan() {
         x
     } else {
-        exp_nonpositive(x)
+        e
     }
 }
 

@@ -61,19 +61,19 @@ pub fn norm_backward_add(norm: NormKind, x: &[f32], weight: &[f32], dy: &[f32], 
     let nf = n as f64;
     for ((row, d), a) in x.chunks_exact(n).zip(dy.chunks_exact(n)).zip(acc.chunks_exact_mut(n)) {
         if norm.layer_norm {
-            let mean = warp_sum(row.iter().map(|&v| f64::from(v))) / nf;
-            let var = warp_sum(row.iter().map(|&v| (f64::from(v) - mean) * (f64::from(v) - mean))) / nf;
+            let mean = warp_sum(n, |i| f64::from(row[i])) / nf;
+            let var = warp_sum(n, |i| (f64::from(row[i]) - mean) * (f64::from(row[i]) - mean)) / nf;
             let r = 1.0 / (var as f32 + norm.eps).sqrt();
             let mean = mean as f32;
-            let mg = (warp_sum((0..n).map(|i| f64::from(w(i) * d[i]))) / nf) as f32;
-            let mgx = (warp_sum((0..n).map(|i| f64::from(w(i) * d[i] * ((row[i] - mean) * r)))) / nf) as f32;
+            let mg = (warp_sum(n, |i| f64::from(w(i) * d[i])) / nf) as f32;
+            let mgx = (warp_sum(n, |i| f64::from(w(i) * d[i] * ((row[i] - mean) * r))) / nf) as f32;
             for (i, a) in a.iter_mut().enumerate() {
                 *a += r * (w(i) * d[i] - mg - (row[i] - mean) * r * mgx);
             }
         } else {
-            let sum_sq = warp_sum(row.iter().map(|&v| f64::from(v) * f64::from(v)));
+            let sum_sq = warp_sum(n, |i| f64::from(row[i]) * f64::from(row[i]));
             let r = 1.0 / ((sum_sq / nf) as f32 + norm.eps).sqrt();
-            let dot = warp_sum((0..n).map(|i| f64::from(row[i] * w(i) * d[i])));
+            let dot = warp_sum(n, |i| f64::from(row[i] * w(i) * d[i]));
             let c = (dot / nf) as f32 * r * r * r;
             for (i, a) in a.iter_mut().enumerate() {
                 *a += r * w(i) * d[i] - row[i] * c;
@@ -106,7 +106,7 @@ pub fn softmax_rows(p: &mut [f32], n_keys: usize, t0: usize, lo: usize, window: 
 pub fn attention_ds(ds: &mut [f32], p: &[f32], n_keys: usize, scale: f32) {
     assert_eq!(ds.len(), p.len(), "attention_ds: lengths differ");
     for (dr, pr) in ds.chunks_exact_mut(n_keys).zip(p.chunks_exact(n_keys)) {
-        let c = warp_sum(pr.iter().zip(dr.iter()).map(|(&pv, &dv)| f64::from(pv * dv))) as f32;
+        let c = warp_sum(n_keys, |j| f64::from(pr[j] * dr[j])) as f32;
         for (d, &pv) in dr.iter_mut().zip(pr) {
             *d = scale * pv * (*d - c);
         }
@@ -125,7 +125,7 @@ pub fn attention_ds(ds: &mut [f32], p: &[f32], n_keys: usize, scale: f32) {
 pub fn xent_grad_row(row: &mut [f32], target: usize, scale: f32) -> f64 {
     assert!(target < row.len(), "xent_grad_row: target {target} outside {} logits", row.len());
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum = warp_sum(row.iter().map(|&l| f64::from(exp_softmax(l - max))));
+    let sum = warp_sum(row.len(), |j| f64::from(exp_softmax(row[j] - max)));
     let nll = f64::from(max) + sum.ln() - f64::from(row[target]);
     let lse = nll + f64::from(row[target]);
     let hi = lse as f32;

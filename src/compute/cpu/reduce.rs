@@ -26,21 +26,34 @@ pub fn col_abs_mean(x: &[f32], cols: usize, out: &mut [f32]) {
 /// Panics if the lengths differ (a caller bug).
 pub fn sq_err_row(y: &[f32], reference: &[f32], weight: Option<&[f32]>, round: impl Fn(f32) -> f32) -> f64 {
     assert_eq!(y.len(), reference.len(), "sq_err_row: {} outputs, {} reference values", y.len(), reference.len());
-    assert!(weight.is_none_or(|w| w.len() == y.len()), "sq_err_row: weights are not one per output");
-    warp_sum(y.iter().zip(reference).enumerate().map(|(c, (&a, &b))| {
-        let d = round(a - b);
-        let d = f64::from(weight.map_or(d, |w| d * w[c]));
-        d * d
-    }))
+    let diff = |c: usize| round(y[c] - reference[c]);
+    match weight {
+        None => warp_sum(y.len(), |c| f64::from(diff(c)) * f64::from(diff(c))),
+        Some(w) => {
+            assert_eq!(w.len(), y.len(), "sq_err_row: weights are not one per output");
+            warp_sum(y.len(), |c| {
+                let d = f64::from(diff(c) * w[c]);
+                d * d
+            })
+        }
+    }
 }
 
-/// A sum of f64 values in the order of one warp of a device kernel: lane `j` sums the items
-/// `j, j + 32, …` in order, then the 32 partial sums are combined by a xor butterfly (each
-/// step adds the partial `off` lanes away, for off = 16, 8, 4, 2, 1).
-pub fn warp_sum(values: impl IntoIterator<Item = f64>) -> f64 {
+/// `Σ_{i<n} term(i)` in f64 in the order of one warp of a device kernel: lane `j` sums the
+/// terms `j, j + 32, …` in order, then the 32 partial sums are combined by a xor butterfly
+/// (each step adds the partial `off` lanes away, for off = 16, 8, 4, 2, 1). The lanes are
+/// filled 32 terms at a time, so the loop vectorizes.
+#[inline]
+pub fn warp_sum(n: usize, term: impl Fn(usize) -> f64) -> f64 {
     let mut p = [0f64; 32];
-    for (c, v) in values.into_iter().enumerate() {
-        p[c % 32] += v;
+    let full = n / 32 * 32;
+    for c0 in (0..full).step_by(32) {
+        for (j, lane) in p.iter_mut().enumerate() {
+            *lane += term(c0 + j);
+        }
+    }
+    for (j, lane) in p.iter_mut().take(n - full).enumerate() {
+        *lane += term(full + j);
     }
     for off in [16, 8, 4, 2, 1] {
         let q = p;
