@@ -275,7 +275,8 @@ constexpr int kRows = 8;  // warps per block
 template <int kMaxHd, int kKeys>
 __global__ void __launch_bounds__(kRows * 32)
     attention_kernel(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v, int seq,
-                     int n_heads, int n_kv_heads, int hd, int window, float scale, float* __restrict__ out) {
+                     int n_heads, int n_kv_heads, int hd, int window, float scale, float softcap,
+                     float* __restrict__ out) {
     __shared__ float qs[kRows][kMaxHd];
     __shared__ float ks[kKeys][kMaxHd + 1];  // +1: lane j reads row j, rows on distinct banks
     __shared__ float vs[kKeys][kMaxHd];
@@ -302,12 +303,14 @@ __global__ void __launch_bounds__(kRows * 32)
         }
         __syncthreads();
     };
-    // Whether row t sees key k0 + lane, and its scaled score (FMA chain over d, then × scale).
+    // Whether row t sees key k0 + lane, and its scaled score (FMA chain over d, then × scale;
+    // with a softcap c: tanh(s / c) · c, as the CPU's softmax_visible).
     auto visible = [&](int k0) { return active && lane < kKeys && k0 + lane >= first(t) && k0 + lane <= t; };
     auto score = [&]() {
         float acc = 0.0f;
         for (int d = 0; d < hd; ++d) acc = __fmaf_rn(qs[r][d], ks[lane][d], acc);
-        return __fmul_rn(acc, scale);
+        const float s = __fmul_rn(acc, scale);
+        return softcap > 0.0f ? __fmul_rn(tanhf(__fdiv_rn(s, softcap)), softcap) : s;
     };
     // The keys of the tile at k0 row t sees: j_lo..j_end (a masked key's value, NaN or inf,
     // never reaches the row).
@@ -594,13 +597,13 @@ extern "C" int rq_rope_f32(float* x, const float* cos_table, const float* sin_ta
 }
 
 extern "C" int rq_attention_f32(const float* q, const float* k, const float* v, size_t seq, size_t n_heads,
-                                size_t n_kv_heads, size_t head_dim, size_t sliding_window, int flash_bf16, float* out) {
+                                size_t n_kv_heads, size_t head_dim, size_t sliding_window, float scale, float softcap,
+                                int flash_bf16, float* out) {
     if (n_kv_heads == 0 || n_heads % n_kv_heads != 0 || head_dim == 0 || head_dim > 256 || n_heads > 65535 ||
-        seq > 0x7FFFFFFFu - kFlashKeys || sliding_window > 0x7FFFFFFFu)
+        seq > 0x7FFFFFFFu - kFlashKeys || sliding_window > 0x7FFFFFFFu || !(softcap >= 0.0f) ||
+        (flash_bf16 && softcap > 0.0f))
         return cudaErrorInvalidValue;
     if (seq == 0 || n_heads == 0) return cudaSuccess;
-    // scale = head_dim ** -0.5 as the CPU computes it: in f64, rounded to f32.
-    const float scale = float(pow(double(head_dim), -0.5));
     const dim3 grid(static_cast<unsigned>((seq + kRows - 1) / kRows), static_cast<unsigned>(n_heads));
     if (flash_bf16) {
         const float c = scale * 1.44269504088896340736f;  // scale * f32 LOG2_E
@@ -616,11 +619,11 @@ extern "C" int rq_attention_f32(const float* q, const float* k, const float* v, 
     } else if (head_dim <= 128) {
         attention_128 kernel = attention_kernel<128, 32>;
         RQ_LAUNCH(kernel, grid, kRows * 32, 0, 0)
-        (q, k, v, int(seq), int(n_heads), int(n_kv_heads), int(head_dim), int(sliding_window), scale, out);
+        (q, k, v, int(seq), int(n_heads), int(n_kv_heads), int(head_dim), int(sliding_window), scale, softcap, out);
     } else {
         attention_256 kernel = attention_kernel<256, 16>;
         RQ_LAUNCH(kernel, grid, kRows * 32, 0, 0)
-        (q, k, v, int(seq), int(n_heads), int(n_kv_heads), int(head_dim), int(sliding_window), scale, out);
+        (q, k, v, int(seq), int(n_heads), int(n_kv_heads), int(head_dim), int(sliding_window), scale, softcap, out);
     }
     return cudaGetLastError();
 }

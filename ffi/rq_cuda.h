@@ -139,9 +139,11 @@ int rq_rope_f32(float* x, const float* cos_table, const float* sin_table, size_t
  * head_dim <= 256; sliding_window 0 = none, else a query sees itself and the sliding_window - 1
  * keys before it. flash_bf16 0: f32 online softmax (cpu::Attention, flash_bf16 false); 1:
  * FlashAttention-2's softmax on a bf16 model, probabilities rounded to bf16 in blocks of 128
- * keys (softmax_visible_flash_bf16). */
+ * keys (softmax_visible_flash_bf16). Scores are q·k times scale; softcap > 0 (not with flash_bf16)
+ * caps them: tanh(s / softcap) * softcap; 0 = none. */
 int rq_attention_f32(const float* q, const float* k, const float* v, size_t seq, size_t n_heads,
-                     size_t n_kv_heads, size_t head_dim, size_t sliding_window, int flash_bf16, float* out);
+                     size_t n_kv_heads, size_t head_dim, size_t sliding_window, float scale, float softcap,
+                     int flash_bf16, float* out);
 
 /* acc[c] = max(acc[c], max_r |x[r, c]|) over x = [rows, cols]; acc holds cols amaxes (each
  * >= +0 or NaN); NaN propagates. */

@@ -155,6 +155,41 @@ fn qwen3_moe_matches_transformers() {
 }
 
 #[test]
+fn gemma2_matches_transformers() {
+    if let Some(dir) = shared_family("gemma2") {
+        check_family(&dir);
+    }
+}
+
+#[test]
+fn gemma3_matches_transformers() {
+    if let Some(dir) = shared_family("gemma3") {
+        check_family(&dir);
+    }
+}
+
+#[test]
+fn granite_matches_transformers() {
+    if let Some(dir) = shared_family("granite") {
+        check_family(&dir);
+    }
+}
+
+#[test]
+fn olmo2_matches_transformers() {
+    if let Some(dir) = shared_family("olmo2") {
+        check_family(&dir);
+    }
+}
+
+#[test]
+fn exaone4_matches_transformers() {
+    if let Some(dir) = shared_family("exaone4") {
+        check_family(&dir);
+    }
+}
+
+#[test]
 fn family_fields_follow_the_architecture() {
     use rq_min::model::config::Activation;
     let with_arch = |arch: &str| {

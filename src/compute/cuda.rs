@@ -691,14 +691,17 @@ pub fn attention(
     k: &DeviceBuffer<f32>,
     v: &DeviceBuffer<f32>,
     seq: usize,
-    n_heads: usize,
-    n_kv_heads: usize,
-    head_dim: usize,
-    sliding_window: Option<usize>,
-    flash_bf16: bool,
+    a: &crate::compute::Attention,
     out: &mut DeviceBuffer<f32>,
 ) -> Result<()> {
+    let (n_heads, n_kv_heads, head_dim, sliding_window) = (a.n_heads, a.n_kv_heads, a.head_dim, a.sliding_window);
     let kernel = "rq_attention_f32";
+    if !(a.scale.is_finite() && a.softcap.is_none_or(|c| c > 0.0 && c.is_finite()) && !(a.flash_bf16 && a.softcap.is_some())) {
+        return Err(Error::Usage(format!(
+            "{kernel}: scale {} and softcap {:?} (needs finite values, a positive softcap, no softcap with flash_bf16)",
+            a.scale, a.softcap
+        )));
+    }
     if n_kv_heads == 0 || !n_heads.is_multiple_of(n_kv_heads) || head_dim == 0 || head_dim > 256 {
         return Err(Error::Usage(format!(
             "{kernel}: {n_heads} heads over {n_kv_heads} kv heads of {head_dim} dims (needs a multiple, 1..=256 dims)"
@@ -724,7 +727,9 @@ pub fn attention(
             n_kv_heads,
             head_dim,
             sliding_window.unwrap_or(0),
-            c_int::from(flash_bf16),
+            a.scale,
+            a.softcap.unwrap_or(0.0),
+            c_int::from(a.flash_bf16),
             out.as_mut_ptr(),
         )
     })

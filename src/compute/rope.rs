@@ -32,6 +32,8 @@ pub struct Rope {
     max_positions: usize,
     cos: Vec<f32>, // [max_positions, rotary_dim / 2]
     sin: Vec<f32>, // [max_positions, rotary_dim / 2]
+    /// A second table for the sliding-window layers (Gemma3's local `rope_theta`).
+    local: Option<Box<Rope>>,
     /// `cos` and `sin` in device memory, uploaded at the first rotation on the device.
     #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
     device: std::sync::OnceLock<(DeviceBuffer<f32>, DeviceBuffer<f32>)>,
@@ -72,9 +74,21 @@ impl Rope {
             max_positions,
             cos,
             sin,
+            local: None,
             #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
             device: std::sync::OnceLock::new(),
         }
+    }
+
+    /// This table with `local` as the sliding layers' table (`ModelConfig::layer_rope`).
+    pub fn with_local(mut self, local: Rope) -> Rope {
+        self.local = Some(Box::new(local));
+        self
+    }
+
+    /// The sliding layers' table, when the model has one.
+    pub fn local(&self) -> Option<&Rope> {
+        self.local.as_deref()
     }
 
     /// The cos and sin tables in device memory (uploaded once, at the first call).

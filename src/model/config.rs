@@ -10,11 +10,11 @@
 use crate::error::{Error, Result};
 use crate::io::json::Json;
 pub use crate::compute::{Activation, NormKind, RopeConfig, RopeScaling};
-use crate::compute::Rope;
+use crate::compute::{Attention, Rope};
 use std::path::{Path, PathBuf};
 
 /// `architectures[0]` values this runtime implements.
-pub const SUPPORTED_ARCHITECTURES: [&str; 10] = [
+pub const SUPPORTED_ARCHITECTURES: [&str; 15] = [
     "LlamaForCausalLM",
     "MistralForCausalLM",
     "Qwen2ForCausalLM",
@@ -25,6 +25,11 @@ pub const SUPPORTED_ARCHITECTURES: [&str; 10] = [
     "NemotronForCausalLM",
     "MixtralForCausalLM",
     "Qwen3MoeForCausalLM",
+    "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
+    "GraniteForCausalLM",
+    "Olmo2ForCausalLM",
+    "Exaone4ForCausalLM",
 ];
 
 #[derive(Clone, Debug)]
@@ -72,6 +77,33 @@ pub struct ModelConfig {
     pub layer_norm: bool,
     /// Factor on the embedding output (HF `GemmaModel`: `sqrt(hidden_size)`), in f32.
     pub embed_scale: Option<f32>,
+    /// Per layer: it windows its attention (`layer_types[l] == "sliding_attention"`, Gemma2/3 and
+    /// Exaone4); None: every layer as `sliding_window` says.
+    pub sliding_layers: Option<Vec<bool>>,
+    /// Which layers rotate q and k, and with which table.
+    pub rope_layers: RopeLayers,
+    /// Gemma3's RoPE of its sliding layers (`rope_parameters.sliding_attention`, 4.x
+    /// `rope_local_base_freq`).
+    pub rope_local: Option<RopeConfig>,
+    /// The attention's score scale: `head_dim^-0.5`, Gemma2/3 `query_pre_attn_scalar^-0.5`,
+    /// Granite `attention_multiplier`.
+    pub attn_scale: f32,
+    /// Gemma2 `attn_logit_softcapping`: scores become `tanh(s / c) · c`.
+    pub attn_softcap: Option<f32>,
+    /// Gemma2 `final_logit_softcapping`, on the logits the same way.
+    pub final_softcap: Option<f32>,
+    /// Granite `logits_scaling`: the logits are divided by it.
+    pub logits_scaling: Option<f32>,
+    /// Granite `residual_multiplier`: each branch output is multiplied by it before the residual add.
+    pub residual_multiplier: Option<f32>,
+    /// `embed_scale` is rounded to the model dtype before it multiplies (Gemma's
+    /// `torch.tensor(.., dtype)`; Granite multiplies by the Python float).
+    pub embed_scale_in_dtype: bool,
+    /// Where a layer's norms sit (Llama: before attention and before the MLP).
+    pub norms: &'static LayerNorms,
+    /// The q/k norms normalize the whole projection (Olmo2: weights `[heads * head_dim]`), not
+    /// each head.
+    pub qk_norm_whole: bool,
     /// The MLP's activation (`hidden_activation`, else `hidden_act`).
     pub act: Activation,
     /// Leading dims of each head that RoPE rotates (`head_dim * partial_rotary_factor`, Phi3
@@ -119,7 +151,7 @@ impl ModelConfig {
         let head_dim = match r.opt_dim("head_dim")? {
             Some(d) => d,
             None if family == Family::Qwen3 => 128,
-            None if family == Family::Gemma => 256,
+            None if family.gemma_like() => 256,
             None if !hidden_size.is_multiple_of(num_attention_heads) => {
                 return Err(r.err(format!(
                     "num_attention_heads = {num_attention_heads} does not divide hidden_size = {hidden_size} \
@@ -137,8 +169,14 @@ impl ModelConfig {
             Family::Nemotron => "norm_eps",
             _ => "rms_norm_eps",
         };
-        let default_eps =
-            if matches!(family, Family::Phi3 | Family::Starcoder2 | Family::Nemotron | Family::Mixtral) { 1e-5 } else { 1e-6 };
+        let default_eps = if matches!(
+            family,
+            Family::Phi3 | Family::Starcoder2 | Family::Nemotron | Family::Mixtral | Family::Olmo2 | Family::Exaone4
+        ) {
+            1e-5
+        } else {
+            1e-6
+        };
         let rms_norm_eps = r.opt_f64(eps_key)?.unwrap_or(default_eps);
         if !(rms_norm_eps > 0.0 && rms_norm_eps.is_finite()) {
             return Err(r.err(format!("{eps_key} = {rms_norm_eps} must be positive")));
@@ -146,15 +184,25 @@ impl ModelConfig {
         let max_position_embeddings = match r.opt_dim("max_position_embeddings")? {
             Some(n) => n,
             None if is_mistral || family == Family::Mixtral => 4096 * 32,
-            None if matches!(family, Family::Qwen2 | Family::Qwen3 | Family::Qwen3Moe) => 32768,
-            None if family == Family::Gemma => 8192,
+            None if matches!(family, Family::Qwen2 | Family::Qwen3 | Family::Qwen3Moe | Family::Qwen2Moe) => 32768,
+            None if matches!(family, Family::Gemma | Family::Gemma2) => 8192,
+            None if family == Family::Gemma3 => 131072,
             None if matches!(family, Family::Phi3 | Family::Starcoder2 | Family::Nemotron) => 4096,
             None => 2048,
         };
         // MistralConfig defaults sliding_window to 4096; an explicit null switches it off.
         // Phi3, Starcoder2 and Mixtral window when the key is set (default None).
         // Qwen2/Qwen3(-MoE) window only some layers, and only with `use_sliding_window = true`.
-        let qwen = matches!(family, Family::Qwen2 | Family::Qwen3 | Family::Qwen3Moe);
+        let qwen = matches!(family, Family::Qwen2 | Family::Qwen3 | Family::Qwen3Moe | Family::Qwen2Moe);
+        // Gemma2/3 and Exaone4 window the layers `layer_types` names "sliding_attention"
+        // (default 4096; Gemma2Config: every other layer from the first, Gemma3TextConfig and
+        // Exaone4Config: all but every `sliding_window_pattern`-th).
+        let per_layer_window = matches!(family, Family::Gemma2 | Family::Gemma3 | Family::Exaone4);
+        let sliding_layers = if per_layer_window {
+            Some(r.layer_types(family, num_hidden_layers)?)
+        } else {
+            None
+        };
         let sliding_window = match raw.get("sliding_window") {
             _ if qwen && r.opt_bool("use_sliding_window")? == Some(true) => {
                 return Err(Error::Unsupported(format!(
@@ -162,14 +210,15 @@ impl ModelConfig {
                     path.display()
                 )));
             }
-            _ if !matches!(family, Family::Mistral | Family::Phi3 | Family::Starcoder2 | Family::Mixtral) => None,
+            None if per_layer_window => Some(4096),
+            _ if !per_layer_window && !matches!(family, Family::Mistral | Family::Phi3 | Family::Starcoder2 | Family::Mixtral) => None,
             None if is_mistral => Some(4096),
             None => None,
             Some(v) if v.is_null() => None,
             Some(_) => Some(r.req_dim("sliding_window")?),
         };
         let default_act = match family {
-            Family::Gemma | Family::Starcoder2 => "gelu_pytorch_tanh",
+            Family::Gemma | Family::Gemma2 | Family::Gemma3 | Family::Starcoder2 => "gelu_pytorch_tanh",
             Family::Nemotron => "relu2",
             _ => "silu",
         };
@@ -196,16 +245,18 @@ impl ModelConfig {
         if family != Family::Nemotron && r.opt_bool("mlp_bias")? == Some(true) {
             return Err(Error::Unsupported(format!("{}: mlp_bias = true (MLP biases are not implemented)", path.display())));
         }
-        let qkv_bias = family == Family::Qwen2 || use_bias || r.opt_bool("attention_bias")? == Some(true);
+        // Qwen2MoeConfig: `qkv_bias` (default true).
+        let qwen2_moe_bias = family == Family::Qwen2Moe && r.opt_bool("qkv_bias")?.unwrap_or(true);
+        let qkv_bias = family == Family::Qwen2 || qwen2_moe_bias || use_bias || r.opt_bool("attention_bias")? == Some(true);
         let moe = match family {
-            Family::Mixtral | Family::Qwen3Moe => Some(r.moe(family, num_hidden_layers)?),
+            Family::Mixtral | Family::Qwen3Moe | Family::Qwen2Moe => Some(r.moe(family, num_hidden_layers)?),
             _ => None,
         };
         let dtype = match r.opt_str("dtype")? {
             Some(d) => Some(d.to_string()),
             None => r.opt_str("torch_dtype")?.map(str::to_string),
         };
-        let rope = r.rope(family)?;
+        let (rope, rope_local) = r.ropes(family)?;
         // HF `_compute_default_rope_parameters`: `dim = int(head_dim * partial_rotary_factor)`.
         let rotary_dim = (head_dim as f64 * rope.1) as usize;
         if rotary_dim == 0 || !rotary_dim.is_multiple_of(2) {
@@ -227,20 +278,45 @@ impl ModelConfig {
             head_dim,
             rms_norm_eps: rms_norm_eps as f32,
             rope: rope.0,
+            sliding_layers,
+            rope_layers: match family {
+                // Exaone4Attention: `if self.sliding_window is None or self.is_sliding` (the config's window).
+                Family::Exaone4 if sliding_window.is_some() => RopeLayers::Sliding,
+                Family::Gemma3 => RopeLayers::LocalOnSliding,
+                _ => RopeLayers::All,
+            },
+            rope_local,
+            attn_scale: r.attn_scale(family, head_dim)?,
+            attn_softcap: r.softcap(family, "attn_logit_softcapping", 50.0)?,
+            final_softcap: r.softcap(family, "final_logit_softcapping", 30.0)?,
+            logits_scaling: r.multiplier(family, "logits_scaling")?,
+            residual_multiplier: r.multiplier(family, "residual_multiplier")?,
+            embed_scale_in_dtype: family != Family::Granite,
+            norms: match family {
+                Family::Gemma2 | Family::Gemma3 => &GEMMA2_NORMS,
+                Family::Olmo2 | Family::Exaone4 => &POST_NORMS,
+                _ => &LLAMA_NORMS,
+            },
+            qk_norm_whole: family == Family::Olmo2,
             vocab_size,
             tie_word_embeddings: r
                 .opt_bool("tie_word_embeddings")?
-                .unwrap_or(matches!(family, Family::Gemma | Family::Starcoder2)),
+                .unwrap_or(family.gemma_like() || family == Family::Starcoder2),
             max_position_embeddings,
             sliding_window,
             dtype,
             qkv_bias,
             mlp_bias,
-            qk_norm: matches!(family, Family::Qwen3 | Family::Qwen3Moe),
-            norm_offset: matches!(family, Family::Gemma | Family::Nemotron),
+            qk_norm: matches!(family, Family::Qwen3 | Family::Qwen3Moe | Family::Gemma3 | Family::Olmo2 | Family::Exaone4),
+            norm_offset: family.gemma_like() || family == Family::Nemotron,
             layer_norm: matches!(family, Family::Starcoder2 | Family::Nemotron),
             // HF GemmaModel: `torch.tensor(hidden_size**0.5, dtype=...)`, a double rounded once.
-            embed_scale: (family == Family::Gemma).then(|| (hidden_size as f64).sqrt() as f32),
+            embed_scale: match family {
+                _ if family.gemma_like() => Some((hidden_size as f64).sqrt() as f32),
+                // GraniteModel: `inputs_embeds * self.embedding_multiplier`.
+                Family::Granite => r.multiplier(family, "embedding_multiplier")?,
+                _ => None,
+            },
             act,
             rotary_dim,
             modules: match family {
@@ -253,6 +329,54 @@ impl ModelConfig {
             raw,
         })
     }
+}
+
+/// Where the norms of a decoder layer sit, by their names inside the layer (`model.layers.{l}.<name>`).
+/// `attn_in` / `mlp_in` normalize the branch input (pre-norms), `attn_out` / `mlp_out` the
+/// branch output before the residual add (Gemma2/3 have all four, Olmo2 and Exaone4 only the
+/// output ones).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LayerNorms {
+    pub attn_in: Option<&'static str>,
+    pub attn_out: Option<&'static str>,
+    pub mlp_in: Option<&'static str>,
+    pub mlp_out: Option<&'static str>,
+}
+
+impl LayerNorms {
+    /// The norms a layer has, in `[attn_in, attn_out, mlp_in, mlp_out]` order (None where absent).
+    pub fn slots(&self) -> [Option<&'static str>; 4] {
+        [self.attn_in, self.attn_out, self.mlp_in, self.mlp_out]
+    }
+}
+
+/// HF `LlamaDecoderLayer`: `input_layernorm` before attention, `post_attention_layernorm` before the MLP.
+pub const LLAMA_NORMS: LayerNorms = LayerNorms {
+    attn_in: Some("input_layernorm"),
+    attn_out: None,
+    mlp_in: Some("post_attention_layernorm"),
+    mlp_out: None,
+};
+/// HF `Gemma2DecoderLayer` / `Gemma3DecoderLayer`: a norm on each side of both branches.
+pub const GEMMA2_NORMS: LayerNorms = LayerNorms {
+    attn_in: Some("input_layernorm"),
+    attn_out: Some("post_attention_layernorm"),
+    mlp_in: Some("pre_feedforward_layernorm"),
+    mlp_out: Some("post_feedforward_layernorm"),
+};
+/// HF `Olmo2DecoderLayer` / `Exaone4DecoderLayer`: the branches' outputs are normed, not their inputs.
+pub const POST_NORMS: LayerNorms =
+    LayerNorms { attn_in: None, attn_out: Some("post_attention_layernorm"), mlp_in: None, mlp_out: Some("post_feedforward_layernorm") };
+
+/// Which decoder layers apply RoPE, with which table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RopeLayers {
+    All,
+    /// Only the sliding layers (HF `Exaone4Attention`: with a `sliding_window`, the global
+    /// layers use no position embedding).
+    Sliding,
+    /// Every layer; sliding layers with the local table (Gemma3).
+    LocalOnSliding,
 }
 
 /// The supported architectures, for the defaults that differ between them.
@@ -268,9 +392,21 @@ enum Family {
     Nemotron,
     Mixtral,
     Qwen3Moe,
+    Gemma2,
+    Gemma3,
+    Granite,
+    Olmo2,
+    Exaone4,
+    Qwen2Moe,
 }
 
 impl Family {
+    /// Gemma's conventions: `1 + w` RMSNorms, tanh-GELU, embeddings times `sqrt(hidden)`,
+    /// tied embeddings by default.
+    fn gemma_like(self) -> bool {
+        matches!(self, Family::Gemma | Family::Gemma2 | Family::Gemma3)
+    }
+
     /// `arch` is one of `SUPPORTED_ARCHITECTURES` (checked by `Reader::architecture`).
     fn of(arch: &str) -> Family {
         match arch {
@@ -283,6 +419,12 @@ impl Family {
             "NemotronForCausalLM" => Family::Nemotron,
             "MixtralForCausalLM" => Family::Mixtral,
             "Qwen3MoeForCausalLM" => Family::Qwen3Moe,
+            "Gemma2ForCausalLM" => Family::Gemma2,
+            "Gemma3ForCausalLM" => Family::Gemma3,
+            "GraniteForCausalLM" => Family::Granite,
+            "Olmo2ForCausalLM" => Family::Olmo2,
+            "Exaone4ForCausalLM" => Family::Exaone4,
+            "Qwen2MoeForCausalLM" => Family::Qwen2Moe,
             _ => Family::Llama,
         }
     }
@@ -414,13 +556,107 @@ impl Reader<'_> {
         Ok(MoeConfig { block, expert_modules, num_experts, top_k, intermediate_size, norm_topk_prob, sparse })
     }
 
+    /// Per layer: whether it is a sliding-window layer. `layer_types` when given (every entry
+    /// "sliding_attention" or "full_attention"), else the config class's default pattern:
+    /// Gemma2 windows layers 0, 2, 4, ...; Gemma3 (`sliding_window_pattern`, default 6) and
+    /// Exaone4 (default 4; also a string like "LLLG", L = local) all but every pattern-th.
+    fn layer_types(&self, family: Family, layers: usize) -> Result<Vec<bool>> {
+        if let Some(v) = Self::value(self.json, "layer_types") {
+            let bad = || self.wrong_type("layer_types", "a list of \"sliding_attention\" / \"full_attention\"", v);
+            let list = v.as_array().ok_or_else(bad)?;
+            if list.len() != layers {
+                return Err(self.err(format!("layer_types has {} entries for {layers} layers", list.len())));
+            }
+            return list
+                .iter()
+                .map(|t| match t.as_str() {
+                    Some("sliding_attention") => Ok(true),
+                    Some("full_attention") => Ok(false),
+                    Some(other) => Err(Error::Unsupported(format!(
+                        "{}: layer type {other:?} (supported: \"sliding_attention\", \"full_attention\")",
+                        self.path.display()
+                    ))),
+                    None => Err(bad()),
+                })
+                .collect();
+        }
+        if family == Family::Gemma2 {
+            return Ok((0..layers).map(|l| l % 2 == 0).collect());
+        }
+        let key = ["sliding_window_pattern", "_sliding_window_pattern"].into_iter().find(|k| Self::value(self.json, k).is_some());
+        let pattern = key.and_then(|k| Self::value(self.json, k));
+        if let Some(text) = pattern.and_then(Json::as_str) {
+            if text.is_empty() || !text.chars().all(|c| c == 'L' || c == 'G') {
+                return Err(self.err(format!("sliding_window_pattern = {text:?} is not a string of L and G")));
+            }
+            let p: Vec<bool> = text.chars().map(|c| c == 'L').collect();
+            return Ok((0..layers).map(|l| p[l % p.len()]).collect());
+        }
+        let every = match key {
+            Some(k) => self.opt_dim(k)?.unwrap_or(1),
+            None if family == Family::Gemma3 => 6,
+            None => 4,
+        };
+        Ok((0..layers).map(|l| (l + 1) % every != 0).collect())
+    }
+
+    /// The attention's score scale (see `ModelConfig::attn_scale`), as the f32 torch multiplies by.
+    fn attn_scale(&self, family: Family, head_dim: usize) -> Result<f32> {
+        let scale = match family {
+            _ if family.gemma_like() && family != Family::Gemma => {
+                let s = self.opt_f64("query_pre_attn_scalar")?.unwrap_or(256.0);
+                if !(s > 0.0 && s.is_finite()) {
+                    return Err(self.err(format!("query_pre_attn_scalar = {s} must be positive")));
+                }
+                s.powf(-0.5)
+            }
+            Family::Granite => self.opt_f64("attention_multiplier")?.unwrap_or(1.0),
+            _ => (head_dim as f64).powf(-0.5),
+        };
+        if !(scale > 0.0 && scale.is_finite()) {
+            return Err(self.err(format!("attention scale {scale} must be positive")));
+        }
+        Ok(scale as f32)
+    }
+
+    /// Gemma2/3's soft cap `key` (Gemma2Config's default `gemma2_default`, Gemma3's none; null: none).
+    fn softcap(&self, family: Family, key: &str, gemma2_default: f64) -> Result<Option<f32>> {
+        let cap = match family {
+            Family::Gemma2 if self.json.get(key).is_none() => Some(gemma2_default),
+            // Gemma3Attention passes no softcap to its attention: only the final one applies.
+            Family::Gemma3 if key == "attn_logit_softcapping" => None,
+            Family::Gemma2 | Family::Gemma3 => self.opt_f64(key)?,
+            _ => None,
+        };
+        match cap {
+            Some(c) if !(c > 0.0 && c.is_finite()) => Err(self.err(format!("{key} = {c} must be positive"))),
+            c => Ok(c.map(|c| c as f32)),
+        }
+    }
+
+    /// Granite's multiplier `key` (GraniteConfig default 1); None for other families.
+    fn multiplier(&self, family: Family, key: &str) -> Result<Option<f32>> {
+        if family != Family::Granite {
+            return Ok(None);
+        }
+        let m = self.opt_f64(key)?.unwrap_or(1.0);
+        if !(m.is_finite() && m != 0.0) {
+            return Err(self.err(format!("{key} = {m} must be a finite, non-zero number")));
+        }
+        Ok(Some(m as f32))
+    }
+
     /// RoPE parameters in either spelling: transformers 5 puts everything in
     /// `rope_parameters {rope_theta, rope_type, ...}`; 4.x has a top-level `rope_theta` and an
     /// optional `rope_scaling {rope_type | type, ...}`. `rope_theta` defaults to 10000.
     /// Also returns `partial_rotary_factor` (in the parameters or top-level; default 1, and
     /// NemotronConfig's 0.5), which only Phi3 and Nemotron (whose `apply_rotary_pos_emb`
     /// rotates a leading slice of each head) may set below 1.
-    fn rope(&self, family: Family) -> Result<(RopeConfig, f64)> {
+    ///
+    /// Gemma3 has a second table for its sliding layers: transformers 5 nests both,
+    /// `rope_parameters {full_attention: {..}, sliding_attention: {..}}`; 4.x has the global
+    /// one top-level (`rope_theta` default 1e6) and `rope_local_base_freq` (default 1e4).
+    fn ropes(&self, family: Family) -> Result<((RopeConfig, f64), Option<RopeConfig>)> {
         let params = ["rope_parameters", "rope_scaling"]
             .into_iter()
             .find_map(|key| Self::value(self.json, key).map(|p| (key, p)));
@@ -430,9 +666,30 @@ impl Reader<'_> {
             }
         }
         let params = params.map(|(_, p)| p);
+        if family != Family::Gemma3 {
+            let default_theta = if family == Family::Mixtral { 1e6 } else { 10000.0 };
+            return Ok((self.rope_in(family, params, default_theta)?, None));
+        }
+        if let Some(p) = params.filter(|p| p.get("full_attention").is_some()) {
+            let global = self.rope_in(family, Self::value(p, "full_attention"), 1e6)?;
+            let local = self.rope_in(family, Self::value(p, "sliding_attention"), 1e4)?;
+            return Ok((global, Some(local.0)));
+        }
+        let theta = self.opt_f64("rope_local_base_freq")?.unwrap_or(1e4);
+        if !(theta > 0.0 && theta.is_finite()) {
+            return Err(self.err(format!("rope_local_base_freq = {theta} must be positive")));
+        }
+        Ok((self.rope_in(family, params, 1e6)?, Some(RopeConfig { theta, scaling: RopeScaling::Default })))
+    }
+
+    /// One RoPE table's parameters from `params` (or the top-level keys).
+    fn rope_in(&self, family: Family, params: Option<&Json>, default_theta: f64) -> Result<(RopeConfig, f64)> {
+        if let Some(p) = params.filter(|p| p.as_object().is_none()) {
+            return Err(self.wrong_type("rope_parameters", "an object", p));
+        }
         let theta = match params.map(|p| self.opt_f64_in(p, "rope_theta")).transpose()?.flatten() {
             Some(t) => t,
-            None => self.opt_f64("rope_theta")?.unwrap_or(if family == Family::Mixtral { 1e6 } else { 10000.0 }),
+            None => self.opt_f64("rope_theta")?.unwrap_or(default_theta),
         };
         if !(theta > 0.0 && theta.is_finite()) {
             return Err(self.err(format!("rope_theta = {theta} must be positive")));
@@ -593,12 +850,45 @@ pub const NEMOTRON_MODULES: &[Module] = &[
 impl ModelConfig {
     /// The RoPE table of this family's attention heads, for sequences of up to `max_positions` tokens.
     pub fn rope_table(&self, max_positions: usize) -> Rope {
-        Rope::partial(&self.rope, self.head_dim, self.rotary_dim, max_positions)
+        let rope = Rope::partial(&self.rope, self.head_dim, self.rotary_dim, max_positions);
+        match &self.rope_local {
+            Some(local) => rope.with_local(Rope::partial(local, self.head_dim, self.rotary_dim, max_positions)),
+            None => rope,
+        }
     }
 
     /// The family's norm (every norm of the model is of this kind).
     pub fn norm_kind(&self) -> NormKind {
         NormKind { layer_norm: self.layer_norm, offset: self.norm_offset, eps: self.rms_norm_eps }
+    }
+
+    /// ModelOpt's `PQS_FUSE_MODULE_MAPPING` covers this family's attention and MLP classes
+    /// (NVFP4_AWQ folds o_proj into v_proj and down_proj into up_proj, spec/export-formats.md
+    /// §2.7 point 3): the Llama-layout families rq-min had before Gemma2; not the newer ones.
+    pub fn modelopt_pqs_fuse(&self) -> bool {
+        const FAMILIES: [&str; 7] = [
+            "LlamaForCausalLM",
+            "MistralForCausalLM",
+            "Qwen2ForCausalLM",
+            "Qwen3ForCausalLM",
+            "GemmaForCausalLM",
+            "MixtralForCausalLM",
+            "Qwen3MoeForCausalLM",
+        ];
+        FAMILIES.contains(&self.architecture.as_str())
+    }
+
+    /// The q/k norms' kind: RMSNorm, `1 + w` in Gemma3.
+    pub fn qk_norm_kind(&self) -> NormKind {
+        NormKind { layer_norm: false, offset: self.norm_offset, eps: self.rms_norm_eps }
+    }
+
+    /// The width the q and k norm weights have: `head_dim`, or Olmo2's whole projections.
+    pub fn qk_norm_widths(&self) -> [usize; 2] {
+        match self.qk_norm_whole {
+            true => [self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim],
+            false => [self.head_dim; 2],
+        }
     }
 
     /// The MLP is `act(gate(x)) * up(x)` (else `act(up(x))`).
@@ -609,6 +899,41 @@ impl ModelConfig {
     /// The linears a layer of this family has, in forward order.
     pub fn linear_kinds(&self) -> Vec<LinearKind> {
         self.modules.iter().flat_map(|m| m.kinds.iter().copied()).collect()
+    }
+
+    /// The window of layer `l`'s attention: `sliding_window` on the layers `layer_types` marks
+    /// `sliding_attention` (Gemma2/3, Exaone4), on every layer for the families without it.
+    pub fn window(&self, l: usize) -> Option<usize> {
+        match &self.sliding_layers {
+            Some(sliding) if !sliding.get(l).copied().unwrap_or(false) => None,
+            _ => self.sliding_window,
+        }
+    }
+
+    /// Layer `l`'s attention: heads, scale, softcap and window (`Layer::forward` and its backward).
+    pub fn attention(&self, l: usize, flash_bf16: bool) -> Attention {
+        Attention {
+            n_heads: self.num_attention_heads,
+            n_kv_heads: self.num_key_value_heads,
+            head_dim: self.head_dim,
+            sliding_window: self.window(l),
+            scale: self.attn_scale,
+            softcap: self.attn_softcap,
+            // FlashAttention has no softcap in PyTorch's SDPA: HF runs such a model eagerly.
+            flash_bf16: flash_bf16 && self.attn_softcap.is_none(),
+        }
+    }
+
+    /// The RoPE table of layer `l` in `rope` (`rope_table`'s): None for a layer without RoPE
+    /// (Exaone4's global layers), the local table on Gemma3's sliding layers.
+    pub fn layer_rope<'r>(&self, l: usize, rope: &'r Rope) -> Option<&'r Rope> {
+        let sliding = self.sliding_layers.as_ref().is_some_and(|s| s.get(l).copied().unwrap_or(false));
+        match self.rope_layers {
+            RopeLayers::All => Some(rope),
+            RopeLayers::Sliding if !sliding => None,
+            RopeLayers::Sliding => Some(rope),
+            RopeLayers::LocalOnSliding => Some(if sliding { rope.local().unwrap_or(rope) } else { rope }),
+        }
     }
 
     /// The MoE config when layer `l` has an MoE block.

@@ -2,7 +2,7 @@
 //! `compute::Tensor`, the same for every dense family
 //! (the differences are fields of `ModelConfig`) and for MoE layers (src/model/moe.rs).
 
-use crate::compute::{Attention, Compute, NormKind, Rope, Tensor};
+use crate::compute::{Compute, NormKind, Rope, Tensor};
 use crate::model::config::{LayerModule, LinearKind, ModelConfig};
 use crate::model::hooks::Hooks;
 use crate::model::moe::MoeBlock;
@@ -10,24 +10,73 @@ use crate::model::moe::MoeBlock;
 /// One decoder layer's weights, f32 tensors on the backend the layer runs on.
 pub struct Layer {
     pub index: usize,
-    pub input_norm: Tensor, // [hidden]
-    /// LayerNorm bias (`cfg.layer_norm`), `[hidden]`.
-    pub input_norm_bias: Option<Tensor>,
-    pub post_norm: Tensor, // [hidden]
-    pub post_norm_bias: Option<Tensor>,
+    /// The norms of `cfg.norms.slots()` (`[attn_in, attn_out, mlp_in, mlp_out]`), where the
+    /// family has them.
+    pub norms: [Option<Norm>; 4],
     /// Indexed by `LinearKind as usize`, each `[out_features, in_features]` (empty for a
     /// linear the family does not have).
     pub(crate) linears: [Tensor; 7],
     /// Indexed like `linears`, each `[out_features]` (`{module}.bias`, where the checkpoint has one).
     pub(crate) biases: [Option<Tensor>; 7],
-    /// Qwen3's `self_attn.q_norm` and `k_norm` weights, `[head_dim]` each.
+    /// The `self_attn.q_norm` and `k_norm` weights: `[head_dim]` each (Qwen3, Gemma3, Exaone4),
+    /// or the whole projections' widths (Olmo2).
     pub(crate) qk_norm: Option<(Tensor, Tensor)>,
     /// The MoE block replacing the dense MLP (Mixtral, Qwen3-MoE sparse layers).
     pub(crate) moe: Option<MoeBlock>,
     pub(crate) compute: Compute,
 }
 
+/// A norm's weight and, for a LayerNorm, its bias (`[hidden]` each).
+pub struct Norm {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+/// Where a norm sits in `Layer::norms`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NormSlot {
+    AttnIn,
+    AttnOut,
+    MlpIn,
+    MlpOut,
+}
+
+impl Norm {
+    fn apply(&self, c: Compute, kind: NormKind, x: &Tensor) -> Tensor {
+        x.norm(c, kind, &self.weight, self.bias.as_ref())
+    }
+}
+
 impl Layer {
+    /// The norm in `slot`, when the family has one there.
+    pub fn norm(&self, slot: NormSlot) -> Option<&Norm> {
+        self.norms[slot as usize].as_ref()
+    }
+
+    /// `x` through the norm in `slot`, or `x` itself where there is none.
+    fn normed(&self, cfg: &ModelConfig, slot: NormSlot, x: &Tensor) -> Tensor {
+        match self.norm(slot) {
+            Some(n) => n.apply(self.compute, cfg.norm_kind(), x),
+            None => x.clone(),
+        }
+    }
+
+    /// `hidden += branch`, the branch first normed (`attn_out` / `mlp_out`) and multiplied by
+    /// `residual_multiplier` where the family does so (each a torch op: rounded).
+    fn residual_add(&self, cfg: &ModelConfig, slot: NormSlot, hidden: &mut Tensor, branch: Tensor) {
+        let c = self.compute;
+        let mut branch = match self.norm(slot) {
+            Some(n) => n.apply(c, cfg.norm_kind(), &branch),
+            None => branch,
+        };
+        if let Some(m) = cfg.residual_multiplier {
+            branch.scale_columns(&[m]);
+            branch.round(c);
+        }
+        hidden.add(&branch);
+        hidden.round(c);
+    }
+
     /// Runs this decoder layer over one sequence in place: `hidden` is `[seq, hidden_size]`.
     /// HF `LlamaDecoderLayer.forward`:
     /// ```text
@@ -40,37 +89,37 @@ impl Layer {
     /// plain MLP `down(act(up(x)))` (`Starcoder2DecoderLayer`, `NemotronDecoderLayer`), RoPE of
     /// the leading `rotary_dim` dims of each head (Nemotron), an MoE block instead of the MLP
     /// (Mixtral, Qwen3-MoE). Phi3's fused modules are split at load, so it runs as Llama.
+    /// Norms sit where `cfg.norms` puts them (Gemma2/3: also on both branch outputs; Olmo2,
+    /// Exaone4: only there, HF `Olmo2DecoderLayer`); the attention has the family's scale,
+    /// soft cap and per-layer window and RoPE (`cfg.attention`, `cfg.layer_rope`); Granite
+    /// multiplies each branch output by `residual_multiplier`.
     pub fn forward(&self, cfg: &ModelConfig, rope: &Rope, hidden: &mut Tensor, seq: usize, hooks: &mut dyn Hooks) {
         assert_eq!(hidden.len(), seq * cfg.hidden_size, "Layer::forward: hidden is not [seq, hidden_size]");
         let c = self.compute;
 
-        let x = hidden.norm(c, cfg.norm_kind(), &self.input_norm, self.input_norm_bias.as_ref());
+        let x = self.normed(cfg, NormSlot::AttnIn, hidden);
         let mut q = self.linear(cfg, LinearKind::Q, x.clone(), seq, hooks); // [seq, heads * hd]
         let mut k = self.linear(cfg, LinearKind::K, x.clone(), seq, hooks); // [seq, kv_heads * hd]
         let mut v = self.linear(cfg, LinearKind::V, x, seq, hooks); // [seq, kv_heads * hd]
         if let Some((q_norm, k_norm)) = &self.qk_norm {
-            // Qwen3RMSNorm is LlamaRMSNorm, over rows of head_dim.
-            let rms = NormKind { layer_norm: false, offset: false, eps: cfg.rms_norm_eps };
-            q = q.norm(c, rms, q_norm, None);
-            k = k.norm(c, rms, k_norm, None);
+            // Over rows of the weight's width: each head (Qwen3, Gemma3 with 1 + w, Exaone4)
+            // or the whole projection (Olmo2).
+            let kind = cfg.qk_norm_kind();
+            q = q.norm(c, kind, q_norm, None);
+            k = k.norm(c, kind, k_norm, None);
         }
-        q.rope(c, rope, seq, cfg.num_attention_heads);
-        k.rope(c, rope, seq, cfg.num_key_value_heads);
+        if let Some(rope) = cfg.layer_rope(self.index, rope) {
+            q.rope(c, rope, seq, cfg.num_attention_heads);
+            k.rope(c, rope, seq, cfg.num_key_value_heads);
+        }
         hooks.kv(self.index, &mut k, &mut v);
-        let attention = Attention {
-            n_heads: cfg.num_attention_heads,
-            n_kv_heads: cfg.num_key_value_heads,
-            head_dim: cfg.head_dim,
-            sliding_window: cfg.sliding_window,
-            flash_bf16: c == Compute::Bf16,
-        };
+        let attention = cfg.attention(self.index, c == Compute::Bf16);
         let mut attn = Tensor::attention(&attention, &q, &k, &v, seq); // [seq, heads * hd]
         attn.round(c);
         let o = self.linear(cfg, LinearKind::O, attn, seq, hooks);
-        hidden.add(&o);
-        hidden.round(c);
+        self.residual_add(cfg, NormSlot::AttnOut, hidden, o);
 
-        let x = hidden.norm(c, cfg.norm_kind(), &self.post_norm, self.post_norm_bias.as_ref());
+        let x = self.normed(cfg, NormSlot::MlpIn, hidden);
         let down = if let (Some(block), Some(moe)) = (&self.moe, &cfg.moe) {
             block.forward(cfg, moe, self.index, &x, seq, c, hooks)
         } else {
@@ -88,8 +137,7 @@ impl Layer {
             };
             self.linear(cfg, LinearKind::Down, mlp, seq, hooks)
         };
-        hidden.add(&down);
-        hidden.round(c);
+        self.residual_add(cfg, NormSlot::MlpOut, hidden, down);
     }
 
     /// `kind`'s output for input `x` (`[seq, in_features]`), after the input hook; the bias,

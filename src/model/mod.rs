@@ -24,7 +24,7 @@ pub mod weights;
 pub use config::{module_of, LayerModule, LinearKind, ModelConfig, Module, MoeConfig, LLAMA_MODULES};
 pub use head::Head;
 pub use hooks::{Hooks, NoHooks};
-pub use layer::Layer;
+pub use layer::{Layer, Norm, NormSlot};
 
 use crate::compute::{Compute, Device, Tensor};
 use crate::error::{Error, Result};
@@ -111,11 +111,12 @@ impl Model {
         };
         for l in (0..n).filter(|l| present.contains(l)) {
             let prefix = format!("model.layers.{l}");
-            check(&mut found, norm(&format!("{prefix}.input_layernorm")));
-            check(&mut found, norm(&format!("{prefix}.post_attention_layernorm")));
+            for name in cfg.norms.slots().into_iter().flatten() {
+                check(&mut found, norm(&format!("{prefix}.{name}")));
+            }
             if cfg.qk_norm {
-                for which in ["q_norm", "k_norm"] {
-                    check(&mut found, shape(&format!("{prefix}.self_attn.{which}.weight"), &[cfg.head_dim]));
+                for (which, width) in ["q_norm", "k_norm"].into_iter().zip(cfg.qk_norm_widths()) {
+                    check(&mut found, shape(&format!("{prefix}.self_attn.{which}.weight"), &[width]));
                 }
             }
             if let Some(moe) = cfg.moe_layer(l) {
@@ -170,7 +171,8 @@ impl Model {
             out.extend_from_slice(&values);
         }
         if let Some(scale) = self.config.embed_scale {
-            let scale = if self.compute == Compute::Bf16 { crate::numerics::round_bf16(scale) } else { scale };
+            let in_dtype = self.compute == Compute::Bf16 && self.config.embed_scale_in_dtype;
+            let scale = if in_dtype { crate::numerics::round_bf16(scale) } else { scale };
             out.iter_mut().for_each(|v| *v *= scale);
             self.compute.round(&mut out);
         }
@@ -211,8 +213,13 @@ impl Model {
             ));
         }
         let prefix = format!("model.layers.{i}");
-        let (input_norm, input_norm_bias) = self.load_norm(&format!("{prefix}.input_layernorm"))?;
-        let (post_norm, post_norm_bias) = self.load_norm(&format!("{prefix}.post_attention_layernorm"))?;
+        let mut norms: [Option<Norm>; 4] = Default::default();
+        for (slot, name) in norms.iter_mut().zip(cfg.norms.slots()) {
+            if let Some(name) = name {
+                let (weight, bias) = self.load_norm(&format!("{prefix}.{name}"))?;
+                *slot = Some(Norm { weight, bias });
+            }
+        }
         // An MoE layer has no dense MLP: its gate/up/down slots stay empty.
         let moe = match &cfg.moe {
             Some(m) if m.is_sparse(i) => Some(self.load_moe(m, i)?),
@@ -241,18 +248,16 @@ impl Model {
             }
         }
         let qk_norm = if cfg.qk_norm {
-            let norm = |which: &str| self.load(&format!("{prefix}.self_attn.{which}.weight"), &[cfg.head_dim]);
-            Some((Tensor::on(norm("q_norm")?, self.device), Tensor::on(norm("k_norm")?, self.device)))
+            let [q, k] = cfg.qk_norm_widths();
+            let norm = |which: &str, width| self.load(&format!("{prefix}.self_attn.{which}.weight"), &[width]);
+            Some((Tensor::on(norm("q_norm", q)?, self.device), Tensor::on(norm("k_norm", k)?, self.device)))
         } else {
             None
         };
         crate::compute::take_device_error()?;
         Ok(Layer {
             index: i,
-            input_norm,
-            input_norm_bias,
-            post_norm,
-            post_norm_bias,
+            norms,
             linears,
             biases,
             qk_norm,

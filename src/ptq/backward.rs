@@ -21,10 +21,11 @@
 //! `[out, in]` with `y = x·Wᵀ + b`, so the input gradient is `dx = dy·W` (the bias does not
 //! enter it).
 
-use crate::compute::{Attention, Compute, NormKind, Rope, Tensor};
+use crate::compute::{Attention, Compute, Rope, Tensor};
 use crate::model::config::{Activation, ModelConfig, MoeConfig};
 use crate::model::moe::MoeBlock;
-use crate::model::{Head, Layer, LinearKind};
+use crate::model::head::finish_logits;
+use crate::model::{Head, Layer, LinearKind, NormSlot};
 
 /// Memory for one block of logits (and their gradient, in place) in [`head_backward`]; blocks
 /// are as tall as this allows, up to `HEAD_MAX_ROWS` positions (as in `Head::nll`).
@@ -103,59 +104,102 @@ impl<'a> LayerGrad<'a> {
     /// `seq` positions (caller bugs).
     pub fn backward(&self, h_in: &Tensor, seq: usize, dh_out: &Tensor, each: &mut EachLinear) -> Tensor {
         let (layer, cfg, rope) = (self.layer, self.cfg, self.rope);
-        let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+        let h = cfg.hidden_size;
         let (n_heads, n_kv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         assert_eq!(h_in.len(), seq * h, "layer backward: h_in is not [seq, hidden_size]");
         assert_eq!(dh_out.len(), seq * h, "layer backward: dh_out is not [seq, hidden_size]");
         let f32 = Compute::F32;
-        let rms = NormKind { layer_norm: false, offset: false, eps };
+        let (qk_kind, norm_kind) = (cfg.qk_norm_kind(), cfg.norm_kind());
+        let normed = |slot: NormSlot, x: &Tensor| match layer.norm(slot) {
+            Some(n) => x.norm(f32, norm_kind, &n.weight, n.bias.as_ref()),
+            None => x.clone(),
+        };
+        // dL/dx of `normed(slot, x)` given dL/d(output) `dy`, added to `acc`.
+        let normed_backward_add = |slot: NormSlot, acc: &mut Tensor, x: &Tensor, dy: &Tensor| match layer.norm(slot) {
+            Some(n) => acc.norm_backward_add(norm_kind, x, &n.weight, dy),
+            None => acc.add(dy),
+        };
+        // A branch output's gradient from the residual's: × residual_multiplier (Granite).
+        let branch_grad = |dh: &Tensor| {
+            let mut d = dh.clone();
+            if let Some(m) = cfg.residual_multiplier {
+                d.scale_columns(&[m]);
+            }
+            d
+        };
+        let zeros = |like: &Tensor| Tensor::on(vec![0f32; like.len()], like.device());
 
         // Attention forward, f32.
-        let x1 = h_in.norm(f32, cfg.norm_kind(), &layer.input_norm, layer.input_norm_bias.as_ref());
+        let x1 = normed(NormSlot::AttnIn, h_in);
         let mut q = self.dense(LinearKind::Q).forward(&x1, seq);
         let mut k = self.dense(LinearKind::K).forward(&x1, seq);
         let v = self.dense(LinearKind::V).forward(&x1, seq);
         // Qwen3: the q/k projections before their per-head RMSNorm.
         let qk_pre = layer.qk_norm().map(|(wq, wk)| {
             let pre = (q.clone(), k.clone());
-            q = pre.0.norm(f32, rms, wq, None);
-            k = pre.1.norm(f32, rms, wk, None);
+            q = pre.0.norm(f32, qk_kind, wq, None);
+            k = pre.1.norm(f32, qk_kind, wk, None);
             pre
         });
-        q.rope(f32, rope, seq, n_heads);
-        k.rope(f32, rope, seq, n_kv);
-        let attention = Attention { n_heads, n_kv_heads: n_kv, head_dim: cfg.head_dim, sliding_window: cfg.sliding_window, flash_bf16: false };
+        let layer_rope = cfg.layer_rope(layer.index, rope);
+        if let Some(rope) = layer_rope {
+            q.rope(f32, rope, seq, n_heads);
+            k.rope(f32, rope, seq, n_kv);
+        }
+        let attention = cfg.attention(layer.index, false);
         let attn = Tensor::attention(&attention, &q, &k, &v, seq);
-        let mut h_mid = self.dense(LinearKind::O).forward(&attn, seq);
+        let o = self.dense(LinearKind::O).forward(&attn, seq);
+        let mut h_mid = normed(NormSlot::AttnOut, &o);
+        if let Some(m) = cfg.residual_multiplier {
+            h_mid.scale_columns(&[m]);
+        }
         h_mid.add(h_in);
 
         // MLP.
-        let x2 = h_mid.norm(f32, cfg.norm_kind(), &layer.post_norm, layer.post_norm_bias.as_ref());
+        let x2 = normed(NormSlot::MlpIn, &h_mid);
+        let mut d_mlp = branch_grad(dh_out);
+        if let Some(n) = layer.norm(NormSlot::MlpOut) {
+            // A normed MLP output (Gemma2/3, Olmo2, Exaone4): its gradient goes through the norm.
+            let y = self.dense_mlp_forward(&x2, seq);
+            let mut d = zeros(&y);
+            d.norm_backward_add(norm_kind, &y, &n.weight, &d_mlp);
+            d_mlp = d;
+        }
         let dx2 = match (layer.moe(), cfg.moe_layer(layer.index)) {
-            (Some(block), Some(moe)) => self.moe_backward(block, moe, &x2, seq, dh_out, each),
+            (Some(block), Some(moe)) => self.moe_backward(block, moe, &x2, seq, &d_mlp, each),
             _ => {
                 let gate = cfg.gated_mlp().then(|| self.dense(LinearKind::Gate));
                 let (up, down) = (self.dense(LinearKind::Up), self.dense(LinearKind::Down));
-                mlp_backward(gate.as_ref(), &up, &down, cfg.act, &x2, seq, dh_out, &mut |kind, x, dy| each(kind, None, x, dy)).0
+                mlp_backward(gate.as_ref(), &up, &down, cfg.act, &x2, seq, &d_mlp, &mut |kind, x, dy| each(kind, None, x, dy)).0
             }
         };
-        drop(x2);
+        drop((x2, d_mlp));
         let mut dh_mid = dh_out.clone();
-        dh_mid.norm_backward_add(cfg.norm_kind(), &h_mid, &layer.post_norm, &dx2);
+        normed_backward_add(NormSlot::MlpIn, &mut dh_mid, &h_mid, &dx2);
         drop((dx2, h_mid));
 
         // Attention backward.
-        each(LinearKind::O, None, &attn, &dh_mid);
-        let d_attn = self.dense(LinearKind::O).input_grad(&dh_mid, seq);
+        let mut dy_o = branch_grad(&dh_mid);
+        if let Some(n) = layer.norm(NormSlot::AttnOut) {
+            let mut d = zeros(&o);
+            d.norm_backward_add(norm_kind, &o, &n.weight, &dy_o);
+            dy_o = d;
+        }
+        drop(o);
+        each(LinearKind::O, None, &attn, &dy_o);
+        let d_attn = self.dense(LinearKind::O).input_grad(&dy_o, seq);
+        drop(dy_o);
         drop(attn);
         let [mut dy_q, mut dy_k, dy_v] = attention_backward(&attention, &q, &k, &v, &d_attn, seq);
         drop((q, k, v, d_attn));
-        rope_transpose(rope, &mut dy_q, seq, n_heads, cfg.head_dim, cfg.rotary_dim);
-        rope_transpose(rope, &mut dy_k, seq, n_kv, cfg.head_dim, cfg.rotary_dim);
+        if let Some(rope) = layer_rope {
+            rope_transpose(rope, &mut dy_q, seq, n_heads, cfg.head_dim, cfg.rotary_dim);
+            rope_transpose(rope, &mut dy_k, seq, n_kv, cfg.head_dim, cfg.rotary_dim);
+        }
         if let (Some((q_pre, k_pre)), Some((wq, wk))) = (qk_pre, layer.qk_norm()) {
             for (pre, w, dy) in [(&q_pre, wq, &mut dy_q), (&k_pre, wk, &mut dy_k)] {
-                let mut d = Tensor::on(vec![0f32; dy.len()], dy.device());
-                d.norm_backward_add(rms, pre, w, dy);
+                let mut d = zeros(dy);
+                d.norm_backward_add(qk_kind, pre, w, dy);
                 *dy = d;
             }
         }
@@ -166,8 +210,24 @@ impl<'a> LayerGrad<'a> {
         dx1.add(&self.dense(LinearKind::K).input_grad(&dy_k, seq));
         dx1.add(&self.dense(LinearKind::V).input_grad(&dy_v, seq));
         let mut dh_in = dh_mid;
-        dh_in.norm_backward_add(cfg.norm_kind(), h_in, &layer.input_norm, &dx1);
+        normed_backward_add(NormSlot::AttnIn, &mut dh_in, h_in, &dx1);
         dh_in
+    }
+
+    /// A dense MLP's output on `x` (`[rows, hidden]`), f32: `down(act(gate(x)) ⊙ up(x))` or
+    /// `down(act(up(x)))`, biases included.
+    fn dense_mlp_forward(&self, x: &Tensor, rows: usize) -> Tensor {
+        let up = self.dense(LinearKind::Up).forward(x, rows);
+        let m = if self.cfg.gated_mlp() {
+            let mut gate = self.dense(LinearKind::Gate).forward(x, rows);
+            gate.gated_mul(Compute::F32, self.cfg.act, &up);
+            gate
+        } else {
+            let mut up = up;
+            up.activate(self.cfg.act);
+            up
+        };
+        self.dense(LinearKind::Down).forward(&m, rows)
     }
 
     /// Backward of an MoE block (`MoeBlock::forward`, f32) on its normed input x (`[seq, hidden]`),
@@ -364,7 +424,15 @@ pub fn head_backward(head: &Head, hidden: &Tensor, ids: &[u32], each_head: &mut 
         let rows = block.min(scored - t0);
         let x = normed.rows(t0..t0 + rows, h);
         let mut z = x.matmul_bt(w_head, rows, h, vocab);
+        // Granite: the logits are z / logits_scaling, so dL/dz is their gradient / logits_scaling.
+        let divisor = head.config().logits_scaling;
+        if divisor.is_some() {
+            z.map_host(|v| finish_logits(Compute::F32, v, divisor, None));
+        }
         loss += z.xent_grad_rows(vocab, &ids[t0 + 1..t0 + rows + 1], inv_n as f32).iter().sum::<f64>();
+        if let Some(d) = divisor {
+            z.scale_columns(&[1.0 / d]);
+        }
         each_head(&x, &z);
         // dL/dx = dL/dz · W_head, a chunk of vocabulary rows at a time:
         // dx += dz[:, c] · W_head[c, :] with W_head[c, :] transposed.

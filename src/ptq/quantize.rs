@@ -16,7 +16,7 @@
 use crate::error::{Error, Result};
 use crate::export::unified::Output;
 use crate::model::config::{row_fold, RowFold};
-use crate::model::{module_of, Hooks, LayerModule, Layer, LinearKind, Model, LLAMA_MODULES};
+use crate::model::{module_of, Hooks, LayerModule, Layer, LinearKind, Model, NormSlot};
 use crate::compute::{Device, DeviceTwin, Rope, Tensor};
 use crate::ptq::progress::Progress;
 use crate::quant::awq::{self, ActMean, LiteSearch};
@@ -448,7 +448,11 @@ fn foldable(
 ) -> bool {
     let m = &modules[k];
     let reads = |x: &LayerModule, group: &[LinearKind]| x.kinds.iter().any(|k| group.contains(k));
-    if let Some(group) = NORM_GROUPS.iter().find(|g| reads(m, g)) {
+    if let Some(g) = NORM_GROUPS.iter().position(|g| reads(m, g)) {
+        let (group, slot) = (NORM_GROUPS[g], [NormSlot::AttnIn, NormSlot::MlpIn][g]);
+        if layer.norm(slot).is_none() {
+            return false; // no norm in front to take the scale (Olmo2, Exaone4)
+        }
         let mut readers = modules.iter().zip(formats).filter(|(x, _)| x.expert.is_none() && reads(x, group));
         return m.expert.is_none() && readers.all(|(_, f)| *f == formats[k]);
     }
@@ -544,11 +548,9 @@ fn emit_layer(
     let cfg = &model.config;
     // The norms on the host: AWQ folds scales into them.
     let host = |t: &Tensor| t.to_host().into_owned();
-    let (original_input_norm, original_post_norm) = (host(&layer.input_norm), host(&layer.post_norm));
-    let original_input_norm_bias = layer.input_norm_bias.as_ref().map(host);
-    let original_post_norm_bias = layer.post_norm_bias.as_ref().map(host);
-    let (mut input_norm, mut post_norm) = (original_input_norm.clone(), original_post_norm.clone());
-    let (mut input_norm_bias, mut post_norm_bias) = (original_input_norm_bias.clone(), original_post_norm_bias.clone());
+    // Per slot of `cfg.norms`: (weight, bias) where the family has that norm.
+    let original_norms = layer.norms.each_ref().map(|n| n.as_ref().map(|n| (host(&n.weight), n.bias.as_ref().map(host))));
+    let mut norms = original_norms.clone();
     let find = |ls: &[Linear], k: LinearKind| ls.iter().position(|x| x.expert.is_none() && x.kinds.contains(&k));
 
     // 1. A consumer's scale into its producer's output rows (`row_fold`): in compressed-tensors
@@ -563,7 +565,7 @@ fn emit_layer(
             continue;
         };
         let nvfp4_awq = [c, p].iter().all(|&i| linears[i].format == QFormat::Nvfp4Awq);
-        let modelopt = nvfp4_awq && cfg.modules == LLAMA_MODULES && modules[k].expert.is_none();
+        let modelopt = nvfp4_awq && cfg.modelopt_pqs_fuse() && modules[k].expert.is_none();
         if !(modelopt || opts.compressed_tensors) || fold_biased(&fold, &modules, layer) {
             continue;
         }
@@ -579,10 +581,8 @@ fn emit_layer(
     //    and per-tensor weight amax (max); AWQ formats fold the shared scale into the norm
     //    (weight and bias, §2.7 point 2), also when one module alone reads it (Phi3's fused
     //    modules, Starcoder2's c_fc, Nemotron's up_proj).
-    for (members, norm, norm_bias) in [
-        (NORM_GROUPS[0], &mut input_norm, &mut input_norm_bias),
-        (NORM_GROUPS[1], &mut post_norm, &mut post_norm_bias),
-    ] {
+    //    Without a norm in front (Olmo2, Exaone4) the shared scale stays a `pre_quant_scale`.
+    for (members, slot) in [(NORM_GROUPS[0], NormSlot::AttnIn), (NORM_GROUPS[1], NormSlot::MlpIn)] {
         let mut idx: Vec<usize> = members.iter().filter_map(|&k| find(&linears, k)).collect();
         idx.dedup();
         let Some(format) = idx.first().map(|&i| linears[i].format) else { continue };
@@ -601,14 +601,17 @@ fn emit_layer(
                     parts.iter_mut().map(|x| { let p = x.pqs.take().unwrap_or_default(); (&mut x.weight, p) }).collect();
                 smoothquant::resmooth_group(&mut refs, inp, dtype)
             };
-            let fold = format.awq() || opts.compressed_tensors;
-            if fold && cfg.norm_offset {
-                awq::fold_into_norm_plus_one(norm, &p_avg, dtype); // GemmaRMSNorm, LayerNorm1P: 1 + w
-            } else if fold {
-                awq::fold_into_norm(norm, &p_avg, dtype);
-            }
-            if let (true, Some(b)) = (fold, norm_bias.as_mut()) {
-                awq::fold_into_norm(b, &p_avg, dtype); // LayerNorm bias: b · s
+            let norm = norms[slot as usize].as_mut().filter(|_| format.awq() || opts.compressed_tensors);
+            let fold = norm.is_some();
+            if let Some((weight, bias)) = norm {
+                if cfg.norm_offset {
+                    awq::fold_into_norm_plus_one(weight, &p_avg, dtype); // GemmaRMSNorm, LayerNorm1P: 1 + w
+                } else {
+                    awq::fold_into_norm(weight, &p_avg, dtype);
+                }
+                if let Some(b) = bias {
+                    awq::fold_into_norm(b, &p_avg, dtype); // LayerNorm bias: b · s
+                }
             }
             if !fold {
                 parts.iter_mut().for_each(|x| x.pqs = Some(p_avg.clone()));
@@ -634,12 +637,14 @@ fn emit_layer(
         written.push(name);
         Ok(())
     };
-    for (name, norm, original) in [
-        ("input_layernorm.weight", Some(&input_norm), Some(&original_input_norm)),
-        ("post_attention_layernorm.weight", Some(&post_norm), Some(&original_post_norm)),
-        ("input_layernorm.bias", input_norm_bias.as_ref(), original_input_norm_bias.as_ref()),
-        ("post_attention_layernorm.bias", post_norm_bias.as_ref(), original_post_norm_bias.as_ref()),
-    ] {
+    let norm_tensors = cfg.norms.slots().into_iter().zip(norms.iter().zip(&original_norms)).filter_map(|(name, n)| match n {
+        (Some(n), Some(o)) => Some((name?, n, o)),
+        _ => None,
+    });
+    let norm_tensors = norm_tensors.flat_map(|(name, (w, b), (ow, ob))| {
+        [(format!("{name}.weight"), Some(w), Some(ow)), (format!("{name}.bias"), b.as_ref(), ob.as_ref())]
+    });
+    for (name, norm, original) in norm_tensors {
         let (Some(norm), Some(original)) = (norm, original) else { continue };
         let full = format!("{prefix}.{name}");
         let t = model.tensor(&full)?;

@@ -1,7 +1,9 @@
 //! Causal grouped-query attention over one sequence, HF `eager_attention_forward`
 //! (models/llama/modeling_llama.py) with the causal mask of `masking_utils.py`:
 //! ```text
-//! scores = q @ k.T * head_dim ** -0.5        (k, v repeated over n_heads / n_kv_heads)
+//! scores = q @ k.T * scale                   (k, v repeated over n_heads / n_kv_heads; scale = head_dim ** -0.5
+//!                                              unless the family sets it)
+//! scores = tanh(scores / softcap) * softcap    (Gemma2's attn_logit_softcapping, when set)
 //! scores masked where kv_idx > q_idx, and where kv_idx <= q_idx - sliding_window (Mistral)
 //! out = softmax(scores, dim=-1, dtype=float32) @ v
 //! ```
@@ -31,12 +33,22 @@ pub struct Attention {
     pub head_dim: usize,
     /// Mistral's `sliding_window`: a query sees itself and the `w - 1` keys before it.
     pub sliding_window: Option<usize>,
+    /// The score scale (`head_dim^-0.5` for most families: [`Attention::default_scale`]).
+    pub scale: f32,
+    /// Gemma2's `attn_logit_softcapping`: scaled scores become `tanh(s / c) · c`. Not with `flash_bf16`.
+    pub softcap: Option<f32>,
     /// Round the probabilities to bf16 as FlashAttention-2 does on a bf16 model
     /// ([`softmax_visible_flash_bf16`]); false: plain f32 softmax.
     pub flash_bf16: bool,
 }
 
 impl Attention {
+    /// `head_dim ** -0.5` as HF's `self.scaling` is used on an f32 tensor: computed in f64,
+    /// rounded to f32.
+    pub fn default_scale(head_dim: usize) -> f32 {
+        (head_dim as f64).powf(-0.5) as f32
+    }
+
     /// `q` is `[seq, n_heads * head_dim]`, `k` and `v` are `[seq, n_kv_heads * head_dim]`,
     /// already rotated; writes `out` = `[seq, n_heads * head_dim]`.
     pub fn forward(&self, q: &[f32], k: &[f32], v: &[f32], seq: usize, out: &mut [f32]) {
@@ -90,7 +102,7 @@ impl Block<'_> {
         let hd = a.head_dim;
         let (q_width, kv_width) = (a.n_heads * hd, a.n_kv_heads * hd);
         let group = a.n_heads / a.n_kv_heads; // query heads per kv head (HF `repeat_kv`)
-        let scale = (hd as f64).powf(-0.5) as f32;
+        let scale = a.scale;
         let (t0, rows) = (self.t0, out.len() / q_width);
         // Keys first..=t are visible from row t; the block needs keys lo..end.
         let first = |t: usize| a.sliding_window.map_or(0, |w| (t + 1).saturating_sub(w));
@@ -114,7 +126,7 @@ impl Block<'_> {
                 if a.flash_bf16 {
                     softmax_visible_flash_bf16(row, lo, first(t) - lo, t - lo, scale);
                 } else {
-                    softmax_visible(row, first(t) - lo, t - lo, scale);
+                    softmax_visible(row, first(t) - lo, t - lo, scale, a.softcap);
                 }
             }
             // O_h = P · V_g: [rows, hd], into columns h·hd.. of out.
@@ -132,12 +144,17 @@ impl Block<'_> {
 }
 
 /// `row[from..=to] = softmax(row[from..=to] · scale)` in f32 with the maximum subtracted
-/// (torch `softmax(dtype=float32)`); every other entry becomes 0.
-pub(crate) fn softmax_visible(row: &mut [f32], from: usize, to: usize, scale: f32) {
+/// (torch `softmax(dtype=float32)`), the scaled scores soft-capped first when `softcap` is set
+/// (HF Gemma2 `eager_attention_forward`: `s / c`, `tanh`, `· c`, three f32 ops); every other
+/// entry becomes 0.
+pub(crate) fn softmax_visible(row: &mut [f32], from: usize, to: usize, scale: f32, softcap: Option<f32>) {
     let visible = &mut row[from..=to];
     let mut max = f32::NEG_INFINITY;
     for s in visible.iter_mut() {
         *s *= scale;
+        if let Some(c) = softcap {
+            *s = (*s / c).tanh() * c;
+        }
         max = max.max(*s);
     }
     let mut sum = 0f32;

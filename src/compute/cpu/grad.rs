@@ -94,7 +94,7 @@ pub fn softmax_rows(p: &mut [f32], n_keys: usize, t0: usize, lo: usize, window: 
         let t = t0 + r;
         let first = window.map_or(0, |w| (t + 1).saturating_sub(w));
         assert!(first >= lo && t < lo + n_keys, "softmax_rows: query {t} sees keys outside {lo}..{}", lo + n_keys);
-        softmax_visible(row, first - lo, t - lo, scale);
+        softmax_visible(row, first - lo, t - lo, scale, None);
     }
 }
 

@@ -434,7 +434,7 @@ impl Tensor {
             (Storage::Cuda(qb), Storage::Cuda(kb), Storage::Cuda(vb)) => {
                 let a = attention;
                 return dev::output(qb.len(), |o| {
-                    cuda::attention(qb, kb, vb, seq, a.n_heads, a.n_kv_heads, a.head_dim, a.sliding_window, a.flash_bf16, o)
+                    cuda::attention(qb, kb, vb, seq, a, o)
                 });
             }
             #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
