@@ -346,8 +346,8 @@ fn rope_matches_cpu() {
 
 // ---- attention -------------------------------------------------------------------------------------
 
-/// (seq, n_heads, n_kv_heads, head_dim, sliding_window)
-type AttentionShape = (usize, usize, usize, usize, Option<usize>);
+/// (seq, n_heads, n_kv_heads, head_dim, sliding_window, (scale, softcap) when not the default)
+type AttentionShape = (usize, usize, usize, usize, Option<usize>, Option<(f32, Option<f32>)>);
 
 /// The device attention against `cpu::Attention::forward` (the same `flash_bf16`) on random
 /// data of each shape, without NaN and with a NaN in q, k or v; `bound(seq)` is the error bound
@@ -361,11 +361,12 @@ fn attention_cases(
     bound: impl Fn(usize) -> (f64, &'static str),
 ) -> (usize, usize, usize) {
     let (mut total, mut equal, mut one_block_differ) = (0, 0, 0);
-    for &(seq, nh, nkv, hd, window) in shapes {
+    for &(seq, nh, nkv, hd, window, scaling) in shapes {
+        let (scale, softcap) = scaling.unwrap_or((Attention::default_scale(hd), None));
         let q = normals(rng, seq * nh * hd, 1.5);
         let k = normals(rng, seq * nkv * hd, 1.5);
         let v = normals(rng, seq * nkv * hd, 1.0);
-        let attn = Attention { n_heads: nh, n_kv_heads: nkv, head_dim: hd, sliding_window: window, flash_bf16 };
+        let attn = Attention { n_heads: nh, n_kv_heads: nkv, head_dim: hd, sliding_window: window, scale, softcap, flash_bf16 };
         let first = |row: usize| window.map_or(0, |w| (row + 1).saturating_sub(w));
         for nan in [None, Some('q'), Some('k'), Some('v')] {
             let (mut q, mut k, mut v) = (q.clone(), k.clone(), v.clone());
@@ -397,7 +398,7 @@ fn attention_cases(
                 }
             }
             let mut out = poisoned(q.len());
-            cuda::attention(&dev(&q), &dev(&k), &dev(&v), seq, nh, nkv, hd, window, flash_bf16, &mut out).unwrap();
+            cuda::attention(&dev(&q), &dev(&k), &dev(&v), seq, &attn, &mut out).unwrap();
             // Scale: max |v| of the output's (kv head, dim) column over the sequence (the
             // output is a convex combination of those values).
             let g_of = |i: usize| (i % (nh * hd)) / hd / (nh / nkv);
@@ -408,7 +409,7 @@ fn attention_cases(
                 })
                 .collect();
             let shape = format!(
-                "seq={seq} heads={nh}/{nkv} hd={hd} window={window:?}{}",
+                "seq={seq} heads={nh}/{nkv} hd={hd} window={window:?} scale={scale} softcap={softcap:?}{}",
                 nan.map_or(String::new(), |c| format!(" NaN in {c}"))
             );
             let got = out.to_vec().unwrap();
@@ -440,16 +441,21 @@ fn attention_matches_cpu() {
     // does not fill, odd head_dim, head_dim > 128 (the 16-key kernel), windows of 1 and of more
     // than the sequence.
     let shapes = [
-        (1, 1, 1, 8, None),
-        (3, 2, 2, 5, None),
-        (5, 4, 1, 16, Some(2)),
-        (37, 4, 2, 64, None),
-        (37, 4, 2, 64, Some(5)),
-        (40, 2, 1, 160, Some(17)),
-        (33, 3, 3, 32, Some(1)),
-        (20, 2, 1, 24, Some(100)),
-        (130, 4, 2, 128, None),
-        (130, 2, 2, 128, Some(50)),
+        (1, 1, 1, 8, None, None),
+        (3, 2, 2, 5, None, None),
+        (5, 4, 1, 16, Some(2), None),
+        (37, 4, 2, 64, None, None),
+        (37, 4, 2, 64, Some(5), None),
+        (40, 2, 1, 160, Some(17), None),
+        (33, 3, 3, 32, Some(1), None),
+        (20, 2, 1, 24, Some(100), None),
+        (130, 4, 2, 128, None, None),
+        (130, 2, 2, 128, Some(50), None),
+        // A free scale with a soft cap (Gemma2: tanh(s / c) · c on the scaled scores), and a
+        // free scale alone (Granite's attention_multiplier).
+        (37, 4, 2, 64, Some(8), Some((0.125, Some(0.5)))),
+        (130, 2, 1, 160, None, Some((0.0625, Some(3.0)))),
+        (40, 4, 2, 32, None, Some((0.03125, None))),
     ];
     // The kernel repeats the CPU's operations in the CPU's order (exp_nonpositive for exp):
     // bit-identical, on the emulator and on a GPU.
@@ -471,13 +477,13 @@ fn attention_flash_bf16_matches_cpu() {
     // Several 128-key blocks (seq > 128), windows that start blocks mid-way, GQA, odd head_dim,
     // head_dim > 128 (16-key tiles), a window of 1, one row.
     let shapes = [
-        (1, 1, 1, 8, None),
-        (37, 4, 2, 64, None),
-        (200, 4, 2, 64, None),
-        (300, 6, 2, 33, Some(150)),
-        (260, 2, 1, 160, Some(100)),
-        (129, 2, 2, 128, Some(1)),
-        (300, 4, 1, 16, Some(200)),
+        (1, 1, 1, 8, None, None),
+        (37, 4, 2, 64, None, None),
+        (200, 4, 2, 64, None, None),
+        (300, 6, 2, 33, Some(150), None),
+        (260, 2, 1, 160, Some(100), None),
+        (129, 2, 2, 128, Some(1), None),
+        (300, 4, 1, 16, Some(200), None),
     ];
     let emu = cfg!(feature = "cuda-emu");
     let bound = |seq: usize| {
@@ -674,8 +680,19 @@ fn wrong_shapes_are_usage_errors() {
     assert!(cuda::matmul_bt(&a, &b, 3, 2, 3, &mut out).is_err(), "w is not 3x2");
     assert!(cuda::matmul_bt(&a, &b, 3, 2, 2, &mut out).is_ok(), "3x2 · (2x2)ᵀ");
     let mut out4 = poisoned(4);
-    assert!(cuda::attention(&b, &b, &b, 2, 2, 1, 1, Some(0), false, &mut out4).is_err(), "a window of 0");
-    assert!(cuda::attention(&b, &b, &b, 1, 3, 2, 1, None, true, &mut out4).is_err(), "3 heads over 2 kv heads");
+    let attn = |n_heads, n_kv_heads, sliding_window, softcap, flash_bf16| Attention {
+        n_heads,
+        n_kv_heads,
+        head_dim: 1,
+        sliding_window,
+        scale: 1.0,
+        softcap,
+        flash_bf16,
+    };
+    assert!(cuda::attention(&b, &b, &b, 2, &attn(2, 1, Some(0), None, false), &mut out4).is_err(), "a window of 0");
+    assert!(cuda::attention(&b, &b, &b, 1, &attn(3, 2, None, None, true), &mut out4).is_err(), "3 heads over 2 kv heads");
+    assert!(cuda::attention(&b, &b, &b, 2, &attn(2, 1, None, Some(-1.0), false), &mut out4).is_err(), "a negative softcap");
+    assert!(cuda::attention(&b, &b, &b, 2, &attn(2, 1, None, Some(1.0), true), &mut out4).is_err(), "softcap with flash_bf16");
     let mut x = dev(&[0f32; 4]);
     assert!(cuda::rope(&mut x, &a, &a, 1, 1, 4, 3, false).is_err(), "odd rotary_dim");
     assert!(cuda::rope(&mut x, &a, &a, 4, 1, 1, 0, false).is_ok(), "nothing rotates");

@@ -88,7 +88,10 @@ fn gemma_fp8_and_int4_awq() {
 /// fused/renamed modules (and MoE experts) carry the format's tensors under the family's names,
 /// `verify`'s weight error stays small for every module, and the export evaluates (perplexity through `pipeline`) close to the
 /// original. Returns nothing; `extra` checks each export against the original.
-fn every_format(name: &str, extra: &dyn Fn(&str, &Checkpoint, &Checkpoint)) {
+/// `noisy`: the second set's models, whose random weights put the perplexity near the
+/// vocabulary size (Gemma2's final soft cap of 0.5 squeezes every logit into ±0.5): quantization
+/// noise moves it by up to 1.5% there, either way.
+fn every_format(name: &str, noisy: bool, extra: &dyn Fn(&str, &Checkpoint, &Checkpoint)) {
     use rq_min::export::verify::{weight_errors, MAX_WEIGHT_ERROR};
     use rq_min::model::Model;
     use rq_min::ptq::eval::perplexity;
@@ -137,7 +140,7 @@ fn every_format(name: &str, extra: &dyn Fn(&str, &Checkpoint, &Checkpoint)) {
         println!("{name} {qformat} kv {kv}: ppl {ppl:.3} (original {ppl_orig:.3})");
         // Top-k routing is discontinuous (a quantization error can move a token to another
         // expert), so MoE models get a wider bound.
-        let tolerance = if cfg.moe.is_some() { 0.05 } else { 0.01 };
+        let tolerance = if cfg.moe.is_some() { 0.05 } else if noisy { 0.025 } else { 0.01 };
         assert!(ppl.is_finite() && (ppl / ppl_orig).ln().abs() < tolerance, "{name} {qformat}: ppl {ppl} vs {ppl_orig}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -178,7 +181,7 @@ fn check_norm_fold(src: &Checkpoint, dst: &Checkpoint, norm: &str, one: f32, wit
 
 #[test]
 fn phi3_every_format_with_fused_modules() {
-    every_format("phi3", &|qformat, src, dst| {
+    every_format("phi3", false, &|qformat, src, dst| {
         for l in 0..2 {
             let p = format!("model.layers.{l}");
             assert!(dst.get(&format!("{p}.self_attn.q_proj.weight")).is_none() && dst.get(&format!("{p}.mlp.up_proj.weight")).is_none());
@@ -205,7 +208,7 @@ fn phi3_every_format_with_fused_modules() {
 
 #[test]
 fn starcoder2_every_format_with_layernorm_bias_folds() {
-    every_format("starcoder2", &|qformat, src, dst| {
+    every_format("starcoder2", false, &|qformat, src, dst| {
         for l in 0..2 {
             let p = format!("model.layers.{l}");
             for b in ["self_attn.q_proj.bias", "self_attn.o_proj.bias", "mlp.c_fc.bias", "mlp.c_proj.bias"] {
@@ -224,7 +227,7 @@ fn starcoder2_every_format_with_layernorm_bias_folds() {
 
 #[test]
 fn nemotron_every_format_with_layernorm1p_folds() {
-    every_format("nemotron", &|qformat, src, dst| {
+    every_format("nemotron", false, &|qformat, src, dst| {
         for l in 0..2 {
             let p = format!("model.layers.{l}");
             let awq = qformat.contains("awq");
@@ -283,7 +286,7 @@ fn every_format_moe(name: &str) {
             model.load_layer(l).unwrap().forward(cfg, &rope, &mut h, ids.len(), &mut pooled);
         }
     }
-    every_format(name, &|qformat, src, dst| {
+    every_format(name, false, &|qformat, src, dst| {
         let hf = Json::parse_file(&dst.dir().join("hf_quant_config.json")).unwrap();
         let list = hf.get("quantization").and_then(|q| q.get("exclude_modules")).and_then(Json::as_array).unwrap();
         let excludes: Vec<&str> = list.iter().map(|v| v.as_str().unwrap()).collect();
@@ -366,6 +369,110 @@ fn trtllm_export_refuses_int8_sq_experts() {
         .unwrap_err();
         assert!(matches!(&err, rq_min::Error::Unsupported(m) if m.contains("INT8 SmoothQuant")), "{name}: {err:?}");
         assert!(!dir.join("out").exists(), "{name}: output written");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+/// Whether the tensor `name` is byte-identical in both checkpoints.
+fn same_tensor(src: &Checkpoint, dst: &Checkpoint, name: &str) -> bool {
+    let (a, b) = (src.tensor(name).unwrap(), dst.tensor(name).unwrap_or_else(|e| panic!("{e}")));
+    a.dtype == b.dtype && a.shape == b.shape && a.data == b.data
+}
+
+/// Gemma2 / Gemma3 (a norm on both sides of each branch): AWQ's shared scales of q/k/v and of
+/// gate/up fold into the pre-norms with the `(1 + w)·s − 1` rule (spec/export-formats.md §2.7
+/// point 2; ModelOpt's dummy forward finds the norm whose output the group reads), so those
+/// linears carry no `pre_quant_scale`; the post-norms feed residual adds and never change.
+fn pre_and_post_norms(qformat: &str, src: &Checkpoint, dst: &Checkpoint) {
+    let awq = qformat.contains("awq");
+    for l in 0..2 {
+        let p = format!("model.layers.{l}");
+        for norm in ["input_layernorm", "pre_feedforward_layernorm"] {
+            assert_eq!(check_norm_fold(src, dst, &format!("{p}.{norm}"), 1.0, false), awq, "{qformat} {p}.{norm}");
+        }
+        for norm in ["post_attention_layernorm", "post_feedforward_layernorm"] {
+            assert!(same_tensor(src, dst, &format!("{p}.{norm}.weight")), "{qformat}: {p}.{norm} changed");
+        }
+        for m in ["self_attn.q_proj", "mlp.gate_proj"] {
+            let pqs = dst.get(&format!("{p}.{m}.pre_quant_scale")).is_some();
+            assert_eq!(pqs, qformat == "int8_sq", "{qformat} {p}.{m}.pre_quant_scale");
+        }
+    }
+}
+
+/// Olmo2 / Exaone4 (norms only on the branch outputs): q/k/v read the residual stream itself,
+/// so no norm can take their scale. SmoothQuant and AWQ scales stay `pre_quant_scale` tensors,
+/// one mean scale shared by q, k and v and one by gate and up (§2.7 point 1), and every norm
+/// and q/k norm is the original.
+fn post_norms_only(qformat: &str, src: &Checkpoint, dst: &Checkpoint) {
+    let smoothed = qformat == "int8_sq" || qformat.contains("awq");
+    for l in 0..2 {
+        let p = format!("model.layers.{l}");
+        for norm in ["post_attention_layernorm", "post_feedforward_layernorm", "self_attn.q_norm", "self_attn.k_norm"] {
+            assert!(same_tensor(src, dst, &format!("{p}.{norm}.weight")), "{qformat}: {p}.{norm} changed");
+        }
+        for group in [&["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"][..], &["mlp.gate_proj", "mlp.up_proj"]] {
+            let scales: Vec<Option<Vec<f32>>> =
+                group.iter().map(|m| dst.get(&format!("{p}.{m}.pre_quant_scale")).map(|t| t.to_f32().unwrap())).collect();
+            assert_eq!(scales[0].is_some(), smoothed, "{qformat} {p}.{}", group[0]);
+            assert!(scales.iter().all(|s| s == &scales[0]), "{qformat} {p}: {group:?} do not share one scale");
+        }
+    }
+}
+
+#[test]
+fn gemma2_every_format_with_pre_and_post_norms() {
+    every_format("gemma2", true, &pre_and_post_norms);
+}
+
+#[test]
+fn gemma3_every_format_with_pre_and_post_norms() {
+    every_format("gemma3", true, &pre_and_post_norms);
+}
+
+#[test]
+fn olmo2_every_format_keeps_scales_without_a_pre_norm() {
+    every_format("olmo2", true, &post_norms_only);
+}
+
+#[test]
+fn exaone4_every_format_keeps_scales_without_a_pre_norm() {
+    every_format("exaone4", true, &post_norms_only);
+}
+
+#[test]
+fn granite_every_format() {
+    every_format("granite", true, &|qformat, src, dst| {
+        // Llama's layout: AWQ folds into input_layernorm / post_attention_layernorm as for Llama.
+        for norm in ["input_layernorm", "post_attention_layernorm"] {
+            let name = format!("model.layers.0.{norm}");
+            assert_eq!(check_norm_fold(src, dst, &name, 0.0, false), qformat.contains("awq"), "{qformat} {name}");
+        }
+    });
+}
+
+/// TensorRT-LLM's converter has no model of the newer families: refused before any work,
+/// naming the engine and the architecture; compressed-tensors (vLLM loads these families by
+/// their HF names) exports and verifies.
+#[test]
+fn newer_families_refuse_trtllm_and_export_compressed_tensors() {
+    let Some(shared) = common::shared_dir() else { return };
+    for (name, arch) in [("gemma2", "Gemma2ForCausalLM"), ("olmo2", "Olmo2ForCausalLM")] {
+        let model = shared.join("reference/families").join(name);
+        let (dir, ids) = scratch(&format!("{name}-engines"));
+        let out = dir.join("trt");
+        let err = quantize(&QuantizeArgs { qformat: "fp8".into(), export: "trtllm".into(), ..small_args(&model, &out, ids.clone()) })
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("TensorRT-LLM") && err.contains(arch), "{name}: {err}");
+        assert!(!out.exists(), "{name}: a refused export wrote {}", out.display());
+        for qformat in ["fp8", "int4_awq"] {
+            let out = dir.join(format!("ct-{qformat}"));
+            quantize(&QuantizeArgs { qformat: qformat.into(), export: "compressed-tensors".into(), ..small_args(&model, &out, ids.clone()) })
+                .unwrap_or_else(|e| panic!("{name} {qformat}: {e}"));
+            let report = check(&out).unwrap();
+            assert!(report.findings.is_empty(), "{name} {qformat} compressed-tensors: {:?}", report.findings);
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

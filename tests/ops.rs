@@ -183,7 +183,9 @@ fn attention_f64(a: &Attention, q: &[f32], k: &[f32], v: &[f32], seq: usize) -> 
                 .map(|&s| {
                     let dot: f64 =
                         (0..hd).map(|d| f64::from(q[t * qw + h * hd + d]) * f64::from(k[s * kvw + g * hd + d])).sum();
-                    dot / (hd as f64).sqrt()
+                    // The scale as given (f32), then the soft cap c·tanh(s/c) (Gemma2).
+                    let s = dot * f64::from(a.scale);
+                    a.softcap.map_or(s, |c| f64::from(c) * (s / f64::from(c)).tanh())
                 })
                 .collect();
             let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
@@ -202,15 +204,19 @@ fn attention_f64(a: &Attention, q: &[f32], k: &[f32], v: &[f32], seq: usize) -> 
 #[test]
 fn attention_matches_f64() {
     let cases = [
-        (Attention { n_heads: 4, n_kv_heads: 2, head_dim: 16, sliding_window: None, flash_bf16: false }, 37),
-        (Attention { n_heads: 4, n_kv_heads: 4, head_dim: 12, sliding_window: Some(5), flash_bf16: false }, 40),
-        (Attention { n_heads: 1, n_kv_heads: 1, head_dim: 8, sliding_window: None, flash_bf16: false }, 1),
+        (Attention { n_heads: 4, n_kv_heads: 2, head_dim: 16, sliding_window: None, scale: Attention::default_scale(16), softcap: None, flash_bf16: false }, 37),
+        (Attention { n_heads: 4, n_kv_heads: 4, head_dim: 12, sliding_window: Some(5), scale: Attention::default_scale(12), softcap: None, flash_bf16: false }, 40),
+        (Attention { n_heads: 1, n_kv_heads: 1, head_dim: 8, sliding_window: None, scale: Attention::default_scale(8), softcap: None, flash_bf16: false }, 1),
         // Several blocks of query rows (96 each), on several threads; windows shorter and
         // longer than a block.
-        (Attention { n_heads: 8, n_kv_heads: 2, head_dim: 64, sliding_window: None, flash_bf16: false }, 200),
-        (Attention { n_heads: 8, n_kv_heads: 1, head_dim: 64, sliding_window: Some(64), flash_bf16: false }, 200),
-        (Attention { n_heads: 6, n_kv_heads: 2, head_dim: 32, sliding_window: Some(7), flash_bf16: false }, 300),
-        (Attention { n_heads: 2, n_kv_heads: 2, head_dim: 20, sliding_window: Some(150), flash_bf16: false }, 333),
+        (Attention { n_heads: 8, n_kv_heads: 2, head_dim: 64, sliding_window: None, scale: Attention::default_scale(64), softcap: None, flash_bf16: false }, 200),
+        (Attention { n_heads: 8, n_kv_heads: 1, head_dim: 64, sliding_window: Some(64), scale: Attention::default_scale(64), softcap: None, flash_bf16: false }, 200),
+        (Attention { n_heads: 6, n_kv_heads: 2, head_dim: 32, sliding_window: Some(7), scale: Attention::default_scale(32), softcap: None, flash_bf16: false }, 300),
+        (Attention { n_heads: 2, n_kv_heads: 2, head_dim: 20, sliding_window: Some(150), scale: Attention::default_scale(20), softcap: None, flash_bf16: false }, 333),
+        // A free scale (Gemma2's query_pre_attn_scalar, Granite's attention_multiplier) and a
+        // soft cap that bends most scores (cap 0.5 on scores of a few units).
+        (Attention { n_heads: 4, n_kv_heads: 2, head_dim: 16, sliding_window: Some(8), scale: 0.125, softcap: Some(0.5), flash_bf16: false }, 37),
+        (Attention { n_heads: 8, n_kv_heads: 2, head_dim: 64, sliding_window: None, scale: 0.031_25, softcap: Some(2.0), flash_bf16: false }, 200),
     ];
     for (i, (a, seq)) in cases.into_iter().enumerate() {
         let (qw, kvw) = (a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim);

@@ -345,8 +345,8 @@ fn tensor_specs(cfg: &ModelConfig) -> Vec<Spec> {
             out.push(spec(format!("{}.weight", m.path), m.shape.to_vec(), Init::Normal));
         }
         if cfg.qk_norm {
-            for which in ["q_norm", "k_norm"] {
-                out.push(spec(format!("{prefix}.self_attn.{which}.weight"), vec![cfg.head_dim], Init::Ones));
+            for (which, width) in ["q_norm", "k_norm"].into_iter().zip(cfg.qk_norm_widths()) {
+                out.push(spec(format!("{prefix}.self_attn.{which}.weight"), vec![width], Init::Ones));
             }
         }
         if let Some(moe) = cfg.moe_layer(l) {
@@ -355,8 +355,9 @@ fn tensor_specs(cfg: &ModelConfig) -> Vec<Spec> {
         for m in mlp {
             out.push(spec(format!("{}.weight", m.path), m.shape.to_vec(), Init::Normal));
         }
-        out.push(spec(format!("{prefix}.input_layernorm.weight"), vec![h], Init::Ones));
-        out.push(spec(format!("{prefix}.post_attention_layernorm.weight"), vec![h], Init::Ones));
+        for norm in cfg.norms.slots().into_iter().flatten() {
+            out.push(spec(format!("{prefix}.{norm}.weight"), vec![h], Init::Ones));
+        }
     }
     out.push(spec("model.norm.weight".into(), vec![h], Init::Ones));
     if !cfg.tie_word_embeddings {

@@ -257,13 +257,15 @@ pub fn weight_errors(dir: &Path, original: &Path) -> Result<Vec<WeightError>> {
         || quant_section(dir)?.as_ref().and_then(CtConfig::from_config).is_some();
     let mut out = Vec::new();
     for l in 0..o.config.num_hidden_layers {
-        let ratio = |norm: &str| -> Result<Vec<f32>> {
+        // A missing norm (Olmo2 and Exaone4 have none in front of a branch) folds nothing.
+        let ratio = |norm: Option<&str>| -> Result<Vec<f32>> {
+            let Some(norm) = norm else { return Ok(vec![1.0; o.config.hidden_size]) };
             let name = format!("model.layers.{l}.{norm}.weight");
             let (a, b) = (q.tensor(&name)?.to_f32()?, o.tensor(&name)?.to_f32()?);
             let one = if o.config.norm_offset { 1.0 } else { 0.0 };
             Ok(a.iter().zip(&b).map(|(x, y)| if y + one != 0.0 { (x + one) / (y + one) } else { 1.0 }).collect())
         };
-        let (r_in, r_post) = (ratio("input_layernorm")?, ratio("post_attention_layernorm")?);
+        let (r_in, r_post) = (ratio(o.config.norms.attn_in)?, ratio(o.config.norms.mlp_in)?);
         let modules = o.config.layer_modules(l);
         // The norm ratio of a module reading a norm (experts' gate/up read it through the router's block: none).
         let norm_ratio = |m: &crate::model::LayerModule| match m.kinds[0] {
@@ -404,7 +406,7 @@ fn unexpected_tensors(model: &Model) -> Vec<String> {
             module(&moe.router(l));
         }
         let p = format!("model.layers.{l}");
-        for norm in ["input_layernorm", "post_attention_layernorm", "self_attn.q_norm", "self_attn.k_norm"] {
+        for norm in cfg.norms.slots().into_iter().flatten().chain(["self_attn.q_norm", "self_attn.k_norm"]) {
             module(&format!("{p}.{norm}"));
         }
         // ModelOpt's KV-cache scales hang off k_proj / v_proj (§2.8), covered above; the

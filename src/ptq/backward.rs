@@ -479,7 +479,7 @@ fn attention_backward(a: &Attention, q: &Tensor, k: &Tensor, v: &Tensor, d_out: 
     let hd = a.head_dim;
     let (q_width, kv_width) = (a.n_heads * hd, a.n_kv_heads * hd);
     let group = a.n_heads / a.n_kv_heads;
-    let scale = (hd as f64).powf(-0.5) as f32;
+    let scale = a.scale;
     let first = |t: usize| a.sliding_window.map_or(0, |w| (t + 1).saturating_sub(w));
     let zeros = |n: usize| Tensor::on(vec![0f32; n], q.device());
     let (mut dq, mut dk, mut dv) = (zeros(seq * q_width), zeros(seq * kv_width), zeros(seq * kv_width));
