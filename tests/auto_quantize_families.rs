@@ -177,7 +177,6 @@ families! {
     qwen3_moe: "qwen3_moe";
     granite: "granite";
     gemma3: "gemma3";
-    olmo2: "olmo2";
     exaone4: "exaone4";
 }
 

@@ -245,7 +245,9 @@ fn stories260k_cpu_and_device_agree() {
 
 /// Every family of shared/reference/families the CPU path supports (tiny f32 models with each
 /// family's features: biases, q/k norms, Gemma's offset norm, Phi3's fused projections,
-/// Starcoder2's LayerNorm and plain MLP, Nemotron's relu2, sliding windows, MoE routing).
+/// Starcoder2's LayerNorm and plain MLP, Nemotron's relu2, sliding windows, MoE routing; the
+/// second set's post-norms, soft caps, free attention scales, per-layer windows and RoPE
+/// tables, NoPE layers and multipliers).
 #[test]
 fn every_family_cpu_and_device_agree() {
     if !have_gpu() {
@@ -253,8 +255,24 @@ fn every_family_cpu_and_device_agree() {
     }
     let Some(shared) = common::shared_dir() else { return };
     for family in
-        ["llama", "llama3-rope-scaling", "mistral", "qwen2", "qwen3", "gemma", "phi3", "starcoder2", "nemotron", "mixtral", "qwen3_moe"]
-    {
+    [
+        "llama",
+        "llama3-rope-scaling",
+        "mistral",
+        "qwen2",
+        "qwen3",
+        "gemma",
+        "phi3",
+        "starcoder2",
+        "nemotron",
+        "mixtral",
+        "qwen3_moe",
+        "gemma2",
+        "gemma3",
+        "granite",
+        "olmo2",
+        "exaone4",
+    ] {
         let model = shared.join("reference/families").join(family);
         pipeline(&model, family, 512, &ids(2, 32, 512, 11), &[], &["int4_awq"]);
     }
