@@ -75,8 +75,19 @@ fn expected_groups(name: &str, l: usize) -> Vec<(String, Vec<String>)> {
         "phi3" => vec![group("mlp.gate_up_proj", &["mlp.gate_up_proj"]), group("mlp.down_proj", &["mlp.down_proj"])],
         "starcoder2" => vec![group("mlp.c_fc", &["mlp.c_fc"]), group("mlp.c_proj", &["mlp.c_proj"])],
         "nemotron" => vec![group("mlp.gate_up", &["mlp.up_proj"]), group("mlp.down_proj", &["mlp.down_proj"])],
-        "mixtral" => experts("block_sparse_moe", ["w1", "w3", "w2"]),
+        "mixtral" | "phimoe" => experts("block_sparse_moe", ["w1", "w3", "w2"]),
         "qwen3_moe" => experts("mlp", ["gate_proj", "up_proj", "down_proj"]),
+        // The routed experts and their router, then the shared expert (grouped as a dense MLP:
+        // gate/up together, down alone) and its sigmoid gate, never searched.
+        "qwen2_moe" => {
+            let mut v = experts("mlp", ["gate_proj", "up_proj", "down_proj"]);
+            let router = v.pop().expect("the router group");
+            v.push(group("mlp.gate_up", &["mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"]));
+            v.push(group("mlp.shared_expert.down_proj", &["mlp.shared_expert.down_proj"]));
+            v.push(router);
+            v.push(group("mlp.shared_expert_gate", &["mlp.shared_expert_gate"]));
+            v
+        }
         _ => vec![group("mlp.gate_up", &["mlp.gate_proj", "mlp.up_proj"]), group("mlp.down_proj", &["mlp.down_proj"])],
     });
     v
@@ -123,7 +134,7 @@ fn auto_quantize_family(name: &str) {
     let mut chosen: Vec<(String, String)> = Vec::new();
     for g in groups {
         let (group, choice) = (g.get("group").unwrap().as_str().unwrap(), g.get("chosen").unwrap().as_str().unwrap());
-        let router = group.ends_with(".gate");
+        let router = group.ends_with(".gate") || group.ends_with(".shared_expert_gate");
         assert_eq!(g.get("searchable").unwrap().as_bool(), Some(!router), "{name}: {group}");
         assert!(!router || choice == "none", "{name}: router {group} chose {choice}");
         if !router {
@@ -178,6 +189,8 @@ families! {
     granite: "granite";
     gemma3: "gemma3";
     exaone4: "exaone4";
+    qwen2_moe: "qwen2_moe";
+    phimoe: "phimoe";
 }
 
 /// Gemma2's soft caps have no backward in the score yet: refused before any work, naming the

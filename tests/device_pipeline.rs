@@ -272,6 +272,8 @@ fn every_family_cpu_and_device_agree() {
         "granite",
         "olmo2",
         "exaone4",
+        "qwen2_moe",
+        "phimoe",
     ] {
         let model = shared.join("reference/families").join(family);
         pipeline(&model, family, 512, &ids(2, 32, 512, 11), &[], &["int4_awq"]);

@@ -191,6 +191,20 @@ fn exaone4_matches_transformers() {
 }
 
 #[test]
+fn qwen2_moe_matches_transformers() {
+    if let Some(dir) = shared_family("qwen2_moe") {
+        check_family(&dir);
+    }
+}
+
+#[test]
+fn phimoe_matches_transformers() {
+    if let Some(dir) = shared_family("phimoe") {
+        check_family(&dir);
+    }
+}
+
+#[test]
 fn family_fields_follow_the_architecture() {
     use rq_min::model::config::Activation;
     let with_arch = |arch: &str| {

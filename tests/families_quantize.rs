@@ -257,7 +257,8 @@ struct PooledAmax {
 }
 
 impl rq_min::model::Hooks for PooledAmax {
-    fn linear_input(&mut self, layer: usize, kind: LinearKind, x: &mut rq_min::compute::Tensor, _cols: usize) {
+    // The experts only (not Qwen2-MoE's shared expert, a dense MLP with quantizers of its own).
+    fn expert_input(&mut self, layer: usize, _expert: usize, kind: LinearKind, x: &mut rq_min::compute::Tensor, _cols: usize) {
         let slot = match kind {
             LinearKind::Gate => &mut self.gate[layer],
             LinearKind::Down => &mut self.down[layer],
@@ -292,11 +293,22 @@ fn every_format_moe(name: &str) {
         let excludes: Vec<&str> = list.iter().map(|v| v.as_str().unwrap()).collect();
         let excluded = |m: &str| excludes.iter().any(|p| fnmatch(p, m));
         for l in 0..n {
-            // The router: original bytes, listed in exclude_modules.
-            let router = format!("{}.weight", moe.router(l));
-            let (a, b) = (src.tensor(&router).unwrap(), dst.tensor(&router).unwrap());
-            assert!(a.dtype == b.dtype && a.shape == b.shape && a.data == b.data, "{qformat}: {router} changed");
-            assert!(excluded(&moe.router(l)), "{qformat}: {} not in exclude_modules {excludes:?}", moe.router(l));
+            // The routers (Qwen2-MoE: also shared_expert_gate): original bytes, listed in exclude_modules.
+            for (router, _) in moe.routers(l) {
+                assert!(same_tensor(src, dst, &format!("{router}.weight")), "{qformat}: {router} changed");
+                assert!(excluded(&router), "{qformat}: {router} not in exclude_modules {excludes:?}");
+            }
+            // Qwen2-MoE's shared expert: quantized, its gate and up sharing one scale that stays
+            // a pre_quant_scale (the norm in front also feeds the router).
+            if moe.shared_expert.is_some() {
+                let shared = |k: &str| format!("model.layers.{l}.mlp.shared_expert.{k}");
+                for k in ["gate_proj", "up_proj", "down_proj"] {
+                    assert!(!excluded(&shared(k)) && dst.get(&format!("{}.weight_scale", shared(k))).is_some(), "{qformat}: {}", shared(k));
+                }
+                let pqs = |k: &str| dst.get(&format!("{}.pre_quant_scale", shared(k))).map(|t| t.data.to_vec());
+                assert_eq!(pqs("gate_proj").is_some(), qformat == "int8_sq" || qformat.contains("awq"), "{qformat}: shared gate_proj");
+                assert_eq!(pqs("gate_proj"), pqs("up_proj"), "{qformat}: the shared expert's gate and up scales differ");
+            }
             // The norm before the block also feeds the router: never folded into.
             let norm = format!("model.layers.{l}.post_attention_layernorm.weight");
             assert_eq!(src.tensor(&norm).unwrap().data, dst.tensor(&norm).unwrap().data, "{qformat}: {norm}");
@@ -351,6 +363,16 @@ fn mixtral_every_format_with_shared_expert_scales() {
 #[test]
 fn qwen3_moe_every_format_with_shared_expert_scales() {
     every_format_moe("qwen3_moe");
+}
+
+#[test]
+fn phimoe_every_format_with_sparsemixer_routing() {
+    every_format_moe("phimoe");
+}
+
+#[test]
+fn qwen2_moe_every_format_with_a_shared_expert() {
+    every_format_moe("qwen2_moe");
 }
 
 /// TensorRT-LLM's MoE plugin has no W8A8 path: INT8 SmoothQuant experts are refused before any
@@ -457,7 +479,7 @@ fn granite_every_format() {
 #[test]
 fn newer_families_refuse_trtllm_and_export_compressed_tensors() {
     let Some(shared) = common::shared_dir() else { return };
-    for (name, arch) in [("gemma2", "Gemma2ForCausalLM"), ("olmo2", "Olmo2ForCausalLM")] {
+    for (name, arch) in [("gemma2", "Gemma2ForCausalLM"), ("olmo2", "Olmo2ForCausalLM"), ("qwen2_moe", "Qwen2MoeForCausalLM"), ("phimoe", "PhimoeForCausalLM")] {
         let model = shared.join("reference/families").join(name);
         let (dir, ids) = scratch(&format!("{name}-engines"));
         let out = dir.join("trt");

@@ -312,11 +312,11 @@ struct Linear {
 struct LayerLinears(Vec<Linear>);
 
 impl LayerLinears {
-    fn load(uni: &Checkpoint, quant: &Quant, cfg: &ModelConfig, hf: &str, moe: bool) -> Result<LayerLinears> {
+    fn load(uni: &Checkpoint, quant: &Quant, cfg: &ModelConfig, l: usize, moe: bool) -> Result<LayerLinears> {
         let mut out = Vec::new();
         for m in cfg.modules.iter().filter(|m| !(moe && m.is_mlp())) {
-            let module = format!("{hf}.{}", m.name);
-            let shape = m.shape(cfg);
+            let module = format!("model.layers.{l}.{}", m.name);
+            let shape = m.shape(cfg, l);
             let (s, mut lin) = load_lin(uni, &module, shape)?;
             lin.bias = uni.get(&format!("{module}.bias")).map(|b| Tn::from_view(&b));
             let format = quant.of(&module, s)?;
@@ -714,7 +714,7 @@ pub fn convert(original: &Path, unified: Option<&Path>, out: &Path, o: &TrtllmOp
         let hf = format!("model.layers.{l}");
         let trt = format!("transformer.layers.{local}");
         let moe = cfg.moe_layer(l);
-        let mut lins = LayerLinears::load(&uni, &quant, &cfg, &hf, moe.is_some())?;
+        let mut lins = LayerLinears::load(&uni, &quant, &cfg, l, moe.is_some())?;
         let experts = moe.map(|m| Experts::load((&uni, &orig), &quant, &cfg, m, l)).transpose()?;
         if let Some(x) = &experts {
             // The router is never quantized (§4.2: exclude_modules names it).

@@ -402,8 +402,8 @@ fn unexpected_tensors(model: &Model) -> Vec<String> {
         for m in cfg.layer_modules(l) {
             module(&m.path);
         }
-        if let Some(moe) = cfg.moe_layer(l) {
-            module(&moe.router(l));
+        for (router, _) in cfg.moe_layer(l).map(|moe| moe.routers(l)).unwrap_or_default() {
+            module(&router);
         }
         let p = format!("model.layers.{l}");
         for norm in cfg.norms.slots().into_iter().flatten().chain(["self_attn.q_norm", "self_attn.k_norm"]) {

@@ -14,7 +14,7 @@ use crate::compute::{Attention, Rope};
 use std::path::{Path, PathBuf};
 
 /// `architectures[0]` values this runtime implements.
-pub const SUPPORTED_ARCHITECTURES: [&str; 15] = [
+pub const SUPPORTED_ARCHITECTURES: [&str; 17] = [
     "LlamaForCausalLM",
     "MistralForCausalLM",
     "Qwen2ForCausalLM",
@@ -30,6 +30,8 @@ pub const SUPPORTED_ARCHITECTURES: [&str; 15] = [
     "GraniteForCausalLM",
     "Olmo2ForCausalLM",
     "Exaone4ForCausalLM",
+    "Qwen2MoeForCausalLM",
+    "PhimoeForCausalLM",
 ];
 
 #[derive(Clone, Debug)]
@@ -77,6 +79,8 @@ pub struct ModelConfig {
     pub layer_norm: bool,
     /// Factor on the embedding output (HF `GemmaModel`: `sqrt(hidden_size)`), in f32.
     pub embed_scale: Option<f32>,
+    /// lm_head has a bias (`lm_head.bias`, PhiMoE `lm_head_bias`).
+    pub lm_head_bias: bool,
     /// Per layer: it windows its attention (`layer_types[l] == "sliding_attention"`, Gemma2/3 and
     /// Exaone4); None: every layer as `sliding_window` says.
     pub sliding_layers: Option<Vec<bool>>,
@@ -171,7 +175,13 @@ impl ModelConfig {
         };
         let default_eps = if matches!(
             family,
-            Family::Phi3 | Family::Starcoder2 | Family::Nemotron | Family::Mixtral | Family::Olmo2 | Family::Exaone4
+            Family::Phi3
+                | Family::Starcoder2
+                | Family::Nemotron
+                | Family::Mixtral
+                | Family::Olmo2
+                | Family::Exaone4
+                | Family::Phimoe
         ) {
             1e-5
         } else {
@@ -183,7 +193,7 @@ impl ModelConfig {
         }
         let max_position_embeddings = match r.opt_dim("max_position_embeddings")? {
             Some(n) => n,
-            None if is_mistral || family == Family::Mixtral => 4096 * 32,
+            None if is_mistral || family == Family::Mixtral || family == Family::Phimoe => 4096 * 32,
             None if matches!(family, Family::Qwen2 | Family::Qwen3 | Family::Qwen3Moe | Family::Qwen2Moe) => 32768,
             None if matches!(family, Family::Gemma | Family::Gemma2) => 8192,
             None if family == Family::Gemma3 => 131072,
@@ -211,7 +221,11 @@ impl ModelConfig {
                 )));
             }
             None if per_layer_window => Some(4096),
-            _ if !per_layer_window && !matches!(family, Family::Mistral | Family::Phi3 | Family::Starcoder2 | Family::Mixtral) => None,
+            _ if !per_layer_window
+                && !matches!(family, Family::Mistral | Family::Phi3 | Family::Starcoder2 | Family::Mixtral | Family::Phimoe) =>
+            {
+                None
+            }
             None if is_mistral => Some(4096),
             None => None,
             Some(v) if v.is_null() => None,
@@ -249,7 +263,7 @@ impl ModelConfig {
         let qwen2_moe_bias = family == Family::Qwen2Moe && r.opt_bool("qkv_bias")?.unwrap_or(true);
         let qkv_bias = family == Family::Qwen2 || qwen2_moe_bias || use_bias || r.opt_bool("attention_bias")? == Some(true);
         let moe = match family {
-            Family::Mixtral | Family::Qwen3Moe | Family::Qwen2Moe => Some(r.moe(family, num_hidden_layers)?),
+            Family::Mixtral | Family::Qwen3Moe | Family::Qwen2Moe | Family::Phimoe => Some(r.moe(family, num_hidden_layers)?),
             _ => None,
         };
         let dtype = match r.opt_str("dtype")? {
@@ -309,7 +323,9 @@ impl ModelConfig {
             mlp_bias,
             qk_norm: matches!(family, Family::Qwen3 | Family::Qwen3Moe | Family::Gemma3 | Family::Olmo2 | Family::Exaone4),
             norm_offset: family.gemma_like() || family == Family::Nemotron,
-            layer_norm: matches!(family, Family::Starcoder2 | Family::Nemotron),
+            layer_norm: matches!(family, Family::Starcoder2 | Family::Nemotron | Family::Phimoe),
+            // PhimoeConfig `lm_head_bias` (default false).
+            lm_head_bias: family == Family::Phimoe && r.opt_bool("lm_head_bias")? == Some(true),
             // HF GemmaModel: `torch.tensor(hidden_size**0.5, dtype=...)`, a double rounded once.
             embed_scale: match family {
                 _ if family.gemma_like() => Some((hidden_size as f64).sqrt() as f32),
@@ -398,6 +414,7 @@ enum Family {
     Olmo2,
     Exaone4,
     Qwen2Moe,
+    Phimoe,
 }
 
 impl Family {
@@ -425,6 +442,7 @@ impl Family {
             "Olmo2ForCausalLM" => Family::Olmo2,
             "Exaone4ForCausalLM" => Family::Exaone4,
             "Qwen2MoeForCausalLM" => Family::Qwen2Moe,
+            "PhimoeForCausalLM" => Family::Phimoe,
             _ => Family::Llama,
         }
     }
@@ -526,7 +544,9 @@ impl Reader<'_> {
     /// always renormalized) and `Qwen3MoeConfig` (`num_experts` 128, top 8, `moe_intermediate_size`
     /// 768, `norm_topk_prob` false, `decoder_sparse_step` 1, `mlp_only_layers` []).
     fn moe(&self, family: Family, layers: usize) -> Result<MoeConfig> {
-        let mixtral = family == Family::Mixtral;
+        // PhiMoE's block is Mixtral's (`block_sparse_moe`, w1/w3/w2) with sparsemixer routing.
+        let phimoe = family == Family::Phimoe;
+        let mixtral = family == Family::Mixtral || phimoe;
         // transformers saves Qwen3-MoE's `num_experts` under its attribute_map alias `num_local_experts`.
         let num_experts = match (mixtral, self.opt_dim("num_experts")?) {
             (false, Some(n)) => n,
@@ -536,12 +556,37 @@ impl Reader<'_> {
         if top_k > num_experts {
             return Err(self.err(format!("num_experts_per_tok = {top_k} exceeds the {num_experts} experts")));
         }
+        // Qwen2MoeConfig: 60 experts, top 4, moe_intermediate_size 1408, a shared expert of
+        // shared_expert_intermediate_size 5632.
+        let qwen2 = family == Family::Qwen2Moe;
+        let num_experts = if qwen2 && self.opt_dim("num_experts")?.is_none() { 60 } else { num_experts };
+        let top_k = if qwen2 && self.opt_dim("num_experts_per_tok")?.is_none() { 4 } else { top_k };
         let intermediate_size = match mixtral {
             true => self.req_dim("intermediate_size")?,
-            false => self.opt_dim("moe_intermediate_size")?.unwrap_or(768),
+            false => self.opt_dim("moe_intermediate_size")?.unwrap_or(if qwen2 { 1408 } else { 768 }),
+        };
+        let shared_expert = match qwen2 {
+            true => Some(self.opt_dim("shared_expert_intermediate_size")?.unwrap_or(5632)),
+            false => None,
         };
         let norm_topk_prob = mixtral || self.opt_bool("norm_topk_prob")? == Some(true);
         let step = if mixtral { 1 } else { self.opt_dim("decoder_sparse_step")?.unwrap_or(1) };
+        let routing = match phimoe {
+            true => {
+                let eps = self.opt_f64("router_jitter_noise")?.unwrap_or(0.01);
+                if !(eps >= 0.0 && eps.is_finite()) {
+                    return Err(self.err(format!("router_jitter_noise = {eps} must be a finite number >= 0")));
+                }
+                if top_k != 2 {
+                    return Err(Error::Unsupported(format!(
+                        "{}: num_experts_per_tok = {top_k} with sparsemixer routing (PhiMoE routes to 2)",
+                        self.path.display()
+                    )));
+                }
+                Routing::SparseMixer { jitter_eps: eps as f32 }
+            }
+            false => Routing::Softmax,
+        };
         let mlp_only: Vec<usize> = match Self::value(self.json, "mlp_only_layers") {
             Some(v) if !mixtral => {
                 let bad = || self.wrong_type("mlp_only_layers", "a list of layer indices", v);
@@ -553,7 +598,7 @@ impl Reader<'_> {
         // HF Qwen3MoeDecoderLayer: sparse when not in mlp_only_layers and (l + 1) % decoder_sparse_step == 0.
         let sparse = (0..layers).map(|l| !mlp_only.contains(&l) && (l + 1) % step == 0).collect();
         let (block, expert_modules) = if mixtral { ("block_sparse_moe", MIXTRAL_EXPERT) } else { ("mlp", QWEN3_MOE_EXPERT) };
-        Ok(MoeConfig { block, expert_modules, num_experts, top_k, intermediate_size, norm_topk_prob, sparse })
+        Ok(MoeConfig { block, expert_modules, num_experts, top_k, intermediate_size, norm_topk_prob, sparse, shared_expert, routing })
     }
 
     /// Per layer: whether it is a sliding-window layer. `layer_types` when given (every entry
@@ -796,10 +841,10 @@ impl Module {
         self.kinds.iter().any(|k| matches!(k, LinearKind::Gate | LinearKind::Up | LinearKind::Down))
     }
 
-    /// Weight shape `[out_features, in_features]`: the linears' rows stacked.
-    pub fn shape(&self, cfg: &ModelConfig) -> [usize; 2] {
-        let rows = self.kinds.iter().map(|k| k.shape(cfg)[0]).sum();
-        [rows, self.kinds[0].shape(cfg)[1]]
+    /// Weight shape `[out_features, in_features]` in layer `l`: the linears' rows stacked.
+    pub fn shape(&self, cfg: &ModelConfig, l: usize) -> [usize; 2] {
+        let rows = self.kinds.iter().map(|&k| cfg.linear_shape(l, k)[0]).sum();
+        [rows, cfg.linear_shape(l, self.kinds[0])[1]]
     }
 }
 
@@ -936,6 +981,17 @@ impl ModelConfig {
         }
     }
 
+    /// `[out, in]` of linear `kind` in layer `l`: `kind.shape`, except that in an MoE layer with
+    /// a shared expert the dense MLP linears are the shared expert's.
+    pub fn linear_shape(&self, l: usize, kind: LinearKind) -> [usize; 2] {
+        let [out, inp] = kind.shape(self);
+        match (kind, self.moe_layer(l).and_then(|m| m.shared_expert)) {
+            (LinearKind::Gate | LinearKind::Up, Some(s)) => [s, inp],
+            (LinearKind::Down, Some(s)) => [out, s],
+            _ => [out, inp],
+        }
+    }
+
     /// The MoE config when layer `l` has an MoE block.
     pub fn moe_layer(&self, l: usize) -> Option<&MoeConfig> {
         self.moe.as_ref().filter(|m| m.is_sparse(l))
@@ -948,7 +1004,7 @@ impl ModelConfig {
             path: format!("model.layers.{l}.{}", m.name),
             kinds: m.kinds,
             expert: None,
-            shape: m.shape(self),
+            shape: m.shape(self, l),
         };
         let Some(moe) = self.moe_layer(l) else { return self.modules.iter().map(dense).collect() };
         let experts = (0..moe.num_experts).flat_map(|e| {
@@ -959,7 +1015,9 @@ impl ModelConfig {
                 shape: moe.expert_shape(self, m.kinds[0]),
             })
         });
-        self.modules.iter().filter(|m| !m.is_mlp()).map(dense).chain(experts).collect()
+        // The shared expert after the routed ones, as `Qwen2MoeSparseMoeBlock` registers them.
+        let shared = if moe.shared_expert.is_some() { SHARED_EXPERT } else { &[] };
+        self.modules.iter().filter(|m| !m.is_mlp()).map(dense).chain(experts).chain(shared.iter().map(dense)).collect()
     }
 }
 
@@ -988,6 +1046,13 @@ pub const MIXTRAL_EXPERT: &[Module] = &[
     Module { name: "w2", kinds: &[LinearKind::Down] },
 ];
 
+/// Qwen2-MoE's shared expert, `mlp.shared_expert` (HF `Qwen2MoeMLP`).
+pub const SHARED_EXPERT: &[Module] = &[
+    module("mlp.shared_expert.gate_proj", &[LinearKind::Gate]),
+    module("mlp.shared_expert.up_proj", &[LinearKind::Up]),
+    module("mlp.shared_expert.down_proj", &[LinearKind::Down]),
+];
+
 /// Qwen3-MoE's expert modules.
 pub const QWEN3_MOE_EXPERT: &[Module] = &[
     Module { name: "gate_proj", kinds: &[LinearKind::Gate] },
@@ -1012,6 +1077,22 @@ pub struct MoeConfig {
     /// Per layer: an MoE block (true) or the dense MLP of `intermediate_size` (Qwen3-MoE
     /// `mlp_only_layers` / `decoder_sparse_step`).
     pub sparse: Vec<bool>,
+    /// Qwen2-MoE's shared expert (`shared_expert_intermediate_size`): a gated MLP every token
+    /// goes through, scaled per token by `sigmoid(shared_expert_gate(x))`. The runtime holds
+    /// it in the layer's dense Gate/Up/Down linears (modules `SHARED_EXPERT`).
+    pub shared_expert: Option<usize>,
+    pub routing: Routing,
+}
+
+/// How a router's logits pick experts and their weights.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Routing {
+    /// Softmax over every expert in f32, the top k (renormalized with `norm_topk_prob`).
+    Softmax,
+    /// PhiMoE's `sparsemixer` in inference: the expert with the largest logit, weighted by the
+    /// softmax over the experts whose logit is within `2·jitter_eps` (relative) of it; then the
+    /// same among the others (HF `modeling_phimoe.py`).
+    SparseMixer { jitter_eps: f32 },
 }
 
 impl MoeConfig {
@@ -1022,6 +1103,17 @@ impl MoeConfig {
     /// The router module (`model.layers.{l}.<block>.gate`), never quantized (spec/export-formats.md §2.4).
     pub fn router(&self, layer: usize) -> String {
         format!("model.layers.{layer}.{}.gate", self.block)
+    }
+
+    /// The routers of layer `layer` with their output rows: `gate` (one per expert) and, with a
+    /// shared expert, `shared_expert_gate` (one). Neither is quantized; ModelOpt lists both in
+    /// `exclude_modules` (`*mlp.shared_expert_gate.*` is a default-disabled pattern).
+    pub fn routers(&self, layer: usize) -> Vec<(String, usize)> {
+        let mut out = vec![(self.router(layer), self.num_experts)];
+        if self.shared_expert.is_some() {
+            out.push((format!("model.layers.{layer}.{}.shared_expert_gate", self.block), 1));
+        }
+        out
     }
 
     /// Module of expert `e`'s linear `kind` (Gate, Up or Down).

@@ -18,6 +18,8 @@ pub struct Head {
     /// LayerNorm bias (`cfg.layer_norm`), `[hidden]`.
     pub(crate) norm_bias: Option<Tensor>,
     pub(crate) lm_head: Tensor, // [vocab, hidden]
+    /// `lm_head.bias` (PhiMoE), `[vocab]`.
+    pub(crate) lm_head_bias: Option<Tensor>,
     pub(crate) compute: Compute,
     /// What happens to lm_head's input (quantized lm_head of a mixed-precision checkpoint).
     pub(crate) input: InputQuant,
@@ -41,6 +43,11 @@ impl Head {
     /// The final norm's epsilon.
     pub fn eps(&self) -> f32 {
         self.cfg.rms_norm_eps
+    }
+
+    /// lm_head's bias (PhiMoE), `[vocab]`.
+    pub fn lm_head_bias(&self) -> Option<&Tensor> {
+        self.lm_head_bias.as_ref()
     }
 
     /// The final norm's bias (LayerNorm families), `[hidden]`.
@@ -75,6 +82,9 @@ impl Head {
         let h = self.hidden_size();
         self.input.apply(&mut normed, h);
         let mut logits = normed.matmul_bt(&self.lm_head, seq, h, self.vocab_size());
+        if let Some(b) = &self.lm_head_bias {
+            logits.add_row_bias(b);
+        }
         logits.round(self.compute);
         if self.cfg.logits_scaling.is_some() || self.cfg.final_softcap.is_some() {
             let (c, divisor, cap) = (self.compute, self.cfg.logits_scaling, self.cfg.final_softcap);

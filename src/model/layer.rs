@@ -121,29 +121,45 @@ impl Layer {
 
         let x = self.normed(cfg, NormSlot::MlpIn, hidden);
         let down = if let (Some(block), Some(moe)) = (&self.moe, &cfg.moe) {
-            block.forward(cfg, moe, self.index, &x, seq, c, hooks)
+            let mut out = block.forward(cfg, moe, self.index, &x, seq, c, hooks);
+            if block.shared_gate().is_some() {
+                // Qwen2-MoE: out + sigmoid(shared_expert_gate(x)) · shared_expert(x), each a torch op.
+                let factors = block.shared_factors(&x, seq, c);
+                let mut shared = self.dense_mlp(cfg, x, seq, hooks);
+                shared.scale_rows(cfg.hidden_size, &factors);
+                shared.round(c);
+                out.add(&shared);
+                out.round(c);
+            }
+            out
         } else {
-            let mlp = if cfg.gated_mlp() {
-                let mut gate = self.linear(cfg, LinearKind::Gate, x.clone(), seq, hooks); // [seq, intermediate]
-                let up = self.linear(cfg, LinearKind::Up, x, seq, hooks); // [seq, intermediate]
-                gate.gated_mul(c, cfg.act, &up);
-                gate
-            } else {
-                // One torch op on the up output: rounded once.
-                let mut up = self.linear(cfg, LinearKind::Up, x, seq, hooks);
-                up.activate(cfg.act);
-                up.round(c);
-                up
-            };
-            self.linear(cfg, LinearKind::Down, mlp, seq, hooks)
+            self.dense_mlp(cfg, x, seq, hooks)
         };
         self.residual_add(cfg, NormSlot::MlpOut, hidden, down);
+    }
+
+    /// The dense MLP (Qwen2-MoE's shared expert in an MoE layer) on the normed `x`.
+    fn dense_mlp(&self, cfg: &ModelConfig, x: Tensor, seq: usize, hooks: &mut dyn Hooks) -> Tensor {
+        let c = self.compute;
+        let mlp = if cfg.gated_mlp() {
+            let mut gate = self.linear(cfg, LinearKind::Gate, x.clone(), seq, hooks); // [seq, intermediate]
+            let up = self.linear(cfg, LinearKind::Up, x, seq, hooks); // [seq, intermediate]
+            gate.gated_mul(c, cfg.act, &up);
+            gate
+        } else {
+            // One torch op on the up output: rounded once.
+            let mut up = self.linear(cfg, LinearKind::Up, x, seq, hooks);
+            up.activate(cfg.act);
+            up.round(c);
+            up
+        };
+        self.linear(cfg, LinearKind::Down, mlp, seq, hooks)
     }
 
     /// `kind`'s output for input `x` (`[seq, in_features]`), after the input hook; the bias,
     /// if any, is added before the output is rounded (torch `F.linear` rounds once).
     fn linear(&self, cfg: &ModelConfig, kind: LinearKind, mut x: Tensor, seq: usize, hooks: &mut dyn Hooks) -> Tensor {
-        let [n, k] = kind.shape(cfg);
+        let [n, k] = cfg.linear_shape(self.index, kind);
         hooks.linear_input(self.index, kind, &mut x, k);
         let mut out = x.matmul_bt(&self.linears[kind as usize], seq, k, n);
         if let Some(b) = &self.biases[kind as usize] {

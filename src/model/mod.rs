@@ -36,6 +36,7 @@ use std::path::Path;
 const EMBED_TOKENS: &str = "model.embed_tokens.weight";
 const FINAL_NORM: &str = "model.norm";
 const LM_HEAD: &str = "lm_head.weight";
+const LM_HEAD_BIAS: &str = "lm_head.bias";
 
 /// A model's config and the checkpoint folders its tensors are read from.
 pub struct Model {
@@ -119,8 +120,8 @@ impl Model {
                     check(&mut found, shape(&format!("{prefix}.self_attn.{which}.weight"), &[width]));
                 }
             }
-            if let Some(moe) = cfg.moe_layer(l) {
-                check(&mut found, shape(&format!("{}.weight", moe.router(l)), &[moe.num_experts, cfg.hidden_size]));
+            for (router, rows) in cfg.moe_layer(l).map(|moe| moe.routers(l)).unwrap_or_default() {
+                check(&mut found, shape(&format!("{router}.weight"), &[rows, cfg.hidden_size]));
             }
             for m in cfg.layer_modules(l) {
                 check(&mut found, weights::check_linear(self, &m.path, m.shape));
@@ -132,6 +133,9 @@ impl Model {
         check(&mut found, norm(FINAL_NORM));
         if self.get(LM_HEAD).is_some() || self.get("lm_head.weight_packed").is_some() || !cfg.tie_word_embeddings {
             check(&mut found, weights::check_linear(self, "lm_head", [cfg.vocab_size, cfg.hidden_size]));
+        }
+        if cfg.lm_head_bias {
+            check(&mut found, shape(LM_HEAD_BIAS, &[cfg.vocab_size]));
         }
         found.truncate(MAX_FINDINGS);
         found
@@ -220,16 +224,16 @@ impl Model {
                 *slot = Some(Norm { weight, bias });
             }
         }
-        // An MoE layer has no dense MLP: its gate/up/down slots stay empty.
+        // An MoE layer has no dense MLP: its gate/up/down slots stay empty, or hold the shared
+        // expert (Qwen2-MoE).
         let moe = match &cfg.moe {
             Some(m) if m.is_sparse(i) => Some(self.load_moe(m, i)?),
             _ => None,
         };
         let mut linears: [Tensor; 7] = Default::default();
         let mut biases: [Option<Tensor>; 7] = Default::default();
-        for m in cfg.modules.iter().filter(|m| moe.is_none() || !m.is_mlp()) {
-            let module = format!("{prefix}.{}", m.name);
-            let shape = m.shape(cfg);
+        for m in cfg.layer_modules(i).into_iter().filter(|m| m.expert.is_none()) {
+            let (module, shape) = (m.path, m.shape);
             let w = weights::linear_weight(self, &module, shape)?;
             let name = format!("{module}.bias");
             let required = m.kinds.iter().any(|k| match k {
@@ -241,7 +245,7 @@ impl Model {
             // A fused module's output rows are its linears' outputs one after the other.
             let mut row = 0;
             for &k in m.kinds {
-                let [rows, cols] = k.shape(cfg);
+                let [rows, cols] = cfg.linear_shape(i, k);
                 linears[k as usize] = Tensor::on(w[row * cols..(row + rows) * cols].to_vec(), self.device);
                 biases[k as usize] = b.as_ref().map(|b| Tensor::on(b[row..row + rows].to_vec(), self.device));
                 row += rows;
@@ -269,18 +273,24 @@ impl Model {
     /// The MoE block of layer `layer`: its router (unquantized) and experts (dequantized when stored quantized).
     fn load_moe(&self, moe: &MoeConfig, layer: usize) -> Result<MoeBlock> {
         let cfg = &self.config;
-        let name = format!("{}.weight", moe.router(layer));
-        let t = self.tensor(&name)?;
-        t.expect_shape(&[moe.num_experts, cfg.hidden_size])?;
-        let router = t.to_f32()?;
-        check_finite(&name, &router, 0)?;
+        let router = |name: String, rows: usize| -> Result<Tensor> {
+            let name = format!("{name}.weight");
+            let t = self.tensor(&name)?;
+            t.expect_shape(&[rows, cfg.hidden_size])?;
+            let w = t.to_f32()?;
+            check_finite(&name, &w, 0)?;
+            Ok(Tensor::on(w, self.device))
+        };
+        let mut routers = moe.routers(layer).into_iter().map(|(name, rows)| router(name, rows));
+        let router_weight = routers.next().expect("an MoE block has a router")?;
+        let shared_gate = routers.next().transpose()?;
         let experts = (0..moe.num_experts)
             .map(|e| -> Result<[Tensor; 3]> {
                 let w = |k| weights::linear_weight(self, &moe.expert_module(layer, e, k), moe.expert_shape(cfg, k));
                 Ok([w(LinearKind::Gate)?, w(LinearKind::Up)?, w(LinearKind::Down)?].map(|w| Tensor::on(w, self.device)))
             })
             .collect::<Result<_>>()?;
-        Ok(MoeBlock { router: Tensor::on(router, self.device), experts })
+        Ok(MoeBlock { router: router_weight, experts, shared_gate })
     }
 
     /// Norm `module`'s weight and, for a LayerNorm, its bias (`[hidden]` each).
@@ -304,8 +314,12 @@ impl Model {
             (self.load(EMBED_TOKENS, &shape)?, InputQuant::default())
         };
         let lm_head = Tensor::on(lm_head, self.device);
+        let lm_head_bias = match cfg.lm_head_bias {
+            true => Some(Tensor::on(self.load(LM_HEAD_BIAS, &[cfg.vocab_size])?, self.device)),
+            false => None,
+        };
         crate::compute::take_device_error()?;
-        Ok(Head { cfg: cfg.clone(), norm, norm_bias, lm_head, compute: self.compute, input })
+        Ok(Head { cfg: cfg.clone(), norm, norm_bias, lm_head, lm_head_bias, compute: self.compute, input })
     }
 
 }

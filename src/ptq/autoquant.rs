@@ -81,9 +81,8 @@ pub fn groups(model: &Model, exclusions: &Exclusions) -> Vec<Group> {
                 None => out.push(Group { name, members: vec![m.path], params, searchable: !excluded }),
             }
         }
-        if let Some(moe) = cfg.moe_layer(l) {
-            let router = moe.router(l);
-            out.push(Group { name: router.clone(), members: vec![router], params: moe.num_experts * cfg.hidden_size, searchable: false });
+        for (router, rows) in cfg.moe_layer(l).map(|moe| moe.routers(l)).unwrap_or_default() {
+            out.push(Group { name: router.clone(), members: vec![router], params: rows * cfg.hidden_size, searchable: false });
         }
     }
     out.push(Group {
@@ -275,14 +274,21 @@ pub fn score_indices(total: usize, n: usize, seed: u64) -> Vec<usize> {
     idx
 }
 
+/// Input amax per linear kind: of the dense linears (Qwen2-MoE's shared expert among them),
+/// and pooled over an MoE block's experts.
 #[derive(Default)]
 struct Amax {
-    amax: [f32; N],
+    dense: [f32; N],
+    experts: [f32; N],
 }
 
 impl Hooks for Amax {
     fn linear_input(&mut self, _layer: usize, kind: LinearKind, x: &mut Tensor, _cols: usize) {
-        let a = &mut self.amax[kind as usize];
+        let a = &mut self.dense[kind as usize];
+        *a = x.amax(*a);
+    }
+    fn expert_input(&mut self, _layer: usize, _expert: usize, kind: LinearKind, x: &mut Tensor, _cols: usize) {
+        let a = &mut self.experts[kind as usize];
         *a = x.amax(*a);
     }
 }
@@ -449,7 +455,8 @@ pub fn search(
         // quantize.rs `share_expert_scales`), which is what `Amax` sees through `expert_input`.
         for (fi, &f) in formats.iter().enumerate().filter(|(_, f)| !has_algorithm(**f)) {
             for (iq, m) in per_module.iter_mut().zip(&modules) {
-                iq[fi].act = f.act().map(|a| (a, hooks.amax[m.kinds[0] as usize]));
+                let amax = if m.expert.is_some() { &hooks.experts } else { &hooks.dense };
+                iq[fi].act = f.act().map(|a| (a, amax[m.kinds[0] as usize]));
             }
         }
         inputs.push(per_module);

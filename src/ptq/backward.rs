@@ -22,8 +22,8 @@
 //! enter it).
 
 use crate::compute::{Attention, Compute, Rope, Tensor};
-use crate::model::config::{Activation, ModelConfig, MoeConfig};
-use crate::model::moe::MoeBlock;
+use crate::model::config::{Activation, ModelConfig, MoeConfig, Routing};
+use crate::model::moe::{sparsemixer_grad, MoeBlock};
 use crate::model::head::finish_logits;
 use crate::model::{Head, Layer, LinearKind, NormSlot};
 
@@ -60,7 +60,7 @@ pub struct LayerGrad<'a> {
 impl<'a> LayerGrad<'a> {
     pub fn new(layer: &'a Layer, cfg: &'a ModelConfig, rope: &'a Rope) -> LayerGrad<'a> {
         let transposed = |w: &Tensor, [out, inp]: [usize; 2]| if w.is_empty() { Tensor::default() } else { w.transpose(out, inp) };
-        let dense_t = LinearKind::ALL.iter().map(|&k| transposed(layer.weight(k), k.shape(cfg))).collect();
+        let dense_t = LinearKind::ALL.iter().map(|&k| transposed(layer.weight(k), cfg.linear_shape(layer.index, k))).collect();
         let (mut experts_t, mut router_t) = (Vec::new(), None);
         if let (Some(block), Some(moe)) = (layer.moe(), cfg.moe_layer(layer.index)) {
             let expert = |e: usize, k: LinearKind| transposed(block.weight(e, k), moe.expert_shape(cfg, k));
@@ -73,7 +73,8 @@ impl<'a> LayerGrad<'a> {
     }
 
     fn dense(&self, kind: LinearKind) -> Linear<'_> {
-        Linear { w: self.layer.weight(kind), w_t: &self.dense_t[kind as usize], b: self.layer.bias(kind), shape: kind.shape(self.cfg) }
+        let shape = self.cfg.linear_shape(self.layer.index, kind);
+        Linear { w: self.layer.weight(kind), w_t: &self.dense_t[kind as usize], b: self.layer.bias(kind), shape }
     }
 
     /// Forward of the layer from its input `h_in` (`[seq, hidden]`), recomputing what the
@@ -165,13 +166,38 @@ impl<'a> LayerGrad<'a> {
             d.norm_backward_add(norm_kind, &y, &n.weight, &d_mlp);
             d_mlp = d;
         }
+        let dense_mlp_backward = |d_out: &Tensor, each: &mut EachLinear| {
+            let gate = cfg.gated_mlp().then(|| self.dense(LinearKind::Gate));
+            let (up, down) = (self.dense(LinearKind::Up), self.dense(LinearKind::Down));
+            mlp_backward(gate.as_ref(), &up, &down, cfg.act, &x2, seq, d_out, &mut |kind, x, dy| each(kind, None, x, dy)).0
+        };
         let dx2 = match (layer.moe(), cfg.moe_layer(layer.index)) {
-            (Some(block), Some(moe)) => self.moe_backward(block, moe, &x2, seq, &d_mlp, each),
-            _ => {
-                let gate = cfg.gated_mlp().then(|| self.dense(LinearKind::Gate));
-                let (up, down) = (self.dense(LinearKind::Up), self.dense(LinearKind::Down));
-                mlp_backward(gate.as_ref(), &up, &down, cfg.act, &x2, seq, &d_mlp, &mut |kind, x, dy| each(kind, None, x, dy)).0
+            (Some(block), Some(moe)) => {
+                let mut dx = self.moe_backward(block, moe, &x2, seq, &d_mlp, each);
+                if let Some(g) = block.shared_gate() {
+                    // out += s ⊙ shared(x), s = sigmoid(x·gᵀ) per token: the shared expert's
+                    // output gradient is s·d_out; ds = d_out·shared(x), dz = ds·s·(1 − s),
+                    // dx += dz·g.
+                    let s = block.shared_factors(&x2, seq, Compute::F32);
+                    let y = self.dense_mlp_forward(&x2, seq).into_host();
+                    let d_host = d_mlp.to_host();
+                    let dz: Vec<f32> = (0..seq)
+                        .map(|t| {
+                            let row = |v: &[f32]| v[t * h..(t + 1) * h].to_vec();
+                            let ds: f64 = row(&d_host).iter().zip(row(&y)).map(|(&a, b)| f64::from(a) * f64::from(b)).sum();
+                            (ds * f64::from(s[t]) * (1.0 - f64::from(s[t]))) as f32
+                        })
+                        .collect();
+                    let mut d_shared = d_mlp.clone();
+                    d_shared.scale_rows(h, &s);
+                    dx.add(&dense_mlp_backward(&d_shared, each));
+                    let g_t = g.transpose(1, h);
+                    let gate = Linear { w: g, w_t: &g_t, b: None, shape: [1, h] };
+                    dx.add(&gate.input_grad(&Tensor::on(dz, x2.device()), seq));
+                }
+                dx
             }
+            _ => dense_mlp_backward(&d_mlp, each),
         };
         drop((x2, d_mlp));
         let mut dh_mid = dh_out.clone();
@@ -286,7 +312,9 @@ impl<'a> LayerGrad<'a> {
         let logits = x.matmul_bt(router, seq, h, n).into_host();
         let mut dl = vec![0f32; seq * n];
         for ((route, dw), (z, dl)) in routes.iter().zip(&dw).zip(logits.chunks_exact(n).zip(dl.chunks_exact_mut(n))) {
-            if moe.norm_topk_prob {
+            if let Routing::SparseMixer { jitter_eps } = moe.routing {
+                dl.copy_from_slice(&sparsemixer_grad(z, jitter_eps, dw));
+            } else if moe.norm_topk_prob {
                 let s: f64 = route.iter().zip(dw).map(|(k, &d)| f64::from(k.1) * d).sum();
                 for (k, &d) in route.iter().zip(dw) {
                     dl[k.0] = (f64::from(k.1) * (d - s)) as f32;
@@ -424,6 +452,9 @@ pub fn head_backward(head: &Head, hidden: &Tensor, ids: &[u32], each_head: &mut 
         let rows = block.min(scored - t0);
         let x = normed.rows(t0..t0 + rows, h);
         let mut z = x.matmul_bt(w_head, rows, h, vocab);
+        if let Some(b) = head.lm_head_bias() {
+            z.add_row_bias(b);
+        }
         // Granite: the logits are z / logits_scaling, so dL/dz is their gradient / logits_scaling.
         let divisor = head.config().logits_scaling;
         if divisor.is_some() {

@@ -203,7 +203,7 @@ pub fn run(model: &Model, samples: &[Vec<u32>], opts: &Options, out: &mut Output
         // An MoE router carries a (disabled) quantizer: listed structurally, as ModelOpt does
         // since 0.45 (spec/export-formats.md §2.4).
         if let Some(moe) = cfg.moe_layer(l) {
-            summary.unquantized.push(moe.router(l));
+            summary.unquantized.extend(moe.routers(l).into_iter().map(|r| r.0));
         }
         // Compressed-tensors mode: smoothing only where it folds.
         let smooth: Vec<bool> =
@@ -450,8 +450,10 @@ fn foldable(
     let reads = |x: &LayerModule, group: &[LinearKind]| x.kinds.iter().any(|k| group.contains(k));
     if let Some(g) = NORM_GROUPS.iter().position(|g| reads(m, g)) {
         let (group, slot) = (NORM_GROUPS[g], [NormSlot::AttnIn, NormSlot::MlpIn][g]);
-        if layer.norm(slot).is_none() {
-            return false; // no norm in front to take the scale (Olmo2, Exaone4)
+        if layer.norm(slot).is_none() || cfg.moe_layer(layer.index).is_some() {
+            // No norm in front to take the scale (Olmo2, Exaone4), or one that also feeds a
+            // router (Qwen2-MoE's shared expert).
+            return false;
         }
         let mut readers = modules.iter().zip(formats).filter(|(x, _)| x.expert.is_none() && reads(x, group));
         return m.expert.is_none() && readers.all(|(_, f)| *f == formats[k]);
@@ -601,7 +603,10 @@ fn emit_layer(
                     parts.iter_mut().map(|x| { let p = x.pqs.take().unwrap_or_default(); (&mut x.weight, p) }).collect();
                 smoothquant::resmooth_group(&mut refs, inp, dtype)
             };
-            let norm = norms[slot as usize].as_mut().filter(|_| format.awq() || opts.compressed_tensors);
+            // In an MoE layer the norm also feeds the router and the routed experts: Qwen2-MoE's
+            // shared expert keeps its (shared) scale as a `pre_quant_scale`.
+            let folds = (format.awq() || opts.compressed_tensors) && cfg.moe_layer(l).is_none();
+            let norm = norms[slot as usize].as_mut().filter(|_| folds);
             let fold = norm.is_some();
             if let Some((weight, bias)) = norm {
                 if cfg.norm_offset {
