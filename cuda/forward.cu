@@ -232,6 +232,19 @@ __global__ void __launch_bounds__(kThreads)
     }
 }
 
+// The logits' last steps, the CPU's op order (cpu::finish_logits).
+__global__ void __launch_bounds__(kThreads)
+    finish_logits_kernel(float* __restrict__ x, size_t n, float divisor, float cap, int bf16) {
+    const size_t stride = size_t(gridDim.x) * blockDim.x;
+    auto r = [&](float v) { return bf16 ? bf16_round(v) : v; };
+    for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+        float v = x[i];
+        if (divisor > 0.0f) v = r(__fdiv_rn(v, divisor));
+        if (cap > 0.0f) v = r(__fmul_rn(r(tanhf(r(__fdiv_rn(v, cap)))), cap));
+        x[i] = v;
+    }
+}
+
 __global__ void __launch_bounds__(kThreads) activate_kernel(float* __restrict__ x, size_t n, int act) {
     const size_t stride = size_t(gridDim.x) * blockDim.x;
     for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) x[i] = act_fn(act, x[i]);
@@ -576,6 +589,13 @@ extern "C" int rq_gated_mul_f32(float* gate, const float* up, size_t n, int act,
     if (act < RQ_ACT_SILU || act > RQ_ACT_RELU2) return cudaErrorInvalidValue;
     if (n == 0) return cudaSuccess;
     RQ_LAUNCH(gated_mul_kernel, grid_for(n), kThreads, 0, 0)(gate, up, n, act, bf16);
+    return cudaGetLastError();
+}
+
+extern "C" int rq_finish_logits_f32(float* x, size_t n, float divisor, float cap, int bf16) {
+    if (!(divisor >= 0.0f) || !(cap >= 0.0f) || isinf(divisor) || isinf(cap)) return cudaErrorInvalidValue;
+    if (n == 0) return cudaSuccess;
+    RQ_LAUNCH(finish_logits_kernel, grid_for(n), kThreads, 0, 0)(x, n, divisor, cap, bf16);
     return cudaGetLastError();
 }
 

@@ -126,6 +126,10 @@ int rq_round_bf16_f32(float* x, size_t n);
 /* gate[i] = act(gate[i]) * up[i] (bf16: bf16(bf16(act(gate)) * up)), act an RQ_ACT_ code. */
 int rq_gated_mul_f32(float* gate, const float* up, size_t n, int act, int bf16);
 
+/* The logits' last steps (cpu::finish_logits): x / divisor when divisor > 0 (Granite), then
+ * tanh(x / cap) * cap when cap > 0 (Gemma2), each op rounded to bf16 when bf16. */
+int rq_finish_logits_f32(float* x, size_t n, float divisor, float cap, int bf16);
+
 /* x[i] = act(x[i]). */
 int rq_activate_f32(float* x, size_t n, int act);
 

@@ -737,3 +737,39 @@ fn llama_layer0_weights_match_cpu() {
         table.check(&format!("{proj} {rows}x{hidden}x{n}"), &out.to_vec().unwrap(), &want, |i| abs_dot[i], bound, "Σ|x·w|, 4 eps sqrt(k)");
     }
 }
+
+// ---- the logits' last steps -------------------------------------------------------------------------
+
+/// Granite's division and Gemma2's soft cap on the device against `cpu::finish_logits`,
+/// f32 and bf16, each alone and both: bit-identical (tanhf and the divisions are the CPU's
+/// under the emulator; on a GPU tanhf may differ by an ulp). A NaN logit stays NaN.
+#[test]
+fn finish_logits_matches_cpu() {
+    if !have_gpu() {
+        return;
+    }
+    let mut rng = Rng(0x5EED_0031);
+    let mut table = Table::new("finish_logits");
+    let mut x = normals(&mut rng, 3 * 517, 8.0);
+    x[100] = f32::NAN;
+    for (divisor, cap) in [(Some(8.0), None), (None, Some(0.5)), (None, Some(30.0)), (Some(3.0), Some(2.0))] {
+        for bf16 in [false, true] {
+            let mut want = x.clone();
+            cpu::finish_logits(bf16, &mut want, divisor, cap);
+            let mut d = dev(&x);
+            cuda::finish_logits(&mut d, divisor, cap, bf16).unwrap();
+            let got = d.to_vec().unwrap();
+            assert!(got[100].is_nan(), "the NaN logit vanished");
+            // On a GPU tanhf is within 2 ulp of the CPU's, which can flip a bf16 rounding.
+            let bound = match (cfg!(feature = "cuda-emu"), bf16) {
+                (true, _) => 0.0,
+                (false, true) => 2.0 * BF16_ULP,
+                (false, false) => 8.0 * EPS,
+            };
+            let shape = format!("divisor={divisor:?} cap={cap:?} bf16={bf16}");
+            table.check(&shape, &got, &want, |i| f64::from(want[i].abs()).max(1e-3), bound, "relative");
+        }
+    }
+    assert!(cuda::finish_logits(&mut dev(&x), Some(0.0), None, false).is_err(), "a divisor of 0");
+    assert!(cuda::finish_logits(&mut dev(&x), None, Some(f32::INFINITY), false).is_err(), "an infinite cap");
+}

@@ -302,3 +302,27 @@ fn silu_mul_and_nll_match_f64() {
         assert!((got - want).abs() < 1e-9 * want.abs().max(1.0), "{got} vs {want}");
     }
 }
+
+/// Granite's `logits / logits_scaling` and Gemma2's final soft cap `tanh(x / c) · c` in f32
+/// against f64, and under bf16 each op rounded (the result a bf16 value).
+#[test]
+fn finish_logits_matches_f64() {
+    let x: Vec<f32> = values(2000, 41).into_iter().map(|v| 40.0 * v).collect();
+    for (divisor, cap) in [(Some(8.0f32), None), (None, Some(0.5f32)), (Some(3.0), Some(30.0))] {
+        let mut got = x.clone();
+        ops::finish_logits(false, &mut got, divisor, cap);
+        let want: Vec<f64> = x
+            .iter()
+            .map(|&v| {
+                let v = divisor.map_or(f64::from(v), |d| f64::from(v) / f64::from(d));
+                cap.map_or(v, |c| f64::from(c) * (v / f64::from(c)).tanh())
+            })
+            .collect();
+        let err = max_rel_err(&got, &want);
+        assert!(err < 1e-6, "divisor {divisor:?} cap {cap:?}: error {err:e}");
+        let mut bf = x.clone();
+        ops::finish_logits(true, &mut bf, divisor, cap);
+        assert!(bf.iter().all(|&v| rq_min::numerics::round_bf16(v) == v), "bf16 results are bf16 values");
+        assert!(max_rel_err(&bf, &want) < 2.0f64.powi(-7), "bf16: within a few bf16 ulps");
+    }
+}

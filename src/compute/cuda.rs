@@ -746,6 +746,19 @@ pub fn gated_mul(gate: &mut DeviceBuffer<f32>, up: &DeviceBuffer<f32>, act: Acti
     })
 }
 
+/// The logits' last steps in place (`cpu::finish_logits`): `x / divisor`, then
+/// `tanh(x / cap) · cap`, each when given, each op rounded to bf16 when `bf16`.
+pub fn finish_logits(x: &mut DeviceBuffer<f32>, divisor: Option<f32>, cap: Option<f32>, bf16: bool) -> Result<()> {
+    let kernel = "rq_finish_logits_f32";
+    if [divisor, cap].iter().flatten().any(|v| !(v.is_finite() && *v > 0.0)) {
+        return Err(Error::Usage(format!("{kernel}: divisor {divisor:?} and cap {cap:?} must be positive and finite")));
+    }
+    // SAFETY: x holds x.len floats.
+    launched(kernel, x.len, unsafe {
+        ffi::rq_finish_logits_f32(x.as_mut_ptr(), x.len, divisor.unwrap_or(0.0), cap.unwrap_or(0.0), c_int::from(bf16))
+    })
+}
+
 /// `x ← act(x)` element-wise (`Tensor::activate`).
 pub fn activate(x: &mut DeviceBuffer<f32>, act: Activation) -> Result<()> {
     // SAFETY: x holds x.len floats.

@@ -87,8 +87,7 @@ impl Head {
         }
         logits.round(self.compute);
         if self.cfg.logits_scaling.is_some() || self.cfg.final_softcap.is_some() {
-            let (c, divisor, cap) = (self.compute, self.cfg.logits_scaling, self.cfg.final_softcap);
-            logits.map_host(|x| finish_logits(c, x, divisor, cap));
+            logits.finish_logits(self.compute, self.cfg.logits_scaling, self.cfg.final_softcap);
         }
         logits
     }
@@ -109,17 +108,5 @@ impl Head {
             sum += logits.log_softmax_nll(vocab, &ids[t0 + 1..t0 + rows + 1]).iter().sum::<f64>();
         }
         (sum, scored)
-    }
-}
-
-/// The families' last steps on the logits, each a torch op rounded as `c` stores tensors:
-/// Granite's `logits / logits_scaling`; Gemma2's `final_logit_softcapping` c:
-/// `logits / c`, `tanh`, `· c` (HF `Gemma2ForCausalLM.forward`).
-pub fn finish_logits(c: Compute, x: &mut [f32], divisor: Option<f32>, cap: Option<f32>) {
-    if let Some(d) = divisor {
-        x.iter_mut().for_each(|v| *v = c.round_one(*v / d));
-    }
-    if let Some(cap) = cap {
-        x.iter_mut().for_each(|v| *v = c.round_one(c.round_one(c.round_one(*v / cap).tanh()) * cap));
     }
 }

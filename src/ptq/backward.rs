@@ -24,7 +24,6 @@
 use crate::compute::{Attention, Compute, Rope, Tensor};
 use crate::model::config::{Activation, ModelConfig, MoeConfig, Routing};
 use crate::model::moe::{sparsemixer_grad, MoeBlock};
-use crate::model::head::finish_logits;
 use crate::model::{Head, Layer, LinearKind, NormSlot};
 
 /// Memory for one block of logits (and their gradient, in place) in [`head_backward`]; blocks
@@ -457,9 +456,7 @@ pub fn head_backward(head: &Head, hidden: &Tensor, ids: &[u32], each_head: &mut 
         }
         // Granite: the logits are z / logits_scaling, so dL/dz is their gradient / logits_scaling.
         let divisor = head.config().logits_scaling;
-        if divisor.is_some() {
-            z.map_host(|v| finish_logits(Compute::F32, v, divisor, None));
-        }
+        z.finish_logits(Compute::F32, divisor, None);
         loss += z.xent_grad_rows(vocab, &ids[t0 + 1..t0 + rows + 1], inv_n as f32).iter().sum::<f64>();
         if let Some(d) = divisor {
             z.scale_columns(&[1.0 / d]);

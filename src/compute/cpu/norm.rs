@@ -188,3 +188,17 @@ pub struct NormKind {
     pub offset: bool,
     pub eps: f32,
 }
+
+/// The families' last steps on the logits, each a torch op rounded as `c` stores tensors:
+/// Granite's `logits / logits_scaling`; Gemma2's `final_logit_softcapping` c:
+/// `logits / c`, `tanh`, `· c` (HF `Gemma2ForCausalLM.forward`). cuda/forward.cu's
+/// finish_logits_kernel is the device twin.
+pub fn finish_logits(bf16: bool, x: &mut [f32], divisor: Option<f32>, cap: Option<f32>) {
+    let r = |v: f32| if bf16 { crate::numerics::round_bf16(v) } else { v };
+    if let Some(d) = divisor {
+        x.iter_mut().for_each(|v| *v = r(*v / d));
+    }
+    if let Some(cap) = cap {
+        x.iter_mut().for_each(|v| *v = r(r(r(*v / cap).tanh()) * cap));
+    }
+}

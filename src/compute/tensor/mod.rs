@@ -464,6 +464,17 @@ impl Tensor {
         }
     }
 
+    /// The logits' last steps in place ([`cpu::finish_logits`]): Granite's division by
+    /// `divisor`, Gemma2's soft cap, each op rounded as `c` does.
+    pub fn finish_logits(&mut self, c: Compute, divisor: Option<f32>, cap: Option<f32>) {
+        let bf16 = c == Compute::Bf16;
+        match &mut self.storage {
+            Storage::Cpu(x) => cpu::finish_logits(bf16, x, divisor, cap),
+            #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+            Storage::Cuda(x) => dev::step(|| cuda::finish_logits(x, divisor, cap, bf16)),
+        }
+    }
+
     /// `self ← act(self)` element-wise, not rounded.
     pub fn activate(&mut self, act: Activation) {
         let f = act_fn(act);
