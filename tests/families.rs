@@ -400,3 +400,26 @@ fn both_rope_spellings_parse() {
     );
     assert!(matches!(ModelConfig::from_json(yarn, Path::new("yarn")), Err(Error::Unsupported(_))));
 }
+
+/// Under bf16 arithmetic Olmo2's RMSNorm rounds once, after the weight (HF `Olmo2RMSNorm`:
+/// `(weight * x).to(dtype)`), where Llama-style norms (Exaone4's) round the normalized rows
+/// before the weight: Olmo2's final norm output is the f32 norm rounded to bf16, Exaone4's is not.
+#[test]
+fn olmo2_norms_round_once_after_the_weight() {
+    use rq_min::compute::{Compute, Tensor};
+    for (name, rounds_once) in [("olmo2", true), ("exaone4", false)] {
+        let Some(dir) = shared_family(name) else { return };
+        let mut model = Model::open(&dir, None).unwrap();
+        model.compute = Compute::Bf16;
+        let head = model.load_head().unwrap();
+        let h = model.config.hidden_size;
+        let x: Vec<f32> = (0..4 * h).map(|i| rq_min::numerics::round_bf16(((i * 37 % 101) as f32 - 50.0) * 0.173)).collect();
+        let got = head.normed(&Tensor::from(x.clone()), 4).into_host();
+        let mut want = vec![0f32; x.len()];
+        let kind = model.config.norm_kind();
+        Compute::F32.norm(kind, &x, &head.norm_weight().to_host(), None, &mut want);
+        Compute::Bf16.round(&mut want);
+        let same = got == want;
+        assert_eq!(same, rounds_once, "{name}: bf16 final norm {} the f32 norm rounded once", if same { "equals" } else { "differs from" });
+    }
+}

@@ -105,6 +105,8 @@ pub struct ModelConfig {
     pub embed_scale_in_dtype: bool,
     /// Where a layer's norms sit (Llama: before attention and before the MLP).
     pub norms: &'static LayerNorms,
+    /// The RMSNorms multiply by the weight in f32 and round once (HF `Olmo2RMSNorm`).
+    pub norm_weight_f32: bool,
     /// The q/k norms normalize the whole projection (Olmo2: weights `[heads * head_dim]`), not
     /// each head.
     pub qk_norm_whole: bool,
@@ -312,6 +314,7 @@ impl ModelConfig {
                 _ => &LLAMA_NORMS,
             },
             qk_norm_whole: family == Family::Olmo2,
+            norm_weight_f32: family == Family::Olmo2,
             vocab_size,
             tie_word_embeddings: r
                 .opt_bool("tie_word_embeddings")?

@@ -67,7 +67,7 @@ impl Head {
     /// The final-norm output (HF `hidden_states[num_layers]`): `[seq, hidden]`.
     pub fn normed(&self, hidden: &Tensor, seq: usize) -> Tensor {
         assert_eq!(hidden.len(), seq * self.hidden_size(), "Head: hidden is not [seq, hidden_size]");
-        hidden.norm(self.compute, self.cfg.norm_kind(), &self.norm, self.norm_bias.as_ref())
+        crate::model::layer::norm(&self.cfg, self.compute, self.cfg.norm_kind(), hidden, &self.norm, self.norm_bias.as_ref())
     }
 
     /// Max |x| of lm_head's input (the final-norm output) over `hidden` states (each

@@ -42,9 +42,21 @@ pub enum NormSlot {
 }
 
 impl Norm {
-    fn apply(&self, c: Compute, kind: NormKind, x: &Tensor) -> Tensor {
-        x.norm(c, kind, &self.weight, self.bias.as_ref())
+    fn apply(&self, cfg: &ModelConfig, c: Compute, kind: NormKind, x: &Tensor) -> Tensor {
+        norm(cfg, c, kind, x, &self.weight, self.bias.as_ref())
     }
+}
+
+/// The norm `kind` of `x`'s rows in arithmetic `c`. Olmo2's RMSNorm multiplies the normalized
+/// f32 rows by the weight in f32 and rounds once (HF `Olmo2RMSNorm`: `(weight * x).to(dtype)`,
+/// where Llama's rounds the normalized rows first): the f32 norm, then `c`'s rounding.
+pub(crate) fn norm(cfg: &ModelConfig, c: Compute, kind: NormKind, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
+    if !cfg.norm_weight_f32 {
+        return x.norm(c, kind, w, b);
+    }
+    let mut out = x.norm(Compute::F32, kind, w, b);
+    out.round(c);
+    out
 }
 
 impl Layer {
@@ -56,7 +68,7 @@ impl Layer {
     /// `x` through the norm in `slot`, or `x` itself where there is none.
     fn normed(&self, cfg: &ModelConfig, slot: NormSlot, x: &Tensor) -> Tensor {
         match self.norm(slot) {
-            Some(n) => n.apply(self.compute, cfg.norm_kind(), x),
+            Some(n) => n.apply(cfg, self.compute, cfg.norm_kind(), x),
             None => x.clone(),
         }
     }
@@ -66,7 +78,7 @@ impl Layer {
     fn residual_add(&self, cfg: &ModelConfig, slot: NormSlot, hidden: &mut Tensor, branch: Tensor) {
         let c = self.compute;
         let mut branch = match self.norm(slot) {
-            Some(n) => n.apply(c, cfg.norm_kind(), &branch),
+            Some(n) => n.apply(cfg, c, cfg.norm_kind(), &branch),
             None => branch,
         };
         if let Some(m) = cfg.residual_multiplier {
@@ -105,8 +117,8 @@ impl Layer {
             // Over rows of the weight's width: each head (Qwen3, Gemma3 with 1 + w, Exaone4)
             // or the whole projection (Olmo2).
             let kind = cfg.qk_norm_kind();
-            q = q.norm(c, kind, q_norm, None);
-            k = k.norm(c, kind, k_norm, None);
+            q = norm(cfg, c, kind, &q, q_norm, None);
+            k = norm(cfg, c, kind, &k, k_norm, None);
         }
         if let Some(rope) = cfg.layer_rope(self.index, rope) {
             q.rope(c, rope, seq, cfg.num_attention_heads);
