@@ -181,7 +181,7 @@ __global__ void __launch_bounds__(kThreads)
 // launcher checks that the keys lie in the block.
 __global__ void __launch_bounds__(kThreads)
     softmax_rows_kernel(float* __restrict__ p, size_t rows, size_t n_keys, size_t t0, size_t lo, size_t window,
-                        float scale) {
+                        float scale, float softcap) {
     const size_t stride = size_t(gridDim.x) * blockDim.x;
     for (size_t r = size_t(blockIdx.x) * blockDim.x + threadIdx.x; r < rows; r += stride) {
         float* row = p + r * n_keys;
@@ -190,6 +190,7 @@ __global__ void __launch_bounds__(kThreads)
         float mx = -INFINITY;
         for (size_t j = from; j <= to; ++j) {
             row[j] = __fmul_rn(row[j], scale);
+            if (softcap > 0.0f) row[j] = __fmul_rn(tanhf(__fdiv_rn(row[j], softcap)), softcap);
             mx = fmaxf(mx, row[j]);  // fmaxf drops NaN, as f32::max
         }
         float sum = 0.0f;
@@ -201,6 +202,16 @@ __global__ void __launch_bounds__(kThreads)
         for (size_t j = from; j <= to; ++j) row[j] = __fmul_rn(row[j], inv);
         for (size_t j = 0; j < from; ++j) row[j] = 0.0f;
         for (size_t j = to + 1; j < n_keys; ++j) row[j] = 0.0f;
+    }
+}
+
+// ds[i] *= 1 - t^2, t = tanh(scale * raw[i] / cap) (cpu::softcap_grad).
+__global__ void __launch_bounds__(kThreads)
+    softcap_grad_kernel(float* __restrict__ ds, const float* __restrict__ raw, size_t n, float scale, float cap) {
+    const size_t stride = size_t(gridDim.x) * blockDim.x;
+    for (size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+        const float t = tanhf(__fdiv_rn(__fmul_rn(raw[i], scale), cap));
+        ds[i] = __fmul_rn(ds[i], __fadd_rn(1.0f, -__fmul_rn(t, t)));
     }
 }
 
@@ -306,12 +317,20 @@ extern "C" int rq_norm_backward_add_f32(float* acc, const float* x, const float*
 }
 
 extern "C" int rq_softmax_rows_f32(float* p, size_t rows, size_t n_keys, size_t t0, size_t lo, size_t window,
-                                   float scale) {
+                                   float scale, float softcap) {
+    if (!(softcap >= 0.0f)) return cudaErrorInvalidValue;
     if (rows == 0) return cudaSuccess;
     // first(t) and t grow with t: the first row's first key and the last row's t bound the block.
     const size_t first = t0 + 1 > window ? t0 + 1 - window : 0;
     if (first < lo || t0 < lo || t0 + rows - 1 - lo >= n_keys) return cudaErrorInvalidValue;
-    RQ_LAUNCH(softmax_rows_kernel, grid_for(rows), kThreads, 0, 0)(p, rows, n_keys, t0, lo, window, scale);
+    RQ_LAUNCH(softmax_rows_kernel, grid_for(rows), kThreads, 0, 0)(p, rows, n_keys, t0, lo, window, scale, softcap);
+    return cudaGetLastError();
+}
+
+extern "C" int rq_softcap_grad_f32(float* ds, const float* raw, size_t n, float scale, float cap) {
+    if (!(cap > 0.0f)) return cudaErrorInvalidValue;
+    if (n == 0) return cudaSuccess;
+    RQ_LAUNCH(softcap_grad_kernel, grid_for(n), kThreads, 0, 0)(ds, raw, n, scale, cap);
     return cudaGetLastError();
 }
 

@@ -246,7 +246,11 @@ int rq_norm_backward_add_f32(float* acc, const float* x, const float* weight, co
  * becomes softmax(scale * row) over the keys first ..= t it sees, first = t + 1 - window saturated
  * at 0 (window SIZE_MAX: no sliding window), and 0 elsewhere (cpu::softmax_rows, one thread per
  * row). A row seeing keys outside the block: cudaErrorInvalidValue. */
-int rq_softmax_rows_f32(float* p, size_t rows, size_t n_keys, size_t t0, size_t lo, size_t window, float scale);
+int rq_softmax_rows_f32(float* p, size_t rows, size_t n_keys, size_t t0, size_t lo, size_t window, float scale,
+                        float softcap);
+
+/* ds[i] *= 1 - tanh(scale * raw[i] / cap)^2: the soft cap's backward (cpu::softcap_grad); cap > 0. */
+int rq_softcap_grad_f32(float* ds, const float* raw, size_t n, float scale, float cap);
 
 /* ds = scale * p * (ds - c) per row of n_keys, c = f32(sum_j p_j * ds_j) (cpu::attention_ds). */
 int rq_attention_ds_f32(float* ds, const float* p, size_t rows, size_t n_keys, float scale);

@@ -187,36 +187,9 @@ families! {
     mixtral: "mixtral";
     qwen3_moe: "qwen3_moe";
     granite: "granite";
+    gemma2: "gemma2";
     gemma3: "gemma3";
     exaone4: "exaone4";
     qwen2_moe: "qwen2_moe";
     phimoe: "phimoe";
-}
-
-/// Gemma2's soft caps have no backward in the score yet: refused before any work, naming the
-/// architecture and the way around it.
-#[test]
-fn gemma2_soft_caps_are_refused() {
-    let Some(shared) = common::shared_dir() else { return };
-    let model = shared.join("reference/families/gemma2");
-    let dir: PathBuf = std::env::temp_dir().join(format!("rq-min-auto-families-{}-gemma2", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let ids = dir.join("calib_ids.json");
-    let rows = calib_rows().iter().map(|r| Json::Arr(r.iter().map(|&t| Json::Int(t.into())).collect())).collect();
-    write_json(&ids, &Json::Arr(rows));
-    let out = dir.join("auto");
-    let args = QuantizeArgs {
-        qformat: "nvfp4,fp8".into(),
-        calib_ids: Some(ids),
-        calib_size: 8,
-        calib_seq: Some(32),
-        auto_bits: Some(BUDGET),
-        no_eval: true,
-        quiet: true,
-        ..QuantizeArgs::new(&model, &out)
-    };
-    let err = quantize(&args).unwrap_err().to_string();
-    assert!(err.contains("Gemma2ForCausalLM") && err.contains("softcapping") && err.contains("--layer-formats"), "{err}");
-    assert!(!out.exists(), "a refused run wrote {}", out.display());
-    std::fs::remove_dir_all(&dir).unwrap();
 }

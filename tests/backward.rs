@@ -510,6 +510,7 @@ family_tests! {
     // The second set: Gemma3 (pre- and post-norms, 1 + w q/k norms, a local RoPE table on the
     // sliding layer), Granite (multipliers), Olmo2 (post-norms only, whole-projection q/k
     // norms), Exaone4 (post-norms, a global layer without RoPE).
+    family_gemma2: "gemma2";
     family_gemma3: "gemma3";
     // Granite's attention_multiplier of the fixture (1/32, against head_dim^-0.5 = 0.177)
     // flattens the attention until q's weight gradients (3e-6) are below what a finite

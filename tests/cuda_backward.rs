@@ -16,7 +16,7 @@ mod common;
 
 use common::{dev, have_gpu, poisoned, same_bits, values, Rng};
 use rq_min::compute::cpu::{
-    act_grad_mul, add_in_place, attention_ds, copy_columns, norm_backward_add, scale_rows, softmax_rows, sq_err_row,
+    act_grad_mul, add_in_place, attention_ds, copy_columns, norm_backward_add, scale_rows, softcap_grad, softmax_rows, sq_err_row,
     swap_rotary_halves, transpose, warp_sum, xent_grad_row,
 };
 use rq_min::compute::cuda::{self, DeviceBuffer};
@@ -128,19 +128,22 @@ fn softmax_rows_match_the_cpu() {
         return;
     }
     let mut rng = Rng(54);
-    // (rows, n_keys, t0, lo, window, scale): blocks of keys as the attention backward cuts them.
+    // (rows, n_keys, t0, lo, window, scale, softcap): blocks of keys as the attention backward
+    // cuts them, with and without Gemma2's soft cap.
     let cases = [
-        (1, 1, 0, 0, None, 1.0),
-        (5, 5, 0, 0, None, 0.125),
-        (17, 57, 40, 0, None, 0.35),
-        (17, 24, 40, 33, Some(8), 0.35),        // a sliding window, the block from the first row's first key
-        (17, 40, 40, 30, Some(8), 0.35),        // keys before the window too
-        (5, 9, 3, 0, Some(1000), 0.5),          // a window wider than the sequence
-        (9, 12, 3, 3, Some(1), 1.0),            // each query sees only itself
-        (1, 300, 299, 0, None, 0.0883883),
-        (3, 5, 2, 0, Some(0), 1.0),             // a window of 0 keys: rows of zeros
+        (1, 1, 0, 0, None, 1.0, None),
+        (5, 5, 0, 0, None, 0.125, None),
+        (17, 57, 40, 0, None, 0.35, None),
+        (17, 24, 40, 33, Some(8), 0.35, None),        // a sliding window, the block from the first row's first key
+        (17, 40, 40, 30, Some(8), 0.35, None),        // keys before the window too
+        (5, 9, 3, 0, Some(1000), 0.5, None),          // a window wider than the sequence
+        (9, 12, 3, 3, Some(1), 1.0, None),            // each query sees only itself
+        (1, 300, 299, 0, None, 0.0883883, None),
+        (3, 5, 2, 0, Some(0), 1.0, None),             // a window of 0 keys: rows of zeros
+        (17, 24, 40, 33, Some(8), 0.35, Some(0.5)),   // a cap that bends most scores
+        (5, 9, 3, 0, None, 0.125, Some(50.0)),
     ];
-    for (rows, n_keys, t0, lo, window, scale) in cases {
+    for (rows, n_keys, t0, lo, window, scale, softcap) in cases {
         let mut p = values(&mut rng, rows * n_keys, 4.0);
         if rows > 2 {
             // Row 1: a NaN where the query sees it; row 2: one -inf score and a NaN it does not see.
@@ -151,20 +154,22 @@ fn softmax_rows_match_the_cpu() {
             }
         }
         let mut want = p.clone();
-        softmax_rows(&mut want, n_keys, t0, lo, window, scale);
+        softmax_rows(&mut want, n_keys, t0, lo, window, scale, softcap);
         let mut got = dev(&p);
-        cuda::softmax_rows(&mut got, n_keys, t0, lo, window, scale).unwrap();
-        same_bits(&want, &got.to_vec().unwrap(), &format!("softmax_rows [{rows}, {n_keys}] t0 {t0} lo {lo} window {window:?}"));
+        cuda::softmax_rows(&mut got, n_keys, t0, lo, window, scale, softcap).unwrap();
+        let what = format!("softmax_rows [{rows}, {n_keys}] t0 {t0} lo {lo} window {window:?} softcap {softcap:?}");
+        same_bits(&want, &got.to_vec().unwrap(), &what);
     }
     let mut p = poisoned(12);
-    assert!(cuda::softmax_rows(&mut p, 4, 0, 1, None, 1.0).is_err(), "query 0 sees key 0 before the block");
-    assert!(cuda::softmax_rows(&mut p, 4, 2, 0, None, 1.0).is_err(), "query 4 sees key 4 past the block");
-    assert!(cuda::softmax_rows(&mut p, 4, 9, 4, Some(3), 1.0).is_err(), "query 9 sees keys past the block 4..8");
-    assert!(cuda::softmax_rows(&mut p, 4, 5, 4, Some(3), 1.0).is_err(), "query 5 sees key 3 before the block");
-    assert!(cuda::softmax_rows(&mut p, 5, 0, 0, None, 1.0).is_err(), "not rows of n_keys");
-    assert!(cuda::softmax_rows(&mut p, 0, 0, 0, None, 1.0).is_err(), "rows of 0 keys");
-    assert!(cuda::softmax_rows(&mut p, 4, usize::MAX, 0, None, 1.0).is_err(), "queries past usize::MAX");
-    assert!(cuda::softmax_rows(&mut poisoned(0), 4, 0, 9, None, 1.0).is_ok(), "no rows");
+    assert!(cuda::softmax_rows(&mut p, 4, 0, 1, None, 1.0, None).is_err(), "query 0 sees key 0 before the block");
+    assert!(cuda::softmax_rows(&mut p, 4, 2, 0, None, 1.0, None).is_err(), "query 4 sees key 4 past the block");
+    assert!(cuda::softmax_rows(&mut p, 4, 9, 4, Some(3), 1.0, None).is_err(), "query 9 sees keys past the block 4..8");
+    assert!(cuda::softmax_rows(&mut p, 4, 5, 4, Some(3), 1.0, None).is_err(), "query 5 sees key 3 before the block");
+    assert!(cuda::softmax_rows(&mut p, 5, 0, 0, None, 1.0, None).is_err(), "not rows of n_keys");
+    assert!(cuda::softmax_rows(&mut p, 0, 0, 0, None, 1.0, None).is_err(), "rows of 0 keys");
+    assert!(cuda::softmax_rows(&mut p, 4, usize::MAX, 0, None, 1.0, None).is_err(), "queries past usize::MAX");
+    assert!(cuda::softmax_rows(&mut poisoned(0), 4, 0, 9, None, 1.0, None).is_ok(), "no rows");
+    assert!(cuda::softmax_rows(&mut p, 4, 0, 0, None, 1.0, Some(-1.0)).is_err(), "a negative softcap");
 }
 
 #[test]
@@ -175,7 +180,7 @@ fn attention_ds_matches_the_cpu() {
     let mut rng = Rng(55);
     for (rows, n_keys) in SHAPES {
         let mut p = values(&mut rng, rows * n_keys, 1.0);
-        p.chunks_exact_mut(n_keys).for_each(|row| softmax_rows(row, n_keys, n_keys - 1, 0, None, 0.5)); // probabilities
+        p.chunks_exact_mut(n_keys).for_each(|row| softmax_rows(row, n_keys, n_keys - 1, 0, None, 0.5, None)); // probabilities
         let mut ds = values(&mut rng, rows * n_keys, 2.0);
         if rows > 2 {
             p[n_keys + n_keys / 2] = f32::NAN; // row 1 NaN
@@ -462,4 +467,31 @@ fn empty_inputs_launch_nothing() {
         .unwrap();
     cuda::attention_ds(&mut out, &empty, 3, 1.0).unwrap();
     cuda::swap_rotary_halves(&mut out, 4, 2).unwrap();
+}
+
+/// The soft cap's backward (`1 − tanh²(scale·raw / cap)`) on the device: bit-identical under
+/// the emulator (tanhf is the CPU's), within a few ulps on a GPU; NaN and ±inf scores pass
+/// through as on the CPU, odd lengths, wrong lengths and caps refused.
+#[test]
+fn softcap_grad_matches_the_cpu() {
+    if !have_gpu() {
+        return;
+    }
+    let mut rng = Rng(57);
+    for (n, scale, cap) in [(1, 1.0, 0.5), (1000, 0.125, 0.5), (4097, 0.0625, 50.0), (33, 1.0, 30.0)] {
+        let mut raw = values(&mut rng, n, 8.0);
+        let ds = values(&mut rng, n, 2.0);
+        if n > 3 {
+            raw[1] = f32::NAN;
+            raw[2] = f32::INFINITY;
+        }
+        let mut want = ds.clone();
+        softcap_grad(&mut want, &raw, scale, cap);
+        let mut got = dev(&ds);
+        cuda::softcap_grad(&mut got, &dev(&raw), scale, cap).unwrap();
+        same_up_to_libm(&want, &got.to_vec().unwrap(), 4.0, &format!("softcap_grad n {n} scale {scale} cap {cap}"));
+    }
+    let mut ds = poisoned(8);
+    assert!(cuda::softcap_grad(&mut ds, &dev(&[0f32; 7]), 1.0, 1.0).is_err(), "raw of another length");
+    assert!(cuda::softcap_grad(&mut ds, &dev(&[0f32; 8]), 1.0, 0.0).is_err(), "a cap of 0");
 }

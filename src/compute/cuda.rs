@@ -978,8 +978,12 @@ pub fn softmax_rows(
     lo: usize,
     window: Option<usize>,
     scale: f32,
+    softcap: Option<f32>,
 ) -> Result<()> {
     let kernel = "rq_softmax_rows_f32";
+    if softcap.is_some_and(|c| !(c > 0.0 && c.is_finite())) {
+        return Err(Error::Usage(format!("{kernel}: softcap {softcap:?} must be positive and finite")));
+    }
     let rows = rows_of(kernel, p.len, n_keys)?;
     // first(t) and t grow with t: the first row's first key and the last row bound the block.
     let first = window.map_or(0, |w| t0.saturating_add(1).saturating_sub(w));
@@ -993,8 +997,19 @@ pub fn softmax_rows(
     }
     // SAFETY: p holds rows*n_keys floats and every row's visible keys lie in it (checked).
     launched(kernel, p.len, unsafe {
-        ffi::rq_softmax_rows_f32(p.as_mut_ptr(), rows, n_keys, t0, lo, window.unwrap_or(usize::MAX), scale)
+        ffi::rq_softmax_rows_f32(p.as_mut_ptr(), rows, n_keys, t0, lo, window.unwrap_or(usize::MAX), scale, softcap.unwrap_or(0.0))
     })
+}
+
+/// The soft cap's backward in place (`cpu::softcap_grad`): `ds[i] *= 1 − tanh(scale·raw[i] / cap)²`.
+pub fn softcap_grad(ds: &mut DeviceBuffer<f32>, raw: &DeviceBuffer<f32>, scale: f32, cap: f32) -> Result<()> {
+    let kernel = "rq_softcap_grad_f32";
+    check_shape(kernel, "raw", raw.len, Some(ds.len))?;
+    if !(cap > 0.0 && cap.is_finite()) {
+        return Err(Error::Usage(format!("{kernel}: cap {cap} must be positive and finite")));
+    }
+    // SAFETY: ds and raw hold ds.len floats each.
+    launched(kernel, ds.len, unsafe { ffi::rq_softcap_grad_f32(ds.as_mut_ptr(), raw.as_ptr(), ds.len, scale, cap) })
 }
 
 /// The attention softmax's backward in place (`cpu::attention_ds`): `ds` holds dP (`[rows,

@@ -394,14 +394,6 @@ pub fn search(
     let start = std::time::Instant::now();
     let (samples, score) = (input.samples, input.score);
     let cfg = &model.config;
-    if cfg.attn_softcap.is_some() || cfg.final_softcap.is_some() {
-        return Err(Error::Unsupported(format!(
-            "auto-quantize of {} with soft-capped attention or logits (attn_logit_softcapping / \
-             final_logit_softcapping): the gradient score has no backward of tanh soft-capping yet; quantize it with \
-             one format or --layer-formats",
-            cfg.architecture
-        )));
-    }
     let dtype = model.dtype()?;
     let groups = groups(model, exclusions);
     let lowest = lowest_bits(&groups, formats);

@@ -455,9 +455,15 @@ pub fn head_backward(head: &Head, hidden: &Tensor, ids: &[u32], each_head: &mut 
             z.add_row_bias(b);
         }
         // Granite: the logits are z / logits_scaling, so dL/dz is their gradient / logits_scaling.
-        let divisor = head.config().logits_scaling;
+        // Gemma2: the logits are c·tanh(u / c) of u = z (its gradient times 1 − tanh²(u / c)).
+        let (divisor, cap) = (head.config().logits_scaling, head.config().final_softcap);
         z.finish_logits(Compute::F32, divisor, None);
+        let uncapped = cap.map(|_| z.clone());
+        z.finish_logits(Compute::F32, None, cap);
         loss += z.xent_grad_rows(vocab, &ids[t0 + 1..t0 + rows + 1], inv_n as f32).iter().sum::<f64>();
+        if let (Some(u), Some(cap)) = (&uncapped, cap) {
+            z.softcap_grad(u, 1.0, cap);
+        }
         if let Some(d) = divisor {
             z.scale_columns(&[1.0 / d]);
         }
@@ -528,13 +534,18 @@ fn attention_backward(a: &Attention, q: &Tensor, k: &Tensor, v: &Tensor, d_out: 
                 let (k_b, v_b) = (k_g.rows(lo..t1, hd), v_g.rows(lo..t1, hd));
                 // P = softmax(scale · Q_b·K_bᵀ): [rows, n_keys].
                 let mut p = q_b.matmul_bt(&k_b, rows, hd, n_keys);
-                p.softmax_rows(n_keys, t0, lo, a.sliding_window, scale);
+                // Gemma2's soft cap: its backward needs the raw scores.
+                let raw = a.softcap.map(|_| p.clone());
+                p.softmax_rows(n_keys, t0, lo, a.sliding_window, scale, a.softcap);
                 // dP = dO_b·V_bᵀ.
                 let mut ds = do_b.matmul_bt(&v_b, rows, hd, n_keys);
                 // dV_g[lo..t1] += Pᵀ·dO_b.
                 dv_g.add_at(lo * hd, &p.transpose(rows, n_keys).matmul_bt(&do_b.transpose(rows, hd), n_keys, rows, hd));
                 // ds becomes scale·dS = scale·P ⊙ (dP − Σ_j dP_j·P_j), row by row.
                 ds.attention_ds(&p, n_keys, scale);
+                if let (Some(raw), Some(cap)) = (&raw, a.softcap) {
+                    ds.softcap_grad(raw, scale, cap); // d(c·tanh(s/c))/ds = 1 − tanh²(s/c)
+                }
                 // dQ_h[t0..t1] = scale·dS·K_b.
                 dq_h.add_at(t0 * hd, &ds.matmul_bt(&k_b.transpose(n_keys, hd), rows, n_keys, hd));
                 // dK_g[lo..t1] += scale·dSᵀ·Q_b.

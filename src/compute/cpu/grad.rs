@@ -86,15 +86,28 @@ pub fn norm_backward_add(norm: NormKind, x: &[f32], weight: &[f32], dy: &[f32], 
 /// scores of the queries `t0..t0 + rows` against the keys `lo..lo + n_keys`; row r (query
 /// t = t0 + r) becomes `softmax(scale · scores)` over the keys it sees, `first(t)..=t` with
 /// `first(t) = t + 1 − window` under a sliding window (else 0), and 0 elsewhere
-/// ([`softmax_visible`], the forward's f32 softmax).
+/// ([`softmax_visible`], the forward's f32 softmax, with its soft cap when `softcap` is set).
 ///
 /// Panics if a row's visible keys are not inside the block (a caller bug).
-pub fn softmax_rows(p: &mut [f32], n_keys: usize, t0: usize, lo: usize, window: Option<usize>, scale: f32) {
+pub fn softmax_rows(p: &mut [f32], n_keys: usize, t0: usize, lo: usize, window: Option<usize>, scale: f32, softcap: Option<f32>) {
     for (r, row) in p.chunks_exact_mut(n_keys).enumerate() {
         let t = t0 + r;
         let first = window.map_or(0, |w| (t + 1).saturating_sub(w));
         assert!(first >= lo && t < lo + n_keys, "softmax_rows: query {t} sees keys outside {lo}..{}", lo + n_keys);
-        softmax_visible(row, first - lo, t - lo, scale, None);
+        softmax_visible(row, first - lo, t - lo, scale, softcap);
+    }
+}
+
+/// The soft cap's backward in place: `ds[i] *= 1 − tanh(scale·raw[i] / cap)²`, the derivative of
+/// `cap · tanh(s / cap)` at the scaled score `s = scale·raw[i]` (computed as the forward does:
+/// `s / cap`, then tanh, in f32). NaN stays NaN.
+///
+/// Panics if the lengths differ (a caller bug).
+pub fn softcap_grad(ds: &mut [f32], raw: &[f32], scale: f32, cap: f32) {
+    assert_eq!(ds.len(), raw.len(), "softcap_grad: lengths differ");
+    for (d, &x) in ds.iter_mut().zip(raw) {
+        let t = (x * scale / cap).tanh();
+        *d *= 1.0 - t * t;
     }
 }
 
@@ -277,7 +290,7 @@ mod tests {
         // Σ dP ⊙ softmax(0.5·s) w.r.t. 0.5·s, times 0.5.
         let s = data(5, 1.0);
         let mut p = s.clone();
-        softmax_rows(&mut p, 5, 4, 0, None, 0.5);
+        softmax_rows(&mut p, 5, 4, 0, None, 0.5, None);
         let dp = data(5, 3.0);
         let mut ds = dp.clone();
         attention_ds(&mut ds, &p, 5, 0.5);
@@ -289,8 +302,28 @@ mod tests {
         close(&ds, &numeric_grad(f, &s, &dp), 1e-5);
         // A sliding window of 2 at query 3 of keys 2..5: only keys 2 and 3 are visible.
         let mut p = vec![1.0, 1.0, 9.0];
-        softmax_rows(&mut p, 3, 3, 2, Some(2), 1.0);
+        softmax_rows(&mut p, 3, 3, 2, Some(2), 1.0, None);
         assert_eq!(p, [0.5, 0.5, 0.0]);
+    }
+
+    #[test]
+    fn softcapped_attention_backward_is_the_gradient() {
+        // With Gemma2's cap c: P = softmax(c·tanh(0.5·s / c)); attention_ds (which carries the
+        // 0.5) then softcap_grad is the gradient of Σ dP ⊙ P w.r.t. s.
+        let (s, cap) = (data(5, 4.0), 1.5f32);
+        let mut p = s.clone();
+        softmax_rows(&mut p, 5, 4, 0, None, 0.5, Some(cap));
+        let dp = data(5, 3.0);
+        let mut ds = dp.clone();
+        attention_ds(&mut ds, &p, 5, 0.5);
+        softcap_grad(&mut ds, &s, 0.5, cap);
+        let c = f64::from(cap);
+        let f = |s: &[f64]| -> Vec<f64> {
+            let e: Vec<f64> = s.iter().map(|v| (c * (0.5 * v / c).tanh()).exp()).collect();
+            let t: f64 = e.iter().sum();
+            e.iter().map(|v| v / t).collect()
+        };
+        close(&ds, &numeric_grad(f, &s, &dp), 1e-5);
     }
 
     #[test]

@@ -16,7 +16,7 @@ mod threads;
 pub use attention::Attention;
 pub use matmul::{matmul_bt, matmul_bt_naive};
 pub use grad::{
-    act_grad_mul, attention_ds, copy_columns, norm_backward_add, scale_rows, softmax_rows, swap_rotary_halves, transpose,
+    act_grad_mul, attention_ds, copy_columns, norm_backward_add, scale_rows, softcap_grad, softmax_rows, swap_rotary_halves, transpose,
     xent_grad_row,
 };
 pub use norm::{

@@ -72,11 +72,23 @@ impl Tensor {
 
     /// The attention backward's softmax of a score block in place ([`cpu::softmax_rows`]):
     /// `self` is `[rows, n_keys]`, queries `t0..`, keys `lo..`.
-    pub fn softmax_rows(&mut self, n_keys: usize, t0: usize, lo: usize, window: Option<usize>, scale: f32) {
+    #[allow(clippy::too_many_arguments)]
+    pub fn softmax_rows(&mut self, n_keys: usize, t0: usize, lo: usize, window: Option<usize>, scale: f32, softcap: Option<f32>) {
         match &mut self.storage {
-            Storage::Cpu(p) => cpu::softmax_rows(p, n_keys, t0, lo, window, scale),
+            Storage::Cpu(p) => cpu::softmax_rows(p, n_keys, t0, lo, window, scale, softcap),
             #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
-            Storage::Cuda(p) => dev::step(|| cuda::softmax_rows(p, n_keys, t0, lo, window, scale)),
+            Storage::Cuda(p) => dev::step(|| cuda::softmax_rows(p, n_keys, t0, lo, window, scale, softcap)),
+        }
+    }
+
+    /// `self[i] *= 1 − tanh(scale·raw[i] / cap)²`: the soft cap's backward ([`cpu::softcap_grad`]).
+    pub fn softcap_grad(&mut self, raw: &Tensor, scale: f32, cap: f32) {
+        match (&mut self.storage, &raw.storage) {
+            (Storage::Cpu(ds), Storage::Cpu(raw)) => cpu::softcap_grad(ds, raw, scale, cap),
+            #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+            (Storage::Cuda(ds), Storage::Cuda(raw)) => dev::step(|| cuda::softcap_grad(ds, raw, scale, cap)),
+            #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
+            _ => self.update_via_host(|h| h.softcap_grad(&raw.host_copy(), scale, cap)),
         }
     }
 
