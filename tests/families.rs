@@ -423,3 +423,55 @@ fn olmo2_norms_round_once_after_the_weight() {
         assert_eq!(same, rounds_once, "{name}: bf16 final norm {} the f32 norm rounded once", if same { "equals" } else { "differs from" });
     }
 }
+
+/// Gemma3's two RoPE tables in both spellings: 4.x (`rope_theta` and `rope_scaling` for the
+/// global layers, `rope_local_base_freq` for the sliding ones) and transformers 5
+/// (`rope_parameters {full_attention, sliding_attention}`); the released 4B+ checkpoints scale the
+/// global table linearly (`inv_freq / factor`), the local one never. Sliding layers (every layer
+/// but each `sliding_window_pattern`-th) take the local table.
+#[test]
+fn gemma3_rope_tables_in_both_spellings() {
+    use rq_min::compute::{Rope, RopeConfig, RopeScaling};
+    let gemma3 = |f: &dyn Fn(&mut Json)| {
+        let mut raw = fixture_config();
+        raw.set("architectures", Json::Arr(vec![Json::Str("Gemma3ForCausalLM".into())]));
+        raw.set("num_hidden_layers", Json::Int(6));
+        raw.set("sliding_window_pattern", Json::Int(3));
+        if let Json::Obj(m) = &mut raw {
+            m.retain(|(k, _)| k != "rope_parameters" && k != "rope_theta" && k != "layer_types");
+        }
+        f(&mut raw);
+        ModelConfig::from_json(raw, Path::new("config.json")).unwrap()
+    };
+    let old = gemma3(&|raw| {
+        raw.set("rope_theta", Json::Float(1e6));
+        raw.set("rope_local_base_freq", Json::Float(1e4));
+        raw.set("rope_scaling", Json::parse(br#"{"rope_type": "linear", "factor": 8.0}"#, "s").unwrap());
+    });
+    let new = gemma3(&|raw| {
+        let p = br#"{"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                     "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}"#;
+        raw.set("rope_parameters", Json::parse(p, "p").unwrap());
+    });
+    let global = RopeConfig { theta: 1e6, scaling: RopeScaling::Linear { factor: 8.0 } };
+    let local = RopeConfig { theta: 1e4, scaling: RopeScaling::Default };
+    for cfg in [&old, &new] {
+        assert_eq!((&cfg.rope, cfg.rope_local.as_ref()), (&global, Some(&local)));
+        assert_eq!(cfg.sliding_layers.as_deref(), Some(&[true, true, false, true, true, false][..]));
+    }
+    // inv_freq of the linear table: the default one divided by 8 in f32 (1/(1e6^(i/d)) / 8).
+    let d = old.head_dim;
+    let scaled = Rope::inv_freq(&global, d);
+    for (i, f) in scaled.iter().enumerate() {
+        let want = (1.0 / 1e6f64.powf((2 * i) as f64 / d as f64)) / 8.0;
+        assert!((f64::from(*f) - want).abs() <= 1e-6 * want, "inv_freq[{i}] {f} vs {want}");
+    }
+    let rope = old.rope_table(16);
+    for (l, sliding) in [(0, true), (2, false)] {
+        let table = old.layer_rope(l, &rope).unwrap();
+        let want = if sliding { Rope::inv_freq(&local, d)[1] } else { scaled[1] };
+        // Position 1's angle of frequency 1 is the frequency itself.
+        let (cos, _) = table.tables();
+        assert_eq!(cos[d / 2 + 1], (f64::from(want)).cos() as f32, "layer {l}");
+    }
+}

@@ -20,6 +20,8 @@ pub struct RopeConfig {
 pub enum RopeScaling {
     /// `rope_type: "default"`: plain RoPE.
     Default,
+    /// `rope_type: "linear"` (Gemma3's global layers): every frequency divided by `factor`.
+    Linear { factor: f64 },
     /// `rope_type: "llama3"` (Llama 3.1+): long wavelengths stretched by `factor`.
     Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: usize },
 }
@@ -170,6 +172,8 @@ impl Rope {
         });
         match rope.scaling {
             RopeScaling::Default => default.collect(),
+            // `_compute_linear_scaling_rope_parameters`: `inv_freq /= factor`, in f32.
+            RopeScaling::Linear { factor } => default.map(|f| f / factor as f32).collect(),
             RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
                 let old_context_len = original_max_position_embeddings as f64;
                 let low_freq_wavelen = (old_context_len / low_freq_factor) as f32;

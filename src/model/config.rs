@@ -758,6 +758,13 @@ impl Reader<'_> {
         };
         let scaling = match rope_type {
             "default" => RopeScaling::Default,
+            "linear" => {
+                let factor = self.opt_f64_in(p, "factor")?.ok_or_else(|| self.missing("factor"))?;
+                if !(factor > 0.0 && factor.is_finite()) {
+                    return Err(self.err(format!("linear rope: factor = {factor} must be positive")));
+                }
+                RopeScaling::Linear { factor }
+            }
             "llama3" => {
                 let num = |key: &str| self.opt_f64_in(p, key)?.ok_or_else(|| self.missing(key));
                 let (factor, low_freq_factor, high_freq_factor) =
@@ -775,7 +782,7 @@ impl Reader<'_> {
             }
             other => {
                 return Err(Error::Unsupported(format!(
-                    "{}: rope_type {other:?} (supported: \"default\", \"llama3\")",
+                    "{}: rope_type {other:?} (supported: \"default\", \"linear\", \"llama3\")",
                     self.path.display()
                 )))
             }
