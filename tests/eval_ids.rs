@@ -84,25 +84,7 @@ fn logits_of_the_llama_fixture_match_transformers() {
 #[test]
 fn logits_of_every_family_match_transformers() {
     let Some(shared) = common::shared_dir() else { return };
-    let families = [
-        "llama",
-        "mistral",
-        "qwen2",
-        "qwen3",
-        "gemma",
-        "phi3",
-        "starcoder2",
-        "nemotron",
-        "mixtral",
-        "qwen3_moe",
-        "gemma2",
-        "gemma3",
-        "granite",
-        "olmo2",
-        "exaone4",
-        "qwen2_moe",
-        "phimoe",
-    ];
+    let families = common::FAMILIES;
     for name in families {
         check(&shared.join("reference/families").join(name), name);
     }

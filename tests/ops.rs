@@ -98,6 +98,7 @@ fn inv_freq_f64(rope: &RopeConfig, head_dim: usize) -> Vec<f64> {
     let default = (0..head_dim).step_by(2).map(|i| 1.0 / rope.theta.powf(i as f64 / head_dim as f64));
     match rope.scaling {
         RopeScaling::Default => default.collect(),
+        RopeScaling::Linear { factor } => default.map(|f| f / factor).collect(),
         RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
             let old = original_max_position_embeddings as f64;
             let (low_wavelen, high_wavelen) = (old / low_freq_factor, old / high_freq_factor);
@@ -129,6 +130,7 @@ fn rope_configs() -> Vec<(RopeConfig, usize)> {
         (RopeConfig { theta: 10000.0, scaling: RopeScaling::Default }, 64),
         (RopeConfig { theta: 500000.0, scaling: llama3(64) }, 32), // families/llama3-rope-scaling
         (RopeConfig { theta: 500000.0, scaling: llama3(8192) }, 128), // Llama 3.1
+        (RopeConfig { theta: 1e6, scaling: RopeScaling::Linear { factor: 8.0 } }, 128), // Gemma3's global layers
     ]
 }
 

@@ -691,7 +691,7 @@ pub fn attention(
     k: &DeviceBuffer<f32>,
     v: &DeviceBuffer<f32>,
     seq: usize,
-    a: &crate::compute::Attention,
+    a: &crate::compute::cpu::Attention,
     out: &mut DeviceBuffer<f32>,
 ) -> Result<()> {
     let (n_heads, n_kv_heads, head_dim, sliding_window) = (a.n_heads, a.n_kv_heads, a.head_dim, a.sliding_window);

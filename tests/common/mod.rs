@@ -129,3 +129,26 @@ pub fn same_bits(want: &[f32], got: &[f32], what: &str) {
         assert!(a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()), "{what}[{i}]: cpu {a:e} device {b:e}");
     }
 }
+
+/// The families of ../shared/reference/families the runtime supports (besides
+/// llama3-rope-scaling, a Llama with another RoPE).
+#[allow(dead_code)]
+pub const FAMILIES: [&str; 17] = [
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "phi3",
+    "starcoder2",
+    "nemotron",
+    "mixtral",
+    "qwen3_moe",
+    "gemma2",
+    "gemma3",
+    "granite",
+    "olmo2",
+    "exaone4",
+    "qwen2_moe",
+    "phimoe",
+];
