@@ -475,3 +475,79 @@ fn gemma3_rope_tables_in_both_spellings() {
         assert_eq!(cos[d / 2 + 1], (f64::from(want)).cos() as f32, "layer {l}");
     }
 }
+
+/// The second set's config fields from the reference configs, the config classes' defaults
+/// where a key is left out, and refusals that name the key.
+#[test]
+fn second_set_fields_defaults_and_refusals() {
+    use rq_min::model::config::{Routing, GEMMA2_NORMS, LLAMA_NORMS, POST_NORMS};
+    let Some(root) = common::shared_dir() else { return };
+    let config = |name: &str| Json::parse_file(&root.join("reference/families").join(name).join("config.json")).unwrap();
+    let parse = |raw: Json| ModelConfig::from_json(raw, Path::new("config.json"));
+
+    let g2 = parse(config("gemma2")).unwrap();
+    assert_eq!((g2.attn_softcap, g2.final_softcap, g2.attn_scale), (Some(0.05), Some(0.5), (64f64).powf(-0.5) as f32));
+    assert_eq!((g2.norms, g2.sliding_layers.as_deref(), g2.window(0), g2.window(1)), (&GEMMA2_NORMS, Some(&[true, false][..]), Some(8), None));
+    // Gemma2Config's defaults: soft caps 50 / 30, query_pre_attn_scalar 256, every other layer windowed from 0.
+    let mut raw = config("gemma2");
+    for key in ["attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar", "layer_types"] {
+        if let Json::Obj(m) = &mut raw {
+            m.retain(|(k, _)| k != key);
+        }
+    }
+    raw.set("num_hidden_layers", Json::Int(3));
+    let d = parse(raw).unwrap();
+    assert_eq!((d.attn_softcap, d.final_softcap, d.attn_scale), (Some(50.0), Some(30.0), 1.0 / 16.0));
+    assert_eq!(d.sliding_layers.as_deref(), Some(&[true, false, true][..]));
+    // Gemma3: no attention soft cap even when the key is set (Gemma3Attention passes none).
+    let mut raw = config("gemma3");
+    raw.set("attn_logit_softcapping", Json::Float(20.0));
+    let g3 = parse(raw).unwrap();
+    assert!(g3.attn_softcap.is_none() && g3.final_softcap.is_none() && g3.qk_norm && g3.norm_offset);
+
+    let gr = parse(config("granite")).unwrap();
+    assert_eq!((gr.embed_scale, gr.attn_scale, gr.residual_multiplier, gr.logits_scaling), (Some(12.0), 0.03125, Some(0.22), Some(8.0)));
+    assert!(!gr.embed_scale_in_dtype && gr.norms == &LLAMA_NORMS);
+    let ol = parse(config("olmo2")).unwrap();
+    assert!(ol.norms == &POST_NORMS && ol.qk_norm && ol.qk_norm_whole && ol.norm_weight_f32);
+    assert_eq!(ol.qk_norm_widths(), [4 * 32, 2 * 32]);
+    // Exaone4: RoPE only on the sliding layers when there is a window; "LLLG" patterns.
+    let ex = parse(config("exaone4")).unwrap();
+    let rope = ex.rope_table(4);
+    assert!(ex.layer_rope(0, &rope).is_some() && ex.layer_rope(1, &rope).is_none() && !ex.qk_norm_whole);
+    let mut raw = config("exaone4");
+    if let Json::Obj(m) = &mut raw {
+        m.retain(|(k, _)| k != "layer_types");
+    }
+    raw.set("num_hidden_layers", Json::Int(5));
+    raw.set("sliding_window_pattern", Json::Str("LLG".into()));
+    assert_eq!(parse(raw).unwrap().sliding_layers.as_deref(), Some(&[true, true, false, true, true][..]));
+
+    let q2 = parse(config("qwen2_moe")).unwrap();
+    let m = q2.moe.as_ref().unwrap();
+    assert_eq!((m.shared_expert, m.routing, m.norm_topk_prob, q2.qkv_bias), (Some(256), Routing::Softmax, false, true));
+    assert_eq!(q2.linear_shape(0, LinearKind::Down), [128, 256]);
+    assert_eq!(m.routers(1).iter().map(|r| r.0.as_str()).collect::<Vec<_>>(), ["model.layers.1.mlp.gate", "model.layers.1.mlp.shared_expert_gate"]);
+    let pm = parse(config("phimoe")).unwrap();
+    assert_eq!((pm.moe.as_ref().unwrap().routing, pm.lm_head_bias, pm.layer_norm), (Routing::SparseMixer { jitter_eps: 0.01 }, true, true));
+
+    // Refusals name the key and value.
+    let refused = |name: &str, edit: &dyn Fn(&mut Json), needle: &str| {
+        let mut raw = config(name);
+        edit(&mut raw);
+        let err = parse(raw).unwrap_err().to_string();
+        assert!(err.contains(needle), "{name}: {err}");
+    };
+    refused("gemma2", &|r| r.set("layer_types", Json::Arr(vec![Json::Str("sliding_attention".into())])), "layer_types has 1 entries for 2 layers");
+    refused("gemma2", &|r| r.set("layer_types", Json::Arr(vec![Json::Str("chunked_attention".into()), Json::Str("full_attention".into())])), "chunked_attention");
+    refused("gemma2", &|r| r.set("query_pre_attn_scalar", Json::Float(-1.0)), "query_pre_attn_scalar");
+    refused("gemma2", &|r| r.set("final_logit_softcapping", Json::Float(0.0)), "final_logit_softcapping");
+    refused("granite", &|r| r.set("residual_multiplier", Json::Float(0.0)), "residual_multiplier");
+    refused("exaone4", &|r| {
+        if let Json::Obj(m) = r {
+            m.retain(|(k, _)| k != "layer_types");
+        }
+        r.set("sliding_window_pattern", Json::Str("LXG".into()));
+    }, "sliding_window_pattern");
+    refused("phimoe", &|r| r.set("num_experts_per_tok", Json::Int(3)), "sparsemixer");
+}
