@@ -321,15 +321,19 @@ fn new_family_fields_and_refusals() {
     assert!(nm.layer_norm && nm.norm_offset && !nm.qkv_bias && !nm.mlp_bias && !nm.gated_mlp());
     assert_eq!((nm.act, nm.head_dim, nm.rotary_dim), (Activation::Relu2, 32, 16));
 
-    // Phi3's long-context RoPE variants are refused.
+    // Phi3's longrope needs one factor per rotary frequency (here 16).
     let mut raw = config("phi3");
     raw.set(
         "rope_parameters",
-        Json::parse(br#"{"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0], "long_factor": [1.0]}"#, "p")
-            .unwrap(),
+        Json::parse(
+            br#"{"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0], "long_factor": [1.0],
+                 "original_max_position_embeddings": 64}"#,
+            "p",
+        )
+        .unwrap(),
     );
-    let err = parse(raw).unwrap_err();
-    assert!(matches!(&err, Error::Unsupported(m) if m.contains("longrope")), "{err:?}");
+    let err = parse(raw).unwrap_err().to_string();
+    assert!(err.contains("short_factor") && err.contains("16 positive numbers"), "{err}");
     // Partial rotary only where HF's apply_rotary_pos_emb handles it.
     let mut raw = fixture_config();
     raw.set("partial_rotary_factor", Json::Float(0.5));
@@ -550,4 +554,51 @@ fn second_set_fields_defaults_and_refusals() {
         r.set("sliding_window_pattern", Json::Str("LXG".into()));
     }, "sliding_window_pattern");
     refused("phimoe", &|r| r.set("num_experts_per_tok", Json::Int(3)), "sparsemixer");
+}
+
+/// Phi-3.5's longrope (HF `_compute_longrope_parameters`, `longrope_frequency_update`) against
+/// the formula in f64: `inv_freq = 1 / (ext · θ^(2i/d))` with the short factors up to
+/// `original_max_position_embeddings` tokens and the long ones beyond, cos/sin times
+/// `sqrt(1 + ln(max_position_embeddings / original) / ln(original))` (4.x spelling: the
+/// original length top-level, `type`); an explicit `attention_factor` wins.
+#[test]
+fn longrope_tables_follow_the_formula() {
+    use rq_min::compute::{Rope, RopeScaling};
+    let Some(root) = common::shared_dir() else { return };
+    let mut raw = Json::parse_file(&root.join("reference/families/phi3/config.json")).unwrap();
+    let d = ModelConfig::from_json(raw.clone(), Path::new("c")).unwrap().head_dim;
+    let short: Vec<f64> = (0..d / 2).map(|i| 1.0 + 0.05 * i as f64).collect();
+    let long: Vec<f64> = (0..d / 2).map(|i| 2.0 + 0.5 * i as f64).collect();
+    let list = |v: &[f64]| Json::Arr(v.iter().map(|&x| Json::Float(x)).collect());
+    if let Json::Obj(m) = &mut raw {
+        m.retain(|(k, _)| k != "rope_parameters");
+    }
+    raw.set("rope_theta", Json::Float(1e4));
+    raw.set("max_position_embeddings", Json::Int(2048));
+    raw.set("original_max_position_embeddings", Json::Int(16));
+    let mut scaling = Json::parse(br#"{"type": "longrope"}"#, "s").unwrap();
+    scaling.set("short_factor", list(&short));
+    scaling.set("long_factor", list(&long));
+    raw.set("rope_scaling", scaling.clone());
+    let cfg = ModelConfig::from_json(raw.clone(), Path::new("c")).unwrap();
+    let attention = (1.0 + (2048.0f64 / 16.0).ln() / 16f64.ln()).sqrt();
+    assert!(matches!(&cfg.rope.scaling, RopeScaling::LongRope { attention_factor, .. } if (attention_factor - attention).abs() < 1e-12));
+    for (seq, ext) in [(16, &short), (17, &long)] {
+        let rope = cfg.rope_table(seq);
+        let (cos, sin) = rope.tables();
+        for (i, e) in ext.iter().enumerate() {
+            let f = 1.0 / (e * 1e4f64.powf((2 * i) as f64 / d as f64));
+            let angle = 3.0 * f; // position 3
+            let (c, s) = (cos[3 * d / 2 + i], sin[3 * d / 2 + i]);
+            assert!((f64::from(c) - attention * angle.cos()).abs() < 1e-5, "seq {seq} cos[{i}]");
+            assert!((f64::from(s) - attention * angle.sin()).abs() < 1e-5, "seq {seq} sin[{i}]");
+            assert!((f64::from(Rope::inv_freq_for(&cfg.rope, d, seq)[i]) - f).abs() <= 1e-6 * f, "seq {seq} inv_freq[{i}]");
+        }
+    }
+    scaling.set("attention_factor", Json::Float(1.25));
+    raw.set("rope_scaling", scaling);
+    let cfg = ModelConfig::from_json(raw, Path::new("c")).unwrap();
+    assert!(matches!(&cfg.rope.scaling, RopeScaling::LongRope { attention_factor, .. } if *attention_factor == 1.25));
+    let err = rq_min::export::trtllm::check_model(&cfg).unwrap_err().to_string();
+    assert!(err.contains("TensorRT-LLM") && err.contains("longrope"), "{err}");
 }

@@ -99,6 +99,8 @@ fn inv_freq_f64(rope: &RopeConfig, head_dim: usize) -> Vec<f64> {
     match rope.scaling {
         RopeScaling::Default => default.collect(),
         RopeScaling::Linear { factor } => default.map(|f| f / factor).collect(),
+        // Sequences up to the original length: the short factors.
+        RopeScaling::LongRope { ref short, .. } => default.zip(short).map(|(f, e)| f / e).collect(),
         RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
             let old = original_max_position_embeddings as f64;
             let (low_wavelen, high_wavelen) = (old / low_freq_factor, old / high_freq_factor);

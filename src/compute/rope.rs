@@ -16,12 +16,16 @@ pub struct RopeConfig {
     pub scaling: RopeScaling,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum RopeScaling {
     /// `rope_type: "default"`: plain RoPE.
     Default,
     /// `rope_type: "linear"` (Gemma3's global layers): every frequency divided by `factor`.
     Linear { factor: f64 },
+    /// `rope_type: "longrope"` (Phi-3.5, PhiMoE): per-frequency factors, `short` for sequences of
+    /// up to `original_max_position_embeddings` tokens and `long` beyond, and cos/sin times
+    /// `attention_factor`.
+    LongRope { short: Vec<f64>, long: Vec<f64>, original_max_position_embeddings: usize, attention_factor: f64 },
     /// `rope_type: "llama3"` (Llama 3.1+): long wavelengths stretched by `factor`.
     Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: usize },
 }
@@ -57,17 +61,22 @@ impl Rope {
             rotary_dim.is_multiple_of(2) && rotary_dim <= head_dim,
             "RoPE needs an even rotary_dim <= head_dim, got {rotary_dim} of {head_dim}"
         );
-        let inv_freq = Rope::inv_freq(rope, rotary_dim);
+        let inv_freq = Rope::inv_freq_for(rope, rotary_dim, max_positions);
+        // HF multiplies cos and sin by the rope type's attention scaling, in f32 (1 but for longrope).
+        let attention_factor = match &rope.scaling {
+            RopeScaling::LongRope { attention_factor, .. } => *attention_factor as f32,
+            _ => 1.0,
+        };
         let half = rotary_dim / 2;
         let mut cos = Vec::with_capacity(max_positions * half);
         let mut sin = Vec::with_capacity(max_positions * half);
         for pos in 0..max_positions {
             for &f in &inv_freq {
                 // `freqs = inv_freq @ position_ids` in f32 (one product per entry), then
-                // `emb.cos()`, `emb.sin()` in f32 (attention_scaling is 1 for default and llama3).
+                // `emb.cos() * attention_scaling`, `emb.sin() * attention_scaling` in f32.
                 let angle = f64::from(pos as f32 * f);
-                cos.push(angle.cos() as f32);
-                sin.push(angle.sin() as f32);
+                cos.push(angle.cos() as f32 * attention_factor);
+                sin.push(angle.sin() as f32 * attention_factor);
             }
         }
         Rope {
@@ -165,16 +174,35 @@ impl Rope {
     /// ```
     /// with `low_freq_wavelen = old_context_len / low_freq_factor` and likewise for high.
     pub fn inv_freq(rope: &RopeConfig, head_dim: usize) -> Vec<f32> {
+        Rope::inv_freq_for(rope, head_dim, 0)
+    }
+
+    /// [`Rope::inv_freq`] for sequences of `seq_len` tokens: longrope takes its long factors
+    /// beyond `original_max_position_embeddings` (HF `longrope_frequency_update`, which picks
+    /// them when `max(position_ids) + 1` exceeds it; the table of a run serves its longest row),
+    /// `_compute_longrope_parameters`: `1 / (ext_factors · base^(arange(0, dim, 2) / dim))` in f32.
+    pub fn inv_freq_for(rope: &RopeConfig, head_dim: usize, seq_len: usize) -> Vec<f32> {
         let base = rope.theta as f32;
         let default = (0..head_dim).step_by(2).map(|i| {
             let exponent = i as f32 / head_dim as f32;
             1.0 / (f64::from(base).powf(f64::from(exponent)) as f32)
         });
-        match rope.scaling {
+        match &rope.scaling {
             RopeScaling::Default => default.collect(),
+            RopeScaling::LongRope { short, long, original_max_position_embeddings, .. } => {
+                let ext = if seq_len > *original_max_position_embeddings { long } else { short };
+                (0..head_dim)
+                    .step_by(2)
+                    .zip(ext)
+                    .map(|(i, &e)| {
+                        let base_pow = f64::from(base).powf(f64::from(i as f32 / head_dim as f32)) as f32;
+                        1.0 / (e as f32 * base_pow)
+                    })
+                    .collect()
+            }
             // `_compute_linear_scaling_rope_parameters`: `inv_freq /= factor`, in f32.
-            RopeScaling::Linear { factor } => default.map(|f| f / factor as f32).collect(),
-            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+            RopeScaling::Linear { factor } => default.map(|f| f / *factor as f32).collect(),
+            &RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
                 let old_context_len = original_max_position_embeddings as f64;
                 let low_freq_wavelen = (old_context_len / low_freq_factor) as f32;
                 let high_freq_wavelen = (old_context_len / high_freq_factor) as f32;

@@ -632,6 +632,13 @@ pub fn check_model(cfg: &ModelConfig) -> Result<(&'static TrtFamily, &'static st
             cfg.architecture
         )));
     }
+    if !matches!(cfg.rope.scaling, RopeScaling::Default | RopeScaling::Llama3 { .. }) {
+        return Err(Error::Unsupported(format!(
+            "TensorRT-LLM export of {} with {} RoPE scaling (the converter writes default and llama3 rotary scaling)",
+            cfg.architecture,
+            if matches!(cfg.rope.scaling, RopeScaling::Linear { .. }) { "linear" } else { "longrope" }
+        )));
+    }
     if !fam.biases && (cfg.qkv_bias || cfg.mlp_bias) {
         return Err(Error::Unsupported(format!(
             "TensorRT-LLM export of {} with linear biases (TensorRT-LLM's model of it has none)",

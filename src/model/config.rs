@@ -272,9 +272,8 @@ impl ModelConfig {
             Some(d) => Some(d.to_string()),
             None => r.opt_str("torch_dtype")?.map(str::to_string),
         };
-        let (rope, rope_local) = r.ropes(family)?;
-        // HF `_compute_default_rope_parameters`: `dim = int(head_dim * partial_rotary_factor)`.
-        let rotary_dim = (head_dim as f64 * rope.1) as usize;
+        let (rope, rope_local) = r.ropes(family, head_dim)?;
+        let rotary_dim = rotary_dim_of(head_dim, rope.1);
         if rotary_dim == 0 || !rotary_dim.is_multiple_of(2) {
             return Err(r.err(format!(
                 "partial_rotary_factor = {} gives {rotary_dim} rotary dims of head_dim = {head_dim}; RoPE needs an even, \
@@ -348,6 +347,11 @@ impl ModelConfig {
             raw,
         })
     }
+}
+
+/// HF `_compute_default_rope_parameters`: `dim = int(head_dim * partial_rotary_factor)`.
+fn rotary_dim_of(head_dim: usize, partial_rotary_factor: f64) -> usize {
+    (head_dim as f64 * partial_rotary_factor) as usize
 }
 
 /// Where the norms of a decoder layer sit, by their names inside the layer (`model.layers.{l}.<name>`).
@@ -704,7 +708,7 @@ impl Reader<'_> {
     /// Gemma3 has a second table for its sliding layers: transformers 5 nests both,
     /// `rope_parameters {full_attention: {..}, sliding_attention: {..}}`; 4.x has the global
     /// one top-level (`rope_theta` default 1e6) and `rope_local_base_freq` (default 1e4).
-    fn ropes(&self, family: Family) -> Result<((RopeConfig, f64), Option<RopeConfig>)> {
+    fn ropes(&self, family: Family, head_dim: usize) -> Result<((RopeConfig, f64), Option<RopeConfig>)> {
         let params = ["rope_parameters", "rope_scaling"]
             .into_iter()
             .find_map(|key| Self::value(self.json, key).map(|p| (key, p)));
@@ -716,22 +720,22 @@ impl Reader<'_> {
         let params = params.map(|(_, p)| p);
         if family != Family::Gemma3 {
             let default_theta = if family == Family::Mixtral { 1e6 } else { 10000.0 };
-            return Ok((self.rope_in(family, params, default_theta)?, None));
+            return Ok((self.rope_in(family, head_dim, params, default_theta)?, None));
         }
         if let Some(p) = params.filter(|p| p.get("full_attention").is_some()) {
-            let global = self.rope_in(family, Self::value(p, "full_attention"), 1e6)?;
-            let local = self.rope_in(family, Self::value(p, "sliding_attention"), 1e4)?;
+            let global = self.rope_in(family, head_dim, Self::value(p, "full_attention"), 1e6)?;
+            let local = self.rope_in(family, head_dim, Self::value(p, "sliding_attention"), 1e4)?;
             return Ok((global, Some(local.0)));
         }
         let theta = self.opt_f64("rope_local_base_freq")?.unwrap_or(1e4);
         if !(theta > 0.0 && theta.is_finite()) {
             return Err(self.err(format!("rope_local_base_freq = {theta} must be positive")));
         }
-        Ok((self.rope_in(family, params, 1e6)?, Some(RopeConfig { theta, scaling: RopeScaling::Default })))
+        Ok((self.rope_in(family, head_dim, params, 1e6)?, Some(RopeConfig { theta, scaling: RopeScaling::Default })))
     }
 
     /// One RoPE table's parameters from `params` (or the top-level keys).
-    fn rope_in(&self, family: Family, params: Option<&Json>, default_theta: f64) -> Result<(RopeConfig, f64)> {
+    fn rope_in(&self, family: Family, head_dim: usize, params: Option<&Json>, default_theta: f64) -> Result<(RopeConfig, f64)> {
         if let Some(p) = params.filter(|p| p.as_object().is_none()) {
             return Err(self.wrong_type("rope_parameters", "an object", p));
         }
@@ -765,6 +769,43 @@ impl Reader<'_> {
                 }
                 RopeScaling::Linear { factor }
             }
+            "longrope" => {
+                // _compute_longrope_parameters: original_max_position_embeddings in the
+                // parameters (transformers 5) or top-level (4.x); factor given, else
+                // max_position_embeddings / original; attention_factor given, else
+                // sqrt(1 + ln(factor) / ln(original)) when factor > 1.
+                let original = match self.opt_dim_in(p, "original_max_position_embeddings")? {
+                    Some(n) => n,
+                    None => self.req_dim("original_max_position_embeddings")?,
+                };
+                let max_pos = self.opt_dim("max_position_embeddings")?.unwrap_or(original);
+                let factor = self.opt_f64_in(p, "factor")?.unwrap_or(max_pos as f64 / original as f64);
+                let attention_factor = match self.opt_f64_in(p, "attention_factor")? {
+                    Some(a) => a,
+                    None if factor <= 1.0 => 1.0,
+                    None => (1.0 + factor.ln() / (original as f64).ln()).sqrt(),
+                };
+                let half = rotary_dim_of(head_dim, partial) / 2;
+                let factors = |key: &str| -> Result<Vec<f64>> {
+                    let v = Self::value(p, key).ok_or_else(|| self.missing(key))?;
+                    let bad = || self.wrong_type(key, &format!("a list of {half} positive numbers (one per rotary frequency)"), v);
+                    let list = v.as_array().ok_or_else(bad)?;
+                    let f: Vec<f64> = list.iter().map(|x| x.as_f64().filter(|f| *f > 0.0 && f.is_finite()).ok_or_else(bad)).collect::<Result<_>>()?;
+                    if f.len() != half {
+                        return Err(bad());
+                    }
+                    Ok(f)
+                };
+                if !(attention_factor > 0.0 && attention_factor.is_finite()) {
+                    return Err(self.err(format!("longrope: attention_factor = {attention_factor} must be positive")));
+                }
+                RopeScaling::LongRope {
+                    short: factors("short_factor")?,
+                    long: factors("long_factor")?,
+                    original_max_position_embeddings: original,
+                    attention_factor,
+                }
+            }
             "llama3" => {
                 let num = |key: &str| self.opt_f64_in(p, key)?.ok_or_else(|| self.missing(key));
                 let (factor, low_freq_factor, high_freq_factor) =
@@ -782,7 +823,7 @@ impl Reader<'_> {
             }
             other => {
                 return Err(Error::Unsupported(format!(
-                    "{}: rope_type {other:?} (supported: \"default\", \"linear\", \"llama3\")",
+                    "{}: rope_type {other:?} (supported: \"default\", \"linear\", \"llama3\", \"longrope\")",
                     self.path.display()
                 )))
             }

@@ -40,11 +40,6 @@ impl Head {
         &self.norm
     }
 
-    /// The final norm's epsilon.
-    pub fn eps(&self) -> f32 {
-        self.cfg.rms_norm_eps
-    }
-
     /// lm_head's bias (PhiMoE), `[vocab]`.
     pub fn lm_head_bias(&self) -> Option<&Tensor> {
         self.lm_head_bias.as_ref()
