@@ -1,11 +1,13 @@
 //! A model's `config.json`, read into the numbers the runtime needs and checked once, so the
 //! layer code can trust them. Defaults are those of HF transformers' `LlamaConfig`,
 //! `MistralConfig`, `Qwen2Config`, `Qwen3Config`, `GemmaConfig`, `Phi3Config`,
-//! `Starcoder2Config`, `NemotronConfig`, `MixtralConfig` and `Qwen3MoeConfig` (configuration_*.py)
-//! for keys that may be left out;
+//! `Starcoder2Config`, `NemotronConfig`, `MixtralConfig`, `Qwen3MoeConfig`, `Gemma2Config`,
+//! `Gemma3TextConfig`, `GraniteConfig`, `Olmo2Config`, `Exaone4Config`, `Qwen2MoeConfig` and
+//! `PhimoeConfig` (configuration_*.py) for keys that may be left out;
 //! the dimensions have no sensible default and are required. What sets a family apart from
 //! Llama is spelled out in explicit fields (`qkv_bias`, `mlp_bias`, `qk_norm`, `norm_offset`,
-//! `layer_norm`, `embed_scale`, `act`, `rotary_dim`, `modules`, `moe`), so the layer code never tests names.
+//! `layer_norm`, `embed_scale`, `act`, `rotary_dim`, `modules`, `moe`, `norms`, `attn_scale`,
+//! the soft caps, multipliers and per-layer windows and RoPE), so the layer code never tests names.
 
 use crate::error::{Error, Result};
 use crate::io::json::Json;

@@ -21,7 +21,8 @@ pub struct Layer {
     /// The `self_attn.q_norm` and `k_norm` weights: `[head_dim]` each (Qwen3, Gemma3, Exaone4),
     /// or the whole projections' widths (Olmo2).
     pub(crate) qk_norm: Option<(Tensor, Tensor)>,
-    /// The MoE block replacing the dense MLP (Mixtral, Qwen3-MoE sparse layers).
+    /// The MoE block replacing the dense MLP (Mixtral, Qwen3-MoE sparse layers); with Qwen2-MoE's
+    /// shared expert the dense Gate/Up/Down linears are that expert.
     pub(crate) moe: Option<MoeBlock>,
     pub(crate) compute: Compute,
 }

@@ -2,8 +2,11 @@
 //! `MistralForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM`, `GemmaForCausalLM`,
 //! `Phi3ForCausalLM`, `Starcoder2ForCausalLM`, `NemotronForCausalLM`; what sets them apart is in
 //! `ModelConfig`'s `qkv_bias`, `mlp_bias`, `qk_norm`, `norm_offset`, `layer_norm`, `embed_scale`,
-//! `act`, `rotary_dim` and `modules`), and `MixtralForCausalLM` / `Qwen3MoeForCausalLM`, whose MLP
-//! is a mixture-of-experts block (`ModelConfig::moe`, src/model/moe.rs).
+//! `act`, `rotary_dim` and `modules`; the second set, `Gemma2ForCausalLM`, `Gemma3ForCausalLM`,
+//! `GraniteForCausalLM`, `Olmo2ForCausalLM` and `Exaone4ForCausalLM`, adds where the norms sit,
+//! attention scales and soft caps, per-layer windows and RoPE tables, multipliers), and
+//! `MixtralForCausalLM` / `Qwen3MoeForCausalLM` / `Qwen2MoeForCausalLM` / `PhimoeForCausalLM`,
+//! whose MLP is a mixture-of-experts block (`ModelConfig::moe`, src/model/moe.rs).
 //!
 //! The checkpoint stays memory-mapped; only the layer being run is converted to f32, so a
 //! 70B model never needs to be in memory at once. A caller walks the model like this:

@@ -1,7 +1,8 @@
-//! Mixture-of-experts MLP blocks: HF transformers 5 `MixtralSparseMoeBlock` and
-//! `Qwen3MoeSparseMoeBlock`. A router (`gate`, `[num_experts, hidden]`) scores every token,
-//! the top `num_experts_per_tok` experts are kept, and the token's output is the weighted sum of
-//! those experts' gated MLPs. Expert weights keep the checkpoint's per-expert names
+//! Mixture-of-experts MLP blocks: HF transformers 5 `MixtralSparseMoeBlock`,
+//! `Qwen3MoeSparseMoeBlock`, `PhimoeSparseMoeBlock` (sparsemixer routing) and
+//! `Qwen2MoeSparseMoeBlock` (plus a shared expert, the layer's dense MLP, gated per token). A
+//! router (`gate`, `[num_experts, hidden]`) scores every token, the top `num_experts_per_tok`
+//! experts are kept, and the token's output is the weighted sum of those experts' gated MLPs. Expert weights keep the checkpoint's per-expert names
 //! (Mixtral `block_sparse_moe.experts.{e}.w1/w3/w2`, Qwen3-MoE `mlp.experts.{e}.gate_proj/...`),
 //! and the quantizer exports them under the same names (spec/export-formats.md §2.9: one
 //! module per expert and projection, each with the full per-linear suffix set).
