@@ -2,10 +2,11 @@
 //! `Qwen3MoeSparseMoeBlock`, `PhimoeSparseMoeBlock` (sparsemixer routing) and
 //! `Qwen2MoeSparseMoeBlock` (plus a shared expert, the layer's dense MLP, gated per token). A
 //! router (`gate`, `[num_experts, hidden]`) scores every token, the top `num_experts_per_tok`
-//! experts are kept, and the token's output is the weighted sum of those experts' gated MLPs. Expert weights keep the checkpoint's per-expert names
-//! (Mixtral `block_sparse_moe.experts.{e}.w1/w3/w2`, Qwen3-MoE `mlp.experts.{e}.gate_proj/...`),
-//! and the quantizer exports them under the same names (spec/export-formats.md §2.9: one
-//! module per expert and projection, each with the full per-linear suffix set).
+//! experts are kept, and the token's output is the weighted sum of those experts' gated MLPs.
+//! Expert weights keep the checkpoint's per-expert names (Mixtral
+//! `block_sparse_moe.experts.{e}.w1/w3/w2`, Qwen3-MoE `mlp.experts.{e}.gate_proj/...`), and the
+//! quantizer exports them under the same names (spec/export-formats.md §2.9: one module per expert
+//! and projection, each with the full per-linear suffix set).
 //!
 //! Which tokens each expert's quantizers see is the quantizer's business (src/ptq/quantize.rs):
 //! the forward pass hands every expert exactly the tokens routed to it, through
