@@ -309,9 +309,13 @@ fn every_format_moe(name: &str) {
                 assert_eq!(pqs("gate_proj").is_some(), qformat == "int8_sq" || qformat.contains("awq"), "{qformat}: shared gate_proj");
                 assert_eq!(pqs("gate_proj"), pqs("up_proj"), "{qformat}: the shared expert's gate and up scales differ");
             }
-            // The norm before the block also feeds the router: never folded into.
+            // The norm before the block also feeds the router: never folded into. The one before
+            // q/k/v takes their AWQ scale as in a dense layer.
             let norm = format!("model.layers.{l}.post_attention_layernorm.weight");
             assert_eq!(src.tensor(&norm).unwrap().data, dst.tensor(&norm).unwrap().data, "{qformat}: {norm}");
+            let input_norm = format!("model.layers.{l}.input_layernorm");
+            let one = if cfg.norm_offset { 1.0 } else { 0.0 };
+            assert_eq!(check_norm_fold(src, dst, &input_norm, one, cfg.layer_norm), qformat.contains("awq"), "{qformat}: {input_norm}");
 
             let m = |e: usize, k: LinearKind| moe.expert_module(l, e, k);
             for e in 0..moe.num_experts {

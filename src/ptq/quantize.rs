@@ -450,7 +450,7 @@ fn foldable(
     let reads = |x: &LayerModule, group: &[LinearKind]| x.kinds.iter().any(|k| group.contains(k));
     if let Some(g) = NORM_GROUPS.iter().position(|g| reads(m, g)) {
         let (group, slot) = (NORM_GROUPS[g], [NormSlot::AttnIn, NormSlot::MlpIn][g]);
-        if layer.norm(slot).is_none() || cfg.moe_layer(layer.index).is_some() {
+        if layer.norm(slot).is_none() || slot == NormSlot::MlpIn && cfg.moe_layer(layer.index).is_some() {
             // No norm in front to take the scale (Olmo2, Exaone4), or one that also feeds a
             // router (Qwen2-MoE's shared expert).
             return false;
@@ -603,9 +603,10 @@ fn emit_layer(
                     parts.iter_mut().map(|x| { let p = x.pqs.take().unwrap_or_default(); (&mut x.weight, p) }).collect();
                 smoothquant::resmooth_group(&mut refs, inp, dtype)
             };
-            // In an MoE layer the norm also feeds the router and the routed experts: Qwen2-MoE's
-            // shared expert keeps its (shared) scale as a `pre_quant_scale`.
-            let folds = (format.awq() || opts.compressed_tensors) && cfg.moe_layer(l).is_none();
+            // In an MoE layer the MLP's norm also feeds the router and the routed experts:
+            // Qwen2-MoE's shared expert keeps its (shared) scale as a `pre_quant_scale`.
+            let feeds_router = slot == NormSlot::MlpIn && cfg.moe_layer(l).is_some();
+            let folds = (format.awq() || opts.compressed_tensors) && !feeds_router;
             let norm = norms[slot as usize].as_mut().filter(|_| folds);
             let fold = norm.is_some();
             if let Some((weight, bias)) = norm {
