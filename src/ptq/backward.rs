@@ -168,7 +168,8 @@ impl<'a> LayerGrad<'a> {
         let dense_mlp_backward = |d_out: &Tensor, each: &mut EachLinear| {
             let gate = cfg.gated_mlp().then(|| self.dense(LinearKind::Gate));
             let (up, down) = (self.dense(LinearKind::Up), self.dense(LinearKind::Down));
-            mlp_backward(gate.as_ref(), &up, &down, cfg.act, &x2, seq, d_out, &mut |kind, x, dy| each(kind, None, x, dy)).0
+            let (dx, m) = mlp_backward(gate.as_ref(), &up, &down, cfg.act, &x2, seq, d_out, &mut |kind, x, dy| each(kind, None, x, dy));
+            (dx, down, m)
         };
         let dx2 = match (layer.moe(), cfg.moe_layer(layer.index)) {
             (Some(block), Some(moe)) => {
@@ -178,25 +179,25 @@ impl<'a> LayerGrad<'a> {
                     // output gradient is s·d_out; ds = d_out·shared(x), dz = ds·s·(1 − s),
                     // dx += dz·g.
                     let s = block.shared_factors(&x2, seq, Compute::F32);
-                    let y = self.dense_mlp_forward(&x2, seq).into_host();
-                    let d_host = d_mlp.to_host();
-                    let dz: Vec<f32> = (0..seq)
-                        .map(|t| {
-                            let row = |v: &[f32]| v[t * h..(t + 1) * h].to_vec();
-                            let ds: f64 = row(&d_host).iter().zip(row(&y)).map(|(&a, b)| f64::from(a) * f64::from(b)).sum();
-                            (ds * f64::from(s[t]) * (1.0 - f64::from(s[t]))) as f32
-                        })
-                        .collect();
                     let mut d_shared = d_mlp.clone();
                     d_shared.scale_rows(h, &s);
-                    dx.add(&dense_mlp_backward(&d_shared, each));
+                    // The backward's own forward gives down's input: shared(x) = down(m).
+                    let (dx_shared, down, m) = dense_mlp_backward(&d_shared, each);
+                    dx.add(&dx_shared);
+                    let (y, d_host) = (down.forward(&m, seq).into_host(), d_mlp.to_host());
+                    let dz: Vec<f32> = (d_host.chunks_exact(h).zip(y.chunks_exact(h)).zip(&s))
+                        .map(|((d, y), &s)| {
+                            let ds: f64 = d.iter().zip(y).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum();
+                            (ds * f64::from(s) * (1.0 - f64::from(s))) as f32
+                        })
+                        .collect();
                     let g_t = g.transpose(1, h);
                     let gate = Linear { w: g, w_t: &g_t, b: None, shape: [1, h] };
                     dx.add(&gate.input_grad(&Tensor::on(dz, x2.device()), seq));
                 }
                 dx
             }
-            _ => dense_mlp_backward(&d_mlp, each),
+            _ => dense_mlp_backward(&d_mlp, each).0,
         };
         drop((x2, d_mlp));
         let mut dh_mid = dh_out.clone();
