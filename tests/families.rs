@@ -205,6 +205,27 @@ fn phimoe_matches_transformers() {
 }
 
 #[test]
+fn gptj_matches_transformers() {
+    if let Some(dir) = shared_family("gptj") {
+        check_family(&dir);
+    }
+}
+
+#[test]
+fn falcon_matches_transformers() {
+    if let Some(dir) = shared_family("falcon") {
+        check_family(&dir);
+    }
+}
+
+#[test]
+fn falcon_mqa_matches_transformers() {
+    if let Some(dir) = shared_family("falcon-mqa") {
+        check_family(&dir);
+    }
+}
+
+#[test]
 fn family_fields_follow_the_architecture() {
     use rq_min::model::config::Activation;
     let with_arch = |arch: &str| {
@@ -554,6 +575,86 @@ fn second_set_fields_defaults_and_refusals() {
         r.set("sliding_window_pattern", Json::Str("LXG".into()));
     }, "sliding_window_pattern");
     refused("phimoe", &|r| r.set("num_experts_per_tok", Json::Int(3)), "sparsemixer");
+}
+
+/// GPT-J's and Falcon's configs: their own key names (`n_embd`, `n_head`, `n_inner`,
+/// `layer_norm_epsilon`), layouts, the row order of q/k (GPT-J) and of the fused qkv (Falcon)
+/// against HF's formulas, and refusals of what transformers' classes do not run.
+#[test]
+fn parallel_families_fields_rows_and_refusals() {
+    use rq_min::compute::Activation;
+    use rq_min::model::config::{FALCON_NORMS, LLAMA_NORMS, SHARED_NORM};
+    let Some(root) = common::shared_dir() else { return };
+    let config = |name: &str| Json::parse_file(&root.join("reference/families").join(name).join("config.json")).unwrap();
+    let parse = |raw: Json| ModelConfig::from_json(raw, Path::new("config.json"));
+    let rows = |cfg: &ModelConfig, module: &str| {
+        let m = cfg.layer_modules(0).into_iter().find(|m| m.path.ends_with(module)).unwrap();
+        let r = m.rows.clone();
+        // The two conversions undo each other.
+        let v: Vec<f32> = (0..m.shape[0] * 3).map(|i| i as f32).collect();
+        assert_eq!(m.to_runtime_rows(m.to_checkpoint_rows(v.clone(), 3), 3), v);
+        r
+    };
+
+    let j = parse(config("gptj")).unwrap();
+    assert_eq!((j.hidden_size, j.num_attention_heads, j.head_dim, j.rotary_dim, j.intermediate_size), (128, 4, 32, 16, 256));
+    assert_eq!((j.act, j.rms_norm_eps, j.max_position_embeddings, j.names.layers), (Activation::GeluTanh, 1e-5, 256, "transformer.h"));
+    assert!(j.parallel && j.rope_interleaved && j.lm_head_bias && j.mlp_bias && !j.qkv_bias && j.layer_norm);
+    // rotate_every_two pairs (2i, 2i + 1); the runtime holds them at (i, 8 + i) of the 16 rotary dims.
+    let q = rows(&j, "attn.q_proj").unwrap();
+    let want = |h: usize, d: usize| h * 32 + if d < 8 { 2 * d } else if d < 16 { 2 * (d - 8) + 1 } else { d };
+    assert!((0..4).all(|h| (0..32).all(|d| q[h * 32 + d] == want(h, d))));
+    assert_eq!(rows(&j, "attn.k_proj"), Some(q));
+    assert_eq!((rows(&j, "attn.v_proj"), rows(&j, "mlp.fc_in")), (None, None));
+    let mut raw = config("gptj");
+    if let Json::Obj(m) = &mut raw {
+        m.retain(|(k, _)| k != "n_inner");
+    }
+    raw.set("n_head", Json::Int(1));
+    let d = parse(raw.clone()).unwrap();
+    assert_eq!(d.intermediate_size, 4 * 128);
+    if let Json::Obj(m) = &mut raw {
+        m.retain(|(k, _)| k != "rotary_dim");
+    }
+    assert_eq!(parse(raw).unwrap().rotary_dim, 64); // GPTJConfig's default, with one 128-wide head
+
+    // Falcon, new architecture: two key/value heads, [q0 q1 k0 v0 q2 q3 k1 v1] per HF's view.
+    let f = parse(config("falcon")).unwrap();
+    assert_eq!((f.num_key_value_heads, f.norms, f.act, f.intermediate_size), (2, &FALCON_NORMS, Activation::Gelu, 256));
+    assert!(f.parallel && f.qkv_grouped && !f.rope_interleaved && f.tie_word_embeddings == false && !f.mlp_bias);
+    let qkv = rows(&f, "query_key_value").unwrap();
+    let heads: Vec<usize> = qkv.chunks(32).map(|c| c[0] / 32).collect();
+    assert_eq!(heads, [0, 1, 4, 5, 2, 6, 3, 7]);
+    assert!(qkv.chunks(32).all(|c| c.iter().enumerate().all(|(d, &r)| r == c[0] + d)));
+    // Old architecture, multi-query: q, k, v stacked with one key/value head.
+    let m = parse(config("falcon-mqa")).unwrap();
+    assert_eq!((m.num_key_value_heads, m.norms, m.qkv_grouped, rows(&m, "query_key_value")), (1, &SHARED_NORM, false, None));
+    // Old architecture, multi-head: [q, k, v] per head; sequential without parallel_attn.
+    let mut raw = config("falcon-mqa");
+    raw.set("multi_query", Json::Bool(false));
+    raw.set("parallel_attn", Json::Bool(false));
+    let o = parse(raw).unwrap();
+    assert_eq!((o.num_key_value_heads, o.norms, o.parallel), (4, &LLAMA_NORMS, false));
+    let heads: Vec<usize> = rows(&o, "query_key_value").unwrap().chunks(32).map(|c| c[0] / 32).collect();
+    assert_eq!(heads, [0, 3, 6, 9, 1, 4, 7, 10, 2, 5, 8, 11]);
+
+    let refused = |name: &str, edit: &dyn Fn(&mut Json), needle: &str| {
+        let mut raw = config(name);
+        edit(&mut raw);
+        let err = parse(raw).unwrap_err().to_string();
+        assert!(err.contains(needle), "{name}: {err}");
+    };
+    refused("gptj", &|r| r.set("rotary_dim", Json::Null), "rotary_dim");
+    refused("gptj", &|r| r.set("rotary_dim", Json::Int(48)), "rotary dims of head_dim = 32");
+    refused("gptj", &|r| {
+        if let Json::Obj(m) = r {
+            m.retain(|(k, _)| k != "n_embd");
+        }
+    }, "missing required key \"n_embd\"");
+    refused("falcon", &|r| r.set("alibi", Json::Bool(true)), "alibi");
+    refused("falcon", &|r| r.set("parallel_attn", Json::Bool(false)), "parallel_attn = false");
+    refused("falcon", &|r| r.set("num_ln_in_parallel_attn", Json::Int(3)), "num_ln_in_parallel_attn");
+    refused("falcon", &|r| r.set("activation", Json::Str("swish".into())), "activation");
 }
 
 /// Phi-3.5's longrope (HF `_compute_longrope_parameters`, `longrope_frequency_update`) against

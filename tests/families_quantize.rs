@@ -126,7 +126,7 @@ fn every_format(name: &str, noisy: bool, extra: &dyn Fn(&str, &Checkpoint, &Chec
                     assert!(dst.get(&format!("{p}.{suffix}")).is_some(), "{name} {qformat}: {p}.{suffix} missing");
                 }
             }
-            let kv_scales = ["k_scale", "v_scale"].map(|s| dst.get(&format!("model.layers.{l}.self_attn.{}_proj.{s}", &s[..1])));
+            let kv_scales = ["k_scale", "v_scale"].map(|s| dst.get(&format!("{}.{}_proj.{s}", cfg.attn_prefix(l), &s[..1])));
             assert_eq!(kv_scales.iter().all(Option::is_some), kv == "fp8", "{name} {qformat} kv {kv}");
         }
         extra(qformat, &src, &dst);
@@ -243,6 +243,73 @@ fn nemotron_every_format_with_layernorm1p_folds() {
                     close(scalar(dst, &format!("{p}.self_attn.{x}_proj.weight_scale_2")), amax / (6.0 * 448.0), x);
                 }
             }
+        }
+    });
+}
+
+/// GPT-J: one LayerNorm feeds q/k/v and fc_in (parallel branches), so the four share one AWQ
+/// scale folded into `ln_1` (ModelOpt groups the linears fed the same tensor) and one input
+/// amax; q_proj/k_proj keep the checkpoint's row order although the runtime rotates halves.
+#[test]
+fn gptj_every_format_with_parallel_branches() {
+    every_format("gptj", false, &|qformat, src, dst| {
+        for l in 0..2 {
+            let p = format!("transformer.h.{l}");
+            let awq = qformat.contains("awq");
+            assert_eq!(check_norm_fold(src, dst, &format!("{p}.ln_1"), 0.0, true), awq, "{qformat} ln_1");
+            let readers = ["attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.fc_in"].map(|m| format!("{p}.{m}"));
+            let pqs = readers.clone().map(|m| dst.get(&format!("{m}.pre_quant_scale")).map(|t| t.data.to_vec()));
+            assert!(pqs.iter().all(|x| x.is_some() == (qformat == "int8_sq")), "{qformat}: pre_quant_scale on {readers:?}");
+            assert!(pqs.iter().all(|x| *x == pqs[0]), "{qformat}: q/k/v/fc_in scales differ");
+            if qformat != "int4_awq" {
+                let input = readers.clone().map(|m| scalar(dst, &format!("{m}.input_scale")));
+                assert!(input.iter().all(|&x| x == input[0]), "{qformat}: input scales {input:?}");
+            }
+            for b in ["mlp.fc_in.bias", "mlp.fc_out.bias"] {
+                let n = format!("{p}.{b}");
+                assert_eq!(src.tensor(&n).unwrap().data, dst.tensor(&n).unwrap().data, "{qformat}: {n} changed");
+            }
+            assert_eq!(dst.get(&format!("{p}.mlp.fc_out.pre_quant_scale")).is_some(), awq || qformat == "int8_sq", "{qformat}");
+        }
+        assert!(same_tensor(src, dst, "lm_head.bias") && same_tensor(src, dst, "transformer.wte.weight"), "{qformat}");
+    });
+}
+
+/// Falcon (new decoder architecture): `ln_attn` feeds the fused query_key_value and `ln_mlp`
+/// feeds dense_h_to_4h, each folding its own AWQ scale; the fused module is one quantizer
+/// (per-tensor scales over its rows, which keep the grouped [q.., k, v] order).
+#[test]
+fn falcon_every_format_with_grouped_qkv() {
+    every_format("falcon", false, &|qformat, src, dst| {
+        for l in 0..2 {
+            let p = format!("transformer.h.{l}");
+            let awq = qformat.contains("awq");
+            for norm in ["ln_attn", "ln_mlp"] {
+                assert_eq!(check_norm_fold(src, dst, &format!("{p}.{norm}"), 0.0, true), awq, "{qformat} {norm}");
+            }
+            let qkv = format!("{p}.self_attention.query_key_value");
+            let amax = absmax(&f32s(src, &format!("{qkv}.weight")));
+            match qformat {
+                "fp8" => close(scalar(dst, &format!("{qkv}.weight_scale")), amax / 448.0, &qkv),
+                "nvfp4" => close(scalar(dst, &format!("{qkv}.weight_scale_2")), amax / (6.0 * 448.0), &qkv),
+                _ => {}
+            }
+            assert_eq!(dst.get(&format!("{qkv}.pre_quant_scale")).is_some(), qformat == "int8_sq", "{qformat}");
+        }
+    });
+}
+
+/// Falcon with multi-query attention (old architecture): one `input_layernorm` for both
+/// branches, so query_key_value and dense_h_to_4h share its AWQ fold.
+#[test]
+fn falcon_mqa_every_format_with_one_norm() {
+    every_format("falcon-mqa", false, &|qformat, src, dst| {
+        for l in 0..2 {
+            let p = format!("transformer.h.{l}");
+            assert_eq!(check_norm_fold(src, dst, &format!("{p}.input_layernorm"), 0.0, true), qformat.contains("awq"), "{qformat}");
+            let readers = ["self_attention.query_key_value", "mlp.dense_h_to_4h"].map(|m| format!("{p}.{m}"));
+            let input = readers.clone().map(|m| scalar(dst, &format!("{m}.input_scale")));
+            assert_eq!(input[0], input[1], "{qformat}: {readers:?}");
         }
     });
 }
@@ -483,7 +550,8 @@ fn granite_every_format() {
 #[test]
 fn newer_families_refuse_trtllm_and_export_compressed_tensors() {
     let Some(shared) = common::shared_dir() else { return };
-    for (name, arch) in [("gemma2", "Gemma2ForCausalLM"), ("olmo2", "Olmo2ForCausalLM"), ("qwen2_moe", "Qwen2MoeForCausalLM"), ("phimoe", "PhimoeForCausalLM")] {
+    for (name, arch) in [("gemma2", "Gemma2ForCausalLM"), ("olmo2", "Olmo2ForCausalLM"), ("qwen2_moe", "Qwen2MoeForCausalLM"), ("phimoe", "PhimoeForCausalLM"),
+        ("gptj", "GPTJForCausalLM"), ("falcon", "FalconForCausalLM")] {
         let model = shared.join("reference/families").join(name);
         let (dir, ids) = scratch(&format!("{name}-engines"));
         let out = dir.join("trt");

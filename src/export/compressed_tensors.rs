@@ -226,9 +226,10 @@ fn vllm_layer(module: &str) -> Option<String> {
     }
 }
 
-/// ModelOpt's KV-scale names (spec/export-formats.md §2.8) -> compressed-tensors' attention qparams.
+/// ModelOpt's KV-scale names (spec/export-formats.md §2.8: `<attn>.k_proj.k_scale`) ->
+/// compressed-tensors' attention qparams (`<attn>.k_scale`).
 fn kv_name(name: &str) -> Option<String> {
-    for (modelopt, ct) in [(".self_attn.k_proj.k_scale", ".self_attn.k_scale"), (".self_attn.v_proj.v_scale", ".self_attn.v_scale")] {
+    for (modelopt, ct) in [(".k_proj.k_scale", ".k_scale"), (".v_proj.v_scale", ".v_scale")] {
         if let Some(attn) = name.strip_suffix(modelopt) {
             return Some(format!("{attn}{ct}"));
         }
@@ -347,7 +348,8 @@ pub fn convert(unified: &Path, out: &Path, force: bool) -> Result<()> {
         scheme(f)?;
     }
     let kv_fp8 = q.get("kv_cache_quant_algo").and_then(Json::as_str) == Some("FP8");
-    let dtype = ck.tensor("model.embed_tokens.weight")?.dtype;
+    let names = crate::model::config::ModelConfig::from_dir(unified)?.names;
+    let dtype = ck.tensor(&format!("{}.weight", names.embed))?.dtype;
 
     let mut output = Output::create(unified, out, force, DEFAULT_SHARD_BYTES)?;
     let mut ignore: Vec<String> = vec!["lm_head".into()];
@@ -402,7 +404,7 @@ pub fn convert(unified: &Path, out: &Path, force: bool) -> Result<()> {
         }
         let Some(scheme) = scheme else {
             output.add(name, t.dtype, t.shape, t.data.to_vec())?;
-            if !module.ends_with("embed_tokens") && module != "lm_head" {
+            if module != names.embed && module != "lm_head" {
                 ignore.push(module.to_string());
             }
             continue;

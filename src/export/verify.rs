@@ -135,7 +135,7 @@ pub fn check(dir: &Path) -> Result<Report> {
             }
         }
         let excluded = excludes.iter().any(|p| fnmatch(p, module));
-        let is_embedding = module.ends_with("embed_tokens");
+        let is_embedding = crate::model::config::is_embedding(module);
         if let Some(ct) = &ct {
             // compressed-tensors: the group targeting the module (export_ct.rs) names its scheme.
             let scheme = ct.scheme_of(module).filter(|_| !excluded && !is_embedding);
@@ -201,9 +201,12 @@ pub fn check(dir: &Path) -> Result<Report> {
     let kv_key = quant.as_ref().and_then(|q| q.get("kv_cache_quant_algo").or(q.get("kv_cache_scheme")));
     if kv_key.is_some_and(|k| !k.is_null()) {
         let attention = |n: &str| {
-            [".k_proj.weight", ".k_proj.weight_packed", ".qkv_proj.weight"].iter().find_map(|s| n.strip_suffix(s).map(String::from))
+            [".k_proj.weight", ".k_proj.weight_packed", ".qkv_proj.weight", ".query_key_value.weight", ".query_key_value.weight_packed"]
+                .iter()
+                .find_map(|s| n.strip_suffix(s).map(String::from))
         };
-        for attn in names.iter().filter_map(|n| attention(n)).filter(|a| a.ends_with(".self_attn")) {
+        let attention_module = |a: &String| [".self_attn", ".attn", ".self_attention"].iter().any(|s| a.ends_with(s));
+        for attn in names.iter().filter_map(|n| attention(n)).filter(attention_module) {
             for scale in kv_names {
                 if ck.get(&format!("{attn}.{scale}")).is_none() {
                     report.findings.push(format!("{attn}: the config names a KV-cache format but {scale} is missing"));
@@ -260,12 +263,14 @@ pub fn weight_errors(dir: &Path, original: &Path) -> Result<Vec<WeightError>> {
         // A missing norm (Olmo2 and Exaone4 have none in front of a branch) folds nothing.
         let ratio = |norm: Option<&str>| -> Result<Vec<f32>> {
             let Some(norm) = norm else { return Ok(vec![1.0; o.config.hidden_size]) };
-            let name = format!("model.layers.{l}.{norm}.weight");
+            let name = format!("{}.{norm}.weight", o.config.layer_prefix(l));
             let (a, b) = (q.tensor(&name)?.to_f32()?, o.tensor(&name)?.to_f32()?);
             let one = if o.config.norm_offset { 1.0 } else { 0.0 };
             Ok(a.iter().zip(&b).map(|(x, y)| if y + one != 0.0 { (x + one) / (y + one) } else { 1.0 }).collect())
         };
         let (r_in, r_post) = (ratio(o.config.norms.attn_in)?, ratio(o.config.norms.mlp_in)?);
+        // A parallel MLP without a norm of its own reads the attention's (GPT-J).
+        let r_post = if o.config.parallel && o.config.norms.mlp_in.is_none() { r_in.clone() } else { r_post };
         let modules = o.config.layer_modules(l);
         // The norm ratio of a module reading a norm (experts' gate/up read it through the router's block: none).
         let norm_ratio = |m: &crate::model::LayerModule| match m.kinds[0] {
@@ -388,10 +393,9 @@ pub fn model_findings(dir: &Path) -> Vec<String> {
 fn unexpected_tensors(model: &Model) -> Vec<String> {
     let cfg = &model.config;
     const LINEAR: [&str; 4] = ["weight", "bias", "weight_packed", "weight_shape"];
-    let mut known: BTreeSet<String> = ["model.embed_tokens.weight", "model.norm.weight", "model.norm.bias"]
-        .into_iter()
-        .map(String::from)
-        .collect();
+    let names = cfg.names;
+    let mut known: BTreeSet<String> =
+        [format!("{}.weight", names.embed), format!("{}.weight", names.final_norm), format!("{}.bias", names.final_norm)].into();
     let mut module = |m: &str| {
         for s in LINEAR.iter().chain(SCALE_SUFFIXES.iter()) {
             known.insert(format!("{m}.{s}"));
@@ -405,13 +409,18 @@ fn unexpected_tensors(model: &Model) -> Vec<String> {
         for (router, _) in cfg.moe_layer(l).map(|moe| moe.routers(l)).unwrap_or_default() {
             module(&router);
         }
-        let p = format!("model.layers.{l}");
-        for norm in cfg.norms.slots().into_iter().flatten().chain(["self_attn.q_norm", "self_attn.k_norm"]) {
+        let (p, attn) = (cfg.layer_prefix(l), cfg.attn_prefix(l));
+        for norm in cfg.norms.slots().into_iter().flatten() {
             module(&format!("{p}.{norm}"));
         }
-        // ModelOpt's KV-cache scales hang off k_proj / v_proj (§2.8), covered above; the
-        // compressed-tensors layout puts them on the attention module.
-        module(&format!("{p}.self_attn"));
+        module(&format!("{attn}.q_norm"));
+        module(&format!("{attn}.k_norm"));
+        // ModelOpt's KV-cache scales hang off k_proj / v_proj (§2.8), also where the
+        // projections are fused or named otherwise; the compressed-tensors layout puts them
+        // on the attention module.
+        module(&format!("{attn}.k_proj"));
+        module(&format!("{attn}.v_proj"));
+        module(&attn);
     }
     let mut found: Vec<String> = model
         .weight_names()

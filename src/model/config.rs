@@ -16,7 +16,7 @@ use crate::compute::{Attention, Rope};
 use std::path::{Path, PathBuf};
 
 /// `architectures[0]` values this runtime implements.
-pub const SUPPORTED_ARCHITECTURES: [&str; 17] = [
+pub const SUPPORTED_ARCHITECTURES: [&str; 19] = [
     "LlamaForCausalLM",
     "MistralForCausalLM",
     "Qwen2ForCausalLM",
@@ -34,6 +34,8 @@ pub const SUPPORTED_ARCHITECTURES: [&str; 17] = [
     "Exaone4ForCausalLM",
     "Qwen2MoeForCausalLM",
     "PhimoeForCausalLM",
+    "GPTJForCausalLM",
+    "FalconForCausalLM",
 ];
 
 #[derive(Clone, Debug)]
@@ -120,6 +122,20 @@ pub struct ModelConfig {
     /// The Linear modules of a decoder layer as the checkpoint names them. Without a
     /// `Gate` linear the MLP is not gated: `down(act(up(x)))`.
     pub modules: &'static [Module],
+    /// Where the embedding, the decoder layers, the final norm and each layer's attention are
+    /// (`model.layers.{l}`, GPT-J's and Falcon's `transformer.h.{l}`).
+    pub names: &'static Names,
+    /// Attention and MLP read the same residual stream and their outputs are added to it
+    /// together (HF `GPTJBlock`, parallel `FalconDecoderLayer`); the MLP reads the attention's
+    /// normed input unless the family has an MLP norm of its own (Falcon's `ln_mlp`).
+    pub parallel: bool,
+    /// RoPE turns adjacent pairs of dims (GPT-J's `rotate_every_two`) instead of the two
+    /// halves of the rotary dims: the runtime holds q_proj's and k_proj's rows reordered
+    /// (`ModelConfig::module_rows`) and rotates halves, which gives the same scores.
+    pub rope_interleaved: bool,
+    /// A fused query_key_value holds each key/value head after its group of query heads
+    /// (Falcon's new decoder architecture and multi-head attention): `[q.., k, v]` per group.
+    pub qkv_grouped: bool,
     /// Mixture-of-experts MLPs (Mixtral, Qwen3-MoE): which layers have them and their shape.
     pub moe: Option<MoeConfig>,
 }
@@ -137,14 +153,29 @@ impl ModelConfig {
 
     /// Checks and extracts `raw`; `path` is only used in error messages.
     pub fn from_json(raw: Json, path: &Path) -> Result<ModelConfig> {
-        let r = Reader { json: &raw, path };
+        let mut r = Reader { json: &raw, path, aliases: &[] };
         let architecture = r.architecture()?;
+        let family = Family::of(&architecture);
+        r.aliases = family.aliases();
         let model_type = r.req_str("model_type")?.to_string();
         let hidden_size = r.req_dim("hidden_size")?;
-        let intermediate_size = r.req_dim("intermediate_size")?;
+        // GPTJConfig `n_inner`, FalconConfig `ffn_hidden_size`: None means 4 * hidden_size.
+        let four_hidden = || hidden_size.checked_mul(4).ok_or_else(|| r.err(format!("hidden_size = {hidden_size} is too large")));
+        let intermediate_size = match family {
+            Family::Gptj => r.opt_dim("n_inner")?.map_or_else(four_hidden, Ok)?,
+            Family::Falcon => r.opt_dim("ffn_hidden_size")?.map_or_else(four_hidden, Ok)?,
+            _ => r.req_dim("intermediate_size")?,
+        };
         let num_hidden_layers = r.req_dim("num_hidden_layers")?;
         let num_attention_heads = r.req_dim("num_attention_heads")?;
-        let num_key_value_heads = r.opt_dim("num_key_value_heads")?.unwrap_or(num_attention_heads);
+        let falcon = match family {
+            Family::Falcon => Some(r.falcon(num_attention_heads)?),
+            _ => None,
+        };
+        let num_key_value_heads = match &falcon {
+            Some(f) => f.kv_heads,
+            None => r.opt_dim("num_key_value_heads")?.unwrap_or(num_attention_heads),
+        };
         let vocab_size = r.req_dim("vocab_size")?;
         if !num_attention_heads.is_multiple_of(num_key_value_heads) {
             return Err(r.err(format!(
@@ -155,7 +186,6 @@ impl ModelConfig {
         // Only the derived value needs the division to be exact: with an explicit head_dim,
         // q_proj is [heads * head_dim, hidden] whatever hidden is.
         // Qwen3Config and GemmaConfig default head_dim to 128 and 256 instead.
-        let family = Family::of(&architecture);
         let head_dim = match r.opt_dim("head_dim")? {
             Some(d) => d,
             None if family == Family::Qwen3 => 128,
@@ -175,6 +205,7 @@ impl ModelConfig {
         let eps_key = match family {
             Family::Starcoder2 => "norm_epsilon",
             Family::Nemotron => "norm_eps",
+            Family::Gptj | Family::Falcon => "layer_norm_epsilon",
             _ => "rms_norm_eps",
         };
         let default_eps = if matches!(
@@ -186,6 +217,8 @@ impl ModelConfig {
                 | Family::Olmo2
                 | Family::Exaone4
                 | Family::Phimoe
+                | Family::Gptj
+                | Family::Falcon
         ) {
             1e-5
         } else {
@@ -238,6 +271,7 @@ impl ModelConfig {
         let default_act = match family {
             Family::Gemma | Family::Gemma2 | Family::Gemma3 | Family::Starcoder2 => "gelu_pytorch_tanh",
             Family::Nemotron => "relu2",
+            Family::Gptj => "gelu_new",
             _ => "silu",
         };
         let act = match r.opt_str("hidden_activation")? {
@@ -246,11 +280,12 @@ impl ModelConfig {
         };
         let act = match act.1 {
             "silu" => Activation::Silu,
-            "gelu_pytorch_tanh" => Activation::GeluTanh,
+            // HF `NewGELUActivation` is the same tanh approximation, written out in torch ops.
+            "gelu_pytorch_tanh" | "gelu_new" => Activation::GeluTanh,
             "relu2" => Activation::Relu2,
             other => {
                 return Err(Error::Unsupported(format!(
-                    "{}: {} = {other:?} (supported: \"silu\", \"gelu_pytorch_tanh\", \"relu2\")",
+                    "{}: {} = {other:?} (supported: \"silu\", \"gelu_pytorch_tanh\", \"gelu_new\", \"relu2\")",
                     path.display(),
                     act.0
                 )))
@@ -258,8 +293,11 @@ impl ModelConfig {
         };
         // Starcoder2Config: `use_bias` (default true) for every linear; NemotronConfig:
         // `attention_bias`, `mlp_bias` (default false).
-        let use_bias = family == Family::Starcoder2 && r.opt_bool("use_bias")?.unwrap_or(true);
-        let mlp_bias = use_bias || (family == Family::Nemotron && r.opt_bool("mlp_bias")? == Some(true));
+        // FalconConfig `bias` (default false): every linear; GPTJMLP: fc_in and fc_out always.
+        let use_bias = family == Family::Starcoder2 && r.opt_bool("use_bias")?.unwrap_or(true)
+            || family == Family::Falcon && r.opt_bool("bias")? == Some(true);
+        let mlp_bias =
+            use_bias || family == Family::Gptj || (family == Family::Nemotron && r.opt_bool("mlp_bias")? == Some(true));
         if family != Family::Nemotron && r.opt_bool("mlp_bias")? == Some(true) {
             return Err(Error::Unsupported(format!("{}: mlp_bias = true (MLP biases are not implemented)", path.display())));
         }
@@ -275,11 +313,14 @@ impl ModelConfig {
             None => r.opt_str("torch_dtype")?.map(str::to_string),
         };
         let (rope, rope_local) = r.ropes(family, head_dim)?;
-        let rotary_dim = rotary_dim_of(head_dim, rope.1);
-        if rotary_dim == 0 || !rotary_dim.is_multiple_of(2) {
+        let rotary_dim = match family {
+            Family::Gptj => r.gptj_rotary_dim()?,
+            _ => rotary_dim_of(head_dim, rope.1),
+        };
+        if rotary_dim == 0 || !rotary_dim.is_multiple_of(2) || rotary_dim > head_dim {
             return Err(r.err(format!(
-                "partial_rotary_factor = {} gives {rotary_dim} rotary dims of head_dim = {head_dim}; RoPE needs an even, \
-                 positive number",
+                "partial_rotary_factor = {} / rotary_dim give {rotary_dim} rotary dims of head_dim = {head_dim}; RoPE \
+                 needs an even, positive number up to head_dim",
                 rope.1
             )));
         }
@@ -309,17 +350,27 @@ impl ModelConfig {
             logits_scaling: r.multiplier(family, "logits_scaling")?,
             residual_multiplier: r.multiplier(family, "residual_multiplier")?,
             embed_scale_in_dtype: family != Family::Granite,
-            norms: match family {
-                Family::Gemma2 | Family::Gemma3 => &GEMMA2_NORMS,
-                Family::Olmo2 | Family::Exaone4 => &POST_NORMS,
+            norms: match (family, &falcon) {
+                (Family::Gemma2 | Family::Gemma3, _) => &GEMMA2_NORMS,
+                (Family::Olmo2 | Family::Exaone4, _) => &POST_NORMS,
+                (Family::Gptj, _) => &GPTJ_NORMS,
+                (_, Some(f)) => f.norms,
                 _ => &LLAMA_NORMS,
             },
+            names: match family {
+                Family::Gptj => &GPTJ_NAMES,
+                Family::Falcon => &FALCON_NAMES,
+                _ => &LLAMA_NAMES,
+            },
+            parallel: family == Family::Gptj || falcon.as_ref().is_some_and(|f| f.parallel),
+            rope_interleaved: family == Family::Gptj,
+            qkv_grouped: falcon.as_ref().is_some_and(|f| f.grouped),
             qk_norm_whole: family == Family::Olmo2,
             norm_weight_f32: family == Family::Olmo2,
             vocab_size,
             tie_word_embeddings: r
                 .opt_bool("tie_word_embeddings")?
-                .unwrap_or(family.gemma_like() || family == Family::Starcoder2),
+                .unwrap_or(family.gemma_like() || matches!(family, Family::Starcoder2 | Family::Falcon)),
             max_position_embeddings,
             sliding_window,
             dtype,
@@ -327,9 +378,9 @@ impl ModelConfig {
             mlp_bias,
             qk_norm: matches!(family, Family::Qwen3 | Family::Qwen3Moe | Family::Gemma3 | Family::Olmo2 | Family::Exaone4),
             norm_offset: family.gemma_like() || family == Family::Nemotron,
-            layer_norm: matches!(family, Family::Starcoder2 | Family::Nemotron | Family::Phimoe),
-            // PhimoeConfig `lm_head_bias` (default false).
-            lm_head_bias: family == Family::Phimoe && r.opt_bool("lm_head_bias")? == Some(true),
+            layer_norm: matches!(family, Family::Starcoder2 | Family::Nemotron | Family::Phimoe | Family::Gptj | Family::Falcon),
+            // PhimoeConfig `lm_head_bias` (default false); GPT-J's lm_head always has one.
+            lm_head_bias: family == Family::Gptj || family == Family::Phimoe && r.opt_bool("lm_head_bias")? == Some(true),
             // HF GemmaModel: `torch.tensor(hidden_size**0.5, dtype=...)`, a double rounded once.
             embed_scale: match family {
                 _ if family.gemma_like() => Some((hidden_size as f64).sqrt() as f32),
@@ -343,6 +394,8 @@ impl ModelConfig {
                 Family::Phi3 => PHI3_MODULES,
                 Family::Starcoder2 => STARCODER2_MODULES,
                 Family::Nemotron => NEMOTRON_MODULES,
+                Family::Gptj => GPTJ_MODULES,
+                Family::Falcon => FALCON_MODULES,
                 _ => LLAMA_MODULES,
             },
             moe,
@@ -393,6 +446,43 @@ pub const GEMMA2_NORMS: LayerNorms = LayerNorms {
 pub const POST_NORMS: LayerNorms =
     LayerNorms { attn_in: None, attn_out: Some("post_attention_layernorm"), mlp_in: None, mlp_out: Some("post_feedforward_layernorm") };
 
+/// HF `GPTJBlock`: one norm, `ln_1`, in front of both parallel branches.
+pub const GPTJ_NORMS: LayerNorms = LayerNorms { attn_in: Some("ln_1"), attn_out: None, mlp_in: None, mlp_out: None };
+/// HF `FalconDecoderLayer` with one norm in front of both parallel branches.
+pub const SHARED_NORM: LayerNorms = LayerNorms { attn_in: Some("input_layernorm"), attn_out: None, mlp_in: None, mlp_out: None };
+/// HF `FalconDecoderLayer`, new decoder architecture: `ln_attn` and `ln_mlp`, both of the layer's input.
+pub const FALCON_NORMS: LayerNorms = LayerNorms { attn_in: Some("ln_attn"), attn_out: None, mlp_in: Some("ln_mlp"), mlp_out: None };
+
+/// Where a family keeps its tensors outside the decoder layers' modules.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Names {
+    /// Decoder layer `l` is `{layers}.{l}`.
+    pub layers: &'static str,
+    /// The token embedding module (`{embed}.weight`).
+    pub embed: &'static str,
+    /// The final norm module.
+    pub final_norm: &'static str,
+    /// The attention module inside a layer: ModelOpt's KV scales are `<attn>.k_proj.k_scale`
+    /// whatever the projections are called (spec/export-formats.md §2.8), q/k norms `<attn>.q_norm`.
+    pub attn: &'static str,
+}
+
+pub const LLAMA_NAMES: Names =
+    Names { layers: "model.layers", embed: "model.embed_tokens", final_norm: "model.norm", attn: "self_attn" };
+/// HF `GPTJModel`: `transformer.wte`, `transformer.h`, `transformer.ln_f`.
+pub const GPTJ_NAMES: Names =
+    Names { layers: "transformer.h", embed: "transformer.wte", final_norm: "transformer.ln_f", attn: "attn" };
+/// HF `FalconModel`: `transformer.word_embeddings`, `transformer.h`, `transformer.ln_f`.
+pub const FALCON_NAMES: Names =
+    Names { layers: "transformer.h", embed: "transformer.word_embeddings", final_norm: "transformer.ln_f", attn: "self_attention" };
+
+/// Whether `module` is a token embedding of one of the families' layouts (its last name:
+/// `embed_tokens`, `wte`, `word_embeddings`), wherever the model nests it.
+pub fn is_embedding(module: &str) -> bool {
+    let leaf = |n: &Names| n.embed.rsplit('.').next().unwrap_or(n.embed);
+    [&LLAMA_NAMES, &GPTJ_NAMES, &FALCON_NAMES].into_iter().any(|n| module == leaf(n) || module.ends_with(&format!(".{}", leaf(n))))
+}
+
 /// Which decoder layers apply RoPE, with which table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RopeLayers {
@@ -424,6 +514,8 @@ enum Family {
     Exaone4,
     Qwen2Moe,
     Phimoe,
+    Gptj,
+    Falcon,
 }
 
 impl Family {
@@ -431,6 +523,22 @@ impl Family {
     /// tied embeddings by default.
     fn gemma_like(self) -> bool {
         matches!(self, Family::Gemma | Family::Gemma2 | Family::Gemma3)
+    }
+
+    /// Config keys this family's config.json spells differently: (the key rq-min reads, the
+    /// family's name for it) as in `GPTJConfig.attribute_map` and `FalconConfig.attribute_map`.
+    fn aliases(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            Family::Gptj => &[
+                ("hidden_size", "n_embd"),
+                ("num_attention_heads", "n_head"),
+                ("num_hidden_layers", "n_layer"),
+                ("max_position_embeddings", "n_positions"),
+                ("hidden_act", "activation_function"),
+            ],
+            Family::Falcon => &[("num_hidden_layers", "n_layer"), ("num_attention_heads", "n_head"), ("hidden_act", "activation")],
+            _ => &[],
+        }
     }
 
     /// `arch` is one of `SUPPORTED_ARCHITECTURES` (checked by `Reader::architecture`).
@@ -452,15 +560,27 @@ impl Family {
             "Exaone4ForCausalLM" => Family::Exaone4,
             "Qwen2MoeForCausalLM" => Family::Qwen2Moe,
             "PhimoeForCausalLM" => Family::Phimoe,
+            "GPTJForCausalLM" => Family::Gptj,
+            "FalconForCausalLM" => Family::Falcon,
             _ => Family::Llama,
         }
     }
+}
+
+/// What `Reader::falcon` reads.
+struct FalconLayout {
+    kv_heads: usize,
+    parallel: bool,
+    grouped: bool,
+    norms: &'static LayerNorms,
 }
 
 /// Typed access to config keys with errors that name the file, the key and the value.
 struct Reader<'a> {
     json: &'a Json,
     path: &'a Path,
+    /// The family's other spellings of top-level keys (`Family::aliases`).
+    aliases: &'static [(&'static str, &'static str)],
 }
 
 impl Reader<'_> {
@@ -469,7 +589,21 @@ impl Reader<'_> {
     }
 
     fn missing(&self, key: &str) -> Error {
-        self.err(format!("missing required key \"{key}\""))
+        match self.aliases.iter().find(|(k, _)| *k == key) {
+            Some((_, alias)) => self.err(format!("missing required key \"{alias}\"")),
+            None => self.err(format!("missing required key \"{key}\"")),
+        }
+    }
+
+    /// `key` as this config spells it: the family's alias when only that is present.
+    fn spelled<'k>(&self, key: &'k str) -> &'k str {
+        if Self::value(self.json, key).is_some() {
+            return key;
+        }
+        match self.aliases.iter().find(|(k, _)| *k == key) {
+            Some((_, alias)) if Self::value(self.json, alias).is_some() => alias,
+            _ => key,
+        }
     }
 
     fn wrong_type(&self, key: &str, want: &str, v: &Json) -> Error {
@@ -498,7 +632,7 @@ impl Reader<'_> {
     }
 
     fn opt_dim(&self, key: &str) -> Result<Option<usize>> {
-        self.opt_dim_in(self.json, key)
+        self.opt_dim_in(self.json, self.spelled(key))
     }
 
     /// A positive integer.
@@ -517,7 +651,7 @@ impl Reader<'_> {
     }
 
     fn opt_f64(&self, key: &str) -> Result<Option<f64>> {
-        self.opt_f64_in(self.json, key)
+        self.opt_f64_in(self.json, self.spelled(key))
     }
 
     fn opt_f64_in(&self, obj: &Json, key: &str) -> Result<Option<f64>> {
@@ -528,7 +662,7 @@ impl Reader<'_> {
     }
 
     fn opt_str(&self, key: &str) -> Result<Option<&str>> {
-        self.opt_str_in(self.json, key)
+        self.opt_str_in(self.json, self.spelled(key))
     }
 
     fn opt_str_in<'j>(&self, obj: &'j Json, key: &str) -> Result<Option<&'j str>> {
@@ -543,6 +677,7 @@ impl Reader<'_> {
     }
 
     fn opt_bool(&self, key: &str) -> Result<Option<bool>> {
+        let key = self.spelled(key);
         match Self::value(self.json, key) {
             None => Ok(None),
             Some(v) => v.as_bool().map(Some).ok_or_else(|| self.wrong_type(key, "true or false", v)),
@@ -671,6 +806,50 @@ impl Reader<'_> {
             return Err(self.err(format!("attention scale {scale} must be positive")));
         }
         Ok(scale as f32)
+    }
+
+    /// Falcon's attention layout (HF `FalconAttention`, `FalconDecoderLayer`): key/value heads
+    /// `num_kv_heads` in the new decoder architecture, one with `multi_query`, else one per
+    /// query head; parallel branches (always in the new architecture, else `parallel_attn`)
+    /// behind `ln_attn` + `ln_mlp` (`num_ln_in_parallel_attn` 2, the new architecture's
+    /// default) or one `input_layernorm`; the fused qkv rows grouped per key/value head except
+    /// for old-architecture multi-query, which stacks q, k and v.
+    fn falcon(&self, heads: usize) -> Result<FalconLayout> {
+        if self.opt_bool("alibi")? == Some(true) {
+            return Err(Error::Unsupported(format!("{}: alibi = true (Falcon with ALiBi is not implemented)", self.path.display())));
+        }
+        let new_arch = self.opt_bool("new_decoder_architecture")?.unwrap_or(false);
+        let multi_query = self.opt_bool("multi_query")?.unwrap_or(true);
+        let parallel = self.opt_bool("parallel_attn")?.unwrap_or(true);
+        let kv_heads = match (new_arch, multi_query) {
+            (true, _) => self.opt_dim("num_kv_heads")?.unwrap_or(heads),
+            (false, true) => 1,
+            (false, false) => heads,
+        };
+        let norms = match (new_arch, parallel, self.opt_dim("num_ln_in_parallel_attn")?) {
+            (true, true, None | Some(2)) => &FALCON_NORMS,
+            (_, true, Some(1)) | (false, true, None) => &SHARED_NORM,
+            (false, false, _) => &LLAMA_NORMS,
+            (new_arch, parallel, n) => {
+                return Err(Error::Unsupported(format!(
+                    "{}: new_decoder_architecture = {new_arch}, parallel_attn = {parallel}, num_ln_in_parallel_attn = {n:?} \
+                     (transformers' FalconDecoderLayer does not run this combination)",
+                    self.path.display()
+                )))
+            }
+        };
+        Ok(FalconLayout { kv_heads, parallel, grouped: new_arch || !multi_query, norms })
+    }
+
+    /// GPT-J's `rotary_dim` (GPTJConfig default 64). A null one would rotate whole
+    /// embeddings instead of heads in `GPTJAttention`; refused.
+    fn gptj_rotary_dim(&self) -> Result<usize> {
+        match self.json.get("rotary_dim") {
+            Some(v) if v.is_null() => {
+                Err(Error::Unsupported(format!("{}: rotary_dim = null (GPT-J without partial RoPE)", self.path.display())))
+            }
+            _ => Ok(self.opt_dim("rotary_dim")?.unwrap_or(64)),
+        }
     }
 
     /// Gemma2/3's soft cap `key` (Gemma2Config's default `gemma2_default`, Gemma3's none; null: none).
@@ -935,6 +1114,25 @@ pub const STARCODER2_MODULES: &[Module] = &[
     module("mlp.c_proj", &[LinearKind::Down]),
 ];
 
+/// HF `GPTJAttention` (no biases) and `GPTJMLP`: `fc_out(act(fc_in(x)))`.
+pub const GPTJ_MODULES: &[Module] = &[
+    module("attn.q_proj", &[LinearKind::Q]),
+    module("attn.k_proj", &[LinearKind::K]),
+    module("attn.v_proj", &[LinearKind::V]),
+    module("attn.out_proj", &[LinearKind::O]),
+    module("mlp.fc_in", &[LinearKind::Up]),
+    module("mlp.fc_out", &[LinearKind::Down]),
+];
+
+/// HF `FalconAttention.query_key_value` (q, k, v heads; grouped per key/value head where
+/// `qkv_grouped`), `dense`, and `FalconMLP`: `dense_4h_to_h(act(dense_h_to_4h(x)))`.
+pub const FALCON_MODULES: &[Module] = &[
+    module("self_attention.query_key_value", &[LinearKind::Q, LinearKind::K, LinearKind::V]),
+    module("self_attention.dense", &[LinearKind::O]),
+    module("mlp.dense_h_to_4h", &[LinearKind::Up]),
+    module("mlp.dense_4h_to_h", &[LinearKind::Down]),
+];
+
 /// HF `NemotronMLP`: `down_proj(act(up_proj(x)))`.
 pub const NEMOTRON_MODULES: &[Module] = &[
     module("self_attn.q_proj", &[LinearKind::Q]),
@@ -1054,10 +1252,11 @@ impl ModelConfig {
     /// layer the attention modules and then each expert's gate, up and down.
     pub fn layer_modules(&self, l: usize) -> Vec<LayerModule> {
         let dense = |m: &Module| LayerModule {
-            path: format!("model.layers.{l}.{}", m.name),
+            path: format!("{}.{}", self.layer_prefix(l), m.name),
             kinds: m.kinds,
             expert: None,
             shape: m.shape(self, l),
+            rows: self.module_rows(m),
         };
         let Some(moe) = self.moe_layer(l) else { return self.modules.iter().map(dense).collect() };
         let experts = (0..moe.num_experts).flat_map(|e| {
@@ -1066,11 +1265,71 @@ impl ModelConfig {
                 kinds: m.kinds,
                 expert: Some(e),
                 shape: moe.expert_shape(self, m.kinds[0]),
+                rows: None,
             })
         });
         // The shared expert after the routed ones, as `Qwen2MoeSparseMoeBlock` registers them.
         let shared = if moe.shared_expert.is_some() { SHARED_EXPERT } else { &[] };
         self.modules.iter().filter(|m| !m.is_mlp()).map(dense).chain(experts).chain(shared.iter().map(dense)).collect()
+    }
+
+    /// Decoder layer `l`'s prefix: `model.layers.{l}`, `transformer.h.{l}`.
+    pub fn layer_prefix(&self, l: usize) -> String {
+        format!("{}.{l}", self.names.layers)
+    }
+
+    /// Layer `l`'s attention module (`model.layers.{l}.self_attn`).
+    pub fn attn_prefix(&self, l: usize) -> String {
+        format!("{}.{l}.{}", self.names.layers, self.names.attn)
+    }
+
+    /// The decoder layer tensor `name` belongs to.
+    pub fn layer_of(&self, name: &str) -> Option<usize> {
+        name.strip_prefix(self.names.layers)?.strip_prefix('.')?.split('.').next()?.parse().ok()
+    }
+
+    /// The checkpoint row of each runtime row of module `m` (its linears' rows stacked in
+    /// `m.kinds` order), where the two orders differ; None where they are the same:
+    /// - Falcon's grouped `query_key_value` (`qkv_grouped`): HF `FalconAttention._split_heads`
+    ///   views the rows as `[kv_heads, heads / kv_heads + 2, head_dim]`, each key/value head's
+    ///   query heads followed by its key and value head;
+    /// - GPT-J's interleaved RoPE (`rope_interleaved`): `rotate_every_two` turns dims (2i, 2i + 1)
+    ///   of each q/k head by frequency i; the runtime holds those dims as (i, half + i) and
+    ///   rotates halves, the same arithmetic. q and k are permuted alike, so every score q·k
+    ///   is the same sum.
+    pub fn module_rows(&self, m: &Module) -> Option<Vec<usize>> {
+        use LinearKind::{K, Q, V};
+        let grouped = self.qkv_grouped && m.kinds == [Q, K, V];
+        let interleaved = self.rope_interleaved && m.kinds.iter().any(|k| matches!(k, Q | K));
+        if !grouped && !interleaved {
+            return None;
+        }
+        let (hd, heads, kv) = (self.head_dim, self.num_attention_heads, self.num_key_value_heads);
+        let (per_kv, half) = (heads / kv, self.rotary_dim / 2);
+        let mut rows = Vec::new();
+        let mut first = 0; // the runtime's first head of `kind` in the module
+        for &kind in m.kinds {
+            let n = if kind == Q { heads } else { kv };
+            for h in 0..n {
+                let head = match kind {
+                    _ if !grouped => first + h,
+                    Q => h / per_kv * (per_kv + 2) + h % per_kv,
+                    K => h * (per_kv + 2) + per_kv,
+                    _ => h * (per_kv + 2) + per_kv + 1,
+                };
+                let rotary = interleaved && matches!(kind, Q | K);
+                rows.extend((0..hd).map(|d| {
+                    let d = match d {
+                        d if !rotary || d >= 2 * half => d,
+                        d if d < half => 2 * d,
+                        d => 2 * (d - half) + 1,
+                    };
+                    head * hd + d
+                }));
+            }
+            first += n;
+        }
+        Some(rows)
     }
 }
 
@@ -1085,6 +1344,26 @@ pub struct LayerModule {
     pub expert: Option<usize>,
     /// `[out, in]`.
     pub shape: [usize; 2],
+    /// `ModelConfig::module_rows`: where each runtime row is in the checkpoint's module.
+    pub rows: Option<Vec<usize>>,
+}
+
+impl LayerModule {
+    /// `values` (rows of `cols`, in the runtime's order) in the checkpoint's order.
+    pub fn to_checkpoint_rows(&self, values: Vec<f32>, cols: usize) -> Vec<f32> {
+        let Some(rows) = &self.rows else { return values };
+        let mut out = vec![0f32; values.len()];
+        for (src, &dst) in values.chunks_exact(cols).zip(rows) {
+            out[dst * cols..][..cols].copy_from_slice(src);
+        }
+        out
+    }
+
+    /// `values` (rows of `cols`, in the checkpoint's order) in the runtime's order.
+    pub fn to_runtime_rows(&self, values: Vec<f32>, cols: usize) -> Vec<f32> {
+        let Some(rows) = &self.rows else { return values };
+        rows.iter().flat_map(|&r| values[r * cols..][..cols].iter().copied()).collect()
+    }
 }
 
 /// Index in `modules` of the module holding linear `kind` (of `expert` in an MoE block).
@@ -1155,7 +1434,12 @@ impl MoeConfig {
 
     /// The router module (`model.layers.{l}.<block>.gate`), never quantized (spec/export-formats.md §2.4).
     pub fn router(&self, layer: usize) -> String {
-        format!("model.layers.{layer}.{}.gate", self.block)
+        format!("{}.gate", self.block_prefix(layer))
+    }
+
+    /// The block (`model.layers.{l}.<block>`).
+    pub fn block_prefix(&self, layer: usize) -> String {
+        format!("model.layers.{layer}.{}", self.block)
     }
 
     /// The routers of layer `layer` with their output rows: `gate` (one per expert) and, with a
@@ -1164,7 +1448,7 @@ impl MoeConfig {
     pub fn routers(&self, layer: usize) -> Vec<(String, usize)> {
         let mut out = vec![(self.router(layer), self.num_experts)];
         if self.shared_expert.is_some() {
-            out.push((format!("model.layers.{layer}.{}.shared_expert_gate", self.block), 1));
+            out.push((format!("{}.shared_expert_gate", self.block_prefix(layer)), 1));
         }
         out
     }
@@ -1172,7 +1456,7 @@ impl MoeConfig {
     /// Module of expert `e`'s linear `kind` (Gate, Up or Down).
     pub fn expert_module(&self, layer: usize, e: usize, kind: LinearKind) -> String {
         let m = self.expert_modules.iter().find(|m| m.kinds.contains(&kind)).unwrap_or(&self.expert_modules[0]);
-        format!("model.layers.{layer}.{}.experts.{e}.{}", self.block, m.name)
+        format!("{}.experts.{e}.{}", self.block_prefix(layer), m.name)
     }
 
     /// `[out, in]` of an expert's linear `kind`.
@@ -1200,7 +1484,8 @@ pub struct RowFold {
 /// The row fold of module `k` of a layer, if its family has one: down_proj (an expert's down)
 /// into up_proj's rows when the MLP is `act(gate)·up` (elementwise in up) or relu²(up) (√p);
 /// none for gelu_tanh(c_fc) (no per-channel scale commutes with it); o_proj into v_proj's rows
-/// only without GQA, where each o_proj input channel is one v_proj output row.
+/// only without GQA, where each o_proj input channel is one v_proj output row. None when the
+/// producer's rows are not its linears' rows in order (Falcon's grouped query_key_value).
 pub fn row_fold(modules: &[LayerModule], k: usize, cfg: &ModelConfig) -> Option<RowFold> {
     let m = &modules[k];
     let (kind, squared) = match m.kinds {
@@ -1209,7 +1494,7 @@ pub fn row_fold(modules: &[LayerModule], k: usize, cfg: &ModelConfig) -> Option<
         [LinearKind::O] if cfg.num_attention_heads == cfg.num_key_value_heads => (LinearKind::V, false),
         _ => return None,
     };
-    let producer = module_of(modules, m.expert, kind)?;
+    let producer = module_of(modules, m.expert, kind).filter(|&p| modules[p].rows.is_none())?;
     let offset = modules[producer].kinds.iter().take_while(|&&x| x != kind).map(|x| x.shape(cfg)[0]).sum();
     Some(RowFold { producer, kind, offset, squared })
 }

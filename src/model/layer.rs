@@ -111,6 +111,11 @@ impl Layer {
         let c = self.compute;
 
         let x = self.normed(cfg, NormSlot::AttnIn, hidden);
+        // A parallel MLP reads the attention's normed input, or its own norm of the layer input.
+        let parallel_x = cfg.parallel.then(|| match self.norm(NormSlot::MlpIn) {
+            Some(_) => self.normed(cfg, NormSlot::MlpIn, hidden),
+            None => x.clone(),
+        });
         let mut q = self.linear(cfg, LinearKind::Q, x.clone(), seq, hooks); // [seq, heads * hd]
         let mut k = self.linear(cfg, LinearKind::K, x.clone(), seq, hooks); // [seq, kv_heads * hd]
         let mut v = self.linear(cfg, LinearKind::V, x, seq, hooks); // [seq, kv_heads * hd]
@@ -129,7 +134,16 @@ impl Layer {
         let attention = cfg.attention(self.index, c == Compute::Bf16);
         let mut attn = Tensor::attention(&attention, &q, &k, &v, seq); // [seq, heads * hd]
         attn.round(c);
-        let o = self.linear(cfg, LinearKind::O, attn, seq, hooks);
+        let mut o = self.linear(cfg, LinearKind::O, attn, seq, hooks);
+        if let Some(x) = parallel_x {
+            // HF GPTJBlock: `attn_output + feed_forward_hidden_states + residual`; Falcon:
+            // `mlp_output += attention_output`, then the residual (each sum a rounded torch op).
+            let mlp = self.dense_mlp(cfg, x, seq, hooks);
+            o.add(&mlp);
+            o.round(c);
+            self.residual_add(cfg, NormSlot::AttnOut, hidden, o);
+            return;
+        }
         self.residual_add(cfg, NormSlot::AttnOut, hidden, o);
 
         let x = self.normed(cfg, NormSlot::MlpIn, hidden);
@@ -200,21 +214,22 @@ impl Layer {
         self.moe.as_mut()
     }
 
-    /// The weight of `m` (stacked rows of a fused module; an expert's from the MoE block).
+    /// The weight of `m` as the checkpoint holds it (a fused module's linears' rows stacked,
+    /// in the checkpoint's row order; an expert's from the MoE block).
     pub fn module_weight(&self, m: &LayerModule) -> Vec<f32> {
         match (m.expert, &self.moe) {
             (Some(e), Some(block)) => block.weight(e, m.kinds[0]).to_host().into_owned(),
-            _ => m.kinds.iter().flat_map(|&k| self.weight(k).to_host().into_owned()).collect(),
+            _ => m.to_checkpoint_rows(m.kinds.iter().flat_map(|&k| self.weight(k).to_host().into_owned()).collect(), m.shape[1]),
         }
     }
 
-    /// The bias of `m`, if its linears have biases (experts have none).
+    /// The bias of `m`, if its linears have biases (experts have none), in the checkpoint's order.
     pub fn module_bias(&self, m: &LayerModule) -> Option<Vec<f32>> {
         if m.expert.is_some() {
             return None;
         }
         let parts = m.kinds.iter().map(|&k| self.bias(k).map(Tensor::to_host)).collect::<Option<Vec<_>>>()?;
-        Some(parts.iter().flat_map(|b| b.iter().copied()).collect())
+        Some(m.to_checkpoint_rows(parts.iter().flat_map(|b| b.iter().copied()).collect(), 1))
     }
 
     /// Qwen3's per-head q and k RMSNorm weights (`[head_dim]` each), when the family has them.

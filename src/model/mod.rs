@@ -36,8 +36,6 @@ use moe::MoeBlock;
 use weights::{check_finite, InputQuant, Weights};
 use std::path::Path;
 
-const EMBED_TOKENS: &str = "model.embed_tokens.weight";
-const FINAL_NORM: &str = "model.norm";
 const LM_HEAD: &str = "lm_head.weight";
 const LM_HEAD_BIAS: &str = "lm_head.bias";
 
@@ -71,7 +69,12 @@ impl Model {
 
     /// The model dtype: that of the embedding table (ModelOpt does its arithmetic in it).
     pub fn dtype(&self) -> Result<Dtype> {
-        Ok(self.tensor(EMBED_TOKENS)?.dtype)
+        Ok(self.tensor(&self.embed_name())?.dtype)
+    }
+
+    /// The embedding table's tensor name (`model.embed_tokens.weight`).
+    pub fn embed_name(&self) -> String {
+        format!("{}.weight", self.config.names.embed)
     }
 
     /// What the checkpoint lacks for the config, from the tensor headers alone: every tensor
@@ -90,22 +93,22 @@ impl Model {
             }
         };
         let n = cfg.num_hidden_layers;
-        let present: std::collections::BTreeSet<usize> = self.weight_names().iter().filter_map(|t| layer_of(t)).collect();
+        let present: std::collections::BTreeSet<usize> = self.weight_names().iter().filter_map(|t| cfg.layer_of(t)).collect();
         if let Some(&last) = present.iter().next_back().filter(|&&l| l >= n) {
             check(&mut found, Err(Error::config(
                 &cfg.path,
-                format!("num_hidden_layers is {n} but the checkpoint holds decoder layers up to model.layers.{last}"),
+                format!("num_hidden_layers is {n} but the checkpoint holds decoder layers up to {}", cfg.layer_prefix(last)),
             )));
         }
         if let Some(l) = (0..n).find(|l| !present.contains(l)) {
             // One finding for the whole gap: a lying layer count must not cost a lookup per layer.
             check(&mut found, Err(Error::config(
                 &cfg.path,
-                format!("num_hidden_layers is {n} but the checkpoint has no tensor of model.layers.{l}"),
+                format!("num_hidden_layers is {n} but the checkpoint has no tensor of {}", cfg.layer_prefix(l)),
             )));
         }
         let shape = |name: &str, shape: &[usize]| self.tensor(name).and_then(|t| t.expect_shape(shape));
-        check(&mut found, shape(EMBED_TOKENS, &[cfg.vocab_size, cfg.hidden_size]));
+        check(&mut found, shape(&self.embed_name(), &[cfg.vocab_size, cfg.hidden_size]));
         let norm = |module: &str| -> Result<()> {
             shape(&format!("{module}.weight"), &[cfg.hidden_size])?;
             if cfg.layer_norm {
@@ -114,13 +117,13 @@ impl Model {
             Ok(())
         };
         for l in (0..n).filter(|l| present.contains(l)) {
-            let prefix = format!("model.layers.{l}");
+            let prefix = cfg.layer_prefix(l);
             for name in cfg.norms.slots().into_iter().flatten() {
                 check(&mut found, norm(&format!("{prefix}.{name}")));
             }
             if cfg.qk_norm {
                 for (which, width) in ["q_norm", "k_norm"].into_iter().zip(cfg.qk_norm_widths()) {
-                    check(&mut found, shape(&format!("{prefix}.self_attn.{which}.weight"), &[width]));
+                    check(&mut found, shape(&format!("{}.{which}.weight", cfg.attn_prefix(l)), &[width]));
                 }
             }
             for (router, rows) in cfg.moe_layer(l).map(|moe| moe.routers(l)).unwrap_or_default() {
@@ -133,7 +136,7 @@ impl Model {
                 break;
             }
         }
-        check(&mut found, norm(FINAL_NORM));
+        check(&mut found, norm(cfg.names.final_norm));
         if self.get(LM_HEAD).is_some() || self.get("lm_head.weight_packed").is_some() || !cfg.tie_word_embeddings {
             check(&mut found, weights::check_linear(self, "lm_head", [cfg.vocab_size, cfg.hidden_size]));
         }
@@ -162,7 +165,8 @@ impl Model {
     /// the factor and the product are bf16). Only those rows are read and converted.
     pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
         let (vocab, hidden) = (self.config.vocab_size, self.config.hidden_size);
-        let table = self.tensor(EMBED_TOKENS)?;
+        let name = self.embed_name();
+        let table = self.tensor(&name)?;
         table.expect_shape(&[vocab, hidden])?;
         let row_bytes = hidden * table.dtype.size();
         let row_shape = [hidden];
@@ -170,11 +174,11 @@ impl Model {
         for &id in ids {
             let id = id as usize;
             if id >= vocab {
-                return Err(Error::tensor(EMBED_TOKENS, format!("token id {id} is outside the vocabulary ({vocab})")));
+                return Err(Error::tensor(&name, format!("token id {id} is outside the vocabulary ({vocab})")));
             }
             let row = TensorView { shape: &row_shape, data: &table.data[id * row_bytes..][..row_bytes], ..table };
             let values = row.to_f32()?;
-            check_finite(EMBED_TOKENS, &values, id * hidden)?;
+            check_finite(&name, &values, id * hidden)?;
             out.extend_from_slice(&values);
         }
         if let Some(scale) = self.config.embed_scale {
@@ -214,12 +218,9 @@ impl Model {
     pub fn load_layer(&self, i: usize) -> Result<Layer> {
         let cfg = &self.config;
         if i >= cfg.num_hidden_layers {
-            return Err(Error::tensor(
-                format!("model.layers.{i}"),
-                format!("the model has {} layers", cfg.num_hidden_layers),
-            ));
+            return Err(Error::tensor(cfg.layer_prefix(i), format!("the model has {} layers", cfg.num_hidden_layers)));
         }
-        let prefix = format!("model.layers.{i}");
+        let prefix = cfg.layer_prefix(i);
         let mut norms: [Option<Norm>; 4] = Default::default();
         for (slot, name) in norms.iter_mut().zip(cfg.norms.slots()) {
             if let Some(name) = name {
@@ -236,15 +237,15 @@ impl Model {
         let mut linears: [Tensor; 7] = Default::default();
         let mut biases: [Option<Tensor>; 7] = Default::default();
         for m in cfg.layer_modules(i).into_iter().filter(|m| m.expert.is_none()) {
-            let (module, shape) = (m.path, m.shape);
-            let w = weights::linear_weight(self, &module, shape)?;
+            let (module, shape) = (&m.path, m.shape);
+            let w = m.to_runtime_rows(weights::linear_weight(self, module, shape)?, shape[1]);
             let name = format!("{module}.bias");
             let required = m.kinds.iter().any(|k| match k {
                 LinearKind::Q | LinearKind::K | LinearKind::V => cfg.qkv_bias,
                 LinearKind::O => false,
                 LinearKind::Gate | LinearKind::Up | LinearKind::Down => cfg.mlp_bias,
             });
-            let b = if required || self.get(&name).is_some() { Some(self.load(&name, &shape[..1])?) } else { None };
+            let b = if required || self.get(&name).is_some() { Some(m.to_runtime_rows(self.load(&name, &shape[..1])?, 1)) } else { None };
             // A fused module's output rows are its linears' outputs one after the other.
             let mut row = 0;
             for &k in m.kinds {
@@ -256,7 +257,7 @@ impl Model {
         }
         let qk_norm = if cfg.qk_norm {
             let [q, k] = cfg.qk_norm_widths();
-            let norm = |which: &str, width| self.load(&format!("{prefix}.self_attn.{which}.weight"), &[width]);
+            let norm = |which: &str, width| self.load(&format!("{}.{which}.weight", cfg.attn_prefix(i)), &[width]);
             Some((Tensor::on(norm("q_norm", q)?, self.device), Tensor::on(norm("k_norm", k)?, self.device)))
         } else {
             None
@@ -309,12 +310,12 @@ impl Model {
     /// `embed_tokens` when the embeddings are tied.
     pub fn load_head(&self) -> Result<Head> {
         let cfg = &self.config;
-        let (norm, norm_bias) = self.load_norm(FINAL_NORM)?;
+        let (norm, norm_bias) = self.load_norm(cfg.names.final_norm)?;
         let shape = [cfg.vocab_size, cfg.hidden_size];
         let (lm_head, input) = if self.get(LM_HEAD).is_some() || !cfg.tie_word_embeddings {
             (weights::linear_weight(self, "lm_head", shape)?, weights::input_quant(self, "lm_head", shape)?)
         } else {
-            (self.load(EMBED_TOKENS, &shape)?, InputQuant::default())
+            (self.load(&self.embed_name(), &shape)?, InputQuant::default())
         };
         let lm_head = Tensor::on(lm_head, self.device);
         let lm_head_bias = match cfg.lm_head_bias {
@@ -325,9 +326,4 @@ impl Model {
         Ok(Head { cfg: cfg.clone(), norm, norm_bias, lm_head, lm_head_bias, compute: self.compute, input })
     }
 
-}
-
-/// The decoder layer a tensor name belongs to (`model.layers.{l}.…`).
-fn layer_of(name: &str) -> Option<usize> {
-    name.strip_prefix("model.layers.")?.split('.').next()?.parse().ok()
 }

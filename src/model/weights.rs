@@ -283,10 +283,11 @@ pub fn input_quant(model: &Weights, module: &str, shape: [usize; 2]) -> Result<I
     Ok(InputQuant { pre_quant_scale, act })
 }
 
-/// KV-cache amax of layer `l` from `k_proj.k_scale` / `v_proj.v_scale` (amax/448, §2.8), or
-/// compressed-tensors' `self_attn.k_scale` / `v_scale` (same value).
-pub fn kv_amax(model: &Weights, l: usize) -> Result<(Option<f32>, Option<f32>)> {
-    let p = format!("model.layers.{l}.self_attn");
+/// KV-cache amax of the attention module `attn` (`model.layers.{l}.self_attn`) from
+/// `k_proj.k_scale` / `v_proj.v_scale` (amax/448, §2.8), or compressed-tensors' `k_scale` /
+/// `v_scale` on the attention module (same value).
+pub fn kv_amax(model: &Weights, attn: &str) -> Result<(Option<f32>, Option<f32>)> {
+    let p = attn;
     let read = |unified: &str, ct: &str| -> Result<Option<f32>> {
         Ok(scalar(model, &format!("{p}.{unified}"))?.or(scalar(model, &format!("{p}.{ct}"))?).map(|s| s * E4M3_MAX))
     };

@@ -96,13 +96,13 @@ pub fn groups(model: &Model, exclusions: &Exclusions) -> Vec<Group> {
 
 /// The group of module `m` of layer `l` (see [`groups`]).
 fn group_name(cfg: &ModelConfig, l: usize, m: &LayerModule) -> String {
-    let prefix = format!("model.layers.{l}");
+    let prefix = cfg.layer_prefix(l);
     if let (Some(_), Some(moe)) = (m.expert, cfg.moe_layer(l)) {
         return format!("{prefix}.{}.experts", moe.block);
     }
     let leaf = m.path.rsplit('.').next().unwrap_or_default();
     match leaf {
-        "q_proj" | "k_proj" | "v_proj" => format!("{prefix}.self_attn.qkv"),
+        "q_proj" | "k_proj" | "v_proj" => format!("{}.qkv", cfg.attn_prefix(l)),
         "gate_proj" | "up_proj" => format!("{prefix}.mlp.gate_up"),
         _ => m.path.clone(),
     }
@@ -509,9 +509,13 @@ pub fn search(
             for (k, (m, iqs)) in modules.iter().zip(&inputs[l]).enumerate() {
                 let w = layer.module_weight(m);
                 let per_format = formats.iter().zip(iqs);
-                let wq: Vec<Vec<f32>> =
-                    per_format.map(|(&f, iq)| candidate_weight(f, &w, m.shape, iq.pre_quant_scale.as_deref(), dtype)).collect::<Result<_>>()?;
                 let inp = m.shape[1];
+                // Candidates are made as the checkpoint holds the module, then put in the
+                // runtime's row order like the layer's own weights.
+                let wq: Vec<Vec<f32>> = per_format
+                    .map(|(&f, iq)| candidate_weight(f, &w, m.shape, iq.pre_quant_scale.as_deref(), dtype).map(|q| m.to_runtime_rows(q, inp)))
+                    .collect::<Result<_>>()?;
+                let w = m.to_runtime_rows(w, inp);
                 let mut r0 = 0;
                 for &kind in m.kinds {
                     let rows = if m.expert.is_some() { m.shape[0] } else { kind.shape(cfg)[0] };

@@ -155,8 +155,12 @@ impl<'a> LayerGrad<'a> {
         }
         h_mid.add(h_in);
 
-        // MLP.
-        let x2 = normed(NormSlot::MlpIn, &h_mid);
+        // MLP: of h_mid, or in a parallel layer of h_in (through its own norm or the attention's).
+        let x2 = match (cfg.parallel, layer.norm(NormSlot::MlpIn)) {
+            (true, None) => x1.clone(),
+            (true, Some(_)) => normed(NormSlot::MlpIn, h_in),
+            (false, _) => normed(NormSlot::MlpIn, &h_mid),
+        };
         let mut d_mlp = branch_grad(dh_out);
         if let Some(n) = layer.norm(NormSlot::MlpOut) {
             // A normed MLP output (Gemma2/3, Olmo2, Exaone4): its gradient goes through the norm.
@@ -201,8 +205,15 @@ impl<'a> LayerGrad<'a> {
         };
         drop((x2, d_mlp));
         let mut dh_mid = dh_out.clone();
-        normed_backward_add(NormSlot::MlpIn, &mut dh_mid, &h_mid, &dx2);
-        drop((dx2, h_mid));
+        // A parallel MLP's input gradient joins the attention's at h_in (below).
+        let parallel_dx2 = match cfg.parallel {
+            true => Some(dx2),
+            false => {
+                normed_backward_add(NormSlot::MlpIn, &mut dh_mid, &h_mid, &dx2);
+                None
+            }
+        };
+        drop(h_mid);
 
         // Attention backward.
         let mut dy_o = branch_grad(&dh_mid);
@@ -236,6 +247,11 @@ impl<'a> LayerGrad<'a> {
         dx1.add(&self.dense(LinearKind::K).input_grad(&dy_k, seq));
         dx1.add(&self.dense(LinearKind::V).input_grad(&dy_v, seq));
         let mut dh_in = dh_mid;
+        match (parallel_dx2, layer.norm(NormSlot::MlpIn)) {
+            (Some(dx2), None) => dx1.add(&dx2),
+            (Some(dx2), Some(_)) => normed_backward_add(NormSlot::MlpIn, &mut dh_in, h_in, &dx2),
+            (None, _) => {}
+        }
         normed_backward_add(NormSlot::AttnIn, &mut dh_in, h_in, &dx1);
         dh_in
     }

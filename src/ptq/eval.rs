@@ -99,7 +99,7 @@ pub fn evaluate(model: &Model, windows: &[Vec<u32>], progress: &Progress, keep_l
     let hidden = run_layers(model, windows, progress, "eval", |l, layer, rope, hidden| {
         let modules = model.config.layer_modules(l);
         let inputs = modules.iter().map(|m| read::input_quant(model, &m.path, m.shape)).collect::<Result<_>>()?;
-        let mut hooks = EvalHooks { modules, inputs, kv_amax: read::kv_amax(model, l)? };
+        let mut hooks = EvalHooks { modules, inputs, kv_amax: read::kv_amax(model, &model.config.attn_prefix(l))? };
         for (h, ids) in hidden.iter_mut().zip(windows) {
             layer.forward(&model.config, rope, h, ids.len(), &mut hooks);
         }

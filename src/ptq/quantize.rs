@@ -177,7 +177,7 @@ pub fn run(model: &Model, samples: &[Vec<u32>], opts: &Options, out: &mut Output
     let lm_head_format = opts.formats.of("lm_head");
     for name in model.weight_names() {
         let quantized_lm_head = lm_head_format.is_some() && name == "lm_head.weight";
-        if !(name.starts_with("model.layers.") || quantized_lm_head) {
+        if !(cfg.layer_of(&name).is_some() || quantized_lm_head) {
             let t = model.tensor(&name)?;
             out.add(&name, t.dtype, t.shape, t.data.to_vec())?;
         }
@@ -187,7 +187,7 @@ pub fn run(model: &Model, samples: &[Vec<u32>], opts: &Options, out: &mut Output
     let mut hidden: Vec<Tensor> = samples.iter().map(|s| model.embed(s)).collect::<Result<_>>()?;
     // lm_head (a Linear, listed even when tied) and the nn.Embedding carry quantizers but stay
     // unquantized (spec/export-formats.md §2.4).
-    let mut summary = Summary { quantized: vec![], unquantized: vec!["lm_head".into(), "model.embed_tokens".into()] };
+    let mut summary = Summary { quantized: vec![], unquantized: vec!["lm_head".into(), cfg.names.embed.into()] };
     let n_layers = cfg.num_hidden_layers;
     // The next layer is read while this one calibrates (`Model::each_layer`).
     model.each_layer(|l, layer| {
@@ -429,9 +429,17 @@ fn check_shapes(cfg: &crate::model::config::ModelConfig, opts: &Options) -> Resu
     )))
 }
 
-/// The linears sharing one norm: its readers fold a common scale into it (§2.7 point 2).
-const NORM_GROUPS: [&[LinearKind]; 2] =
-    [&[LinearKind::Q, LinearKind::K, LinearKind::V], &[LinearKind::Gate, LinearKind::Up]];
+/// The linears sharing one norm, with the norm: its readers fold a common scale into it
+/// (§2.7 point 2; ModelOpt finds them as the linears fed the same tensor). q/k/v read the
+/// attention's norm and gate/up the MLP's, except that a parallel MLP without a norm of its own
+/// reads the attention's input (GPT-J: q/k/v and fc_in are one group).
+fn norm_groups(cfg: &crate::model::config::ModelConfig) -> Vec<(&'static [LinearKind], NormSlot)> {
+    use LinearKind::{Gate, Up, K, Q, V};
+    if cfg.parallel && cfg.norms.mlp_in.is_none() {
+        return vec![(&[Q, K, V, Gate, Up], NormSlot::AttnIn)];
+    }
+    vec![(&[Q, K, V], NormSlot::AttnIn), (&[Gate, Up], NormSlot::MlpIn)]
+}
 
 /// Compressed-tensors mode: whether module `k`'s smoothing / AWQ scale folds exactly into a
 /// neighbour (spec/export-formats.md §2.7). A norm's readers (q/k/v or qkv_proj; gate/up,
@@ -448,8 +456,7 @@ fn foldable(
 ) -> bool {
     let m = &modules[k];
     let reads = |x: &LayerModule, group: &[LinearKind]| x.kinds.iter().any(|k| group.contains(k));
-    if let Some(g) = NORM_GROUPS.iter().position(|g| reads(m, g)) {
-        let (group, slot) = (NORM_GROUPS[g], [NormSlot::AttnIn, NormSlot::MlpIn][g]);
+    if let Some((group, slot)) = norm_groups(cfg).into_iter().find(|(g, _)| reads(m, g)) {
         if layer.norm(slot).is_none() || slot == NormSlot::MlpIn && cfg.moe_layer(layer.index).is_some() {
             // No norm in front to take the scale (Olmo2, Exaone4), or one that also feeds a
             // router (Qwen2-MoE's shared expert).
@@ -584,7 +591,7 @@ fn emit_layer(
     //    (weight and bias, §2.7 point 2), also when one module alone reads it (Phi3's fused
     //    modules, Starcoder2's c_fc, Nemotron's up_proj).
     //    Without a norm in front (Olmo2, Exaone4) the shared scale stays a `pre_quant_scale`.
-    for (members, slot) in [(NORM_GROUPS[0], NormSlot::AttnIn), (NORM_GROUPS[1], NormSlot::MlpIn)] {
+    for (members, slot) in norm_groups(cfg) {
         let mut idx: Vec<usize> = members.iter().filter_map(|&k| find(&linears, k)).collect();
         idx.dedup();
         let Some(format) = idx.first().map(|&i| linears[i].format) else { continue };
@@ -636,7 +643,7 @@ fn emit_layer(
     // 3. The experts of an MoE block.
     share_expert_scales(&mut linears, dtype);
 
-    let prefix = format!("model.layers.{l}");
+    let prefix = cfg.layer_prefix(l);
     let mut written: Vec<String> = Vec::new();
     let mut add = |out: &mut Output, name: String, dt: Dtype, shape: &[usize], data: Vec<u8>| -> Result<()> {
         out.add(&name, dt, shape, data)?;
@@ -670,7 +677,7 @@ fn emit_layer(
     if opts.kv_fp8 {
         for (proj, suffix, amax) in [("k_proj", "k_scale", stats.kv_amax.0), ("v_proj", "v_scale", stats.kv_amax.1)] {
             let s = fp8::input_scale(amax, dtype);
-            add(out, format!("{prefix}.self_attn.{proj}.{suffix}"), Dtype::F32, &[], s.to_le_bytes().to_vec())?;
+            add(out, format!("{}.{proj}.{suffix}", cfg.attn_prefix(l)), Dtype::F32, &[], s.to_le_bytes().to_vec())?;
         }
     }
     // Everything else of the layer (excluded linears' weights, biases, buffers): copied.

@@ -133,7 +133,7 @@ pub fn same_bits(want: &[f32], got: &[f32], what: &str) {
 /// The families of ../shared/reference/families the runtime supports (besides
 /// llama3-rope-scaling, a Llama with another RoPE).
 #[allow(dead_code)]
-pub const FAMILIES: [&str; 17] = [
+pub const FAMILIES: [&str; 20] = [
     "llama",
     "mistral",
     "qwen2",
@@ -151,4 +151,7 @@ pub const FAMILIES: [&str; 17] = [
     "exaone4",
     "qwen2_moe",
     "phimoe",
+    "gptj",
+    "falcon",
+    "falcon-mqa",
 ];
