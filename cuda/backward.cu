@@ -100,6 +100,11 @@ __device__ __forceinline__ float act_grad(int act, float g) {
                                       __fadd_rn(1.0f, sq));
             return __fadd_rn(__fmul_rn(0.5f, __fadd_rn(1.0f, t)), b);
         }
+        case RQ_ACT_GELU: {  // cdf + g pdf, cdf = 0.5 (1 + erf(g / sqrt(2))), pdf = exp(-g^2 / 2) / sqrt(2 pi)
+            const float cdf = __fmul_rn(0.5f, __fadd_rn(1.0f, erff(__fmul_rn(g, 0.70710677f))));
+            const float pdf = __fmul_rn(expf(__fmul_rn(__fmul_rn(-0.5f, g), g)), 0.3989423f);
+            return __fadd_rn(cdf, __fmul_rn(g, pdf));
+        }
         default:  // relu2: 2 max(g, 0) as the CPU's inlined f32::max gives it: NaN and -0 -> +0
                   // (fmaxf(-0, +0) may be -0)
             return __fmul_rn(2.0f, g > 0.0f ? g : 0.0f);
@@ -301,7 +306,7 @@ extern "C" int rq_scale_rows_f32(float* x, size_t rows, size_t cols, const float
 }
 
 extern "C" int rq_act_grad_mul_f32(const float* x, const float* dm, const float* u, size_t n, int act, float* out) {
-    if (act < RQ_ACT_SILU || act > RQ_ACT_RELU2) return cudaErrorInvalidValue;
+    if (act < RQ_ACT_SILU || act > RQ_ACT_GELU) return cudaErrorInvalidValue;
     if (n == 0) return cudaSuccess;
     RQ_LAUNCH(act_grad_mul_kernel, grid_for(n), kThreads, 0, 0)(x, dm, u, n, act, out);
     return cudaGetLastError();

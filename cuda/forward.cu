@@ -216,6 +216,8 @@ __device__ __forceinline__ float act_fn(int act, float x) {
             const float t = tanhf(__fmul_rn(0.7978846f, __fadd_rn(x, cube)));
             return __fmul_rn(__fmul_rn(0.5f, x), __fadd_rn(1.0f, t));
         }
+        case RQ_ACT_GELU:  // x * 0.5 * (1 + erf(x * M_SQRT1_2)), torch's order
+            return __fmul_rn(__fmul_rn(x, 0.5f), __fadd_rn(1.0f, erff(__fmul_rn(x, 0.70710677f))));
         default: {  // relu2: square(max(x, 0)); fmaxf(NaN, 0) = 0 as Rust's f32::max
             const float r = fmaxf(x, 0.0f);
             return __fmul_rn(r, r);
@@ -586,7 +588,7 @@ extern "C" int rq_round_bf16_f32(float* x, size_t n) {
 }
 
 extern "C" int rq_gated_mul_f32(float* gate, const float* up, size_t n, int act, int bf16) {
-    if (act < RQ_ACT_SILU || act > RQ_ACT_RELU2) return cudaErrorInvalidValue;
+    if (act < RQ_ACT_SILU || act > RQ_ACT_GELU) return cudaErrorInvalidValue;
     if (n == 0) return cudaSuccess;
     RQ_LAUNCH(gated_mul_kernel, grid_for(n), kThreads, 0, 0)(gate, up, n, act, bf16);
     return cudaGetLastError();
@@ -600,7 +602,7 @@ extern "C" int rq_finish_logits_f32(float* x, size_t n, float divisor, float cap
 }
 
 extern "C" int rq_activate_f32(float* x, size_t n, int act) {
-    if (act < RQ_ACT_SILU || act > RQ_ACT_RELU2) return cudaErrorInvalidValue;
+    if (act < RQ_ACT_SILU || act > RQ_ACT_GELU) return cudaErrorInvalidValue;
     if (n == 0) return cudaSuccess;
     RQ_LAUNCH(activate_kernel, grid_for(n), kThreads, 0, 0)(x, n, act);
     return cudaGetLastError();

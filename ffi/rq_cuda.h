@@ -90,10 +90,12 @@ int rq_block_amax_f32(const float* x, size_t rows, size_t cols, size_t block, fl
  * the twin of a CPU kernel of src/compute/cpu/ (tests/cuda_forward.rs). In-place kernels
  * overwrite their first argument. */
 
-/* Activation codes of rq_gated_mul_f32 / rq_activate_f32 (compute::Activation). */
-#define RQ_ACT_SILU 0
-#define RQ_ACT_GELU_TANH 1
-#define RQ_ACT_RELU2 2
+/* Activation codes of rq_gated_mul_f32 / rq_activate_f32 / rq_act_grad_mul_f32
+ * (compute::Activation); any other code is cudaErrorInvalidValue. */
+#define RQ_ACT_SILU 0      /* x / (1 + exp(-x)) */
+#define RQ_ACT_GELU_TANH 1 /* 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) */
+#define RQ_ACT_RELU2 2     /* square(max(x, 0)) */
+#define RQ_ACT_GELU 3      /* x * 0.5 * (1 + erf(x / sqrt(2))) */
 
 /* RMSNorm of rows of cols values (cpu::rms_norm; offset: weight is 1 + weight, Gemma;
  * bf16: rounded as rms_norm_bf16 / rms_norm_offset_bf16). Sum of squares in double. */

@@ -24,7 +24,7 @@ use rq_min::compute::{Activation, NormKind};
 use rq_min::numerics::round_bf16;
 
 const SHAPES: [(usize, usize); 6] = [(1, 1), (5, 31), (17, 33), (3, 77), (1, 300), (9, 2)];
-const ACTS: [Activation; 3] = [Activation::Silu, Activation::GeluTanh, Activation::Relu2];
+const ACTS: [Activation; 4] = [Activation::Silu, Activation::GeluTanh, Activation::Relu2, Activation::Gelu];
 
 
 

@@ -75,6 +75,7 @@ pub fn act_fn(act: Activation) -> fn(f32) -> f32 {
         Activation::Silu => cpu::silu,
         Activation::GeluTanh => cpu::gelu_tanh,
         Activation::Relu2 => cpu::relu2,
+        Activation::Gelu => cpu::gelu,
     }
 }
 

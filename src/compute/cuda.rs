@@ -499,6 +499,7 @@ fn act_code(act: Activation) -> c_int {
         Activation::Silu => 0,
         Activation::GeluTanh => 1,
         Activation::Relu2 => 2,
+        Activation::Gelu => 3,
     }
 }
 

@@ -7,13 +7,15 @@
 
 use super::attention::{exp_softmax, softmax_visible};
 use super::reduce::warp_sum;
-use super::norm::{Activation, NormKind};
+use super::norm::{erff, Activation, NormKind};
 
 /// The derivative of the MLP activation:
 /// * silu(g) = g·σ(g): `σ(g)·(1 + g·(1 − σ(g)))`;
 /// * gelu_tanh(g) = ½g(1 + tanh u), u = c(g + 0.044715g³), c = √(2/π):
 ///   `½(1 + tanh u) + ½g(1 − tanh²u)·c(1 + 3·0.044715g²)`;
-/// * relu²(g) = max(g, 0)²: `2·max(g, 0)`.
+/// * relu²(g) = max(g, 0)²: `2·max(g, 0)`;
+/// * gelu(g) = g·Φ(g), Φ(g) = ½(1 + erf(g/√2)): `Φ(g) + g·exp(−g²/2)/√(2π)`, in the order of
+///   torch's `GeluBackwardCUDAKernelImpl` (`cdf + x * pdf`, `pdf = exp(-0.5 * x * x) * kBeta`).
 pub fn act_grad(act: Activation, g: f32) -> f32 {
     match act {
         Activation::Silu => {
@@ -27,6 +29,12 @@ pub fn act_grad(act: Activation, g: f32) -> f32 {
         }
         // NaN and −0 give +0, as the device's `g > 0 ? g : 0`.
         Activation::Relu2 => 2.0 * if g > 0.0 { g } else { 0.0 },
+        Activation::Gelu => {
+            const INV_SQRT_2PI: f32 = 0.398_942_3;
+            let cdf = 0.5 * (1.0 + erff(g * std::f32::consts::FRAC_1_SQRT_2));
+            let pdf = (-0.5 * g * g).exp() * INV_SQRT_2PI;
+            cdf + g * pdf
+        }
     }
 }
 
@@ -262,6 +270,7 @@ mod tests {
             (Activation::Silu, (|v: f64| v / (1.0 + (-v).exp())) as fn(f64) -> f64),
             (Activation::GeluTanh, |v: f64| 0.5 * v * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v.powi(3))).tanh())),
             (Activation::Relu2, |v: f64| v.max(0.0).powi(2)),
+            (Activation::Gelu, super::super::norm::tests::gelu_f64),
         ] {
             let ones = vec![1f32; x.len()];
             let mut out = vec![0f32; x.len()];

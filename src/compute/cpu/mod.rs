@@ -20,7 +20,7 @@ pub use grad::{
     xent_grad_row,
 };
 pub use norm::{
-    add_in_place, exp_nonpositive, finish_logits, gated_mul, gated_mul_bf16, gelu_tanh, layer_norm, log_softmax_nll, relu2, rms_norm,
+    add_in_place, exp_nonpositive, finish_logits, gated_mul, gated_mul_bf16, gelu, gelu_tanh, layer_norm, log_softmax_nll, relu2, rms_norm,
     rms_norm_bf16, rms_norm_offset, rms_norm_offset_bf16, round_slice_bf16, silu, silu_mul, Activation, NormKind,
 };
 pub use reduce::{col_abs_mean, sq_err_row, warp_sum};

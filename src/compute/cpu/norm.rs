@@ -1,5 +1,5 @@
 //! Element-wise and row-wise kernels of the decoder: RMSNorm (plain and Gemma's `1 + w`),
-//! gated MLP activations (SiLU, tanh-GELU), residual add,
+//! gated MLP activations (SiLU, GELU, tanh-GELU, squared ReLU), residual add,
 //! and the per-position log-likelihood of the language-model head.
 
 use crate::numerics::round_bf16;
@@ -87,6 +87,21 @@ pub fn silu(x: f32) -> f32 {
 pub fn gelu_tanh(x: f32) -> f32 {
     const SQRT_2_OVER_PI: f32 = 0.797_884_6;
     0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)).tanh())
+}
+
+// glibc's libm, linked through std and the libc crate (which declares no libm functions). The
+// emulator's g++ build of cuda/forward.cu calls this same erff, so both give the same bits.
+unsafe extern "C" {
+    pub(super) safe fn erff(x: f32) -> f32;
+}
+
+/// Exact GELU, HF `GELUActivation` (`"gelu"`: torch `F.gelu`, approximate="none"), as torch's
+/// kernel writes it: `x * 0.5 * (1 + erf(x * M_SQRT1_2))` in f32. Halving first keeps
+/// `gelu(f32::MAX)` finite. Below x ≈ -5.54 `erff` rounds to -1 and the result is -0 where the
+/// exact value is above -1e-7: what this f32 formula gives, torch's included.
+#[inline]
+pub fn gelu(x: f32) -> f32 {
+    x * 0.5 * (1.0 + erff(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
 /// Squared ReLU, HF `ReLUSquaredActivation` (`"relu2"`): `square(relu(x))`.
@@ -178,6 +193,8 @@ pub enum Activation {
     GeluTanh,
     /// `"relu2"`: HF `ReLUSquaredActivation`, `square(relu(x))` (Nemotron).
     Relu2,
+    /// `"gelu"`: torch `F.gelu` with erf (HF `GELUActivation`; Falcon, MPT).
+    Gelu,
 }
 
 /// A family's norm: RMSNorm or LayerNorm (with bias), the weight stored as an offset from 1
@@ -200,5 +217,46 @@ pub fn finish_logits(bf16: bool, x: &mut [f32], divisor: Option<f32>, cap: Optio
     }
     if let Some(cap) = cap {
         x.iter_mut().for_each(|v| *v = r(r(r(*v / cap).tanh()) * cap));
+    }
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+
+    unsafe extern "C" {
+        safe fn erfc(x: f64) -> f64;
+    }
+
+    /// Exact GELU in f64, `x·Φ(x) = ½x·erfc(−x/√2)`: erfc keeps its relative accuracy (glibc:
+    /// a few f64 ulps) where `1 + erf` would cancel, for negative x.
+    pub(in super::super) fn gelu_f64(x: f64) -> f64 {
+        0.5 * x * erfc(-x * std::f64::consts::FRAC_1_SQRT_2)
+    }
+
+    #[test]
+    fn gelu_matches_f64() {
+        // Error of the f32 formula, u = 2^-24: the product x·(1/√2) (relative u) moves erf by at
+        // most (2/√π)·max(t·e^(-t²))·u < 0.49u; erff is within 1 ulp <= u (|erf| < 1); 1 + erf
+        // rounds by <= u; so the factor 1 + erf is off by < 2.5u, absolute, times x/2, and the
+        // last product adds u·|gelu|. For x >= 0 the factor is >= 1: a relative error < 3.5u,
+        // bounded by 4u. For x < 0 it cancels (as in torch, down to -0 below x ≈ -5.5): the
+        // error is < 1.25u·|x| + u·|gelu| <= 1.75u·|x|, bounded by 2u·|x|.
+        let u = f64::from(f32::EPSILON) / 2.0;
+        let grid = (-1200..=1200).map(|i| i as f32 / 100.0);
+        let wide = [1e-30, 1e-6, 0.1, 7.0, 30.0, 1e10, f32::MAX].into_iter().flat_map(|v| [v, -v]);
+        for x in grid.chain(wide) {
+            let (got, want) = (f64::from(gelu(x)), gelu_f64(f64::from(x)));
+            let bound = if x >= 0.0 { 4.0 * u * want.abs() } else { 2.0 * u * f64::from(x).abs() };
+            assert!((got - want).abs() <= bound, "gelu({x:e}) = {got:e}, f64 {want:e}");
+        }
+        // Zeros keep their sign (x·0.5·1), and the formula is -0 once erff rounds to -1.
+        assert_eq!(gelu(0.0).to_bits(), 0f32.to_bits());
+        assert_eq!(gelu(-0.0).to_bits(), (-0f32).to_bits());
+        assert_eq!(gelu(-10.0).to_bits(), (-0f32).to_bits());
+        // NaN propagates; +inf stays inf; -inf is -inf·0 = NaN, what torch's f32 formula gives.
+        assert!(gelu(f32::NAN).is_nan());
+        assert_eq!(gelu(f32::INFINITY), f32::INFINITY);
+        assert!(gelu(f32::NEG_INFINITY).is_nan());
     }
 }
