@@ -481,11 +481,13 @@ fn check_family(name: &str, tweak: impl Fn(&mut ModelConfig)) {
         println!("{name}, {what}: dL/dh·d {got:.6e}, finite difference {fd:.6e}, rel err {err:.2e}");
         // PhiMoE: measured 2.7e-3 along the pseudo-random direction (1/170 of the gradient's
         // derivative), where the others stay below 1e-3; the gradient direction agrees to 3e-5.
-        // GPT-J: 1.25e-3 (1/220 of the gradient's derivative: 1e-5 absolute against 0.83); its
-        // gradient direction agrees to 1.5e-5 and every weight gradient passes below.
+        // GPT-J and Falcon (parallel branches): 1.25e-3 and 1.07e-3 here; the finite difference
+        // moves to either side of the analytic value with the step (GPT-J 7.7e-3 at a third of
+        // it, 4.0e-4 at 3x; Falcon 3.5e-4 and 3.8e-4), so this is its noise, not a bias; their
+        // gradient directions agree to 1.5e-5.
         let tolerance = match name {
             "phimoe" => 3e-3,
-            "gptj" => 2e-3,
+            "gptj" | "falcon" => 2e-3,
             _ => 1e-3,
         };
         assert!(err <= tolerance, "{name}, {what}: {got} vs {fd}");

@@ -272,20 +272,25 @@ impl ModelConfig {
             Family::Gemma | Family::Gemma2 | Family::Gemma3 | Family::Starcoder2 => "gelu_pytorch_tanh",
             Family::Nemotron => "relu2",
             Family::Gptj => "gelu_new",
+            Family::Falcon => "gelu",
             _ => "silu",
         };
+        // Gemma's MLP takes `hidden_activation` (GemmaConfig's default when absent) and ignores
+        // `hidden_act`, which early Gemma configs set to "gelu".
         let act = match r.opt_str("hidden_activation")? {
             Some(a) => ("hidden_activation", a),
-            None => ("hidden_act", r.opt_str("hidden_act")?.unwrap_or(default_act)),
+            None if family.gemma_like() => ("hidden_activation", default_act),
+            None => (r.spelled("hidden_act"), r.opt_str("hidden_act")?.unwrap_or(default_act)),
         };
         let act = match act.1 {
             "silu" => Activation::Silu,
             // HF `NewGELUActivation` is the same tanh approximation, written out in torch ops.
             "gelu_pytorch_tanh" | "gelu_new" => Activation::GeluTanh,
             "relu2" => Activation::Relu2,
+            "gelu" => Activation::Gelu,
             other => {
                 return Err(Error::Unsupported(format!(
-                    "{}: {} = {other:?} (supported: \"silu\", \"gelu_pytorch_tanh\", \"gelu_new\", \"relu2\")",
+                    "{}: {} = {other:?} (supported: \"silu\", \"gelu\", \"gelu_pytorch_tanh\", \"gelu_new\", \"relu2\")",
                     path.display(),
                     act.0
                 )))
