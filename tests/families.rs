@@ -226,6 +226,20 @@ fn falcon_mqa_matches_transformers() {
 }
 
 #[test]
+fn bloom_matches_transformers() {
+    if let Some(dir) = shared_family("bloom") {
+        check_family(&dir);
+    }
+}
+
+#[test]
+fn mpt_matches_transformers() {
+    if let Some(dir) = shared_family("mpt") {
+        check_family(&dir);
+    }
+}
+
+#[test]
 fn family_fields_follow_the_architecture() {
     use rq_min::model::config::Activation;
     let with_arch = |arch: &str| {

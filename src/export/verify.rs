@@ -396,6 +396,9 @@ fn unexpected_tensors(model: &Model) -> Vec<String> {
     let names = cfg.names;
     let mut known: BTreeSet<String> =
         [format!("{}.weight", names.embed), format!("{}.weight", names.final_norm), format!("{}.bias", names.final_norm)].into();
+    if let Some(n) = names.embed_norm {
+        known.extend([format!("{n}.weight"), format!("{n}.bias")]);
+    }
     let mut module = |m: &str| {
         for s in LINEAR.iter().chain(SCALE_SUFFIXES.iter()) {
             known.insert(format!("{m}.{s}"));

@@ -16,7 +16,7 @@ use crate::compute::{Attention, Rope};
 use std::path::{Path, PathBuf};
 
 /// `architectures[0]` values this runtime implements.
-pub const SUPPORTED_ARCHITECTURES: [&str; 19] = [
+pub const SUPPORTED_ARCHITECTURES: [&str; 21] = [
     "LlamaForCausalLM",
     "MistralForCausalLM",
     "Qwen2ForCausalLM",
@@ -36,6 +36,8 @@ pub const SUPPORTED_ARCHITECTURES: [&str; 19] = [
     "PhimoeForCausalLM",
     "GPTJForCausalLM",
     "FalconForCausalLM",
+    "BloomForCausalLM",
+    "MptForCausalLM",
 ];
 
 #[derive(Clone, Debug)]
@@ -81,6 +83,8 @@ pub struct ModelConfig {
     /// Norms are LayerNorms with a bias (mean subtracted; HF `nn.LayerNorm` of Starcoder2,
     /// `NemotronLayerNorm1P`) instead of RMSNorms.
     pub layer_norm: bool,
+    /// The LayerNorms have a bias (all but MPT with `no_bias`).
+    pub norm_bias: bool,
     /// Factor on the embedding output (HF `GemmaModel`: `sqrt(hidden_size)`), in f32.
     pub embed_scale: Option<f32>,
     /// lm_head has a bias (`lm_head.bias`, PhiMoE `lm_head_bias`).
@@ -164,6 +168,8 @@ impl ModelConfig {
         let intermediate_size = match family {
             Family::Gptj => r.opt_dim("n_inner")?.map_or_else(four_hidden, Ok)?,
             Family::Falcon => r.opt_dim("ffn_hidden_size")?.map_or_else(four_hidden, Ok)?,
+            // BloomMLP and MptMLP: 4 * hidden_size (MptMLP ignores `expansion_ratio`).
+            Family::Bloom | Family::Mpt => four_hidden()?,
             _ => r.req_dim("intermediate_size")?,
         };
         let num_hidden_layers = r.req_dim("num_hidden_layers")?;
@@ -205,7 +211,7 @@ impl ModelConfig {
         let eps_key = match family {
             Family::Starcoder2 => "norm_epsilon",
             Family::Nemotron => "norm_eps",
-            Family::Gptj | Family::Falcon => "layer_norm_epsilon",
+            Family::Gptj | Family::Falcon | Family::Bloom | Family::Mpt => "layer_norm_epsilon",
             _ => "rms_norm_eps",
         };
         let default_eps = if matches!(
@@ -219,6 +225,8 @@ impl ModelConfig {
                 | Family::Phimoe
                 | Family::Gptj
                 | Family::Falcon
+                | Family::Bloom
+                | Family::Mpt
         ) {
             1e-5
         } else {
@@ -272,7 +280,9 @@ impl ModelConfig {
             Family::Gemma | Family::Gemma2 | Family::Gemma3 | Family::Starcoder2 => "gelu_pytorch_tanh",
             Family::Nemotron => "relu2",
             Family::Gptj => "gelu_new",
-            Family::Falcon => "gelu",
+            // BloomGelu (`bloom_gelu_forward`) is the tanh approximation; MptMLP's nn.GELU is exact.
+            Family::Falcon | Family::Mpt => "gelu",
+            Family::Bloom => "gelu_pytorch_tanh",
             _ => "silu",
         };
         // Gemma's MLP takes `hidden_activation` (GemmaConfig's default when absent) and ignores
@@ -299,8 +309,11 @@ impl ModelConfig {
         // Starcoder2Config: `use_bias` (default true) for every linear; NemotronConfig:
         // `attention_bias`, `mlp_bias` (default false).
         // FalconConfig `bias` (default false): every linear; GPTJMLP: fc_in and fc_out always.
+        // BloomBlock: every linear and norm has one; MPT none (MptAttention and MptMLP build
+        // their linears without bias and MptBlock drops the norms' biases, whatever `no_bias` says).
         let use_bias = family == Family::Starcoder2 && r.opt_bool("use_bias")?.unwrap_or(true)
-            || family == Family::Falcon && r.opt_bool("bias")? == Some(true);
+            || family == Family::Falcon && r.opt_bool("bias")? == Some(true)
+            || family == Family::Bloom;
         let mlp_bias =
             use_bias || family == Family::Gptj || (family == Family::Nemotron && r.opt_bool("mlp_bias")? == Some(true));
         if family != Family::Nemotron && r.opt_bool("mlp_bias")? == Some(true) {
@@ -309,6 +322,10 @@ impl ModelConfig {
         // Qwen2MoeConfig: `qkv_bias` (default true).
         let qwen2_moe_bias = family == Family::Qwen2Moe && r.opt_bool("qkv_bias")?.unwrap_or(true);
         let qkv_bias = family == Family::Qwen2 || qwen2_moe_bias || use_bias || r.opt_bool("attention_bias")? == Some(true);
+        // BloomBlock with `apply_residual_connection_post_layernorm` adds the normed input back.
+        if family == Family::Bloom && r.opt_bool("apply_residual_connection_post_layernorm")? == Some(true) {
+            return Err(Error::Unsupported(format!("{}: apply_residual_connection_post_layernorm = true", path.display())));
+        }
         let moe = match family {
             Family::Mixtral | Family::Qwen3Moe | Family::Qwen2Moe | Family::Phimoe => Some(r.moe(family, num_hidden_layers)?),
             _ => None,
@@ -346,6 +363,8 @@ impl ModelConfig {
                 // Exaone4Attention: `if self.sliding_window is None or self.is_sliding` (the config's window).
                 Family::Exaone4 if sliding_window.is_some() => RopeLayers::Sliding,
                 Family::Gemma3 => RopeLayers::LocalOnSliding,
+                // Position comes from ALiBi in the attention scores.
+                Family::Bloom | Family::Mpt => RopeLayers::None,
                 _ => RopeLayers::All,
             },
             rope_local,
@@ -359,23 +378,28 @@ impl ModelConfig {
                 (Family::Gemma2 | Family::Gemma3, _) => &GEMMA2_NORMS,
                 (Family::Olmo2 | Family::Exaone4, _) => &POST_NORMS,
                 (Family::Gptj, _) => &GPTJ_NORMS,
+                (Family::Mpt, _) => &MPT_NORMS,
                 (_, Some(f)) => f.norms,
                 _ => &LLAMA_NORMS,
             },
             names: match family {
                 Family::Gptj => &GPTJ_NAMES,
                 Family::Falcon => &FALCON_NAMES,
+                Family::Bloom => &BLOOM_NAMES,
+                Family::Mpt => &MPT_NAMES,
                 _ => &LLAMA_NAMES,
             },
             parallel: family == Family::Gptj || falcon.as_ref().is_some_and(|f| f.parallel),
             rope_interleaved: family == Family::Gptj,
-            qkv_grouped: falcon.as_ref().is_some_and(|f| f.grouped),
+            // BloomAttention._reshape: `view(batch, seq, num_heads, 3, head_dim)`: [q, k, v] per head.
+            qkv_grouped: family == Family::Bloom || falcon.as_ref().is_some_and(|f| f.grouped),
+            norm_bias: family != Family::Mpt,
             qk_norm_whole: family == Family::Olmo2,
             norm_weight_f32: family == Family::Olmo2,
             vocab_size,
             tie_word_embeddings: r
                 .opt_bool("tie_word_embeddings")?
-                .unwrap_or(family.gemma_like() || matches!(family, Family::Starcoder2 | Family::Falcon)),
+                .unwrap_or(family.gemma_like() || matches!(family, Family::Starcoder2 | Family::Falcon | Family::Bloom | Family::Mpt)),
             max_position_embeddings,
             sliding_window,
             dtype,
@@ -383,7 +407,10 @@ impl ModelConfig {
             mlp_bias,
             qk_norm: matches!(family, Family::Qwen3 | Family::Qwen3Moe | Family::Gemma3 | Family::Olmo2 | Family::Exaone4),
             norm_offset: family.gemma_like() || family == Family::Nemotron,
-            layer_norm: matches!(family, Family::Starcoder2 | Family::Nemotron | Family::Phimoe | Family::Gptj | Family::Falcon),
+            layer_norm: matches!(
+                family,
+                Family::Starcoder2 | Family::Nemotron | Family::Phimoe | Family::Gptj | Family::Falcon | Family::Bloom | Family::Mpt
+            ),
             // PhimoeConfig `lm_head_bias` (default false); GPT-J's lm_head always has one.
             lm_head_bias: family == Family::Gptj || family == Family::Phimoe && r.opt_bool("lm_head_bias")? == Some(true),
             // HF GemmaModel: `torch.tensor(hidden_size**0.5, dtype=...)`, a double rounded once.
@@ -400,7 +427,8 @@ impl ModelConfig {
                 Family::Starcoder2 => STARCODER2_MODULES,
                 Family::Nemotron => NEMOTRON_MODULES,
                 Family::Gptj => GPTJ_MODULES,
-                Family::Falcon => FALCON_MODULES,
+                Family::Falcon | Family::Bloom => FALCON_MODULES,
+                Family::Mpt => MPT_MODULES,
                 _ => LLAMA_MODULES,
             },
             moe,
@@ -455,6 +483,8 @@ pub const POST_NORMS: LayerNorms =
 pub const GPTJ_NORMS: LayerNorms = LayerNorms { attn_in: Some("ln_1"), attn_out: None, mlp_in: None, mlp_out: None };
 /// HF `FalconDecoderLayer` with one norm in front of both parallel branches.
 pub const SHARED_NORM: LayerNorms = LayerNorms { attn_in: Some("input_layernorm"), attn_out: None, mlp_in: None, mlp_out: None };
+/// HF `MptBlock`: `norm_1` before the attention, `norm_2` before the MLP.
+pub const MPT_NORMS: LayerNorms = LayerNorms { attn_in: Some("norm_1"), attn_out: None, mlp_in: Some("norm_2"), mlp_out: None };
 /// HF `FalconDecoderLayer`, new decoder architecture: `ln_attn` and `ln_mlp`, both of the layer's input.
 pub const FALCON_NORMS: LayerNorms = LayerNorms { attn_in: Some("ln_attn"), attn_out: None, mlp_in: Some("ln_mlp"), mlp_out: None };
 
@@ -470,22 +500,34 @@ pub struct Names {
     /// The attention module inside a layer: ModelOpt's KV scales are `<attn>.k_proj.k_scale`
     /// whatever the projections are called (spec/export-formats.md §2.8), q/k norms `<attn>.q_norm`.
     pub attn: &'static str,
+    /// A norm of the embedding output (BLOOM's `word_embeddings_layernorm`).
+    pub embed_norm: Option<&'static str>,
 }
 
 pub const LLAMA_NAMES: Names =
-    Names { layers: "model.layers", embed: "model.embed_tokens", final_norm: "model.norm", attn: "self_attn" };
+    Names { layers: "model.layers", embed: "model.embed_tokens", final_norm: "model.norm", attn: "self_attn", embed_norm: None };
 /// HF `GPTJModel`: `transformer.wte`, `transformer.h`, `transformer.ln_f`.
 pub const GPTJ_NAMES: Names =
-    Names { layers: "transformer.h", embed: "transformer.wte", final_norm: "transformer.ln_f", attn: "attn" };
+    Names { layers: "transformer.h", embed: "transformer.wte", final_norm: "transformer.ln_f", attn: "attn", embed_norm: None };
 /// HF `FalconModel`: `transformer.word_embeddings`, `transformer.h`, `transformer.ln_f`.
-pub const FALCON_NAMES: Names =
-    Names { layers: "transformer.h", embed: "transformer.word_embeddings", final_norm: "transformer.ln_f", attn: "self_attention" };
+pub const FALCON_NAMES: Names = Names {
+    layers: "transformer.h",
+    embed: "transformer.word_embeddings",
+    final_norm: "transformer.ln_f",
+    attn: "self_attention",
+    embed_norm: None,
+};
+/// HF `BloomModel`: Falcon's names plus `word_embeddings_layernorm` on the embeddings.
+pub const BLOOM_NAMES: Names = Names { embed_norm: Some("transformer.word_embeddings_layernorm"), ..FALCON_NAMES };
+/// HF `MptModel`: `transformer.wte`, `transformer.blocks`, `transformer.norm_f`.
+pub const MPT_NAMES: Names =
+    Names { layers: "transformer.blocks", embed: "transformer.wte", final_norm: "transformer.norm_f", attn: "attn", embed_norm: None };
 
 /// Whether `module` is a token embedding of one of the families' layouts (its last name:
 /// `embed_tokens`, `wte`, `word_embeddings`), wherever the model nests it.
 pub fn is_embedding(module: &str) -> bool {
     let leaf = |n: &Names| n.embed.rsplit('.').next().unwrap_or(n.embed);
-    [&LLAMA_NAMES, &GPTJ_NAMES, &FALCON_NAMES].into_iter().any(|n| module == leaf(n) || module.ends_with(&format!(".{}", leaf(n))))
+    [&LLAMA_NAMES, &GPTJ_NAMES, &FALCON_NAMES, &MPT_NAMES].into_iter().any(|n| module == leaf(n) || module.ends_with(&format!(".{}", leaf(n))))
 }
 
 /// Which decoder layers apply RoPE, with which table.
@@ -497,6 +539,8 @@ pub enum RopeLayers {
     Sliding,
     /// Every layer; sliding layers with the local table (Gemma3).
     LocalOnSliding,
+    /// No layer (BLOOM, MPT: ALiBi).
+    None,
 }
 
 /// The supported architectures, for the defaults that differ between them.
@@ -521,6 +565,8 @@ enum Family {
     Phimoe,
     Gptj,
     Falcon,
+    Bloom,
+    Mpt,
 }
 
 impl Family {
@@ -542,6 +588,13 @@ impl Family {
                 ("hidden_act", "activation_function"),
             ],
             Family::Falcon => &[("num_hidden_layers", "n_layer"), ("num_attention_heads", "n_head"), ("hidden_act", "activation")],
+            Family::Bloom => &[("num_hidden_layers", "n_layer"), ("num_attention_heads", "n_head"), ("hidden_size", "n_embed")],
+            Family::Mpt => &[
+                ("hidden_size", "d_model"),
+                ("num_attention_heads", "n_heads"),
+                ("num_hidden_layers", "n_layers"),
+                ("max_position_embeddings", "max_seq_len"),
+            ],
             _ => &[],
         }
     }
@@ -567,6 +620,8 @@ impl Family {
             "PhimoeForCausalLM" => Family::Phimoe,
             "GPTJForCausalLM" => Family::Gptj,
             "FalconForCausalLM" => Family::Falcon,
+            "BloomForCausalLM" => Family::Bloom,
+            "MptForCausalLM" => Family::Mpt,
             _ => Family::Llama,
         }
     }
@@ -805,6 +860,10 @@ impl Reader<'_> {
                 s.powf(-0.5)
             }
             Family::Granite => self.opt_f64("attention_multiplier")?.unwrap_or(1.0),
+            Family::Mpt => match self.mpt_attn_config()? {
+                Some(c) => self.opt_f64_in(c, "softmax_scale")?.unwrap_or((head_dim as f64).powf(-0.5)),
+                None => (head_dim as f64).powf(-0.5),
+            },
             _ => (head_dim as f64).powf(-0.5),
         };
         if !(scale > 0.0 && scale.is_finite()) {
@@ -844,6 +903,22 @@ impl Reader<'_> {
             }
         };
         Ok(FalconLayout { kv_heads, parallel, grouped: new_arch || !multi_query, norms })
+    }
+
+    /// MPT's `attn_config` object, if any, after refusing what `MptAttention` does not run
+    /// (`qk_ln`) or rq-min does not (`clip_qkv`: a clamp of the fused projection's output).
+    fn mpt_attn_config(&self) -> Result<Option<&Json>> {
+        let Some(c) = Self::value(self.json, "attn_config") else { return Ok(None) };
+        if c.as_object().is_none() {
+            return Err(self.wrong_type("attn_config", "an object", c));
+        }
+        if let Some(clip) = self.opt_f64_in(c, "clip_qkv")? {
+            return Err(Error::Unsupported(format!("{}: attn_config.clip_qkv = {clip} (not implemented)", self.path.display())));
+        }
+        if Self::value(c, "qk_ln").and_then(Json::as_bool) == Some(true) {
+            return Err(Error::Unsupported(format!("{}: attn_config.qk_ln = true (not implemented)", self.path.display())));
+        }
+        Ok(Some(c))
     }
 
     /// GPT-J's `rotary_dim` (GPTJConfig default 64). A null one would rotate whole
@@ -1130,12 +1205,22 @@ pub const GPTJ_MODULES: &[Module] = &[
 ];
 
 /// HF `FalconAttention.query_key_value` (q, k, v heads; grouped per key/value head where
-/// `qkv_grouped`), `dense`, and `FalconMLP`: `dense_4h_to_h(act(dense_h_to_4h(x)))`.
+/// `qkv_grouped`), `dense`, and `FalconMLP`: `dense_4h_to_h(act(dense_h_to_4h(x)))`. BLOOM's
+/// attention and MLP have the same names (its fused rows `[q, k, v]` per head).
 pub const FALCON_MODULES: &[Module] = &[
     module("self_attention.query_key_value", &[LinearKind::Q, LinearKind::K, LinearKind::V]),
     module("self_attention.dense", &[LinearKind::O]),
     module("mlp.dense_h_to_4h", &[LinearKind::Up]),
     module("mlp.dense_4h_to_h", &[LinearKind::Down]),
+];
+
+/// HF `MptAttention.Wqkv` (`qkv.chunk(3)`: q, k, v stacked), `out_proj`, and `MptMLP`:
+/// `down_proj(act(up_proj(x)))`.
+pub const MPT_MODULES: &[Module] = &[
+    module("attn.Wqkv", &[LinearKind::Q, LinearKind::K, LinearKind::V]),
+    module("attn.out_proj", &[LinearKind::O]),
+    module("ffn.up_proj", &[LinearKind::Up]),
+    module("ffn.down_proj", &[LinearKind::Down]),
 ];
 
 /// HF `NemotronMLP`: `down_proj(act(up_proj(x)))`.
@@ -1231,6 +1316,7 @@ impl ModelConfig {
         let sliding = self.sliding_layers.as_ref().is_some_and(|s| s.get(l).copied().unwrap_or(false));
         match self.rope_layers {
             RopeLayers::All => Some(rope),
+            RopeLayers::None => None,
             RopeLayers::Sliding if !sliding => None,
             RopeLayers::Sliding => Some(rope),
             RopeLayers::LocalOnSliding => Some(if sliding { rope.local().unwrap_or(rope) } else { rope }),

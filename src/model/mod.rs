@@ -111,7 +111,7 @@ impl Model {
         check(&mut found, shape(&self.embed_name(), &[cfg.vocab_size, cfg.hidden_size]));
         let norm = |module: &str| -> Result<()> {
             shape(&format!("{module}.weight"), &[cfg.hidden_size])?;
-            if cfg.layer_norm {
+            if cfg.layer_norm && cfg.norm_bias {
                 shape(&format!("{module}.bias"), &[cfg.hidden_size])?;
             }
             Ok(())
@@ -137,6 +137,9 @@ impl Model {
             }
         }
         check(&mut found, norm(cfg.names.final_norm));
+        if let Some(n) = cfg.names.embed_norm {
+            check(&mut found, norm(n));
+        }
         if self.get(LM_HEAD).is_some() || self.get("lm_head.weight_packed").is_some() || !cfg.tie_word_embeddings {
             check(&mut found, weights::check_linear(self, "lm_head", [cfg.vocab_size, cfg.hidden_size]));
         }
@@ -162,7 +165,8 @@ impl Model {
     /// Embedding rows of `ids`: `[ids.len(), hidden_size]` (HF `embed_tokens(input_ids)`),
     /// times `embed_scale` where the config has one (HF `GemmaModel.forward`:
     /// `hidden * torch.tensor(hidden_size**0.5, dtype=hidden.dtype)`, so under `Compute::Bf16`
-    /// the factor and the product are bf16). Only those rows are read and converted.
+    /// the factor and the product are bf16), then through BLOOM's `word_embeddings_layernorm`.
+    /// Only those rows are read and converted.
     pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
         let (vocab, hidden) = (self.config.vocab_size, self.config.hidden_size);
         let name = self.embed_name();
@@ -187,7 +191,11 @@ impl Model {
             out.iter_mut().for_each(|v| *v *= scale);
             self.compute.round(&mut out);
         }
-        let out = Tensor::on(out, self.device);
+        let mut out = Tensor::on(out, self.device);
+        if let Some(norm) = self.config.names.embed_norm {
+            let (weight, bias) = self.load_norm(norm)?;
+            out = out.norm(self.compute, self.config.norm_kind(), &weight, bias.as_ref());
+        }
         crate::compute::take_device_error()?;
         Ok(out)
     }
@@ -301,7 +309,10 @@ impl Model {
     fn load_norm(&self, module: &str) -> Result<(Tensor, Option<Tensor>)> {
         let shape = [self.config.hidden_size];
         let weight = Tensor::on(self.load(&format!("{module}.weight"), &shape)?, self.device);
-        let bias = if self.config.layer_norm { Some(Tensor::on(self.load(&format!("{module}.bias"), &shape)?, self.device)) } else { None };
+        let bias = match self.config.layer_norm && self.config.norm_bias {
+            true => Some(Tensor::on(self.load(&format!("{module}.bias"), &shape)?, self.device)),
+            false => None,
+        };
         Ok((weight, bias))
     }
 
