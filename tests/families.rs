@@ -671,6 +671,77 @@ fn parallel_families_fields_rows_and_refusals() {
     refused("falcon", &|r| r.set("activation", Json::Str("swish".into())), "activation");
 }
 
+/// YaRN (transformers 5 `_compute_yarn_parameters`) against the formula in f64, in both config
+/// spellings: Qwen's recommended `rope_scaling {type: yarn, factor: 4, original 32768}`,
+/// GPT-OSS's `truncate: false` with explicit betas, DeepSeek's `mscale` / `mscale_all_dim`
+/// attention factor; TensorRT-LLM refuses it by name.
+#[test]
+fn yarn_tables_follow_the_formula() {
+    use rq_min::compute::{Rope, RopeScaling};
+    let Some(root) = common::shared_dir() else { return };
+    let mut raw = Json::parse_file(&root.join("reference/families/qwen2/config.json")).unwrap();
+    let d = ModelConfig::from_json(raw.clone(), Path::new("c")).unwrap().head_dim;
+    // (parameters, theta, factor, original, beta_fast, beta_slow, truncate, attention factor)
+    let mscale = |s: f64, m: f64| 0.1 * m * s.ln() + 1.0;
+    let cases: [(&str, f64, f64, usize, f64, f64, bool, f64); 3] = [
+        (r#"{"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}"#, 1e6, 4.0, 32768, 32.0, 1.0, true, mscale(4.0, 1.0)),
+        (
+            r#"{"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                "original_max_position_embeddings": 4096, "truncate": false}"#,
+            150000.0, 32.0, 4096, 32.0, 1.0, false, mscale(32.0, 1.0),
+        ),
+        (
+            r#"{"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "beta_fast": 0, "mscale": 1.0,
+                "mscale_all_dim": 0.707, "original_max_position_embeddings": 64}"#,
+            1e4, 40.0, 64, 32.0, 1.0, true, mscale(40.0, 1.0) / mscale(40.0, 0.707),
+        ),
+    ];
+    for (params, theta, factor, original, fast, slow, truncate, attention) in cases {
+        if let Json::Obj(m) = &mut raw {
+            m.retain(|(k, _)| k != "rope_parameters" && k != "rope_scaling");
+        }
+        let p = Json::parse(params.as_bytes(), "p").unwrap();
+        if p.get("type").is_some() {
+            raw.set("rope_theta", Json::Float(theta));
+            raw.set("rope_scaling", p);
+        } else {
+            raw.set("rope_parameters", p);
+        }
+        let cfg = ModelConfig::from_json(raw.clone(), Path::new("c")).unwrap();
+        assert!(
+            matches!(&cfg.rope.scaling, RopeScaling::Yarn { attention_factor, truncate: t, .. } if (attention_factor - attention).abs() < 1e-12 && *t == truncate),
+            "{params}: {:?}",
+            cfg.rope.scaling
+        );
+        let corr = |r: f64| d as f64 * (original as f64 / (r * 2.0 * std::f64::consts::PI)).ln() / (2.0 * theta.ln());
+        let (mut low, mut high) = (corr(fast), corr(slow));
+        if truncate {
+            (low, high) = (low.floor(), high.ceil());
+        }
+        let (low, high) = (low.max(0.0), high.min(d as f64 - 1.0));
+        let inv = Rope::inv_freq(&cfg.rope, d);
+        let rope = cfg.rope_table(8);
+        let (cos, sin) = rope.tables();
+        for i in 0..d / 2 {
+            let pos = theta.powf((2 * i) as f64 / d as f64);
+            let e = 1.0 - ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+            let f = 1.0 / (factor * pos) * (1.0 - e) + 1.0 / pos * e;
+            assert!((f64::from(inv[i]) - f).abs() <= 2e-6 * f, "{params}: inv_freq[{i}] {} vs {f}", inv[i]);
+            let angle = 5.0 * f64::from(inv[i]); // position 5
+            assert!((f64::from(cos[5 * d / 2 + i]) - attention * angle.cos()).abs() < 1e-6, "{params}: cos[{i}]");
+            assert!((f64::from(sin[5 * d / 2 + i]) - attention * angle.sin()).abs() < 1e-6, "{params}: sin[{i}]");
+        }
+        // The ramp is really used: the first dims extrapolate, the last interpolate.
+        assert!((f64::from(inv[0]) - 1.0).abs() < 1e-6 && (f64::from(inv[d / 2 - 1]) * factor * theta.powf((d - 2) as f64 / d as f64) - 1.0).abs() < 1e-5);
+        let err = rq_min::export::trtllm::check_model(&cfg).unwrap_err().to_string();
+        assert!(err.contains("TensorRT-LLM") && err.contains("yarn"), "{err}");
+    }
+    // Refusals name the key.
+    raw.set("rope_parameters", Json::parse(br#"{"rope_type": "yarn", "factor": -2.0}"#, "p").unwrap());
+    let err = ModelConfig::from_json(raw, Path::new("c")).unwrap_err().to_string();
+    assert!(err.contains("factor = -2"), "{err}");
+}
+
 /// Phi-3.5's longrope (HF `_compute_longrope_parameters`, `longrope_frequency_update`) against
 /// the formula in f64: `inv_freq = 1 / (ext · θ^(2i/d))` with the short factors up to
 /// `original_max_position_embeddings` tokens and the long ones beyond, cos/sin times

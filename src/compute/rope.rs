@@ -28,6 +28,39 @@ pub enum RopeScaling {
     LongRope { short: Vec<f64>, long: Vec<f64>, original_max_position_embeddings: usize, attention_factor: f64 },
     /// `rope_type: "llama3"` (Llama 3.1+): long wavelengths stretched by `factor`.
     Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: usize },
+    /// `rope_type: "yarn"` (Qwen2.5/Qwen3 long context, GPT-OSS, DeepSeek-V3): frequencies
+    /// blended between `1/factor` interpolation and none by a ramp over the dims between the
+    /// correction dims of `beta_fast` and `beta_slow` rotations, cos/sin times `attention_factor`.
+    Yarn {
+        factor: f64,
+        original_max_position_embeddings: usize,
+        beta_fast: f64,
+        beta_slow: f64,
+        /// Round the correction range outward to whole dims (transformers' default).
+        truncate: bool,
+        attention_factor: f64,
+    },
+}
+
+impl RopeScaling {
+    /// The `rope_type` it is read from.
+    pub fn name(&self) -> &'static str {
+        match self {
+            RopeScaling::Default => "default",
+            RopeScaling::Linear { .. } => "linear",
+            RopeScaling::LongRope { .. } => "longrope",
+            RopeScaling::Llama3 { .. } => "llama3",
+            RopeScaling::Yarn { .. } => "yarn",
+        }
+    }
+
+    /// The factor HF multiplies cos and sin by (`attention_scaling`): 1 but for longrope and yarn.
+    pub fn attention_factor(&self) -> f64 {
+        match self {
+            RopeScaling::LongRope { attention_factor, .. } | RopeScaling::Yarn { attention_factor, .. } => *attention_factor,
+            _ => 1.0,
+        }
+    }
 }
 
 /// cos/sin of every (position, frequency) pair for positions `0..max_positions`.
@@ -62,11 +95,8 @@ impl Rope {
             "RoPE needs an even rotary_dim <= head_dim, got {rotary_dim} of {head_dim}"
         );
         let inv_freq = Rope::inv_freq_for(rope, rotary_dim, max_positions);
-        // HF multiplies cos and sin by the rope type's attention scaling, in f32 (1 but for longrope).
-        let attention_factor = match &rope.scaling {
-            RopeScaling::LongRope { attention_factor, .. } => *attention_factor as f32,
-            _ => 1.0,
-        };
+        // HF multiplies cos and sin by the rope type's attention scaling, in f32.
+        let attention_factor = rope.scaling.attention_factor() as f32;
         let half = rotary_dim / 2;
         let mut cos = Vec::with_capacity(max_positions * half);
         let mut sin = Vec::with_capacity(max_positions * half);
@@ -177,6 +207,37 @@ impl Rope {
         Rope::inv_freq_for(rope, head_dim, 0)
     }
 
+    /// `_compute_yarn_parameters` (transformers 5): with `pos_freqs = base^(2i/dim)` in f32,
+    /// ```text
+    /// correction_dim(r) = dim · ln(original / (2π·r)) / (2·ln base)          (f64)
+    /// low, high = correction_dim(beta_fast), correction_dim(beta_slow)  (floor / ceil when truncate)
+    /// low, high = max(low, 0), min(high, dim - 1);  high += 0.001 if low == high
+    /// ramp_i = clamp((i - low) / (high - low), 0, 1),  e_i = 1 - ramp_i       (f32, i < dim / 2)
+    /// inv_freq_i = 1/(factor·pos_freqs_i) · (1 - e_i) + 1/pos_freqs_i · e_i   (f32)
+    /// ```
+    fn yarn_inv_freq(base: f64, dim: usize, factor: f64, original: usize, [fast, slow]: [f64; 2], truncate: bool) -> Vec<f32> {
+        let correction_dim =
+            |rotations: f64| dim as f64 * (original as f64 / (rotations * 2.0 * std::f64::consts::PI)).ln() / (2.0 * base.ln());
+        let (mut low, mut high) = (correction_dim(fast), correction_dim(slow));
+        if truncate {
+            (low, high) = (low.floor(), high.ceil());
+        }
+        let (low, mut high) = (low.max(0.0), high.min(dim as f64 - 1.0));
+        if low == high {
+            high += 0.001;
+        }
+        let (low32, span) = (low as f32, (high - low) as f32);
+        (0..dim)
+            .step_by(2)
+            .map(|i| {
+                let pos_freq = f64::from(base as f32).powf(f64::from(i as f32 / dim as f32)) as f32;
+                let (extrapolation, interpolation) = (1.0 / pos_freq, 1.0 / (factor as f32 * pos_freq));
+                let extrapolation_factor = 1.0 - (((i / 2) as f32 - low32) / span).clamp(0.0, 1.0);
+                interpolation * (1.0 - extrapolation_factor) + extrapolation * extrapolation_factor
+            })
+            .collect()
+    }
+
     /// [`Rope::inv_freq`] for sequences of `seq_len` tokens: longrope takes its long factors
     /// beyond `original_max_position_embeddings` (HF `longrope_frequency_update`, which picks
     /// them when `max(position_ids) + 1` exceeds it; the table of a run serves its longest row),
@@ -202,6 +263,9 @@ impl Rope {
             }
             // `_compute_linear_scaling_rope_parameters`: `inv_freq /= factor`, in f32.
             RopeScaling::Linear { factor } => default.map(|f| f / *factor as f32).collect(),
+            &RopeScaling::Yarn { factor, original_max_position_embeddings, beta_fast, beta_slow, truncate, .. } => {
+                Rope::yarn_inv_freq(rope.theta, head_dim, factor, original_max_position_embeddings, [beta_fast, beta_slow], truncate)
+            }
             &RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
                 let old_context_len = original_max_position_embeddings as f64;
                 let low_freq_wavelen = (old_context_len / low_freq_factor) as f32;

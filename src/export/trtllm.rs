@@ -636,7 +636,7 @@ pub fn check_model(cfg: &ModelConfig) -> Result<(&'static TrtFamily, &'static st
         return Err(Error::Unsupported(format!(
             "TensorRT-LLM export of {} with {} RoPE scaling (the converter writes default and llama3 rotary scaling)",
             cfg.architecture,
-            if matches!(cfg.rope.scaling, RopeScaling::Linear { .. }) { "linear" } else { "longrope" }
+            cfg.rope.scaling.name()
         )));
     }
     if !fam.biases && (cfg.qkv_bias || cfg.mlp_bias) {

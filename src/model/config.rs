@@ -995,6 +995,48 @@ impl Reader<'_> {
         Ok((self.rope_in(family, head_dim, params, 1e6)?, Some(RopeConfig { theta, scaling: RopeScaling::Default })))
     }
 
+    /// YaRN's parameters as transformers 5 reads them (`_compute_yarn_parameters` after
+    /// `standardize_rope_params`): `original_max_position_embeddings` in the parameters (4.x:
+    /// also top-level), else `max_position_embeddings`; `factor` given, else their ratio;
+    /// `attention_factor` given, else `mscale(factor, mscale) / mscale(factor, mscale_all_dim)`
+    /// when both are set (non-zero), else `mscale(factor)`, with `mscale(s, m) = 0.1·m·ln s + 1`
+    /// for s > 1 (else 1); `beta_fast` / `beta_slow` 32 / 1 when absent or 0; `truncate` true.
+    fn yarn(&self, p: &Json) -> Result<RopeScaling> {
+        let max_pos = self.opt_dim("max_position_embeddings")?;
+        let original = match (self.opt_dim_in(p, "original_max_position_embeddings")?, self.opt_dim("original_max_position_embeddings")?) {
+            (Some(n), _) | (None, Some(n)) => n,
+            (None, None) => max_pos.ok_or_else(|| self.missing("original_max_position_embeddings"))?,
+        };
+        let factor = match self.opt_f64_in(p, "factor")? {
+            Some(f) => f,
+            None => max_pos.ok_or_else(|| self.missing("factor"))? as f64 / original as f64,
+        };
+        if !(factor > 0.0 && factor.is_finite()) {
+            return Err(self.err(format!("yarn rope: factor = {factor} must be positive")));
+        }
+        let mscale = |scale: f64, m: f64| if scale <= 1.0 { 1.0 } else { 0.1 * m * scale.ln() + 1.0 };
+        let attention_factor = match (self.opt_f64_in(p, "attention_factor")?, self.opt_f64_in(p, "mscale")?, self.opt_f64_in(p, "mscale_all_dim")?) {
+            (Some(a), _, _) => a,
+            (None, Some(m), Some(all)) if m != 0.0 && all != 0.0 => mscale(factor, m) / mscale(factor, all),
+            _ => mscale(factor, 1.0),
+        };
+        if !(attention_factor > 0.0 && attention_factor.is_finite()) {
+            return Err(self.err(format!("yarn rope: attention_factor = {attention_factor} must be positive")));
+        }
+        let beta = |key: &str, default: f64| -> Result<f64> {
+            Ok(self.opt_f64_in(p, key)?.filter(|&b| b != 0.0).unwrap_or(default))
+        };
+        let (beta_fast, beta_slow) = (beta("beta_fast", 32.0)?, beta("beta_slow", 1.0)?);
+        if !(beta_fast > 0.0 && beta_slow > 0.0 && beta_fast.is_finite() && beta_slow.is_finite()) {
+            return Err(self.err(format!("yarn rope: beta_fast = {beta_fast}, beta_slow = {beta_slow} must be positive")));
+        }
+        let truncate = match Self::value(p, "truncate") {
+            None => true,
+            Some(v) => v.as_bool().ok_or_else(|| self.wrong_type("truncate", "true or false", v))?,
+        };
+        Ok(RopeScaling::Yarn { factor, original_max_position_embeddings: original, beta_fast, beta_slow, truncate, attention_factor })
+    }
+
     /// One RoPE table's parameters from `params` (or the top-level keys).
     fn rope_in(&self, family: Family, head_dim: usize, params: Option<&Json>, default_theta: f64) -> Result<(RopeConfig, f64)> {
         if let Some(p) = params.filter(|p| p.as_object().is_none()) {
@@ -1082,9 +1124,10 @@ impl Reader<'_> {
                     .ok_or_else(|| self.missing("original_max_position_embeddings"))?;
                 RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings }
             }
+            "yarn" => self.yarn(p)?,
             other => {
                 return Err(Error::Unsupported(format!(
-                    "{}: rope_type {other:?} (supported: \"default\", \"linear\", \"llama3\", \"longrope\")",
+                    "{}: rope_type {other:?} (supported: \"default\", \"linear\", \"llama3\", \"longrope\", \"yarn\")",
                     self.path.display()
                 )))
             }
