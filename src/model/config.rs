@@ -135,7 +135,8 @@ pub struct ModelConfig {
     pub parallel: bool,
     /// RoPE turns adjacent pairs of dims (GPT-J's `rotate_every_two`) instead of the two
     /// halves of the rotary dims: the runtime holds q_proj's and k_proj's rows reordered
-    /// (`ModelConfig::module_rows`) and rotates halves, which gives the same scores.
+    /// (`ModelConfig::module_rows`) and rotates halves, which gives the same scores. (An NVFP4
+    /// KV cache's 16-value blocks of k then group k's rotary dims in this order, not HF's.)
     pub rope_interleaved: bool,
     /// A fused query_key_value holds each key/value head after its group of query heads
     /// (Falcon's new decoder architecture and multi-head attention): `[q.., k, v]` per group.

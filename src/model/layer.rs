@@ -105,7 +105,9 @@ impl Layer {
     /// Norms sit where `cfg.norms` puts them (Gemma2/3: also on both branch outputs; Olmo2,
     /// Exaone4: only there, HF `Olmo2DecoderLayer`); the attention has the family's scale,
     /// soft cap and per-layer window and RoPE (`cfg.attention`, `cfg.layer_rope`); Granite
-    /// multiplies each branch output by `residual_multiplier`.
+    /// multiplies each branch output by `residual_multiplier`. Parallel layers (`cfg.parallel`:
+    /// GPT-J, Falcon) run both branches on the layer input, `h = h + (o_proj(..) + mlp(x'))`, the
+    /// MLP reading the attention's normed input or its own norm of h (Falcon's `ln_mlp`).
     pub fn forward(&self, cfg: &ModelConfig, rope: &Rope, hidden: &mut Tensor, seq: usize, hooks: &mut dyn Hooks) {
         assert_eq!(hidden.len(), seq * cfg.hidden_size, "Layer::forward: hidden is not [seq, hidden_size]");
         let c = self.compute;

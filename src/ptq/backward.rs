@@ -97,6 +97,8 @@ impl<'a> LayerGrad<'a> {
     /// dq, dk = ropeᵀ(dq), ropeᵀ(dk);  dy_q, dy_k = rms_head_backward(dq), rms_head_backward(dk);  dy_v = dv
     /// dx1 = dy_q·Wq + dy_k·Wk + dy_v·Wv;  dh_in = dh_mid + norm1_backward(h_in, dx1)
     /// ```
+    /// A parallel layer (`h_out = h_in + attn(x1) + mlp(x2)`, x2 = x1 or norm2(h_in)) has
+    /// dh_mid = dh_out, and dx2 joins at h_in: into dx1 when x2 = x1, else through norm2.
     /// Memory: O(seq × (hidden + intermediate)) activations plus, for the attention of one head
     /// and one block of queries at a time, a few `ATTENTION_ROWS × seq` buffers.
     ///
