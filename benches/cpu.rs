@@ -61,7 +61,7 @@ fn main() {
     }
 
     // Attention: 32 query heads, 8 kv heads of 128; 2·2·(seq²/2)·4096 flops (causal half).
-    let a = Attention { n_heads: 32, n_kv_heads: 8, head_dim: 128, sliding_window: None, scale: Attention::default_scale(128), softcap: None, flash_bf16: false };
+    let a = Attention { n_heads: 32, n_kv_heads: 8, head_dim: 128, sliding_window: None, scale: Attention::default_scale(128), softcap: None, flash_bf16: false, alibi: None };
     println!("\ncausal attention, 32 heads / 8 kv heads × 128");
     println!("{:>20} {:>12} {:>12}", "seq", "GFLOP/s", "ms");
     for seq in [256, 2048] {

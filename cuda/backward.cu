@@ -182,11 +182,12 @@ __global__ void __launch_bounds__(kThreads)
 
 // Row r of p (query t0 + r over the keys lo .. lo + n_keys) becomes softmax(scale * row) over
 // its visible keys first(t) ..= t and 0 elsewhere: cpu::softmax_visible, one thread per row in
-// key order. first(t) = t + 1 - window saturated at 0 (window SIZE_MAX: no sliding window). The
-// launcher checks that the keys lie in the block.
+// key order, with the soft cap (softcap > 0) and then the ALiBi bias slope * (j - t) (slope > 0,
+// j - t exact in f32). first(t) = t + 1 - window saturated at 0 (window SIZE_MAX: no sliding
+// window). The launcher checks that the keys lie in the block.
 __global__ void __launch_bounds__(kThreads)
     softmax_rows_kernel(float* __restrict__ p, size_t rows, size_t n_keys, size_t t0, size_t lo, size_t window,
-                        float scale, float softcap) {
+                        float scale, float softcap, float slope) {
     const size_t stride = size_t(gridDim.x) * blockDim.x;
     for (size_t r = size_t(blockIdx.x) * blockDim.x + threadIdx.x; r < rows; r += stride) {
         float* row = p + r * n_keys;
@@ -196,6 +197,7 @@ __global__ void __launch_bounds__(kThreads)
         for (size_t j = from; j <= to; ++j) {
             row[j] = __fmul_rn(row[j], scale);
             if (softcap > 0.0f) row[j] = __fmul_rn(tanhf(__fdiv_rn(row[j], softcap)), softcap);
+            if (slope > 0.0f) row[j] = __fadd_rn(row[j], __fmul_rn(slope, -float(to - j)));
             mx = fmaxf(mx, row[j]);  // fmaxf drops NaN, as f32::max
         }
         float sum = 0.0f;
@@ -322,13 +324,14 @@ extern "C" int rq_norm_backward_add_f32(float* acc, const float* x, const float*
 }
 
 extern "C" int rq_softmax_rows_f32(float* p, size_t rows, size_t n_keys, size_t t0, size_t lo, size_t window,
-                                   float scale, float softcap) {
-    if (!(softcap >= 0.0f)) return cudaErrorInvalidValue;
+                                   float scale, float softcap, float alibi_slope) {
+    if (!(softcap >= 0.0f) || !(alibi_slope >= 0.0f)) return cudaErrorInvalidValue;
     if (rows == 0) return cudaSuccess;
     // first(t) and t grow with t: the first row's first key and the last row's t bound the block.
     const size_t first = t0 + 1 > window ? t0 + 1 - window : 0;
     if (first < lo || t0 < lo || t0 + rows - 1 - lo >= n_keys) return cudaErrorInvalidValue;
-    RQ_LAUNCH(softmax_rows_kernel, grid_for(rows), kThreads, 0, 0)(p, rows, n_keys, t0, lo, window, scale, softcap);
+    RQ_LAUNCH(softmax_rows_kernel, grid_for(rows), kThreads, 0, 0)
+    (p, rows, n_keys, t0, lo, window, scale, softcap, alibi_slope);
     return cudaGetLastError();
 }
 

@@ -278,8 +278,9 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---- attention: causal GQA, the CPU's operation order ----------------------------------------------
 // The twin of cpu::Attention without flash_bf16, bit for bit: S = Q·Kᵀ (an FMA chain over d per
-// score), `*s *= scale`, the row max, e = exp_softmax(s - max) summed in key order, inv = 1 / sum,
-// p = e · inv, then O = P·V (an FMA chain over the keys in order per output).
+// score), `*s *= scale` (then the soft cap and the ALiBi bias, when given), the row max,
+// e = exp_softmax(s - max) summed in key order, inv = 1 / sum, p = e · inv, then O = P·V (an FMA
+// chain over the keys in order per output).
 // One block per (tile of kRows query rows, head); warp r owns query row t0 + r. Keys are walked
 // in tiles of kKeys through shared memory (K and V of the head's kv head), three times: for the
 // row max, for the sum (lane 0 adds the tile's e in key order), and for P·V; each pass
@@ -291,7 +292,7 @@ template <int kMaxHd, int kKeys>
 __global__ void __launch_bounds__(kRows * 32)
     attention_kernel(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v, int seq,
                      int n_heads, int n_kv_heads, int hd, int window, float scale, float softcap,
-                     float* __restrict__ out) {
+                     const float* __restrict__ alibi_slopes, float* __restrict__ out) {
     __shared__ float qs[kRows][kMaxHd];
     __shared__ float ks[kKeys][kMaxHd + 1];  // +1: lane j reads row j, rows on distinct banks
     __shared__ float vs[kKeys][kMaxHd];
@@ -302,6 +303,7 @@ __global__ void __launch_bounds__(kRows * 32)
     const int lane = threadIdx.x % 32, r = threadIdx.x / 32;
     const int t0 = blockIdx.x * kRows, t = t0 + r;
     const bool active = t < seq;
+    const float slope = alibi_slopes ? alibi_slopes[head] : 0.0f;
     // Keys first(t)..=t are visible from row t (window: the w - 1 keys before it and itself).
     auto first = [&](int row) { return window > 0 && row + 1 > window ? row + 1 - window : 0; };
     for (int d = lane; d < hd; d += 32) qs[r][d] = active ? q[size_t(t) * q_width + head * hd + d] : 0.0f;
@@ -319,13 +321,15 @@ __global__ void __launch_bounds__(kRows * 32)
         __syncthreads();
     };
     // Whether row t sees key k0 + lane, and its scaled score (FMA chain over d, then × scale;
-    // with a softcap c: tanh(s / c) · c, as the CPU's softmax_visible).
+    // with a softcap c: tanh(s / c) · c; with ALiBi: + slope · (key − t), key − t exact in f32;
+    // as the CPU's softmax_visible).
     auto visible = [&](int k0) { return active && lane < kKeys && k0 + lane >= first(t) && k0 + lane <= t; };
-    auto score = [&]() {
+    auto score = [&](int k0) {
         float acc = 0.0f;
         for (int d = 0; d < hd; ++d) acc = __fmaf_rn(qs[r][d], ks[lane][d], acc);
-        const float s = __fmul_rn(acc, scale);
-        return softcap > 0.0f ? __fmul_rn(tanhf(__fdiv_rn(s, softcap)), softcap) : s;
+        float s = __fmul_rn(acc, scale);
+        if (softcap > 0.0f) s = __fmul_rn(tanhf(__fdiv_rn(s, softcap)), softcap);
+        return alibi_slopes ? __fadd_rn(s, __fmul_rn(slope, float(k0 + lane - t))) : s;
     };
     // The keys of the tile at k0 row t sees: j_lo..j_end (a masked key's value, NaN or inf,
     // never reaches the row).
@@ -337,14 +341,14 @@ __global__ void __launch_bounds__(kRows * 32)
     float m = -INFINITY;  // pass 1: the row max (fmaxf skips NaN, as f32::max)
     for (int k0 = lo; k0 <= t_last; k0 += kKeys) {
         load(k0, false);
-        float s = visible(k0) ? score() : -INFINITY;
+        float s = visible(k0) ? score(k0) : -INFINITY;
         for (int off = 16; off > 0; off /= 2) s = fmaxf(s, __shfl_xor_sync(kFull, s, off));
         m = fmaxf(m, s);
     }
     float sum = 0.0f;  // pass 2: Σ e in key order (lane 0)
     for (int k0 = lo; k0 <= t_last; k0 += kKeys) {
         load(k0, false);
-        if (visible(k0)) ps[r][lane] = exp_softmax(__fadd_rn(score(), -m));
+        if (visible(k0)) ps[r][lane] = exp_softmax(__fadd_rn(score(k0), -m));
         __syncwarp();
         int j_lo, j_end;
         j_range(k0, j_lo, j_end);
@@ -357,7 +361,7 @@ __global__ void __launch_bounds__(kRows * 32)
     for (int i = 0; i < kDims; ++i) o[i] = 0.0f;
     for (int k0 = lo; k0 <= t_last; k0 += kKeys) {
         load(k0, true);
-        if (visible(k0)) ps[r][lane] = __fmul_rn(exp_softmax(__fadd_rn(score(), -m)), inv);
+        if (visible(k0)) ps[r][lane] = __fmul_rn(exp_softmax(__fadd_rn(score(k0), -m)), inv);
         __syncwarp();
         int j_lo, j_end;
         j_range(k0, j_lo, j_end);
@@ -620,10 +624,10 @@ extern "C" int rq_rope_f32(float* x, const float* cos_table, const float* sin_ta
 
 extern "C" int rq_attention_f32(const float* q, const float* k, const float* v, size_t seq, size_t n_heads,
                                 size_t n_kv_heads, size_t head_dim, size_t sliding_window, float scale, float softcap,
-                                int flash_bf16, float* out) {
+                                const float* alibi_slopes, int flash_bf16, float* out) {
     if (n_kv_heads == 0 || n_heads % n_kv_heads != 0 || head_dim == 0 || head_dim > 256 || n_heads > 65535 ||
         seq > 0x7FFFFFFFu - kFlashKeys || sliding_window > 0x7FFFFFFFu || !(softcap >= 0.0f) ||
-        (flash_bf16 && softcap > 0.0f))
+        (flash_bf16 && (softcap > 0.0f || alibi_slopes)))
         return cudaErrorInvalidValue;
     if (seq == 0 || n_heads == 0) return cudaSuccess;
     const dim3 grid(static_cast<unsigned>((seq + kRows - 1) / kRows), static_cast<unsigned>(n_heads));
@@ -641,11 +645,13 @@ extern "C" int rq_attention_f32(const float* q, const float* k, const float* v, 
     } else if (head_dim <= 128) {
         attention_128 kernel = attention_kernel<128, 32>;
         RQ_LAUNCH(kernel, grid, kRows * 32, 0, 0)
-        (q, k, v, int(seq), int(n_heads), int(n_kv_heads), int(head_dim), int(sliding_window), scale, softcap, out);
+        (q, k, v, int(seq), int(n_heads), int(n_kv_heads), int(head_dim), int(sliding_window), scale, softcap,
+         alibi_slopes, out);
     } else {
         attention_256 kernel = attention_kernel<256, 16>;
         RQ_LAUNCH(kernel, grid, kRows * 32, 0, 0)
-        (q, k, v, int(seq), int(n_heads), int(n_kv_heads), int(head_dim), int(sliding_window), scale, softcap, out);
+        (q, k, v, int(seq), int(n_heads), int(n_kv_heads), int(head_dim), int(sliding_window), scale, softcap,
+         alibi_slopes, out);
     }
     return cudaGetLastError();
 }

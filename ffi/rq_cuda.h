@@ -146,10 +146,12 @@ int rq_rope_f32(float* x, const float* cos_table, const float* sin_table, size_t
  * keys before it. flash_bf16 0: f32 online softmax (cpu::Attention, flash_bf16 false); 1:
  * FlashAttention-2's softmax on a bf16 model, probabilities rounded to bf16 in blocks of 128
  * keys (softmax_visible_flash_bf16). Scores are q·k times scale; softcap > 0 (not with flash_bf16)
- * caps them: tanh(s / softcap) * softcap; 0 = none. */
+ * caps them: tanh(s / softcap) * softcap; 0 = none. alibi_slopes (n_heads floats in device
+ * memory, not with flash_bf16; NULL = none) then adds ALiBi's slope[h] * (j - i) to the score of
+ * query i and key j in head h (cpu::alibi_slopes). */
 int rq_attention_f32(const float* q, const float* k, const float* v, size_t seq, size_t n_heads,
                      size_t n_kv_heads, size_t head_dim, size_t sliding_window, float scale, float softcap,
-                     int flash_bf16, float* out);
+                     const float* alibi_slopes, int flash_bf16, float* out);
 
 /* acc[c] = max(acc[c], max_r |x[r, c]|) over x = [rows, cols]; acc holds cols amaxes (each
  * >= +0 or NaN); NaN propagates. */
@@ -247,9 +249,11 @@ int rq_norm_backward_add_f32(float* acc, const float* x, const float* weight, co
 /* p = [rows, n_keys] scores of the queries t = t0 + r against the keys lo .. lo + n_keys; row r
  * becomes softmax(scale * row) over the keys first ..= t it sees, first = t + 1 - window saturated
  * at 0 (window SIZE_MAX: no sliding window), and 0 elsewhere (cpu::softmax_rows, one thread per
- * row). A row seeing keys outside the block: cudaErrorInvalidValue. */
+ * row); softcap > 0 caps the scaled scores as rq_attention_f32, alibi_slope > 0 then adds
+ * alibi_slope * (j - t) for key j; 0 = none of either. A row seeing keys outside the block:
+ * cudaErrorInvalidValue. */
 int rq_softmax_rows_f32(float* p, size_t rows, size_t n_keys, size_t t0, size_t lo, size_t window, float scale,
-                        float softcap);
+                        float softcap, float alibi_slope);
 
 /* ds[i] *= 1 - tanh(scale * raw[i] / cap)^2: the soft cap's backward (cpu::softcap_grad); cap > 0. */
 int rq_softcap_grad_f32(float* ds, const float* raw, size_t n, float scale, float cap);

@@ -128,22 +128,28 @@ fn softmax_rows_match_the_cpu() {
         return;
     }
     let mut rng = Rng(54);
-    // (rows, n_keys, t0, lo, window, scale, softcap): blocks of keys as the attention backward
-    // cuts them, with and without Gemma2's soft cap.
+    // (rows, n_keys, t0, lo, window, scale, softcap, alibi_slope): blocks of keys as the attention
+    // backward cuts them, with and without Gemma2's soft cap and ALiBi.
     let cases = [
-        (1, 1, 0, 0, None, 1.0, None),
-        (5, 5, 0, 0, None, 0.125, None),
-        (17, 57, 40, 0, None, 0.35, None),
-        (17, 24, 40, 33, Some(8), 0.35, None),        // a sliding window, the block from the first row's first key
-        (17, 40, 40, 30, Some(8), 0.35, None),        // keys before the window too
-        (5, 9, 3, 0, Some(1000), 0.5, None),          // a window wider than the sequence
-        (9, 12, 3, 3, Some(1), 1.0, None),            // each query sees only itself
-        (1, 300, 299, 0, None, 0.0883883, None),
-        (3, 5, 2, 0, Some(0), 1.0, None),             // a window of 0 keys: rows of zeros
-        (17, 24, 40, 33, Some(8), 0.35, Some(0.5)),   // a cap that bends most scores
-        (5, 9, 3, 0, None, 0.125, Some(50.0)),
+        (1, 1, 0, 0, None, 1.0, None, None),
+        (5, 5, 0, 0, None, 0.125, None, None),
+        (17, 57, 40, 0, None, 0.35, None, None),
+        (17, 24, 40, 33, Some(8), 0.35, None, None),        // a sliding window, the block from the first row's first key
+        (17, 40, 40, 30, Some(8), 0.35, None, None),        // keys before the window too
+        (5, 9, 3, 0, Some(1000), 0.5, None, None),          // a window wider than the sequence
+        (9, 12, 3, 3, Some(1), 1.0, None, None),            // each query sees only itself
+        (1, 300, 299, 0, None, 0.0883883, None, None),
+        (3, 5, 2, 0, Some(0), 1.0, None, None),             // a window of 0 keys: rows of zeros
+        (17, 24, 40, 33, Some(8), 0.35, Some(0.5), None),   // a cap that bends most scores
+        (5, 9, 3, 0, None, 0.125, Some(50.0), None),
+        // ALiBi: slope · (j − t) after the scale (and the cap), from rows whose keys start at 0
+        // and at lo > 0; an irrational slope (BLOOM's 2^-0.5 of 16 heads).
+        (17, 57, 40, 0, None, 0.35, None, Some(0.25)),
+        (17, 24, 40, 33, Some(8), 0.35, None, Some(0.0625)),
+        (17, 40, 40, 30, Some(8), 0.35, Some(0.5), Some(0.5)),
+        (1, 300, 299, 0, None, 0.0883883, None, Some(std::f32::consts::FRAC_1_SQRT_2)),
     ];
-    for (rows, n_keys, t0, lo, window, scale, softcap) in cases {
+    for (rows, n_keys, t0, lo, window, scale, softcap, slope) in cases {
         let mut p = values(&mut rng, rows * n_keys, 4.0);
         if rows > 2 {
             // Row 1: a NaN where the query sees it; row 2: one -inf score and a NaN it does not see.
@@ -154,22 +160,25 @@ fn softmax_rows_match_the_cpu() {
             }
         }
         let mut want = p.clone();
-        softmax_rows(&mut want, n_keys, t0, lo, window, scale, softcap);
+        softmax_rows(&mut want, n_keys, t0, lo, window, scale, softcap, slope);
         let mut got = dev(&p);
-        cuda::softmax_rows(&mut got, n_keys, t0, lo, window, scale, softcap).unwrap();
-        let what = format!("softmax_rows [{rows}, {n_keys}] t0 {t0} lo {lo} window {window:?} softcap {softcap:?}");
+        cuda::softmax_rows(&mut got, n_keys, t0, lo, window, scale, softcap, slope).unwrap();
+        let what = format!("softmax_rows [{rows}, {n_keys}] t0 {t0} lo {lo} window {window:?} softcap {softcap:?} slope {slope:?}");
         same_bits(&want, &got.to_vec().unwrap(), &what);
     }
     let mut p = poisoned(12);
-    assert!(cuda::softmax_rows(&mut p, 4, 0, 1, None, 1.0, None).is_err(), "query 0 sees key 0 before the block");
-    assert!(cuda::softmax_rows(&mut p, 4, 2, 0, None, 1.0, None).is_err(), "query 4 sees key 4 past the block");
-    assert!(cuda::softmax_rows(&mut p, 4, 9, 4, Some(3), 1.0, None).is_err(), "query 9 sees keys past the block 4..8");
-    assert!(cuda::softmax_rows(&mut p, 4, 5, 4, Some(3), 1.0, None).is_err(), "query 5 sees key 3 before the block");
-    assert!(cuda::softmax_rows(&mut p, 5, 0, 0, None, 1.0, None).is_err(), "not rows of n_keys");
-    assert!(cuda::softmax_rows(&mut p, 0, 0, 0, None, 1.0, None).is_err(), "rows of 0 keys");
-    assert!(cuda::softmax_rows(&mut p, 4, usize::MAX, 0, None, 1.0, None).is_err(), "queries past usize::MAX");
-    assert!(cuda::softmax_rows(&mut poisoned(0), 4, 0, 9, None, 1.0, None).is_ok(), "no rows");
-    assert!(cuda::softmax_rows(&mut p, 4, 0, 0, None, 1.0, Some(-1.0)).is_err(), "a negative softcap");
+    assert!(cuda::softmax_rows(&mut p, 4, 0, 1, None, 1.0, None, None).is_err(), "query 0 sees key 0 before the block");
+    assert!(cuda::softmax_rows(&mut p, 4, 2, 0, None, 1.0, None, None).is_err(), "query 4 sees key 4 past the block");
+    assert!(cuda::softmax_rows(&mut p, 4, 9, 4, Some(3), 1.0, None, None).is_err(), "query 9 sees keys past the block 4..8");
+    assert!(cuda::softmax_rows(&mut p, 4, 5, 4, Some(3), 1.0, None, None).is_err(), "query 5 sees key 3 before the block");
+    assert!(cuda::softmax_rows(&mut p, 5, 0, 0, None, 1.0, None, None).is_err(), "not rows of n_keys");
+    assert!(cuda::softmax_rows(&mut p, 0, 0, 0, None, 1.0, None, None).is_err(), "rows of 0 keys");
+    assert!(cuda::softmax_rows(&mut p, 4, usize::MAX, 0, None, 1.0, None, None).is_err(), "queries past usize::MAX");
+    assert!(cuda::softmax_rows(&mut poisoned(0), 4, 0, 9, None, 1.0, None, None).is_ok(), "no rows");
+    assert!(cuda::softmax_rows(&mut p, 4, 0, 0, None, 1.0, Some(-1.0), None).is_err(), "a negative softcap");
+    for slope in [-0.5, 0.0, f32::NAN, f32::INFINITY] {
+        assert!(cuda::softmax_rows(&mut p, 4, 0, 0, None, 1.0, None, Some(slope)).is_err(), "an ALiBi slope of {slope}");
+    }
 }
 
 #[test]
@@ -180,7 +189,7 @@ fn attention_ds_matches_the_cpu() {
     let mut rng = Rng(55);
     for (rows, n_keys) in SHAPES {
         let mut p = values(&mut rng, rows * n_keys, 1.0);
-        p.chunks_exact_mut(n_keys).for_each(|row| softmax_rows(row, n_keys, n_keys - 1, 0, None, 0.5, None)); // probabilities
+        p.chunks_exact_mut(n_keys).for_each(|row| softmax_rows(row, n_keys, n_keys - 1, 0, None, 0.5, None, None)); // probabilities
         let mut ds = values(&mut rng, rows * n_keys, 2.0);
         if rows > 2 {
             p[n_keys + n_keys / 2] = f32::NAN; // row 1 NaN

@@ -18,7 +18,7 @@ mod common;
 
 use common::{Rng, dev, have_gpu, poisoned, say};
 use rq_min::compute::cuda;
-use rq_min::compute::{act_fn, cpu, Activation, Attention, Rope, RopeConfig, RopeScaling};
+use rq_min::compute::{act_fn, cpu, Activation, Alibi, Attention, Rope, RopeConfig, RopeScaling};
 use rq_min::io::safetensors::SafeTensors;
 
 const EPS: f64 = f32::EPSILON as f64;
@@ -355,8 +355,8 @@ fn rope_matches_cpu() {
 /// (seq, n_heads, n_kv_heads, head_dim, sliding_window, (scale, softcap) when not the default)
 type AttentionShape = (usize, usize, usize, usize, Option<usize>, Option<(f32, Option<f32>)>);
 
-/// The device attention against `cpu::Attention::forward` (the same `flash_bf16`) on random
-/// data of each shape, without NaN and with a NaN in q, k or v; `bound(seq)` is the error bound
+/// The device attention against `cpu::Attention::forward` (the same `flash_bf16` and `alibi`) on
+/// random data of each shape, without NaN and with a NaN in q, k or v; `bound(seq)` is the error bound
 /// relative to max |v| of the output's column. Returns (outputs, outputs bit-identical to the
 /// CPU's, outputs of rows whose visible keys lie in one 128-key block and that differ).
 fn attention_cases(
@@ -364,6 +364,7 @@ fn attention_cases(
     rng: &mut Rng,
     shapes: &[AttentionShape],
     flash_bf16: bool,
+    alibi: Option<Alibi>,
     bound: impl Fn(usize) -> (f64, &'static str),
 ) -> (usize, usize, usize) {
     let (mut total, mut equal, mut one_block_differ) = (0, 0, 0);
@@ -372,7 +373,7 @@ fn attention_cases(
         let q = normals(rng, seq * nh * hd, 1.5);
         let k = normals(rng, seq * nkv * hd, 1.5);
         let v = normals(rng, seq * nkv * hd, 1.0);
-        let attn = Attention { n_heads: nh, n_kv_heads: nkv, head_dim: hd, sliding_window: window, scale, softcap, flash_bf16 };
+        let attn = Attention { n_heads: nh, n_kv_heads: nkv, head_dim: hd, sliding_window: window, scale, softcap, flash_bf16, alibi };
         let first = |row: usize| window.map_or(0, |w| (row + 1).saturating_sub(w));
         for nan in [None, Some('q'), Some('k'), Some('v')] {
             let (mut q, mut k, mut v) = (q.clone(), k.clone(), v.clone());
@@ -415,7 +416,7 @@ fn attention_cases(
                 })
                 .collect();
             let shape = format!(
-                "seq={seq} heads={nh}/{nkv} hd={hd} window={window:?} scale={scale} softcap={softcap:?}{}",
+                "seq={seq} heads={nh}/{nkv} hd={hd} window={window:?} scale={scale} softcap={softcap:?} alibi={alibi:?}{}",
                 nan.map_or(String::new(), |c| format!(" NaN in {c}"))
             );
             let got = out.to_vec().unwrap();
@@ -465,7 +466,31 @@ fn attention_matches_cpu() {
     ];
     // The kernel repeats the CPU's operations in the CPU's order (exp_nonpositive for exp):
     // bit-identical, on the emulator and on a GPU.
-    attention_cases(&mut table, &mut rng, &shapes, false, |_| (0.0, "bit-identical"));
+    attention_cases(&mut table, &mut rng, &shapes, false, None, |_| (0.0, "bit-identical"));
+}
+
+/// BLOOM's and MPT's ALiBi (`slope_h · (j − i)` added to the scaled scores, the slopes uploaded
+/// per call): the same operations as the CPU's in the same order, bit-identical as without it.
+#[test]
+fn attention_alibi_matches_cpu() {
+    if !have_gpu() {
+        return;
+    }
+    let mut rng = Rng(0x5EED_0011);
+    let mut table = Table::new("attention alibi");
+    // GQA and an odd sequence with and without a window, heads that are not a power of two (the
+    // interleaved slopes), key tiles of 16 (head_dim > 128), a soft cap before the bias.
+    let shapes = [
+        (1, 1, 1, 8, None, None),
+        (37, 4, 2, 64, None, None),
+        (37, 4, 2, 64, Some(5), None),
+        (130, 6, 2, 128, None, None),
+        (40, 12, 4, 160, Some(17), None),
+        (37, 4, 2, 64, Some(8), Some((0.125, Some(0.5)))),
+    ];
+    for alibi in [Alibi::Bloom, Alibi::Mpt { bias_max: 8.0 }] {
+        attention_cases(&mut table, &mut rng, &shapes, false, Some(alibi), |_| (0.0, "bit-identical"));
+    }
 }
 
 /// FlashAttention-2's softmax on a bf16 model (`flash_bf16`): the probabilities of each 128-key
@@ -499,7 +524,7 @@ fn attention_flash_bf16_matches_cpu() {
             (BF16_ULP, "max|v| of the column, 1 bf16 ulp")
         }
     };
-    let (total, equal, one_block_differ) = attention_cases(&mut table, &mut rng, &shapes, true, bound);
+    let (total, equal, one_block_differ) = attention_cases(&mut table, &mut rng, &shapes, true, None, bound);
     let share = 100.0 * equal as f64 / total as f64;
     table.note("all shapes", &format!("{equal} of {total} outputs bit-identical ({share:.1}%)"));
     if emu {
@@ -694,11 +719,18 @@ fn wrong_shapes_are_usage_errors() {
         scale: 1.0,
         softcap,
         flash_bf16,
+        alibi: None,
     };
     assert!(cuda::attention(&b, &b, &b, 2, &attn(2, 1, Some(0), None, false), &mut out4).is_err(), "a window of 0");
     assert!(cuda::attention(&b, &b, &b, 1, &attn(3, 2, None, None, true), &mut out4).is_err(), "3 heads over 2 kv heads");
     assert!(cuda::attention(&b, &b, &b, 2, &attn(2, 1, None, Some(-1.0), false), &mut out4).is_err(), "a negative softcap");
     assert!(cuda::attention(&b, &b, &b, 2, &attn(2, 1, None, Some(1.0), true), &mut out4).is_err(), "softcap with flash_bf16");
+    // Shapes that fit (q [2, 2 heads], k and v [2, 1 kv head]): only the flag combination is refused.
+    let kv = dev(&[0f32; 2]);
+    let alibi = Attention { alibi: Some(Alibi::Bloom), ..attn(2, 1, None, None, true) };
+    assert!(cuda::attention(&b, &kv, &kv, 2, &alibi, &mut out4).is_err(), "ALiBi with flash_bf16");
+    let alibi = Attention { flash_bf16: false, ..alibi };
+    assert!(cuda::attention(&b, &kv, &kv, 2, &alibi, &mut out4).is_ok(), "ALiBi");
     let mut x = dev(&[0f32; 4]);
     assert!(cuda::rope(&mut x, &a, &a, 1, 1, 4, 3, false).is_err(), "odd rotary_dim");
     assert!(cuda::rope(&mut x, &a, &a, 4, 1, 1, 0, false).is_ok(), "nothing rotates");

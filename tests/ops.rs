@@ -3,7 +3,7 @@
 //! RMSNorm against f64 recomputations of the HF formulas.
 
 use rq_min::model::config::{RopeConfig, RopeScaling};
-use rq_min::compute::cpu::{self as ops, matmul_bt, matmul_bt_naive, Attention};
+use rq_min::compute::cpu::{self as ops, alibi_slopes, matmul_bt, matmul_bt_naive, Alibi, Attention};
 use rq_min::compute::Rope;
 
 /// Deterministic values in [-1, 1) (xorshift64; no RNG dependency).
@@ -173,10 +173,11 @@ fn rope_matches_hf_formula_in_f64() {
     }
 }
 
-/// Straightforward causal GQA attention in f64.
+/// Straightforward causal GQA attention in f64 (ALiBi's bias with `alibi_slopes`' slopes).
 fn attention_f64(a: &Attention, q: &[f32], k: &[f32], v: &[f32], seq: usize) -> Vec<f64> {
     let hd = a.head_dim;
     let (qw, kvw, group) = (a.n_heads * hd, a.n_kv_heads * hd, a.n_heads / a.n_kv_heads);
+    let slopes = a.alibi.map_or(vec![0.0; a.n_heads], |alibi| alibi_slopes(alibi, a.n_heads));
     let mut out = vec![0f64; seq * qw];
     for t in 0..seq {
         for h in 0..a.n_heads {
@@ -187,9 +188,11 @@ fn attention_f64(a: &Attention, q: &[f32], k: &[f32], v: &[f32], seq: usize) -> 
                 .map(|&s| {
                     let dot: f64 =
                         (0..hd).map(|d| f64::from(q[t * qw + h * hd + d]) * f64::from(k[s * kvw + g * hd + d])).sum();
-                    // The scale as given (f32), then the soft cap c·tanh(s/c) (Gemma2).
-                    let s = dot * f64::from(a.scale);
-                    a.softcap.map_or(s, |c| f64::from(c) * (s / f64::from(c)).tanh())
+                    // The scale as given (f32), then the soft cap c·tanh(s/c) (Gemma2), then
+                    // ALiBi's slope·(j − i).
+                    let scaled = dot * f64::from(a.scale);
+                    let capped = a.softcap.map_or(scaled, |c| f64::from(c) * (scaled / f64::from(c)).tanh());
+                    capped + f64::from(slopes[h]) * (s as f64 - t as f64)
                 })
                 .collect();
             let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
@@ -208,19 +211,19 @@ fn attention_f64(a: &Attention, q: &[f32], k: &[f32], v: &[f32], seq: usize) -> 
 #[test]
 fn attention_matches_f64() {
     let cases = [
-        (Attention { n_heads: 4, n_kv_heads: 2, head_dim: 16, sliding_window: None, scale: Attention::default_scale(16), softcap: None, flash_bf16: false }, 37),
-        (Attention { n_heads: 4, n_kv_heads: 4, head_dim: 12, sliding_window: Some(5), scale: Attention::default_scale(12), softcap: None, flash_bf16: false }, 40),
-        (Attention { n_heads: 1, n_kv_heads: 1, head_dim: 8, sliding_window: None, scale: Attention::default_scale(8), softcap: None, flash_bf16: false }, 1),
+        (Attention { n_heads: 4, n_kv_heads: 2, head_dim: 16, sliding_window: None, scale: Attention::default_scale(16), softcap: None, flash_bf16: false, alibi: None }, 37),
+        (Attention { n_heads: 4, n_kv_heads: 4, head_dim: 12, sliding_window: Some(5), scale: Attention::default_scale(12), softcap: None, flash_bf16: false, alibi: None }, 40),
+        (Attention { n_heads: 1, n_kv_heads: 1, head_dim: 8, sliding_window: None, scale: Attention::default_scale(8), softcap: None, flash_bf16: false, alibi: None }, 1),
         // Several blocks of query rows (96 each), on several threads; windows shorter and
         // longer than a block.
-        (Attention { n_heads: 8, n_kv_heads: 2, head_dim: 64, sliding_window: None, scale: Attention::default_scale(64), softcap: None, flash_bf16: false }, 200),
-        (Attention { n_heads: 8, n_kv_heads: 1, head_dim: 64, sliding_window: Some(64), scale: Attention::default_scale(64), softcap: None, flash_bf16: false }, 200),
-        (Attention { n_heads: 6, n_kv_heads: 2, head_dim: 32, sliding_window: Some(7), scale: Attention::default_scale(32), softcap: None, flash_bf16: false }, 300),
-        (Attention { n_heads: 2, n_kv_heads: 2, head_dim: 20, sliding_window: Some(150), scale: Attention::default_scale(20), softcap: None, flash_bf16: false }, 333),
+        (Attention { n_heads: 8, n_kv_heads: 2, head_dim: 64, sliding_window: None, scale: Attention::default_scale(64), softcap: None, flash_bf16: false, alibi: None }, 200),
+        (Attention { n_heads: 8, n_kv_heads: 1, head_dim: 64, sliding_window: Some(64), scale: Attention::default_scale(64), softcap: None, flash_bf16: false, alibi: None }, 200),
+        (Attention { n_heads: 6, n_kv_heads: 2, head_dim: 32, sliding_window: Some(7), scale: Attention::default_scale(32), softcap: None, flash_bf16: false, alibi: None }, 300),
+        (Attention { n_heads: 2, n_kv_heads: 2, head_dim: 20, sliding_window: Some(150), scale: Attention::default_scale(20), softcap: None, flash_bf16: false, alibi: None }, 333),
         // A free scale (Gemma2's query_pre_attn_scalar, Granite's attention_multiplier) and a
         // soft cap that bends most scores (cap 0.5 on scores of a few units).
-        (Attention { n_heads: 4, n_kv_heads: 2, head_dim: 16, sliding_window: Some(8), scale: 0.125, softcap: Some(0.5), flash_bf16: false }, 37),
-        (Attention { n_heads: 8, n_kv_heads: 2, head_dim: 64, sliding_window: None, scale: 0.031_25, softcap: Some(2.0), flash_bf16: false }, 200),
+        (Attention { n_heads: 4, n_kv_heads: 2, head_dim: 16, sliding_window: Some(8), scale: 0.125, softcap: Some(0.5), flash_bf16: false, alibi: None }, 37),
+        (Attention { n_heads: 8, n_kv_heads: 2, head_dim: 64, sliding_window: None, scale: 0.031_25, softcap: Some(2.0), flash_bf16: false, alibi: None }, 200),
     ];
     for (i, (a, seq)) in cases.into_iter().enumerate() {
         let (qw, kvw) = (a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim);
@@ -234,6 +237,97 @@ fn attention_matches_f64() {
         println!("attention {a:?} seq {seq}: max rel err {err:.1e}");
         assert!(err < 1e-5, "{a:?}: attention error {err:e}");
     }
+}
+
+/// ALiBi attention (BLOOM's and MPT's slopes) against the f64 oracle: GQA, an odd sequence,
+/// with and without a window, and 6 heads (not a power of two) over several 96-row blocks.
+#[test]
+fn alibi_attention_matches_f64() {
+    let attn = |n_heads, n_kv_heads, head_dim, sliding_window, alibi| Attention {
+        n_heads,
+        n_kv_heads,
+        head_dim,
+        sliding_window,
+        scale: Attention::default_scale(head_dim),
+        softcap: None,
+        flash_bf16: false,
+        alibi: Some(alibi),
+    };
+    let mpt = Alibi::Mpt { bias_max: 8.0 };
+    let cases = [
+        (attn(4, 2, 16, None, Alibi::Bloom), 37),
+        (attn(4, 2, 16, Some(8), Alibi::Bloom), 37),
+        (attn(4, 2, 16, None, mpt), 37),
+        (attn(4, 2, 16, Some(8), mpt), 37),
+        (attn(6, 2, 32, None, Alibi::Bloom), 200),
+        (attn(6, 3, 32, Some(50), mpt), 200),
+    ];
+    for (i, (a, seq)) in cases.into_iter().enumerate() {
+        let (qw, kvw) = (a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim);
+        let scaled = |len, seed| values(len, seed).into_iter().map(|v| 3.0 * v).collect::<Vec<f32>>();
+        let (q, k, v) = (scaled(seq * qw, 50 + 3 * i as u64), scaled(seq * kvw, 51 + 3 * i as u64), values(seq * kvw, 52 + 3 * i as u64));
+        let mut got = vec![f32::NAN; seq * qw];
+        a.forward(&q, &k, &v, seq, &mut got);
+        let err = max_rel_err(&got, &attention_f64(&a, &q, &k, &v, seq));
+        let without = max_rel_err(&got, &attention_f64(&Attention { alibi: None, ..a }, &q, &k, &v, seq));
+        println!("attention {a:?} seq {seq}: max rel err {err:.1e} ({without:.1e} from the oracle without ALiBi)");
+        // The f32 score s + bias is rounded to 2^-24 |s + bias| with |s + bias| below ~20 where
+        // the probability is not negligible (e^-20), so p is within ~1e-6 relative; with the
+        // 2e-7 exp and f32 sums over <= 200 keys the output stays within 1e-5 of max |out|.
+        assert!(err < 1e-5, "{a:?}: attention error {err:e}");
+        assert!(without > 1e-2, "{a:?}: the bias changes nothing ({without:e})");
+    }
+}
+
+/// `alibi_slopes` against HF's formulas evaluated in f64, for 4 and 8 heads (powers of two)
+/// and 6 and 12 (not).
+#[test]
+fn alibi_slopes_match_hf_formulas() {
+    // modeling_bloom.py build_alibi_tensor.
+    let bloom = |n: usize| -> Vec<f64> {
+        let cp = 2f64.powf((n as f64).log2().floor());
+        let base = 2f64.powf(-(2f64.powf(-(cp.log2() - 3.0))));
+        let mut slopes: Vec<f64> = (1..=cp as i32).map(|p| base.powi(p)).collect();
+        if cp as usize != n {
+            let extra_base = 2f64.powf(-(2f64.powf(-((2.0 * cp).log2() - 3.0))));
+            let remaining = (cp as usize).min(n - cp as usize);
+            slopes.extend((0..remaining).map(|i| extra_base.powi(1 + 2 * i as i32)));
+        }
+        slopes
+    };
+    // modeling_mpt.py build_mpt_alibi_tensor.
+    let mpt = |n: usize, bias_max: f64| -> Vec<f64> {
+        let pow2 = 2f64.powf((n as f64).log2().ceil());
+        let slopes: Vec<f64> = (1..=pow2 as usize).map(|i| 1.0 / 2f64.powf(i as f64 * (bias_max / pow2))).collect();
+        if pow2 as usize == n {
+            return slopes;
+        }
+        let odd = slopes.iter().skip(1).step_by(2);
+        odd.chain(slopes.iter().step_by(2)).copied().take(n).collect()
+    };
+    for n in [4, 6, 8, 12] {
+        for (alibi, want) in [(Alibi::Bloom, bloom(n)), (Alibi::Mpt { bias_max: 8.0 }, mpt(n, 8.0))] {
+            let got = alibi_slopes(alibi, n);
+            assert_eq!(got.len(), n, "{alibi:?} {n} heads");
+            for (h, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                // BLOOM raises an f32 base (rounded 2^-24 relative) to powers up to 8, then
+                // rounds (powf, within an ulp 2^-23): at most 10·2^-24. MPT's exponents are
+                // exact, 2^x and 1 / 2^x each within an ulp: 4·2^-24.
+                let err = (f64::from(g) - w).abs() / w;
+                assert!(err <= 10.0 * 2f64.powi(-24), "{alibi:?} {n} heads, head {h}: {g} vs {w} ({err:e})");
+            }
+        }
+        // Both are 2^(-8h/n) over h = 1..=n, interleaved the same way when n is not a power of
+        // two; for 4, 6 and 8 heads every slope is a power of two, exact in both. For 12, BLOOM's
+        // powers of the rounded base f32(2^-0.5) land an ulp from MPT's 1 / 2^(h/2) for two heads.
+        let (b, m) = (alibi_slopes(Alibi::Bloom, n), alibi_slopes(Alibi::Mpt { bias_max: 8.0 }, n));
+        if n != 12 {
+            assert_eq!(b, m, "{n} heads");
+        }
+        let diff = b.iter().zip(&m).map(|(x, y)| (x - y).abs() / y).fold(0f32, f32::max);
+        assert!(f64::from(diff) <= 10.0 * 2f64.powi(-24), "{n} heads: BLOOM's and MPT's slopes differ by {diff:e}");
+    }
+    assert_eq!(alibi_slopes(Alibi::Bloom, 8), [0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625, 0.0078125, 0.00390625]);
 }
 
 #[test]

@@ -685,7 +685,8 @@ pub fn rope(
 /// a query sees itself and the w - 1 keys before it. Flash-style, key tiles in shared memory,
 /// no `seq × seq` buffer; `head_dim <= 256`. `flash_bf16` false: f32 online softmax; true:
 /// FlashAttention-2's softmax on a bf16 model (`Attention::flash_bf16`: probabilities rounded
-/// to bf16 in blocks of 128 keys, each computed as the CPU does).
+/// to bf16 in blocks of 128 keys, each computed as the CPU does). With `Attention::alibi` (not
+/// with `flash_bf16`) the heads' slopes are uploaded for the call (a few floats).
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     q: &DeviceBuffer<f32>,
@@ -717,7 +718,11 @@ pub fn attention(
     check_shape(kernel, "k", k.len, kv_len)?;
     check_shape(kernel, "v", v.len, kv_len)?;
     check_shape(kernel, "out", out.len, q_len)?;
-    // SAFETY: the buffers hold the lengths just checked, in device memory.
+    if a.flash_bf16 && a.alibi.is_some() {
+        return Err(Error::Usage(format!("{kernel}: ALiBi with flash_bf16 (HF runs ALiBi models eagerly)")));
+    }
+    let slopes = a.alibi.map(|alibi| DeviceBuffer::from_slice(&crate::compute::cpu::alibi_slopes(alibi, n_heads))).transpose()?;
+    // SAFETY: the buffers hold the lengths just checked, in device memory; slopes n_heads floats.
     launched(kernel, out.len, unsafe {
         ffi::rq_attention_f32(
             q.as_ptr(),
@@ -730,6 +735,7 @@ pub fn attention(
             sliding_window.unwrap_or(0),
             a.scale,
             a.softcap.unwrap_or(0.0),
+            slopes.as_ref().map_or(std::ptr::null(), |s| s.as_ptr()),
             c_int::from(a.flash_bf16),
             out.as_mut_ptr(),
         )
@@ -970,8 +976,10 @@ pub fn add_at(x: &mut DeviceBuffer<f32>, offset: usize, y: &DeviceBuffer<f32>) -
 /// The attention backward's softmax in place (`cpu::softmax_rows`): `p` holds `[rows, n_keys]`
 /// scores of the queries `t0..t0 + rows` against the keys `lo..lo + n_keys`; row r (query t)
 /// becomes `softmax(scale · scores)` over the keys `first(t)..=t` it sees (`first(t) = t + 1 −
-/// w` under a sliding window w, else 0) and 0 elsewhere. One thread per row, in key order.
-/// `Error::Usage` when a row sees keys outside the block (the CPU panics).
+/// w` under a sliding window w, else 0) and 0 elsewhere, with the soft cap and the ALiBi bias of
+/// `alibi_slope` when given. One thread per row, in key order. `Error::Usage` when a row sees
+/// keys outside the block (the CPU panics).
+#[allow(clippy::too_many_arguments)]
 pub fn softmax_rows(
     p: &mut DeviceBuffer<f32>,
     n_keys: usize,
@@ -980,10 +988,14 @@ pub fn softmax_rows(
     window: Option<usize>,
     scale: f32,
     softcap: Option<f32>,
+    alibi_slope: Option<f32>,
 ) -> Result<()> {
     let kernel = "rq_softmax_rows_f32";
-    if softcap.is_some_and(|c| !(c > 0.0 && c.is_finite())) {
-        return Err(Error::Usage(format!("{kernel}: softcap {softcap:?} must be positive and finite")));
+    // The kernel takes 0 for "none" of either.
+    if [softcap, alibi_slope].iter().flatten().any(|v| !(*v > 0.0 && v.is_finite())) {
+        return Err(Error::Usage(format!(
+            "{kernel}: softcap {softcap:?} and ALiBi slope {alibi_slope:?} must be positive and finite"
+        )));
     }
     let rows = rows_of(kernel, p.len, n_keys)?;
     // first(t) and t grow with t: the first row's first key and the last row bound the block.
@@ -998,7 +1010,17 @@ pub fn softmax_rows(
     }
     // SAFETY: p holds rows*n_keys floats and every row's visible keys lie in it (checked).
     launched(kernel, p.len, unsafe {
-        ffi::rq_softmax_rows_f32(p.as_mut_ptr(), rows, n_keys, t0, lo, window.unwrap_or(usize::MAX), scale, softcap.unwrap_or(0.0))
+        ffi::rq_softmax_rows_f32(
+            p.as_mut_ptr(),
+            rows,
+            n_keys,
+            t0,
+            lo,
+            window.unwrap_or(usize::MAX),
+            scale,
+            softcap.unwrap_or(0.0),
+            alibi_slope.unwrap_or(0.0),
+        )
     })
 }
 

@@ -15,7 +15,7 @@ mod rope;
 mod tensor;
 
 pub use arith::{act_fn, Activation, Compute, NormKind};
-pub use cpu::Attention;
+pub use cpu::{alibi_slopes, Alibi, Attention};
 pub use rope::{Rope, RopeConfig, RopeScaling};
 pub use device::{take_device_error, Device};
 pub use tensor::{DeviceTwin, Tensor};

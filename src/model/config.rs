@@ -1351,6 +1351,7 @@ impl ModelConfig {
             softcap: self.attn_softcap,
             // FlashAttention has no softcap in PyTorch's SDPA: HF runs such a model eagerly.
             flash_bf16: flash_bf16 && self.attn_softcap.is_none(),
+            alibi: None,
         }
     }
 

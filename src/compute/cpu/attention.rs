@@ -4,6 +4,7 @@
 //! scores = q @ k.T * scale                   (k, v repeated over n_heads / n_kv_heads; scale = head_dim ** -0.5
 //!                                              unless the family sets it)
 //! scores = tanh(scores / softcap) * softcap    (Gemma2's attn_logit_softcapping, when set)
+//! scores = scores + slope_h * (kv_idx - q_idx)  (BLOOM's and MPT's ALiBi, when set: [`alibi_slopes`])
 //! scores masked where kv_idx > q_idx, and where kv_idx <= q_idx - sliding_window (Mistral)
 //! out = softmax(scores, dim=-1, dtype=float32) @ v
 //! ```
@@ -40,6 +41,59 @@ pub struct Attention {
     /// Round the probabilities to bf16 as FlashAttention-2 does on a bf16 model
     /// ([`softmax_visible_flash_bf16`]); false: plain f32 softmax.
     pub flash_bf16: bool,
+    /// BLOOM's and MPT's position bias: `slope_h · (j − i)` added to the scaled (and capped)
+    /// score of query i and key j in head h ([`alibi_slopes`]). HF adds `slope_h · j` (BLOOM) or
+    /// `slope_h · (j − (seq − 1))` (MPT): the same up to a constant per row, to which the softmax
+    /// is invariant, and up to f32 rounding. Not with `flash_bf16`: HF runs these models eagerly.
+    pub alibi: Option<Alibi>,
+}
+
+/// Which family's ALiBi slopes ([`alibi_slopes`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Alibi {
+    Bloom,
+    /// MPT's `attn_config.alibi_bias_max` (8 in its configs).
+    Mpt { bias_max: f32 },
+}
+
+/// The ALiBi slope of each of `n_heads` heads, as HF computes it in f32.
+///
+/// BLOOM (`build_alibi_tensor`, models/bloom/modeling_bloom.py): with `cp = 2^floor(log2 n)`,
+/// `base = f32(2^(−2^−(log2 cp − 3)))` and slopes `base^1..=cp` (torch.pow in f32); when
+/// `cp != n`, `extra_base` (the same with 2·cp) to the powers 1, 3, 5, … for the
+/// `min(cp, n − cp)` remaining heads.
+///
+/// MPT (`build_mpt_alibi_tensor`, models/mpt/modeling_mpt.py): with `p = 2^ceil(log2 n)`,
+/// `base_k = f32(k) · f32(bias_max / p)` for k = 1..=p and slopes `1 / 2^base_k` in f32; when
+/// `p != n`, the odd-indexed slopes then the even-indexed ones (0-based), the first n of them.
+pub fn alibi_slopes(alibi: Alibi, n_heads: usize) -> Vec<f32> {
+    assert!(n_heads > 0, "alibi_slopes: no heads");
+    match alibi {
+        Alibi::Bloom => {
+            // A Python float (f64), then `torch.tensor(..., dtype=torch.float32)`.
+            let base = |cp: usize| (2f64).powf(-(2f64).powf(-((cp as f64).log2() - 3.0))) as f32;
+            let cp = 1usize << n_heads.ilog2();
+            let mut slopes: Vec<f32> = (1..=cp).map(|e| base(cp).powf(e as f32)).collect();
+            let extra = base(2 * cp);
+            slopes.extend((0..cp.min(n_heads - cp)).map(|i| extra.powf((2 * i + 1) as f32)));
+            slopes
+        }
+        Alibi::Mpt { bias_max } => {
+            let p = n_heads.next_power_of_two();
+            let step = (f64::from(bias_max) / p as f64) as f32;
+            let slopes: Vec<f32> = (1..=p).map(|k| 1.0 / 2f32.powf(k as f32 * step)).collect();
+            if p == n_heads {
+                return slopes;
+            }
+            slopes.iter().skip(1).step_by(2).chain(slopes.iter().step_by(2)).copied().take(n_heads).collect()
+        }
+    }
+}
+
+/// The ALiBi bias of key `key` seen from query `query` (`key <= query`): `slope · (key − query)`,
+/// the difference an exact integer in f32 (positions below 2^24), times the slope in f32.
+fn alibi_bias(slope: f32, key: usize, query: usize) -> f32 {
+    slope * -((query - key) as f32)
 }
 
 impl Attention {
@@ -58,6 +112,7 @@ impl Attention {
         assert_eq!(k.len(), seq * kv_width, "attention: k is not [seq, n_kv_heads * head_dim]");
         assert_eq!(v.len(), seq * kv_width, "attention: v is not [seq, n_kv_heads * head_dim]");
         assert_eq!(out.len(), seq * q_width, "attention: out is not [seq, n_heads * head_dim]");
+        assert!(!(self.flash_bf16 && self.alibi.is_some()), "attention: ALiBi with flash_bf16");
         if seq == 0 {
             return;
         }
@@ -72,13 +127,14 @@ impl Attention {
         }
         let macs = seq * seq * q_width; // q·k and p·v over the causal half
         let threads = if macs < PARALLEL_MIN_MACS { 1 } else { num_threads() };
+        let slopes = self.alibi.map(|alibi| alibi_slopes(alibi, self.n_heads));
         let tasks = Mutex::new(out.chunks_mut(ROWS_PER_TASK * q_width).enumerate().rev());
         run_workers(threads.min(seq.div_ceil(ROWS_PER_TASK)), || {
             let (mut scores, mut pack) = (Vec::new(), Vec::new());
             // The guard is dropped inside `and_then`, so the lock is not held while computing.
             // A poisoned lock means another worker panicked; the scope re-raises that panic.
             while let Some((task, out_rows)) = tasks.lock().ok().and_then(|mut t| t.next()) {
-                let block = Block { a: self, q, k, v_t: &v_t, seq, t0: task * ROWS_PER_TASK };
+                let block = Block { a: self, slopes: slopes.as_deref(), q, k, v_t: &v_t, seq, t0: task * ROWS_PER_TASK };
                 block.run(out_rows, &mut scores, &mut pack);
             }
         });
@@ -88,6 +144,7 @@ impl Attention {
 /// The query rows `t0..t0 + out.len() / q_width` of one attention call.
 struct Block<'a> {
     a: &'a Attention,
+    slopes: Option<&'a [f32]>, // ALiBi's, one per head
     q: &'a [f32],   // [seq, n_heads * hd]
     k: &'a [f32],   // [seq, n_kv_heads * hd]
     v_t: &'a [f32], // [n_kv_heads, hd, seq]
@@ -126,7 +183,7 @@ impl Block<'_> {
                 if a.flash_bf16 {
                     softmax_visible_flash_bf16(row, lo, first(t) - lo, t - lo, scale);
                 } else {
-                    softmax_visible(row, first(t) - lo, t - lo, scale, a.softcap);
+                    softmax_visible(row, first(t) - lo, t - lo, scale, a.softcap, self.slopes.map(|s| s[h]));
                 }
             }
             // O_h = P · V_g: [rows, hd], into columns h·hd.. of out.
@@ -145,15 +202,19 @@ impl Block<'_> {
 
 /// `row[from..=to] = softmax(row[from..=to] · scale)` in f32 with the maximum subtracted
 /// (torch `softmax(dtype=float32)`), the scaled scores soft-capped first when `softcap` is set
-/// (HF Gemma2 `eager_attention_forward`: `s / c`, `tanh`, `· c`, three f32 ops); every other
-/// entry becomes 0.
-pub(crate) fn softmax_visible(row: &mut [f32], from: usize, to: usize, scale: f32, softcap: Option<f32>) {
+/// (HF Gemma2 `eager_attention_forward`: `s / c`, `tanh`, `· c`, three f32 ops), then given
+/// ALiBi's [`alibi_bias`] when `alibi_slope` is set (`row[to]` is the query's own key); every
+/// other entry becomes 0.
+pub(crate) fn softmax_visible(row: &mut [f32], from: usize, to: usize, scale: f32, softcap: Option<f32>, alibi_slope: Option<f32>) {
     let visible = &mut row[from..=to];
     let mut max = f32::NEG_INFINITY;
-    for s in visible.iter_mut() {
+    for (j, s) in (from..).zip(visible.iter_mut()) {
         *s *= scale;
         if let Some(c) = softcap {
             *s = (*s / c).tanh() * c;
+        }
+        if let Some(slope) = alibi_slope {
+            *s += alibi_bias(slope, j, to);
         }
         max = max.max(*s);
     }

@@ -94,15 +94,26 @@ pub fn norm_backward_add(norm: NormKind, x: &[f32], weight: &[f32], dy: &[f32], 
 /// scores of the queries `t0..t0 + rows` against the keys `lo..lo + n_keys`; row r (query
 /// t = t0 + r) becomes `softmax(scale · scores)` over the keys it sees, `first(t)..=t` with
 /// `first(t) = t + 1 − window` under a sliding window (else 0), and 0 elsewhere
-/// ([`softmax_visible`], the forward's f32 softmax, with its soft cap when `softcap` is set).
+/// ([`softmax_visible`], the forward's f32 softmax, with its soft cap when `softcap` is set and
+/// the ALiBi bias of the head's slope when `alibi_slope` is).
 ///
 /// Panics if a row's visible keys are not inside the block (a caller bug).
-pub fn softmax_rows(p: &mut [f32], n_keys: usize, t0: usize, lo: usize, window: Option<usize>, scale: f32, softcap: Option<f32>) {
+#[allow(clippy::too_many_arguments)]
+pub fn softmax_rows(
+    p: &mut [f32],
+    n_keys: usize,
+    t0: usize,
+    lo: usize,
+    window: Option<usize>,
+    scale: f32,
+    softcap: Option<f32>,
+    alibi_slope: Option<f32>,
+) {
     for (r, row) in p.chunks_exact_mut(n_keys).enumerate() {
         let t = t0 + r;
         let first = window.map_or(0, |w| (t + 1).saturating_sub(w));
         assert!(first >= lo && t < lo + n_keys, "softmax_rows: query {t} sees keys outside {lo}..{}", lo + n_keys);
-        softmax_visible(row, first - lo, t - lo, scale, softcap);
+        softmax_visible(row, first - lo, t - lo, scale, softcap, alibi_slope);
     }
 }
 
@@ -299,7 +310,7 @@ mod tests {
         // Σ dP ⊙ softmax(0.5·s) w.r.t. 0.5·s, times 0.5.
         let s = data(5, 1.0);
         let mut p = s.clone();
-        softmax_rows(&mut p, 5, 4, 0, None, 0.5, None);
+        softmax_rows(&mut p, 5, 4, 0, None, 0.5, None, None);
         let dp = data(5, 3.0);
         let mut ds = dp.clone();
         attention_ds(&mut ds, &p, 5, 0.5);
@@ -311,7 +322,7 @@ mod tests {
         close(&ds, &numeric_grad(f, &s, &dp), 1e-5);
         // A sliding window of 2 at query 3 of keys 2..5: only keys 2 and 3 are visible.
         let mut p = vec![1.0, 1.0, 9.0];
-        softmax_rows(&mut p, 3, 3, 2, Some(2), 1.0, None);
+        softmax_rows(&mut p, 3, 3, 2, Some(2), 1.0, None, None);
         assert_eq!(p, [0.5, 0.5, 0.0]);
     }
 
@@ -321,7 +332,7 @@ mod tests {
         // 0.5) then softcap_grad is the gradient of Σ dP ⊙ P w.r.t. s.
         let (s, cap) = (data(5, 4.0), 1.5f32);
         let mut p = s.clone();
-        softmax_rows(&mut p, 5, 4, 0, None, 0.5, Some(cap));
+        softmax_rows(&mut p, 5, 4, 0, None, 0.5, Some(cap), None);
         let dp = data(5, 3.0);
         let mut ds = dp.clone();
         attention_ds(&mut ds, &p, 5, 0.5);
@@ -333,6 +344,29 @@ mod tests {
             e.iter().map(|v| v / t).collect()
         };
         close(&ds, &numeric_grad(f, &s, &dp), 1e-5);
+    }
+
+    #[test]
+    fn alibi_softmax_rows_add_the_bias() {
+        // Queries 6..9 over keys 2..9 under a window of 5, slope 0.25: row t is
+        // softmax(0.5·s_j + 0.25·(j − t)) over j in t−4..=t, 0 elsewhere.
+        let (rows, n_keys, t0, lo, window, slope) = (3, 7, 6, 2, 5, 0.25f32);
+        let s = data(rows * n_keys, 4.0);
+        let mut p = s.clone();
+        softmax_rows(&mut p, n_keys, t0, lo, Some(window), 0.5, None, Some(slope));
+        let mut want = vec![0f64; p.len()];
+        for r in 0..rows {
+            let t = t0 + r;
+            let keys = t + 1 - window..=t;
+            let score = |j: usize| 0.5 * f64::from(s[r * n_keys + j - lo]) + f64::from(slope) * (j as f64 - t as f64);
+            let total: f64 = keys.clone().map(|j| score(j).exp()).sum();
+            for j in keys {
+                want[r * n_keys + j - lo] = score(j).exp() / total;
+            }
+        }
+        // f32 scores of a few units (rounding 2^-24 relative each) and a 2e-7 exp: ~1e-6 at most.
+        close(&p, &want, 2e-6);
+        assert!(p.iter().zip(&want).all(|(&g, &w)| (g == 0.0) == (w == 0.0)), "the masked keys");
     }
 
     #[test]

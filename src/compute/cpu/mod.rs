@@ -13,7 +13,7 @@ mod reduce;
 mod simd;
 mod threads;
 
-pub use attention::Attention;
+pub use attention::{alibi_slopes, Alibi, Attention};
 pub use matmul::{matmul_bt, matmul_bt_naive};
 pub use grad::{
     act_grad_mul, attention_ds, copy_columns, norm_backward_add, scale_rows, softcap_grad, softmax_rows, swap_rotary_halves, transpose,

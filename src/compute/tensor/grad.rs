@@ -73,11 +73,20 @@ impl Tensor {
     /// The attention backward's softmax of a score block in place ([`cpu::softmax_rows`]):
     /// `self` is `[rows, n_keys]`, queries `t0..`, keys `lo..`.
     #[allow(clippy::too_many_arguments)]
-    pub fn softmax_rows(&mut self, n_keys: usize, t0: usize, lo: usize, window: Option<usize>, scale: f32, softcap: Option<f32>) {
+    pub fn softmax_rows(
+        &mut self,
+        n_keys: usize,
+        t0: usize,
+        lo: usize,
+        window: Option<usize>,
+        scale: f32,
+        softcap: Option<f32>,
+        alibi_slope: Option<f32>,
+    ) {
         match &mut self.storage {
-            Storage::Cpu(p) => cpu::softmax_rows(p, n_keys, t0, lo, window, scale, softcap),
+            Storage::Cpu(p) => cpu::softmax_rows(p, n_keys, t0, lo, window, scale, softcap, alibi_slope),
             #[cfg(any(feature = "cuda", feature = "cuda-emu"))]
-            Storage::Cuda(p) => dev::step(|| cuda::softmax_rows(p, n_keys, t0, lo, window, scale, softcap)),
+            Storage::Cuda(p) => dev::step(|| cuda::softmax_rows(p, n_keys, t0, lo, window, scale, softcap, alibi_slope)),
         }
     }
 
