@@ -57,7 +57,11 @@ fn ppl(dir: &Path, ids: &[u32]) -> f64 {
 
 /// The groups `name` must report per layer (besides lm_head): (group, members' suffixes).
 fn expected_groups(name: &str, l: usize) -> Vec<(String, Vec<String>)> {
-    let layers = if matches!(name, "gptj" | "falcon") { "transformer.h" } else { "model.layers" };
+    let layers = match name {
+        "gptj" | "falcon" | "bloom" => "transformer.h",
+        "mpt" => "transformer.blocks",
+        _ => "model.layers",
+    };
     let p = |s: &str| format!("{layers}.{l}.{s}");
     let group = |g: &str, members: &[&str]| (p(g), members.iter().map(|m| p(m)).collect::<Vec<_>>());
     let qkv = group("self_attn.qkv", &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]);
@@ -74,17 +78,19 @@ fn expected_groups(name: &str, l: usize) -> Vec<(String, Vec<String>)> {
             group("attn.qkv", &["attn.q_proj", "attn.k_proj", "attn.v_proj"]),
             group("attn.out_proj", &["attn.out_proj"]),
         ],
-        "falcon" => vec![
+        "falcon" | "bloom" => vec![
             group("self_attention.query_key_value", &["self_attention.query_key_value"]),
             group("self_attention.dense", &["self_attention.dense"]),
         ],
+        "mpt" => vec![group("attn.Wqkv", &["attn.Wqkv"]), group("attn.out_proj", &["attn.out_proj"])],
         _ => vec![qkv, o],
     };
     v.extend(match name {
         "phi3" => vec![group("mlp.gate_up_proj", &["mlp.gate_up_proj"]), group("mlp.down_proj", &["mlp.down_proj"])],
         "starcoder2" => vec![group("mlp.c_fc", &["mlp.c_fc"]), group("mlp.c_proj", &["mlp.c_proj"])],
         "gptj" => vec![group("mlp.fc_in", &["mlp.fc_in"]), group("mlp.fc_out", &["mlp.fc_out"])],
-        "falcon" => vec![group("mlp.dense_h_to_4h", &["mlp.dense_h_to_4h"]), group("mlp.dense_4h_to_h", &["mlp.dense_4h_to_h"])],
+        "falcon" | "bloom" => vec![group("mlp.dense_h_to_4h", &["mlp.dense_h_to_4h"]), group("mlp.dense_4h_to_h", &["mlp.dense_4h_to_h"])],
+        "mpt" => vec![group("ffn.gate_up", &["ffn.up_proj"]), group("ffn.down_proj", &["ffn.down_proj"])],
         "nemotron" => vec![group("mlp.gate_up", &["mlp.up_proj"]), group("mlp.down_proj", &["mlp.down_proj"])],
         "mixtral" | "phimoe" => experts("block_sparse_moe", ["w1", "w3", "w2"]),
         "qwen3_moe" => experts("mlp", ["gate_proj", "up_proj", "down_proj"]),
@@ -206,4 +212,7 @@ families! {
     // Parallel attention and MLP behind one norm (GPT-J) or two (Falcon).
     gptj: "gptj";
     falcon: "falcon";
+    // ALiBi.
+    bloom: "bloom";
+    mpt: "mpt";
 }

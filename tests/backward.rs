@@ -546,4 +546,8 @@ family_tests! {
     family_gptj: "gptj";
     family_falcon: "falcon";
     family_falcon_mqa: "falcon-mqa";
+    // ALiBi instead of RoPE: BLOOM (embedding LayerNorm, per-head fused qkv, biases), MPT
+    // (bias-free LayerNorms and linears).
+    family_bloom: "bloom";
+    family_mpt: "mpt";
 }

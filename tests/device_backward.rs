@@ -118,7 +118,7 @@ fn backward_on_the_device_matches_the_cpu_for_every_branch() {
         return;
     }
     let Some(shared) = common::shared_dir() else { return };
-    for name in ["qwen3", "gemma", "starcoder2", "nemotron", "mixtral", "qwen3_moe", "gemma2", "gemma3", "granite", "olmo2", "exaone4", "qwen2_moe", "phimoe", "gptj", "falcon", "falcon-mqa"] {
+    for name in ["qwen3", "gemma", "starcoder2", "nemotron", "mixtral", "qwen3_moe", "gemma2", "gemma3", "granite", "olmo2", "exaone4", "qwen2_moe", "phimoe", "gptj", "falcon", "falcon-mqa", "bloom", "mpt"] {
         let dir = shared.join("reference/families").join(name);
         check(name, &dir, &reference_ids(&dir, 16), None);
     }

@@ -671,6 +671,56 @@ fn parallel_families_fields_rows_and_refusals() {
     refused("falcon", &|r| r.set("activation", Json::Str("swish".into())), "activation");
 }
 
+/// BLOOM's and MPT's configs: ALiBi (no RoPE on any layer), BLOOM's embedding LayerNorm and
+/// per-head fused rows, MPT's own key names, bias-free norms and `alibi_bias_max`; refusals.
+#[test]
+fn alibi_families_fields_and_refusals() {
+    use rq_min::compute::Activation;
+    use rq_min::model::config::{Alibi, LLAMA_NORMS, MPT_NORMS};
+    let Some(root) = common::shared_dir() else { return };
+    let config = |name: &str| Json::parse_file(&root.join("reference/families").join(name).join("config.json")).unwrap();
+    let parse = |raw: Json| ModelConfig::from_json(raw, Path::new("config.json"));
+    let b = parse(config("bloom")).unwrap();
+    assert_eq!((b.alibi, b.norms, b.act, b.intermediate_size), (Some(Alibi::Bloom), &LLAMA_NORMS, Activation::GeluTanh, 512));
+    assert_eq!(b.names.embed_norm, Some("transformer.word_embeddings_layernorm"));
+    assert!(b.qkv_grouped && b.qkv_bias && b.mlp_bias && b.norm_bias && !b.parallel);
+    let rope = b.rope_table(4);
+    assert!((0..2).all(|l| b.layer_rope(l, &rope).is_none()) && !b.attention(0, true).flash_bf16);
+    let rows = b.layer_modules(0)[0].rows.clone().unwrap();
+    let heads: Vec<usize> = rows.chunks(32).map(|c| c[0] / 32).collect();
+    assert_eq!(heads, [0, 3, 6, 9, 1, 4, 7, 10, 2, 5, 8, 11]);
+
+    let m = parse(config("mpt")).unwrap();
+    assert_eq!((m.alibi, m.norms, m.act, m.intermediate_size), (Some(Alibi::Mpt { bias_max: 8.0 }), &MPT_NORMS, Activation::Gelu, 512));
+    assert_eq!((m.hidden_size, m.num_attention_heads, m.max_position_embeddings, m.names.layers), (128, 4, 256, "transformer.blocks"));
+    assert!(!m.norm_bias && !m.qkv_bias && !m.mlp_bias && m.layer_norm && m.layer_modules(0)[0].rows.is_none());
+    let mut raw = config("mpt");
+    let mut attn = raw.get("attn_config").unwrap().clone();
+    attn.set("alibi_bias_max", Json::Float(16.0));
+    attn.set("softmax_scale", Json::Float(0.5));
+    raw.set("attn_config", attn);
+    let m = parse(raw).unwrap();
+    assert_eq!((m.alibi, m.attn_scale), (Some(Alibi::Mpt { bias_max: 16.0 }), 0.5));
+
+    let refused = |name: &str, edit: &dyn Fn(&mut Json), needle: &str| {
+        let mut raw = config(name);
+        edit(&mut raw);
+        let err = parse(raw).unwrap_err().to_string();
+        assert!(err.contains(needle), "{name}: {err}");
+    };
+    refused("bloom", &|r| r.set("apply_residual_connection_post_layernorm", Json::Bool(true)), "apply_residual_connection_post_layernorm");
+    let attn_edit = |key: &'static str, v: Json| {
+        move |r: &mut Json| {
+            let mut a = r.get("attn_config").unwrap().clone();
+            a.set(key, v.clone());
+            r.set("attn_config", a);
+        }
+    };
+    refused("mpt", &attn_edit("clip_qkv", Json::Float(8.0)), "clip_qkv");
+    refused("mpt", &attn_edit("qk_ln", Json::Bool(true)), "qk_ln");
+    refused("mpt", &attn_edit("alibi_bias_max", Json::Float(0.0)), "alibi_bias_max");
+}
+
 /// YaRN (transformers 5 `_compute_yarn_parameters`) against the formula in f64, in both config
 /// spellings: Qwen's recommended `rope_scaling {type: yarn, factor: 4, original 32768}`,
 /// GPT-OSS's `truncate: false` with explicit betas, DeepSeek's `mscale` / `mscale_all_dim`

@@ -316,6 +316,42 @@ fn falcon_mqa_every_format_with_one_norm() {
     });
 }
 
+/// BLOOM: the per-head fused query_key_value folds into input_layernorm (weight and bias) and
+/// dense_h_to_4h into post_attention_layernorm; the embedding LayerNorm, outside the layers,
+/// keeps its bytes; biases are untouched.
+#[test]
+fn bloom_every_format_with_embedding_norm() {
+    every_format("bloom", false, &|qformat, src, dst| {
+        let awq = qformat.contains("awq");
+        for l in 0..2 {
+            let p = format!("transformer.h.{l}");
+            for norm in ["input_layernorm", "post_attention_layernorm"] {
+                assert_eq!(check_norm_fold(src, dst, &format!("{p}.{norm}"), 0.0, true), awq, "{qformat} {norm}");
+            }
+            for b in ["self_attention.query_key_value.bias", "mlp.dense_4h_to_h.bias"] {
+                assert!(same_tensor(src, dst, &format!("{p}.{b}")), "{qformat}: {b} changed");
+            }
+        }
+        for t in ["transformer.word_embeddings_layernorm.weight", "transformer.word_embeddings_layernorm.bias"] {
+            assert!(same_tensor(src, dst, t), "{qformat}: {t} changed");
+        }
+    });
+}
+
+/// MPT: LayerNorms without bias take the AWQ fold in their weight alone.
+#[test]
+fn mpt_every_format_with_bias_free_norms() {
+    every_format("mpt", false, &|qformat, src, dst| {
+        for l in 0..2 {
+            let p = format!("transformer.blocks.{l}");
+            for norm in ["norm_1", "norm_2"] {
+                assert_eq!(check_norm_fold(src, dst, &format!("{p}.{norm}"), 0.0, false), qformat.contains("awq"), "{qformat} {norm}");
+                assert!(dst.get(&format!("{p}.{norm}.bias")).is_none(), "{qformat}: {norm}.bias appeared");
+            }
+        }
+    });
+}
+
 /// Max |x| over the calibration rows of every Gate and Down input of each layer, the experts'
 /// inputs pooled (the default `expert_input`): what ModelOpt's shared expert input quantizers
 /// observe.
@@ -553,7 +589,7 @@ fn granite_every_format() {
 fn newer_families_refuse_trtllm_and_export_compressed_tensors() {
     let Some(shared) = common::shared_dir() else { return };
     for (name, arch) in [("gemma2", "Gemma2ForCausalLM"), ("olmo2", "Olmo2ForCausalLM"), ("qwen2_moe", "Qwen2MoeForCausalLM"), ("phimoe", "PhimoeForCausalLM"),
-        ("gptj", "GPTJForCausalLM"), ("falcon", "FalconForCausalLM")] {
+        ("gptj", "GPTJForCausalLM"), ("falcon", "FalconForCausalLM"), ("bloom", "BloomForCausalLM"), ("mpt", "MptForCausalLM")] {
         let model = shared.join("reference/families").join(name);
         let (dir, ids) = scratch(&format!("{name}-engines"));
         let out = dir.join("trt");

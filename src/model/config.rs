@@ -11,7 +11,7 @@
 
 use crate::error::{Error, Result};
 use crate::io::json::Json;
-pub use crate::compute::{Activation, NormKind, RopeConfig, RopeScaling};
+pub use crate::compute::{Activation, Alibi, NormKind, RopeConfig, RopeScaling};
 use crate::compute::{Attention, Rope};
 use std::path::{Path, PathBuf};
 
@@ -102,6 +102,9 @@ pub struct ModelConfig {
     pub attn_scale: f32,
     /// Gemma2 `attn_logit_softcapping`: scores become `tanh(s / c) · c`.
     pub attn_softcap: Option<f32>,
+    /// The attention scores' ALiBi bias (BLOOM; MPT with `attn_config.alibi_bias_max`), the
+    /// position information of families without RoPE.
+    pub alibi: Option<Alibi>,
     /// Gemma2 `final_logit_softcapping`, on the logits the same way.
     pub final_softcap: Option<f32>,
     /// Granite `logits_scaling`: the logits are divided by it.
@@ -371,6 +374,11 @@ impl ModelConfig {
             rope_local,
             attn_scale: r.attn_scale(family, head_dim)?,
             attn_softcap: r.softcap(family, "attn_logit_softcapping", 50.0)?,
+            alibi: match family {
+                Family::Bloom => Some(Alibi::Bloom),
+                Family::Mpt => Some(Alibi::Mpt { bias_max: r.mpt_alibi_bias_max()? }),
+                _ => None,
+            },
             final_softcap: r.softcap(family, "final_logit_softcapping", 30.0)?,
             logits_scaling: r.multiplier(family, "logits_scaling")?,
             residual_multiplier: r.multiplier(family, "residual_multiplier")?,
@@ -922,6 +930,19 @@ impl Reader<'_> {
         Ok(Some(c))
     }
 
+    /// MPT's `attn_config.alibi_bias_max` (MptAttentionConfig default 8). HF's `MptModel`
+    /// builds the ALiBi bias whatever `attn_config.alibi` says.
+    fn mpt_alibi_bias_max(&self) -> Result<f32> {
+        let max = match self.mpt_attn_config()? {
+            Some(c) => self.opt_f64_in(c, "alibi_bias_max")?.unwrap_or(8.0),
+            None => 8.0,
+        };
+        if !(max > 0.0 && max.is_finite()) {
+            return Err(self.err(format!("attn_config.alibi_bias_max = {max} must be positive")));
+        }
+        Ok(max as f32)
+    }
+
     /// GPT-J's `rotary_dim` (GPTJConfig default 64). A null one would rotate whole
     /// embeddings instead of heads in `GPTJAttention`; refused.
     fn gptj_rotary_dim(&self) -> Result<usize> {
@@ -1349,9 +1370,10 @@ impl ModelConfig {
             sliding_window: self.window(l),
             scale: self.attn_scale,
             softcap: self.attn_softcap,
-            // FlashAttention has no softcap in PyTorch's SDPA: HF runs such a model eagerly.
-            flash_bf16: flash_bf16 && self.attn_softcap.is_none(),
-            alibi: None,
+            // FlashAttention has no softcap in PyTorch's SDPA: HF runs such a model eagerly;
+            // BLOOM's and MPT's attention (ALiBi) is always eager.
+            flash_bf16: flash_bf16 && self.attn_softcap.is_none() && self.alibi.is_none(),
+            alibi: self.alibi,
         }
     }
 

@@ -94,16 +94,17 @@ pub fn groups(model: &Model, exclusions: &Exclusions) -> Vec<Group> {
     out
 }
 
-/// The group of module `m` of layer `l` (see [`groups`]).
+/// The group of module `m` of layer `l` (see [`groups`]): ModelOpt's grouping rules
+/// `(.*)\.(q_proj|k_proj|v_proj)$` and `(.*)\.(gate_proj|up_proj)$` name the group by the
+/// parent module (`<parent>.qkv`, `<parent>.gate_up` here), all experts of a block share one.
 fn group_name(cfg: &ModelConfig, l: usize, m: &LayerModule) -> String {
-    let prefix = cfg.layer_prefix(l);
     if let (Some(_), Some(moe)) = (m.expert, cfg.moe_layer(l)) {
-        return format!("{prefix}.{}.experts", moe.block);
+        return format!("{}.experts", moe.block_prefix(l));
     }
-    let leaf = m.path.rsplit('.').next().unwrap_or_default();
+    let (parent, leaf) = m.path.rsplit_once('.').unwrap_or(("", &m.path));
     match leaf {
-        "q_proj" | "k_proj" | "v_proj" => format!("{}.qkv", cfg.attn_prefix(l)),
-        "gate_proj" | "up_proj" => format!("{prefix}.mlp.gate_up"),
+        "q_proj" | "k_proj" | "v_proj" => format!("{parent}.qkv"),
+        "gate_proj" | "up_proj" => format!("{parent}.gate_up"),
         _ => m.path.clone(),
     }
 }

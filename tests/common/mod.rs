@@ -133,7 +133,7 @@ pub fn same_bits(want: &[f32], got: &[f32], what: &str) {
 /// The families of ../shared/reference/families the runtime supports (besides
 /// llama3-rope-scaling, a Llama with another RoPE).
 #[allow(dead_code)]
-pub const FAMILIES: [&str; 20] = [
+pub const FAMILIES: [&str; 22] = [
     "llama",
     "mistral",
     "qwen2",
@@ -154,4 +154,6 @@ pub const FAMILIES: [&str; 20] = [
     "gptj",
     "falcon",
     "falcon-mqa",
+    "bloom",
+    "mpt",
 ];
