@@ -635,7 +635,7 @@ fn parallel_families_fields_rows_and_refusals() {
     // Falcon, new architecture: two key/value heads, [q0 q1 k0 v0 q2 q3 k1 v1] per HF's view.
     let f = parse(config("falcon")).unwrap();
     assert_eq!((f.num_key_value_heads, f.norms, f.act, f.intermediate_size), (2, &FALCON_NORMS, Activation::Gelu, 256));
-    assert!(f.parallel && f.qkv_grouped && !f.rope_interleaved && f.tie_word_embeddings == false && !f.mlp_bias);
+    assert!(f.parallel && f.qkv_grouped && !f.rope_interleaved && !f.tie_word_embeddings && !f.mlp_bias);
     let qkv = rows(&f, "query_key_value").unwrap();
     let heads: Vec<usize> = qkv.chunks(32).map(|c| c[0] / 32).collect();
     assert_eq!(heads, [0, 1, 4, 5, 2, 6, 3, 7]);
@@ -732,8 +732,9 @@ fn yarn_tables_follow_the_formula() {
     let mut raw = Json::parse_file(&root.join("reference/families/qwen2/config.json")).unwrap();
     let d = ModelConfig::from_json(raw.clone(), Path::new("c")).unwrap().head_dim;
     // (parameters, theta, factor, original, beta_fast, beta_slow, truncate, attention factor)
+    type Case = (&'static str, f64, f64, usize, f64, f64, bool, f64);
     let mscale = |s: f64, m: f64| 0.1 * m * s.ln() + 1.0;
-    let cases: [(&str, f64, f64, usize, f64, f64, bool, f64); 3] = [
+    let cases: [Case; 3] = [
         (r#"{"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}"#, 1e6, 4.0, 32768, 32.0, 1.0, true, mscale(4.0, 1.0)),
         (
             r#"{"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,

@@ -93,7 +93,7 @@ fn matmul_with_empty_dimensions() {
 }
 
 /// HF's inverse frequencies, recomputed in f64 (`_compute_default_rope_parameters`,
-/// `_compute_llama3_parameters` in modeling_rope_utils.py).
+/// `_compute_llama3_parameters`, `_compute_yarn_parameters` in modeling_rope_utils.py).
 fn inv_freq_f64(rope: &RopeConfig, head_dim: usize) -> Vec<f64> {
     let default = (0..head_dim).step_by(2).map(|i| 1.0 / rope.theta.powf(i as f64 / head_dim as f64));
     match rope.scaling {
@@ -118,6 +118,19 @@ fn inv_freq_f64(rope: &RopeConfig, head_dim: usize) -> Vec<f64> {
                 })
                 .collect()
         }
+        RopeScaling::Yarn { factor, original_max_position_embeddings, beta_fast, beta_slow, truncate, .. } => {
+            let dim = head_dim as f64;
+            let corr = |r: f64| dim * (original_max_position_embeddings as f64 / (r * 2.0 * std::f64::consts::PI)).ln() / (2.0 * rope.theta.ln());
+            let (low, high) = if truncate { (corr(beta_fast).floor(), corr(beta_slow).ceil()) } else { (corr(beta_fast), corr(beta_slow)) };
+            let (low, high) = (low.max(0.0), high.min(dim - 1.0));
+            default
+                .enumerate()
+                .map(|(i, f)| {
+                    let extrapolate = 1.0 - ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+                    f / factor * (1.0 - extrapolate) + f * extrapolate
+                })
+                .collect()
+        }
     }
 }
 
@@ -128,11 +141,21 @@ fn rope_configs() -> Vec<(RopeConfig, usize)> {
         high_freq_factor: 4.0,
         original_max_position_embeddings: old,
     };
+    let yarn = |factor: f64, original, truncate| RopeScaling::Yarn {
+        factor,
+        original_max_position_embeddings: original,
+        beta_fast: 32.0,
+        beta_slow: 1.0,
+        truncate,
+        attention_factor: 0.1 * factor.ln() + 1.0,
+    };
     vec![
         (RopeConfig { theta: 10000.0, scaling: RopeScaling::Default }, 64),
         (RopeConfig { theta: 500000.0, scaling: llama3(64) }, 32), // families/llama3-rope-scaling
         (RopeConfig { theta: 500000.0, scaling: llama3(8192) }, 128), // Llama 3.1
         (RopeConfig { theta: 1e6, scaling: RopeScaling::Linear { factor: 8.0 } }, 128), // Gemma3's global layers
+        (RopeConfig { theta: 1e6, scaling: yarn(4.0, 32768, true) }, 128), // Qwen2.5 / Qwen3 long context
+        (RopeConfig { theta: 150000.0, scaling: yarn(32.0, 4096, false) }, 64), // GPT-OSS
     ]
 }
 
@@ -144,10 +167,12 @@ fn rope_matches_hf_formula_in_f64() {
         let got_freq = Rope::inv_freq(&rope_cfg, hd);
         let freq_err = got_freq.iter().zip(&want_freq).map(|(g, w)| (f64::from(*g) - w).abs() / w).fold(0.0, f64::max);
         assert!(freq_err < 1e-6, "{rope_cfg:?}: inv_freq relative error {freq_err:e}");
-        if matches!(rope_cfg.scaling, RopeScaling::Llama3 { .. }) {
+        if matches!(rope_cfg.scaling, RopeScaling::Llama3 { .. } | RopeScaling::Yarn { .. }) {
             let plain = Rope::inv_freq(&RopeConfig { scaling: RopeScaling::Default, ..rope_cfg.clone() }, hd);
-            assert_ne!(plain, got_freq, "llama3 scaling changed nothing: a useless test case");
+            assert_ne!(plain, got_freq, "the scaling changed nothing: a useless test case");
         }
+        // cos and sin are multiplied by the attention factor (YaRN's 0.1·ln(factor) + 1).
+        let af = rope_cfg.scaling.attention_factor();
 
         let x = values(seq * n_heads * hd, 7);
         let mut got = x.clone();
@@ -160,8 +185,8 @@ fn rope_matches_hf_formula_in_f64() {
                 for i in 0..half {
                     let (a, b) = (f64::from(x[base + i]), f64::from(x[base + half + i]));
                     let (s, c) = (pos as f64 * want_freq[i]).sin_cos();
-                    want[base + i] = a * c - b * s; // q * cos + rotate_half(q) * sin, first half
-                    want[base + half + i] = b * c + a * s;
+                    want[base + i] = af * (a * c - b * s); // q * cos + rotate_half(q) * sin, first half
+                    want[base + half + i] = af * (b * c + a * s);
                 }
             }
         }
