@@ -99,7 +99,7 @@ fn expected_groups(name: &str, l: usize) -> Vec<(String, Vec<String>)> {
         "qwen2_moe" => {
             let mut v = experts("mlp", ["gate_proj", "up_proj", "down_proj"]);
             let router = v.pop().expect("the router group");
-            v.push(group("mlp.gate_up", &["mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"]));
+            v.push(group("mlp.shared_expert.gate_up", &["mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"]));
             v.push(group("mlp.shared_expert.down_proj", &["mlp.shared_expert.down_proj"]));
             v.push(router);
             v.push(group("mlp.shared_expert_gate", &["mlp.shared_expert_gate"]));

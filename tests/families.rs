@@ -435,7 +435,7 @@ fn both_rope_spellings_parse() {
     let mut yarn = fixture_config();
     yarn.set(
         "rope_parameters",
-        Json::parse(br#"{"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}"#, "y").unwrap(),
+        Json::parse(br#"{"rope_type": "dynamic", "rope_theta": 1e4, "factor": 4.0}"#, "y").unwrap(),
     );
     assert!(matches!(ModelConfig::from_json(yarn, Path::new("yarn")), Err(Error::Unsupported(_))));
 }
