@@ -1438,7 +1438,7 @@ impl ModelConfig {
 
     /// Layer `l`'s attention module (`model.layers.{l}.self_attn`).
     pub fn attn_prefix(&self, l: usize) -> String {
-        format!("{}.{l}.{}", self.names.layers, self.names.attn)
+        format!("{}.{}", self.layer_prefix(l), self.names.attn)
     }
 
     /// The decoder layer tensor `name` belongs to.

@@ -287,9 +287,8 @@ pub fn input_quant(model: &Weights, module: &str, shape: [usize; 2]) -> Result<I
 /// `k_proj.k_scale` / `v_proj.v_scale` (amax/448, §2.8), or compressed-tensors' `k_scale` /
 /// `v_scale` on the attention module (same value).
 pub fn kv_amax(model: &Weights, attn: &str) -> Result<(Option<f32>, Option<f32>)> {
-    let p = attn;
     let read = |unified: &str, ct: &str| -> Result<Option<f32>> {
-        Ok(scalar(model, &format!("{p}.{unified}"))?.or(scalar(model, &format!("{p}.{ct}"))?).map(|s| s * E4M3_MAX))
+        Ok(scalar(model, &format!("{attn}.{unified}"))?.or(scalar(model, &format!("{attn}.{ct}"))?).map(|s| s * E4M3_MAX))
     };
     Ok((read("k_proj.k_scale", "k_scale")?, read("v_proj.v_scale", "v_scale")?))
 }
